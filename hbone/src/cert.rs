@@ -1,0 +1,219 @@
+//! A workload certificate: the leaf (and intermediates), its private key, and the mesh roots that
+//! peers' certificates must chain to.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::identity::Identity;
+
+/// Errors building, loading or reading certificates.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// Certificate generation or signing failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A PEM input held no usable item.
+    #[error("{what}: {reason}")]
+    Pem {
+        /// What was being read (e.g. "root certificate").
+        what: &'static str,
+        /// Why it could not be used.
+        reason: String,
+    },
+    /// A certificate could not be parsed as X.509.
+    #[error("certificate is not valid X.509: {0}")]
+    Parse(String),
+    /// rustls refused the key or certificates.
+    #[error("TLS rejected the certificate or key: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The certificate does not carry the identity it was issued for.
+    #[error("certificate carries no SPIFFE identity {0}")]
+    WrongIdentity(Identity),
+    /// The certificate provider could not issue a certificate.
+    #[error("could not obtain a certificate for {identity}: {reason}")]
+    Provider {
+        /// The identity asked for.
+        identity: Identity,
+        /// The provider's reason.
+        reason: String,
+    },
+}
+
+/// A leaf certificate with its key and trust roots, ready for rustls.
+#[derive(Clone)]
+pub struct WorkloadCert {
+    identity: Identity,
+    certified: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    root_ders: Arc<[CertificateDer<'static>]>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: String,
+}
+
+impl WorkloadCert {
+    /// Assembles a workload certificate. `chain` is leaf first; `roots` are the mesh trust anchors.
+    /// The leaf must carry `identity` as a URI SAN.
+    pub fn new(
+        identity: Identity,
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'_>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, CertError> {
+        let leaf = chain.first().ok_or_else(|| CertError::Pem {
+            what: "certificate chain",
+            reason: "is empty".into(),
+        })?;
+        let facts = LeafFacts::parse(leaf)?;
+        if !facts.identities.contains(&identity) {
+            return Err(CertError::WrongIdentity(identity));
+        }
+        let signer = rustls::crypto::ring::sign::any_supported_type(key)?;
+        let (roots, root_ders) = trust_store(roots)?;
+        Ok(WorkloadCert {
+            identity,
+            certified: Arc::new(CertifiedKey::new(chain, signer)),
+            roots,
+            root_ders,
+            not_before: facts.not_before,
+            not_after: facts.not_after,
+            serial: facts.serial,
+        })
+    }
+
+    /// The same certificate trusting `roots` instead (a trust bundle, e.g. during root rotation).
+    pub fn with_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<Self, CertError> {
+        let (roots, root_ders) = trust_store(roots)?;
+        Ok(WorkloadCert {
+            roots,
+            root_ders,
+            ..self.clone()
+        })
+    }
+
+    /// The identity this certificate proves.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Chain and signing key, as rustls presents them.
+    pub fn certified_key(&self) -> &Arc<CertifiedKey> {
+        &self.certified
+    }
+
+    /// The leaf certificate (DER).
+    pub fn leaf(&self) -> &CertificateDer<'static> {
+        &self.certified.cert[0]
+    }
+
+    /// The mesh roots peers must chain to.
+    pub fn roots(&self) -> &Arc<RootCertStore> {
+        &self.roots
+    }
+
+    /// The mesh roots as DER, for dumps and for building other trust stores.
+    pub fn root_ders(&self) -> &[CertificateDer<'static>] {
+        &self.root_ders
+    }
+
+    /// Start of validity.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// End of validity.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The leaf's serial number in hex: distinguishes a renewed certificate from the old one.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// When to renew: at half of the validity period, as Istio does, so a failed renewal has the
+    /// other half to be retried before anything breaks.
+    pub fn refresh_at(&self) -> SystemTime {
+        let lifetime = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or(Duration::ZERO);
+        self.not_before + lifetime / 2
+    }
+}
+
+impl fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity)
+            .field("serial", &self.serial)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+type TrustStore = (Arc<RootCertStore>, Arc<[CertificateDer<'static>]>);
+
+fn trust_store(roots: Vec<CertificateDer<'static>>) -> Result<TrustStore, CertError> {
+    let mut store = RootCertStore::empty();
+    for root in &roots {
+        store.add(root.clone())?;
+    }
+    Ok((Arc::new(store), roots.into()))
+}
+
+/// What we read from a leaf certificate.
+#[derive(Debug)]
+pub(crate) struct LeafFacts {
+    /// Every URI SAN that is a SPIFFE identity, in certificate order.
+    pub(crate) identities: Vec<Identity>,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+    pub(crate) serial: String,
+}
+
+impl LeafFacts {
+    pub(crate) fn parse(der: &CertificateDer<'_>) -> Result<Self, CertError> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| CertError::Parse(e.to_string()))?;
+        let mut identities = Vec::new();
+        for ext in cert.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+                identities.extend(san.general_names.iter().filter_map(|name| match name {
+                    GeneralName::URI(uri) => uri.parse::<Identity>().ok(),
+                    _ => None,
+                }));
+            }
+        }
+        let validity = cert.validity();
+        let to_system = |t: x509_parser::time::ASN1Time| {
+            let secs = t.timestamp();
+            if secs >= 0 {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+            } else {
+                SystemTime::UNIX_EPOCH
+            }
+        };
+        Ok(LeafFacts {
+            identities,
+            not_before: to_system(validity.not_before),
+            not_after: to_system(validity.not_after),
+            serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
+        })
+    }
+}
+
+/// The SPIFFE identities in a peer's leaf certificate (URI SANs only; DNS names are never used).
+pub fn identities_of(der: &CertificateDer<'_>) -> Vec<Identity> {
+    LeafFacts::parse(der)
+        .map(|f| f.identities)
+        .unwrap_or_default()
+}

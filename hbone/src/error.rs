@@ -1,0 +1,61 @@
+//! The errors of HBONE connections.
+
+use std::io;
+use std::net::SocketAddr;
+
+use http::StatusCode;
+
+use crate::cert::CertError;
+
+/// Why an HBONE connection or stream failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server refused the CONNECT with this status (400 malformed, 401 denied by policy,
+    /// 503 destination unreachable, ...).
+    #[error("HBONE CONNECT refused with status {0}")]
+    Status(StatusCode),
+    /// The TCP connection to the next hop failed.
+    #[error("connecting to {addr} failed: {source}; is HBONE port 15008 reachable?")]
+    Connect {
+        /// The next hop.
+        addr: SocketAddr,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The mTLS handshake failed (untrusted root, wrong identity, expired certificate, ...).
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        /// The peer.
+        addr: SocketAddr,
+        /// The TLS error.
+        source: io::Error,
+    },
+    /// An HTTP/2 protocol or connection error.
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    /// A step did not finish in time.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// No certificate to present.
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// TLS configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] rustls::Error),
+}
+
+impl Error {
+    /// The status the server answered, if it answered one.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Error::Status(s) => Some(*s),
+            _ => None,
+        }
+    }
+
+    /// Whether the failure was a timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout(_))
+    }
+}

@@ -1,0 +1,203 @@
+//! One HBONE tunnel as a byte stream: `AsyncRead + AsyncWrite` over an HTTP/2 stream pair.
+//!
+//! * Flow control: receive capacity is released as the reader *consumes* bytes, not when a frame
+//!   arrives, so a slow reader pushes back on the sender through the HTTP/2 window.
+//! * Half-close: `shutdown` sends END_STREAM and reading may continue; the peer's END_STREAM reads
+//!   as EOF and writing may continue. A reset with `NO_ERROR` is also EOF (a server may reset after
+//!   a complete response); any other reset is an error.
+//! * Dropping the stream without `shutdown` resets it (RST_STREAM CANCEL): an abort, as a TCP RST.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Anything a stream keeps alive for its lifetime (a pool slot, a live-stream count).
+type Guard = Box<dyn Send + Sync>;
+
+/// An established HBONE tunnel.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received bytes not yet read.
+    pending: Bytes,
+    write_closed: bool,
+    _guard: Guard,
+}
+
+impl H2Stream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, guard: Guard) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            _guard: guard,
+        }
+    }
+
+    /// Reads the next chunk of received bytes without copying them, releasing its flow-control
+    /// capacity. `Ok(None)` is EOF.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            let chunk = std::mem::take(&mut self.pending);
+            self.release(chunk.len());
+            return Poll::Ready(Ok(Some(chunk)));
+        }
+        loop {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(None)),
+                Some(Ok(chunk)) if chunk.is_empty() => continue,
+                Some(Ok(chunk)) => {
+                    self.release(chunk.len());
+                    return Poll::Ready(Ok(Some(chunk)));
+                }
+                Some(Err(e)) => return Poll::Ready(recv_error(e).map(|()| None)),
+            }
+        }
+    }
+
+    fn release(&mut self, n: usize) {
+        // Fails only if the stream is already gone, in which case there is nothing to release.
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+
+    fn broken(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        // The stream can no longer send: find out why.
+        Poll::Ready(match ready!(self.send.poll_reset(cx)) {
+            Ok(reason) => reset_error(reason),
+            Err(e) => h2_io_error(e),
+        })
+    }
+}
+
+/// Maps an error from the receive side: NO_ERROR resets are a clean end.
+fn recv_error(e: h2::Error) -> io::Result<()> {
+    if e.reason() == Some(Reason::NO_ERROR) && e.is_reset() {
+        Ok(())
+    } else {
+        Err(h2_io_error(e))
+    }
+}
+
+fn reset_error(reason: Reason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("HBONE stream reset by peer: {reason}"),
+    )
+}
+
+fn h2_io_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().expect("checked is_io");
+    }
+    let kind = if e.is_reset() || e.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !this.pending.is_empty() {
+                let n = buf.remaining().min(this.pending.len());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                this.release(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(chunk)) => this.pending = chunk,
+                Some(Err(e)) => return Poll::Ready(recv_error(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(buf.len());
+        loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                // Capacity was assigned and taken back before we saw it: wait for more.
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(buf.len());
+                    if this
+                        .send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .is_err()
+                    {
+                        return this.broken(cx).map(Err);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                None | Some(Err(_)) => return this.broken(cx).map(Err),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection task writes frames as soon as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.send.reserve_capacity(0);
+        if this.send.send_data(Bytes::new(), true).is_err() {
+            return this.broken(cx).map(Err);
+        }
+        this.write_closed = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("stream_id", &self.send.stream_id())
+            .field("pending", &self.pending.len())
+            .field("write_closed", &self.write_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "pingora")]
+impl pingora_core::protocols::l4::virt::VirtualSocket for H2Stream {
+    /// Socket options (nodelay, keepalive) mean nothing on a tunnel stream; the outer TCP
+    /// connection has its own. Pingora fails the connection if this errors, so accept them all.
+    fn set_socket_option(
+        &self,
+        _: pingora_core::protocols::l4::virt::VirtualSockOpt,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+}
