@@ -8,7 +8,8 @@
 //!
 //! Figures: single-stream bulk throughput, 1-byte echo round trip (p50, p99), new CONNECT streams
 //! per second on a pooled connection, and RSS per idle stream. Run with `cargo bench -p hbone`;
-//! `HBONE_BENCH_QUICK=1` shortens every phase (a smoke run, not figures to quote).
+//! `HBONE_BENCH_QUICK=1` shortens every phase (a smoke run, not figures to quote);
+//! `HBONE_BENCH_PROFILE=hbone` (or `tcp`, `tls`) runs only that path's bulk transfer, for profilers.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +23,11 @@ use hbone::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// The allocator our proxies ship with: large per-frame buffers are recycled instead of being
+/// mapped and unmapped (glibc's mmap threshold makes every 128 KiB frame a page-fault storm).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const SINK: u16 = 1;
 const ECHO: u16 = 2;
@@ -78,6 +84,18 @@ async fn run(scale: Scale) {
     let (hbone, pool, hbone_addr, _drain) =
         serve_hbone(server_cert, certs, client_id.clone(), server_id).await;
 
+    if let Ok(path) = std::env::var("HBONE_BENCH_PROFILE") {
+        let dial = match path.as_str() {
+            "tcp" => &tcp,
+            "tls" => &tls,
+            _ => &hbone,
+        };
+        println!(
+            "{path}: bulk {:.2} Gbit/s",
+            bulk(dial, scale.bulk_bytes * 4).await
+        );
+        return;
+    }
     println!("HBONE benchmark (loopback, 2 tokio workers, figures are medians of 3 runs)");
     println!();
     let mut rows = Vec::new();
@@ -154,10 +172,11 @@ where
     v[1]
 }
 
-/// Writes `total` bytes in 64 KiB writes to a sink that answers one byte at EOF.
+/// Writes `total` bytes to a sink that answers one byte at EOF, 128 KiB per write on every path
+/// (iperf3's default write size).
 async fn bulk(dial: &Dial, total: u64) -> f64 {
     let mut s = dial(SINK).await;
-    let chunk = vec![0xa5u8; 64 * 1024];
+    let chunk = vec![0xa5u8; 128 * 1024];
     let start = Instant::now();
     let mut sent = 0;
     while sent < total {
