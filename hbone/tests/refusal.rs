@@ -20,24 +20,22 @@ struct Healthy {
 }
 
 async fn healthy() -> Healthy {
-    init_tracing();
-    let ca = Arc::new(MeshCa::generate(TD).unwrap());
-    let server = TestServer::start(
-        CertHandle::fixed(ca.issue(&id("server")).unwrap()),
-        Config::default(),
-    )
-    .await;
-    let pool = Pool::new(Arc::new(CertManager::new(ca.clone())), Config::default());
-    let stream = pool
+    let f = Fixture::start(Config::default()).await;
+    let stream = f
+        .pool
         .connect(request(
             &id("client"),
             &id("server"),
-            server.addr,
+            f.server.addr,
             port::ECHO,
         ))
         .await
         .unwrap();
-    Healthy { ca, server, stream }
+    Healthy {
+        ca: f.ca,
+        server: f.server,
+        stream,
+    }
 }
 
 impl Healthy {

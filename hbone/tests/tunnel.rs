@@ -12,24 +12,8 @@ use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Fixture {
-    certs: Arc<CertManager>,
-    server: TestServer,
-    pool: Pool,
-}
-
 async fn fixture(config: Config) -> Fixture {
-    init_tracing();
-    let ca = MeshCa::generate(TD).unwrap();
-    let certs = Arc::new(CertManager::new(Arc::new(ca)));
-    let server_cert = certs.fetch(&id("server")).await.unwrap();
-    let server = TestServer::start(server_cert, config.clone()).await;
-    let pool = Pool::new(certs.clone(), config);
-    Fixture {
-        certs,
-        server,
-        pool,
-    }
+    Fixture::start(config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

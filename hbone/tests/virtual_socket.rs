@@ -3,9 +3,7 @@
 
 mod support;
 
-use std::sync::Arc;
-
-use hbone::{CertManager, Config, MeshCa, Pool};
+use hbone::Config;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::l4::virt::VirtualSocketStream;
 use pingora_core::protocols::{Peek, Shutdown};
@@ -14,17 +12,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_works_as_a_pingora_stream() {
-    init_tracing();
-    let ca = MeshCa::generate(TD).unwrap();
-    let certs = Arc::new(CertManager::new(Arc::new(ca)));
-    let server =
-        TestServer::start(certs.fetch(&id("server")).await.unwrap(), Config::default()).await;
-    let pool = Pool::new(certs, Config::default());
-    let tunnel = pool
+    let f = Fixture::start(Config::default()).await;
+    let tunnel = f
+        .pool
         .connect(request(
             &id("client"),
             &id("server"),
-            server.addr,
+            f.server.addr,
             port::ECHO,
         ))
         .await

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use hbone::drain::{self, DrainTrigger};
 use hbone::{
     Authority, CertError, CertHandle, CertManager, CertificateProvider, Config, ConnectHeaders,
-    ConnectRequest, Handler, Identity, InboundRequest, MeshCa, Server, Stats, WorkloadCert,
+    ConnectRequest, Handler, Identity, InboundRequest, MeshCa, Pool, Server, Stats, WorkloadCert,
 };
 use http::StatusCode;
 use sha2::{Digest, Sha256};
@@ -50,6 +50,31 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// A CA, a server for `id("server")` and a client pool sharing one certificate manager.
+pub struct Fixture {
+    pub ca: Arc<MeshCa>,
+    pub certs: Arc<CertManager>,
+    pub server: TestServer,
+    pub pool: Pool,
+}
+
+impl Fixture {
+    pub async fn start(config: Config) -> Fixture {
+        init_tracing();
+        let ca = Arc::new(MeshCa::generate(TD).unwrap());
+        let certs = Arc::new(CertManager::new(ca.clone()));
+        let server_cert = certs.fetch(&id("server")).await.unwrap();
+        let server = TestServer::start(server_cert, config.clone()).await;
+        let pool = Pool::new(certs.clone(), config);
+        Fixture {
+            ca,
+            certs,
+            server,
+            pool,
+        }
+    }
 }
 
 /// A certificate provider serving preset certificates (expired, foreign, ...), falling back to a CA.
