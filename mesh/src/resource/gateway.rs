@@ -1,0 +1,66 @@
+//! Gateway API `Gateway`: the mesh reads only waypoints (`gatewayClassName: istio-waypoint`).
+
+use serde::{Deserialize, Serialize};
+
+/// `Gateway.spec`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySpec {
+    /// `istio-waypoint` makes this Gateway a waypoint; other classes are kept but unused.
+    #[serde(default)]
+    pub gateway_class_name: String,
+    /// Listeners; a waypoint has one `{name: mesh, port: 15008, protocol: HBONE}`.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// Requested addresses; accepted, the waypoint's address is its Service's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<serde_json::Value>,
+    /// Infrastructure labels and annotations; accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrastructure: Option<serde_json::Value>,
+}
+
+/// A Gateway listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    /// Name.
+    pub name: String,
+    /// Port.
+    pub port: u16,
+    /// Protocol (`HBONE` for waypoints).
+    pub protocol: String,
+    /// Hostname; unused by waypoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Which namespaces may bind to it (`istio.io/use-waypoint-namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_routes: Option<AllowedRoutes>,
+    /// TLS settings; unused by waypoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_json::Value>,
+}
+
+/// `allowedRoutes`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllowedRoutes {
+    /// Namespace admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<ListenerNamespaces>,
+    /// Route kinds; unused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<serde_json::Value>,
+}
+
+/// `allowedRoutes.namespaces`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerNamespaces {
+    /// `Same` (default), `All` or `Selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// For `Selector`: namespace labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<crate::resource::WorkloadSelector>,
+}

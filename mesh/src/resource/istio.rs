@@ -1,0 +1,256 @@
+//! Istio kinds other than routing and authorization: workload entries, service entries, peer
+//! authentication and Wasm plugins.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::authz::{PolicyTargetReference, WorkloadSelector};
+
+/// `WorkloadEntry.spec`: a workload that is not a pod (a VM, a process on the host).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadEntrySpec {
+    /// Its IP address.
+    #[serde(default)]
+    pub address: String,
+    /// Named ports (`http: 8080`), resolving named target ports.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// Labels that Service and ServiceEntry selectors match (in addition to metadata labels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Network; empty is the default network.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    /// Locality (`region/zone/subzone`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
+    /// Load-balancing weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Service account; `default` when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
+}
+
+/// `ServiceEntry.spec`: a service the registry does not know, declared by hand.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntrySpec {
+    /// Hostnames; each becomes its own service, as in Istio.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// VIPs (or CIDRs of one address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// Ports.
+    #[serde(default)]
+    pub ports: Vec<ServiceEntryPort>,
+    /// `MESH_INTERNAL` or `MESH_EXTERNAL` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// `NONE`, `STATIC`, `DNS`, `DNS_ROUND_ROBIN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
+    /// Inline endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<ServiceEntryEndpoint>,
+    /// Selects pods and workload entries in the same namespace as endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelectorLabels>,
+    /// Visibility; accepted, every service is visible to our proxies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+    /// Identities the endpoints may present, in addition to their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+}
+
+/// `ServiceEntry.spec.workloadSelector` (the field is `labels`, unlike policies' `matchLabels`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSelectorLabels {
+    /// Labels an endpoint must carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A ServiceEntry port.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntryPort {
+    /// The service port.
+    pub number: u16,
+    /// `HTTP`, `HTTP2`, `GRPC`, `TCP`, `TLS`, `HTTPS`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Port name (endpoint `ports` maps refer to it).
+    #[serde(default)]
+    pub name: String,
+    /// Endpoint port when it differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+}
+
+/// An inline ServiceEntry endpoint.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntryEndpoint {
+    /// IP address (hostnames are not resolved by the mesh model).
+    #[serde(default)]
+    pub address: String,
+    /// Port name → endpoint port.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// Labels for subsets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Network.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    /// Locality.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
+    /// Weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Service account.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
+}
+
+/// `PeerAuthentication.spec`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    /// Workloads it applies to; absent means the whole namespace (or mesh, in the root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// The mode for every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<Mtls>,
+    /// Per-port overrides (workload-selector policies only, as in Istio).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<u16, Mtls>,
+}
+
+/// `{mode: STRICT}`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mtls {
+    /// The mode; `UNSET` inherits from the parent scope.
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// Whether a workload accepts plaintext.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Inherit from the enclosing scope; at the top, PERMISSIVE.
+    #[default]
+    Unset,
+    /// Plaintext and mTLS are both accepted.
+    Permissive,
+    /// Only mTLS (HBONE) is accepted.
+    Strict,
+    /// mTLS is not required; the same as PERMISSIVE for an ambient data plane.
+    Disable,
+}
+
+/// `WasmPlugin.spec` (extensions.istio.io/v1alpha1).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WasmPluginSpec {
+    /// Selector; selector-only plugins apply to sidecars and gateways, never to waypoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// Deprecated single target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetReference>,
+    /// The waypoint `Gateway` or a `Service` it serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// `file://`, `http(s)://` or `oci://` (a bare reference means `oci://`).
+    pub url: String,
+    /// Expected sha256 of the module, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `IfNotPresent` (default) or `Always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Registry credentials secret; accepted, unused by file configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secret: Option<String>,
+    /// Verification key; accepted, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_key: Option<String>,
+    /// Configuration handed to `on_configure` as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_config: Option<serde_json::Value>,
+    /// The root id; defaults to the resource's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_name: Option<String>,
+    /// `AUTHN`, `AUTHZ`, `STATS` or `UNSPECIFIED_PHASE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Order within a phase; higher runs first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// `FAIL_CLOSE` (default) or `FAIL_OPEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_strategy: Option<String>,
+    /// VM settings: environment only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_config: Option<VmConfig>,
+    /// Traffic selectors (ports).
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub traffic_match: Vec<TrafficSelector>,
+    /// `HTTP` (default) or `NETWORK`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub plugin_type: Option<String>,
+}
+
+/// `vmConfig`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Environment variables visible to the module; nothing else is inherited.
+    #[serde(default)]
+    pub env: Vec<EnvVar>,
+}
+
+/// One environment variable.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVar {
+    /// Name.
+    pub name: String,
+    /// Value, for `valueFrom: INLINE` (the default).
+    #[serde(default)]
+    pub value: String,
+    /// `INLINE` or `HOST` (the proxy's own environment variable of that name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<String>,
+}
+
+/// `match[]`: which traffic the plugin sees.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficSelector {
+    /// `CLIENT`, `SERVER`, `CLIENT_AND_SERVER` (default); waypoints are servers of the traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Ports the plugin applies to; empty means all.
+    #[serde(default)]
+    pub ports: Vec<PortSelector>,
+}
+
+/// `{number: 8080}`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSelector {
+    /// The port.
+    pub number: u16,
+}

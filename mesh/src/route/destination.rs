@@ -1,0 +1,509 @@
+//! `DestinationRule` → [`DestinationPolicy`]: how traffic to a host (or one of its subsets) is
+//! balanced, pooled and protected.
+//!
+//! Every setting gets its documented Istio default, so the waypoint never interprets absence.
+//! A subset's `trafficPolicy` overrides the host's section by section (`loadBalancer`,
+//! `connectionPool`, `outlierDetection` each replaced whole), which is how Istio merges them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::ServiceResolver;
+use super::lower_common::{Problems, duration, header_name};
+use super::spec_destination::{
+    ConnectionPoolSettings, ConsistentHashLb, DestinationRuleSpec, H2UpgradePolicy,
+    LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, TrafficPolicySpec,
+};
+use crate::FieldError;
+
+/// The lowered DestinationRule of one host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationPolicy {
+    /// FQDN of the host, or the wildcard pattern as written (`*.example.com`).
+    pub host: Arc<str>,
+    /// Policy for traffic not sent to a subset.
+    pub traffic: TrafficPolicy,
+    /// Subsets, in declaration order.
+    pub subsets: Vec<Subset>,
+}
+
+impl DestinationPolicy {
+    /// The subset named `name`, which routes refer to.
+    pub fn subset(&self, name: &str) -> Option<&Subset> {
+        self.subsets.iter().find(|s| &*s.name == name)
+    }
+}
+
+/// A named set of endpoints and its policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subset {
+    /// Name.
+    pub name: Arc<str>,
+    /// Endpoints carrying all these labels belong to it.
+    pub labels: BTreeMap<String, String>,
+    /// The subset's policy, already merged over the host's.
+    pub traffic: TrafficPolicy,
+}
+
+/// Load balancing, connection limits and outlier detection for one host or subset.
+/// `Default` is what a host without a DestinationRule gets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrafficPolicy {
+    /// Endpoint choice.
+    pub load_balancer: LoadBalancer,
+    /// Connection limits.
+    pub connection_pool: ConnectionPool,
+    /// Ejection of failing endpoints; `None` = off (Istio's default).
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// How an endpoint is chosen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum LoadBalancer {
+    /// In turn.
+    RoundRobin,
+    /// Fewest outstanding requests of two random picks; Istio's default (`UNSPECIFIED`).
+    #[default]
+    LeastRequest,
+    /// Uniformly random.
+    Random,
+    /// The original destination address, without balancing.
+    Passthrough,
+    /// The same key goes to the same endpoint while the endpoint set is stable.
+    ConsistentHash(ConsistentHash),
+}
+
+/// Consistent hashing: what is hashed and onto which table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsistentHash {
+    /// The request attribute hashed.
+    pub key: HashKey,
+    /// The hash table.
+    pub table: HashTable,
+}
+
+/// The request attribute a consistent hash uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashKey {
+    /// A request header.
+    Header(HeaderName),
+    /// A cookie; when missing and `ttl` is set, the proxy generates it.
+    Cookie {
+        /// Cookie name.
+        name: Arc<str>,
+        /// Cookie path.
+        path: Option<Arc<str>>,
+        /// Lifetime of a generated cookie.
+        ttl: Option<Duration>,
+    },
+    /// The client IP.
+    SourceIp,
+    /// A query parameter.
+    QueryParameter(Arc<str>),
+}
+
+/// The table a consistent hash maps onto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashTable {
+    /// Ketama ring.
+    RingHash {
+        /// Minimum ring entries (default 1024).
+        minimum_ring_size: u64,
+    },
+    /// Maglev table.
+    Maglev {
+        /// Table size, a prime (default 65537).
+        table_size: u64,
+    },
+}
+
+/// Connection limits; overflow is answered with 503 at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionPool {
+    /// Connections to all endpoints (default 2^32-1).
+    pub max_connections: u32,
+    /// Connect deadline (default 10s).
+    pub connect_timeout: Duration,
+    /// TCP keepalive; `None` = the OS settings.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// Maximum connection lifetime; `None` = unlimited.
+    pub max_connection_duration: Option<Duration>,
+    /// Close TCP connections idle this long (default 1h).
+    pub tcp_idle_timeout: Duration,
+    /// Requests queued for a connection (default 2^32-1).
+    pub http1_max_pending_requests: u32,
+    /// Concurrent requests (default 2^32-1).
+    pub http2_max_requests: u32,
+    /// Requests per connection; 0 = unlimited (default), 1 = no keep-alive.
+    pub max_requests_per_connection: u32,
+    /// Concurrent retries (default 2^32-1).
+    pub max_retries: u32,
+    /// Close HTTP connections idle this long (default 1h).
+    pub http_idle_timeout: Duration,
+    /// HTTP/2 upgrade of HTTP/1.1 upstream connections.
+    pub h2_upgrade: H2Upgrade,
+    /// Speak the client's protocol to the upstream.
+    pub use_client_protocol: bool,
+    /// Concurrent streams per HTTP/2 connection (default 2^31-1).
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionPool {
+    /// Istio's defaults: effectively unlimited, so only explicit limits shed load.
+    fn default() -> Self {
+        Self {
+            max_connections: u32::MAX,
+            connect_timeout: Duration::from_secs(10),
+            tcp_keepalive: None,
+            max_connection_duration: None,
+            tcp_idle_timeout: Duration::from_secs(3600),
+            http1_max_pending_requests: u32::MAX,
+            http2_max_requests: u32::MAX,
+            max_requests_per_connection: 0,
+            max_retries: u32::MAX,
+            http_idle_timeout: Duration::from_secs(3600),
+            h2_upgrade: H2Upgrade::Default,
+            use_client_protocol: false,
+            max_concurrent_streams: 2_147_483_647,
+        }
+    }
+}
+
+/// TCP keepalive settings; `None` fields keep the OS default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Unanswered probes before the connection is dead.
+    pub probes: Option<u32>,
+    /// Idle time before the first probe.
+    pub time: Option<Duration>,
+    /// Time between probes.
+    pub interval: Option<Duration>,
+}
+
+/// Whether HTTP/1.1 upstream connections are upgraded to HTTP/2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2Upgrade {
+    /// The mesh-wide setting (which defaults to not upgrading).
+    Default,
+    /// Keep HTTP/1.1.
+    DoNotUpgrade,
+    /// Upgrade.
+    Upgrade,
+}
+
+/// Outlier detection, with Istio's defaults for absent fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx (or connect errors) before ejection; default 5, 0 disables.
+    pub consecutive_5xx_errors: u32,
+    /// Consecutive 502/503/504 before ejection; `None` = off (default).
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Consecutive local-origin failures before ejection, when split; `None` = Envoy's 5.
+    pub consecutive_local_origin_failures: Option<u32>,
+    /// Analysis period (default 10s).
+    pub interval: Duration,
+    /// Ejection time, multiplied by the number of ejections (default 30s).
+    pub base_ejection_time: Duration,
+    /// Cap on ejected endpoints, percent (default 10; at least one is always ejectable).
+    pub max_ejection_percent: u32,
+    /// Ejection stops below this healthy share, percent (default 0).
+    pub min_health_percent: u32,
+    /// Count local-origin failures separately from upstream responses.
+    pub split_external_local_origin_errors: bool,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx_errors: 5,
+            consecutive_gateway_errors: None,
+            consecutive_local_origin_failures: None,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+            split_external_local_origin_errors: false,
+        }
+    }
+}
+
+/// Lowers one DestinationRule (`namespace`/`name`). A short `host` resolves relative to the
+/// rule's namespace; a wildcard host is kept as written for the caller to match; any other host
+/// that is not a known service is reported at `spec.host`.
+pub fn lower_destination_rule(
+    namespace: &str,
+    name: &str,
+    spec: &DestinationRuleSpec,
+    services: &dyn ServiceResolver,
+) -> Result<DestinationPolicy, Vec<FieldError>> {
+    let mut problems = Problems::default();
+    let host: Arc<str> = if spec.host.contains('*') {
+        Arc::from(spec.host.as_str())
+    } else if let Some(service) = services.host(&spec.host, namespace) {
+        service.hostname
+    } else {
+        problems.push(
+            "spec.host",
+            format!(
+                "no Service or ServiceEntry has host {:?} (short names resolve in namespace {namespace:?}); host must name an existing service or a wildcard",
+                spec.host
+            ),
+        );
+        Arc::from(spec.host.as_str())
+    };
+    if spec.workload_selector.is_some() {
+        tracing::debug!(
+            namespace,
+            name,
+            "DestinationRule workloadSelector is not used by waypoints"
+        );
+    }
+    let base = Sections::lower(
+        spec.traffic_policy.as_ref(),
+        "spec.trafficPolicy",
+        &mut problems,
+    );
+    let mut subsets: Vec<Subset> = Vec::new();
+    for (k, subset) in spec.subsets.iter().enumerate() {
+        let field = format!("spec.subsets[{k}]");
+        if subset.name.is_empty() {
+            problems.push(format!("{field}.name"), "every subset needs a name");
+        } else if subsets.iter().any(|s| *s.name == *subset.name) {
+            problems.push(
+                format!("{field}.name"),
+                format!(
+                    "subset {:?} is defined twice; subset names must be unique",
+                    subset.name
+                ),
+            );
+        }
+        let own = Sections::lower(
+            subset.traffic_policy.as_ref(),
+            &format!("{field}.trafficPolicy"),
+            &mut problems,
+        );
+        subsets.push(Subset {
+            name: Arc::from(subset.name.as_str()),
+            labels: subset.labels.clone(),
+            traffic: own.over(&base).resolve(),
+        });
+    }
+    problems.finish(DestinationPolicy {
+        host,
+        traffic: base.resolve(),
+        subsets,
+    })
+}
+
+/// The sections a traffic policy sets; absent sections are inherited, then defaulted.
+#[derive(Debug, Clone, Default)]
+struct Sections {
+    load_balancer: Option<LoadBalancer>,
+    connection_pool: Option<ConnectionPool>,
+    outlier_detection: Option<OutlierDetection>,
+}
+
+impl Sections {
+    fn lower(spec: Option<&TrafficPolicySpec>, field: &str, problems: &mut Problems) -> Self {
+        let Some(spec) = spec else {
+            return Self::default();
+        };
+        Self {
+            load_balancer: (spec.load_balancer.as_ref())
+                .map(|lb| load_balancer(lb, &format!("{field}.loadBalancer"), problems)),
+            connection_pool: (spec.connection_pool.as_ref())
+                .map(|p| connection_pool(p, &format!("{field}.connectionPool"), problems)),
+            outlier_detection: (spec.outlier_detection.as_ref())
+                .map(|o| outlier_detection(o, &format!("{field}.outlierDetection"), problems)),
+        }
+    }
+
+    fn over(self, base: &Sections) -> Self {
+        Self {
+            load_balancer: self.load_balancer.or_else(|| base.load_balancer.clone()),
+            connection_pool: self
+                .connection_pool
+                .or_else(|| base.connection_pool.clone()),
+            outlier_detection: self.outlier_detection.or(base.outlier_detection),
+        }
+    }
+
+    fn resolve(self) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: self.load_balancer.unwrap_or_default(),
+            connection_pool: self.connection_pool.unwrap_or_default(),
+            outlier_detection: self.outlier_detection,
+        }
+    }
+}
+
+fn load_balancer(lb: &LoadBalancerSettings, field: &str, problems: &mut Problems) -> LoadBalancer {
+    match (lb.simple, &lb.consistent_hash) {
+        (Some(_), Some(_)) => {
+            problems.push(field, "set simple or consistentHash, not both");
+            LoadBalancer::default()
+        }
+        (Some(SimpleLb::RoundRobin), None) => LoadBalancer::RoundRobin,
+        (Some(SimpleLb::Random), None) => LoadBalancer::Random,
+        (Some(SimpleLb::Passthrough), None) => LoadBalancer::Passthrough,
+        (Some(SimpleLb::Unspecified | SimpleLb::LeastConn | SimpleLb::LeastRequest), None)
+        | (None, None) => LoadBalancer::LeastRequest,
+        (None, Some(hash)) => consistent_hash(hash, &format!("{field}.consistentHash"), problems)
+            .map_or_else(LoadBalancer::default, LoadBalancer::ConsistentHash),
+    }
+}
+
+fn consistent_hash(
+    hash: &ConsistentHashLb,
+    field: &str,
+    problems: &mut Problems,
+) -> Option<ConsistentHash> {
+    let mut keys: Vec<HashKey> = Vec::new();
+    if let Some(header) = &hash.http_header_name {
+        keys.extend(
+            problems
+                .check(header_name(header, &format!("{field}.httpHeaderName")))
+                .map(HashKey::Header),
+        );
+    }
+    if let Some(cookie) = &hash.http_cookie {
+        let ttl = (cookie.ttl.as_deref())
+            .and_then(|t| problems.check(duration(t, &format!("{field}.httpCookie.ttl"))));
+        keys.push(HashKey::Cookie {
+            name: Arc::from(cookie.name.as_str()),
+            path: cookie.path.as_deref().map(Arc::from),
+            ttl,
+        });
+    }
+    if hash.use_source_ip == Some(true) {
+        keys.push(HashKey::SourceIp);
+    }
+    if let Some(param) = &hash.http_query_parameter_name {
+        keys.push(HashKey::QueryParameter(Arc::from(param.as_str())));
+    }
+    const KEYS: &str = "httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName";
+    let key = match keys.len() {
+        1 => keys.pop(),
+        0 if hash.http_header_name.is_some() => None, // the bad header name was reported
+        0 => {
+            problems.push(field, format!("set one of {KEYS}"));
+            None
+        }
+        _ => {
+            problems.push(field, format!("set only one of {KEYS}"));
+            None
+        }
+    }?;
+    let ring = |size: Option<u64>| HashTable::RingHash {
+        minimum_ring_size: size.or(hash.minimum_ring_size).unwrap_or(1024),
+    };
+    let table = match (&hash.ring_hash, &hash.maglev) {
+        (Some(_), Some(_)) => {
+            problems.push(field, "set ringHash or maglev, not both");
+            return None;
+        }
+        (Some(r), None) => ring(r.minimum_ring_size),
+        (None, Some(m)) => HashTable::Maglev {
+            table_size: m.table_size.unwrap_or(65537),
+        },
+        (None, None) => ring(None),
+    };
+    Some(ConsistentHash { key, table })
+}
+
+fn connection_pool(
+    p: &ConnectionPoolSettings,
+    field: &str,
+    problems: &mut Problems,
+) -> ConnectionPool {
+    let mut out = ConnectionPool::default();
+    let mut time = |text: &Option<String>, at: &str| {
+        (text.as_deref()).and_then(|t| problems.check(duration(t, &format!("{field}.{at}"))))
+    };
+    if let Some(tcp) = &p.tcp {
+        out.max_connections = tcp.max_connections.unwrap_or(out.max_connections);
+        out.connect_timeout =
+            time(&tcp.connect_timeout, "tcp.connectTimeout").unwrap_or(out.connect_timeout);
+        out.tcp_keepalive = tcp.tcp_keepalive.as_ref().map(|k| TcpKeepalive {
+            probes: k.probes,
+            time: time(&k.time, "tcp.tcpKeepalive.time"),
+            interval: time(&k.interval, "tcp.tcpKeepalive.interval"),
+        });
+        out.max_connection_duration =
+            time(&tcp.max_connection_duration, "tcp.maxConnectionDuration");
+        out.tcp_idle_timeout =
+            time(&tcp.idle_timeout, "tcp.idleTimeout").unwrap_or(out.tcp_idle_timeout);
+    }
+    if let Some(http) = &p.http {
+        let or = |value: Option<u32>, default: u32| value.unwrap_or(default);
+        out.http1_max_pending_requests = or(
+            http.http1_max_pending_requests,
+            out.http1_max_pending_requests,
+        );
+        out.http2_max_requests = or(http.http2_max_requests, out.http2_max_requests);
+        out.max_requests_per_connection = or(http.max_requests_per_connection, 0);
+        out.max_retries = or(http.max_retries, out.max_retries);
+        out.http_idle_timeout =
+            time(&http.idle_timeout, "http.idleTimeout").unwrap_or(out.http_idle_timeout);
+        out.h2_upgrade = match http.h2_upgrade_policy {
+            None | Some(H2UpgradePolicy::Default) => H2Upgrade::Default,
+            Some(H2UpgradePolicy::DoNotUpgrade) => H2Upgrade::DoNotUpgrade,
+            Some(H2UpgradePolicy::Upgrade) => H2Upgrade::Upgrade,
+        };
+        out.use_client_protocol = http.use_client_protocol.unwrap_or(false);
+        out.max_concurrent_streams = or(http.max_concurrent_streams, out.max_concurrent_streams);
+    }
+    out
+}
+
+fn outlier_detection(
+    o: &OutlierDetectionSettings,
+    field: &str,
+    problems: &mut Problems,
+) -> OutlierDetection {
+    let defaults = OutlierDetection::default();
+    let mut time = |text: &Option<String>, at: &str| {
+        (text.as_deref()).and_then(|t| problems.check(duration(t, &format!("{field}.{at}"))))
+    };
+    let interval = time(&o.interval, "interval").unwrap_or(defaults.interval);
+    let base_ejection_time =
+        time(&o.base_ejection_time, "baseEjectionTime").unwrap_or(defaults.base_ejection_time);
+    let mut share = |value: Option<u32>, at: &str, default: u32| match value {
+        Some(v) if v > 100 => {
+            problems.push(
+                format!("{field}.{at}"),
+                format!("{v} is not a percentage; use 0 to 100"),
+            );
+            default
+        }
+        Some(v) => v,
+        None => default,
+    };
+    OutlierDetection {
+        consecutive_5xx_errors: o
+            .consecutive_5xx_errors
+            .unwrap_or(defaults.consecutive_5xx_errors),
+        consecutive_gateway_errors: o.consecutive_gateway_errors.filter(|&n| n > 0),
+        consecutive_local_origin_failures: o.consecutive_local_origin_failures,
+        interval,
+        base_ejection_time,
+        max_ejection_percent: share(
+            o.max_ejection_percent,
+            "maxEjectionPercent",
+            defaults.max_ejection_percent,
+        ),
+        min_health_percent: share(
+            o.min_health_percent,
+            "minHealthPercent",
+            defaults.min_health_percent,
+        ),
+        split_external_local_origin_errors: o.split_external_local_origin_errors.unwrap_or(false),
+    }
+}
+
+#[cfg(test)]
+#[path = "destination_tests.rs"]
+mod tests;

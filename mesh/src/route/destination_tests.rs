@@ -1,0 +1,273 @@
+use super::*;
+use crate::route::test_support::{Services, yaml};
+
+fn lower(text: &str) -> Result<DestinationPolicy, Vec<FieldError>> {
+    let spec: DestinationRuleSpec = yaml(text);
+    lower_destination_rule("default", "dr", &spec, &Services::mesh())
+}
+
+fn policy(text: &str) -> DestinationPolicy {
+    lower(text).unwrap_or_else(|e| panic!("unexpected problems: {e:?}"))
+}
+
+#[test]
+fn defaults_without_a_traffic_policy() {
+    let p = policy("host: reviews\nsubsets: [{name: v1, labels: {version: v1}}]");
+    assert_eq!(&*p.host, "reviews.default.svc.cluster.local");
+    assert_eq!(p.traffic, TrafficPolicy::default());
+    assert_eq!(p.traffic.load_balancer, LoadBalancer::LeastRequest);
+    assert_eq!(
+        p.traffic.connection_pool.connect_timeout,
+        Duration::from_secs(10)
+    );
+    assert_eq!(p.traffic.outlier_detection, None);
+    let v1 = p.subset("v1").expect("subset");
+    assert_eq!(v1.labels.get("version").map(String::as_str), Some("v1"));
+    assert_eq!(v1.traffic, p.traffic);
+    assert!(p.subset("v2").is_none());
+}
+
+#[test]
+fn load_balancer_kinds() {
+    let header = HeaderName::from_static("x-user");
+    let cases = [
+        ("{simple: ROUND_ROBIN}", LoadBalancer::RoundRobin),
+        ("{simple: RANDOM}", LoadBalancer::Random),
+        ("{simple: PASSTHROUGH}", LoadBalancer::Passthrough),
+        ("{simple: LEAST_REQUEST}", LoadBalancer::LeastRequest),
+        ("{simple: LEAST_CONN}", LoadBalancer::LeastRequest),
+        ("{simple: UNSPECIFIED}", LoadBalancer::LeastRequest),
+        (
+            "{localityLbSetting: {enabled: true}}",
+            LoadBalancer::LeastRequest,
+        ),
+        (
+            "{consistentHash: {httpHeaderName: X-User}}",
+            LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::Header(header),
+                table: HashTable::RingHash {
+                    minimum_ring_size: 1024,
+                },
+            }),
+        ),
+        (
+            "{consistentHash: {httpCookie: {name: session, path: /, ttl: 1h}, ringHash: {minimumRingSize: 2048}}}",
+            LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::Cookie {
+                    name: "session".into(),
+                    path: Some("/".into()),
+                    ttl: Some(Duration::from_secs(3600)),
+                },
+                table: HashTable::RingHash {
+                    minimum_ring_size: 2048,
+                },
+            }),
+        ),
+        (
+            "{consistentHash: {useSourceIp: true, maglev: {}}}",
+            LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::SourceIp,
+                table: HashTable::Maglev { table_size: 65537 },
+            }),
+        ),
+        (
+            "{consistentHash: {httpQueryParameterName: user, minimumRingSize: 64}}",
+            LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::QueryParameter("user".into()),
+                table: HashTable::RingHash {
+                    minimum_ring_size: 64,
+                },
+            }),
+        ),
+    ];
+    for (lb, want) in cases {
+        let p = policy(&format!(
+            "host: reviews\ntrafficPolicy: {{loadBalancer: {lb}}}"
+        ));
+        assert_eq!(p.traffic.load_balancer, want, "{lb}");
+    }
+}
+
+#[test]
+fn connection_pool_and_outlier_detection() {
+    let p = policy(
+        r#"
+host: reviews
+trafficPolicy:
+  connectionPool:
+    tcp: {maxConnections: 100, connectTimeout: 250ms, tcpKeepalive: {probes: 3, time: 60s}, maxConnectionDuration: 10m}
+    http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 1, maxRetries: 3, idleTimeout: 30s, h2UpgradePolicy: UPGRADE, useClientProtocol: true}
+  outlierDetection: {}
+"#,
+    );
+    let pool = &p.traffic.connection_pool;
+    assert_eq!(pool.max_connections, 100);
+    assert_eq!(pool.connect_timeout, Duration::from_millis(250));
+    assert_eq!(
+        pool.tcp_keepalive,
+        Some(TcpKeepalive {
+            probes: Some(3),
+            time: Some(Duration::from_secs(60)),
+            interval: None
+        })
+    );
+    assert_eq!(pool.max_connection_duration, Some(Duration::from_secs(600)));
+    assert_eq!(pool.tcp_idle_timeout, Duration::from_secs(3600));
+    assert_eq!(
+        (pool.http1_max_pending_requests, pool.http2_max_requests),
+        (10, 1000)
+    );
+    assert_eq!((pool.max_requests_per_connection, pool.max_retries), (1, 3));
+    assert_eq!(pool.http_idle_timeout, Duration::from_secs(30));
+    assert_eq!(pool.h2_upgrade, H2Upgrade::Upgrade);
+    assert!(pool.use_client_protocol);
+    assert_eq!(pool.max_concurrent_streams, 2_147_483_647);
+    // An empty section gets Istio's defaults.
+    let outlier = p.traffic.outlier_detection.expect("outlier");
+    assert_eq!(outlier.consecutive_5xx_errors, 5);
+    assert_eq!(outlier.interval, Duration::from_secs(10));
+    assert_eq!(outlier.base_ejection_time, Duration::from_secs(30));
+    assert_eq!(outlier.max_ejection_percent, 10);
+    assert_eq!(outlier.min_health_percent, 0);
+    assert_eq!(outlier.consecutive_gateway_errors, None);
+
+    let p = policy(
+        "host: reviews\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 0, consecutiveGatewayErrors: 3, interval: 1s, baseEjectionTime: 1m, maxEjectionPercent: 100, minHealthPercent: 50, splitExternalLocalOriginErrors: true}}",
+    );
+    let outlier = p.traffic.outlier_detection.expect("outlier");
+    assert_eq!(
+        outlier,
+        OutlierDetection {
+            consecutive_5xx_errors: 0,
+            consecutive_gateway_errors: Some(3),
+            consecutive_local_origin_failures: None,
+            interval: Duration::from_secs(1),
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent: 100,
+            min_health_percent: 50,
+            split_external_local_origin_errors: true,
+        }
+    );
+}
+
+#[test]
+fn subset_policy_overrides_the_host_section_by_section() {
+    let p = policy(
+        r#"
+host: reviews.default.svc.cluster.local
+trafficPolicy:
+  loadBalancer: {simple: ROUND_ROBIN}
+  connectionPool: {tcp: {maxConnections: 100}, http: {maxRetries: 7}}
+  outlierDetection: {consecutive5xxErrors: 7}
+subsets:
+- name: v1
+  labels: {version: v1}
+- name: v2
+  labels: {version: v2}
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool: {tcp: {maxConnections: 5}}
+"#,
+    );
+    let v1 = &p.subset("v1").expect("v1").traffic;
+    assert_eq!(*v1, p.traffic);
+    let v2 = &p.subset("v2").expect("v2").traffic;
+    assert_eq!(v2.load_balancer, LoadBalancer::Random);
+    assert_eq!(v2.connection_pool.max_connections, 5);
+    // The whole connectionPool section is replaced, not merged field by field (as Istio does).
+    assert_eq!(v2.connection_pool.max_retries, u32::MAX);
+    assert_eq!(
+        v2.outlier_detection.map(|o| o.consecutive_5xx_errors),
+        Some(7)
+    );
+    assert_eq!(p.traffic.connection_pool.max_retries, 7);
+}
+
+#[test]
+fn wildcard_hosts_are_kept() {
+    assert_eq!(&*policy("host: \"*.example.com\"").host, "*.example.com");
+}
+
+#[test]
+fn semantic_errors_name_the_field() {
+    let cases = [
+        (
+            "host: ghost",
+            "spec.host",
+            "no Service or ServiceEntry has host \"ghost\"",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}}",
+            "spec.trafficPolicy.loadBalancer",
+            "set simple or consistentHash, not both",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {loadBalancer: {consistentHash: {}}}",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "set one of httpHeaderName",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "set only one of",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, ringHash: {}, maglev: {}}}}",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "set ringHash or maglev, not both",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: \"a b\"}}}",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+            "is not a valid HTTP header name",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: 3 seconds}}}",
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "invalid duration \"3 seconds\"",
+        ),
+        (
+            "host: reviews\nsubsets: [{name: v1, trafficPolicy: {outlierDetection: {interval: often}}}]",
+            "spec.subsets[0].trafficPolicy.outlierDetection.interval",
+            "invalid duration \"often\"",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {outlierDetection: {maxEjectionPercent: 101}}",
+            "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+            "101 is not a percentage",
+        ),
+        (
+            "host: reviews\nsubsets: [{name: v1}, {name: v1}]",
+            "spec.subsets[1].name",
+            "subset \"v1\" is defined twice",
+        ),
+        (
+            "host: reviews\nsubsets: [{name: \"\"}]",
+            "spec.subsets[0].name",
+            "every subset needs a name",
+        ),
+    ];
+    for (text, field, message) in cases {
+        let errors = lower(text).expect_err(text);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == field && e.message.contains(message)),
+            "expected {field}: {message}\n got {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn typos_are_rejected_with_the_valid_fields() {
+    let err = serde_yaml::from_str::<DestinationRuleSpec>(
+        "host: a\ntrafficPolicy: {loadBalancer: {simpel: RANDOM}}",
+    )
+    .expect_err("typo");
+    assert!(err.to_string().contains("unknown field `simpel`"), "{err}");
+    let err = serde_yaml::from_str::<DestinationRuleSpec>(
+        "host: a\ntrafficPolicy: {loadBalancer: {simple: FASTEST}}",
+    )
+    .expect_err("bad enum");
+    assert!(err.to_string().contains("ROUND_ROBIN"), "{err}");
+}

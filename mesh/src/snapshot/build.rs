@@ -1,0 +1,1194 @@
+//! Building a snapshot from resources: lowering, cross-referencing and indexing.
+//!
+//! The order matters and follows the references: namespaces and waypoints first (bindings name
+//! them), then workloads (services select them), then services and their endpoints, then
+//! everything that attaches to services and workloads (destination rules, routes, policies,
+//! peer authentication, plugins). Every problem is collected rather than returned at the first,
+//! so one reload reports everything wrong with the configuration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hbone::Identity;
+
+use super::{Index, Options, Snapshot};
+use crate::error::{ConfigError, FieldError, Invalid, Origin};
+use crate::model::{
+    self, Binding, Endpoint, Interner, Labels, Protocol, Service, ServiceId, ServiceKind,
+    ServicePort, Target, Waypoint, WaypointFor, WaypointId, WaypointLabels, Workload, WorkloadId,
+    WorkloadKind,
+};
+use crate::resource::{
+    GatewaySpec, Located, Object, PodSpec, PodStatus, Resource, ServiceEntrySpec, ServiceSpec,
+    TargetPort, WorkloadEntrySpec,
+};
+
+/// Label enrolling a namespace or pod in ambient mode.
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// Annotation of pods that already have a sidecar; ztunnel leaves them alone.
+const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+/// Builds a snapshot, or reports every invalid resource.
+pub(crate) fn build(
+    resources: &[&Located],
+    options: &Options,
+    version: u64,
+) -> Result<Snapshot, ConfigError> {
+    let mut b = Builder::new(options);
+    let kinds = Kinds::sort(resources);
+    b.namespaces(&kinds);
+    b.waypoints(&kinds.gateways);
+    b.workloads(&kinds);
+    b.services(&kinds);
+    b.bind_waypoints(&kinds);
+    super::attach::destination_rules(&mut b, &kinds.destination_rules);
+    super::attach::routes(&mut b, &kinds);
+    super::attach::policies(&mut b, &kinds.authorization_policies);
+    super::attach::peer_authentications(&mut b, &kinds.peer_authentications);
+    super::attach::plugins(&mut b, &kinds.wasm_plugins);
+    if !b.errors.is_empty() {
+        return Err(ConfigError::Invalid(b.errors));
+    }
+    for warning in &b.warnings {
+        tracing::warn!(version, "{warning}");
+    }
+    Ok(b.finish(resources, version))
+}
+
+/// Resources by kind, borrowed.
+pub(super) struct Kinds<'r> {
+    pub(super) namespaces: Vec<(&'r Origin, &'r Object<crate::resource::Empty>)>,
+    pub(super) services: Vec<(&'r Origin, &'r Object<ServiceSpec>)>,
+    pub(super) pods: Vec<(&'r Origin, &'r Object<PodSpec, PodStatus>)>,
+    pub(super) workload_entries: Vec<(&'r Origin, &'r Object<WorkloadEntrySpec>)>,
+    pub(super) service_entries: Vec<(&'r Origin, &'r Object<ServiceEntrySpec>)>,
+    pub(super) gateways: Vec<(&'r Origin, &'r Object<GatewaySpec>)>,
+    pub(super) http_routes: Vec<(&'r Origin, &'r Object<crate::route::HttpRouteSpec>)>,
+    pub(super) virtual_services: Vec<(&'r Origin, &'r Object<crate::route::VirtualServiceSpec>)>,
+    pub(super) destination_rules: Vec<(&'r Origin, &'r Object<crate::route::DestinationRuleSpec>)>,
+    pub(super) authorization_policies: Vec<(
+        &'r Origin,
+        &'r Object<crate::authz::AuthorizationPolicySpec>,
+    )>,
+    pub(super) peer_authentications: Vec<(
+        &'r Origin,
+        &'r Object<crate::resource::PeerAuthenticationSpec>,
+    )>,
+    pub(super) wasm_plugins: Vec<(&'r Origin, &'r Object<crate::resource::WasmPluginSpec>)>,
+}
+
+impl<'r> Kinds<'r> {
+    fn sort(resources: &[&'r Located]) -> Self {
+        let mut k = Kinds {
+            namespaces: Vec::new(),
+            services: Vec::new(),
+            pods: Vec::new(),
+            workload_entries: Vec::new(),
+            service_entries: Vec::new(),
+            gateways: Vec::new(),
+            http_routes: Vec::new(),
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
+            wasm_plugins: Vec::new(),
+        };
+        for located in resources {
+            let o = &located.origin;
+            match &located.resource {
+                Resource::Namespace(r) => k.namespaces.push((o, r)),
+                Resource::Service(r) => k.services.push((o, r)),
+                Resource::Pod(r) => k.pods.push((o, r)),
+                Resource::WorkloadEntry(r) => k.workload_entries.push((o, r)),
+                Resource::ServiceEntry(r) => k.service_entries.push((o, r)),
+                Resource::Gateway(r) => k.gateways.push((o, r)),
+                Resource::HTTPRoute(r) => k.http_routes.push((o, r)),
+                Resource::VirtualService(r) => k.virtual_services.push((o, r)),
+                Resource::DestinationRule(r) => k.destination_rules.push((o, r)),
+                Resource::AuthorizationPolicy(r) => k.authorization_policies.push((o, r)),
+                Resource::PeerAuthentication(r) => k.peer_authentications.push((o, r)),
+                Resource::WasmPlugin(r) => k.wasm_plugins.push((o, r)),
+            }
+        }
+        k
+    }
+}
+
+/// Work in progress: the model's vectors, the indexes, and the problems found so far.
+pub(super) struct Builder<'o> {
+    pub(super) options: &'o Options,
+    pub(super) interner: Interner,
+    pub(super) errors: Vec<Invalid>,
+    pub(super) warnings: Vec<String>,
+    pub(super) workloads: Vec<Workload>,
+    pub(super) services: Vec<Service>,
+    pub(super) waypoints: Vec<Waypoint>,
+    pub(super) index: Index,
+    pub(super) policies: Vec<super::PolicyEntry>,
+    pub(super) peer_authentications: Vec<super::PeerAuthEntry>,
+    pub(super) plugins: Vec<model::Plugin>,
+    pub(super) destination_rules: HashMap<Arc<str>, crate::route::DestinationPolicy>,
+    pub(super) routes: HashMap<(ServiceId, u16), crate::route::RouteTable>,
+    /// `(label key, value)` → workloads carrying it, for selector lookups.
+    label_index: HashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>,
+    /// Namespace → its workloads, for empty selectors.
+    by_namespace: HashMap<Arc<str>, Vec<WorkloadId>>,
+}
+
+impl<'o> Builder<'o> {
+    fn new(options: &'o Options) -> Self {
+        Self {
+            options,
+            interner: Interner::default(),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            waypoints: Vec::new(),
+            index: Index::default(),
+            policies: Vec::new(),
+            peer_authentications: Vec::new(),
+            plugins: Vec::new(),
+            destination_rules: HashMap::new(),
+            routes: HashMap::new(),
+            label_index: HashMap::new(),
+            by_namespace: HashMap::new(),
+        }
+    }
+
+    /// Records a problem with a resource.
+    pub(super) fn invalid<S, T>(
+        &mut self,
+        origin: &Origin,
+        kind: &str,
+        obj: &Object<S, T>,
+        error: FieldError,
+    ) {
+        self.errors.push(Invalid {
+            origin: origin.clone(),
+            resource: format!("{kind} {}/{}", obj.metadata.namespace(), obj.metadata.name),
+            error,
+        });
+    }
+
+    /// Records a problem that does not invalidate the configuration.
+    pub(super) fn warn(&mut self, message: String) {
+        self.warnings.push(message);
+    }
+
+    /// Workloads in `namespace` (any namespace for `None`) whose labels match `selector`; an
+    /// empty selector selects every workload in scope.
+    pub(super) fn select(
+        &self,
+        namespace: Option<&str>,
+        selector: &BTreeMap<String, String>,
+    ) -> Vec<WorkloadId> {
+        let in_scope = |id: &&WorkloadId| {
+            namespace.is_none_or(|ns| *self.workloads[id.index()].namespace == *ns)
+        };
+        let Some((k, v)) = selector.iter().next() else {
+            return match namespace {
+                Some(ns) => self.by_namespace.get(ns).cloned().unwrap_or_default(),
+                None => (0..self.workloads.len() as u32).map(WorkloadId).collect(),
+            };
+        };
+        let key = (Arc::from(k.as_str()), Arc::from(v.as_str()));
+        self.label_index
+            .get(&key)
+            .map(|ids| {
+                ids.iter()
+                    .filter(in_scope)
+                    .filter(|id| self.workloads[id.index()].labels.matches(selector))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The labels of `namespace` (empty when it is not declared).
+    pub(super) fn namespace_labels(&self, namespace: &str) -> &BTreeMap<String, String> {
+        self.index.namespaces.get(namespace).unwrap_or(&NO_LABELS)
+    }
+
+    // === namespaces and waypoints ===
+
+    fn namespaces(&mut self, kinds: &Kinds<'_>) {
+        for (_, ns) in &kinds.namespaces {
+            let name = self.interner.get(&ns.metadata.name);
+            self.index
+                .namespaces
+                .insert(name, ns.metadata.labels.clone());
+        }
+    }
+
+    fn waypoints(&mut self, gateways: &[(&Origin, &Object<GatewaySpec>)]) {
+        for &(origin, gw) in gateways {
+            if gw.spec.gateway_class_name != model::waypoint::WAYPOINT_CLASS {
+                continue;
+            }
+            let label = gw.metadata.labels.get(model::waypoint::WAYPOINT_FOR);
+            let Some(waypoint_for) = WaypointFor::parse(label.map(String::as_str)) else {
+                self.invalid(
+                    origin,
+                    "Gateway",
+                    gw,
+                    FieldError::new(
+                        format!("metadata.labels[{}]", model::waypoint::WAYPOINT_FOR),
+                        format!("{label:?} is not valid; use service, workload, all or none"),
+                    ),
+                );
+                continue;
+            };
+            if gw
+                .metadata
+                .annotations
+                .contains_key(model::waypoint::FOR_SERVICE_ACCOUNT)
+                || gw
+                    .metadata
+                    .labels
+                    .contains_key(model::waypoint::FOR_SERVICE_ACCOUNT)
+            {
+                self.warn(format!(
+                    "Gateway {}/{}: istio.io/for-service-account is obsolete since Istio 1.22 and \
+                     is ignored; bind with the istio.io/use-waypoint label instead",
+                    gw.metadata.namespace(),
+                    gw.metadata.name
+                ));
+            }
+            let admits = gw
+                .spec
+                .listeners
+                .iter()
+                .find(|l| l.protocol == "HBONE")
+                .and_then(|l| l.allowed_routes.as_ref())
+                .and_then(|a| a.namespaces.as_ref())
+                .map_or(model::waypoint::Admission::Same, |n| {
+                    match n.from.as_deref() {
+                        Some("All") => model::waypoint::Admission::All,
+                        Some("Selector") => model::waypoint::Admission::Selector(
+                            n.selector
+                                .as_ref()
+                                .map(|s| s.match_labels.clone())
+                                .unwrap_or_default(),
+                        ),
+                        _ => model::waypoint::Admission::Same,
+                    }
+                });
+            let namespace = self.interner.get(gw.metadata.namespace());
+            let name = self.interner.get(&gw.metadata.name);
+            let id = WaypointId(self.waypoints.len() as u32);
+            self.index
+                .waypoint_by_name
+                .entry(namespace.clone())
+                .or_default()
+                .insert(name.clone(), id);
+            self.waypoints.push(Waypoint {
+                namespace,
+                name,
+                waypoint_for,
+                service: None,
+                instances: Box::default(),
+                services: Box::default(),
+                workloads: Box::default(),
+                policies: Box::default(),
+                plugins: Box::default(),
+                admits,
+            });
+        }
+    }
+
+    fn waypoint_id(&self, namespace: &str, name: &str) -> Option<WaypointId> {
+        self.index
+            .waypoint_by_name
+            .get(namespace)
+            .and_then(|m| m.get(name))
+            .copied()
+    }
+
+    // === workloads ===
+
+    fn enrolled(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        match labels.get(DATAPLANE_MODE).map(String::as_str) {
+            Some("none") => false,
+            Some("ambient") => true,
+            _ => {
+                self.namespace_labels(namespace)
+                    .get(DATAPLANE_MODE)
+                    .map(String::as_str)
+                    == Some("ambient")
+            }
+        }
+    }
+
+    fn identity(&self, namespace: &str, service_account: &str) -> Result<Identity, String> {
+        Identity::new(&self.options.trust_domain, namespace, service_account)
+            .map_err(|e| e.to_string())
+    }
+
+    fn workloads(&mut self, kinds: &Kinds<'_>) {
+        let mut workloads = Vec::with_capacity(kinds.pods.len() + kinds.workload_entries.len());
+        for &(origin, pod) in &kinds.pods {
+            if let Some(w) = self.pod(origin, pod) {
+                workloads.push(w);
+            }
+        }
+        for &(origin, we) in &kinds.workload_entries {
+            if let Some(w) = self.workload_entry(origin, we) {
+                workloads.push(w);
+            }
+        }
+        for &(origin, se) in &kinds.service_entries {
+            for (i, ep) in se.spec.endpoints.iter().enumerate() {
+                if let Some(w) = self.service_entry_endpoint(origin, se, i, ep) {
+                    workloads.push(w);
+                }
+            }
+        }
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        workloads.dedup_by(|a, b| a.uid == b.uid);
+        self.workloads = workloads;
+        self.index_workloads();
+    }
+
+    fn index_workloads(&mut self) {
+        let mut by_node: HashMap<Arc<str>, Vec<WorkloadId>> = HashMap::new();
+        let mut duplicates = Vec::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let id = WorkloadId(i as u32);
+            self.index.workload_by_uid.insert(w.uid.clone(), id);
+            for &ip in &w.ips {
+                let map = if *w.network == *self.options.network {
+                    &mut self.index.workload_by_ip
+                } else {
+                    self.index
+                        .workload_by_network_ip
+                        .entry(w.network.clone())
+                        .or_default()
+                };
+                if let Some(&first) = map.get(&ip) {
+                    duplicates.push((ip, first, id));
+                } else {
+                    map.insert(ip, id);
+                }
+            }
+            if let Some(node) = &w.node {
+                by_node.entry(node.clone()).or_default().push(id);
+            }
+            self.by_namespace
+                .entry(w.namespace.clone())
+                .or_default()
+                .push(id);
+            for (k, v) in w.labels.iter() {
+                let key = (self.interner.get(k), self.interner.get(v));
+                self.label_index.entry(key).or_default().push(id);
+            }
+        }
+        self.index.workloads_by_node = by_node
+            .into_iter()
+            .map(|(k, v)| (k, v.into_boxed_slice()))
+            .collect();
+        for (ip, first, second) in duplicates {
+            let (a, b) = (
+                &self.workloads[first.index()].uid,
+                &self.workloads[second.index()].uid,
+            );
+            let message =
+                format!("{b} has address {ip}, already used by {a}; lookups by IP find {a}");
+            self.warn(message);
+        }
+    }
+
+    fn pod(&mut self, origin: &Origin, pod: &Object<PodSpec, PodStatus>) -> Option<Workload> {
+        let meta = &pod.metadata;
+        let namespace = meta.namespace();
+        let sa = pod
+            .spec
+            .service_account_name
+            .as_deref()
+            .or(pod.spec.service_account.as_deref())
+            .unwrap_or("default");
+        let identity = match self.identity(namespace, sa) {
+            Ok(id) => id,
+            Err(e) => {
+                self.invalid(
+                    origin,
+                    "Pod",
+                    pod,
+                    FieldError::new("spec.serviceAccountName", e),
+                );
+                return None;
+            }
+        };
+        let mut ips = Vec::new();
+        let listed: Vec<(String, &str)> = if pod.status.pod_ips.is_empty() {
+            pod.status
+                .pod_ip
+                .iter()
+                .map(|ip| ("status.podIP".to_owned(), ip.as_str()))
+                .collect()
+        } else {
+            pod.status
+                .pod_ips
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.as_str()))
+                .collect()
+        };
+        for (field, ip) in listed {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => {
+                    self.invalid(
+                        origin,
+                        "Pod",
+                        pod,
+                        FieldError::new(field, format!("{ip:?} is not an IP address")),
+                    );
+                    return None;
+                }
+            }
+        }
+        let running = matches!(pod.status.phase.as_deref(), None | Some("Running"));
+        let not_unready = !pod
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.condition_type == "Ready" && c.status != "True");
+        let waypoint_instance = meta
+            .labels
+            .get(model::waypoint::GATEWAY_NAME)
+            .and_then(|gw| self.waypoint_id(namespace, gw));
+        let captured = !pod.spec.host_network
+            && waypoint_instance.is_none()
+            && !meta.annotations.contains_key(SIDECAR_STATUS)
+            && self.enrolled(namespace, &meta.labels);
+        let named_ports = pod
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter())
+            .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+            .filter_map(|p| Some((self.interner.get(p.name.as_deref()?), p.container_port)))
+            .collect();
+        let workload_name = model::workload::workload_name(
+            &meta.name,
+            meta.labels.get("pod-template-hash").map(String::as_str),
+        );
+        let uid = format!(
+            "{}//v1/Pod/{namespace}/{}",
+            self.options.cluster_id, meta.name
+        );
+        Some(self.workload(
+            WorkloadKind::Pod,
+            uid,
+            meta,
+            &meta.labels,
+            identity,
+            ips,
+            "",
+            pod.spec.node_name.as_deref(),
+            captured,
+            running && not_unready,
+            named_ports,
+            1,
+            workload_name,
+            waypoint_instance,
+        ))
+    }
+
+    fn workload_entry(
+        &mut self,
+        origin: &Origin,
+        we: &Object<WorkloadEntrySpec>,
+    ) -> Option<Workload> {
+        let meta = &we.metadata;
+        let namespace = meta.namespace();
+        let sa = non_empty(&we.spec.service_account).unwrap_or("default");
+        let identity = match self.identity(namespace, sa) {
+            Ok(id) => id,
+            Err(e) => {
+                self.invalid(
+                    origin,
+                    "WorkloadEntry",
+                    we,
+                    FieldError::new("spec.serviceAccount", e),
+                );
+                return None;
+            }
+        };
+        let Ok(ip) = we.spec.address.parse::<IpAddr>() else {
+            self.invalid(
+                origin,
+                "WorkloadEntry",
+                we,
+                FieldError::new(
+                    "spec.address",
+                    format!(
+                        "{:?} is not an IP address (hostnames are not resolved)",
+                        we.spec.address
+                    ),
+                ),
+            );
+            return None;
+        };
+        let mut labels = meta.labels.clone();
+        labels.extend(we.spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let captured = self.enrolled(namespace, &labels);
+        let named_ports = we
+            .spec
+            .ports
+            .iter()
+            .map(|(n, &p)| (self.interner.get(n), p))
+            .collect();
+        let uid = format!(
+            "{}/networking.istio.io/WorkloadEntry/{namespace}/{}",
+            self.options.cluster_id, meta.name
+        );
+        Some(self.workload(
+            WorkloadKind::WorkloadEntry,
+            uid,
+            meta,
+            &labels,
+            identity,
+            vec![ip],
+            &we.spec.network,
+            None,
+            captured,
+            true,
+            named_ports,
+            we.spec.weight.unwrap_or(1),
+            &meta.name,
+            None,
+        ))
+    }
+
+    fn service_entry_endpoint(
+        &mut self,
+        origin: &Origin,
+        se: &Object<ServiceEntrySpec>,
+        index: usize,
+        ep: &crate::resource::ServiceEntryEndpoint,
+    ) -> Option<Workload> {
+        let meta = &se.metadata;
+        let namespace = meta.namespace();
+        let sa = non_empty(&ep.service_account).unwrap_or("default");
+        let field = |f: &str| format!("spec.endpoints[{index}].{f}");
+        let identity = match self.identity(namespace, sa) {
+            Ok(id) => id,
+            Err(e) => {
+                self.invalid(
+                    origin,
+                    "ServiceEntry",
+                    se,
+                    FieldError::new(field("serviceAccount"), e),
+                );
+                return None;
+            }
+        };
+        let Ok(ip) = ep.address.parse::<IpAddr>() else {
+            self.invalid(
+                origin,
+                "ServiceEntry",
+                se,
+                FieldError::new(
+                    field("address"),
+                    format!(
+                        "{:?} is not an IP address (hostnames are not resolved)",
+                        ep.address
+                    ),
+                ),
+            );
+            return None;
+        };
+        let named_ports = ep
+            .ports
+            .iter()
+            .map(|(n, &p)| (self.interner.get(n), p))
+            .collect();
+        let uid = format!(
+            "{}/networking.istio.io/ServiceEntry/{namespace}/{}/{ip}",
+            self.options.cluster_id, meta.name
+        );
+        let captured = self.enrolled(namespace, &ep.labels);
+        Some(self.workload(
+            WorkloadKind::ServiceEntry,
+            uid,
+            meta,
+            &ep.labels,
+            identity,
+            vec![ip],
+            &ep.network,
+            None,
+            captured,
+            true,
+            named_ports,
+            ep.weight.unwrap_or(1),
+            &meta.name,
+            None,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)] // one constructor for three kinds of workload
+    fn workload(
+        &mut self,
+        kind: WorkloadKind,
+        uid: String,
+        meta: &crate::resource::ObjectMeta,
+        labels: &BTreeMap<String, String>,
+        identity: Identity,
+        ips: Vec<IpAddr>,
+        network: &str,
+        node: Option<&str>,
+        captured: bool,
+        ready: bool,
+        named_ports: Vec<(Arc<str>, u16)>,
+        weight: u32,
+        workload_name: &str,
+        waypoint_instance: Option<WaypointId>,
+    ) -> Workload {
+        let first = |keys: [&str; 3], fallback: &str| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .map_or(fallback, String::as_str)
+                .to_owned()
+        };
+        let canonical_name = first(model::workload::CANONICAL_NAME, workload_name);
+        let canonical_revision = first(model::workload::CANONICAL_REVISION, "latest");
+        if labels.contains_key(model::waypoint::FOR_SERVICE_ACCOUNT)
+            || meta
+                .annotations
+                .contains_key(model::waypoint::FOR_SERVICE_ACCOUNT)
+        {
+            self.warn(format!(
+                "{uid}: istio.io/for-service-account is obsolete since Istio 1.22 and is ignored"
+            ));
+        }
+        let ready = ready && !ips.is_empty();
+        Workload {
+            uid: uid.into(),
+            kind,
+            name: self.interner.get(&meta.name),
+            namespace: self.interner.get(meta.namespace()),
+            identity,
+            ips: ips.into_boxed_slice(),
+            network: self.interner.get(network),
+            node: node.map(|n| self.interner.get(n)),
+            labels: Labels::new(
+                labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                &mut self.interner,
+            ),
+            protocol: if captured {
+                Protocol::Hbone
+            } else {
+                Protocol::Tcp
+            },
+            ready,
+            named_ports: named_ports.into_boxed_slice(),
+            weight,
+            workload_name: self.interner.get(workload_name),
+            canonical_name: self.interner.get(&canonical_name),
+            canonical_revision: self.interner.get(&canonical_revision),
+            waypoint: None,
+            waypoint_instance,
+            services: Box::default(),
+            selected_policies: Box::default(),
+            peer_authentication: None,
+        }
+    }
+
+    // === services ===
+
+    fn services(&mut self, kinds: &Kinds<'_>) {
+        let mut services = Vec::new();
+        for &(origin, svc) in &kinds.services {
+            if let Some(s) = self.kube_service(origin, svc) {
+                services.push(s);
+            }
+        }
+        for &(origin, se) in &kinds.service_entries {
+            services.extend(self.service_entry(origin, se));
+        }
+        services.sort_by(|a, b| {
+            (&a.namespace, &a.name, &a.hostname).cmp(&(&b.namespace, &b.name, &b.hostname))
+        });
+        let mut memberships: Vec<Vec<ServiceId>> = vec![Vec::new(); self.workloads.len()];
+        for (i, s) in services.iter().enumerate() {
+            let id = ServiceId(i as u32);
+            for &vip in &s.vips {
+                if let Some(&other) = self.index.service_by_vip.get(&vip) {
+                    let other: &Service = &services[other.index()];
+                    self.warnings.push(format!(
+                        "{} has VIP {vip}, already used by {}; lookups by VIP find the latter",
+                        s.hostname, other.hostname
+                    ));
+                } else {
+                    self.index.service_by_vip.insert(vip, id);
+                }
+            }
+            if self
+                .index
+                .service_by_host
+                .insert(s.hostname.clone(), id)
+                .is_some()
+            {
+                self.warnings.push(format!(
+                    "hostname {} is declared more than once; lookups find {}/{}",
+                    s.hostname, s.namespace, s.name
+                ));
+            }
+            if s.kind == ServiceKind::Kubernetes {
+                self.index
+                    .service_by_name
+                    .entry(s.namespace.clone())
+                    .or_default()
+                    .insert(s.name.clone(), id);
+            }
+            for ep in &s.endpoints {
+                memberships[ep.workload.index()].push(id);
+            }
+        }
+        for (w, m) in self.workloads.iter_mut().zip(memberships) {
+            w.services = m.into_boxed_slice();
+        }
+        self.services = services;
+    }
+
+    fn kube_service(&mut self, origin: &Origin, svc: &Object<ServiceSpec>) -> Option<Service> {
+        if svc.spec.service_type.as_deref() == Some("ExternalName") {
+            return None;
+        }
+        let meta = &svc.metadata;
+        let namespace = meta.namespace();
+        let mut vips = Vec::new();
+        let listed: Vec<(String, &str)> = if svc.spec.cluster_ips.is_empty() {
+            svc.spec
+                .cluster_ip
+                .iter()
+                .map(|ip| ("spec.clusterIP".to_owned(), ip.as_str()))
+                .collect()
+        } else {
+            svc.spec
+                .cluster_ips
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+                .collect()
+        };
+        for (field, ip) in listed {
+            if ip == "None" || ip.is_empty() {
+                continue;
+            }
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => vips.push(ip),
+                Err(_) => {
+                    self.invalid(
+                        origin,
+                        "Service",
+                        svc,
+                        FieldError::new(field, format!("{ip:?} is not an IP address or \"None\"")),
+                    );
+                    return None;
+                }
+            }
+        }
+        let ports: Vec<ServicePort> = svc
+            .spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+            .map(|p| ServicePort {
+                name: p.name.as_deref().map(|n| self.interner.get(n)),
+                port: p.port,
+                target: match &p.target_port {
+                    None => Target::Number(p.port),
+                    Some(TargetPort::Number(n)) => Target::Number(*n),
+                    Some(TargetPort::Name(name)) => match name.parse::<u16>() {
+                        Ok(n) => Target::Number(n),
+                        Err(_) => Target::Named(self.interner.get(name)),
+                    },
+                },
+                protocol: model::app_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
+            })
+            .collect();
+        let endpoints = if svc.spec.selector.is_empty() {
+            Vec::new()
+        } else {
+            self.select(Some(namespace), &svc.spec.selector)
+                .into_iter()
+                .filter(|id| self.workloads[id.index()].ready)
+                .map(|id| {
+                    let w = &self.workloads[id.index()];
+                    Endpoint {
+                        workload: id,
+                        ports: ports
+                            .iter()
+                            .map(|p| match &p.target {
+                                Target::Number(n) => *n,
+                                Target::Named(name) => w.named_port(name).unwrap_or(0),
+                            })
+                            .collect(),
+                    }
+                })
+                .collect()
+        };
+        Some(Service {
+            name: self.interner.get(&meta.name),
+            namespace: self.interner.get(namespace),
+            hostname: format!(
+                "{}.{namespace}.svc.{}",
+                meta.name, self.options.domain_suffix
+            )
+            .into(),
+            kind: ServiceKind::Kubernetes,
+            vips: vips.into_boxed_slice(),
+            ports: ports.into_boxed_slice(),
+            labels: Labels::new(
+                meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                &mut self.interner,
+            ),
+            endpoints: endpoints.into_boxed_slice(),
+            subsets: Box::default(),
+            waypoint: None,
+            subject_alt_names: Box::default(),
+            policies: Box::default(),
+            plugins: Box::default(),
+        })
+    }
+
+    fn service_entry(&mut self, origin: &Origin, se: &Object<ServiceEntrySpec>) -> Vec<Service> {
+        let meta = &se.metadata;
+        let namespace = meta.namespace();
+        let internal = match se.spec.location.as_deref() {
+            None | Some("MESH_EXTERNAL") => false,
+            Some("MESH_INTERNAL") => true,
+            Some(other) => {
+                self.invalid(
+                    origin,
+                    "ServiceEntry",
+                    se,
+                    FieldError::new(
+                        "spec.location",
+                        format!("{other:?} is not valid; use MESH_INTERNAL or MESH_EXTERNAL"),
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        if se.spec.hosts.is_empty() {
+            self.invalid(
+                origin,
+                "ServiceEntry",
+                se,
+                FieldError::new("spec.hosts", "at least one host is required"),
+            );
+            return Vec::new();
+        }
+        let mut vips = Vec::new();
+        for (i, address) in se.spec.addresses.iter().enumerate() {
+            let ip = address
+                .split_once('/')
+                .map_or(address.as_str(), |(ip, _)| ip)
+                .parse::<IpAddr>();
+            match ip {
+                Ok(ip) => vips.push(ip),
+                Err(_) => {
+                    self.invalid(
+                        origin,
+                        "ServiceEntry",
+                        se,
+                        FieldError::new(
+                            format!("spec.addresses[{i}]"),
+                            format!("{address:?} is not an IP address"),
+                        ),
+                    );
+                    return Vec::new();
+                }
+            }
+        }
+        let ports: Vec<ServicePort> = se
+            .spec
+            .ports
+            .iter()
+            .map(|p| ServicePort {
+                name: non_empty(&p.name).map(|n| self.interner.get(n)),
+                port: p.number,
+                target: Target::Number(p.target_port.unwrap_or(p.number)),
+                protocol: model::app_protocol(p.protocol.as_deref(), non_empty(&p.name)),
+            })
+            .collect();
+        let mut members: Vec<WorkloadId> = match &se.spec.workload_selector {
+            Some(sel) => self.select(Some(namespace), &sel.labels),
+            None => Vec::new(),
+        };
+        let inline_prefix = format!(
+            "{}/networking.istio.io/ServiceEntry/{namespace}/{}/",
+            self.options.cluster_id, meta.name
+        );
+        members.extend(
+            self.workloads
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.uid.starts_with(&inline_prefix))
+                .map(|(i, _)| WorkloadId(i as u32)),
+        );
+        members.sort();
+        members.dedup();
+        let endpoints: Box<[Endpoint]> = members
+            .into_iter()
+            .filter(|id| self.workloads[id.index()].ready)
+            .map(|id| {
+                let w = &self.workloads[id.index()];
+                Endpoint {
+                    workload: id,
+                    ports: se
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|p| {
+                            w.named_port(&p.name)
+                                .unwrap_or(p.target_port.unwrap_or(p.number))
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let labels = Labels::new(
+            meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &mut self.interner,
+        );
+        let sans: Box<[Arc<str>]> = se
+            .spec
+            .subject_alt_names
+            .iter()
+            .map(|s| Arc::from(&**s))
+            .collect();
+        se.spec
+            .hosts
+            .iter()
+            .map(|host| Service {
+                name: self.interner.get(&meta.name),
+                namespace: self.interner.get(namespace),
+                hostname: Arc::from(host.as_str()),
+                kind: ServiceKind::ServiceEntry { internal },
+                vips: vips.clone().into_boxed_slice(),
+                ports: ports.clone().into_boxed_slice(),
+                labels: labels.clone(),
+                endpoints: endpoints.clone(),
+                subsets: Box::default(),
+                waypoint: None,
+                subject_alt_names: sans.clone(),
+                policies: Box::default(),
+                plugins: Box::default(),
+            })
+            .collect()
+    }
+
+    // === waypoint bindings ===
+
+    fn bind_waypoints(&mut self, kinds: &Kinds<'_>) {
+        // Waypoint instances and the waypoint's own Service.
+        let mut instances: Vec<Vec<WorkloadId>> = vec![Vec::new(); self.waypoints.len()];
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Some(wp) = w.waypoint_instance {
+                instances[wp.index()].push(WorkloadId(i as u32));
+            }
+        }
+        for (wp, inst) in self.waypoints.iter_mut().zip(instances) {
+            wp.instances = inst.into_boxed_slice();
+            wp.service = self
+                .index
+                .service_by_name
+                .get(&wp.namespace)
+                .and_then(|m| m.get(&wp.name))
+                .copied();
+        }
+        let waypoint_services: Vec<Option<ServiceId>> =
+            self.waypoints.iter().map(|w| w.service).collect();
+
+        // Services: labels on the Service (or ServiceEntry), else on its namespace.
+        let mut service_labels: HashMap<(&str, &str), &BTreeMap<String, String>> = HashMap::new();
+        for (_, s) in &kinds.services {
+            service_labels.insert(
+                (s.metadata.namespace(), &s.metadata.name),
+                &s.metadata.labels,
+            );
+        }
+        for (_, s) in &kinds.service_entries {
+            service_labels.insert(
+                (s.metadata.namespace(), &s.metadata.name),
+                &s.metadata.labels,
+            );
+        }
+        let mut bound_services: Vec<Vec<ServiceId>> = vec![Vec::new(); self.waypoints.len()];
+        for i in 0..self.services.len() {
+            let id = ServiceId(i as u32);
+            if waypoint_services.contains(&Some(id)) {
+                continue; // a waypoint never sends its own traffic through a waypoint
+            }
+            let s = &self.services[i];
+            let own = service_labels
+                .get(&(&*s.namespace, &*s.name))
+                .copied()
+                .unwrap_or(&NO_LABELS);
+            let what = format!("service {}", s.hostname);
+            let (bound, warning) =
+                self.resolve_binding(&what, &s.namespace, own, WaypointFor::serves_services);
+            self.warnings.extend(warning);
+            if let Some(wp) = bound {
+                self.services[i].waypoint = Some(wp);
+                bound_services[wp.index()].push(id);
+            }
+        }
+
+        // Workloads: labels on the Pod or WorkloadEntry, else on its namespace.
+        let mut bound_workloads: Vec<Vec<WorkloadId>> = vec![Vec::new(); self.waypoints.len()];
+        let mut own_labels: HashMap<&str, &BTreeMap<String, String>> = HashMap::new();
+        let uids: Vec<(String, &BTreeMap<String, String>)> = kinds
+            .pods
+            .iter()
+            .map(|(_, p)| {
+                (
+                    format!(
+                        "{}//v1/Pod/{}/{}",
+                        self.options.cluster_id,
+                        p.metadata.namespace(),
+                        p.metadata.name
+                    ),
+                    &p.metadata.labels,
+                )
+            })
+            .chain(kinds.workload_entries.iter().map(|(_, we)| {
+                (
+                    format!(
+                        "{}/networking.istio.io/WorkloadEntry/{}/{}",
+                        self.options.cluster_id,
+                        we.metadata.namespace(),
+                        we.metadata.name
+                    ),
+                    &we.metadata.labels,
+                )
+            }))
+            .collect();
+        for (uid, labels) in &uids {
+            own_labels.insert(uid.as_str(), labels);
+        }
+        for i in 0..self.workloads.len() {
+            let w = &self.workloads[i];
+            if w.waypoint_instance.is_some() {
+                continue;
+            }
+            let own = own_labels.get(&*w.uid).copied().unwrap_or(&NO_LABELS);
+            let what = format!("workload {}", w.uid);
+            let (bound, warning) =
+                self.resolve_binding(&what, &w.namespace, own, WaypointFor::serves_workloads);
+            self.warnings.extend(warning);
+            if let Some(wp) = bound {
+                self.workloads[i].waypoint = Some(wp);
+                bound_workloads[wp.index()].push(WorkloadId(i as u32));
+            }
+        }
+        for ((wp, s), w) in self
+            .waypoints
+            .iter_mut()
+            .zip(bound_services)
+            .zip(bound_workloads)
+        {
+            wp.services = s.into_boxed_slice();
+            wp.workloads = w.into_boxed_slice();
+        }
+    }
+
+    /// The waypoint a resource is bound to, if the binding resolves and applies to this kind of
+    /// traffic, and a warning explaining why an explicit binding does not.
+    fn resolve_binding(
+        &self,
+        what: &str,
+        namespace: &str,
+        own: &BTreeMap<String, String>,
+        serves: fn(WaypointFor) -> bool,
+    ) -> (Option<WaypointId>, Option<String>) {
+        let ns_labels = self.namespace_labels(namespace);
+        let explicit = own.contains_key(model::waypoint::USE_WAYPOINT);
+        let binding = Binding::resolve(
+            WaypointLabels::read(own),
+            WaypointLabels::read(ns_labels),
+            namespace,
+        );
+        let Binding::To {
+            namespace: wp_ns,
+            name,
+        } = binding
+        else {
+            return (None, None);
+        };
+        let Some(id) = self.waypoint_id(wp_ns, name) else {
+            return (
+                None,
+                Some(format!(
+                    "{what} uses waypoint {wp_ns}/{name}, which does not exist (no Gateway of \
+                     class istio-waypoint); its traffic is not redirected"
+                )),
+            );
+        };
+        let wp = &self.waypoints[id.index()];
+        if !wp.admits(namespace, ns_labels) {
+            return (
+                None,
+                Some(format!(
+                    "{what} uses waypoint {wp_ns}/{name}, whose HBONE listener does not admit \
+                     namespace {namespace} (allowedRoutes.namespaces.from); its traffic is not \
+                     redirected"
+                )),
+            );
+        }
+        if !serves(wp.waypoint_for) {
+            let warning = explicit.then(|| {
+                format!(
+                    "{what} uses waypoint {wp_ns}/{name}, which is for {:?} traffic; the binding \
+                     has no effect for this kind of traffic",
+                    wp.waypoint_for
+                )
+            });
+            return (None, warning);
+        }
+        (Some(id), None)
+    }
+
+    fn finish(self, resources: &[&Located], version: u64) -> Snapshot {
+        let sources = resources
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r.resource,
+                    Resource::Pod(_)
+                        | Resource::Service(_)
+                        | Resource::Namespace(_)
+                        | Resource::WorkloadEntry(_)
+                )
+            })
+            .filter_map(|r| serde_json::to_value(&r.resource).ok())
+            .collect();
+        Snapshot {
+            version,
+            options: self.options.clone(),
+            workloads: self.workloads,
+            services: self.services,
+            waypoints: self.waypoints,
+            policies: self.policies,
+            peer_authentications: self.peer_authentications,
+            plugins: self.plugins,
+            destination_rules: self.destination_rules,
+            routes: self.routes,
+            index: self.index,
+            sources,
+            warnings: self.warnings,
+        }
+    }
+}
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}

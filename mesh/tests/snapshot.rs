@@ -1,0 +1,495 @@
+//! The snapshot built from real YAML files: enrolment, identities, endpoints, waypoint binding,
+//! policy scoping, peer authentication, plugins and the JSON dump.
+
+mod support;
+
+use std::net::IpAddr;
+
+use mesh::model::{Protocol, WaypointFor};
+use mesh::resource::MtlsMode;
+use support::{BOOKINFO, problems, snapshot};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[test]
+fn workloads_are_indexed_by_ip_uid_and_node() {
+    let s = snapshot(BOOKINFO);
+    let reviews = s.workload_by_ip("", ip("10.0.1.2")).expect("by ip");
+    assert_eq!(&*reviews.uid, "Kubernetes//v1/Pod/bookinfo/reviews-v1");
+    assert_eq!(
+        reviews.identity.to_string(),
+        "spiffe://cluster.local/ns/bookinfo/sa/reviews"
+    );
+    assert_eq!(reviews.protocol, Protocol::Hbone);
+    assert!(
+        s.workload_by_uid("Kubernetes//v1/Pod/bookinfo/reviews-v1")
+            .is_some()
+    );
+    assert!(s.workload_by_ip("other-network", ip("10.0.1.2")).is_none());
+    let mut on_a: Vec<_> = s.workloads_on_node("node-a").map(|w| &*w.name).collect();
+    on_a.sort();
+    assert_eq!(on_a, ["client", "productpage-v1", "reviews-v1"]);
+    assert_eq!(s.workloads_on_node("node-z").count(), 0);
+}
+
+#[test]
+fn ambient_enrolment_and_defaults() {
+    let s = snapshot(BOOKINFO);
+    let client = s.workload_by_ip("", ip("10.0.1.9")).expect("client");
+    assert_eq!(
+        client.protocol,
+        Protocol::Tcp,
+        "legacy namespace is not enrolled"
+    );
+    assert_eq!(
+        client.identity.to_string(),
+        "spiffe://cluster.local/ns/legacy/sa/default",
+        "service account defaults to `default`"
+    );
+    let waypoint = s.workload_by_ip("", ip("10.0.2.1")).expect("waypoint pod");
+    assert_eq!(
+        waypoint.protocol,
+        Protocol::Tcp,
+        "waypoint pods are not captured"
+    );
+    assert_eq!(&*waypoint.workload_name, "waypoint");
+
+    let opted_out = snapshot(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: a, labels: {istio.io/dataplane-mode: none}}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: q, namespace: b, labels: {istio.io/dataplane-mode: ambient}}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: h, namespace: a}
+spec: {hostNetwork: true}
+status: {podIP: 10.1.0.3}
+"#,
+    );
+    let protocol = |addr: &str| opted_out.workload_by_ip("", ip(addr)).expect("w").protocol;
+    assert_eq!(
+        protocol("10.1.0.1"),
+        Protocol::Tcp,
+        "pod label none opts out"
+    );
+    assert_eq!(
+        protocol("10.1.0.2"),
+        Protocol::Hbone,
+        "pod label enrols alone"
+    );
+    assert_eq!(
+        protocol("10.1.0.3"),
+        Protocol::Tcp,
+        "host network is never captured"
+    );
+}
+
+#[test]
+fn services_resolve_ready_endpoints_and_named_ports() {
+    let s = snapshot(BOOKINFO);
+    let (id, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("by vip");
+    assert_eq!(&*reviews.hostname, "reviews.bookinfo.svc.cluster.local");
+    assert_eq!(
+        s.service_by_host("reviews.bookinfo.svc.cluster.local")
+            .map(|x| x.0),
+        Some(id)
+    );
+    assert_eq!(s.resolve_host("reviews", "bookinfo").map(|x| x.0), Some(id));
+    assert_eq!(
+        s.resolve_host("reviews.bookinfo", "legacy").map(|x| x.0),
+        Some(id)
+    );
+    assert_eq!(
+        s.resolve_host("reviews.bookinfo.svc", "legacy")
+            .map(|x| x.0),
+        Some(id)
+    );
+    assert!(s.resolve_host("reviews", "legacy").is_none());
+
+    let (port_index, _) = reviews.port(9080).expect("port");
+    let targets: Vec<(&str, Option<u16>)> = reviews
+        .endpoints
+        .iter()
+        .map(|e| (&*s.workload(e.workload).name, e.target_port(port_index)))
+        .collect();
+    // reviews-v3 is not Ready; named port `http` differs per pod.
+    assert_eq!(
+        targets,
+        [("reviews-v1", Some(8080)), ("reviews-v2", Some(8081))]
+    );
+    let v1 = s.workload_by_ip("", ip("10.0.1.2")).expect("v1");
+    assert_eq!(v1.services.as_ref(), [id]);
+}
+
+#[test]
+fn waypoint_binding_follows_labels_and_waypoint_for() {
+    let s = snapshot(BOOKINFO);
+    let (_, wp) = s
+        .waypoint_by_name("bookinfo", "waypoint")
+        .expect("waypoint");
+    assert_eq!(wp.waypoint_for, WaypointFor::Service);
+    assert_eq!(wp.instances.len(), 1);
+    let (_, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
+    assert_eq!(
+        s.service_waypoint(reviews).map(|w| &*w.name),
+        Some("waypoint")
+    );
+    let (_, own) = s.service_by_vip(ip("10.96.0.2")).expect("waypoint service");
+    assert!(
+        own.waypoint.is_none(),
+        "a waypoint's own service is never redirected"
+    );
+    let pod = s.workload_by_ip("", ip("10.0.1.2")).expect("pod");
+    assert!(
+        s.workload_waypoint(pod).is_none(),
+        "a service waypoint does not take workload-addressed traffic"
+    );
+    let instance = s.workload_by_ip("", ip("10.0.2.1")).expect("instance");
+    assert_eq!(
+        s.waypoint_of_instance(instance).map(|w| &*w.name),
+        Some("waypoint")
+    );
+
+    // A more specific label wins: `none` on the Service, a different waypoint on a Pod.
+    let extra = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wl, namespace: bookinfo, labels: {istio.io/waypoint-for: all}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: details, namespace: bookinfo, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.96.0.30, selector: {app: details}, ports: [{port: 9080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: details, namespace: bookinfo, labels: {app: details, istio.io/use-waypoint: wl}}
+status: {podIP: 10.0.1.30}
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{extra}"));
+    let (_, details) = s.service_by_vip(ip("10.96.0.30")).expect("details");
+    assert!(details.waypoint.is_none());
+    let pod = s.workload_by_ip("", ip("10.0.1.30")).expect("pod");
+    assert_eq!(s.workload_waypoint(pod).map(|w| &*w.name), Some("wl"));
+}
+
+#[test]
+fn cross_namespace_waypoints_need_admission() {
+    let base = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: infra, team: a}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: svc, namespace: app}
+spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: shared, namespace: infra}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+"#;
+    let s = snapshot(base);
+    let (_, svc) = s.service_by_vip(ip("10.96.1.1")).expect("svc");
+    assert!(svc.waypoint.is_none(), "allowedRoutes defaults to Same");
+    assert!(
+        s.warnings()
+            .iter()
+            .any(|w| w.contains("does not admit namespace app")),
+        "{:?}",
+        s.warnings()
+    );
+
+    for admission in [
+        "{namespaces: {from: All}}",
+        "{namespaces: {from: Selector, selector: {matchLabels: {team: a}}}}",
+    ] {
+        let s = snapshot(&format!("{base}    allowedRoutes: {admission}\n"));
+        let (_, svc) = s.service_by_vip(ip("10.96.1.1")).expect("svc");
+        assert_eq!(
+            s.service_waypoint(svc).map(|w| &*w.namespace),
+            Some("infra"),
+            "{admission}"
+        );
+    }
+}
+
+#[test]
+fn missing_waypoints_and_obsolete_labels_warn() {
+    let s = snapshot(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: default, labels: {istio.io/use-waypoint: nope}}
+spec: {clusterIP: 10.96.2.1, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: old, namespace: default, annotations: {istio.io/for-service-account: sa}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+"#,
+    );
+    let w = s.warnings().join("\n");
+    assert!(
+        w.contains("uses waypoint default/nope, which does not exist"),
+        "{w}"
+    );
+    assert!(w.contains("for-service-account is obsolete"), "{w}");
+}
+
+#[test]
+fn policies_are_scoped_for_each_layer() {
+    let policies = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-deny, namespace: istio-system}
+spec: {action: DENY, rules: [{to: [{operation: {ports: ["9999"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ns-allow, namespace: bookinfo}
+spec: {rules: [{from: [{source: {namespaces: [bookinfo]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-only, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/bookinfo/sa/productpage]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint-get, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-paths, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin*]}}]}]
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{policies}"));
+    let names = |it: &mut dyn Iterator<Item = &mesh::authz::Policy>| -> Vec<String> {
+        it.map(|p| p.name().to_owned()).collect()
+    };
+    let reviews = s.workload_by_ip("", ip("10.0.1.2")).expect("reviews");
+    let product = s.workload_by_ip("", ip("10.0.1.1")).expect("productpage");
+    let legacy = s.workload_by_ip("", ip("10.0.1.9")).expect("legacy");
+    assert_eq!(
+        names(&mut s.ztunnel_policies(reviews)),
+        ["mesh-deny", "ns-allow", "reviews-only"]
+    );
+    assert_eq!(
+        names(&mut s.ztunnel_policies(product)),
+        ["mesh-deny", "ns-allow"]
+    );
+    assert_eq!(names(&mut s.ztunnel_policies(legacy)), ["mesh-deny"]);
+
+    let (_, wp) = s.waypoint_by_name("bookinfo", "waypoint").expect("wp");
+    let (_, svc) = s.service_by_vip(ip("10.96.0.20")).expect("reviews svc");
+    let (_, page) = s.service_by_vip(ip("10.96.0.10")).expect("productpage svc");
+    assert_eq!(
+        names(&mut s.waypoint_policies(wp, Some(svc))),
+        ["waypoint-get", "reviews-paths"]
+    );
+    assert_eq!(
+        names(&mut s.waypoint_policies(wp, Some(page))),
+        ["waypoint-get"]
+    );
+}
+
+#[test]
+fn peer_authentication_resolves_most_specific_mode() {
+    let pa = r#"
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: istio-system}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ns, namespace: bookinfo}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  mtls: {mode: UNSET}
+  portLevelMtls: {8080: {mode: PERMISSIVE}}
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{pa}"));
+    let reviews = s.workload_by_ip("", ip("10.0.1.2")).expect("reviews");
+    let product = s.workload_by_ip("", ip("10.0.1.1")).expect("productpage");
+    let legacy = s.workload_by_ip("", ip("10.0.1.9")).expect("legacy");
+    assert_eq!(
+        s.mtls_mode(reviews, 8080),
+        MtlsMode::Permissive,
+        "port level wins"
+    );
+    assert_eq!(
+        s.mtls_mode(reviews, 9090),
+        MtlsMode::Strict,
+        "UNSET defers to the namespace"
+    );
+    assert_eq!(s.mtls_mode(product, 9080), MtlsMode::Strict);
+    assert_eq!(s.mtls_mode(legacy, 80), MtlsMode::Permissive, "mesh-wide");
+    assert_eq!(
+        snapshot(BOOKINFO).mtls_mode(legacy, 80),
+        MtlsMode::Permissive,
+        "default"
+    );
+}
+
+#[test]
+fn plugins_attach_in_phase_and_priority_order() {
+    let plugins = r#"
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: stats, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  url: file:///plugins/stats.wasm
+  phase: STATS
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: authn-low, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  url: file:///plugins/a.wasm
+  phase: AUTHN
+  priority: 1
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: authn-high, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  url: file:///plugins/b.wasm
+  phase: AUTHN
+  priority: 10
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: sidecar-only, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  url: file:///plugins/c.wasm
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{plugins}"));
+    let (_, wp) = s.waypoint_by_name("bookinfo", "waypoint").expect("wp");
+    let (_, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
+    let (_, page) = s.service_by_vip(ip("10.96.0.10")).expect("productpage");
+    let order = |svc| {
+        s.waypoint_plugins(wp, svc)
+            .map(|p| p.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order(Some(reviews)), ["authn-high", "authn-low", "stats"]);
+    assert_eq!(order(Some(page)), ["authn-low", "stats"]);
+    assert_eq!(order(None), ["authn-low", "stats"]);
+}
+
+#[test]
+fn invalid_resources_are_all_reported_with_locations() {
+    let e = problems(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: bad-ip, namespace: default}
+status: {podIP: 10.0.0.300}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: both, namespace: default}
+spec:
+  selector: {matchLabels: {app: a}}
+  targetRefs: [{kind: Service, name: s}]
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: p, namespace: default}
+spec: {url: "file:///x.wasm", phase: LATE}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: default, labels: {istio.io/waypoint-for: everything}}
+spec: {gatewayClassName: istio-waypoint}
+"#,
+    );
+    let found: Vec<(String, String)> = e
+        .problems()
+        .iter()
+        .map(|p| (p.resource.clone(), p.error.field.clone()))
+        .collect();
+    for want in [
+        ("Pod default/bad-ip", "status.podIP"),
+        ("AuthorizationPolicy default/both", "spec.targetRefs"),
+        ("WasmPlugin default/p", "spec.phase"),
+        (
+            "Gateway default/wp",
+            "metadata.labels[istio.io/waypoint-for]",
+        ),
+    ] {
+        assert!(
+            found.iter().any(|(r, f)| r == want.0 && f == want.1),
+            "missing {want:?} in {found:?}"
+        );
+    }
+    let text = e.to_string();
+    assert!(
+        text.contains("mesh.yaml (document 0): Pod default/bad-ip: status.podIP"),
+        "{text}"
+    );
+}
+
+#[test]
+fn dump_is_complete_json() {
+    let s = snapshot(BOOKINFO);
+    let dump = s.dump();
+    assert_eq!(dump["version"], 1);
+    assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(6));
+    assert_eq!(dump["services"].as_array().map(Vec::len), Some(3));
+    assert_eq!(dump["waypoints"][0]["name"], "waypoint");
+    let reviews = dump["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "reviews"))
+        .expect("reviews in dump");
+    assert_eq!(reviews["endpoints"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        dump["workloads"][0]["identity"]
+            .as_str()
+            .map(|s| s.starts_with("spiffe://")),
+        Some(true)
+    );
+}
