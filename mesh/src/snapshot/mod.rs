@@ -209,6 +209,18 @@ impl Snapshot {
             .map(|&id| (id, self.service(id)))
     }
 
+    /// The service whose VIP is `ip` and which has port `port`, with that port's index (for
+    /// [`Endpoint::target_port`](crate::model::Endpoint::target_port)).
+    pub fn service_by_vip_port(
+        &self,
+        ip: IpAddr,
+        port: u16,
+    ) -> Option<(ServiceId, &Service, usize)> {
+        let (id, service) = self.service_by_vip(ip)?;
+        let (index, _) = service.port(port)?;
+        Some((id, service, index))
+    }
+
     /// The service with fully qualified hostname `host`.
     pub fn service_by_host(&self, host: &str) -> Option<(ServiceId, &Service)> {
         self.index

@@ -1,0 +1,235 @@
+//! Routes and destination rules through the snapshot: attachment to service ports, subsets
+//! resolved to endpoints, selection of a request, and the semantic errors a load reports.
+
+mod support;
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, Method};
+use mesh::route::{RequestView, RuleAction};
+use support::{BOOKINFO, problems, snapshot};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+const REVIEWS_SPLIT: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 80}
+    - {destination: {host: reviews, subset: v2}, weight: 20}
+"#;
+
+fn request<'a>(path: &'a str, headers: &'a HeaderMap) -> RequestView<'a> {
+    RequestView {
+        method: &Method::GET,
+        scheme: "http",
+        path,
+        authority: "reviews:9080",
+        headers,
+        port: 9080,
+        source_namespace: Some("bookinfo"),
+    }
+}
+
+fn backends(action: &RuleAction) -> Vec<(String, Option<String>, u32)> {
+    match action {
+        RuleAction::Forward(backends) => backends
+            .iter()
+            .map(|b| {
+                (
+                    b.backend.service.to_string(),
+                    b.backend.subset.as_deref().map(str::to_owned),
+                    b.weight,
+                )
+            })
+            .collect(),
+        other => panic!("not a forward: {other:?}"),
+    }
+}
+
+#[test]
+fn virtual_service_and_subsets() {
+    let s = snapshot(&format!("{BOOKINFO}{REVIEWS_SPLIT}"));
+    let (id, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
+    let names = |subset| -> Vec<String> {
+        reviews
+            .subset_endpoints(subset)
+            .expect("known subset")
+            .iter()
+            .map(|e| s.workload(e.workload).name.to_string())
+            .collect()
+    };
+    assert_eq!(names(Some("v2")), ["reviews-v2"]);
+    assert_eq!(names(Some("v1")), ["reviews-v1"]);
+    assert!(names(Some("v3")).is_empty(), "v3's only pod is not ready");
+    assert!(reviews.subset_endpoints(Some("v9")).is_none());
+    assert!(s.destination_policy(&reviews.hostname).is_some());
+
+    let table = s.routes(id, 9080).expect("routes attached");
+    let mut jason = HeaderMap::new();
+    jason.insert("end-user", "jason".parse().expect("value"));
+    let (rule, _) = table.select(&request("/reviews/1", &jason)).expect("match");
+    assert_eq!(
+        backends(&rule.action),
+        [(
+            "reviews.bookinfo.svc.cluster.local".to_owned(),
+            Some("v2".to_owned()),
+            100
+        )]
+    );
+    let (rule, _) = table
+        .select(&request("/reviews/1", &HeaderMap::new()))
+        .expect("match");
+    assert_eq!(
+        backends(&rule.action)
+            .iter()
+            .map(|b| (b.1.clone(), b.2))
+            .collect::<Vec<_>>(),
+        [(Some("v1".to_owned()), 80), (Some("v2".to_owned()), 20)]
+    );
+    let (product, _) = s.service_by_vip(ip("10.96.0.10")).expect("productpage");
+    assert!(s.routes(product, 9080).is_none(), "no route attached");
+}
+
+#[test]
+fn http_route_attaches_per_port_and_wins_over_virtual_service() {
+    let route = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: reviews, port: 9080}]
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{REVIEWS_SPLIT}{route}"));
+    let (id, _) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
+    let table = s.routes(id, 9080).expect("attached");
+    let headers = HeaderMap::new();
+    assert!(table.select(&request("/v2/x", &headers)).is_some());
+    assert!(
+        table.select(&request("/other", &headers)).is_none(),
+        "the HTTPRoute owns the port: no VirtualService catch-all, so the waypoint answers 404"
+    );
+}
+
+#[test]
+fn semantic_errors_name_resource_and_field() {
+    let cases = [
+        (
+            "a route to a service that does not exist",
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: bookinfo}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules: [{backendRefs: [{name: ratings, port: 9080}]}]
+"#,
+            "HTTPRoute bookinfo/r",
+            "spec.rules[0].backendRefs[0].name",
+        ),
+        (
+            "a subset that no DestinationRule defines",
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v9}}]}]
+"#,
+            "VirtualService bookinfo/vs",
+            "spec.http[0].route[0].destination.subset",
+        ),
+        (
+            "weights that are all zero",
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: zero, namespace: bookinfo}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules: [{backendRefs: [{name: reviews, port: 9080, weight: 0}, {name: productpage, port: 9080, weight: 0}]}]
+"#,
+            "HTTPRoute bookinfo/zero",
+            "spec.rules[0].backendRefs",
+        ),
+        (
+            "a regex that does not compile",
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: re, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http: [{match: [{uri: {regex: "/reviews/(["}}], route: [{destination: {host: reviews}}]}]
+"#,
+            "VirtualService bookinfo/re",
+            "spec.http[0].match[0].uri.regex",
+        ),
+        (
+            "a policy with both selector and targetRefs",
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: both, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+"#,
+            "AuthorizationPolicy bookinfo/both",
+            "spec.targetRefs",
+        ),
+        (
+            "a DestinationRule for a host that does not exist",
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: bookinfo}
+spec: {host: nowhere}
+"#,
+            "DestinationRule bookinfo/dr",
+            "spec.host",
+        ),
+    ];
+    for (what, yaml, resource, field) in cases {
+        let e = problems(&format!("{BOOKINFO}---\n{yaml}"));
+        let found: Vec<_> = e
+            .problems()
+            .iter()
+            .map(|p| {
+                (
+                    p.resource.as_str(),
+                    p.error.field.as_str(),
+                    p.error.message.as_str(),
+                )
+            })
+            .collect();
+        assert!(
+            found.iter().any(|(r, f, _)| *r == resource && *f == field),
+            "{what}: expected {resource} at {field}, got {found:?}"
+        );
+    }
+}
