@@ -35,7 +35,7 @@ pub use error::Error;
 pub use headers::ConnectHeaders;
 pub use identity::{Identity, IdentityError};
 pub use manager::{CertHandle, CertManager, CertificateProvider};
-pub use pool::{ConnectRequest, Pool};
+pub use pool::{ConnectRequest, Dial, DirectDial, Pool};
 pub use server::{Handler, InboundRequest, Server};
 pub use stats::{Gauge, Stats};
 pub use stream::H2Stream;

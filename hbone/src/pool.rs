@@ -12,7 +12,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
@@ -52,6 +55,28 @@ pub struct ConnectRequest {
     pub headers: ConnectHeaders,
 }
 
+/// Opens the TCP connection under an HBONE connection. Where a socket is made is the one thing
+/// that differs between ztunnel's modes: from the workload's own address on loopback, or inside
+/// the pod's network namespace with ztunnel's mark so the pod's capture rules let it through.
+pub trait Dial: Send + Sync + 'static {
+    /// Connects to `addr`.
+    fn dial(&self, addr: SocketAddr)
+    -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+}
+
+/// Dials from wherever the process runs, with the kernel's choice of source address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DirectDial;
+
+impl Dial for DirectDial {
+    fn dial(
+        &self,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> {
+        Box::pin(TcpStream::connect(addr))
+    }
+}
+
 /// A pool of HBONE client connections.
 #[derive(Clone)]
 pub struct Pool {
@@ -61,6 +86,7 @@ pub struct Pool {
 struct Inner {
     config: Config,
     certs: Arc<CertManager>,
+    dialer: Arc<dyn Dial>,
     keys: Mutex<HashMap<Key, Arc<Entry>>>,
     stats: Arc<Stats>,
     dials: AtomicU64,
@@ -98,12 +124,18 @@ struct Slot {
 }
 
 impl Pool {
-    /// A pool presenting certificates from `certs`.
+    /// A pool presenting certificates from `certs`, dialing directly.
     pub fn new(certs: Arc<CertManager>, config: Config) -> Self {
+        Self::with_dialer(certs, config, Arc::new(DirectDial))
+    }
+
+    /// A pool whose TCP connections are opened by `dialer`.
+    pub fn with_dialer(certs: Arc<CertManager>, config: Config, dialer: Arc<dyn Dial>) -> Self {
         Pool {
             inner: Arc::new(Inner {
                 config,
                 certs,
+                dialer,
                 keys: Mutex::default(),
                 stats: Arc::default(),
                 dials: AtomicU64::new(0),
@@ -236,7 +268,7 @@ impl Inner {
         let timeout = self.config.connect_timeout;
         let cert = self.certs.fetch(&key.src).await?;
         let connector = TlsConnector::from(tls::client_config(cert, key.dst.clone())?);
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(timeout, self.dialer.dial(addr))
             .await
             .map_err(|_| Error::Timeout("TCP connect to the HBONE next hop"))?
             .map_err(|source| Error::Connect { addr, source })?;

@@ -95,6 +95,19 @@ impl ConfigDir {
     }
 }
 
+impl Snapshot {
+    /// Builds a snapshot (version 1) from YAML text named `name` in messages: for tests,
+    /// and for configuration embedded in a binary.
+    pub fn from_yaml(name: &str, text: &str, options: &Options) -> Result<Snapshot, ConfigError> {
+        let parsed = resource::parse_file(&Arc::new(PathBuf::from(name)), text);
+        if !parsed.invalid.is_empty() {
+            return Err(ConfigError::Invalid(parsed.invalid));
+        }
+        let resources: Vec<&Located> = parsed.resources.iter().collect();
+        snapshot::build(&resources, options, 1)
+    }
+}
+
 /// Parses files on all cores: an initial load of tens of megabytes of YAML is dominated by
 /// parsing, and files are independent.
 fn parse_all(root: &Path, files: Vec<(PathBuf, u64, &str)>) -> Vec<(PathBuf, u64, Parsed)> {

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use hbone::Identity;
 use serde::Serialize;
 
-use super::{Labels, PolicyId, ServiceId, WaypointId};
+use super::{Labels, PolicyId, ServiceId, WaypointId, WorkloadId};
 
 /// Something with an address that can send and receive traffic.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
+    /// Its position in the snapshot.
+    pub id: WorkloadId,
     /// Stable id, in Istio's form: `<cluster>//v1/Pod/<ns>/<name>` for pods.
     pub uid: Arc<str>,
     /// Where it came from.

@@ -347,6 +347,9 @@ impl<'o> Builder<'o> {
         }
         workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
         workloads.dedup_by(|a, b| a.uid == b.uid);
+        for (i, w) in workloads.iter_mut().enumerate() {
+            w.id = WorkloadId(i as u32);
+        }
         self.workloads = workloads;
         self.index_workloads();
     }
@@ -666,6 +669,7 @@ impl<'o> Builder<'o> {
         }
         let ready = ready && !ips.is_empty();
         Workload {
+            id: WorkloadId(0),
             uid: uid.into(),
             kind,
             name: self.interner.get(&meta.name),

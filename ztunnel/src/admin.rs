@@ -1,0 +1,211 @@
+//! Admin (`/config_dump`, `/logging`), metrics (`/stats/prometheus`) and readiness
+//! (`/healthz/ready`) endpoints, served on their own thread and runtime so a busy data plane
+//! never delays a scrape or a probe, and a stuck scrape never takes a data-plane worker.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// Changes the log filter (`/logging?level=debug`); returns the new filter or why not.
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
+/// What the admin endpoints serve.
+pub struct Admin {
+    /// The mesh, for `/config_dump`.
+    pub store: Arc<mesh::Store>,
+    /// Certificates, for `/config_dump`.
+    pub certs: Arc<hbone::CertManager>,
+    /// Prometheus metrics.
+    pub registry: Arc<Registry>,
+    /// Set once every local workload is served.
+    pub ready: Arc<AtomicBool>,
+    /// Log filter control.
+    pub set_log_level: Option<SetLogLevel>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
+}
+
+/// Addresses of the three endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminAddrs {
+    /// `/config_dump`, `/logging` (Istio: 127.0.0.1:15000).
+    pub admin: SocketAddr,
+    /// `/stats/prometheus` (Istio: 15020).
+    pub metrics: SocketAddr,
+    /// `/healthz/ready` (Istio: 15021).
+    pub readiness: SocketAddr,
+}
+
+/// Binds the endpoints and serves them on a dedicated thread. Returns the bound addresses
+/// (useful with port 0).
+pub fn spawn(admin: Admin, addrs: AdminAddrs) -> std::io::Result<AdminAddrs> {
+    let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let listeners = [
+        bind(addrs.admin)?,
+        bind(addrs.metrics)?,
+        bind(addrs.readiness)?,
+    ];
+    let bound = AdminAddrs {
+        admin: listeners[0].local_addr()?,
+        metrics: listeners[1].local_addr()?,
+        readiness: listeners[2].local_addr()?,
+    };
+    let admin = Arc::new(admin);
+    std::thread::Builder::new()
+        .name("ztunnel-admin".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin runtime failed to start");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut tasks = Vec::new();
+                for listener in listeners {
+                    let admin = admin.clone();
+                    tasks.push(tokio::spawn(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => serve(l, admin).await,
+                            Err(e) => tracing::error!(error = %e, "admin listener failed"),
+                        }
+                    }));
+                }
+                futures_util::future::join_all(tasks).await;
+            });
+        })?;
+    Ok(bound)
+}
+
+async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/stats/prometheus" | "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, &admin.registry) {
+                Ok(()) => respond(StatusCode::OK, "text/plain; version=0.0.4", text),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/healthz/ready" => {
+            if admin.ready.load(Ordering::Acquire) {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            }
+        }
+        "/config_dump" => {
+            let snapshot = admin.store.load();
+            let mut dump = snapshot.dump();
+            let certificates: Vec<serde_json::Value> = admin
+                .certs
+                .certificates()
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "identity": c.identity().to_string(),
+                        "serialNumber": c.serial(),
+                    })
+                })
+                .collect();
+            dump["certificates"] = serde_json::Value::Array(certificates);
+            let stats = admin.store.stats();
+            dump["configStatus"] = serde_json::json!({
+                "applied": stats.applied,
+                "rejected": stats.rejected,
+                "lastError": admin.store.last_error().map(|e| e.to_string()),
+            });
+            match serde_json::to_vec_pretty(&dump) {
+                Ok(body) => respond(StatusCode::OK, "application/json", body),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/logging" => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            match (level, &admin.set_log_level) {
+                (Some(level), Some(set)) => match set(level) {
+                    Ok(now) => respond(StatusCode::OK, "text/plain", format!("log level: {now}\n")),
+                    Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                },
+                (None, _) => respond(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "use /logging?level=<filter>\n",
+                ),
+                (Some(_), None) => respond(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "text/plain",
+                    "log level is fixed\n",
+                ),
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: /config_dump /logging?level= /stats/prometheus /healthz/ready\n",
+        ),
+    }
+}

@@ -1,0 +1,30 @@
+//! Errors of the ztunnel library, said so an operator can act on them.
+
+use std::net::SocketAddr;
+
+/// Why ztunnel (or one workload's proxy) could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error(
+        "cannot listen on {addr}: {source} (is another ztunnel serving this workload address?)"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The workload has no IP yet.
+    #[error("workload {0} has no address yet")]
+    NoAddress(String),
+    /// A certificate could not be issued.
+    #[error(transparent)]
+    Cert(#[from] hbone::CertError),
+    /// HBONE setup failed.
+    #[error(transparent)]
+    Hbone(#[from] hbone::Error),
+    /// The configuration could not be loaded.
+    #[error(transparent)]
+    Config(#[from] mesh::ConfigError),
+}

@@ -1,0 +1,656 @@
+//! The capture rules istio-cni installs inside a pod's network namespace (iptables variant).
+//!
+//! ztunnel itself never installs these in production — istio-cni does — but the rules are half of
+//! the in-pod contract, so they live here for local runs (no CNI) and for the namespace tests that
+//! prove the other half (listeners, marks, `SO_ORIGINAL_DST`) works against them.
+//!
+//! What they do, per packet in the pod:
+//! - outgoing TCP from the app → `REDIRECT` to 15001 (nat `OUTPUT`);
+//! - incoming TCP to 15008 → `TPROXY` to the in-pod 15008 listener, any other incoming TCP →
+//!   `TPROXY` to 15006 (mangle `PREROUTING`); TPROXY marks them 0x111 and policy routing
+//!   (`fwmark 0x111 → table 100: local 0.0.0.0/0 dev lo`) delivers them locally;
+//! - anything marked [`ZTUNNEL_MARK`] (ztunnel's own sockets) and kubelet probes (SNATed to
+//!   169.254.7.127 on the node) pass untouched; replies to TPROXYed connections get their mark
+//!   back from the connmark so they route the same way.
+//!
+//! DNS capture (udp/53 → 15053) is deliberately *not* installed: this ztunnel has no DNS proxy, and
+//! redirecting DNS to a port nobody serves would break name resolution in the pod. IPv4 only: the
+//! ip6tables twin istio-cni adds on dual-stack clusters is not installed either.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+
+use tracing::{debug, info};
+
+use super::socket::ZTUNNEL_MARK;
+use super::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, NetNs, OUTBOUND_PORT};
+
+/// The mark TPROXY puts on captured inbound packets; selects the local-delivery routing table.
+const TPROXY_MARK: u32 = 0x111;
+/// Only the low 12 bits of the mark are Istio's; other CNIs use the rest.
+const MARK_MASK: u32 = 0xfff;
+/// Routing table for TPROXYed packets: everything is local.
+const ROUTE_TABLE: &str = "100";
+/// `ip rule` priority istio-cni uses for the TPROXY rule.
+const RULE_PREF: &str = "32764";
+/// Source the node SNATs kubelet health probes to, so the pod rules can let them through.
+const PROBE_SNAT_IP: &str = "169.254.7.127";
+/// How long iptables may wait for the xtables lock another program holds (legacy backend).
+const LOCK_WAIT_SECS: &str = "5";
+
+/// Our chains: (table, chain). Created, flushed and deleted only by us.
+const CHAINS: [(&str, &str); 3] = [
+    ("mangle", "ISTIO_PRERT"),
+    ("mangle", "ISTIO_OUTPUT"),
+    ("nat", "ISTIO_OUTPUT"),
+];
+
+/// Jumps from the built-in chains into ours: (table, built-in chain, our chain).
+const JUMPS: [(&str, &str, &str); 3] = [
+    ("mangle", "PREROUTING", "ISTIO_PRERT"),
+    ("mangle", "OUTPUT", "ISTIO_OUTPUT"),
+    ("nat", "OUTPUT", "ISTIO_OUTPUT"),
+];
+
+/// Which iptables implementation programs a namespace.
+///
+/// Both ship in the same package on current distributions (`iptables-nft` and `iptables-legacy`)
+/// and program different kernel subsystems; rules of both apply, so mixing them in one namespace
+/// works but is confusing to debug. [`IptablesBackend::detect`] picks one per namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IptablesBackend {
+    /// nf_tables through the iptables syntax (`iptables-nft-*`): the default on current distros.
+    Nft,
+    /// The original x_tables (`iptables-legacy-*`): still what older nodes and images use.
+    Legacy,
+}
+
+// === impl IptablesBackend ===
+
+impl IptablesBackend {
+    fn save_program(self) -> &'static str {
+        match self {
+            Self::Nft => "iptables-nft-save",
+            Self::Legacy => "iptables-legacy-save",
+        }
+    }
+
+    fn restore_program(self) -> &'static str {
+        match self {
+            Self::Nft => "iptables-nft-restore",
+            Self::Legacy => "iptables-legacy-restore",
+        }
+    }
+
+    /// The backends whose programs are on `PATH`, nft first.
+    pub fn installed() -> Vec<Self> {
+        [Self::Nft, Self::Legacy]
+            .into_iter()
+            .filter(|b| on_path(b.save_program()) && on_path(b.restore_program()))
+            .collect()
+    }
+
+    /// Picks the backend for `netns`, in this order:
+    /// 1. the only installed one;
+    /// 2. the one that already has rules in the namespace (ours from an earlier install, or the
+    ///    pod's), so a reinstall or [`PodRules::remove`] touches the same rules;
+    /// 3. the one plain `iptables` resolves to (the distribution's or the admin's choice);
+    /// 4. nft.
+    pub fn detect(netns: &NetNs) -> Result<Self, RulesError> {
+        let installed = Self::installed();
+        match installed.as_slice() {
+            [] => return Err(RulesError::NotInstalled),
+            [only] => return Ok(*only),
+            _ => {}
+        }
+        let in_use = netns
+            .run_in(|| -> Result<Vec<Self>, RulesError> {
+                let mut in_use = Vec::new();
+                for backend in &installed {
+                    let saved = run(Command::new(backend.save_program()), None)?;
+                    if saved.lines().any(|l| l.starts_with("-A ")) {
+                        in_use.push(*backend);
+                    }
+                }
+                Ok(in_use)
+            })
+            .map_err(RulesError::Netns)??;
+        if let [only] = in_use.as_slice() {
+            return Ok(*only);
+        }
+        let default = Command::new("iptables").arg("--version").output();
+        Ok(match default {
+            Ok(out) if String::from_utf8_lossy(&out.stdout).contains("legacy") => Self::Legacy,
+            _ => Self::Nft,
+        })
+    }
+}
+
+/// The in-pod capture rules of one pod network namespace.
+///
+/// [`PodRules::install`] is idempotent: our chains are flushed and refilled in one
+/// `iptables-restore --noflush` transaction per table, so a reinstall never leaves a window where
+/// the pod is half captured, and the jumps into them are added only when missing. Rules other
+/// programs own in the namespace are left alone.
+#[derive(Clone, Debug)]
+pub struct PodRules {
+    backend: IptablesBackend,
+}
+
+/// Why installing or removing the pod rules failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    /// Neither `iptables-nft-restore` nor `iptables-legacy-restore` is on `PATH`.
+    #[error(
+        "no iptables found on PATH (need iptables-nft-save/-restore or iptables-legacy-save/-restore); install the iptables package"
+    )]
+    NotInstalled,
+    /// A command could not be started at all.
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why it could not be started.
+        #[source]
+        source: io::Error,
+    },
+    /// A command ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line, and for `iptables-restore` the input line it rejected.
+        command: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// What it wrote to stderr, trimmed.
+        stderr: String,
+    },
+    /// The namespace could not be entered.
+    #[error("could not enter the pod network namespace: {0}")]
+    Netns(#[source] io::Error),
+}
+
+// === impl PodRules ===
+
+impl PodRules {
+    /// Rules programmed with `backend`.
+    pub fn new(backend: IptablesBackend) -> Self {
+        Self { backend }
+    }
+
+    /// Rules programmed with the backend [`IptablesBackend::detect`] picks for `netns`.
+    pub fn detect(netns: &NetNs) -> Result<Self, RulesError> {
+        IptablesBackend::detect(netns).map(Self::new)
+    }
+
+    /// The backend these rules are programmed with.
+    pub fn backend(&self) -> IptablesBackend {
+        self.backend
+    }
+
+    /// Installs (or refreshes) the capture rules and the TPROXY policy route in `netns`.
+    ///
+    /// Blocking: it runs `iptables-*-save`, `iptables-*-restore` and `ip` inside the namespace.
+    /// On error the namespace may be partly programmed; [`PodRules::remove`] cleans up either way.
+    pub fn install(&self, netns: &NetNs) -> Result<(), RulesError> {
+        netns
+            .run_in(|| self.install_here())
+            .map_err(RulesError::Netns)??;
+        info!(netns = netns.inode(), backend = ?self.backend, "pod capture rules installed");
+        Ok(())
+    }
+
+    /// Removes what [`PodRules::install`] added; a no-op for anything already gone.
+    pub fn remove(&self, netns: &NetNs) -> Result<(), RulesError> {
+        netns
+            .run_in(|| self.remove_here())
+            .map_err(RulesError::Netns)??;
+        info!(netns = netns.inode(), backend = ?self.backend, "pod capture rules removed");
+        Ok(())
+    }
+
+    fn install_here(&self) -> Result<(), RulesError> {
+        let current = Saved::parse(&run(Command::new(self.backend.save_program()), None)?);
+        let script = install_script(&current);
+        debug!(backend = ?self.backend, %script, "iptables-restore input");
+        run(self.restore(), Some(&script))?;
+
+        let rule = rule_args();
+        let mut show = Command::new("ip");
+        show.args(["rule", "show"]).args(&rule);
+        if run(show, None)?.trim().is_empty() {
+            let mut add = Command::new("ip");
+            add.args(["rule", "add"]).args(&rule);
+            run(add, None)?;
+        }
+        let mut route = Command::new("ip");
+        route.args(["route", "replace"]).args(route_args());
+        run(route, None)?;
+        Ok(())
+    }
+
+    fn remove_here(&self) -> Result<(), RulesError> {
+        let current = Saved::parse(&run(Command::new(self.backend.save_program()), None)?);
+        if let Some(script) = remove_script(&current) {
+            debug!(backend = ?self.backend, %script, "iptables-restore input");
+            run(self.restore(), Some(&script))?;
+        }
+
+        let rule = rule_args();
+        let mut show = Command::new("ip");
+        show.args(["rule", "show"]).args(&rule);
+        // A rule added twice by hand shows twice; delete every copy.
+        for _ in run(show, None)?.lines().filter(|l| !l.trim().is_empty()) {
+            let mut del = Command::new("ip");
+            del.args(["rule", "del"]).args(&rule);
+            run(del, None)?;
+        }
+        let mut show = Command::new("ip");
+        show.args([
+            "route",
+            "show",
+            "table",
+            ROUTE_TABLE,
+            "type",
+            "local",
+            "exact",
+            "0.0.0.0/0",
+        ]);
+        // On recent kernels a table that never existed is an error, not an empty listing.
+        let present = run(show, None).is_ok_and(|out| !out.trim().is_empty());
+        if present {
+            let mut del = Command::new("ip");
+            del.args(["route", "del"]).args(route_args());
+            run(del, None)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&self) -> Command {
+        let mut cmd = Command::new(self.backend.restore_program());
+        cmd.args(["--noflush", "--wait", LOCK_WAIT_SECS]);
+        cmd
+    }
+}
+
+/// `ip rule` selector and action for TPROXYed packets.
+fn rule_args() -> [String; 6] {
+    [
+        "fwmark".to_owned(),
+        mark(TPROXY_MARK),
+        "pref".to_owned(),
+        RULE_PREF.to_owned(),
+        "lookup".to_owned(),
+        ROUTE_TABLE.to_owned(),
+    ]
+}
+
+/// The route that makes every TPROXYed packet local.
+fn route_args() -> [&'static str; 6] {
+    ["local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE]
+}
+
+fn mark(value: u32) -> String {
+    format!("{value:#x}/{MARK_MASK:#x}")
+}
+
+/// The rules of our chains, in order, as `iptables-save` would print them (without `-A CHAIN`).
+fn chain_rules() -> Vec<(&'static str, &'static str, String)> {
+    let ours = mark(ZTUNNEL_MARK);
+    let tproxy = mark(TPROXY_MARK);
+    vec![
+        // Connections ztunnel makes keep their TPROXY mark on replies (see the mangle OUTPUT rule).
+        (
+            "mangle",
+            "ISTIO_PRERT",
+            format!("-m mark --mark {ours} -j CONNMARK --set-xmark {tproxy}"),
+        ),
+        (
+            "mangle",
+            "ISTIO_PRERT",
+            format!("-s {PROBE_SNAT_IP}/32 -p tcp -m tcp -j ACCEPT"),
+        ),
+        // Locally generated traffic already went through nat OUTPUT; do not TPROXY it again.
+        (
+            "mangle",
+            "ISTIO_PRERT",
+            "! -d 127.0.0.1/32 -i lo -p tcp -j ACCEPT".to_owned(),
+        ),
+        (
+            "mangle",
+            "ISTIO_PRERT",
+            format!(
+                "-p tcp -m tcp --dport {INBOUND_HBONE_PORT} -m mark ! --mark {ours} \
+                 -j TPROXY --on-port {INBOUND_HBONE_PORT} --on-ip 0.0.0.0 --tproxy-mark {tproxy}"
+            ),
+        ),
+        // Flows that existed before capture started are not taken over mid-stream.
+        (
+            "mangle",
+            "ISTIO_PRERT",
+            "-p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
+        ),
+        (
+            "mangle",
+            "ISTIO_PRERT",
+            format!(
+                "! -d 127.0.0.1/32 -p tcp -m mark ! --mark {ours} \
+                 -j TPROXY --on-port {INBOUND_PLAINTEXT_PORT} --on-ip 0.0.0.0 --tproxy-mark {tproxy}"
+            ),
+        ),
+        (
+            "mangle",
+            "ISTIO_OUTPUT",
+            format!(
+                "-m connmark --mark {tproxy} -j CONNMARK --restore-mark \
+                 --nfmask 0xffffffff --ctmask 0xffffffff"
+            ),
+        ),
+        (
+            "nat",
+            "ISTIO_OUTPUT",
+            format!("-d {PROBE_SNAT_IP}/32 -p tcp -m tcp -j ACCEPT"),
+        ),
+        (
+            "nat",
+            "ISTIO_OUTPUT",
+            format!("-p tcp -m mark --mark {tproxy} -j ACCEPT"),
+        ),
+        (
+            "nat",
+            "ISTIO_OUTPUT",
+            "! -d 127.0.0.1/32 -o lo -j ACCEPT".to_owned(),
+        ),
+        (
+            "nat",
+            "ISTIO_OUTPUT",
+            format!(
+                "! -d 127.0.0.1/32 -p tcp -m mark ! --mark {ours} \
+                 -j REDIRECT --to-ports {OUTBOUND_PORT}"
+            ),
+        ),
+    ]
+}
+
+/// What `iptables-save` says exists: chains and rules, per table.
+#[derive(Debug, Default)]
+struct Saved {
+    chains: HashSet<(String, String)>,
+    /// (table, the rule line as printed, e.g. `-A OUTPUT -j ISTIO_OUTPUT`).
+    rules: Vec<(String, String)>,
+}
+
+impl Saved {
+    fn parse(save: &str) -> Self {
+        let mut saved = Self::default();
+        let mut table = String::new();
+        for line in save.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('*') {
+                name.clone_into(&mut table);
+            } else if let Some(decl) = line.strip_prefix(':') {
+                if let Some(chain) = decl.split_whitespace().next() {
+                    saved.chains.insert((table.clone(), chain.to_owned()));
+                }
+            } else if line.starts_with("-A ") {
+                saved.rules.push((table.clone(), line.to_owned()));
+            }
+        }
+        saved
+    }
+
+    fn has_chain(&self, table: &str, chain: &str) -> bool {
+        self.chains.contains(&(table.to_owned(), chain.to_owned()))
+    }
+
+    fn count(&self, table: &str, rule: &str) -> usize {
+        self.rules
+            .iter()
+            .filter(|(t, r)| t == table && r == rule)
+            .count()
+    }
+}
+
+fn jump_rule(from: &str, to: &str) -> String {
+    format!("-A {from} -j {to}")
+}
+
+/// `iptables-restore --noflush` input that (re)creates our chains and adds missing jumps.
+fn install_script(current: &Saved) -> String {
+    let rules = chain_rules();
+    let mut script = String::new();
+    for table in ["mangle", "nat"] {
+        script.push_str(&format!("*{table}\n"));
+        // Declaring a chain in --noflush mode creates it, or flushes it if it exists.
+        for (_, chain) in CHAINS.iter().filter(|(t, _)| *t == table) {
+            script.push_str(&format!(":{chain} - [0:0]\n"));
+        }
+        for (_, chain, rule) in rules.iter().filter(|(t, _, _)| *t == table) {
+            script.push_str(&format!("-A {chain} {rule}\n"));
+        }
+        for (_, from, to) in JUMPS.iter().filter(|(t, _, _)| *t == table) {
+            let jump = jump_rule(from, to);
+            if current.count(table, &jump) == 0 {
+                script.push_str(&jump);
+                script.push('\n');
+            }
+        }
+        script.push_str("COMMIT\n");
+    }
+    script
+}
+
+/// `iptables-restore --noflush` input that deletes our jumps and chains, if any exist.
+fn remove_script(current: &Saved) -> Option<String> {
+    let mut script = String::new();
+    for table in ["mangle", "nat"] {
+        let mut body = String::new();
+        for (_, from, to) in JUMPS.iter().filter(|(t, _, _)| *t == table) {
+            let jump = jump_rule(from, to);
+            for _ in 0..current.count(table, &jump) {
+                body.push_str(&format!("-D {from} -j {to}\n"));
+            }
+        }
+        for (_, chain) in CHAINS
+            .iter()
+            .filter(|(t, c)| *t == table && current.has_chain(t, c))
+        {
+            // Flush first: a chain with rules cannot be deleted.
+            body.push_str(&format!(":{chain} - [0:0]\n-X {chain}\n"));
+        }
+        if !body.is_empty() {
+            script.push_str(&format!("*{table}\n{body}COMMIT\n"));
+        }
+    }
+    (!script.is_empty()).then_some(script)
+}
+
+/// Runs `cmd` (in the calling thread's namespace) and returns its stdout.
+fn run(mut cmd: Command, stdin: Option<&str>) -> Result<String, RulesError> {
+    // Error messages are matched by humans, but keep them in one language in the logs.
+    cmd.env("LC_ALL", "C")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let command = CommandLine(&cmd).to_string();
+    let spawn_err = |source| RulesError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // The inputs are a few KiB, below the pipe buffer, so writing before reading cannot block.
+        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let command = match stdin.and_then(|input| rejected_line(&stderr, input)) {
+            Some(line) => format!("{command} (input line: {line})"),
+            None => command,
+        };
+        return Err(RulesError::Failed {
+            command,
+            status: out.status,
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `iptables-restore` reports "Error occurred at line: N" (older versions "line N failed"); the
+/// line itself is what the operator needs. nft rejects some rules only at `COMMIT`, and then that
+/// is the line reported.
+fn rejected_line<'a>(stderr: &str, input: &'a str) -> Option<&'a str> {
+    stderr.match_indices("line").find_map(|(at, word)| {
+        let after = stderr[at + word.len()..].trim_start_matches([':', ' ']);
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        let n: usize = digits.parse().ok()?;
+        input.lines().nth(n.checked_sub(1)?)
+    })
+}
+
+/// Displays a command as a shell would show it.
+struct CommandLine<'a>(&'a Command);
+
+impl fmt::Display for CommandLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.get_program().to_string_lossy())?;
+        for arg in self.0.get_args() {
+            write!(f, " {}", arg.to_string_lossy())?;
+        }
+        Ok(())
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| Path::new(&dir).join(program).is_file())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rules as istio-cni's iptables goldens print them (in-pod, IPv4, DNS capture off).
+    const GOLDEN: &str = "\
+*mangle
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
+-A ISTIO_PRERT ! -d 127.0.0.1/32 -i lo -p tcp -j ACCEPT
+-A ISTIO_PRERT -p tcp -m tcp --dport 15008 -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15008 --on-ip 0.0.0.0 --tproxy-mark 0x111/0xfff
+-A ISTIO_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x111/0xfff
+-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+COMMIT
+*nat
+:ISTIO_OUTPUT - [0:0]
+-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
+-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+-A OUTPUT -j ISTIO_OUTPUT
+COMMIT
+";
+
+    #[test]
+    fn fresh_install_matches_golden() {
+        assert_eq!(install_script(&Saved::default()), GOLDEN);
+    }
+
+    #[test]
+    fn reinstall_does_not_duplicate_jumps() {
+        let save = "\
+# Generated by iptables-nft-save
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:ISTIO_PRERT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+COMMIT
+*nat
+:OUTPUT ACCEPT [0:0]
+-A ISTIO_OUTPUT -j ACCEPT
+COMMIT
+";
+        let script = install_script(&Saved::parse(save));
+        assert!(!script.contains("-A PREROUTING"), "{script}");
+        assert!(
+            !script.contains("-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n*nat"),
+            "{script}"
+        );
+        // The nat jump is missing (only a rule inside the chain exists), so it is added.
+        assert!(
+            script.ends_with("-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn remove_deletes_only_what_exists() {
+        assert_eq!(remove_script(&Saved::default()), None);
+        let save = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_PRERT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A PREROUTING -j ISTIO_PRERT
+-A PREROUTING -j KUBE-SOMETHING
+COMMIT
+";
+        let script = remove_script(&Saved::parse(save)).expect("something to remove");
+        assert_eq!(
+            script,
+            "*mangle\n-D PREROUTING -j ISTIO_PRERT\n-D PREROUTING -j ISTIO_PRERT\n\
+             :ISTIO_PRERT - [0:0]\n-X ISTIO_PRERT\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn routing_arguments() {
+        assert_eq!(
+            rule_args().join(" "),
+            "fwmark 0x111/0xfff pref 32764 lookup 100"
+        );
+        assert_eq!(route_args().join(" "), "local 0.0.0.0/0 dev lo table 100");
+    }
+
+    #[test]
+    fn restore_errors_name_the_rejected_line() {
+        let input = "*nat\n:ISTIO_OUTPUT - [0:0]\n-A ISTIO_OUTPUT -j BOGUS\nCOMMIT\n";
+        let stderr = "iptables-restore v1.8.9 (legacy): Couldn't load target `BOGUS'\n\nError occurred at line: 3\nTry `iptables-restore -h' for more information.";
+        assert_eq!(
+            rejected_line(stderr, input),
+            Some("-A ISTIO_OUTPUT -j BOGUS")
+        );
+        assert_eq!(
+            rejected_line("iptables-restore: line 2 failed", input),
+            Some(":ISTIO_OUTPUT - [0:0]")
+        );
+        assert_eq!(rejected_line("no line number here", input), None);
+    }
+
+    #[test]
+    fn failed_command_reports_command_and_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo nope >&2; exit 3"]);
+        let err = run(cmd, None).expect_err("exit 3");
+        let msg = err.to_string();
+        assert!(msg.contains("`sh -c echo nope >&2; exit 3`"), "{msg}");
+        assert!(msg.contains("nope"), "{msg}");
+
+        let err = run(Command::new("ztunnel-test-no-such-program"), None).expect_err("missing");
+        assert!(matches!(err, RulesError::Spawn { .. }), "{err}");
+    }
+}

@@ -1,0 +1,138 @@
+//! One ztunnel: serves the workloads of one node and follows configuration changes.
+//!
+//! On every new snapshot it starts proxies for workloads that arrived on its node, drains
+//! those of workloads that left, and re-checks live inbound connections against the new
+//! policies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::model::Protocol;
+use tokio::task::JoinHandle;
+
+use crate::proxy::{Ctx, WorkloadProxy};
+
+/// A running ztunnel.
+#[derive(Debug)]
+pub struct Ztunnel {
+    ctx: Arc<Ctx>,
+    node: Arc<str>,
+    proxies: Arc<tokio::sync::Mutex<HashMap<Arc<str>, WorkloadProxy>>>,
+    follower: Option<JoinHandle<()>>,
+}
+
+impl Ztunnel {
+    /// Starts serving the captured workloads of `node` and follows configuration changes.
+    pub async fn start(ctx: Arc<Ctx>, node: &str) -> Result<Self, crate::Error> {
+        let node: Arc<str> = node.into();
+        let proxies = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
+        reconcile(&ctx, &node, &proxies).await?;
+        let follower = tokio::spawn(follow(ctx.clone(), node.clone(), proxies.clone()));
+        Ok(Self {
+            ctx,
+            node,
+            proxies,
+            follower: Some(follower),
+        })
+    }
+
+    /// The shared context (store, metrics, certificates).
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// The node served.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The uids of the workloads being served.
+    pub async fn workloads(&self) -> Vec<Arc<str>> {
+        let mut uids: Vec<_> = self.proxies.lock().await.keys().cloned().collect();
+        uids.sort();
+        uids
+    }
+
+    /// Stops accepting everywhere and lets connections finish, for up to `deadline`.
+    pub async fn drain(mut self, deadline: Duration) {
+        if let Some(f) = self.follower.take() {
+            f.abort();
+        }
+        let proxies: Vec<WorkloadProxy> =
+            self.proxies.lock().await.drain().map(|(_, p)| p).collect();
+        let all = futures_util::future::join_all(proxies.into_iter().map(WorkloadProxy::drain));
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!(node = %self.node, ?deadline, "drain deadline passed; closing the remaining connections");
+        }
+    }
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        if let Some(f) = self.follower.take() {
+            f.abort();
+        }
+    }
+}
+
+/// Starts and stops workload proxies to match the current snapshot.
+async fn reconcile(
+    ctx: &Arc<Ctx>,
+    node: &str,
+    proxies: &tokio::sync::Mutex<HashMap<Arc<str>, WorkloadProxy>>,
+) -> Result<(), crate::Error> {
+    let snapshot = ctx.store.load();
+    let wanted: HashMap<Arc<str>, &mesh::model::Workload> = snapshot
+        .workloads_on_node(node)
+        .filter(|w| w.protocol == Protocol::Hbone && !w.ips.is_empty())
+        .map(|w| (w.uid.clone(), w))
+        .collect();
+    let mut proxies = proxies.lock().await;
+    let gone: Vec<Arc<str>> = proxies
+        .keys()
+        .filter(|uid| !wanted.contains_key(*uid))
+        .cloned()
+        .collect();
+    for uid in gone {
+        if let Some(proxy) = proxies.remove(&uid) {
+            tokio::spawn(proxy.drain());
+        }
+    }
+    let mut first_error = None;
+    for (uid, workload) in wanted {
+        if proxies.contains_key(&uid) {
+            continue;
+        }
+        match WorkloadProxy::start(ctx.clone(), workload).await {
+            Ok(proxy) => {
+                proxies.insert(uid, proxy);
+            }
+            Err(e) => {
+                tracing::error!(workload = %uid, error = %e, "cannot serve workload");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn follow(
+    ctx: Arc<Ctx>,
+    node: Arc<str>,
+    proxies: Arc<tokio::sync::Mutex<HashMap<Arc<str>, WorkloadProxy>>>,
+) {
+    let mut changes = ctx.store.subscribe();
+    while changes.changed().await.is_ok() {
+        let snapshot = ctx.store.load();
+        let stats = ctx.store.stats();
+        ctx.metrics.config_applied.set(stats.applied as i64);
+        ctx.metrics.config_rejected.set(stats.rejected as i64);
+        let closed = ctx.live.reevaluate(&snapshot);
+        if closed > 0 {
+            tracing::info!(node = %node, closed, version = snapshot.version(), "closed connections the new configuration denies");
+        }
+        // Errors are logged per workload; the others keep being served.
+        let _ = reconcile(&ctx, &node, &proxies).await;
+    }
+}

@@ -1,0 +1,162 @@
+//! One guard per connection: it writes exactly one set of metrics and one access log line,
+//! however the connection ends (completed, failed, refused, or its task dropped).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hbone::Copied;
+
+use crate::metrics::{Metrics, TcpLabels};
+
+/// Which way the connection goes, from this ztunnel's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local workload.
+    Outbound,
+    /// To a local workload.
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// What the access log says about the two ends.
+#[derive(Debug, Clone, Default)]
+pub struct Ends {
+    /// Client address.
+    pub src_addr: Option<SocketAddr>,
+    /// Client workload (`namespace/name`) and identity.
+    pub src_workload: Option<String>,
+    /// Client identity (only with mTLS).
+    pub src_identity: Option<String>,
+    /// Where the bytes went: the next hop.
+    pub dst_addr: Option<SocketAddr>,
+    /// The CONNECT target, when tunnelled.
+    pub dst_hbone_addr: Option<SocketAddr>,
+    /// Destination service hostname.
+    pub dst_service: Option<String>,
+    /// Destination workload.
+    pub dst_workload: Option<String>,
+    /// Destination identity.
+    pub dst_identity: Option<String>,
+}
+
+/// Records one connection.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    metrics: Arc<Metrics>,
+    labels: TcpLabels,
+    direction: Direction,
+    ends: Ends,
+    started: Instant,
+    copied: Copied,
+    error: Option<String>,
+    established: bool,
+}
+
+impl ConnectionGuard {
+    /// Starts recording; counts the connection as opened.
+    pub fn open(
+        metrics: Arc<Metrics>,
+        labels: TcpLabels,
+        direction: Direction,
+        ends: Ends,
+    ) -> Self {
+        metrics.opened.get_or_create(&labels).inc();
+        Self {
+            metrics,
+            labels,
+            direction,
+            ends,
+            started: Instant::now(),
+            copied: Copied::default(),
+            error: None,
+            established: false,
+        }
+    }
+
+    /// The connection reached the destination.
+    pub fn established(&mut self) {
+        self.established = true;
+    }
+
+    /// Bytes moved (request direction first).
+    pub fn copied(&mut self, copied: Copied) {
+        self.copied = copied;
+    }
+
+    /// Why it failed, and the Istio response flag for metrics (`DENY`, `CONNECT`, ...).
+    pub fn failed(&mut self, flag: &str, error: impl std::fmt::Display) {
+        self.labels.response_flags = flag.to_owned();
+        self.error = Some(error.to_string());
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        if !self.established {
+            m.failed.get_or_create(&self.labels).inc();
+        }
+        m.closed.get_or_create(&self.labels).inc();
+        m.received_bytes
+            .get_or_create(&self.labels)
+            .inc_by(self.copied.a_to_b);
+        m.sent_bytes
+            .get_or_create(&self.labels)
+            .inc_by(self.copied.b_to_a);
+        let e = &self.ends;
+        let show = |v: &Option<String>| v.clone().unwrap_or_default();
+        let addr = |v: &Option<SocketAddr>| v.map(|a| a.to_string()).unwrap_or_default();
+        let duration = format!("{}ms", self.started.elapsed().as_millis());
+        let failure = self.error.as_deref().unwrap_or_default();
+        let flags = &self.labels.response_flags;
+        // Two call sites because a tracing event's level is part of its static metadata.
+        if self.error.is_none() {
+            tracing::info!(
+                target: "access",
+                direction = self.direction.as_str(),
+                src.addr = %addr(&e.src_addr),
+                src.workload = %show(&e.src_workload),
+                src.identity = %show(&e.src_identity),
+                dst.addr = %addr(&e.dst_addr),
+                dst.hbone_addr = %addr(&e.dst_hbone_addr),
+                dst.service = %show(&e.dst_service),
+                dst.workload = %show(&e.dst_workload),
+                dst.identity = %show(&e.dst_identity),
+                bytes_sent = self.copied.a_to_b,
+                bytes_recv = self.copied.b_to_a,
+                duration = %duration,
+                response_flags = %flags,
+                error = %failure,
+                "connection complete"
+            );
+        } else {
+            tracing::error!(
+                target: "access",
+                direction = self.direction.as_str(),
+                src.addr = %addr(&e.src_addr),
+                src.workload = %show(&e.src_workload),
+                src.identity = %show(&e.src_identity),
+                dst.addr = %addr(&e.dst_addr),
+                dst.hbone_addr = %addr(&e.dst_hbone_addr),
+                dst.service = %show(&e.dst_service),
+                dst.workload = %show(&e.dst_workload),
+                dst.identity = %show(&e.dst_identity),
+                bytes_sent = self.copied.a_to_b,
+                bytes_recv = self.copied.b_to_a,
+                duration = %duration,
+                response_flags = %flags,
+                error = %failure,
+                "connection complete"
+            );
+        }
+    }
+}

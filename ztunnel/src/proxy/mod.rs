@@ -1,0 +1,177 @@
+//! The proxy: listeners for each local workload and what happens to each connection.
+//!
+//! Every local workload gets its own set of listeners on its own address (inbound HBONE 15008,
+//! SOCKS5 15080, and with capture the transparent 15001 and 15006), its own certificate and its
+//! own HBONE pool. How those sockets are made is the [`SocketFactory`]'s business; nothing here
+//! knows whether it runs on loopback or inside a pod's network namespace.
+
+pub mod connection;
+mod inbound;
+pub mod live;
+mod outbound;
+pub mod route;
+pub mod socks5;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hbone::drain::{DrainTrigger, DrainWatch};
+use hbone::{CertManager, Pool, Server};
+use mesh::Store;
+use mesh::model::Workload;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+use crate::socket::SocketFactory;
+use live::LiveConnections;
+
+/// Ports on each workload address.
+pub mod ports {
+    /// Captured outbound traffic (`SO_ORIGINAL_DST`).
+    pub const OUTBOUND: u16 = 15001;
+    /// Captured inbound plaintext.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// Inbound HBONE.
+    pub const INBOUND: u16 = hbone::HBONE_PORT;
+    /// Explicit outbound (SOCKS5).
+    pub const SOCKS5: u16 = 15080;
+}
+
+/// What every connection handler needs.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The mesh.
+    pub store: Arc<Store>,
+    /// Workload certificates.
+    pub certs: Arc<CertManager>,
+    /// Telemetry.
+    pub metrics: Arc<Metrics>,
+    /// How sockets are made.
+    pub sockets: Arc<dyn SocketFactory>,
+    /// Inbound connections to re-check on configuration changes.
+    pub live: Arc<LiveConnections>,
+    /// HTTP/2 and TLS settings.
+    pub hbone: hbone::Config,
+}
+
+/// The listeners of one local workload; dropping it stops them (use [`WorkloadProxy::drain`]
+/// to let connections finish).
+#[derive(Debug)]
+pub struct WorkloadProxy {
+    uid: Arc<str>,
+    drain: Option<DrainTrigger>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The per-workload state outbound handlers share.
+#[derive(Debug)]
+pub(crate) struct Local {
+    pub(crate) uid: Arc<str>,
+    pub(crate) pool: Pool,
+}
+
+impl WorkloadProxy {
+    /// Binds the workload's listeners and starts serving them.
+    pub async fn start(ctx: Arc<Ctx>, workload: &Workload) -> Result<Self, crate::Error> {
+        let Some(&ip) = workload.ips.first() else {
+            return Err(crate::Error::NoAddress(workload.uid.to_string()));
+        };
+        let uid = workload.uid.clone();
+        let bind = |port: u16| -> Result<TcpListener, crate::Error> {
+            let addr = SocketAddr::new(ip, port);
+            ctx.sockets
+                .listen(workload, addr)
+                .map_err(|source| crate::Error::Bind { addr, source })
+        };
+        let inbound = bind(ports::INBOUND)?;
+        let socks = bind(ports::SOCKS5)?;
+        let captured = if ctx.sockets.captures() {
+            Some(bind(ports::OUTBOUND)?)
+        } else {
+            None
+        };
+        let cert = ctx.certs.fetch(&workload.identity).await?;
+        let (drain, watch) = hbone::drain::channel();
+        let local = Arc::new(Local {
+            uid: uid.clone(),
+            pool: Pool::with_dialer(
+                ctx.certs.clone(),
+                ctx.hbone.clone(),
+                ctx.sockets.dialer(workload),
+            ),
+        });
+        let mut tasks = Vec::new();
+        let server = Server::new(
+            cert,
+            inbound::Inbound::new(ctx.clone(), uid.clone()),
+            ctx.hbone.clone(),
+        )?;
+        tasks.push(tokio::spawn(server.serve(inbound, watch.clone())));
+        tasks.push(tokio::spawn(outbound::serve_socks5(
+            ctx.clone(),
+            local.clone(),
+            socks,
+            watch.clone(),
+        )));
+        if let Some(listener) = captured {
+            tasks.push(tokio::spawn(outbound::serve_captured(
+                ctx.clone(),
+                local,
+                listener,
+                watch,
+            )));
+        }
+        tracing::info!(workload = %uid, addr = %ip, identity = %workload.identity, "workload proxy started");
+        Ok(Self {
+            uid,
+            drain: Some(drain),
+            tasks,
+        })
+    }
+
+    /// The workload's uid.
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// Stops accepting and waits until every connection has finished.
+    pub async fn drain(mut self) {
+        if let Some(trigger) = self.drain.take() {
+            trigger.drain().await;
+        }
+        tracing::info!(workload = %self.uid, "workload proxy drained");
+    }
+}
+
+impl Drop for WorkloadProxy {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Accepts until the drain starts, handing each connection to `handle` in its own task.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, mut drain: DrainWatch, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr, DrainWatch) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drain.signaled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, drain.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Outbound: a local workload's connection, captured (15001) or explicit (SOCKS5 15080), routed
+//! by [`route`](super::route::route) and carried over HBONE or plain TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hbone::drain::DrainWatch;
+use hbone::headers::Forwarded;
+use hbone::{Authority, ConnectHeaders, ConnectRequest, copy_bidirectional};
+use mesh::Snapshot;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::connection::{ConnectionGuard, Direction, Ends};
+use super::route::{Destination, Refusal, Route, route};
+use super::socks5::{self, Reply, Target};
+use super::{Ctx, Local, accept_loop};
+use crate::metrics::{Reporter, TcpLabels};
+
+pub(super) async fn serve_socks5(
+    ctx: Arc<Ctx>,
+    local: Arc<Local>,
+    listener: TcpListener,
+    drain: DrainWatch,
+) {
+    accept_loop(listener, drain, move |mut stream, peer, drain| {
+        let (ctx, local) = (ctx.clone(), local.clone());
+        async move {
+            let target = match socks5::accept(&mut stream).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(src.addr = %peer, error = %e, "SOCKS5 handshake failed");
+                    return;
+                }
+            };
+            let dst = match &target {
+                Target::Addr(a) => Destination::Addr(*a),
+                Target::Host(h, p) => Destination::Host(h, *p),
+            };
+            proxy(&ctx, &local, stream, peer, dst, true).await;
+            drop(drain);
+        }
+    })
+    .await;
+}
+
+pub(super) async fn serve_captured(
+    ctx: Arc<Ctx>,
+    local: Arc<Local>,
+    listener: TcpListener,
+    drain: DrainWatch,
+) {
+    accept_loop(listener, drain, move |stream, peer, drain| {
+        let (ctx, local) = (ctx.clone(), local.clone());
+        async move {
+            let original = original_dst(&stream);
+            match original {
+                Some(dst) => proxy(&ctx, &local, stream, peer, Destination::Addr(dst), false).await,
+                None => tracing::warn!(src.addr = %peer, "captured connection without an original destination"),
+            }
+            drop(drain);
+        }
+    })
+    .await;
+}
+
+/// Routes and carries one connection. With `socks`, the SOCKS5 reply is sent once the upstream
+/// is connected (or refused). The snapshot the decision was made on is held for the
+/// connection's life, like the route itself.
+async fn proxy(
+    ctx: &Ctx,
+    local: &Local,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dst: Destination<'_>,
+    socks: bool,
+) {
+    let snapshot = ctx.store.load();
+    let Some(source) = snapshot.workload_by_uid(&local.uid) else {
+        tracing::warn!(workload = %local.uid, "outbound connection from a workload that is gone");
+        return;
+    };
+    let decision = route(&snapshot, source, dst, &mut rand::rng());
+    let (workload, service, dst_addr, hbone_addr, identity) = describe(&snapshot, &decision);
+    let labels = TcpLabels::new(
+        Reporter::source,
+        &snapshot,
+        Some(source),
+        workload.map(|w| snapshot.workload(w)),
+        service.map(|s| snapshot.service(s)),
+        matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. }),
+    );
+    let ends = Ends {
+        src_addr: Some(peer),
+        src_workload: Some(format!("{}/{}", source.namespace, source.name)),
+        src_identity: Some(source.identity.to_string()),
+        dst_addr,
+        dst_hbone_addr: hbone_addr,
+        dst_service: service.map(|s| snapshot.service(s).hostname.to_string()),
+        dst_workload: workload.map(|w| {
+            let w = snapshot.workload(w);
+            format!("{}/{}", w.namespace, w.name)
+        }),
+        dst_identity: identity,
+    };
+    let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Outbound, ends);
+    let source_identity = source.identity.clone();
+    let source_ip = source.ips.first().copied();
+
+    match decision {
+        Route::Refuse(why) => {
+            if socks {
+                let _ = socks5::reply(&mut client, refusal_reply(&why), None).await;
+            }
+            guard.failed("NR", why);
+        }
+        Route::Direct {
+            next_hop,
+            authority,
+            identities,
+            ..
+        }
+        | Route::ViaWaypoint {
+            next_hop,
+            authority,
+            identities,
+            ..
+        } => {
+            let request = ConnectRequest {
+                src: source_identity,
+                dst_identities: identities,
+                next_hop,
+                authority: Authority::Addr(authority),
+                headers: ConnectHeaders {
+                    forwarded: Some(Forwarded {
+                        client: source_ip.map(|ip| SocketAddr::new(ip, peer.port())),
+                        host: None,
+                    }),
+                    ..ConnectHeaders::default()
+                },
+            };
+            match local.pool.connect(request).await {
+                Ok(mut tunnel) => {
+                    guard.established();
+                    if socks
+                        && socks5::reply(&mut client, Reply::Succeeded, None)
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    carry(&mut guard, &mut client, &mut tunnel).await;
+                }
+                Err(e) => {
+                    let denied = e.status() == Some(http::StatusCode::UNAUTHORIZED);
+                    if socks {
+                        let code = if denied {
+                            Reply::NotAllowed
+                        } else {
+                            Reply::ConnectionRefused
+                        };
+                        let _ = socks5::reply(&mut client, code, None).await;
+                    }
+                    guard.failed(if denied { "DENY" } else { "CONNECT" }, e);
+                }
+            }
+        }
+        Route::Passthrough { addr, .. } => match ctx.sockets.connect(source, addr).await {
+            Ok(mut upstream) => {
+                guard.established();
+                if socks
+                    && socks5::reply(&mut client, Reply::Succeeded, upstream.local_addr().ok())
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                carry(&mut guard, &mut client, &mut upstream).await;
+            }
+            Err(e) => {
+                if socks {
+                    let _ = socks5::reply(&mut client, Reply::ConnectionRefused, None).await;
+                }
+                guard.failed("CONNECT", e);
+            }
+        },
+    }
+}
+
+/// Where a connection redirected by the capture rules was going (`SO_ORIGINAL_DST`).
+fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let original = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    original.ok().and_then(|a| a.as_socket())
+}
+
+async fn carry<A, B>(guard: &mut ConnectionGuard, a: &mut A, b: &mut B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    match copy_bidirectional(a, b).await {
+        Ok(copied) => guard.copied(copied),
+        Err(e) => {
+            guard.copied(e.copied);
+            guard.failed("-", e.source);
+        }
+    }
+}
+
+type Described = (
+    Option<mesh::model::WorkloadId>,
+    Option<mesh::model::ServiceId>,
+    Option<SocketAddr>,
+    Option<SocketAddr>,
+    Option<String>,
+);
+
+/// The facts about a decision that telemetry reports.
+fn describe(snapshot: &Snapshot, decision: &Route) -> Described {
+    let identity = |w: mesh::model::WorkloadId| Some(snapshot.workload(w).identity.to_string());
+    match decision {
+        Route::Direct {
+            next_hop,
+            authority,
+            workload,
+            service,
+            ..
+        } => (
+            Some(*workload),
+            *service,
+            Some(*next_hop),
+            Some(*authority),
+            identity(*workload),
+        ),
+        Route::ViaWaypoint {
+            next_hop,
+            authority,
+            instance,
+            service,
+            ..
+        } => (
+            Some(*instance),
+            *service,
+            Some(*next_hop),
+            Some(*authority),
+            identity(*instance),
+        ),
+        Route::Passthrough {
+            addr,
+            workload,
+            service,
+        } => (*workload, *service, Some(*addr), None, None),
+        Route::Refuse(_) => (None, None, None, None, None),
+    }
+}
+
+fn refusal_reply(why: &Refusal) -> Reply {
+    match why {
+        Refusal::SelfCall(_) => Reply::NotAllowed,
+        Refusal::UnknownHost(_) | Refusal::NoVip(_) => Reply::HostUnreachable,
+        Refusal::UnknownPort { .. } => Reply::ConnectionRefused,
+        Refusal::NoHealthyUpstream(_) | Refusal::NoWaypointInstance(_) => Reply::HostUnreachable,
+    }
+}

@@ -1,0 +1,281 @@
+//! The outbound routing decision: a pure function of the snapshot, the source workload and the
+//! original destination, returning a plain value that says where the connection goes.
+//!
+//! Keeping it pure (no I/O, randomness injected) means every rule below is a table test, and the
+//! proxy code that acts on the decision has no policy in it. The rules follow Istio's ztunnel:
+//!
+//! 1. A connection to one of ztunnel's own ports on the source's own address is refused (it
+//!    would loop).
+//! 2. A service (by VIP, or by hostname through SOCKS5) with a waypoint goes to the waypoint,
+//!    carrying the original `VIP:port`, unless the caller is that waypoint.
+//! 3. Otherwise a service picks a ready endpoint, weighted by capacity, and the port the
+//!    endpoint serves the service port on.
+//! 4. A workload address with a workload waypoint goes to the waypoint, unless the caller is it.
+//! 5. A captured workload is reached with HBONE on its port 15008, `:authority` = `ip:port`;
+//!    an uncaptured one with plain TCP; an address the mesh does not know is passed through.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hbone::Identity;
+use mesh::Snapshot;
+use mesh::model::{Protocol, Service, ServiceId, WaypointId, Workload, WorkloadId};
+use rand::Rng;
+
+/// ztunnel's own ports on a workload address; a connection to them from that workload loops.
+pub const ZTUNNEL_PORTS: [u16; 4] = [15001, 15006, 15008, 15080];
+
+/// Where the caller wanted to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination<'a> {
+    /// An address (from `SO_ORIGINAL_DST`, or a SOCKS5 IP request).
+    Addr(SocketAddr),
+    /// A hostname and port (a SOCKS5 domain request), resolved from the mesh model.
+    Host(&'a str, u16),
+}
+
+/// The decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// HBONE straight to the destination workload's ztunnel.
+    Direct {
+        /// `podIP:15008`.
+        next_hop: SocketAddr,
+        /// `podIP:targetPort`, the CONNECT target.
+        authority: SocketAddr,
+        /// Identities the destination may present.
+        identities: Vec<Identity>,
+        /// The destination workload.
+        workload: WorkloadId,
+        /// The service, when the caller addressed one.
+        service: Option<ServiceId>,
+    },
+    /// HBONE to a waypoint, which applies L7 policy and forwards.
+    ViaWaypoint {
+        /// `waypointIP:15008`.
+        next_hop: SocketAddr,
+        /// The original `VIP:port` (or `podIP:port` for a workload waypoint).
+        authority: SocketAddr,
+        /// The waypoint instance's identity.
+        identities: Vec<Identity>,
+        /// The waypoint.
+        waypoint: WaypointId,
+        /// The waypoint instance dialled.
+        instance: WorkloadId,
+        /// The service, when the caller addressed one.
+        service: Option<ServiceId>,
+    },
+    /// Plain TCP: the destination is not captured, or not in the mesh at all.
+    Passthrough {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// The destination workload, if the mesh knows it.
+        workload: Option<WorkloadId>,
+        /// The service, when the caller addressed one.
+        service: Option<ServiceId>,
+    },
+    /// Refused, with the reason.
+    Refuse(Refusal),
+}
+
+/// Why an outbound connection is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The caller dialled ztunnel's own port on its own address.
+    #[error("connection to ztunnel's own port {0} would loop")]
+    SelfCall(u16),
+    /// No service or workload has that hostname.
+    #[error("no service named {0:?}")]
+    UnknownHost(String),
+    /// The service has no such port.
+    #[error("service {service} has no port {port}")]
+    UnknownPort {
+        /// The service hostname.
+        service: String,
+        /// The port dialled.
+        port: u16,
+    },
+    /// The service has no ready endpoint serving that port.
+    #[error("service {0} has no healthy endpoint")]
+    NoHealthyUpstream(String),
+    /// The waypoint has no ready instance.
+    #[error("waypoint {0} has no ready instance")]
+    NoWaypointInstance(String),
+    /// A hostname-only service (no VIP) behind a waypoint has no address to carry.
+    #[error("service {0} has no VIP to send to its waypoint")]
+    NoVip(String),
+}
+
+/// Decides where a connection from `source` to `dst` goes.
+pub fn route(
+    snapshot: &Snapshot,
+    source: &Workload,
+    dst: Destination<'_>,
+    rng: &mut impl Rng,
+) -> Route {
+    let (service, port) = match dst {
+        Destination::Addr(addr) => {
+            if ZTUNNEL_PORTS.contains(&addr.port())
+                && (source.has_ip(addr.ip()) || addr.ip().is_unspecified())
+            {
+                return Route::Refuse(Refusal::SelfCall(addr.port()));
+            }
+            match snapshot.service_by_vip(addr.ip()) {
+                Some((id, service)) => ((id, service), addr.port()),
+                None => return to_address(snapshot, source, addr, rng),
+            }
+        }
+        Destination::Host(host, port) => match snapshot.resolve_host(host, &source.namespace) {
+            Some(found) => (found, port),
+            None => return Route::Refuse(Refusal::UnknownHost(host.to_owned())),
+        },
+    };
+    to_service(snapshot, source, service, port, rng)
+}
+
+fn to_service(
+    snapshot: &Snapshot,
+    source: &Workload,
+    (id, service): (ServiceId, &Service),
+    port: u16,
+    rng: &mut impl Rng,
+) -> Route {
+    if let Some(wp_id) = service.waypoint
+        && source.waypoint_instance != Some(wp_id)
+    {
+        let Some(&vip) = service
+            .vips
+            .iter()
+            .find(|v| v.is_ipv4())
+            .or(service.vips.first())
+        else {
+            return Route::Refuse(Refusal::NoVip(service.hostname.to_string()));
+        };
+        let authority = SocketAddr::new(vip, port);
+        return via_waypoint(snapshot, wp_id, authority, Some(id), rng);
+    }
+    let Some((index, _)) = service.port(port) else {
+        return Route::Refuse(Refusal::UnknownPort {
+            service: service.hostname.to_string(),
+            port,
+        });
+    };
+    let candidates = service.endpoints.iter().filter_map(|e| {
+        let w = snapshot.workload(e.workload);
+        let target = e.target_port(index)?;
+        (w.ready && !w.ips.is_empty()).then_some((e.workload, target, w.weight.max(1)))
+    });
+    let Some((workload, target)) = weighted(candidates, rng) else {
+        return Route::Refuse(Refusal::NoHealthyUpstream(service.hostname.to_string()));
+    };
+    let w = snapshot.workload(workload);
+    let ip = w
+        .ip_like(service.vips.first().copied().unwrap_or(w.ips[0]))
+        .unwrap_or(w.ips[0]);
+    let mut identities = vec![w.identity.clone()];
+    identities.extend(
+        service
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| san.parse::<Identity>().ok()),
+    );
+    direct(
+        w,
+        workload,
+        SocketAddr::new(ip, target),
+        identities,
+        Some(id),
+    )
+}
+
+fn to_address(
+    snapshot: &Snapshot,
+    source: &Workload,
+    addr: SocketAddr,
+    rng: &mut impl Rng,
+) -> Route {
+    let Some(w) = snapshot.workload_by_ip(&source.network, addr.ip()) else {
+        return Route::Passthrough {
+            addr,
+            workload: None,
+            service: None,
+        };
+    };
+    if let Some(wp_id) = w.waypoint
+        && source.waypoint_instance != Some(wp_id)
+    {
+        return via_waypoint(snapshot, wp_id, addr, None, rng);
+    }
+    direct(w, w.id, addr, vec![w.identity.clone()], None)
+}
+
+fn direct(
+    w: &Workload,
+    id: WorkloadId,
+    authority: SocketAddr,
+    identities: Vec<Identity>,
+    service: Option<ServiceId>,
+) -> Route {
+    match w.protocol {
+        Protocol::Hbone => Route::Direct {
+            next_hop: SocketAddr::new(authority.ip(), hbone::HBONE_PORT),
+            authority,
+            identities,
+            workload: id,
+            service,
+        },
+        Protocol::Tcp => Route::Passthrough {
+            addr: authority,
+            workload: Some(id),
+            service,
+        },
+    }
+}
+
+fn via_waypoint(
+    snapshot: &Snapshot,
+    id: WaypointId,
+    authority: SocketAddr,
+    service: Option<ServiceId>,
+    rng: &mut impl Rng,
+) -> Route {
+    let waypoint = snapshot.waypoint(id);
+    let instances = waypoint.instances.iter().filter_map(|&i| {
+        let w = snapshot.workload(i);
+        (w.ready && !w.ips.is_empty()).then_some((i, (), w.weight.max(1)))
+    });
+    let Some((instance, ())) = weighted(instances, rng) else {
+        return Route::Refuse(Refusal::NoWaypointInstance(format!(
+            "{}/{}",
+            waypoint.namespace, waypoint.name
+        )));
+    };
+    let w = snapshot.workload(instance);
+    let ip: IpAddr = w.ip_like(authority.ip()).unwrap_or(w.ips[0]);
+    Route::ViaWaypoint {
+        next_hop: SocketAddr::new(ip, hbone::HBONE_PORT),
+        authority,
+        identities: vec![w.identity.clone()],
+        waypoint: id,
+        instance,
+        service,
+    }
+}
+
+/// A weighted random choice, in one pass and without allocating (reservoir sampling).
+fn weighted<T, U>(
+    candidates: impl Iterator<Item = (T, U, u32)>,
+    rng: &mut impl Rng,
+) -> Option<(T, U)> {
+    let mut total: u64 = 0;
+    let mut chosen = None;
+    for (item, extra, weight) in candidates {
+        total += u64::from(weight);
+        if rng.random_range(0..total) < u64::from(weight) {
+            chosen = Some((item, extra));
+        }
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,296 @@
+use std::net::SocketAddr;
+
+use mesh::{Options, Snapshot};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::*;
+
+/// Two nodes; `bookinfo` is ambient; `reviews` has a service waypoint; `ratings` does not;
+/// `db` pods have a workload waypoint; `legacy` is not captured; `ext` is a ServiceEntry.
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: bookinfo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bookinfo}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: db-waypoint, namespace: bookinfo, labels: {istio.io/waypoint-for: workload}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint, namespace: bookinfo, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {serviceAccountName: waypoint}
+status: {podIP: 10.0.0.100}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-waypoint, namespace: bookinfo, labels: {gateway.networking.k8s.io/gateway-name: db-waypoint}}
+spec: {serviceAccountName: db-waypoint}
+status: {podIP: 10.0.0.101}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.20, selector: {app: reviews}, ports: [{port: 9080, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.30, selector: {app: ratings}, ports: [{port: 9080, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.40, selector: {app: nothing}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bookinfo, labels: {app: client}}
+spec: {serviceAccountName: client}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews, namespace: bookinfo, labels: {app: reviews}}
+spec: {serviceAccountName: reviews}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ratings-1, namespace: bookinfo, labels: {app: ratings}}
+spec:
+  serviceAccountName: ratings
+  containers: [{name: app, ports: [{name: http, containerPort: 7001}]}]
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ratings-2, namespace: bookinfo, labels: {app: ratings}}
+spec:
+  serviceAccountName: ratings
+  containers: [{name: app, ports: [{name: http, containerPort: 7002}]}]
+status: {podIP: 10.0.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: bookinfo, labels: {app: db, istio.io/use-waypoint: db-waypoint}}
+status: {podIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: legacy, labels: {app: legacy}}
+status: {podIP: 10.0.9.1}
+"#;
+
+fn snapshot() -> Snapshot {
+    Snapshot::from_yaml("route-test.yaml", MESH, &Options::default()).expect("valid test mesh")
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+fn workload<'a>(s: &'a Snapshot, ip: &str) -> &'a Workload {
+    s.workload_by_ip("", ip.parse().expect("ip"))
+        .expect("workload")
+}
+
+/// The decision for `from` → `dst`, summarised as (kind, next hop or address, authority,
+/// expected identity).
+fn decide(s: &Snapshot, from: &str, dst: Destination<'_>) -> (String, String, String, String) {
+    let mut rng = StdRng::seed_from_u64(7);
+    match route(s, workload(s, from), dst, &mut rng) {
+        Route::Direct {
+            next_hop,
+            authority,
+            identities,
+            ..
+        } => (
+            "direct".into(),
+            next_hop.to_string(),
+            authority.to_string(),
+            identities[0].service_account().into(),
+        ),
+        Route::ViaWaypoint {
+            next_hop,
+            authority,
+            identities,
+            ..
+        } => (
+            "waypoint".into(),
+            next_hop.to_string(),
+            authority.to_string(),
+            identities[0].service_account().into(),
+        ),
+        Route::Passthrough { addr, .. } => (
+            "passthrough".into(),
+            addr.to_string(),
+            String::new(),
+            String::new(),
+        ),
+        Route::Refuse(why) => (
+            "refuse".into(),
+            why.to_string(),
+            String::new(),
+            String::new(),
+        ),
+    }
+}
+
+#[test]
+fn decisions() {
+    let s = snapshot();
+    let t = |kind: &str, hop: &str, authority: &str, id: &str| {
+        (
+            kind.to_owned(),
+            hop.to_owned(),
+            authority.to_owned(),
+            id.to_owned(),
+        )
+    };
+    let cases = [
+        (
+            "service with a waypoint: to the waypoint with the VIP as authority",
+            "10.0.0.1",
+            Destination::Addr(addr("10.96.0.20:9080")),
+            t(
+                "waypoint",
+                "10.0.0.100:15008",
+                "10.96.0.20:9080",
+                "waypoint",
+            ),
+        ),
+        (
+            "the same service by hostname through SOCKS5",
+            "10.0.0.1",
+            Destination::Host("reviews.bookinfo.svc.cluster.local", 9080),
+            t(
+                "waypoint",
+                "10.0.0.100:15008",
+                "10.96.0.20:9080",
+                "waypoint",
+            ),
+        ),
+        (
+            "the waypoint itself goes straight to the endpoint and its target port",
+            "10.0.0.100",
+            Destination::Addr(addr("10.96.0.20:9080")),
+            t("direct", "10.0.0.2:15008", "10.0.0.2:8080", "reviews"),
+        ),
+        (
+            "pod IP of a service-waypoint workload: direct (service waypoints see VIP traffic)",
+            "10.0.0.1",
+            Destination::Addr(addr("10.0.0.2:8080")),
+            t("direct", "10.0.0.2:15008", "10.0.0.2:8080", "reviews"),
+        ),
+        (
+            "workload waypoint: pod IP traffic goes to it, authority stays the pod address",
+            "10.0.0.1",
+            Destination::Addr(addr("10.0.0.5:5432")),
+            t(
+                "waypoint",
+                "10.0.0.101:15008",
+                "10.0.0.5:5432",
+                "db-waypoint",
+            ),
+        ),
+        (
+            "the workload waypoint itself reaches the pod directly",
+            "10.0.0.101",
+            Destination::Addr(addr("10.0.0.5:5432")),
+            t("direct", "10.0.0.5:15008", "10.0.0.5:5432", "default"),
+        ),
+        (
+            "uncaptured workload: plain TCP",
+            "10.0.0.1",
+            Destination::Addr(addr("10.0.9.1:80")),
+            t("passthrough", "10.0.9.1:80", "", ""),
+        ),
+        (
+            "outside the mesh: plain TCP to the original destination",
+            "10.0.0.1",
+            Destination::Addr(addr("192.0.2.10:443")),
+            t("passthrough", "192.0.2.10:443", "", ""),
+        ),
+        (
+            "short hostname resolves in the caller's namespace",
+            "10.0.0.1",
+            Destination::Host("ratings", 9080),
+            t("direct", "10.0.0.4:15008", "10.0.0.4:7002", "ratings"),
+        ),
+        (
+            "self call to ztunnel's outbound port",
+            "10.0.0.1",
+            Destination::Addr(addr("10.0.0.1:15001")),
+            t(
+                "refuse",
+                "connection to ztunnel's own port 15001 would loop",
+                "",
+                "",
+            ),
+        ),
+        (
+            "unknown hostname",
+            "10.0.0.1",
+            Destination::Host("nope.example", 80),
+            t("refuse", "no service named \"nope.example\"", "", ""),
+        ),
+        (
+            "unknown service port",
+            "10.0.0.1",
+            Destination::Addr(addr("10.96.0.30:1234")),
+            t(
+                "refuse",
+                "service ratings.bookinfo.svc.cluster.local has no port 1234",
+                "",
+                "",
+            ),
+        ),
+        (
+            "no endpoints",
+            "10.0.0.1",
+            Destination::Addr(addr("10.96.0.40:80")),
+            t(
+                "refuse",
+                "service empty.bookinfo.svc.cluster.local has no healthy endpoint",
+                "",
+                "",
+            ),
+        ),
+    ];
+    for (what, from, dst, want) in cases {
+        assert_eq!(decide(&s, from, dst), want, "{what}");
+    }
+}
+
+#[test]
+fn endpoints_are_chosen_with_named_ports_and_spread() {
+    let s = snapshot();
+    let client = workload(&s, "10.0.0.1");
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..1000 {
+        match route(
+            &s,
+            client,
+            Destination::Addr(addr("10.96.0.30:9080")),
+            &mut rng,
+        ) {
+            Route::Direct { authority, .. } => *seen.entry(authority.to_string()).or_insert(0) += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let counts: Vec<_> = seen.iter().collect();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(
+        seen["10.0.0.3:7001"] > 400 && seen["10.0.0.4:7002"] > 400,
+        "{counts:?}"
+    );
+}

@@ -1,0 +1,316 @@
+//! End to end on loopback: real ztunnels (one per node) on per-workload 127.x addresses, real
+//! HBONE between them, sample backends, and ordinary clients speaking SOCKS5.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use ztunnel::local::LocalMesh;
+
+/// A scratch configuration directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(yaml: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ztunnel-e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("mkdir");
+        std::fs::write(path.join("mesh.yaml"), yaml).expect("write");
+        Self(path)
+    }
+
+    fn write(&self, name: &str, yaml: &str) {
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write");
+        std::fs::rename(tmp, self.0.join(name)).expect("rename");
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A mesh on `127.<net>.0.0/16`: namespace `app` (ambient) with `client` and `server-1` on
+/// node-a, `server-2` on node-b, service `server` (VIP 10.<net>.0.1:80 → http 8080); namespace
+/// `legacy` (not captured) with `outsider` on node-a, whose port 8080 is served directly.
+fn mesh_yaml(net: u8, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: app, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: app}}
+spec: {{clusterIP: 10.{net}.0.1, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: http}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: app, labels: {{app: client}}}}
+spec: {{nodeName: node-a, serviceAccountName: client}}
+status: {{podIP: 127.{net}.1.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server-1, namespace: app, labels: {{app: server}}}}
+spec: {{nodeName: node-a, serviceAccountName: server, containers: [{{name: s, ports: [{{name: http, containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{net}.1.2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server-2, namespace: app, labels: {{app: server}}}}
+spec: {{nodeName: node-b, serviceAccountName: server, containers: [{{name: s, ports: [{{name: http, containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{net}.2.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: outsider, namespace: legacy, labels: {{app: outsider}}}}
+spec: {{nodeName: node-a, containers: [{{name: s, ports: [{{name: http, containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{net}.9.1}}
+{extra}"#
+    )
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+/// Opens a SOCKS5 tunnel from the workload at `from`; returns the stream and the reply code.
+async fn socks(from: IpAddr, host: &str, port: u16) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect(SocketAddr::new(from, 15080))
+        .await
+        .expect("socks port");
+    let mut req = vec![5, 1, 0, 5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.expect("write");
+    let mut reply = [0u8; 12];
+    s.read_exact(&mut reply).await.expect("reply");
+    (s, reply[3])
+}
+
+/// Sends one HTTP/1.1 request on `s`; returns (bytes sent, the whole response).
+async fn http_get(mut s: TcpStream, path: &str) -> (usize, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.expect("read");
+    (request.len(), response)
+}
+
+fn metrics(mesh: &LocalMesh) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &mesh.registry).expect("encode");
+    text
+}
+
+/// Sums the samples of `metric` whose labels contain every `label="value"` in `labels`.
+fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_traffic_goes_through_hbone_and_is_counted() {
+    let dir = Dir::new(&mesh_yaml(31, ""));
+    let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
+    assert_eq!(mesh.nodes.len(), 2);
+
+    // By VIP and by hostname; both endpoints answer eventually (one on each node).
+    let mut seen = std::collections::BTreeSet::new();
+    let mut sent = 0;
+    let mut received = 0;
+    for i in 0..40 {
+        let (s, code) = if i % 2 == 0 {
+            socks(ip("127.31.1.1"), "10.31.0.1", 80).await
+        } else {
+            socks(ip("127.31.1.1"), "server.app.svc.cluster.local", 80).await
+        };
+        assert_eq!(code, 0, "SOCKS5 success");
+        let (n, response) = http_get(s, "/hello").await;
+        sent += n;
+        received += response.len();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("you asked for GET /hello"), "{response}");
+        let who = response
+            .lines()
+            .find(|l| l.starts_with("hello from"))
+            .expect("who")
+            .to_owned();
+        assert!(
+            who.contains("spiffe://cluster.local/ns/app/sa/server"),
+            "{who}"
+        );
+        seen.insert(who);
+    }
+    assert_eq!(seen.len(), 2, "both endpoints served: {seen:?}");
+
+    // Both reporters count every connection and every byte, request direction as received.
+    let m = &mesh;
+    eventually("connections closed on both sides", || {
+        let t = metrics(m);
+        sum(
+            &t,
+            "istio_tcp_connections_closed_total",
+            &["reporter=\"destination\""],
+        ) == 40.0
+            && sum(
+                &t,
+                "istio_tcp_connections_closed_total",
+                &["reporter=\"source\""],
+            ) == 40.0
+    })
+    .await;
+    let t = metrics(&mesh);
+    let common = [
+        "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
+        "destination_service=\"server.app.svc.cluster.local\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    for reporter in ["reporter=\"source\"", "reporter=\"destination\""] {
+        let labels: Vec<&str> = common.iter().copied().chain([reporter]).collect();
+        assert_eq!(
+            sum(&t, "istio_tcp_received_bytes_total", &labels),
+            sent as f64,
+            "{reporter}"
+        );
+        assert_eq!(
+            sum(&t, "istio_tcp_sent_bytes_total", &labels),
+            received as f64,
+            "{reporter}"
+        );
+        assert_eq!(
+            sum(&t, "istio_tcp_connections_opened_total", &labels),
+            40.0,
+            "{reporter}"
+        );
+    }
+    mesh.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l4_policy_denies_and_late_changes_close_live_connections() {
+    let dir = Dir::new(&mesh_yaml(32, ""));
+    let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
+
+    // A live connection, idle in the middle of a request.
+    let (mut live, code) = socks(ip("127.32.1.1"), "127.32.2.1", 8080).await;
+    assert_eq!(code, 0);
+    live.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("partial request");
+
+    // A DENY for the client's identity: new connections are refused with 401 upstream (SOCKS
+    // "not allowed"), and the live one is closed.
+    dir.write(
+        "deny.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: app}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/client]}}]}]
+"#,
+    );
+    let m = &mesh;
+    eventually("the policy to apply", || m.store.snapshot().version() > 1).await;
+    let (_, code) = socks(ip("127.32.1.1"), "server.app.svc.cluster.local", 80).await;
+    assert_eq!(code, 2, "connection not allowed by ruleset");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), live.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the live connection was closed");
+    eventually("late rejection counted", || {
+        metrics(m).contains("ztunnel_authorization_late_rejections_total 1")
+    })
+    .await;
+    let t = metrics(&mesh);
+    assert!(
+        sum(
+            &t,
+            "istio_tcp_connections_closed_total",
+            &["reporter=\"destination\"", "response_flags=\"DENY\""]
+        ) >= 2.0,
+        "{t}"
+    );
+    mesh.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_bypass_self_calls_and_passthrough() {
+    let extra = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: app}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {nodeName: node-b, serviceAccountName: waypoint}
+status: {podIP: 127.33.2.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: guarded, namespace: app, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.33.0.2, selector: {app: guarded}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: guarded, namespace: app, labels: {app: guarded}}
+spec: {nodeName: node-b, serviceAccountName: guarded}
+status: {podIP: 127.33.2.2}
+"#;
+    let dir = Dir::new(&mesh_yaml(33, extra));
+    let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
+
+    // Dialling the pod of a waypoint-bound service directly is refused by its ztunnel.
+    let (_, code) = socks(ip("127.33.1.1"), "127.33.2.2", 8080).await;
+    assert_eq!(code, 2, "a caller that bypasses the waypoint is refused");
+    // Self call.
+    let (_, code) = socks(ip("127.33.1.1"), "127.33.1.1", 15008).await;
+    assert_eq!(code, 2, "ztunnel's own port");
+    // The uncaptured workload is reached with plain TCP.
+    let (s, code) = socks(ip("127.33.1.1"), "127.33.9.1", 8080).await;
+    assert_eq!(code, 0);
+    let (_, response) = http_get(s, "/").await;
+    assert!(
+        response.contains("hello from legacy/outsider"),
+        "{response}"
+    );
+    let m = &mesh;
+    eventually("the plain-TCP connection to be counted", || {
+        let labels = [
+            "reporter=\"source\"",
+            "destination_workload=\"outsider\"",
+            "connection_security_policy=\"unknown\"",
+        ];
+        sum(&metrics(m), "istio_tcp_connections_closed_total", &labels) == 1.0
+    })
+    .await;
+    mesh.shutdown(Duration::from_secs(1)).await;
+}
