@@ -6,6 +6,7 @@
 //! run on the blocking pool ([`mesh::Store::watch`]).
 
 pub mod admin;
+pub mod capture;
 mod error;
 pub mod inpod;
 pub mod local;

@@ -54,6 +54,12 @@ impl Ztunnel {
         uids
     }
 
+    /// Starts and stops workload proxies to match the snapshot and the sockets available now
+    /// (call it when the in-pod agent adds or removes a pod).
+    pub async fn reconcile(&self) -> Result<(), crate::Error> {
+        reconcile(&self.ctx, &self.node, &self.proxies).await
+    }
+
     /// Stops accepting everywhere and lets connections finish, for up to `deadline`.
     pub async fn drain(mut self, deadline: Duration) {
         if let Some(f) = self.follower.take() {
@@ -85,7 +91,7 @@ async fn reconcile(
     let snapshot = ctx.store.load();
     let wanted: HashMap<Arc<str>, &mesh::model::Workload> = snapshot
         .workloads_on_node(node)
-        .filter(|w| w.protocol == Protocol::Hbone && !w.ips.is_empty())
+        .filter(|w| w.protocol == Protocol::Hbone && !w.ips.is_empty() && ctx.sockets.serves(w))
         .map(|w| (w.uid.clone(), w))
         .collect();
     let mut proxies = proxies.lock().await;

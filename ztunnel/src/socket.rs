@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use mesh::model::Workload;
+
+use crate::inpod::NetNs;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// A connection being opened.
@@ -19,14 +21,17 @@ pub type Connecting = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>
 
 /// Makes the sockets of one mode.
 pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
-    /// A listener for `workload` on `addr`.
-    fn listen(&self, workload: &Workload, addr: SocketAddr) -> io::Result<TcpListener>;
+    /// A listener for `workload` on `port` (on its own address, or on every address of its
+    /// network namespace).
+    fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener>;
     /// A connection from `workload` to `dst` (the application, or a plain-TCP destination).
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting;
     /// The dialer of `workload`'s HBONE pool.
     fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial>;
     /// Whether traffic is captured, so the transparent listeners (15001, 15006) receive any.
     fn captures(&self) -> bool;
+    /// Whether sockets can be made for `workload` yet (in-pod: its namespace has arrived).
+    fn serves(&self, workload: &Workload) -> bool;
 }
 
 /// Sockets on the workloads' own loopback addresses.
@@ -34,7 +39,11 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
 pub struct Loopback;
 
 impl SocketFactory for Loopback {
-    fn listen(&self, _: &Workload, addr: SocketAddr) -> io::Result<TcpListener> {
+    fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener> {
+        let ip = workload.ips.first().copied().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::AddrNotAvailable, "workload has no address")
+        })?;
+        let addr = SocketAddr::new(ip, port);
         let socket = socket_for(addr)?;
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
@@ -52,6 +61,111 @@ impl SocketFactory for Loopback {
 
     fn captures(&self) -> bool {
         false
+    }
+
+    fn serves(&self, _: &Workload) -> bool {
+        true
+    }
+}
+
+/// Sockets inside each pod's network namespace, marked so the pod's capture rules let them
+/// through; the namespaces arrive over ZDS from the node agent.
+#[derive(Debug, Default)]
+pub struct InPod {
+    pods: std::sync::RwLock<std::collections::HashMap<Arc<str>, Arc<NetNs>>>,
+}
+
+impl InPod {
+    /// Records the network namespace of the workload `uid`.
+    pub fn insert(&self, uid: Arc<str>, netns: NetNs) {
+        self.pods
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(uid, Arc::new(netns));
+    }
+
+    /// Forgets the workload `uid`; returns whether it was known.
+    pub fn remove(&self, uid: &str) -> bool {
+        self.pods
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(uid)
+            .is_some()
+    }
+
+    fn netns(&self, uid: &str) -> io::Result<Arc<NetNs>> {
+        self.pods
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(uid)
+            .cloned()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no network namespace for workload {uid} (not announced over ZDS)"),
+                )
+            })
+    }
+}
+
+impl SocketFactory for InPod {
+    fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener> {
+        let netns = self.netns(&workload.uid)?;
+        // TPROXY delivers to any address: the listeners it feeds need IP_TRANSPARENT; REDIRECT
+        // (15001) and explicit SOCKS5 do not.
+        let transparent = matches!(
+            port,
+            crate::proxy::ports::INBOUND | crate::proxy::ports::INBOUND_PLAINTEXT
+        );
+        let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        let listener = crate::inpod::bind_listener(&netns, any, transparent)?;
+        listener.set_nonblocking(true)?;
+        TcpListener::from_std(listener)
+    }
+
+    fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {
+        let netns = self.netns(&workload.uid);
+        Box::pin(async move {
+            let netns = netns?;
+            connect_in(&netns, dst).await
+        })
+    }
+
+    fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
+        Arc::new(InPodDial(self.netns(&workload.uid).ok()))
+    }
+
+    fn captures(&self) -> bool {
+        true
+    }
+
+    fn serves(&self, workload: &Workload) -> bool {
+        self.netns(&workload.uid).is_ok()
+    }
+}
+
+async fn connect_in(netns: &NetNs, dst: SocketAddr) -> io::Result<TcpStream> {
+    let socket = crate::inpod::connect_socket(netns, dst, None)?;
+    let stream = TcpSocket::from_std_stream(socket.into())
+        .connect(dst)
+        .await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Dials HBONE next hops from inside a pod's namespace.
+#[derive(Debug)]
+struct InPodDial(Option<Arc<NetNs>>);
+
+impl hbone::Dial for InPodDial {
+    fn dial(&self, addr: SocketAddr) -> Connecting {
+        let netns = self.0.clone();
+        Box::pin(async move {
+            let netns = netns.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "workload has no network namespace")
+            })?;
+            connect_in(&netns, addr).await
+        })
     }
 }
 

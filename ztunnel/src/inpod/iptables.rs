@@ -218,9 +218,7 @@ impl PodRules {
         run(self.restore(), Some(&script))?;
 
         let rule = rule_args();
-        let mut show = Command::new("ip");
-        show.args(["rule", "show"]).args(&rule);
-        if run(show, None)?.trim().is_empty() {
+        if tproxy_rules()? == 0 {
             let mut add = Command::new("ip");
             add.args(["rule", "add"]).args(&rule);
             run(add, None)?;
@@ -239,27 +237,19 @@ impl PodRules {
         }
 
         let rule = rule_args();
-        let mut show = Command::new("ip");
-        show.args(["rule", "show"]).args(&rule);
         // A rule added twice by hand shows twice; delete every copy.
-        for _ in run(show, None)?.lines().filter(|l| !l.trim().is_empty()) {
+        for _ in 0..tproxy_rules()? {
             let mut del = Command::new("ip");
             del.args(["rule", "del"]).args(&rule);
             run(del, None)?;
         }
         let mut show = Command::new("ip");
-        show.args([
-            "route",
-            "show",
-            "table",
-            ROUTE_TABLE,
-            "type",
-            "local",
-            "exact",
-            "0.0.0.0/0",
-        ]);
+        show.args(["route", "show", "table", ROUTE_TABLE]);
         // On recent kernels a table that never existed is an error, not an empty listing.
-        let present = run(show, None).is_ok_and(|out| !out.trim().is_empty());
+        let present = run(show, None).is_ok_and(|out| {
+            out.lines()
+                .any(|l| l.starts_with("local default ") && l.contains(" dev lo "))
+        });
         if present {
             let mut del = Command::new("ip");
             del.args(["route", "del"]).args(route_args());
@@ -285,6 +275,23 @@ fn rule_args() -> [String; 6] {
         "lookup".to_owned(),
         ROUTE_TABLE.to_owned(),
     ]
+}
+
+/// How many copies of our `ip rule` exist. Parsed from the full listing rather than with
+/// `ip rule show <selector>`: older iproute2 ignores the selector and lists everything.
+fn tproxy_rules() -> Result<usize, RulesError> {
+    let mut show = Command::new("ip");
+    show.args(["rule", "show"]);
+    Ok(count_tproxy_rules(&run(show, None)?))
+}
+
+fn count_tproxy_rules(listing: &str) -> usize {
+    let selector = format!("from all fwmark {} lookup {ROUTE_TABLE}", mark(TPROXY_MARK));
+    listing
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(pref, rest)| pref.trim() == RULE_PREF && rest.trim() == selector)
+        .count()
 }
 
 /// The route that makes every TPROXYed packet local.
@@ -615,6 +622,17 @@ COMMIT
             "*mangle\n-D PREROUTING -j ISTIO_PRERT\n-D PREROUTING -j ISTIO_PRERT\n\
              :ISTIO_PRERT - [0:0]\n-X ISTIO_PRERT\nCOMMIT\n"
         );
+    }
+
+    #[test]
+    fn tproxy_rule_is_found_in_the_listing() {
+        let listing = "0:\tfrom all lookup local\n\
+                       32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
+                       32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
+                       32765:\tfrom all fwmark 0x111/0xfff lookup 100\n\
+                       32766:\tfrom all lookup main\n";
+        assert_eq!(count_tproxy_rules(listing), 2);
+        assert_eq!(count_tproxy_rules("32766:\tfrom all lookup main\n"), 0);
     }
 
     #[test]

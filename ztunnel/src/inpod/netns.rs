@@ -49,16 +49,13 @@ impl NetNs {
 
     /// Wraps a namespace file descriptor, e.g. one received over ZDS with `SCM_RIGHTS`.
     ///
-    /// Fails with `InvalidInput` if the descriptor is not a network namespace: the fd comes from
-    /// another process, and entering a mount or user namespace by mistake must be impossible.
+    /// Fails with `InvalidInput` if the descriptor is not a namespace, or is visibly another kind
+    /// of namespace: the fd comes from another process, and a mistake should surface here, not at
+    /// the first socket. (For a bind-mounted namespace the kind is not visible without an ioctl;
+    /// entering one of the wrong kind still fails, in [`NetNs::run_in`], because `setns` is told to
+    /// expect a network namespace.)
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
-        let kind = ns_kind(fd.as_fd())?;
-        if !kind.starts_with("net:[") {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("file descriptor is not a network namespace (it is {kind:?})"),
-            ));
-        }
+        ensure_netns(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))?;
         let stat = nix::sys::stat::fstat(&fd)?;
         Ok(Self {
             fd,
@@ -133,10 +130,30 @@ impl fmt::Debug for NetNs {
     }
 }
 
-/// What the kernel calls the file behind `fd`; for namespaces `<type>:[<inode>]`.
-pub(super) fn ns_kind(fd: BorrowedFd<'_>) -> io::Result<String> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    Ok(link.to_string_lossy().into_owned())
+/// Checks that `path` (a file, or a `/proc/self/fd/N` link) is a network namespace, without
+/// opening it: opening an arbitrary file from another process (a FIFO, a device) could block.
+///
+/// The filesystem must be nsfs. The link target names the kind (`net:[4026531840]`) when the fd
+/// was opened through `/proc/<pid>/ns/`; for a bind mount (`/run/netns/<name>`) it is the mount's
+/// path and says nothing, and the kind is left to `setns` to check.
+pub(super) fn ensure_netns(path: &Path) -> io::Result<()> {
+    let fs = nix::sys::statfs::statfs(path)?;
+    let target = std::fs::read_link(path)
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| path.display().to_string());
+    let not = |what: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("expected a network namespace, but {what}"),
+        )
+    };
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(not(format!("{target:?} is not a namespace")));
+    }
+    match target.split_once(":[") {
+        Some((kind, _)) if kind != "net" => Err(not(format!("{target:?} is a {kind} namespace"))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -158,7 +175,7 @@ mod tests {
     fn other_namespace_kinds_are_refused() {
         let err = NetNs::open("/proc/self/ns/uts").expect_err("uts is not a netns");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
-        assert!(err.to_string().contains("uts:["), "{err}");
+        assert!(err.to_string().contains("is a uts namespace"), "{err}");
     }
 
     #[test]

@@ -495,6 +495,9 @@ mod tests {
         );
     }
 
+    /// A name, the packet, and what the error must be.
+    type Case = (&'static str, Received, fn(&ZdsError) -> bool);
+
     #[test]
     fn decode_rejections() {
         let add = WorkloadRequest {
@@ -518,7 +521,7 @@ mod tests {
             truncated,
         };
 
-        let cases: Vec<(&str, Received, fn(&ZdsError) -> bool)> = vec![
+        let cases: Vec<Case> = vec![
             ("garbage", received(&[0xff, 0xff], vec![], false), |e| {
                 matches!(e, ZdsError::Decode(_))
             }),

@@ -74,7 +74,10 @@ impl Handler for Inbound {
         let Some(target) = target.filter(|t| workload.has_ip(t.ip())) else {
             guard.failed(
                 "NR",
-                format!("target {} is not this workload's address", request.target()),
+                format!(
+                    "refused with 400: target {} is not this workload's address",
+                    request.target()
+                ),
             );
             request.refuse(StatusCode::BAD_REQUEST);
             return;
@@ -82,7 +85,7 @@ impl Handler for Inbound {
         if let Some(waypoints) = bypassed_waypoint(&snapshot, workload, &peer_identity) {
             guard.failed(
                 "DENY",
-                format!("{peer_identity} bypasses the destination's waypoint ({waypoints})"),
+                format!("refused with 401: {peer_identity} bypasses the destination's waypoint ({waypoints})"),
             );
             request.refuse(StatusCode::UNAUTHORIZED);
             return;
@@ -102,7 +105,10 @@ impl Handler for Inbound {
                 || "no ALLOW policy matches".to_owned(),
                 |p| format!("{}/{}", p.namespace(), p.name()),
             );
-            guard.failed("DENY", format!("RBAC: access denied by {policy}"));
+            guard.failed(
+                "DENY",
+                format!("refused with 401: RBAC: access denied by {policy}"),
+            );
             request.refuse(StatusCode::UNAUTHORIZED);
             return;
         }
@@ -111,7 +117,7 @@ impl Handler for Inbound {
             Err(e) => {
                 guard.failed(
                     "CONNECT",
-                    format!("connecting to the application at {target}: {e}"),
+                    format!("refused with 503: connecting to the application at {target}: {e}"),
                 );
                 request.refuse(StatusCode::SERVICE_UNAVAILABLE);
                 return;

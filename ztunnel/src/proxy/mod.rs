@@ -9,6 +9,7 @@ pub mod connection;
 mod inbound;
 pub mod live;
 mod outbound;
+mod plaintext;
 pub mod route;
 pub mod socks5;
 
@@ -78,15 +79,17 @@ impl WorkloadProxy {
         };
         let uid = workload.uid.clone();
         let bind = |port: u16| -> Result<TcpListener, crate::Error> {
-            let addr = SocketAddr::new(ip, port);
             ctx.sockets
-                .listen(workload, addr)
-                .map_err(|source| crate::Error::Bind { addr, source })
+                .listen(workload, port)
+                .map_err(|source| crate::Error::Bind {
+                    addr: SocketAddr::new(ip, port),
+                    source,
+                })
         };
         let inbound = bind(ports::INBOUND)?;
         let socks = bind(ports::SOCKS5)?;
         let captured = if ctx.sockets.captures() {
-            Some(bind(ports::OUTBOUND)?)
+            Some((bind(ports::OUTBOUND)?, bind(ports::INBOUND_PLAINTEXT)?))
         } else {
             None
         };
@@ -113,11 +116,17 @@ impl WorkloadProxy {
             socks,
             watch.clone(),
         )));
-        if let Some(listener) = captured {
+        if let Some((outbound, plaintext)) = captured {
             tasks.push(tokio::spawn(outbound::serve_captured(
                 ctx.clone(),
                 local,
-                listener,
+                outbound,
+                watch.clone(),
+            )));
+            tasks.push(tokio::spawn(plaintext::serve(
+                ctx.clone(),
+                uid.clone(),
+                plaintext,
                 watch,
             )));
         }

@@ -143,6 +143,8 @@ mod tests {
     async fn handshake(bytes: &[u8]) -> (Result<Target, Socks5Error>, Vec<u8>) {
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(bytes).await.expect("write");
+        // Nothing more will come: a truncated request must end in an error, not a wait.
+        client.shutdown().await.expect("shutdown");
         let result = accept(&mut server).await;
         drop(server);
         let mut answer = Vec::new();

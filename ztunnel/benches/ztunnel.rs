@@ -1,0 +1,413 @@
+//! Two real ztunnel processes against a direct connection, measured in one run on loopback.
+//!
+//! Data flows (everything on 127.x addresses of this machine; client and servers in this
+//! process, each ztunnel its own process started from the `ztunnel` binary, one per "node"):
+//! * direct: client → server
+//! * mesh:   client → SOCKS5 on the client's ztunnel (node-a) → HBONE (mTLS, HTTP/2) → the
+//!   server's ztunnel (node-b) → server
+//!
+//! Figures: single-stream throughput; 1 KiB request/response latency (p50, p99) at a fixed rate
+//! on one connection, measured from each request's scheduled time; new connections per second
+//! (connect, one 1 KiB exchange, close); CPU time of each ztunnel process per request (from
+//! /proc, during the latency phase); RSS of each ztunnel idle and per 1,000 open connections.
+//! Run with `cargo bench -p ztunnel`; `ZTUNNEL_BENCH_QUICK=1` shortens every phase (a smoke run).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLIENT: &str = "127.40.1.1";
+const SERVER: &str = "127.40.2.1";
+const SINK: u16 = 9001;
+const ECHO: u16 = 9002;
+
+struct Scale {
+    bulk: u64,
+    seconds: u64,
+    rate: u64,
+    connects: usize,
+    open: usize,
+}
+
+fn main() {
+    let quick = std::env::var_os("ZTUNNEL_BENCH_QUICK").is_some();
+    let scale = if quick {
+        Scale {
+            bulk: 64 << 20,
+            seconds: 1,
+            rate: 1000,
+            connects: 200,
+            open: 200,
+        }
+    } else {
+        Scale {
+            bulk: 1 << 30,
+            seconds: 5,
+            rate: 1000,
+            connects: 2000,
+            open: 1000,
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("ztunnel-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    write_config(&dir);
+    // Server threads live until the process exits.
+    spawn_sink();
+    spawn_echo();
+    let mut a = Ztunnel::start(&dir, "node-a", "127.40.0.1");
+    let mut b = Ztunnel::start(&dir, "node-b", "127.40.0.2");
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = (a.rss(), b.rss());
+
+    let sink = SocketAddr::new(ip(SERVER), SINK);
+    let echo = SocketAddr::new(ip(SERVER), ECHO);
+    let direct_bulk = throughput(|| direct(sink), scale.bulk);
+    let mesh_bulk = throughput(|| via_mesh(sink), scale.bulk);
+
+    let direct_lat = latency(direct(echo), scale.rate, scale.seconds);
+    let (a0, b0) = (a.cpu(), b.cpu());
+    let mesh_lat = latency(via_mesh(echo), scale.rate, scale.seconds);
+    let requests = (scale.rate * scale.seconds) as f64;
+    let cpu_a = (a.cpu() - a0).as_secs_f64() * 1e6 / requests;
+    let cpu_b = (b.cpu() - b0).as_secs_f64() * 1e6 / requests;
+
+    let direct_cps = connects(|| direct(echo), scale.connects);
+    let mesh_cps = connects(|| via_mesh(echo), scale.connects);
+
+    let before = (a.rss(), b.rss());
+    let mut held = Vec::with_capacity(scale.open);
+    for _ in 0..scale.open {
+        let mut s = via_mesh(echo);
+        exchange(&mut s, &[1u8; 16]);
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = (a.rss(), b.rss());
+    drop(held);
+    let per_conn =
+        |before: u64, after: u64| (after.saturating_sub(before)) as f64 / scale.open as f64;
+
+    println!("ztunnel benchmark (loopback, two ztunnel processes, 2-core machine)");
+    println!();
+    println!(
+        "{:>44}: {:9.2} Gbit/s direct, {:.2} Gbit/s through two ztunnels",
+        "single-stream throughput", direct_bulk, mesh_bulk
+    );
+    println!(
+        "{:>44}: direct p50 {:.1} µs p99 {:.1} µs; mesh p50 {:.1} µs p99 {:.1} µs",
+        "1 KiB request/response latency", direct_lat.0, direct_lat.1, mesh_lat.0, mesh_lat.1
+    );
+    println!(
+        "{:>44}: {:9.0} /s direct, {:.0} /s through two ztunnels",
+        "new connections (one exchange each)", direct_cps, mesh_cps
+    );
+    println!();
+    verdict(
+        "throughput ratio, mesh / direct",
+        mesh_bulk / direct_bulk,
+        "≥ 0.30",
+        mesh_bulk / direct_bulk >= 0.3,
+    );
+    verdict(
+        "added p50 latency for two hops (µs)",
+        mesh_lat.0 - direct_lat.0,
+        "≤ 60",
+        mesh_lat.0 - direct_lat.0 <= 60.0,
+    );
+    verdict(
+        "CPU per request, client ztunnel (µs)",
+        cpu_a,
+        "≤ 60",
+        cpu_a <= 60.0,
+    );
+    verdict(
+        "CPU per request, server ztunnel (µs)",
+        cpu_b,
+        "≤ 60",
+        cpu_b <= 60.0,
+    );
+    verdict(
+        "idle RSS, client ztunnel (MB)",
+        idle.0 as f64 / 1e6,
+        "≤ 15",
+        idle.0 <= 15_000_000,
+    );
+    verdict(
+        "idle RSS, server ztunnel (MB)",
+        idle.1 as f64 / 1e6,
+        "≤ 15",
+        idle.1 <= 15_000_000,
+    );
+    let (pa, pb) = (per_conn(before.0, after.0), per_conn(before.1, after.1));
+    verdict(
+        "RSS per open connection, client side (KiB)",
+        pa / 1024.0,
+        "≤ 8",
+        pa <= 8192.0,
+    );
+    verdict(
+        "RSS per open connection, server side (KiB)",
+        pb / 1024.0,
+        "≤ 8",
+        pb <= 8192.0,
+    );
+    if quick {
+        println!("\n(quick run: short phases; figures are not comparable)");
+    }
+    a.stop();
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn verdict(what: &str, value: f64, target: &str, ok: bool) {
+    let mark = if ok { "ok" } else { "MISSED" };
+    println!("{what:>44}: {value:9.2}   target {target:>6}   {mark}");
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+/// Two nodes, one ambient namespace, a client and a server workload.
+fn write_config(dir: &Path) {
+    let ca = hbone::MeshCa::generate("cluster.local").expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.root_pem()).expect("write");
+    std::fs::write(dir.join("ca.key"), ca.key_pem()).expect("write");
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).expect("mkdir");
+    std::fs::write(
+        config.join("mesh.yaml"),
+        format!(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: bench, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: bench}}
+spec: {{nodeName: node-a, serviceAccountName: client}}
+status: {{podIP: {CLIENT}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: bench}}
+spec: {{nodeName: node-b, serviceAccountName: server}}
+status: {{podIP: {SERVER}}}
+"#
+        ),
+    )
+    .expect("write");
+}
+
+struct Ztunnel {
+    child: Child,
+}
+
+impl Ztunnel {
+    fn start(dir: &Path, node: &str, admin_ip: &str) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+            .args(["--log", "warn"])
+            .args(["--admin", &format!("{admin_ip}:15000")])
+            .args(["--metrics", &format!("{admin_ip}:15020")])
+            .args(["--readiness", &format!("{admin_ip}:15021")])
+            .arg("run")
+            .args(["--config", &path(&dir.join("config"))])
+            .args(["--node", node])
+            .args(["--ca-cert", &path(&dir.join("ca.pem"))])
+            .args(["--ca-key", &path(&dir.join("ca.key"))])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start ztunnel");
+        let ready = SocketAddr::new(ip(admin_ip), 15021);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(ready) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(
+                    b"GET /healthz/ready HTTP/1.1\r\nhost: z\r\nconnection: close\r\n\r\n",
+                );
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.1 200") {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel for {node} did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child }
+    }
+
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// User + system CPU time (clock ticks are 100 Hz on Linux).
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+            .sum();
+        Duration::from_millis(ticks * 10)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn direct(addr: SocketAddr) -> TcpStream {
+    let s = connect_from(ip(CLIENT), addr);
+    s.set_nodelay(true).expect("nodelay");
+    s
+}
+
+/// Through the client's SOCKS5 port, leaving from the client's address.
+fn via_mesh(addr: SocketAddr) -> TcpStream {
+    let mut s = connect_from(ip(CLIENT), SocketAddr::new(ip(CLIENT), 15080));
+    s.set_nodelay(true).expect("nodelay");
+    let IpAddr::V4(v4) = addr.ip() else {
+        panic!("v4 only")
+    };
+    let mut req = vec![5, 1, 0, 5, 1, 0, 1];
+    req.extend_from_slice(&v4.octets());
+    req.extend_from_slice(&addr.port().to_be_bytes());
+    s.write_all(&req).expect("socks request");
+    let mut reply = [0u8; 12];
+    s.read_exact(&mut reply).expect("socks reply");
+    assert_eq!(reply[3], 0, "SOCKS5 refused the benchmark connection");
+    s
+}
+
+fn connect_from(src: IpAddr, dst: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::new(src, 0).into()).expect("bind");
+    socket.connect(&dst.into()).expect("connect");
+    socket.into()
+}
+
+/// Gbit/s of one stream carrying `bytes` to the sink, until the sink acknowledges all of it.
+fn throughput(open: impl Fn() -> TcpStream, bytes: u64) -> f64 {
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let mut s = open();
+        let chunk = vec![0x5au8; 128 * 1024];
+        let started = Instant::now();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            s.write_all(&chunk[..n]).expect("write");
+            left -= n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut ack = [0u8; 8];
+        s.read_exact(&mut ack).expect("ack");
+        assert_eq!(u64::from_be_bytes(ack), bytes);
+        best = best.max(bytes as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+fn exchange(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("read");
+}
+
+/// p50 and p99 in µs of 1 KiB exchanges at `rate` per second, from each scheduled start.
+fn latency(mut s: TcpStream, rate: u64, seconds: u64) -> (f64, f64) {
+    let msg = [7u8; 1024];
+    for _ in 0..100 {
+        exchange(&mut s, &msg);
+    }
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let start = Instant::now();
+    let mut samples = Vec::with_capacity((rate * seconds) as usize);
+    for i in 0..rate * seconds {
+        let due = start + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        exchange(&mut s, &msg);
+        samples.push(due.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    (at(0.5), at(0.99))
+}
+
+/// Connections per second, each opened, used for one 1 KiB exchange and closed.
+fn connects(open: impl Fn() -> TcpStream, n: usize) -> f64 {
+    let msg = [3u8; 1024];
+    let started = Instant::now();
+    for _ in 0..n {
+        let mut s = open();
+        exchange(&mut s, &msg);
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Reads everything, then answers with the byte count.
+fn spawn_sink() -> std::thread::JoinHandle<()> {
+    let listener = std::net::TcpListener::bind((ip(SERVER), SINK)).expect("bind sink");
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(&total.to_be_bytes());
+            });
+        }
+    })
+}
+
+/// Echoes every byte back.
+fn spawn_echo() -> std::thread::JoinHandle<()> {
+    let listener = std::net::TcpListener::bind((ip(SERVER), ECHO)).expect("bind echo");
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut s = s;
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
