@@ -16,11 +16,13 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use ztunnel::Ztunnel;
 use ztunnel::admin::{self, Admin, AdminAddrs, SetLogLevel};
+use ztunnel::inpod::zds::proto::WorkloadInfo;
+use ztunnel::inpod::{NetNs, PodRules, ZdsServer};
 use ztunnel::local::LocalMesh;
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
-use ztunnel::socket::Loopback;
+use ztunnel::socket::{InPod, Loopback, SocketFactory};
 
 /// Large per-connection buffers are recycled instead of mapped and unmapped, as upstream does.
 #[global_allocator]
@@ -80,6 +82,20 @@ enum Command {
         /// The mesh CA key (PEM).
         #[arg(long)]
         ca_key: PathBuf,
+        /// Capture in each pod's network namespace, announced by the node agent (istio-cni, or
+        /// `ztunnel cni`) on this ZDS socket, instead of serving workloads on loopback.
+        #[arg(long)]
+        inpod_uds: Option<PathBuf>,
+    },
+    /// Plays the node agent (istio-cni's side of ZDS) for local use: installs the in-pod
+    /// capture rules in each pod's network namespace and announces the pods to ztunnel.
+    Cni {
+        /// The ZDS socket ztunnel connects to.
+        #[arg(long)]
+        uds: PathBuf,
+        /// A pod as `namespace/name=/path/to/netns` (e.g. `/var/run/netns/pod1`); repeatable.
+        #[arg(long = "pod", required = true)]
+        pods: Vec<String>,
     },
 }
 
@@ -157,11 +173,13 @@ async fn main() -> anyhow::Result<()> {
             shutdown_signal().await;
             mesh.shutdown(deadline).await;
         }
+        Command::Cni { uds, pods } => cni(&uds, &pods).await?,
         Command::Run {
             config,
             node,
             ca_cert,
             ca_key,
+            inpod_uds,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -190,25 +208,102 @@ async fn main() -> anyhow::Result<()> {
                 addrs,
             )
             .context("binding the admin endpoints")?;
+            let inpod = inpod_uds.as_ref().map(|_| Arc::new(InPod::default()));
+            let sockets: Arc<dyn SocketFactory> = match &inpod {
+                Some(inpod) => inpod.clone(),
+                None => Arc::new(Loopback),
+            };
             let ctx = Arc::new(Ctx {
                 store,
                 certs,
                 metrics,
-                sockets: Arc::new(Loopback),
+                sockets,
                 live: Arc::new(LiveConnections::default()),
                 hbone: hbone::Config::default(),
             });
-            let ztunnel = Ztunnel::start(ctx, &node)
-                .await
-                .context("starting the ztunnel")?;
+            let ztunnel = Arc::new(
+                Ztunnel::start(ctx, &node)
+                    .await
+                    .context("starting the ztunnel")?,
+            );
+            let follower = match (inpod_uds, inpod) {
+                (Some(uds), Some(inpod)) => {
+                    Some(tokio::spawn(follow_agent(uds, inpod, ztunnel.clone())))
+                }
+                _ => None,
+            };
             ready.store(true, Ordering::Release);
             tracing::info!(node = %node, workloads = ?ztunnel.workloads().await, "ztunnel ready");
             shutdown_signal().await;
             ready.store(false, Ordering::Release);
-            ztunnel.drain(deadline).await;
+            if let Some(follower) = follower {
+                follower.abort();
+                let _ = follower.await;
+            }
+            match Arc::try_unwrap(ztunnel) {
+                Ok(z) => z.drain(deadline).await,
+                Err(_) => {
+                    tracing::warn!("ztunnel still shared at shutdown; connections are closed")
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Follows the node agent, reconnecting when it goes away (istio-cni restarts replay every pod).
+async fn follow_agent(uds: PathBuf, inpod: Arc<InPod>, ztunnel: Arc<Ztunnel>) {
+    loop {
+        match ztunnel::capture::follow_node_agent(&uds, &inpod, &ztunnel).await {
+            Ok(()) => tracing::info!(uds = %uds.display(), "node agent disconnected; reconnecting"),
+            Err(e) => {
+                tracing::warn!(uds = %uds.display(), error = %e, "node agent unavailable; retrying")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The node agent's side: rules in, pods announced, replayed on every reconnect.
+async fn cni(uds: &std::path::Path, pods: &[String]) -> anyhow::Result<()> {
+    let mut announced = Vec::new();
+    for pod in pods {
+        let (workload, netns) = pod
+            .split_once('=')
+            .context("--pod must be namespace/name=/path/to/netns")?;
+        let (namespace, name) = workload
+            .split_once('/')
+            .context("--pod must be namespace/name=/path/to/netns")?;
+        let ns = NetNs::open(netns).with_context(|| format!("opening {netns}"))?;
+        PodRules::detect(&ns)
+            .and_then(|rules| rules.install(&ns))
+            .with_context(|| format!("installing capture rules in {netns}"))?;
+        println!("capture rules installed for {workload} ({netns})");
+        announced.push((namespace.to_owned(), name.to_owned(), ns));
+    }
+    let server = ZdsServer::bind(uds).with_context(|| format!("binding {}", uds.display()))?;
+    println!("waiting for ztunnel on {}", uds.display());
+    loop {
+        let mut conn = server.accept().await?;
+        conn.hello().await?;
+        for (namespace, name, ns) in &announced {
+            let info = WorkloadInfo {
+                name: name.clone(),
+                namespace: namespace.clone(),
+                service_account: String::new(),
+            };
+            match conn
+                .add(format!("{namespace}/{name}"), Some(info), ns)
+                .await
+            {
+                Ok(()) => println!("ztunnel serves {namespace}/{name}"),
+                Err(e) => println!("ztunnel refused {namespace}/{name}: {e}"),
+            }
+        }
+        conn.snapshot_sent().await?;
+        // Keep the connection until ztunnel goes away, then wait for the next one.
+        let _ = conn.closed().await;
+    }
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.

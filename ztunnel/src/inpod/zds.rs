@@ -373,6 +373,15 @@ impl ZdsConnection {
         .await
     }
 
+    /// Waits until ztunnel closes the connection (it never sends unprompted, so anything it
+    /// does send before closing is a protocol error and ends the wait too).
+    pub async fn closed(&mut self) -> Result<(), ZdsError> {
+        match self.conn.recv().await? {
+            None => Ok(()),
+            Some(_) => Err(ZdsError::UnknownPayload),
+        }
+    }
+
     async fn request(
         &mut self,
         payload: workload_request::Payload,
