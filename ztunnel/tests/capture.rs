@@ -210,6 +210,32 @@ async fn exchange(netns: Arc<NetNs>, dst: &str, msg: &'static str) -> std::io::R
     .expect("join")
 }
 
+/// Everything logged in this test binary, to check the access log like an operator would.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> String {
+    String::from_utf8_lossy(
+        &LOGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+    .into_owned()
+}
+
 fn metrics_text(registry: &Registry) -> String {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
@@ -239,6 +265,11 @@ async fn captured_pods_talk_through_hbone() {
         Some("0"),
         "this test creates network namespaces and iptables rules: run it as root"
     );
+    tracing_subscriber::fmt()
+        .with_writer(|| LogWriter)
+        .with_ansi(false)
+        .with_env_filter("info")
+        .init();
     let mut fabric = Fabric::new();
     let client = Arc::new(fabric.pod(1));
     let echo_a = fabric.pod(2);
@@ -448,6 +479,18 @@ spec: {mtls: {mode: STRICT}}
         "{t}"
     );
 
+    let log = logs();
+    assert!(
+        log.lines().any(|l| l.contains("connection complete")
+            && l.contains("direction=\"inbound\"")
+            && l.contains("refused with 401: RBAC: access denied by app/deny-client")
+            && l.contains("src.identity=spiffe://cluster.local/ns/app/sa/client")),
+        "the destination's access log shows the 401 and who was refused:\n{log}"
+    );
+    assert!(
+        log.contains("plaintext refused: PeerAuthentication requires mTLS (STRICT)"),
+        "{log}"
+    );
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
 }
