@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::build::{Builder, Kinds};
+use super::build::{Builder, Kinds, by_name};
 use super::{PeerAuthEntry, PolicyEntry, PolicyScope};
 use crate::authz::{AuthorizationPolicySpec, Policy, PolicyTargetReference};
 use crate::error::{FieldError, Origin};
@@ -109,10 +109,7 @@ fn targets(
 
 pub(super) fn policies(b: &mut Builder<'_>, list: &[(&Origin, &Object<AuthorizationPolicySpec>)]) {
     let mut list = list.to_vec();
-    list.sort_by(|a, b| {
-        (a.1.metadata.namespace(), &a.1.metadata.name)
-            .cmp(&(b.1.metadata.namespace(), &b.1.metadata.name))
-    });
+    list.sort_by(by_name);
     let mut selected: Vec<Vec<PolicyId>> = vec![Vec::new(); b.workloads.len()];
     let mut waypoint_policies: Vec<Vec<PolicyId>> = vec![Vec::new(); b.waypoints.len()];
     let mut service_policies: HashMap<ServiceId, Vec<PolicyId>> = HashMap::new();
@@ -197,10 +194,7 @@ pub(super) fn peer_authentications(
     list: &[(&Origin, &Object<PeerAuthenticationSpec>)],
 ) {
     let mut list = list.to_vec();
-    list.sort_by(|a, b| {
-        (a.1.metadata.namespace(), &a.1.metadata.name)
-            .cmp(&(b.1.metadata.namespace(), &b.1.metadata.name))
-    });
+    list.sort_by(by_name);
     for (origin, pa) in list {
         let namespace = pa.metadata.namespace();
         let name = &pa.metadata.name;
@@ -274,10 +268,7 @@ pub(super) fn peer_authentications(
 
 pub(super) fn plugins(b: &mut Builder<'_>, list: &[(&Origin, &Object<WasmPluginSpec>)]) {
     let mut list = list.to_vec();
-    list.sort_by(|a, b| {
-        (a.1.metadata.namespace(), &a.1.metadata.name)
-            .cmp(&(b.1.metadata.namespace(), &b.1.metadata.name))
-    });
+    list.sort_by(by_name);
     let mut waypoint_plugins: Vec<Vec<PluginId>> = vec![Vec::new(); b.waypoints.len()];
     let mut service_plugins: HashMap<ServiceId, Vec<PluginId>> = HashMap::new();
     for (origin, wp) in list {
@@ -406,10 +397,7 @@ pub(super) fn destination_rules(
     list: &[(&Origin, &Object<DestinationRuleSpec>)],
 ) {
     let mut list = list.to_vec();
-    list.sort_by(|a, b| {
-        (a.1.metadata.namespace(), &a.1.metadata.name)
-            .cmp(&(b.1.metadata.namespace(), &b.1.metadata.name))
-    });
+    list.sort_by(by_name);
     for (origin, dr) in list {
         let namespace = dr.metadata.namespace();
         let name = &dr.metadata.name;
@@ -493,10 +481,7 @@ pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
         }
     }
     let mut virtual_services = kinds.virtual_services.clone();
-    virtual_services.sort_by(|a, b| {
-        (a.1.metadata.namespace(), &a.1.metadata.name)
-            .cmp(&(b.1.metadata.namespace(), &b.1.metadata.name))
-    });
+    virtual_services.sort_by(by_name);
     let mut istio: Vec<Attachment> = Vec::new();
     for &(origin, vs) in &virtual_services {
         let subsets = |host: &str, subset: &str| {

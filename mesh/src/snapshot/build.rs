@@ -423,35 +423,20 @@ impl<'o> Builder<'o> {
                 return None;
             }
         };
-        let mut ips = Vec::new();
-        let listed: Vec<(String, &str)> = if pod.status.pod_ips.is_empty() {
-            pod.status
-                .pod_ip
-                .iter()
-                .map(|ip| ("status.podIP".to_owned(), ip.as_str()))
-                .collect()
-        } else {
-            pod.status
-                .pod_ips
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.as_str()))
-                .collect()
-        };
-        for (field, ip) in listed {
-            match ip.parse::<IpAddr>() {
-                Ok(ip) => ips.push(ip),
-                Err(_) => {
-                    self.invalid(
-                        origin,
-                        "Pod",
-                        pod,
-                        FieldError::new(field, format!("{ip:?} is not an IP address")),
-                    );
-                    return None;
-                }
+        let listed: Vec<&str> = pod.status.pod_ips.iter().map(|p| p.ip.as_str()).collect();
+        let ips = match parse_ips(
+            pod.status.pod_ip.as_deref(),
+            "status.podIP",
+            &listed,
+            |i| format!("status.podIPs[{i}].ip"),
+            "an IP address",
+        ) {
+            Ok(ips) => ips,
+            Err(e) => {
+                self.invalid(origin, "Pod", pod, e);
+                return None;
             }
-        }
+        };
         let running = matches!(pod.status.phase.as_deref(), None | Some("Running"));
         let not_unready = !pod
             .status
@@ -764,38 +749,20 @@ impl<'o> Builder<'o> {
         }
         let meta = &svc.metadata;
         let namespace = meta.namespace();
-        let mut vips = Vec::new();
-        let listed: Vec<(String, &str)> = if svc.spec.cluster_ips.is_empty() {
-            svc.spec
-                .cluster_ip
-                .iter()
-                .map(|ip| ("spec.clusterIP".to_owned(), ip.as_str()))
-                .collect()
-        } else {
-            svc.spec
-                .cluster_ips
-                .iter()
-                .enumerate()
-                .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
-                .collect()
+        let listed: Vec<&str> = svc.spec.cluster_ips.iter().map(String::as_str).collect();
+        let vips = match parse_ips(
+            svc.spec.cluster_ip.as_deref(),
+            "spec.clusterIP",
+            &listed,
+            |i| format!("spec.clusterIPs[{i}]"),
+            "an IP address or \"None\"",
+        ) {
+            Ok(vips) => vips,
+            Err(e) => {
+                self.invalid(origin, "Service", svc, e);
+                return None;
+            }
         };
-        for (field, ip) in listed {
-            if ip == "None" || ip.is_empty() {
-                continue;
-            }
-            match ip.parse::<IpAddr>() {
-                Ok(ip) => vips.push(ip),
-                Err(_) => {
-                    self.invalid(
-                        origin,
-                        "Service",
-                        svc,
-                        FieldError::new(field, format!("{ip:?} is not an IP address or \"None\"")),
-                    );
-                    return None;
-                }
-            }
-        }
         let ports: Vec<ServicePort> = svc
             .spec
             .ports
@@ -1192,6 +1159,50 @@ impl<'o> Builder<'o> {
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+/// Parses Kubernetes' "one address, or a list of them" pair (`podIP`/`podIPs`,
+/// `clusterIP`/`clusterIPs`): the list wins when present; `None` and empty entries (headless
+/// services) are skipped. The field path is only built for an error, since a load parses tens of
+/// thousands of these.
+fn parse_ips(
+    single: Option<&str>,
+    single_field: &str,
+    list: &[&str],
+    list_field: impl Fn(usize) -> String,
+    valid: &str,
+) -> Result<Vec<IpAddr>, FieldError> {
+    let entries: Vec<(Option<usize>, &str)> = if list.is_empty() {
+        single.into_iter().map(|ip| (None, ip)).collect()
+    } else {
+        list.iter()
+            .enumerate()
+            .map(|(i, ip)| (Some(i), *ip))
+            .collect()
+    };
+    let mut ips = Vec::with_capacity(entries.len());
+    for (index, text) in entries {
+        if text.is_empty() || text == "None" {
+            continue;
+        }
+        match text.parse::<IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => {
+                let field = index.map_or_else(|| single_field.to_owned(), &list_field);
+                return Err(FieldError::new(field, format!("{text:?} is not {valid}")));
+            }
+        }
+    }
+    Ok(ips)
+}
+
+/// Orders resources by `namespace/name`, the order ties and ids follow in every snapshot.
+pub(super) fn by_name<S, T>(
+    a: &(&Origin, &Object<S, T>),
+    b: &(&Origin, &Object<S, T>),
+) -> std::cmp::Ordering {
+    (a.1.metadata.namespace(), &a.1.metadata.name)
+        .cmp(&(b.1.metadata.namespace(), &b.1.metadata.name))
+}
 
 fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
