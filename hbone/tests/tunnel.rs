@@ -182,8 +182,22 @@ async fn drain_finishes_in_flight_streams_while_new_ones_use_a_new_connection() 
     let cert = f.certs.fetch(&id("server")).await.unwrap();
     let replacement = TestServer::start_on(cert, Config::default(), addr).await;
 
-    let mut fresh = f.pool.connect(req).await.unwrap();
-    assert_eq!(f.pool.dials(), 2, "GOAWAY'd connection is not reused");
+    // A stream opened before the client has read the GOAWAY may still land on the old
+    // connection (the server accepts it, as HTTP/2 allows); once the GOAWAY is read, new streams
+    // must go to a fresh connection.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut fresh = loop {
+        let stream = f.pool.connect(req.clone()).await.unwrap();
+        if f.pool.dials() == 2 {
+            break stream;
+        }
+        drop(stream);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GOAWAY'd connection is still reused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     fresh.write_all(b"new").await.unwrap();
     let mut buf = [0u8; 3];
     fresh.read_exact(&mut buf).await.unwrap();
