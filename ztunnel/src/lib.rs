@@ -2,10 +2,9 @@
 //!
 //! Which runtime runs what: the data plane (every listener and connection of every local
 //! workload) runs on the main multi-threaded Tokio runtime; admin, metrics and readiness run on
-//! their own single-threaded runtime on a dedicated thread ([`admin`]); configuration reloads
+//! their own single-threaded runtime on a dedicated thread (the `admin` crate); configuration reloads
 //! run on the blocking pool ([`mesh::Store::watch`]).
 
-pub mod admin;
 pub mod capture;
 mod error;
 pub mod inpod;

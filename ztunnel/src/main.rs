@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use admin::{Admin, AdminAddrs, SetLogLevel};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hbone::{CertManager, MeshCa};
@@ -15,7 +16,6 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use ztunnel::Ztunnel;
-use ztunnel::admin::{self, Admin, AdminAddrs, SetLogLevel};
 use ztunnel::inpod::zds::proto::WorkloadInfo;
 use ztunnel::inpod::{NetNs, PodRules, ZdsServer};
 use ztunnel::local::LocalMesh;
@@ -139,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("starting the local mesh from {}", config.display()))?;
             let bound = admin::spawn(
                 Admin {
+                    name: "ztunnel-admin",
                     store: mesh.store.clone(),
                     certs: Arc::new(CertManager::new(mesh.ca.clone())),
                     registry: mesh.registry.clone(),
@@ -199,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
             let ready = Arc::new(AtomicBool::new(false));
             admin::spawn(
                 Admin {
+                    name: "ztunnel-admin",
                     store: store.clone(),
                     certs: certs.clone(),
                     registry: Arc::new(registry),

@@ -83,10 +83,16 @@ impl RouteTable {
     /// The winning rule and the index of its match that matched; `None` means a 404 when
     /// routes are attached.
     pub fn select(&self, req: &RequestView<'_>) -> Option<(&RouteRule, usize)> {
-        self.order.iter().find_map(|&(r, m)| {
-            let rule = &self.rules[r];
-            rule.matches[m].matches(req).then_some((rule, m))
-        })
+        self.select_index(req).map(|(r, m)| (&self.rules[r], m))
+    }
+
+    /// Like [`RouteTable::select`], but as `(rule index, match index)`, which a proxy can keep
+    /// across the phases of a request alongside the snapshot that owns the table.
+    pub fn select_index(&self, req: &RequestView<'_>) -> Option<(usize, usize)> {
+        self.order
+            .iter()
+            .copied()
+            .find(|&(r, m)| self.rules[r].matches[m].matches(req))
     }
 }
 

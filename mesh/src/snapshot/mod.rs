@@ -333,12 +333,33 @@ impl Snapshot {
         waypoint: &'a Waypoint,
         service: Option<&'a Service>,
     ) -> impl Iterator<Item = &'a Policy> {
+        self.waypoint_policy_entries(waypoint, service)
+            .map(|entry| &entry.policy)
+    }
+
+    /// The same policies as [`Snapshot::waypoint_policies`], lowered for a TCP port of the
+    /// waypoint, where no HTTP attribute exists: the lowering ztunnel uses (ALLOW rules that
+    /// need HTTP attributes never match, DENY rules keep their L4 parts). AUDIT is skipped.
+    pub fn waypoint_l4_policies<'a>(
+        &'a self,
+        waypoint: &'a Waypoint,
+        service: Option<&'a Service>,
+    ) -> impl Iterator<Item = &'a Policy> {
+        self.waypoint_policy_entries(waypoint, service)
+            .filter_map(|entry| entry.l4.as_ref())
+    }
+
+    fn waypoint_policy_entries<'a>(
+        &'a self,
+        waypoint: &'a Waypoint,
+        service: Option<&'a Service>,
+    ) -> impl Iterator<Item = &'a PolicyEntry> {
         self.index
             .waypoint_class_policies
             .iter()
             .chain(waypoint.policies.iter())
             .chain(service.map_or(NO_POLICIES, |s| &s.policies[..]))
-            .map(|&id| &self.policy(id).policy)
+            .map(|&id| self.policy(id))
     }
 
     /// The effective mTLS mode for traffic to `workload` on `port`: the workload's own

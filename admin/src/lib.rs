@@ -1,6 +1,7 @@
-//! Admin (`/config_dump`, `/logging`), metrics (`/stats/prometheus`) and readiness
-//! (`/healthz/ready`) endpoints, served on their own thread and runtime so a busy data plane
-//! never delays a scrape or a probe, and a stuck scrape never takes a data-plane worker.
+//! The operator endpoints both proxies serve: admin (`/config_dump`, `/logging`), metrics
+//! (`/stats/prometheus`) and readiness (`/healthz/ready`), on their own thread and runtime so a
+//! busy data plane never delays a scrape or a probe, and a stuck scrape never takes a
+//! data-plane worker.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>
 
 /// What the admin endpoints serve.
 pub struct Admin {
+    /// Names the serving thread (`ztunnel-admin`, `waypoint-admin`).
+    pub name: &'static str,
     /// The mesh, for `/config_dump`.
     pub store: Arc<mesh::Store>,
     /// Certificates, for `/config_dump`.
@@ -70,7 +73,7 @@ pub fn spawn(admin: Admin, addrs: AdminAddrs) -> std::io::Result<AdminAddrs> {
     };
     let admin = Arc::new(admin);
     std::thread::Builder::new()
-        .name("ztunnel-admin".into())
+        .name(admin.name.into())
         .spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,0 +1,908 @@
+//! main_internal: the HTTP lifecycle of one request, as Pingora phases.
+//!
+//! * `request_filter`: resolve the destination in the current snapshot ([`crate::state`]) →
+//!   L7 authorization (403 `RBAC: access denied`) → route selection (404 when routes are
+//!   attached and none matches) → CORS preflights, redirects, direct responses and injected
+//!   faults answer here → the backend (service, port, subset) is picked by weight → mirrors
+//!   start.
+//! * `upstream_peer`: each attempt chooses an endpoint ([`crate::balance`]), skipping those
+//!   already tried, after Envoy's jittered backoff, and connects through
+//!   [`crate::originate`] with the attempt's deadline.
+//! * `upstream_request_filter` / `response_filter`: header modifiers, rewrites, CORS headers.
+//! * `upstream_response_filter`, `fail_to_connect`, `error_while_proxy`: Istio's retry policy
+//!   ([`retry`]) and outlier-detection reports.
+//! * `fail_to_proxy`: the final status with Envoy's response flags (`UF`, `UH`, `UT`, `URX`).
+//! * `logging`: Istio's request metrics and one access-log line.
+
+mod cors;
+mod mirror;
+mod retry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use hbone::{Authority, ConnectHeaders, ConnectRequest, HBONE_PORT};
+use http::HeaderValue;
+use mesh::authz::{self, Attributes, HttpAttributes};
+use mesh::model::{AppProtocol, ServiceId, WorkloadId};
+use mesh::route::{HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::balance::{Chosen, Outcome, hash_key};
+use crate::metrics::{Labels, Parties};
+use crate::originate::HboneConnector;
+use crate::state::{Shared, Target, View};
+use crate::tunnel::{self, Tunnel};
+
+/// The `ProxyHttp` implementation: one per waypoint, shared by every request.
+#[derive(Debug)]
+pub struct Waypoint {
+    shared: Arc<Shared>,
+}
+
+impl Waypoint {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+/// Where the request goes, once routing has decided.
+#[derive(Debug, Clone)]
+enum Upstream {
+    /// A service port, possibly narrowed to a DestinationRule subset.
+    Service {
+        id: ServiceId,
+        port_index: usize,
+        subset: Option<Arc<str>>,
+        /// Index of the weighted backend in the rule, for its header modifiers.
+        backend: Option<usize>,
+    },
+    /// The addressed workload itself (`waypoint-for: workload`).
+    Workload { id: WorkloadId, port: u16 },
+}
+
+/// Per-request state shared across phases.
+#[derive(Debug)]
+pub struct RequestCtx {
+    start: Instant,
+    view: Option<Arc<View>>,
+    tunnel: Option<Arc<Tunnel>>,
+    target: Option<Target>,
+    /// `(rule, match)` indexes in the destination's route table.
+    rule: Option<(usize, usize)>,
+    upstream: Option<Upstream>,
+    retry: Option<RetryPolicy>,
+    hash: Option<u64>,
+    /// The endpoint of the current attempt; holds its active-request count.
+    endpoint: Option<Chosen>,
+    /// The last endpoint tried and its address, for logs and metrics.
+    last: Option<(WorkloadId, SocketAddr)>,
+    tried: Vec<WorkloadId>,
+    attempts: u32,
+    /// Overall route timeout.
+    deadline: Option<Instant>,
+    /// End of the current attempt (per-try timeout, capped by the overall deadline).
+    try_deadline: Option<Instant>,
+    /// A status the last attempt answered that the retry policy retries.
+    retriable_status: Option<u16>,
+    /// Envoy response flags (`-` when none).
+    flags: &'static str,
+    /// Why the waypoint answered itself, for the access log.
+    details: &'static str,
+    status: u16,
+    /// The allowed CORS `Origin` to echo on the response.
+    cors_origin: Option<HeaderValue>,
+    mirrors: Vec<mirror::Sender>,
+}
+
+impl RequestCtx {
+    fn rule<'v>(&self, view: &'v View) -> Option<&'v RouteRule> {
+        let (Some(Target::Service { id, port, .. }), Some((r, _))) = (self.target, self.rule)
+        else {
+            return None;
+        };
+        view.snapshot.routes(id, port)?.rules().get(r)
+    }
+
+    fn flag(&mut self, flag: &'static str) {
+        if self.flags == "-" {
+            self.flags = flag;
+        }
+    }
+}
+
+/// An answer the waypoint gives itself.
+struct Local {
+    status: u16,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+    body: Bytes,
+}
+
+impl Local {
+    fn text(status: u16, body: &'static str) -> Self {
+        Self {
+            status,
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            )],
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    async fn send(self, session: &mut Session) -> Result<()> {
+        let mut resp = ResponseHeader::build(self.status, Some(self.headers.len() + 1))?;
+        for (name, value) in self.headers {
+            resp.append_header(name, value)?;
+        }
+        resp.insert_header(http::header::CONTENT_LENGTH, self.body.len())?;
+        let empty = self.body.is_empty();
+        session.write_response_header(Box::new(resp), empty).await?;
+        if !empty {
+            session.write_response_body(Some(self.body), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The authority a request names: `:authority`, else `Host`.
+fn authority(req: &RequestHeader) -> &str {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
+        .unwrap_or("")
+}
+
+fn path_and_query(req: &RequestHeader) -> &str {
+    req.uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// Applies a modifier through Pingora's header API (which keeps its case map in step).
+fn modify_request(m: &HeaderModifier, req: &mut RequestHeader) -> Result<()> {
+    for name in &m.remove {
+        req.remove_header(name);
+    }
+    for (name, value) in &m.set {
+        req.insert_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in &m.add {
+        req.append_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
+fn modify_response(m: &HeaderModifier, resp: &mut ResponseHeader) -> Result<()> {
+    for name in &m.remove {
+        resp.remove_header(name);
+    }
+    for (name, value) in &m.set {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in &m.add {
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
+/// Chance of `percent` (0–100).
+fn roll(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && rand::rng().random::<f64>() * 100.0 < percent)
+}
+
+/// The DestinationRule policy for a service and subset (the subset's, merged over the
+/// host's), or the defaults.
+fn traffic_policy<'v>(
+    view: &'v View,
+    service: ServiceId,
+    subset: Option<&str>,
+) -> Option<&'v TrafficPolicy> {
+    let policy = view
+        .snapshot
+        .destination_policy(&view.snapshot.service(service).hostname)?;
+    Some(match subset.and_then(|s| policy.subset(s)) {
+        Some(s) => &s.traffic,
+        None => &policy.traffic,
+    })
+}
+
+static DEFAULT_TRAFFIC: std::sync::LazyLock<TrafficPolicy> =
+    std::sync::LazyLock::new(TrafficPolicy::default);
+
+impl Waypoint {
+    /// Decides what to do with a request; `Some` is an answer given here.
+    async fn decide(&self, session: &mut Session, ctx: &mut RequestCtx) -> Option<Local> {
+        let Some(tunnel) = tunnel::of(session).cloned() else {
+            // Only tunnels reach this server; anything else is a bug worth a loud answer.
+            ctx.details = "no_tunnel";
+            return Some(Local::text(500, "request without an HBONE tunnel\n"));
+        };
+        let view = self.shared.view();
+        ctx.tunnel = Some(tunnel.clone());
+        ctx.view = Some(view.clone());
+        let target = match view.resolve(tunnel.destination) {
+            Ok(t) => t,
+            Err(e) => {
+                ctx.flag("NR");
+                ctx.details = "destination_not_served";
+                tracing::debug!(dst.addr = %tunnel.destination, reason = %e, "destination not served");
+                return Some(Local::text(
+                    404,
+                    "destination not served by this waypoint\n",
+                ));
+            }
+        };
+        ctx.target = Some(target);
+        let snapshot = &view.snapshot;
+        let waypoint = snapshot.waypoint(view.waypoint?);
+        let req = session.req_header();
+        let (service, port) = match target {
+            Target::Service { id, port, .. } => (Some(snapshot.service(id)), port),
+            Target::Workload { port, .. } => (None, port),
+        };
+
+        // L7 authorization: policies on the waypoint's Gateway, the GatewayClass, the service.
+        let attrs = Attributes {
+            source: Some(&tunnel.source),
+            source_ip: tunnel.client_ip,
+            remote_ip: tunnel.client_ip,
+            destination_ip: tunnel.destination.ip(),
+            destination_port: port,
+            sni: None,
+            http: Some(HttpAttributes {
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                host: authority(req),
+                headers: &req.headers,
+            }),
+        };
+        let verdict = authz::evaluate(snapshot.waypoint_policies(waypoint, service), &attrs);
+        if !verdict.allowed {
+            ctx.details = "rbac_access_denied";
+            tracing::debug!(policy = verdict.policy.map(|p| p.name()), "request denied");
+            return Some(Local::text(403, "RBAC: access denied"));
+        }
+
+        let Target::Service { id, port_index, .. } = target else {
+            let Target::Workload { id, port } = target else {
+                unreachable!("matched above")
+            };
+            ctx.upstream = Some(Upstream::Workload { id, port });
+            ctx.retry = Some(RetryPolicy::mesh_default());
+            return None;
+        };
+
+        // Routing.
+        let table = snapshot.routes(id, port);
+        let rule = match table {
+            None => None,
+            Some(table) => {
+                let view_req = RequestView {
+                    method: &req.method,
+                    scheme: "http",
+                    path: path_and_query(req),
+                    authority: authority(req),
+                    headers: &req.headers,
+                    port,
+                    source_namespace: Some(&waypoint.namespace),
+                };
+                match table.select_index(&view_req) {
+                    Some((r, m)) => {
+                        ctx.rule = Some((r, m));
+                        Some((&table.rules()[r], m))
+                    }
+                    None => {
+                        ctx.flag("NR");
+                        ctx.details = "route_not_found";
+                        return Some(Local::text(404, ""));
+                    }
+                }
+            }
+        };
+        let Some((rule, matched)) = rule else {
+            ctx.upstream = Some(Upstream::Service {
+                id,
+                port_index,
+                subset: None,
+                backend: None,
+            });
+            ctx.retry = Some(RetryPolicy::mesh_default());
+            self.prepare_hash(session, ctx, &view, id, None);
+            return None;
+        };
+        let matched = &rule.matches[matched];
+        ctx.retry = rule.retry.clone();
+        ctx.deadline = rule.timeout.map(|t| ctx.start + t);
+
+        if let Some(cors) = &rule.cors
+            && let Some(answer) = cors::handle(cors, session.req_header(), ctx)
+        {
+            return Some(answer);
+        }
+        let req = session.req_header();
+        match &rule.action {
+            RuleAction::Redirect(redirect) => {
+                let view_req = RequestView {
+                    method: &req.method,
+                    scheme: "http",
+                    path: path_and_query(req),
+                    authority: authority(req),
+                    headers: &req.headers,
+                    port,
+                    source_namespace: Some(&waypoint.namespace),
+                };
+                let location = redirect.location(&view_req, matched);
+                ctx.details = "redirect";
+                let Ok(location) = HeaderValue::try_from(location) else {
+                    return Some(Local::text(500, "invalid redirect location\n"));
+                };
+                return Some(Local {
+                    status: redirect.status,
+                    headers: vec![(http::header::LOCATION, location)],
+                    body: Bytes::new(),
+                });
+            }
+            RuleAction::DirectResponse { status, body } => {
+                ctx.details = "direct_response";
+                return Some(Local {
+                    status: *status,
+                    headers: Vec::new(),
+                    body: body
+                        .as_deref()
+                        .map(Bytes::copy_from_slice)
+                        .unwrap_or_default(),
+                });
+            }
+            RuleAction::Forward(_) => {}
+        }
+
+        if let Some(fault) = &rule.fault {
+            if let Some(delay) = fault.delay
+                && roll(delay.percent)
+            {
+                ctx.flag("DI");
+                tokio::time::sleep(delay.delay).await;
+            }
+            if let Some(abort) = fault.abort
+                && roll(abort.percent)
+            {
+                ctx.flag("FI");
+                ctx.details = "fault_filter_abort";
+                return Some(Local::text(abort.status, "fault filter abort"));
+            }
+        }
+
+        let RuleAction::Forward(backends) = &rule.action else {
+            unreachable!("answered above")
+        };
+        let Some(chosen) = mesh::route::pick(backends, &mut rand::rng()) else {
+            ctx.details = "no_backend";
+            return Some(Local::text(500, ""));
+        };
+        let backend_index = backends
+            .iter()
+            .position(|b| std::ptr::eq(b, chosen))
+            .unwrap_or(0);
+        let backend = &chosen.backend;
+        let Some((backend_id, backend_service)) = snapshot.service_by_host(&backend.service) else {
+            ctx.details = "cluster_not_found";
+            return Some(Local::text(500, ""));
+        };
+        let backend_port = backend.port.unwrap_or(port);
+        let Some((backend_port_index, _)) = backend_service.port(backend_port) else {
+            ctx.details = "cluster_not_found";
+            return Some(Local::text(500, ""));
+        };
+        if backend_service
+            .subset_endpoints(backend.subset.as_deref())
+            .is_none()
+        {
+            // A VirtualService subset no DestinationRule defines: Envoy's unknown cluster.
+            ctx.flag("NR");
+            ctx.details = "cluster_not_found";
+            return Some(Local::text(503, ""));
+        }
+        ctx.upstream = Some(Upstream::Service {
+            id: backend_id,
+            port_index: backend_port_index,
+            subset: backend.subset.clone(),
+            backend: Some(backend_index),
+        });
+        self.prepare_hash(session, ctx, &view, backend_id, backend.subset.as_deref());
+
+        for m in &rule.mirrors {
+            if roll(m.percent) {
+                let sender = mirror::start(
+                    self.shared.clone(),
+                    view.clone(),
+                    &m.backend,
+                    port,
+                    session.req_header(),
+                    tunnel.client_ip,
+                );
+                if let Some(sender) = sender {
+                    ctx.mirrors.push(sender);
+                }
+            }
+        }
+        None
+    }
+
+    /// Computes the consistent-hash key now, while the request headers are at hand.
+    fn prepare_hash(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        view: &View,
+        service: ServiceId,
+        subset: Option<&str>,
+    ) {
+        let Some(policy) = traffic_policy(view, service, subset) else {
+            return;
+        };
+        if let mesh::route::LoadBalancer::ConsistentHash(ch) = &policy.load_balancer {
+            let req = session.req_header();
+            ctx.hash = hash_key(
+                &ch.key,
+                &req.headers,
+                path_and_query(req),
+                ctx.tunnel.as_ref().map(|t| t.client_ip),
+            );
+        }
+    }
+
+    /// Waits Envoy's fully jittered exponential backoff before retry `n` (n ≥ 1), never past
+    /// the deadline.
+    async fn backoff(&self, ctx: &RequestCtx, n: u32) {
+        let base = ctx
+            .retry
+            .as_ref()
+            .and_then(|r| r.backoff)
+            .unwrap_or(Duration::from_millis(25));
+        let cap = base * 10;
+        let ceiling = base.saturating_mul(1 << (n - 1).min(16)).min(cap);
+        let wait = ceiling.mul_f64(rand::rng().random::<f64>());
+        let until = Instant::now() + wait;
+        tokio::time::sleep_until(ctx.deadline.map_or(until, |d| d.min(until))).await;
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Waypoint {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            view: None,
+            tunnel: None,
+            target: None,
+            rule: None,
+            upstream: None,
+            retry: None,
+            hash: None,
+            endpoint: None,
+            last: None,
+            tried: Vec::new(),
+            attempts: 0,
+            deadline: None,
+            try_deadline: None,
+            retriable_status: None,
+            flags: "-",
+            details: "via_upstream",
+            status: 0,
+            cors_origin: None,
+            mirrors: Vec::new(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match self.decide(session, ctx).await {
+            Some(local) => {
+                ctx.status = local.status;
+                local.send(session).await?;
+                Ok(true)
+            }
+            None => {
+                // Keep the first 64 KiB of the body so a retry can replay it.
+                session.enable_retry_buffering();
+                Ok(false)
+            }
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        for m in &mut ctx.mirrors {
+            m.body(body.as_ref(), end_of_stream);
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let (Some(view), Some(upstream)) = (ctx.view.clone(), ctx.upstream.clone()) else {
+            return Err(Error::explain(ErrorType::InternalError, "no route decided"));
+        };
+        ctx.attempts += 1;
+        ctx.retriable_status = None;
+        if ctx.attempts > 1 {
+            self.backoff(ctx, ctx.attempts - 1).await;
+        }
+        let now = Instant::now();
+        if ctx.deadline.is_some_and(|d| now >= d) {
+            ctx.flag("UT");
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(504),
+                "upstream request timeout",
+            ));
+        }
+        let snapshot = &view.snapshot;
+        let (workload, port, protocol, traffic) = match &upstream {
+            Upstream::Service {
+                id,
+                port_index,
+                subset,
+                ..
+            } => {
+                let traffic =
+                    traffic_policy(&view, *id, subset.as_deref()).unwrap_or(&DEFAULT_TRAFFIC);
+                let chosen = view.balancer.choose(
+                    snapshot,
+                    *id,
+                    *port_index,
+                    subset.as_deref(),
+                    traffic,
+                    ctx.hash,
+                    &ctx.tried,
+                    now.into_std(),
+                );
+                let Some(chosen) = chosen else {
+                    ctx.flag("UH");
+                    ctx.details = "no_healthy_upstream";
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        "no healthy upstream",
+                    ));
+                };
+                let w = chosen.workload;
+                let port = chosen.target_port;
+                ctx.endpoint = Some(chosen);
+                let protocol = snapshot.service(*id).ports[*port_index].protocol;
+                (w, port, protocol, traffic)
+            }
+            Upstream::Workload { id, port } => {
+                (*id, *port, AppProtocol::Unspecified, &*DEFAULT_TRAFFIC)
+            }
+        };
+        ctx.tried.push(workload);
+        let w = snapshot.workload(workload);
+        let Some(&ip) = w.ips.first() else {
+            ctx.flag("UH");
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "endpoint has no address",
+            ));
+        };
+        let addr = SocketAddr::new(ip, port);
+        ctx.last = Some((workload, addr));
+        let per_try = ctx
+            .rule(&view)
+            .and_then(|r| r.per_try_timeout)
+            .map(|t| now + t);
+        ctx.try_deadline = match (per_try, ctx.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let tunnel = ctx.tunnel.as_ref().expect("set with the view");
+        let service = match &upstream {
+            Upstream::Service { id, .. } => Some(snapshot.service(*id).hostname.to_string()),
+            Upstream::Workload { .. } => None,
+        };
+        let connector = HboneConnector {
+            pool: self.shared.pool.clone(),
+            request: ConnectRequest {
+                src: self.shared.identity.clone(),
+                dst_identities: vec![w.identity.clone()],
+                next_hop: SocketAddr::new(ip, HBONE_PORT),
+                authority: Authority::Addr(addr),
+                headers: ConnectHeaders {
+                    forwarded: Some(hbone::headers::Forwarded {
+                        client: Some(SocketAddr::new(tunnel.client_ip, 0)),
+                        host: service,
+                    }),
+                    ..ConnectHeaders::default()
+                },
+            },
+            connect_timeout: traffic.connection_pool.connect_timeout,
+            deadline: ctx.try_deadline,
+        };
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.custom_l4 = Some(Arc::new(connector));
+        if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
+            peer.options.set_http_version(2, 2);
+        }
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(view) = ctx.view.clone() else {
+            return Ok(());
+        };
+        let Some(rule) = ctx.rule(&view) else {
+            return Ok(());
+        };
+        if let Some(Upstream::Service {
+            backend: Some(b), ..
+        }) = &ctx.upstream
+            && let RuleAction::Forward(backends) = &rule.action
+            && let Some(backend) = backends.get(*b)
+        {
+            modify_request(&backend.request_headers, upstream_request)?;
+        }
+        modify_request(&rule.request_headers, upstream_request)?;
+        if let Some(rewrite) = &rule.rewrite {
+            if let Some(path) = &rewrite.path
+                && let Some((_, m)) = ctx.rule
+            {
+                let new = path.apply(path_and_query(upstream_request), &rule.matches[m]);
+                let uri = http::Uri::try_from(new)
+                    .map_err(|e| Error::because(ErrorType::InternalError, "path rewrite", e))?;
+                upstream_request.set_uri(uri);
+            }
+            if let Some(authority) = &rewrite.authority {
+                upstream_request.insert_header(http::header::HOST, authority.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if let (Some(view), Some(chosen)) = (&ctx.view, &ctx.endpoint) {
+            let outcome = if status >= 500 {
+                Outcome::ServerError(status)
+            } else {
+                Outcome::Success
+            };
+            let detection = match &ctx.upstream {
+                Some(Upstream::Service { id, subset, .. }) => {
+                    traffic_policy(view, *id, subset.as_deref())
+                        .and_then(|t| t.outlier_detection.as_ref())
+                }
+                _ => None,
+            };
+            view.balancer.report(
+                chosen.workload,
+                outcome,
+                detection,
+                std::time::Instant::now(),
+            );
+        }
+        if retry::retries_status(ctx, session, status) {
+            ctx.retriable_status = Some(status);
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retriable status");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.status = upstream_response.status.as_u16();
+        let Some(view) = ctx.view.clone() else {
+            return Ok(());
+        };
+        if let Some(rule) = ctx.rule(&view) {
+            if let Some(Upstream::Service {
+                backend: Some(b), ..
+            }) = &ctx.upstream
+                && let RuleAction::Forward(backends) = &rule.action
+                && let Some(backend) = backends.get(*b)
+            {
+                modify_response(&backend.response_headers, upstream_response)?;
+            }
+            modify_response(&rule.response_headers, upstream_response)?;
+            if let (Some(cors), Some(origin)) = (&rule.cors, &ctx.cors_origin) {
+                cors::response_headers(cors, origin, upstream_response)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(view), Some(chosen)) = (&ctx.view, ctx.endpoint.take()) {
+            let detection = match &ctx.upstream {
+                Some(Upstream::Service { id, subset, .. }) => {
+                    traffic_policy(view, *id, subset.as_deref())
+                        .and_then(|t| t.outlier_detection.as_ref())
+                }
+                _ => None,
+            };
+            view.balancer.report(
+                chosen.workload,
+                Outcome::LocalOriginFailure,
+                detection,
+                std::time::Instant::now(),
+            );
+        }
+        let retry = retry::retries_connect_failure(ctx, session);
+        tracing::debug!(error = %e, attempt = ctx.attempts, retry, "upstream connect failed");
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        if ctx.retriable_status.is_some() {
+            // Our own signal from `upstream_response_filter`; already decided.
+            e.set_retry(true);
+            return e;
+        }
+        let retry = retry::retries_error(ctx, session, &e);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (code, body): (u16, &'static str) = match e.etype() {
+            ErrorType::HTTPStatus(code) => (*code, ""),
+            _ if retry::is_timeout(e) || ctx.deadline.is_some_and(|d| Instant::now() >= d) => {
+                ctx.flag("UT");
+                (504, "upstream request timeout")
+            }
+            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => {
+                ctx.flag(if ctx.attempts > 1 { "URX" } else { "UF" });
+                (
+                    503,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                )
+            }
+            _ => match e.esource() {
+                pingora_error::ErrorSource::Upstream => {
+                    ctx.flag(if ctx.attempts > 1 { "URX" } else { "UC" });
+                    (
+                        503,
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                    )
+                }
+                pingora_error::ErrorSource::Downstream => {
+                    ctx.flag("DC");
+                    (0, "")
+                }
+                _ => (500, ""),
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let _ = session
+                .respond_error_with_body(code, Bytes::from_static(body.as_bytes()))
+                .await;
+        }
+        ctx.status = code;
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.endpoint = None;
+        let status = session
+            .response_written()
+            .map_or(ctx.status, |r| r.status.as_u16());
+        let (Some(view), Some(tunnel)) = (&ctx.view, &ctx.tunnel) else {
+            return;
+        };
+        let snapshot = &view.snapshot;
+        let network = &*snapshot.options().network;
+        let service = match ctx.target {
+            Some(Target::Service { id, .. }) => Some(snapshot.service(id)),
+            _ => None,
+        };
+        let destination = ctx.last.map(|(w, _)| snapshot.workload(w));
+        let parties = Parties {
+            snapshot,
+            source: snapshot.workload_by_ip(network, tunnel.client_ip),
+            source_principal: &tunnel.principal,
+            service,
+            destination,
+        };
+        let protocol = match session.req_header().version {
+            http::Version::HTTP_2 if is_grpc(session.req_header()) => "grpc",
+            _ => "http",
+        };
+        let labels = Labels::new(&parties, protocol, status, ctx.flags);
+        let elapsed = ctx.start.elapsed();
+        let metrics = &self.shared.metrics;
+        metrics.requests.get_or_create(&labels).inc();
+        metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        metrics
+            .request_bytes
+            .get_or_create(&labels)
+            .observe(session.body_bytes_read() as f64);
+        metrics
+            .response_bytes
+            .get_or_create(&labels)
+            .observe(session.body_bytes_sent() as f64);
+        let req = session.req_header();
+        let route = ctx.rule(view).map(|r| r.source.to_string());
+        tracing::info!(
+            target: "access",
+            method = %req.method,
+            path = path_and_query(req),
+            authority = authority(req),
+            status,
+            response_flags = ctx.flags,
+            details = ctx.details,
+            src.identity = %tunnel.principal,
+            src.addr = %tunnel.client_ip,
+            dst.addr = %tunnel.destination,
+            dst.service = service.map(|s| &*s.hostname),
+            route = route.as_deref(),
+            upstream = ctx.last.map(|(_, a)| tracing::field::display(a)),
+            upstream.workload = destination.map(|w| &*w.name),
+            attempts = ctx.attempts,
+            duration_ms = elapsed.as_millis() as u64,
+            error = e.map(tracing::field::display),
+            "request"
+        );
+    }
+}
+
+fn is_grpc(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}

@@ -1,0 +1,159 @@
+//! The TCP path: ports whose protocol is not HTTP are authorized on their L4 attributes and
+//! copied byte for byte to an endpoint, never parsed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hbone::{Authority, ConnectHeaders, ConnectRequest, H2Stream, HBONE_PORT};
+use mesh::authz::{self, Attributes};
+use mesh::route::TrafficPolicy;
+
+use crate::balance::Outcome;
+use crate::metrics::{Labels, Parties};
+use crate::state::{Shared, Target, View};
+use crate::tunnel::Tunnel;
+
+/// Serves one tunnel to a TCP port until both directions are done.
+pub(crate) async fn serve(
+    shared: &Shared,
+    view: Arc<View>,
+    target: Target,
+    tunnel: Tunnel,
+    mut downstream: H2Stream,
+) {
+    let snapshot = &view.snapshot;
+    let Some(waypoint) = view.waypoint.map(|id| snapshot.waypoint(id)) else {
+        return;
+    };
+    let network = &*snapshot.options().network;
+    let source = snapshot.workload_by_ip(network, tunnel.client_ip);
+    let (service, port_index) = match target {
+        Target::Service { id, port_index, .. } => (Some(snapshot.service(id)), Some(port_index)),
+        Target::Workload { .. } => (None, None),
+    };
+    let attrs = Attributes {
+        source: Some(&tunnel.source),
+        source_ip: tunnel.client_ip,
+        remote_ip: tunnel.client_ip,
+        destination_ip: tunnel.destination.ip(),
+        destination_port: tunnel.destination.port(),
+        sni: None,
+        http: None,
+    };
+    let verdict = authz::evaluate(snapshot.waypoint_l4_policies(waypoint, service), &attrs);
+    if !verdict.allowed {
+        tracing::info!(
+            target: "access",
+            protocol = "tcp",
+            src.identity = %tunnel.principal,
+            src.addr = %tunnel.client_ip,
+            dst.addr = %tunnel.destination,
+            policy = verdict.policy.map(|p| p.name()),
+            "connection denied by authorization policy"
+        );
+        return;
+    }
+
+    // Choose the endpoint: a service's, by its DestinationRule; or the addressed workload.
+    let default_policy = TrafficPolicy::default();
+    let (chosen, workload, port) = match target {
+        Target::Service { id, port_index, .. } => {
+            let service = snapshot.service(id);
+            let policy = snapshot
+                .destination_policy(&service.hostname)
+                .map_or(&default_policy, |p| &p.traffic);
+            let Some(chosen) = view.balancer.choose(
+                snapshot,
+                id,
+                port_index,
+                None,
+                policy,
+                None,
+                &[],
+                Instant::now(),
+            ) else {
+                tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, dst.addr = %tunnel.destination, response_flags = "UH", "no healthy endpoint");
+                return;
+            };
+            let w = snapshot.workload(chosen.workload);
+            let port = chosen.target_port;
+            (Some(chosen), w, port)
+        }
+        Target::Workload { id, port } => (None, snapshot.workload(id), port),
+    };
+    let _ = port_index;
+    let Some(&ip) = workload.ips.first() else {
+        return;
+    };
+    let request = ConnectRequest {
+        src: shared.identity.clone(),
+        dst_identities: vec![workload.identity.clone()],
+        next_hop: std::net::SocketAddr::new(ip, HBONE_PORT),
+        authority: Authority::Addr(std::net::SocketAddr::new(ip, port)),
+        headers: ConnectHeaders {
+            forwarded: Some(hbone::headers::Forwarded {
+                client: Some(std::net::SocketAddr::new(tunnel.client_ip, 0)),
+                host: service.map(|s| s.hostname.to_string()),
+            }),
+            ..ConnectHeaders::default()
+        },
+    };
+    let parties = Parties {
+        snapshot,
+        source,
+        source_principal: &tunnel.principal,
+        service,
+        destination: Some(workload),
+    };
+    let mut upstream = match shared.pool.connect(request).await {
+        Ok(s) => s,
+        Err(error) => {
+            if let Some(c) = &chosen {
+                view.balancer.report(
+                    c.workload,
+                    Outcome::LocalOriginFailure,
+                    None,
+                    Instant::now(),
+                );
+            }
+            tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, dst.addr = %tunnel.destination, dst.workload = %workload.name, response_flags = "UF", %error, "upstream connect failed");
+            let labels = Labels::new(&parties, "tcp", 0, "UF");
+            shared.metrics.tcp_opened.get_or_create(&labels).inc();
+            shared.metrics.tcp_closed.get_or_create(&labels).inc();
+            return;
+        }
+    };
+    let labels = Labels::new(&parties, "tcp", 0, "-");
+    shared.metrics.tcp_opened.get_or_create(&labels).inc();
+    let started = Instant::now();
+    let (copied, error) = match hbone::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok(c) => (c, None),
+        Err(e) => (e.copied, Some(e.source)),
+    };
+    shared
+        .metrics
+        .tcp_received
+        .get_or_create(&labels)
+        .inc_by(copied.a_to_b);
+    shared
+        .metrics
+        .tcp_sent
+        .get_or_create(&labels)
+        .inc_by(copied.b_to_a);
+    shared.metrics.tcp_closed.get_or_create(&labels).inc();
+    tracing::info!(
+        target: "access",
+        protocol = "tcp",
+        src.identity = %tunnel.principal,
+        src.addr = %tunnel.client_ip,
+        dst.addr = %tunnel.destination,
+        dst.workload = %workload.name,
+        upstream = %std::net::SocketAddr::new(ip, port),
+        bytes_sent = copied.a_to_b,
+        bytes_received = copied.b_to_a,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = error.as_ref().map(tracing::field::display),
+        "connection complete"
+    );
+    drop(chosen);
+}

@@ -1,0 +1,163 @@
+//! The `waypoint` binary.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use admin::{Admin, AdminAddrs, SetLogLevel};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hbone::{CertManager, MeshCa};
+use mesh::{ConfigDir, Options, Store};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use waypoint::metrics::Metrics;
+use waypoint::{WaypointServer, WaypointSpec};
+
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Istio ambient's L7 proxy, on Pingora")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (`info`, `access=info,waypoint=debug`, ...); also `RUST_LOG`.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    /// Admin endpoint (`/config_dump`, `/logging`).
+    #[arg(long, global = true, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Prometheus endpoint (`/stats/prometheus`).
+    #[arg(long, global = true, default_value = "127.0.0.1:15020")]
+    metrics: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, global = true, default_value = "127.0.0.1:15021")]
+    readiness: SocketAddr,
+    /// How long requests may take to finish after SIGTERM.
+    #[arg(long, global = true, default_value = "30", value_name = "SECONDS")]
+    drain_deadline: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs one waypoint: the Gateway `--gateway` of the configuration in `--config`.
+    Run {
+        /// The configuration directory (watched).
+        #[arg(long)]
+        config: PathBuf,
+        /// The waypoint Gateway, as `namespace/name`.
+        #[arg(long)]
+        gateway: String,
+        /// The mesh CA certificate (PEM).
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// The mesh CA key (PEM).
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// Listen on this address instead of the instance pod's IP from the configuration.
+        #[arg(long)]
+        address: Option<IpAddr>,
+        /// The HBONE port.
+        #[arg(long, default_value_t = hbone::HBONE_PORT)]
+        port: u16,
+    },
+}
+
+fn logging(filter: Option<&str>) -> SetLogLevel {
+    let filter = filter
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
+        .init();
+    Arc::new(move |level: &str| {
+        let new =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
+        handle.reload(new).map_err(|e| e.to_string())?;
+        Ok(level.to_owned())
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let set_log_level = logging(cli.log.as_deref());
+    let deadline = Duration::from_secs(cli.drain_deadline);
+    let addrs = AdminAddrs {
+        admin: cli.admin,
+        metrics: cli.metrics,
+        readiness: cli.readiness,
+    };
+    let Command::Run {
+        config,
+        gateway,
+        ca_cert,
+        ca_key,
+        address,
+        port,
+    } = cli.command;
+    let (namespace, name) = gateway
+        .split_once('/')
+        .context("--gateway must be namespace/name")?;
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let ca = Arc::new(
+        MeshCa::from_pem(&read(&ca_cert)?, &read(&ca_key)?).context("loading the mesh CA")?,
+    );
+    let mut dir = ConfigDir::new(&config, Options::default());
+    let store = Store::open(&mut dir).with_context(|| format!("loading {}", config.display()))?;
+    let _watch = store.watch(dir, mesh::DEFAULT_DEBOUNCE)?;
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let certs = Arc::new(CertManager::new(ca));
+    let ready = Arc::new(AtomicBool::new(false));
+    admin::spawn(
+        Admin {
+            name: "waypoint-admin",
+            store: store.clone(),
+            certs: certs.clone(),
+            registry: Arc::new(registry),
+            ready: ready.clone(),
+            set_log_level: Some(set_log_level),
+        },
+        addrs,
+    )
+    .context("binding the admin endpoints")?;
+    let mut spec = WaypointSpec::new(namespace, name);
+    spec.address = address;
+    spec.port = port;
+    let server = WaypointServer::start(store, certs, spec, metrics)
+        .await
+        .context("starting the waypoint")?;
+    ready.store(true, Ordering::Release);
+    shutdown_signal().await;
+    ready.store(false, Ordering::Release);
+    server.drain(deadline).await;
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the waypoint");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

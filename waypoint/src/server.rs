@@ -1,0 +1,137 @@
+//! Starting and stopping one waypoint: certificate, HBONE listener, HTTP proxy, and the task
+//! that follows configuration changes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hbone::drain::DrainTrigger;
+use hbone::{CertManager, HBONE_PORT, Pool};
+use mesh::Store;
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::ServerConf;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::Error;
+use crate::http::Waypoint;
+use crate::metrics::Metrics;
+use crate::state::{Shared, WaypointName};
+use crate::terminate::Terminate;
+
+/// Which waypoint to run and where.
+#[derive(Debug, Clone)]
+pub struct WaypointSpec {
+    /// The Gateway (class `istio-waypoint`) this process is an instance of.
+    pub name: WaypointName,
+    /// The address to listen on; default: the first instance pod's IP in the configuration.
+    pub address: Option<IpAddr>,
+    /// The HBONE port (15008; 0 picks a free one, for tests).
+    pub port: u16,
+    /// HTTP/2 and TLS settings of both HBONE legs.
+    pub hbone: hbone::Config,
+}
+
+impl WaypointSpec {
+    /// The Gateway `namespace/name` on its instance's address, port 15008.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            name: WaypointName {
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+            address: None,
+            port: HBONE_PORT,
+            hbone: hbone::Config::default(),
+        }
+    }
+}
+
+/// A running waypoint.
+#[derive(Debug)]
+pub struct WaypointServer {
+    addr: SocketAddr,
+    drain: Option<DrainTrigger>,
+    serve: JoinHandle<()>,
+    follow: JoinHandle<()>,
+}
+
+impl WaypointServer {
+    /// Starts serving `spec` with identities from `certs`, following `store`.
+    pub async fn start(
+        store: Arc<Store>,
+        certs: Arc<CertManager>,
+        spec: WaypointSpec,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
+        let snapshot = store.load();
+        let (_, waypoint) = snapshot
+            .waypoint_by_name(&spec.name.namespace, &spec.name.name)
+            .ok_or_else(|| Error::UnknownWaypoint(spec.name.to_string()))?;
+        let instance = waypoint
+            .instances
+            .iter()
+            .map(|&id| snapshot.workload(id))
+            .find(|w| !w.ips.is_empty())
+            .ok_or_else(|| Error::NoInstance(spec.name.to_string()))?;
+        let identity = instance.identity.clone();
+        let ip = spec.address.unwrap_or(instance.ips[0]);
+        drop(snapshot);
+
+        let cert = certs.fetch(&identity).await?;
+        let pool = Pool::new(certs, spec.hbone.clone());
+        let shared = Arc::new(Shared::new(
+            store,
+            spec.name.clone(),
+            identity.clone(),
+            pool,
+            metrics,
+        ));
+
+        let conf = Arc::new(ServerConf::default());
+        let mut proxy = pingora_proxy::http_proxy(&conf, Waypoint::new(shared.clone()));
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        proxy.server_options = Some(options);
+
+        let (trigger, watch) = hbone::drain::channel();
+        let terminate = Terminate {
+            shared: shared.clone(),
+            proxy: Arc::new(proxy),
+            shutdown: watch.clone().into_receiver(),
+        };
+        let server = hbone::Server::new(cert, terminate, spec.hbone)?;
+        let addr = SocketAddr::new(ip, spec.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
+        tracing::info!(waypoint = %spec.name, %identity, %addr, "waypoint serving HBONE");
+        Ok(Self {
+            addr,
+            drain: Some(trigger),
+            serve: tokio::spawn(server.serve(listener, watch)),
+            follow: tokio::spawn(shared.follow()),
+        })
+    }
+
+    /// The HBONE listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets tunnels and requests finish for up to `deadline`, then stops.
+    pub async fn drain(mut self, deadline: Duration) {
+        self.follow.abort();
+        if let Some(trigger) = self.drain.take()
+            && tokio::time::timeout(deadline, trigger.drain())
+                .await
+                .is_err()
+        {
+            tracing::warn!("drain deadline passed; closing the remaining tunnels");
+        }
+        self.serve.abort();
+    }
+}

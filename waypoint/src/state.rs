@@ -1,0 +1,185 @@
+//! What every request sees: the current snapshot, resolved for this waypoint, with its
+//! load-balancing state; swapped whole when the configuration changes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hbone::Identity;
+use mesh::model::{AppProtocol, ServiceId, WaypointId, WorkloadId};
+use mesh::{Snapshot, Store};
+
+use crate::balance::Balancer;
+use crate::metrics::Metrics;
+
+/// The Gateway this process serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaypointName {
+    /// Namespace of the Gateway.
+    pub namespace: Arc<str>,
+    /// Name of the Gateway.
+    pub name: Arc<str>,
+}
+
+impl std::fmt::Display for WaypointName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One snapshot as this waypoint uses it.
+#[derive(Debug)]
+pub(crate) struct View {
+    pub(crate) snapshot: Arc<Snapshot>,
+    /// This waypoint in `snapshot`; `None` if the Gateway was removed (everything is refused).
+    pub(crate) waypoint: Option<WaypointId>,
+    pub(crate) balancer: Balancer,
+}
+
+/// A destination this waypoint serves, resolved in one snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A service port, addressed by VIP.
+    Service {
+        id: ServiceId,
+        port: u16,
+        port_index: usize,
+    },
+    /// A workload port, addressed by pod IP (`waypoint-for: workload|all`).
+    Workload { id: WorkloadId, port: u16 },
+}
+
+/// Why a destination is not served here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotServed {
+    #[error("the waypoint Gateway is not in the current configuration")]
+    NoWaypoint,
+    #[error("no service or workload has this address and port")]
+    Unknown,
+    #[error("the destination is not bound to this waypoint")]
+    OtherWaypoint,
+}
+
+impl View {
+    pub(crate) fn new(
+        snapshot: Arc<Snapshot>,
+        name: &WaypointName,
+        previous: Option<&View>,
+    ) -> Self {
+        let waypoint = snapshot
+            .waypoint_by_name(&name.namespace, &name.name)
+            .map(|(id, _)| id);
+        let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer));
+        Self {
+            snapshot,
+            waypoint,
+            balancer,
+        }
+    }
+
+    /// Resolves a tunnel's destination: a bound service's VIP and port, or a bound workload's
+    /// address.
+    pub(crate) fn resolve(&self, dst: SocketAddr) -> Result<Target, NotServed> {
+        let waypoint = self.waypoint.ok_or(NotServed::NoWaypoint)?;
+        let snapshot = &self.snapshot;
+        if let Some((id, service, port_index)) = snapshot.service_by_vip_port(dst.ip(), dst.port())
+        {
+            return if service.waypoint == Some(waypoint) {
+                Ok(Target::Service {
+                    id,
+                    port: dst.port(),
+                    port_index,
+                })
+            } else {
+                Err(NotServed::OtherWaypoint)
+            };
+        }
+        let network = &*snapshot.options().network;
+        match snapshot.workload_by_ip(network, dst.ip()) {
+            Some(w) if w.waypoint == Some(waypoint) => Ok(Target::Workload {
+                id: w.id,
+                port: dst.port(),
+            }),
+            Some(_) => Err(NotServed::OtherWaypoint),
+            None => Err(NotServed::Unknown),
+        }
+    }
+
+    /// The protocol of a destination port: the service port's, or HTTP sniffed as Istio does
+    /// for a workload port (we take unspecified ports as HTTP/1.1 or h2c, which the HTTP
+    /// server detects from the connection preface).
+    pub(crate) fn protocol(&self, target: Target) -> AppProtocol {
+        match target {
+            Target::Service { id, port_index, .. } => {
+                self.snapshot.service(id).ports[port_index].protocol
+            }
+            Target::Workload { .. } => AppProtocol::Unspecified,
+        }
+    }
+}
+
+/// Everything shared by the listeners and the HTTP proxy.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<Store>,
+    pub(crate) name: WaypointName,
+    /// The waypoint's own identity (its service account): presented on both HBONE legs.
+    pub(crate) identity: Identity,
+    pub(crate) pool: hbone::Pool,
+    pub(crate) metrics: Arc<Metrics>,
+    view: ArcSwap<View>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        name: WaypointName,
+        identity: Identity,
+        pool: hbone::Pool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let view = View::new(store.load(), &name, None);
+        Self {
+            store,
+            name,
+            identity,
+            pool,
+            metrics,
+            view: ArcSwap::from_pointee(view),
+        }
+    }
+
+    /// The current view; one per request or tunnel, so a request sees one snapshot throughout.
+    pub(crate) fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
+    /// Rebuilds the view whenever the store publishes a snapshot; returns when the store is gone.
+    pub(crate) async fn follow(self: Arc<Self>) {
+        let mut changes = self.store.subscribe();
+        while changes.changed().await.is_ok() {
+            let snapshot = self.store.load();
+            let previous = self.view.load();
+            let view = View::new(snapshot, &self.name, Some(&previous));
+            if view.waypoint.is_none() {
+                tracing::warn!(waypoint = %self.name, version = view.snapshot.version(), "the waypoint Gateway is gone from the configuration; refusing all traffic");
+            }
+            let stats = self.store.stats();
+            self.metrics.config_applied.set(stats.applied as i64);
+            self.metrics.config_rejected.set(stats.rejected as i64);
+            tracing::info!(version = view.snapshot.version(), "configuration applied");
+            self.view.store(Arc::new(view));
+        }
+    }
+}
+
+/// The client address a tunnel stands for: `forwarded: for=` (the original client, set by
+/// its ztunnel), else the tunnel peer's address.
+pub(crate) fn client_ip(request: &hbone::InboundRequest) -> IpAddr {
+    request
+        .headers()
+        .forwarded
+        .as_ref()
+        .and_then(|f| f.client)
+        .map_or(request.peer_addr().ip(), |c| c.ip())
+}

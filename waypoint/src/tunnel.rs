@@ -1,0 +1,64 @@
+//! One HBONE tunnel as a Pingora downstream: the stream is wrapped as a virtual socket and the
+//! tunnel's facts ride in `ProxyDigest.user_data`, where every `ProxyHttp` phase can read them,
+//! for HTTP/1.1 and for every stream of an h2c connection alike.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use hbone::{H2Stream, Identity};
+use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::l4::virt::VirtualSocketStream;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{GetProxyDigest, GetSocketDigest, SocketDigest, Stream};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+/// What the tunnel told us, fixed for its lifetime.
+#[derive(Debug, Clone)]
+pub(crate) struct Tunnel {
+    /// The caller's identity, as its ztunnel proved it.
+    pub(crate) source: Identity,
+    /// The caller's identity as text, for logs, metrics and `source.principal`.
+    pub(crate) principal: Arc<str>,
+    /// The original client's address.
+    pub(crate) client_ip: IpAddr,
+    /// The tunnel peer (the client's ztunnel).
+    pub(crate) peer: SocketAddr,
+    /// The original destination: a service `VIP:port` or a workload `IP:port`.
+    pub(crate) destination: SocketAddr,
+}
+
+/// Wraps a tunnel stream for Pingora's HTTP server.
+pub(crate) fn downstream(stream: H2Stream, tunnel: Tunnel) -> Stream {
+    let mut s = L4Stream::from(VirtualSocketStream::new(Box::new(stream)));
+    // Pingora reads the client address from the socket digest (`session.client_addr()`).
+    let digest = SocketDigest::from_raw_fd(-1);
+    let _ = digest.peer_addr.set(Some(PingoraAddr::Inet(SocketAddr::new(
+        tunnel.client_ip,
+        0,
+    ))));
+    let _ = digest
+        .original_dst
+        .set(Some(PingoraAddr::Inet(tunnel.destination)));
+    s.set_socket_digest(digest);
+    // The digest's response is the CONNECT answer; HBONE is a CONNECT proxy, so it fits.
+    let connected = ResponseHeader::build(200, None).expect("200 is a valid status");
+    s.set_proxy_digest(ProxyDigest::new(
+        Box::new(connected),
+        Some(Box::new(Arc::new(tunnel))),
+    ));
+    Box::new(s)
+}
+
+/// The tunnel a request arrived on.
+pub(crate) fn of(session: &Session) -> Option<&Arc<Tunnel>> {
+    session
+        .as_downstream()
+        .digest()?
+        .proxy_digest
+        .as_ref()?
+        .user_data
+        .as_ref()?
+        .downcast_ref::<Arc<Tunnel>>()
+}
