@@ -6,9 +6,10 @@
 //! the next balancer takes over by workload uid, so a configuration change forgets neither an
 //! ejection nor the requests in flight.
 //!
-//! `choose` and `report` run on every request: they allocate nothing and take no lock. Ejected
-//! endpoints are only looked for while some ejection may still be running (one atomic load
-//! tells), so the common case walks no endpoint list except for consistent hashing.
+//! `choose` and `report` run on every request: they allocate nothing and take no lock (only
+//! deciding an ejection does). Random, least-request and round-robin choices are O(1) unless
+//! most endpoints are filtered out; consistent hashing walks the endpoints once. Ejection
+//! deadlines are only read while some ejection may still run (one atomic load tells).
 //!
 //! Where this departs from Envoy, deliberately:
 //! - State is per workload, not per (cluster, host): an endpoint ejected while serving one
@@ -257,14 +258,14 @@ impl Balancer {
             healthy_at: None,
             max_weight: slot.map_or(1, |s| s.max_weight),
         };
-        if let Some(detection) = &policy.outlier_detection {
+        let healthy_at = policy.outlier_detection.as_ref().and_then(|detection| {
             let now = self.nanos(now);
-            if now < self.shared.latest_deadline.load(Relaxed)
-                && pool.healthy_enough(now, detection.min_health_percent)
-            {
-                pool.healthy_at = Some(now);
-            }
-        }
+            let any_ejected = now < self.shared.latest_deadline.load(Relaxed);
+            // With a minimum share of healthy endpoints, count them; without, a pass finding
+            // no healthy endpoint tells, which saves walking the list on every request.
+            let enough = |min| min == 0 || pool.healthy_enough(now, min);
+            (any_ejected && enough(detection.min_health_percent)).then_some(now)
+        });
         // Taken once, so that a second pass (everything excluded) does not skip a turn.
         let turn = match policy.load_balancer {
             LoadBalancer::RoundRobin => slot.and_then(|s| {
@@ -278,14 +279,24 @@ impl Balancer {
             _ => None,
         };
         let mut rng = rand::rng();
-        let found = match pool.pick(&policy.load_balancer, hash, turn, &mut rng) {
-            Some(found) => found,
-            None if !exclude.is_empty() => {
-                pool.exclude = &[];
-                pool.pick(&policy.load_balancer, hash, turn, &mut rng)?
+        // Relax the filters until an endpoint is admitted: tried endpoints come back before
+        // ejected ones (which come back only when no endpoint is healthy, tried or not).
+        // Passes that would repeat the previous one are skipped.
+        let mut found = None;
+        for (skip_ejected, skip_tried) in
+            [(true, true), (true, false), (false, true), (false, false)]
+        {
+            if (skip_ejected && healthy_at.is_none()) || (skip_tried && exclude.is_empty()) {
+                continue;
             }
-            None => return None,
-        };
+            pool.healthy_at = healthy_at.filter(|_| skip_ejected);
+            pool.exclude = if skip_tried { exclude } else { &[] };
+            found = pool.pick(&policy.load_balancer, hash, turn, &mut rng);
+            if found.is_some() {
+                break;
+            }
+        }
+        let found = found?;
         Some(Chosen {
             workload: found.workload,
             target_port: found.port,
@@ -323,7 +334,9 @@ impl Balancer {
             }
             Outcome::LocalOriginFailure if split => count(
                 &state.consecutive_local_origin,
-                (policy.consecutive_local_origin_failures).unwrap_or(DEFAULT_LOCAL_ORIGIN_FAILURES),
+                policy
+                    .consecutive_local_origin_failures
+                    .unwrap_or(DEFAULT_LOCAL_ORIGIN_FAILURES),
             ),
             // Unsplit, Envoy counts a failure to connect as the 503 it answers with.
             Outcome::LocalOriginFailure => state.server_error(503, policy),
@@ -334,6 +347,10 @@ impl Balancer {
     }
 
     /// Endpoints currently ejected (for tests and /config_dump), as workload uids.
+    #[allow(
+        dead_code,
+        reason = "the admin dump is not wired yet; remove once it calls this"
+    )]
     pub(crate) fn ejected(&self, now: Instant) -> Vec<Arc<str>> {
         let now = self.nanos(now);
         (self.workloads.iter())

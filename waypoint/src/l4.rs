@@ -27,9 +27,9 @@ pub(crate) async fn serve(
     };
     let network = &*snapshot.options().network;
     let source = snapshot.workload_by_ip(network, tunnel.client_ip);
-    let (service, port_index) = match target {
-        Target::Service { id, port_index, .. } => (Some(snapshot.service(id)), Some(port_index)),
-        Target::Workload { .. } => (None, None),
+    let service = match target {
+        Target::Service { id, .. } => Some(snapshot.service(id)),
+        Target::Workload { .. } => None,
     };
     let attrs = Attributes {
         source: Some(&tunnel.source),
@@ -56,12 +56,14 @@ pub(crate) async fn serve(
 
     // Choose the endpoint: a service's, by its DestinationRule; or the addressed workload.
     let default_policy = TrafficPolicy::default();
+    let mut detection = None;
     let (chosen, workload, port) = match target {
         Target::Service { id, port_index, .. } => {
             let service = snapshot.service(id);
             let policy = snapshot
                 .destination_policy(&service.hostname)
                 .map_or(&default_policy, |p| &p.traffic);
+            detection = policy.outlier_detection;
             let Some(chosen) = view.balancer.choose(
                 snapshot,
                 id,
@@ -81,7 +83,6 @@ pub(crate) async fn serve(
         }
         Target::Workload { id, port } => (None, snapshot.workload(id), port),
     };
-    let _ = port_index;
     let Some(&ip) = workload.ips.first() else {
         return;
     };
@@ -112,7 +113,7 @@ pub(crate) async fn serve(
                 view.balancer.report(
                     c.workload,
                     Outcome::LocalOriginFailure,
-                    None,
+                    detection.as_ref(),
                     Instant::now(),
                 );
             }

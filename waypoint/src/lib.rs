@@ -28,6 +28,7 @@ pub mod metrics;
 mod originate;
 mod server;
 mod state;
+mod stream;
 mod terminate;
 mod tunnel;
 

@@ -9,20 +9,18 @@
 //! fails over or ends with 504.
 
 use std::fmt;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hbone::{ConnectRequest, H2Stream, Pool};
+use hbone::{ConnectRequest, Pool};
 use pingora_core::connectors::L4Connect;
 use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
+use pingora_core::protocols::l4::virt::VirtualSocketStream;
 use pingora_error::{Error, ErrorType, Result};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::stream::TunnelStream;
 
 /// Opens the CONNECT for one attempt.
 pub(crate) struct HboneConnector {
@@ -74,76 +72,7 @@ impl L4Connect for HboneConnector {
                 }
                 Ok(Ok(stream)) => stream,
             };
-        let timed = Timed {
-            inner: stream,
-            expiry: self.deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-        };
-        Ok(L4Stream::from(VirtualSocketStream::new(Box::new(timed))))
-    }
-}
-
-/// A tunnel stream that fails reads and writes with `TimedOut` once its deadline passes.
-struct Timed {
-    inner: H2Stream,
-    expiry: Option<Pin<Box<Sleep>>>,
-}
-
-impl Timed {
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.expiry
-            .as_mut()
-            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
-    }
-}
-
-fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "upstream request timeout")
-}
-
-impl AsyncRead for Timed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Timed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out()));
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl fmt::Debug for Timed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Timed")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl VirtualSocket for Timed {
-    fn set_socket_option(&self, _: VirtualSockOpt) -> io::Result<()> {
-        Ok(())
+        let stream = TunnelStream::new(stream, self.deadline);
+        Ok(L4Stream::from(VirtualSocketStream::new(Box::new(stream))))
     }
 }

@@ -14,6 +14,8 @@ use pingora_core::protocols::{GetProxyDigest, GetSocketDigest, SocketDigest, Str
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+use crate::stream::TunnelStream;
+
 /// What the tunnel told us, fixed for its lifetime.
 #[derive(Debug, Clone)]
 pub(crate) struct Tunnel {
@@ -31,6 +33,7 @@ pub(crate) struct Tunnel {
 
 /// Wraps a tunnel stream for Pingora's HTTP server.
 pub(crate) fn downstream(stream: H2Stream, tunnel: Tunnel) -> Stream {
+    let stream = TunnelStream::new(stream, None);
     let mut s = L4Stream::from(VirtualSocketStream::new(Box::new(stream)));
     // Pingora reads the client address from the socket digest (`session.client_addr()`).
     let digest = SocketDigest::from_raw_fd(-1);

@@ -654,6 +654,8 @@ fn ejected_endpoints_serve_when_none_is_healthy() {
         ["web-a", "web-b"],
         "all of v1 is ejected: use it anyway"
     );
+    let untried = tally(50, || pick(&b, &s, &policy, Some("v1"), &[a]));
+    assert_eq!(names(&untried), ["web-b"], "and still skip what was tried");
     let all = tally(200, || pick(&b, &s, &policy, None, &[]));
     assert_eq!(names(&all), ["web-c", "web-d"]);
 
@@ -667,6 +669,20 @@ fn ejected_endpoints_serve_when_none_is_healthy() {
     );
     let all = tally(400, || pick(&b, &s, &strict, None, &[]));
     assert_eq!(names(&all), ALL, "2 of 4 healthy is below 60%");
+}
+
+#[test]
+fn tried_endpoints_come_back_before_ejected_ones() {
+    let s = snapshot("");
+    let b = Balancer::new(&s, None);
+    let [a, web_b] = ["web-a", "web-b"].map(|n| workload(&s, n));
+    let detection = consecutive_5xx(1, 100);
+    fail(&b, a, 1, Outcome::ServerError(500), &detection);
+    for lb in [LoadBalancer::RoundRobin, LoadBalancer::LeastRequest] {
+        let policy = detecting(lb, detection);
+        let counts = tally(50, || pick(&b, &s, &policy, Some("v1"), &[web_b]));
+        assert_eq!(names(&counts), ["web-b"], "{policy:?}");
+    }
 }
 
 #[test]

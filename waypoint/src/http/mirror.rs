@@ -50,7 +50,7 @@ impl Sender {
 /// Starts mirroring the request to `backend`; `None` if it cannot be resolved.
 pub(super) fn start(
     shared: Arc<Shared>,
-    view: Arc<View>,
+    view: &View,
     backend: &Backend,
     request_port: u16,
     req: &RequestHeader,

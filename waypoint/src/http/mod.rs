@@ -422,7 +422,7 @@ impl Waypoint {
             if roll(m.percent) {
                 let sender = mirror::start(
                     self.shared.clone(),
-                    view.clone(),
+                    &view,
                     &m.backend,
                     port,
                     session.req_header(),

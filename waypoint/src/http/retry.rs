@@ -20,7 +20,7 @@ fn may_retry(ctx: &RequestCtx, session: &Session) -> bool {
     ctx.attempts <= policy.attempts
         && session.response_written().is_none()
         && !session.retry_buffer_truncated()
-        && !ctx.deadline.is_some_and(|d| Instant::now() >= d)
+        && ctx.deadline.is_none_or(|d| Instant::now() < d)
 }
 
 fn listed(ctx: &RequestCtx, conditions: &[C]) -> bool {

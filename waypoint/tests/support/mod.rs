@@ -63,6 +63,7 @@ impl Drop for Dir {
 /// * service `echo` (VIP 10.net.0.1, port 80 → http 8080, bound to the waypoint) with pods
 ///   `echo-v1` (127.net.1.2, node-a) and `echo-v2` (127.net.2.1, node-b), labelled
 ///   `version: v1|v2`;
+/// * services `echo-v1` and `echo-v2` (10.net.0.11 and .12, port 80) for one version each;
 /// * service `shadow` (10.net.0.2:80 → 8080) with pod `shadow-1` (127.net.2.2, node-b);
 /// * service `echo-tcp` (10.net.0.3:90 → tcp 9000, bound to the waypoint) on the echo pods;
 /// * the waypoint Gateway `waypoint` with its pod at 127.net.3.1.
@@ -93,6 +94,16 @@ apiVersion: v1
 kind: Service
 metadata: {{name: echo-tcp, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
 spec: {{clusterIP: 10.{net}.0.3, selector: {{app: echo}}, ports: [{{name: tcp, port: 90, targetPort: 9000}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-v1, namespace: app}}
+spec: {{clusterIP: 10.{net}.0.11, selector: {{app: echo, version: v1}}, ports: [{{name: http, port: 80, targetPort: http}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-v2, namespace: app}}
+spec: {{clusterIP: 10.{net}.0.12, selector: {{app: echo, version: v2}}, ports: [{{name: http, port: 80, targetPort: http}}]}}
 ---
 apiVersion: v1
 kind: Service
@@ -174,6 +185,11 @@ impl Response {
 impl Mesh {
     /// Starts the mesh of [`mesh_yaml`] plus `extra` (routes, policies) in `routes.yaml`.
     pub async fn start(net: u8, extra: &str) -> Mesh {
+        // `RUST_LOG=access=info,waypoint=debug` shows what the proxies did.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
         let dir = Dir::new();
         dir.write("mesh.yaml", &mesh_yaml(net));
         dir.write("routes.yaml", extra);
