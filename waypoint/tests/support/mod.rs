@@ -310,35 +310,7 @@ impl Mesh {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Result<Response, String> {
-        let stream = self.socks(host, port).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("echo.app.svc.cluster.local:{port}"));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok(Response {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
+        request(self.ip("1.1"), host, port, method, path, headers, body).await
     }
 
     /// Requests seen by `backend` so far.
@@ -360,6 +332,47 @@ impl Mesh {
             b.abort();
         }
     }
+}
+
+/// Sends one HTTP/1.1 request to `host:port` through the ztunnel of the pod at `from`.
+pub async fn request(
+    from: IpAddr,
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Response, String> {
+    let stream = socks(from, host, port).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("echo.app.svc.cluster.local:{port}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// SOCKS5 CONNECT from `from` (the client pod's address) through its ztunnel.
