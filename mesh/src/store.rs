@@ -24,7 +24,9 @@ use crate::snapshot::{self, Options, Snapshot};
 
 /// How long the directory must be quiet before a change is applied: editors and `kubectl cp`
 /// write a file in several steps, and a ConfigMap update swaps a symlink after writing files.
-pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Those steps land within a few milliseconds of each other; 25 ms coalesces them and leaves
+/// most of a 100 ms route-change budget to parsing and rebuilding.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(25);
 
 /// A directory of YAML files, read recursively, with a cache of parsed files so a reload only
 /// parses what changed.

@@ -8,7 +8,6 @@
 pub mod capture;
 mod error;
 pub mod inpod;
-pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod proxy;

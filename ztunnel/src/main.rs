@@ -18,7 +18,6 @@ use tracing_subscriber::util::SubscriberInitExt;
 use ztunnel::Ztunnel;
 use ztunnel::inpod::zds::proto::WorkloadInfo;
 use ztunnel::inpod::{NetNs, PodRules, ZdsServer};
-use ztunnel::local::LocalMesh;
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
@@ -52,22 +51,6 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs the local mesh: one ztunnel per node on loopback addresses, sample backends, and a
-    /// request through it.
-    Local {
-        /// The configuration directory.
-        #[arg(long, default_value = "deploy/local")]
-        config: PathBuf,
-        /// The workload (by address) the demonstration request leaves from.
-        #[arg(long, default_value = "127.0.1.1")]
-        from: std::net::IpAddr,
-        /// What the demonstration request asks for.
-        #[arg(long, default_value = "productpage.default.svc.cluster.local:9080")]
-        to: String,
-        /// Exit after the demonstration instead of serving until SIGTERM.
-        #[arg(long)]
-        once: bool,
-    },
     /// Runs one ztunnel for one node on loopback workload addresses.
     Run {
         /// The configuration directory (watched).
@@ -128,52 +111,6 @@ async fn main() -> anyhow::Result<()> {
     };
     let deadline = Duration::from_secs(cli.drain_deadline);
     match cli.command {
-        Command::Local {
-            config,
-            from,
-            to,
-            once,
-        } => {
-            let mesh = LocalMesh::start(&config)
-                .await
-                .with_context(|| format!("starting the local mesh from {}", config.display()))?;
-            let bound = admin::spawn(
-                Admin {
-                    name: "ztunnel-admin",
-                    store: mesh.store.clone(),
-                    certs: Arc::new(CertManager::new(mesh.ca.clone())),
-                    registry: mesh.registry.clone(),
-                    ready: mesh.ready(),
-                    set_log_level: Some(set_log_level),
-                },
-                addrs,
-            )
-            .context("binding the admin endpoints")?;
-            let (host, port) = to.rsplit_once(':').context("--to must be host:port")?;
-            let port: u16 = port.parse().context("--to must be host:port")?;
-            for node in &mesh.nodes {
-                println!(
-                    "ztunnel for {} serves {:?}",
-                    node.node(),
-                    node.workloads().await
-                );
-            }
-            let answer = mesh.get(from, host, port, "/").await;
-            println!();
-            println!("$ curl --socks5-hostname {from}:15080 http://{host}:{port}/");
-            match answer {
-                Ok(text) => println!("{text}"),
-                Err(e) => println!("request failed: {e}"),
-            }
-            println!("metrics: curl http://{}/stats/prometheus", bound.metrics);
-            println!("config:  curl http://{}/config_dump", bound.admin);
-            if once {
-                mesh.shutdown(deadline).await;
-                return Ok(());
-            }
-            shutdown_signal().await;
-            mesh.shutdown(deadline).await;
-        }
         Command::Cni { uds, pods } => cni(&uds, &pods).await?,
         Command::Run {
             config,

@@ -4,7 +4,8 @@
 //! address (its `status.podIP`) and every node its own ztunnel, all in one process, no root and
 //! no Kubernetes. A local CA issues every identity. Each workload with ports gets a sample
 //! backend that says who it is, so a request through the mesh shows which backend answered.
-//! Applications reach the mesh through each workload's SOCKS5 port (15080).
+//! Applications reach the mesh through each workload's SOCKS5 port (15080). Every waypoint
+//! Gateway with an instance pod gets a waypoint on that pod's address.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -27,11 +28,36 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
-use crate::metrics::Metrics;
-use crate::proxy::live::LiveConnections;
-use crate::proxy::{Ctx, ports, socks5};
-use crate::socket::Loopback;
-use crate::{Error, Ztunnel};
+use waypoint::{WaypointServer, WaypointSpec};
+use ztunnel::Ztunnel;
+use ztunnel::proxy::live::LiveConnections;
+use ztunnel::proxy::{Ctx, ports, socks5};
+use ztunnel::socket::Loopback;
+
+/// Why the local mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration.
+    #[error(transparent)]
+    Config(#[from] mesh::ConfigError),
+    /// The CA.
+    #[error(transparent)]
+    Cert(#[from] hbone::CertError),
+    /// A ztunnel.
+    #[error(transparent)]
+    Ztunnel(#[from] ztunnel::Error),
+    /// A waypoint.
+    #[error(transparent)]
+    Waypoint(#[from] waypoint::Error),
+    /// A sample backend's listener.
+    #[error("binding a sample backend on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
 
 /// A running local mesh.
 #[derive(Debug)]
@@ -40,9 +66,9 @@ pub struct LocalMesh {
     pub store: Arc<Store>,
     /// One ztunnel per node.
     pub nodes: Vec<Ztunnel>,
-    /// Shared telemetry of all ztunnels.
-    pub metrics: Arc<Metrics>,
-    /// The Prometheus registry holding [`LocalMesh::metrics`].
+    /// One waypoint per waypoint Gateway.
+    pub waypoints: Vec<(String, WaypointServer)>,
+    /// The Prometheus registry of every ztunnel and waypoint.
     pub registry: Arc<Registry>,
     /// The mesh CA.
     pub ca: Arc<MeshCa>,
@@ -59,9 +85,11 @@ impl LocalMesh {
         let watch = store.watch(config, mesh::DEFAULT_DEBOUNCE)?;
         let snapshot = store.load();
         let ca = Arc::new(MeshCa::generate(&snapshot.options().trust_domain)?);
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(ztunnel::metrics::Metrics::default());
+        let waypoint_metrics = Arc::new(waypoint::metrics::Metrics::default());
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        waypoint_metrics.register(&mut registry);
         let live = Arc::new(LiveConnections::default());
         let nodes: BTreeSet<&str> = snapshot
             .workloads()
@@ -81,6 +109,21 @@ impl LocalMesh {
             });
             ztunnels.push(Ztunnel::start(ctx, node).await?);
         }
+        let mut waypoints = Vec::new();
+        for w in snapshot.waypoints() {
+            let has_instance = (w.instances.iter()).any(|&i| !snapshot.workload(i).ips.is_empty());
+            if !has_instance {
+                continue;
+            }
+            let server = WaypointServer::start(
+                store.clone(),
+                Arc::new(CertManager::new(ca.clone())),
+                WaypointSpec::new(&w.namespace, &w.name),
+                waypoint_metrics.clone(),
+            )
+            .await?;
+            waypoints.push((format!("{}/{}", w.namespace, w.name), server));
+        }
         let mut backends = Vec::new();
         for w in snapshot.workloads().iter().filter(|w| w.ready) {
             for port in backend_ports(&snapshot, w) {
@@ -96,7 +139,7 @@ impl LocalMesh {
         Ok(Self {
             store,
             nodes: ztunnels,
-            metrics,
+            waypoints,
             registry: Arc::new(registry),
             ca,
             backends,
@@ -109,14 +152,15 @@ impl LocalMesh {
         Arc::new(AtomicBool::new(true))
     }
 
-    /// Sends `GET path` to `host:port` through the SOCKS5 port of the workload at `from`, as
-    /// `curl --socks5-hostname` would, and returns the status line and body.
+    /// Sends `GET path` with `headers` to `host:port` through the SOCKS5 port of the workload
+    /// at `from`, as `curl --socks5-hostname` would, and returns the status line and body.
     pub async fn get(
         &self,
         from: std::net::IpAddr,
         host: &str,
         port: u16,
         path: &str,
+        headers: &[(&str, &str)],
     ) -> std::io::Result<String> {
         // Leave from the workload's own address, as its application would.
         let socket = if from.is_ipv4() {
@@ -138,10 +182,12 @@ impl LocalMesh {
                 head[3]
             )));
         }
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
+        let mut request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        s.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         s.read_to_string(&mut response).await?;
         let status = response.lines().next().unwrap_or_default().to_owned();
@@ -151,6 +197,9 @@ impl LocalMesh {
 
     /// Stops everything, letting connections finish for up to `deadline`.
     pub async fn shutdown(self, deadline: Duration) {
+        for (_, waypoint) in self.waypoints {
+            waypoint.drain(deadline).await;
+        }
         for node in self.nodes {
             node.drain(deadline).await;
         }

@@ -1,0 +1,155 @@
+//! `cargo run -p local`: the local mesh, a few requests through it, then serving until Ctrl-C.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use admin::{Admin, AdminAddrs, SetLogLevel};
+use anyhow::Context;
+use clap::Parser;
+use hbone::CertManager;
+use local::LocalMesh;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Runs the local ambient mesh: ztunnels, waypoints and sample backends on loopback"
+)]
+struct Cli {
+    /// The configuration directory (watched: edits apply live).
+    #[arg(long, default_value = "deploy/local")]
+    config: PathBuf,
+    /// The workload (by address) the demonstration requests leave from.
+    #[arg(long, default_value = "127.0.1.1")]
+    from: IpAddr,
+    /// Exit after the demonstration instead of serving until Ctrl-C.
+    #[arg(long)]
+    once: bool,
+    /// Log filter (`info`, `access=info,waypoint=debug`, ...); also `RUST_LOG`.
+    #[arg(long)]
+    log: Option<String>,
+    /// Admin endpoint (`/config_dump`, `/logging`).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Prometheus endpoint (`/stats/prometheus`).
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    metrics: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, default_value = "127.0.0.1:15021")]
+    readiness: SocketAddr,
+}
+
+fn logging(filter: Option<&str>) -> SetLogLevel {
+    let filter = filter
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
+        .init();
+    Arc::new(move |level: &str| {
+        let new =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
+        handle.reload(new).map_err(|e| e.to_string())?;
+        Ok(level.to_owned())
+    })
+}
+
+/// What the demonstration asks, and why.
+const REQUESTS: &[(&str, &str, &str, &[(&str, &str)])] = &[
+    (
+        "L4 only: productpage has no waypoint",
+        "productpage.default.svc.cluster.local:9080",
+        "/",
+        &[],
+    ),
+    (
+        "through the waypoint: the VirtualService sends everyone to reviews v1",
+        "reviews.default.svc.cluster.local:9080",
+        "/reviews/1",
+        &[],
+    ),
+    (
+        "through the waypoint: end-user jason goes to reviews v2",
+        "reviews.default.svc.cluster.local:9080",
+        "/reviews/1",
+        &[("end-user", "jason")],
+    ),
+    (
+        "through the waypoint: L7 authorization denies /admin",
+        "reviews.default.svc.cluster.local:9080",
+        "/admin",
+        &[],
+    ),
+];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let set_log_level = logging(cli.log.as_deref());
+    let mesh = LocalMesh::start(&cli.config)
+        .await
+        .with_context(|| format!("starting the local mesh from {}", cli.config.display()))?;
+    let bound = admin::spawn(
+        Admin {
+            name: "local-admin",
+            store: mesh.store.clone(),
+            certs: Arc::new(CertManager::new(mesh.ca.clone())),
+            registry: mesh.registry.clone(),
+            ready: mesh.ready(),
+            set_log_level: Some(set_log_level),
+        },
+        AdminAddrs {
+            admin: cli.admin,
+            metrics: cli.metrics,
+            readiness: cli.readiness,
+        },
+    )
+    .context("binding the admin endpoints")?;
+    for node in &mesh.nodes {
+        println!(
+            "ztunnel for {} serves {:?}",
+            node.node(),
+            node.workloads().await
+        );
+    }
+    for (name, waypoint) in &mesh.waypoints {
+        println!("waypoint {name} serves HBONE on {}", waypoint.addr());
+    }
+    let from = cli.from;
+    for &(why, target, path, headers) in REQUESTS {
+        let (host, port) = target.rsplit_once(':').context("host:port")?;
+        let port: u16 = port.parse().context("host:port")?;
+        let answer = mesh.get(from, host, port, path, headers).await;
+        let flags: String = headers
+            .iter()
+            .map(|(k, v)| format!(" -H '{k}: {v}'"))
+            .collect();
+        println!();
+        println!("# {why}");
+        println!("$ curl --socks5-hostname {from}:15080{flags} http://{target}{path}");
+        match answer {
+            Ok(text) => println!("{text}"),
+            Err(e) => println!("request failed: {e}"),
+        }
+    }
+    println!();
+    println!("metrics: curl http://{}/stats/prometheus", bound.metrics);
+    println!("config:  curl http://{}/config_dump", bound.admin);
+    let deadline = Duration::from_secs(5);
+    if cli.once {
+        mesh.shutdown(deadline).await;
+        return Ok(());
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    mesh.shutdown(deadline).await;
+    Ok(())
+}
