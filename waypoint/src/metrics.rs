@@ -44,6 +44,29 @@ pub struct Labels {
     pub connection_security_policy: &'static str,
 }
 
+/// Which HBONE leg and what is counted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HboneLabels {
+    /// `downstream` (tunnels from ztunnels) or `upstream` (tunnels to endpoints).
+    pub direction: &'static str,
+    /// `connections` or `streams`.
+    pub kind: &'static str,
+}
+
+impl Metrics {
+    /// Records what an HBONE server or pool has open.
+    pub fn sample_hbone(&self, direction: &'static str, stats: &hbone::Stats) {
+        for (kind, value) in [
+            ("connections", stats.connections.get()),
+            ("streams", stats.streams.get()),
+        ] {
+            self.hbone
+                .get_or_create(&HboneLabels { direction, kind })
+                .set(value as i64);
+        }
+    }
+}
+
 /// Who talked to whom, for one request or connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Parties<'a> {
@@ -121,6 +144,9 @@ pub struct Metrics {
     pub tcp_sent: Family<Labels, Counter>,
     /// Tunnels refused because the destination is not served here.
     pub refused_tunnels: Counter,
+    /// Open HBONE connections and streams, downstream (from ztunnels) and upstream (to
+    /// endpoints); sampled every second.
+    pub hbone: Family<HboneLabels, Gauge>,
     /// Configuration snapshots applied.
     pub config_applied: Gauge,
     /// Configuration changes rejected as invalid.
@@ -143,6 +169,7 @@ impl Default for Metrics {
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
             refused_tunnels: Counter::default(),
+            hbone: Family::default(),
             config_applied: Gauge::default(),
             config_rejected: Gauge::default(),
         }
@@ -190,6 +217,11 @@ impl Metrics {
             "tunnels_refused",
             "HBONE tunnels refused because the destination is not served by this waypoint",
             self.refused_tunnels.clone(),
+        );
+        w.register(
+            "hbone_open",
+            "Open HBONE connections and streams, by direction",
+            self.hbone.clone(),
         );
         w.register(
             "config_applied",

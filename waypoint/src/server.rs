@@ -54,6 +54,7 @@ pub struct WaypointServer {
     drain: Option<DrainTrigger>,
     serve: JoinHandle<()>,
     follow: JoinHandle<()>,
+    sample: JoinHandle<()>,
 }
 
 impl WaypointServer {
@@ -101,6 +102,11 @@ impl WaypointServer {
             shutdown: watch.clone().into_receiver(),
         };
         let server = hbone::Server::new(cert, terminate, spec.hbone)?;
+        let sample = tokio::spawn(sample_hbone(
+            shared.metrics.clone(),
+            server.stats(),
+            shared.pool.stats(),
+        ));
         let addr = SocketAddr::new(ip, spec.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -114,6 +120,7 @@ impl WaypointServer {
             drain: Some(trigger),
             serve: tokio::spawn(server.serve(listener, watch)),
             follow: tokio::spawn(shared.follow()),
+            sample,
         })
     }
 
@@ -125,6 +132,7 @@ impl WaypointServer {
     /// Stops accepting, lets tunnels and requests finish for up to `deadline`, then stops.
     pub async fn drain(mut self, deadline: Duration) {
         self.follow.abort();
+        self.sample.abort();
         if let Some(trigger) = self.drain.take()
             && tokio::time::timeout(deadline, trigger.drain())
                 .await
@@ -133,5 +141,19 @@ impl WaypointServer {
             tracing::warn!("drain deadline passed; closing the remaining tunnels");
         }
         self.serve.abort();
+    }
+}
+
+/// Publishes the HBONE gauges every second.
+async fn sample_hbone(
+    metrics: Arc<Metrics>,
+    downstream: Arc<hbone::Stats>,
+    upstream: Arc<hbone::Stats>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        metrics.sample_hbone("downstream", &downstream);
+        metrics.sample_hbone("upstream", &upstream);
     }
 }

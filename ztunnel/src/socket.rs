@@ -181,6 +181,15 @@ fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
 async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = socket_for(dst)?;
     if let Some(src) = src.filter(|s| s.is_ipv4() == dst.is_ipv4()) {
+        // Choose the port at connect time, by the whole 4-tuple: a port bound at bind time
+        // must be unused by every socket on `src`, TIME_WAIT ones included, and a busy
+        // workload (a waypoint opening a connection per request) exhausts the range and
+        // pays milliseconds per connect searching it.
+        let _ = nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        );
         socket.bind(SocketAddr::new(src, 0))?;
     }
     let stream = socket.connect(dst).await?;

@@ -635,6 +635,11 @@ impl ProxyHttp for Waypoint {
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.custom_l4 = Some(Arc::new(connector));
+        // Pingora would park the finished stream in its keep-alive pool, where a virtual stream
+        // can never be picked up again (pingora#883) and would hold its tunnel, and the
+        // endpoint's connection behind it, until evicted. Close it as soon as it is released;
+        // the pooled HBONE connection underneath is what gets reused.
+        peer.options.idle_timeout = Some(Duration::ZERO);
         if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
             peer.options.set_http_version(2, 2);
         }
