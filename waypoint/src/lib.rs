@@ -24,6 +24,7 @@ mod balance;
 mod error;
 mod http;
 mod l4;
+mod limits;
 pub mod metrics;
 mod originate;
 mod server;

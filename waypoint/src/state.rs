@@ -10,6 +10,7 @@ use mesh::model::{AppProtocol, ServiceId, WaypointId, WorkloadId};
 use mesh::{Snapshot, Store};
 
 use crate::balance::Balancer;
+use crate::limits::Breakers;
 use crate::metrics::Metrics;
 
 /// The Gateway this process serves.
@@ -34,6 +35,7 @@ pub(crate) struct View {
     /// This waypoint in `snapshot`; `None` if the Gateway was removed (everything is refused).
     pub(crate) waypoint: Option<WaypointId>,
     pub(crate) balancer: Balancer,
+    pub(crate) breakers: Breakers,
 }
 
 /// A destination this waypoint serves, resolved in one snapshot.
@@ -70,10 +72,12 @@ impl View {
             .waypoint_by_name(&name.namespace, &name.name)
             .map(|(id, _)| id);
         let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer));
+        let breakers = Breakers::new(&snapshot, previous.map(|p| &p.breakers));
         Self {
             snapshot,
             waypoint,
             balancer,
+            breakers,
         }
     }
 

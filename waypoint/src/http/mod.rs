@@ -37,6 +37,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::balance::{Chosen, Outcome, hash_key};
+use crate::limits::{Admitted, Overflow};
 use crate::metrics::{Labels, Parties};
 use crate::originate::HboneConnector;
 use crate::state::{Shared, Target, View};
@@ -83,6 +84,8 @@ pub struct RequestCtx {
     hash: Option<u64>,
     /// The endpoint of the current attempt; holds its active-request count.
     endpoint: Option<Chosen>,
+    /// This request's place under the service's connection-pool limits.
+    admitted: Option<Admitted>,
     /// The last endpoint tried and its address, for logs and metrics.
     last: Option<(WorkloadId, SocketAddr)>,
     tried: Vec<WorkloadId>,
@@ -490,6 +493,7 @@ impl ProxyHttp for Waypoint {
             retry: None,
             hash: None,
             endpoint: None,
+            admitted: None,
             last: None,
             tried: Vec::new(),
             attempts: 0,
@@ -554,6 +558,25 @@ impl ProxyHttp for Waypoint {
             ));
         }
         let snapshot = &view.snapshot;
+        if ctx.attempts == 1
+            && let Upstream::Service { id, .. } = &upstream
+        {
+            let hostname = &snapshot.service(*id).hostname;
+            match view.breakers.admit(hostname, ctx.deadline).await {
+                Ok(admitted) => ctx.admitted = admitted,
+                Err(overflow) => {
+                    ctx.flag("UO");
+                    ctx.details = match overflow {
+                        Overflow::Requests => "upstream_max_requests",
+                        Overflow::Pending | Overflow::Timeout => "upstream_max_pending",
+                    };
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        "upstream connection pool overflow",
+                    ));
+                }
+            }
+        }
         let (workload, port, protocol, traffic) = match &upstream {
             Upstream::Service {
                 id,
