@@ -63,8 +63,16 @@ fn logging(filter: Option<&str>) -> SetLogLevel {
     })
 }
 
+/// One demonstration request: why, `host:port`, path, headers.
+type Demo = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
 /// What the demonstration asks, and why.
-const REQUESTS: &[(&str, &str, &str, &[(&str, &str)])] = &[
+const REQUESTS: &[Demo] = &[
     (
         "L4 only: productpage has no waypoint",
         "productpage.default.svc.cluster.local:9080",
