@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use local::LocalMesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use ztunnel::local::LocalMesh;
 
 /// A scratch configuration directory, removed on drop.
 struct Dir(PathBuf);

@@ -1,0 +1,40 @@
+//! The embedded default (`deploy/local/`) does what the README says it does.
+
+use std::path::Path;
+use std::time::Duration;
+
+use local::LocalMesh;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_routes_and_authorizes_through_its_waypoint() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
+    let mesh = LocalMesh::start(&dir).await.expect("the local mesh starts");
+    assert_eq!(mesh.waypoints.len(), 1, "deploy/local has one waypoint");
+    let sleep = "127.0.1.1".parse().unwrap();
+    let reviews = "reviews.default.svc.cluster.local";
+
+    let l4 = mesh
+        .get(
+            sleep,
+            "productpage.default.svc.cluster.local",
+            9080,
+            "/",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(l4.contains("hello from default/productpage-v1"), "{l4}");
+
+    let v1 = mesh.get(sleep, reviews, 9080, "/r", &[]).await.unwrap();
+    assert!(v1.contains("hello from default/reviews-v1"), "{v1}");
+    let v2 = mesh
+        .get(sleep, reviews, 9080, "/r", &[("end-user", "jason")])
+        .await
+        .unwrap();
+    assert!(v2.contains("hello from default/reviews-v2"), "{v2}");
+    let denied = mesh.get(sleep, reviews, 9080, "/admin", &[]).await.unwrap();
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    assert!(denied.contains("RBAC: access denied"), "{denied}");
+
+    mesh.shutdown(Duration::from_secs(1)).await;
+}
