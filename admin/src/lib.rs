@@ -20,6 +20,47 @@ use tokio::net::TcpListener;
 /// Changes the log filter (`/logging?level=debug`); returns the new filter or why not.
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 
+/// Installs the process's log subscriber with `filter` (else `RUST_LOG`, else `default`) and
+/// returns the handle `/logging` changes it through.
+pub fn logging(filter: Option<&str>, default: &str) -> SetLogLevel {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = filter
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
+        .init();
+    Arc::new(move |level: &str| {
+        let new =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
+        handle.reload(new).map_err(|e| e.to_string())?;
+        Ok(level.to_owned())
+    })
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C, when the process drains.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// What the admin endpoints serve.
 pub struct Admin {
     /// Names the serving thread (`ztunnel-admin`, `waypoint-admin`).

@@ -5,14 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use admin::{Admin, AdminAddrs, SetLogLevel};
+use admin::{Admin, AdminAddrs};
 use anyhow::Context;
 use clap::Parser;
 use hbone::CertManager;
 use local::LocalMesh;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -43,24 +40,6 @@ struct Cli {
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, default_value = "127.0.0.1:15021")]
     readiness: SocketAddr,
-}
-
-fn logging(filter: Option<&str>) -> SetLogLevel {
-    let filter = filter
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("warn"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer())
-        .init();
-    Arc::new(move |level: &str| {
-        let new =
-            EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
-        handle.reload(new).map_err(|e| e.to_string())?;
-        Ok(level.to_owned())
-    })
 }
 
 /// One demonstration request: why, `host:port`, path, headers.
@@ -102,7 +81,7 @@ const REQUESTS: &[Demo] = &[
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let set_log_level = logging(cli.log.as_deref());
+    let set_log_level = admin::logging(cli.log.as_deref(), "warn");
     let mesh = LocalMesh::start(&cli.config)
         .await
         .with_context(|| format!("starting the local mesh from {}", cli.config.display()))?;
@@ -157,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
         mesh.shutdown(deadline).await;
         return Ok(());
     }
-    let _ = tokio::signal::ctrl_c().await;
+    admin::shutdown_signal().await;
     mesh.shutdown(deadline).await;
     Ok(())
 }

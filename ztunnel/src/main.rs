@@ -6,15 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use admin::{Admin, AdminAddrs, SetLogLevel};
+use admin::{Admin, AdminAddrs};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hbone::{CertManager, MeshCa};
 use mesh::{ConfigDir, Options, Store};
 use prometheus_client::registry::Registry;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use ztunnel::Ztunnel;
 use ztunnel::inpod::zds::proto::WorkloadInfo;
 use ztunnel::inpod::{NetNs, PodRules, ZdsServer};
@@ -82,28 +79,10 @@ enum Command {
     },
 }
 
-fn logging(filter: Option<&str>) -> SetLogLevel {
-    let filter = filter
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer())
-        .init();
-    Arc::new(move |level: &str| {
-        let new =
-            EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
-        handle.reload(new).map_err(|e| e.to_string())?;
-        Ok(level.to_owned())
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let set_log_level = logging(cli.log.as_deref());
+    let set_log_level = admin::logging(cli.log.as_deref(), "info");
     let addrs = AdminAddrs {
         admin: cli.admin,
         metrics: cli.metrics,
@@ -173,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
             };
             ready.store(true, Ordering::Release);
             tracing::info!(node = %node, workloads = ?ztunnel.workloads().await, "ztunnel ready");
-            shutdown_signal().await;
+            admin::shutdown_signal().await;
             ready.store(false, Ordering::Release);
             if let Some(follower) = follower {
                 follower.abort();
@@ -243,21 +222,4 @@ async fn cni(uds: &std::path::Path, pods: &[String]) -> anyhow::Result<()> {
         // Keep the connection until ztunnel goes away, then wait for the next one.
         let _ = conn.closed().await;
     }
-}
-
-/// SIGTERM (Kubernetes) or Ctrl-C.
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops ztunnel");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("draining");
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use hbone::{Authority, ConnectHeaders, ConnectRequest, HBONE_PORT};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use mesh::authz::{self, Attributes, HttpAttributes};
 use mesh::model::{AppProtocol, ServiceId, WorkloadId};
 use mesh::route::{HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy};
@@ -169,29 +169,48 @@ fn path_and_query(req: &RequestHeader) -> &str {
     req.uri.path_and_query().map_or("/", |p| p.as_str())
 }
 
-/// Applies a modifier through Pingora's header API (which keeps its case map in step).
-fn modify_request(m: &HeaderModifier, req: &mut RequestHeader) -> Result<()> {
-    for name in &m.remove {
-        req.remove_header(name);
-    }
-    for (name, value) in &m.set {
-        req.insert_header(name.clone(), value.clone())?;
-    }
-    for (name, value) in &m.add {
-        req.append_header(name.clone(), value.clone())?;
-    }
-    Ok(())
+/// Pingora's request and response headers, edited through its API (which keeps the header
+/// case map in step with the map itself).
+trait EditHeaders {
+    fn remove(&mut self, name: &HeaderName);
+    fn insert(&mut self, name: HeaderName, value: HeaderValue) -> Result<()>;
+    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()>;
 }
 
-fn modify_response(m: &HeaderModifier, resp: &mut ResponseHeader) -> Result<()> {
+impl EditHeaders for RequestHeader {
+    fn remove(&mut self, name: &HeaderName) {
+        self.remove_header(name);
+    }
+    fn insert(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+        self.insert_header(name, value)
+    }
+    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+        self.append_header(name, value).map(drop)
+    }
+}
+
+impl EditHeaders for ResponseHeader {
+    fn remove(&mut self, name: &HeaderName) {
+        self.remove_header(name);
+    }
+    fn insert(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+        self.insert_header(name, value)
+    }
+    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+        self.append_header(name, value).map(drop)
+    }
+}
+
+/// Applies a route's header modifier: remove, then set, then add.
+fn modify(m: &HeaderModifier, headers: &mut impl EditHeaders) -> Result<()> {
     for name in &m.remove {
-        resp.remove_header(name);
+        headers.remove(name);
     }
     for (name, value) in &m.set {
-        resp.insert_header(name.clone(), value.clone())?;
+        headers.insert(name.clone(), value.clone())?;
     }
     for (name, value) in &m.add {
-        resp.append_header(name.clone(), value.clone())?;
+        headers.append(name.clone(), value.clone())?;
     }
     Ok(())
 }
@@ -687,9 +706,9 @@ impl ProxyHttp for Waypoint {
             && let RuleAction::Forward(backends) = &rule.action
             && let Some(backend) = backends.get(*b)
         {
-            modify_request(&backend.request_headers, upstream_request)?;
+            modify(&backend.request_headers, upstream_request)?;
         }
-        modify_request(&rule.request_headers, upstream_request)?;
+        modify(&rule.request_headers, upstream_request)?;
         if let Some(rewrite) = &rule.rewrite {
             if let Some(path) = &rewrite.path
                 && let Some((_, m)) = ctx.rule
@@ -759,9 +778,9 @@ impl ProxyHttp for Waypoint {
                 && let RuleAction::Forward(backends) = &rule.action
                 && let Some(backend) = backends.get(*b)
             {
-                modify_response(&backend.response_headers, upstream_response)?;
+                modify(&backend.response_headers, upstream_response)?;
             }
-            modify_response(&rule.response_headers, upstream_response)?;
+            modify(&rule.response_headers, upstream_response)?;
             if let (Some(cors), Some(origin)) = (&rule.cors, &ctx.cors_origin) {
                 cors::response_headers(cors, origin, upstream_response)?;
             }
