@@ -154,3 +154,77 @@ async fn weights_split_traffic_80_20() {
     assert!((740..=860).contains(&v1), "echo-v1 got {v1} of {N}");
     mesh.shutdown().await;
 }
+
+const RETRY_TIMEOUT_CORS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: app}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /retry}}]
+    retry: {codes: [503], attempts: 2}
+    backendRefs: [{name: echo, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /noretry}}]
+    backendRefs: [{name: echo, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /backend-timeout}}]
+    timeouts: {request: 5s, backendRequest: 300ms}
+    backendRefs: [{name: echo, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /cors}}]
+    filters:
+    - type: CORS
+      cors: {allowOrigins: ["https://good.example"], allowMethods: [GET, PUT], maxAge: 60}
+    backendRefs: [{name: echo-v1, port: 80}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_route_retry_backend_timeout_and_cors() {
+    let mesh = Mesh::start(54, RETRY_TIMEOUT_CORS).await;
+    let fail_v1 = [("x-fail", "echo-v1"), ("x-fail-with", "503")];
+
+    // Without the retry stanza the mesh default retries no status: the failure shows.
+    let mut failed = 0;
+    for _ in 0..20 {
+        if mesh.request("GET", "/noretry", &fail_v1, "").await.status == 503 {
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "the failing endpoint was never chosen");
+    // `retry.codes: [503]` retries on the other endpoint.
+    for _ in 0..20 {
+        let r = mesh.request("GET", "/retry", &fail_v1, "").await;
+        assert_eq!((r.status, r.backend()), (200, "echo-v2"), "{}", r.body);
+    }
+
+    // backendRequest bounds the attempt: 504 long before the backend would answer.
+    let started = Instant::now();
+    let r = mesh
+        .request("GET", "/backend-timeout", &[("x-delay-ms", "3000")], "")
+        .await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // CORS filter: an allowed preflight is answered here; another origin's preflight is
+    // answered without CORS headers (Istio's choice for HTTPRoute), never forwarded.
+    let preflight =
+        |origin: &'static str| [("origin", origin), ("access-control-request-method", "PUT")];
+    let r = mesh
+        .request("OPTIONS", "/cors", &preflight("https://good.example"), "")
+        .await;
+    assert_eq!((r.status, r.backend()), (200, ""));
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://good.example")
+    );
+    assert_eq!(r.header("access-control-max-age"), Some("60"));
+    let r = mesh
+        .request("OPTIONS", "/cors", &preflight("https://evil.example"), "")
+        .await;
+    assert_eq!((r.status, r.backend()), (200, ""));
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    mesh.shutdown().await;
+}
