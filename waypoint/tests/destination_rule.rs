@@ -54,6 +54,17 @@ async fn load_balancers_and_outlier_detection() {
         assert_ne!(pair[0], pair[1], "{order:?}");
     }
 
+    // RANDOM and LEAST_REQUEST spread over both endpoints.
+    for lb in ["RANDOM", "LEAST_REQUEST"] {
+        mesh.set_routes(&rule(&format!("{{loadBalancer: {{simple: {lb}}}}}")))
+            .await;
+        let mut seen = BTreeSet::new();
+        for _ in 0..40 {
+            seen.insert(mesh.request("GET", "/", &[], "").await.backend().to_owned());
+        }
+        assert_eq!(seen.len(), 2, "{lb}: {seen:?}");
+    }
+
     // Outlier detection: two 503s in a row eject echo-v1; everything then goes to echo-v2,
     // even requests that would not fail.
     mesh.set_routes(&rule(

@@ -235,3 +235,58 @@ async fn cors_preflights_and_responses() {
     );
     mesh.shutdown().await;
 }
+
+const MATCHES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: app}
+spec:
+  host: echo.app.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: app}
+spec:
+  hosts: [echo.app.svc.cluster.local]
+  http:
+  - match: [{authority: {prefix: canary.}}]
+    route: [{destination: {host: echo.app.svc.cluster.local, subset: v2}}]
+  - match: [{queryParams: {tier: {exact: gold}}}]
+    route: [{destination: {host: echo.app.svc.cluster.local, subset: v2}}]
+  - match: [{method: {exact: DELETE}}]
+    route: [{destination: {host: echo.app.svc.cluster.local, subset: v2}}]
+  - match: [{uri: {regex: "/api/v[0-9]+/.*"}, headers: {x-team: {prefix: pay}}}]
+    route: [{destination: {host: echo.app.svc.cluster.local, subset: v2}}]
+  - match: [{withoutHeaders: {x-anon: {}}}]
+    route: [{destination: {host: echo.app.svc.cluster.local, subset: v1}}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn match_conditions() {
+    let mesh = Mesh::start(56, MATCHES).await;
+    // (method, path, headers, expected backend; "" = no rule matched, 404)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case<'_>] = &[
+        ("GET", "/", &[("host", "canary.echo:80")], "echo-v2"),
+        ("GET", "/x?tier=gold", &[], "echo-v2"),
+        ("GET", "/x?tier=silver", &[], "echo-v1"),
+        ("DELETE", "/x", &[], "echo-v2"),
+        ("GET", "/api/v2/items", &[("x-team", "payments")], "echo-v2"),
+        ("GET", "/api/v2/items", &[("x-team", "search")], "echo-v1"),
+        ("GET", "/api/vx/items", &[("x-team", "payments")], "echo-v1"),
+        ("GET", "/x", &[("x-anon", "1")], ""),
+    ];
+    for &(method, path, headers, backend) in cases {
+        let r = mesh.request(method, path, headers, "").await;
+        let status = if backend.is_empty() { 404 } else { 200 };
+        assert_eq!(
+            (r.status, r.backend()),
+            (status, backend),
+            "{method} {path} {headers:?}"
+        );
+    }
+    mesh.shutdown().await;
+}

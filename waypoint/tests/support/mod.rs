@@ -349,10 +349,11 @@ pub async fn request(
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("echo.app.svc.cluster.local:{port}"));
+    let mut req = http::Request::builder().method(method).uri(path);
+    // The service's name, unless the case sets its own `host`.
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", format!("echo.app.svc.cluster.local:{port}"));
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
