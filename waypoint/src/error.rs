@@ -30,4 +30,7 @@ pub enum Error {
     /// A certificate could not be issued.
     #[error(transparent)]
     Cert(#[from] hbone::CertError),
+    /// The Wasm plugin host could not start.
+    #[error("wasm plugin host: {0}")]
+    Plugins(String),
 }

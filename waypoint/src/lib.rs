@@ -32,6 +32,7 @@ mod state;
 mod stream;
 mod terminate;
 mod tunnel;
+mod wasm;
 
 pub use error::Error;
 pub use http::Waypoint;

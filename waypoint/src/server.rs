@@ -18,6 +18,7 @@ use crate::http::Waypoint;
 use crate::metrics::Metrics;
 use crate::state::{Shared, WaypointName};
 use crate::terminate::Terminate;
+use crate::wasm::Plugins;
 
 /// Which waypoint to run and where.
 #[derive(Debug, Clone)]
@@ -81,13 +82,35 @@ impl WaypointServer {
 
         let cert = certs.fetch(&identity).await?;
         let pool = Pool::new(certs, spec.hbone.clone());
-        let shared = Arc::new(Shared::new(
-            store,
-            spec.name.clone(),
-            identity.clone(),
-            pool,
-            metrics,
-        ));
+        let node = plugins::NodeInfo {
+            id: format!(
+                "waypoint~{ip}~{}.{}~{}.svc.cluster.local",
+                spec.name.name, spec.name.namespace, spec.name.namespace
+            ),
+            cluster: format!("{}.{}", spec.name.name, spec.name.namespace),
+            metadata: vec![
+                ("NAMESPACE".into(), spec.name.namespace.to_string()),
+                ("WORKLOAD_NAME".into(), spec.name.name.to_string()),
+                (
+                    "SERVICE_ACCOUNT".into(),
+                    identity.service_account().to_string(),
+                ),
+            ],
+        };
+        let host = plugins::Host::new(node, Arc::new(plugins::NoCalls))
+            .map_err(|e| Error::Plugins(e.to_string()))?;
+        let wasm = Plugins::new(host);
+        let shared = Arc::new(
+            Shared::new(
+                store,
+                spec.name.clone(),
+                identity.clone(),
+                pool,
+                metrics,
+                wasm,
+            )
+            .await,
+        );
 
         let conf = Arc::new(ServerConf::default());
         let mut proxy = pingora_proxy::http_proxy(&conf, Waypoint::new(shared.clone()));

@@ -12,6 +12,7 @@ use mesh::{Snapshot, Store};
 use crate::balance::Balancer;
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
+use crate::wasm::{LoadedSet, Plugins};
 
 /// The Gateway this process serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub(crate) struct View {
     pub(crate) waypoint: Option<WaypointId>,
     pub(crate) balancer: Balancer,
     pub(crate) breakers: Breakers,
+    /// The Wasm plugins this waypoint runs, started.
+    pub(crate) plugins: LoadedSet,
 }
 
 /// A destination this waypoint serves, resolved in one snapshot.
@@ -63,14 +66,19 @@ pub(crate) enum NotServed {
 }
 
 impl View {
-    pub(crate) fn new(
+    /// The view of `snapshot`, with its plugins loaded (reusing `previous`'s unchanged ones).
+    pub(crate) async fn load(
         snapshot: Arc<Snapshot>,
         name: &WaypointName,
+        wasm: &Plugins,
         previous: Option<&View>,
     ) -> Self {
         let waypoint = snapshot
             .waypoint_by_name(&name.namespace, &name.name)
             .map(|(id, _)| id);
+        let plugins = wasm
+            .load(&snapshot, waypoint, previous.map(|p| &p.plugins))
+            .await;
         let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer));
         let breakers = Breakers::new(&snapshot, previous.map(|p| &p.breakers));
         Self {
@@ -78,6 +86,7 @@ impl View {
             waypoint,
             balancer,
             breakers,
+            plugins,
         }
     }
 
@@ -131,24 +140,29 @@ pub(crate) struct Shared {
     pub(crate) identity: Identity,
     pub(crate) pool: hbone::Pool,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) wasm: Plugins,
     view: ArcSwap<View>,
 }
 
 impl Shared {
-    pub(crate) fn new(
+    /// Loads the current snapshot (plugins included) before anything is served, so no
+    /// request passes before its plugins are ready.
+    pub(crate) async fn new(
         store: Arc<Store>,
         name: WaypointName,
         identity: Identity,
         pool: hbone::Pool,
         metrics: Arc<Metrics>,
+        wasm: Plugins,
     ) -> Self {
-        let view = View::new(store.load(), &name, None);
+        let view = View::load(store.load(), &name, &wasm, None).await;
         Self {
             store,
             name,
             identity,
             pool,
             metrics,
+            wasm,
             view: ArcSwap::from_pointee(view),
         }
     }
@@ -163,8 +177,8 @@ impl Shared {
         let mut changes = self.store.subscribe();
         while changes.changed().await.is_ok() {
             let snapshot = self.store.load();
-            let previous = self.view.load();
-            let view = View::new(snapshot, &self.name, Some(&previous));
+            let previous = self.view.load_full();
+            let view = View::load(snapshot, &self.name, &self.wasm, Some(&previous)).await;
             if view.waypoint.is_none() {
                 tracing::warn!(waypoint = %self.name, version = view.snapshot.version(), "the waypoint Gateway is gone from the configuration; refusing all traffic");
             }

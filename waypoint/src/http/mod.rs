@@ -33,6 +33,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use plugins::LocalResponse;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -42,6 +43,7 @@ use crate::metrics::{Labels, Parties};
 use crate::originate::HboneConnector;
 use crate::state::{Shared, Target, View};
 use crate::tunnel::{self, Tunnel};
+use crate::wasm::{self, Chain, Decision};
 
 /// The `ProxyHttp` implementation: one per waypoint, shared by every request.
 #[derive(Debug)]
@@ -104,6 +106,10 @@ pub struct RequestCtx {
     /// The allowed CORS `Origin` to echo on the response.
     cors_origin: Option<HeaderValue>,
     mirrors: Vec<mirror::Sender>,
+    /// The request's Wasm plugins, if any apply.
+    wasm: Option<Chain>,
+    /// An answer a plugin gave after the request started upstream, sent by `fail_to_proxy`.
+    wasm_answer: Option<Local>,
 }
 
 impl RequestCtx {
@@ -123,6 +129,7 @@ impl RequestCtx {
 }
 
 /// An answer the waypoint gives itself.
+#[derive(Debug)]
 struct Local {
     status: u16,
     headers: Vec<(http::HeaderName, HeaderValue)>,
@@ -141,23 +148,67 @@ impl Local {
         }
     }
 
-    async fn send(self, session: &mut Session) -> Result<()> {
+    fn from_plugin(r: &LocalResponse) -> Self {
+        Self {
+            status: r.status,
+            headers: wasm::local_headers(r),
+            body: r.body.clone(),
+        }
+    }
+
+    /// What a plugin decision means for the request, if it stops it.
+    fn from_decision(d: Decision, ctx: &mut RequestCtx) -> Option<Self> {
+        match d {
+            Decision::Continue => None,
+            Decision::Answer(r) => {
+                ctx.details = "wasm_local_reply";
+                Some(Self::from_plugin(&r))
+            }
+            Decision::Failed => {
+                ctx.details = "wasm_fail_stream";
+                Some(Self::text(503, "wasm plugin failed\n"))
+            }
+        }
+    }
+
+    /// Sends the answer; the request's plugins see its headers first (Envoy's encoder chain
+    /// runs for local replies too) and may replace it.
+    async fn send(self, session: &mut Session, chain: Option<&mut Chain>) -> Result<u16> {
         let mut resp = ResponseHeader::build(self.status, Some(self.headers.len() + 1))?;
         for (name, value) in self.headers {
             resp.append_header(name, value)?;
         }
-        resp.insert_header(http::header::CONTENT_LENGTH, self.body.len())?;
-        let empty = self.body.is_empty();
+        let mut body = self.body;
+        if let Some(chain) = chain {
+            match chain.response_headers(&mut resp).await? {
+                Decision::Continue => {}
+                Decision::Answer(r) => {
+                    let local = Self::from_plugin(&r);
+                    resp = ResponseHeader::build(local.status, Some(local.headers.len() + 1))?;
+                    for (name, value) in local.headers {
+                        resp.append_header(name, value)?;
+                    }
+                    body = local.body;
+                }
+                Decision::Failed => {
+                    resp = ResponseHeader::build(503, Some(1))?;
+                    body = Bytes::from_static(b"wasm plugin failed\n");
+                }
+            }
+        }
+        let status = resp.status.as_u16();
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        let empty = body.is_empty();
         session.write_response_header(Box::new(resp), empty).await?;
         if !empty {
-            session.write_response_body(Some(self.body), true).await?;
+            session.write_response_body(Some(body), true).await?;
         }
-        Ok(())
+        Ok(status)
     }
 }
 
 /// The authority a request names: `:authority`, else `Host`.
-fn authority(req: &RequestHeader) -> &str {
+pub(crate) fn authority(req: &RequestHeader) -> &str {
     req.uri
         .authority()
         .map(|a| a.as_str())
@@ -265,11 +316,27 @@ impl Waypoint {
         ctx.target = Some(target);
         let snapshot = &view.snapshot;
         let waypoint = snapshot.waypoint(view.waypoint?);
-        let req = session.req_header();
         let (service, port) = match target {
             Target::Service { id, port, .. } => (Some(snapshot.service(id)), port),
             Target::Workload { port, .. } => (None, port),
         };
+
+        // Wasm plugins of the AUTHN and AUTHZ phases run before authorization.
+        let service_id = match target {
+            Target::Service { id, .. } => Some(id),
+            Target::Workload { .. } => None,
+        };
+        ctx.wasm = Chain::new(&view, service_id, port, &tunnel);
+        let end_of_stream = session.is_body_empty();
+        if let Some(chain) = &mut ctx.wasm {
+            let decision = chain
+                .request_headers(wasm::before_authz, session.req_header_mut(), end_of_stream)
+                .await;
+            if let Some(local) = self.plugin_answer(decision, ctx) {
+                return Some(local);
+            }
+        }
+        let req = session.req_header();
 
         // L7 authorization: policies on the waypoint's Gateway, the GatewayClass, the service.
         let attrs = Attributes {
@@ -292,6 +359,18 @@ impl Waypoint {
             tracing::debug!(policy = verdict.policy.map(|p| p.name()), "request denied");
             return Some(Local::text(403, "RBAC: access denied"));
         }
+
+        // Then the STATS and unspecified ones; routing sees what they changed.
+        if let Some(chain) = &mut ctx.wasm {
+            let decision = chain
+                .request_headers(wasm::after_authz, session.req_header_mut(), end_of_stream)
+                .await;
+            chain.request_done(session.req_header());
+            if let Some(local) = self.plugin_answer(decision, ctx) {
+                return Some(local);
+            }
+        }
+        let req = session.req_header();
 
         let Target::Service { id, port_index, .. } = target else {
             let Target::Workload { id, port } = target else {
@@ -458,6 +537,21 @@ impl Waypoint {
         None
     }
 
+    /// A plugin's decision on request headers as the waypoint's answer, if it stops the request.
+    fn plugin_answer(&self, decision: Result<Decision>, ctx: &mut RequestCtx) -> Option<Local> {
+        match decision {
+            Ok(d) => Local::from_decision(d, ctx),
+            Err(e) => {
+                ctx.details = "wasm_invalid_header";
+                tracing::warn!(error = %e, "a wasm plugin produced a request Pingora refuses");
+                Some(Local::text(
+                    500,
+                    "wasm plugin produced an invalid request\n",
+                ))
+            }
+        }
+    }
+
     /// Computes the consistent-hash key now, while the request headers are at hand.
     fn prepare_hash(
         &self,
@@ -524,14 +618,15 @@ impl ProxyHttp for Waypoint {
             status: 0,
             cors_origin: None,
             mirrors: Vec::new(),
+            wasm: None,
+            wasm_answer: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         match self.decide(session, ctx).await {
             Some(local) => {
-                ctx.status = local.status;
-                local.send(session).await?;
+                ctx.status = local.send(session, ctx.wasm.as_mut()).await?;
                 Ok(true)
             }
             None => {
@@ -549,6 +644,15 @@ impl ProxyHttp for Waypoint {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(chain) = &mut ctx.wasm
+            && let Some(local) =
+                Local::from_decision(chain.request_body(body, end_of_stream).await, ctx)
+        {
+            // Headers may already be upstream: end the attempt; `fail_to_proxy` answers.
+            let status = local.status;
+            ctx.wasm_answer = Some(local);
+            return Error::e_explain(ErrorType::HTTPStatus(status), "answered by a wasm plugin");
+        }
         for m in &mut ctx.mirrors {
             m.body(body.as_ref(), end_of_stream);
         }
@@ -785,7 +889,35 @@ impl ProxyHttp for Waypoint {
                 cors::response_headers(cors, origin, upstream_response)?;
             }
         }
+        if let Some(chain) = &mut ctx.wasm {
+            match chain.response_headers(upstream_response).await? {
+                Decision::Continue => {}
+                // A plugin replacing an upstream response: its status and headers win; the
+                // upstream body still follows (Envoy would drop it; Pingora has no hook here).
+                Decision::Answer(r) => {
+                    upstream_response.set_status(r.status)?;
+                    for (name, value) in wasm::local_headers(&r) {
+                        upstream_response.insert_header(name, value)?;
+                    }
+                }
+                Decision::Failed => upstream_response.set_status(503)?,
+            }
+            ctx.status = upstream_response.status.as_u16();
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(chain) = &mut ctx.wasm {
+            chain.response_body(body, end_of_stream);
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(
@@ -868,6 +1000,15 @@ impl ProxyHttp for Waypoint {
                 _ => (500, ""),
             },
         };
+        if let Some(local) = ctx.wasm_answer.take()
+            && session.response_written().is_none()
+        {
+            ctx.status = local.send(session, None).await.unwrap_or(local_status(e));
+            return FailToProxy {
+                error_code: ctx.status,
+                can_reuse_downstream: false,
+            };
+        }
         if code > 0 && session.response_written().is_none() {
             let _ = session
                 .respond_error_with_body(code, Bytes::from_static(body.as_bytes()))
@@ -944,6 +1085,14 @@ impl ProxyHttp for Waypoint {
             error = e.map(tracing::field::display),
             "request"
         );
+    }
+}
+
+/// The status a failed answer stands for.
+fn local_status(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        _ => 500,
     }
 }
 

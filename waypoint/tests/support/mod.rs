@@ -486,3 +486,33 @@ async fn tcp_echo(listener: TcpListener, pod: &'static str) {
         });
     }
 }
+
+/// The path of example Wasm plugin `name`, building the examples workspace (wasm32-wasip1) once
+/// per test process.
+pub fn example_plugin(name: &str) -> String {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/examples");
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip1",
+                    "--manifest-path",
+                ])
+                .arg(examples.join("Cargo.toml"))
+                .status()
+                .expect("run cargo to build the example plugins");
+        assert!(
+            status.success(),
+            "building the example plugins failed (is the wasm32-wasip1 target installed?)"
+        );
+        examples
+            .join("target/wasm32-wasip1/release")
+            .canonicalize()
+            .unwrap()
+    });
+    dir.join(format!("{name}.wasm")).display().to_string()
+}
