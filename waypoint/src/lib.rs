@@ -21,6 +21,7 @@
 //! request, and load-balancing state (active requests, ejections) carries over ([`state`]).
 
 mod balance;
+mod callout;
 mod error;
 mod http;
 mod l4;

@@ -2,13 +2,19 @@
 //! built for Envoy waypoints work unchanged, plus TCP metrics for the L4 path and the
 //! waypoint's own counters.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use mesh::Snapshot;
 use mesh::model::{Service, Workload};
+use plugins::{HISTOGRAM_BUCKETS, MetricValue, PluginMetrics};
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -151,6 +157,8 @@ pub struct Metrics {
     pub config_applied: Gauge,
     /// Configuration changes rejected as invalid.
     pub config_rejected: Gauge,
+    /// Metrics Wasm plugins define, once the plugin host exists.
+    pub plugins: Arc<OnceLock<Arc<PluginMetrics>>>,
 }
 
 impl Default for Metrics {
@@ -172,6 +180,7 @@ impl Default for Metrics {
             hbone: Family::default(),
             config_applied: Gauge::default(),
             config_rejected: Gauge::default(),
+            plugins: Arc::default(),
         }
     }
 }
@@ -233,5 +242,70 @@ impl Metrics {
             "Configuration changes rejected as invalid",
             self.config_rejected.clone(),
         );
+        registry.register_collector(Box::new(PluginCollector(self.plugins.clone())));
+    }
+}
+
+/// Plugin metrics under Envoy's prefix for them, `wasmcustom_`, with anything Prometheus does
+/// not allow in a name turned into `_`.
+#[derive(Debug)]
+struct PluginCollector(Arc<OnceLock<Arc<PluginMetrics>>>);
+
+impl Collector for PluginCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(metrics) = self.0.get() else {
+            return Ok(());
+        };
+        for (name, value) in metrics.snapshot() {
+            let name: String = format!("wasmcustom_{name}")
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let help = "Defined by a Wasm plugin";
+            match value {
+                MetricValue::Counter(v) => {
+                    // The text encoder adds `_total` to counters.
+                    let name = name.strip_suffix("_total").unwrap_or(&name);
+                    let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                    ConstCounter::new(v).encode(m)?;
+                }
+                MetricValue::Gauge(v) => {
+                    let m = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
+                    ConstGauge::new(v).encode(m)?;
+                }
+                MetricValue::Histogram {
+                    buckets,
+                    count,
+                    sum,
+                } => {
+                    let mut previous = 0;
+                    let mut per_bucket: Vec<(f64, u64)> = HISTOGRAM_BUCKETS
+                        .iter()
+                        .zip(&buckets)
+                        .map(|(&bound, &cumulative)| {
+                            let n = cumulative - previous;
+                            previous = cumulative;
+                            (bound, n)
+                        })
+                        .collect();
+                    per_bucket.push((f64::MAX, count - previous));
+                    let mut m =
+                        encoder.encode_descriptor(&name, help, None, MetricType::Histogram)?;
+                    m.encode_histogram::<Vec<(String, String)>>(
+                        sum as f64,
+                        count,
+                        &per_bucket,
+                        None,
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::Error;
+use crate::callout::MeshCalls;
 use crate::http::Waypoint;
 use crate::metrics::Metrics;
 use crate::state::{Shared, WaypointName};
@@ -97,8 +98,10 @@ impl WaypointServer {
                 ),
             ],
         };
-        let host = plugins::Host::new(node, Arc::new(plugins::NoCalls))
+        let calls = MeshCalls::default();
+        let host = plugins::Host::new(node, Arc::new(calls.clone()))
             .map_err(|e| Error::Plugins(e.to_string()))?;
+        let _ = metrics.plugins.set(host.metrics().clone());
         let wasm = Plugins::new(host);
         let shared = Arc::new(
             Shared::new(
@@ -111,6 +114,7 @@ impl WaypointServer {
             )
             .await,
         );
+        calls.bind(&shared);
 
         let conf = Arc::new(ServerConf::default());
         let mut proxy = pingora_proxy::http_proxy(&conf, Waypoint::new(shared.clone()));

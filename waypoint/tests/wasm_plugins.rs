@@ -139,3 +139,58 @@ async fn a_body_plugin_buffers_and_refuses_bodies() {
     assert_eq!(r.body, "request body refused\n");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_calls_a_mesh_service_and_waits_for_its_answer() {
+    let auth = |upstream: &str| {
+        plugin(
+            "auth",
+            "auth_call",
+            &format!(
+                "  pluginConfig: {{upstream: \"{upstream}\", authority: shadow.app.svc.cluster.local, path: /check}}"
+            ),
+        )
+    };
+    let mesh = Mesh::start(60, &auth("outbound|80||shadow.app.svc.cluster.local")).await;
+    // The call reaches the shadow pod over HBONE; its 200 lets the request through.
+    let r = mesh
+        .request("GET", "/page", &[("authorization", "Bearer t")], "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.backend().is_empty());
+    let calls = mesh.seen_by("shadow-1");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].path, "/check");
+    assert_eq!(calls[0].host, "shadow.app.svc.cluster.local");
+
+    // A plain host:port upstream (the VIP) works too.
+    mesh.set_routes(&auth(&format!("10.{}.0.2:80", mesh.net)))
+        .await;
+    let r = mesh.request("GET", "/page", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(mesh.seen_by("shadow-1").len(), 2);
+
+    // A port the service does not have: the dispatch is refused and the plugin answers 503.
+    mesh.set_routes(&auth("outbound|81||shadow.app.svc.cluster.local"))
+        .await;
+    let r = mesh.request("GET", "/page", &[], "").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.backend(), "");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_metrics_are_exported_with_the_waypoints() {
+    let config = plugin("counter", "counter", "  pluginConfig: {metric: hits_total}");
+    let mesh = Mesh::start(61, &config).await;
+    for n in 1..=2 {
+        let r = mesh.request("GET", "/", &[], "").await;
+        assert_eq!(r.headers.get("x-request-count").unwrap(), &n.to_string());
+    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    mesh.metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(text.contains("wasmcustom_hits_total 2"), "{text}");
+    mesh.shutdown().await;
+}

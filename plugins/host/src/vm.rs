@@ -493,7 +493,13 @@ impl Instance {
         eos: bool,
     ) -> Result<Outcome<Headers>, Failure> {
         let mut vm = self.lock();
-        self.check()?;
+        if let Err(failure) = self.check() {
+            // Lend the headers anyway so the stream takes them back: the embedder may fail open.
+            if let Some(stream) = vm.store.data_mut().streams.get_mut(&ctx) {
+                *lent_headers(stream, response) = Some(headers);
+            }
+            return Err(failure);
+        }
         let n = headers.len();
         let (callback, phase) = if response {
             (
@@ -550,7 +556,6 @@ impl Instance {
         eos: bool,
     ) -> Result<Outcome<Vec<u8>>, Failure> {
         let mut vm = self.lock();
-        self.check()?;
         let (callback, phase) = if response {
             (vm.exports.on_response_body.clone(), Phase::ResponseBody)
         } else {
@@ -562,6 +567,8 @@ impl Instance {
         };
         let buffer = lent_body(stream, response).get_or_insert_with(Vec::new);
         buffer.extend_from_slice(chunk);
+        // Checked after buffering so a failed stream takes back everything it was lent.
+        self.check()?;
         let Some(callback) = callback else {
             return Ok(Outcome::now(
                 Step::Continue,
