@@ -22,6 +22,7 @@
 mod abi;
 mod call;
 mod error;
+pub mod examples;
 mod fetch;
 mod headers;
 mod host;
@@ -39,6 +40,7 @@ pub use abi::{AbiVersion, MetricKind};
 pub use call::{CallFuture, CallRequest, CallResponse, Dispatcher, NoCalls};
 pub use error::{Failure, LoadError};
 pub use fetch::{FetchError, fetch, verify};
+pub use fetch::{FetchOptions, ModuleCache, PullPolicy, fetch_with};
 pub use headers::Headers;
 pub use host::{CompiledModule, Host, HostError};
 pub use metrics::{HISTOGRAM_BUCKETS, MetricValue, PluginMetrics};
