@@ -82,6 +82,8 @@ const REQUESTS: &[Demo] = &[
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let set_log_level = admin::logging(cli.log.as_deref(), "warn");
+    // deploy/local runs an example Wasm plugin; build it from source first.
+    plugins::examples::build("add_header");
     let mesh = LocalMesh::start(&cli.config)
         .await
         .with_context(|| format!("starting the local mesh from {}", cli.config.display()))?;

@@ -153,7 +153,8 @@ impl LocalMesh {
     }
 
     /// Sends `GET path` with `headers` to `host:port` through the SOCKS5 port of the workload
-    /// at `from`, as `curl --socks5-hostname` would, and returns the status line and body.
+    /// at `from`, as `curl --socks5-hostname` would, and returns the status line, the `x-`
+    /// headers (what the mesh and its plugins added) and the body.
     pub async fn get(
         &self,
         from: std::net::IpAddr,
@@ -190,9 +191,16 @@ impl LocalMesh {
         s.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         s.read_to_string(&mut response).await?;
-        let status = response.lines().next().unwrap_or_default().to_owned();
-        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Ok(format!("{status}\n{body}"))
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let mut lines = head.lines();
+        let mut out = lines.next().unwrap_or_default().to_owned();
+        for line in lines.filter(|l| l.to_ascii_lowercase().starts_with("x-")) {
+            out.push('\n');
+            out.push_str(line);
+        }
+        out.push('\n');
+        out.push_str(body);
+        Ok(out)
     }
 
     /// Stops everything, letting connections finish for up to `deadline`.

@@ -7,7 +7,12 @@ use local::LocalMesh;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_default_routes_and_authorizes_through_its_waypoint() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
+    // deploy/local names its Wasm plugin by a path relative to the repository root, where the
+    // local mesh runs; this is the only test in this binary.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::set_current_dir(&root).expect("cd to the repository root");
+    plugins::examples::build("add_header");
+    let dir = root.join("deploy/local");
     let mesh = LocalMesh::start(&dir).await.expect("the local mesh starts");
     assert_eq!(mesh.waypoints.len(), 1, "deploy/local has one waypoint");
     let sleep = "127.0.1.1".parse().unwrap();
@@ -24,9 +29,14 @@ async fn the_embedded_default_routes_and_authorizes_through_its_waypoint() {
         .await
         .unwrap();
     assert!(l4.contains("hello from default/productpage-v1"), "{l4}");
+    assert!(
+        !l4.contains("x-wasm-plugin"),
+        "no waypoint, no plugin: {l4}"
+    );
 
     let v1 = mesh.get(sleep, reviews, 9080, "/r", &[]).await.unwrap();
     assert!(v1.contains("hello from default/reviews-v1"), "{v1}");
+    assert!(v1.contains("x-wasm-plugin: add_header"), "{v1}");
     let v2 = mesh
         .get(sleep, reviews, 9080, "/r", &[("end-user", "jason")])
         .await
@@ -35,6 +45,8 @@ async fn the_embedded_default_routes_and_authorizes_through_its_waypoint() {
     let denied = mesh.get(sleep, reviews, 9080, "/admin", &[]).await.unwrap();
     assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
     assert!(denied.contains("RBAC: access denied"), "{denied}");
+    // The plugin runs after authorization, so a denied request never reached it.
+    assert!(!denied.contains("x-wasm-plugin"), "{denied}");
 
     mesh.shutdown(Duration::from_secs(1)).await;
 }

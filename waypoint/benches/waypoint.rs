@@ -126,6 +126,30 @@ fn main() {
     }
     println!();
 
+    // The same waypoint path with Wasm plugins on the Gateway, one configuration at a time.
+    println!("with a WasmPlugin on the waypoint (same process, reloaded between rows):");
+    let mut plugin_rows = Vec::new();
+    for (name, module, body) in [
+        ("no-op plugin", Some("noop"), false),
+        ("header plugin (add_header)", Some("add_header"), false),
+        ("no plugin, 1 KiB POST", None, true),
+        (
+            "body plugin (body_inspect), 1 KiB POST",
+            Some("body_inspect"),
+            true,
+        ),
+    ] {
+        set_plugin(&config, module);
+        WITH_BODY.store(body, Ordering::Relaxed);
+        wait_for_plugin(&wp, module);
+        plugin_rows.push((name, measure(name, &wp, Some(&waypoint), &scale)));
+    }
+    set_plugin(&config, None);
+    WITH_BODY.store(false, Ordering::Relaxed);
+    wait_for_plugin(&wp, None);
+    println!();
+    let host = plugin_host_costs(quick);
+
     // Memory per route, each count in a fresh process.
     let counts: &[usize] = if quick {
         &[10, 1000]
@@ -178,6 +202,46 @@ fn main() {
             cpu <= 125.0,
         );
     }
+    let delta = |base: &Row, row: &Row| {
+        (
+            row.cpu.zip(base.cpu).map(|(a, b)| a - b),
+            row.p50 - base.p50,
+        )
+    };
+    for (i, (name, row)) in plugin_rows.iter().enumerate() {
+        let base = if i < 2 { &wp_row } else { &plugin_rows[2].1 };
+        if std::ptr::eq(base, row) {
+            continue;
+        }
+        let (cpu, p50) = delta(base, row);
+        println!(
+            "{:>44}: {} µs CPU/req, {:+.1} µs p50",
+            format!("added by the {name}"),
+            cpu.map_or("-".to_owned(), |c| format!("{c:+.1}")),
+            p50
+        );
+    }
+    println!(
+        "{:>44}: {:9.1} ms",
+        "module compile (add_header, 210 KB)",
+        host.compile.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:>44}: {:9.1} µs",
+        "instance start (_initialize + root context)",
+        host.start.as_secs_f64() * 1e6
+    );
+    println!(
+        "{:>44}: {:9.2} µs",
+        "no-op plugin, host CPU per request",
+        host.noop_per_request * 1e6
+    );
+    verdict(
+        "header plugin, host CPU per request (µs)",
+        host.header_per_request * 1e6,
+        "≤ 5",
+        host.header_per_request <= 5e-6,
+    );
     for &(n, bytes) in &rss {
         println!(
             "{:>44}: {:9.1} MB",
@@ -222,6 +286,177 @@ fn main() {
         p.stop();
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes (or, with `None`, removes) a WasmPlugin running example `module` on the Gateway.
+fn set_plugin(config: &Path, module: Option<&str>) {
+    let file = config.join("plugin.yaml");
+    let Some(module) = module else {
+        let _ = std::fs::remove_file(&file);
+        return;
+    };
+    let plugin_config = match module {
+        "add_header" => "{headers: {x-bench: added}}",
+        "body_inspect" => "{deny: [DROP TABLE]}",
+        _ => "{}",
+    };
+    let yaml = format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: bench, namespace: bench}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n  pluginConfig: {plugin_config}\n",
+        example_plugin(module).display()
+    );
+    let tmp = config.join(".plugin.tmp");
+    std::fs::write(&tmp, yaml).expect("write");
+    std::fs::rename(tmp, file).expect("rename");
+}
+
+/// Waits until responses show that the plugin configuration took effect: every example but the
+/// no-op one adds a response header; the no-op and plugin-less states get a fixed settle time.
+fn wait_for_plugin(open: &dyn Fn() -> TcpStream, module: Option<&str>) {
+    let marker = match module {
+        Some("add_header") => Some("x-bench: added"),
+        Some("body_inspect") => Some("x-body-bytes"),
+        _ => None,
+    };
+    let Some(marker) = marker else {
+        std::thread::sleep(Duration::from_secs(2));
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut s = open();
+    loop {
+        let mut head = String::new();
+        let _ = get_head(&mut s, &mut head);
+        if head.to_ascii_lowercase().contains(marker) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the plugin never took effect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Like [`get`], keeping the response head.
+fn get_head(s: &mut TcpStream, head: &mut String) -> std::io::Result<()> {
+    if WITH_BODY.load(Ordering::Relaxed) {
+        let mut request = format!(
+            "POST / HTTP/1.1\r\nhost: backend.bench\r\ncontent-length: {}\r\n\r\n",
+            BODY.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&BODY);
+        s.write_all(&request)?;
+    } else {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: backend.bench\r\n\r\n")?;
+    }
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        raw.push(byte[0]);
+    }
+    *head = String::from_utf8_lossy(&raw).into_owned();
+    let length = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body)
+}
+
+fn example_plugin(name: &str) -> PathBuf {
+    plugins::examples::build(name)
+}
+
+/// What the plugin host itself costs, measured in this process.
+struct HostCosts {
+    compile: Duration,
+    start: Duration,
+    noop_per_request: f64,
+    header_per_request: f64,
+}
+
+/// Compile and instance-start times, and CPU per request of a plugin on a reused instance: a
+/// stream context through request headers, response headers and its end, over the header maps
+/// of a typical request (built per request, as the waypoint does).
+fn plugin_host_costs(quick: bool) -> HostCosts {
+    use plugins::{Headers, Host, NoCalls, NodeInfo, PluginConfig, StreamInfo};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bytes = std::fs::read(example_plugin("add_header")).expect("module");
+    let host = Host::new(NodeInfo::default(), Arc::new(NoCalls)).expect("host");
+    let t = Instant::now();
+    let module = host.compile(&bytes).expect("compile");
+    let compile = t.elapsed();
+    let config = |name: &str, json: &str| {
+        let mut c = PluginConfig::new(format!("bench.{name}"), name, json.as_bytes().to_vec());
+        c.instances = 1;
+        c
+    };
+    let t = Instant::now();
+    let header = host
+        .load(
+            &module,
+            config("add_header", r#"{"headers": {"x-bench": "added"}}"#),
+        )
+        .expect("load");
+    let start = t.elapsed();
+    let noop_module = host
+        .compile(&std::fs::read(example_plugin("noop")).expect("module"))
+        .expect("compile");
+    let noop = host.load(&noop_module, config("noop", "")).expect("load");
+    let requests = if quick { 20_000 } else { 200_000 };
+    let info = Arc::new(StreamInfo::new(
+        SocketAddr::new(ip(CLIENT), 40000),
+        SocketAddr::new(ip(VIA_WAYPOINT), 80),
+        Some("spiffe://cluster.local/ns/bench/sa/client".into()),
+    ));
+    let per_request = |plugin: &plugins::Plugin| {
+        runtime.block_on(async {
+            let cpu0 = thread_cpu();
+            for _ in 0..requests {
+                let mut stream = plugin.stream(info.clone()).expect("stream");
+                let mut req = Headers::new();
+                for (n, v) in [
+                    (":method", "GET"),
+                    (":scheme", "http"),
+                    (":path", "/"),
+                    (":authority", "backend.bench"),
+                    ("user-agent", "bench"),
+                    ("accept", "*/*"),
+                ] {
+                    req.push(n, v);
+                }
+                stream.request_headers(&mut req, true).await;
+                let mut resp = Headers::new();
+                resp.push(":status", "200");
+                resp.push("content-length", "8");
+                resp.push("content-type", "text/plain");
+                stream.response_headers(&mut resp, false).await;
+            }
+            (thread_cpu() - cpu0).as_secs_f64() / requests as f64
+        })
+    };
+    let noop_per_request = per_request(&noop);
+    let header_per_request = per_request(&header);
+    HostCosts {
+        compile,
+        start,
+        noop_per_request,
+        header_per_request,
+    }
+}
+
+/// CPU time of the calling thread, to the nanosecond.
+fn thread_cpu() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).expect("clock");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
 }
 
 struct Row {
@@ -517,9 +752,24 @@ fn via_socks(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// One keep-alive GET; returns the status and the body (the backend's name).
+/// Requests carry a 1 KiB body (POST) instead of none (GET): for the body plugin's phase.
+static WITH_BODY: AtomicBool = AtomicBool::new(false);
+const BODY: [u8; 1024] = [b'a'; 1024];
+
+/// One keep-alive GET (or POST, see [`WITH_BODY`]); returns the status and the body (the
+/// backend's name).
 fn get(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String)> {
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: backend.bench\r\n\r\n").as_bytes())?;
+    if WITH_BODY.load(Ordering::Relaxed) {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: backend.bench\r\ncontent-length: {}\r\n\r\n",
+            BODY.len()
+        );
+        let mut request = head.into_bytes();
+        request.extend_from_slice(&BODY);
+        s.write_all(&request)?;
+    } else {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: backend.bench\r\n\r\n").as_bytes())?;
+    }
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -681,9 +931,18 @@ fn serve(mut s: TcpStream, name: &str) {
             Ok(n) => n,
         };
         pending.extend_from_slice(&buf[..n]);
-        // Requests carry no body here: each head ends a request.
+        // Each head, plus its content-length worth of body, is one request.
         while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            pending.drain(..end + 4);
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if pending.len() < end + 4 + length {
+                break;
+            }
+            pending.drain(..end + 4 + length);
             if s.write_all(response.as_bytes()).is_err() {
                 return;
             }

@@ -157,6 +157,8 @@ pub struct Metrics {
     pub config_applied: Gauge,
     /// Configuration changes rejected as invalid.
     pub config_rejected: Gauge,
+    /// Version of the snapshot in force: published only once its plugins are loaded.
+    pub config_version: Gauge,
     /// Metrics Wasm plugins define, once the plugin host exists.
     pub plugins: Arc<OnceLock<Arc<PluginMetrics>>>,
 }
@@ -180,6 +182,7 @@ impl Default for Metrics {
             hbone: Family::default(),
             config_applied: Gauge::default(),
             config_rejected: Gauge::default(),
+            config_version: Gauge::default(),
             plugins: Arc::default(),
         }
     }
@@ -241,6 +244,11 @@ impl Metrics {
             "config_rejected",
             "Configuration changes rejected as invalid",
             self.config_rejected.clone(),
+        );
+        w.register(
+            "config_version",
+            "Version of the configuration snapshot in force (plugins loaded)",
+            self.config_version.clone(),
         );
         registry.register_collector(Box::new(PluginCollector(self.plugins.clone())));
     }

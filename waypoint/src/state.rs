@@ -156,6 +156,7 @@ impl Shared {
         wasm: Plugins,
     ) -> Self {
         let view = View::load(store.load(), &name, &wasm, None).await;
+        metrics.config_version.set(view.snapshot.version() as i64);
         Self {
             store,
             name,
@@ -185,8 +186,10 @@ impl Shared {
             let stats = self.store.stats();
             self.metrics.config_applied.set(stats.applied as i64);
             self.metrics.config_rejected.set(stats.rejected as i64);
-            tracing::info!(version = view.snapshot.version(), "configuration applied");
+            let version = view.snapshot.version();
             self.view.store(Arc::new(view));
+            self.metrics.config_version.set(version as i64);
+            tracing::info!(version, "configuration applied");
         }
     }
 }

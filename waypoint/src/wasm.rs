@@ -18,18 +18,22 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use mesh::Snapshot;
-use mesh::model::{FailStrategy, Plugin as Spec, PluginId, PluginPhase, ServiceId, WaypointId};
+use mesh::model::{
+    FailStrategy, Plugin as Spec, PluginId, PluginPhase, PullPolicy, ServiceId, WaypointId,
+};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::state::View;
 use crate::tunnel::Tunnel;
-use plugins::{Headers, Host, LocalResponse, Stream, StreamInfo, Verdict};
+use plugins::{Headers, Host, LocalResponse, ModuleCache, Stream, StreamInfo, Verdict};
 
 /// The plugin host and what it has loaded.
 #[derive(Debug)]
 pub(crate) struct Plugins {
     host: Arc<Host>,
+    /// Fetched modules by URL, per `imagePullPolicy`.
+    modules: ModuleCache,
 }
 
 /// A plugin as the current view knows it: started, or why it is not.
@@ -49,6 +53,7 @@ impl Plugins {
     pub(crate) fn new(host: Host) -> Self {
         Plugins {
             host: Arc::new(host),
+            modules: ModuleCache::new(),
         }
     }
 
@@ -80,6 +85,8 @@ impl Plugins {
             }
             set.0[id.index()] = Some(loaded);
         }
+        self.modules
+            .retain(|url| set.0.iter().flatten().any(|l| &*l.spec.url == url));
         self.host.retain_modules(|sha| {
             set.0
                 .iter()
@@ -91,18 +98,30 @@ impl Plugins {
 
     async fn load_one(&self, spec: &Spec, previous: Option<&LoadedSet>) -> Arc<Loaded> {
         let name = format!("{}.{}", spec.namespace, spec.name);
-        let bytes = match plugins::fetch(&spec.url, spec.sha256.as_deref()).await {
+        let policy = match spec.pull_policy {
+            PullPolicy::IfNotPresent => plugins::PullPolicy::IfNotPresent,
+            PullPolicy::Always => plugins::PullPolicy::Always,
+            PullPolicy::Unspecified => plugins::PullPolicy::unspecified(&spec.url),
+        };
+        let fetched = self
+            .modules
+            .get(&spec.url, spec.sha256.as_deref(), policy)
+            .await;
+        let bytes = match fetched {
             Ok(b) => b,
             Err(e) => return failed(spec, None, format!("fetching {}: {e}", spec.url)),
         };
         let host = self.host.clone();
         let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes)).await;
+
         let module = match compiled {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => return failed(spec, None, e.to_string()),
             Err(e) => return failed(spec, None, format!("compiling: {e}")),
         };
         let sha = module.sha256().to_owned();
+        // The same module with the same configuration keeps its running instances; the rest of
+        // the spec (phase, priority, fail strategy, ports) is taken from the new one.
         if let Some(old) = previous
             .into_iter()
             .flat_map(|p| p.0.iter().flatten())
@@ -112,7 +131,11 @@ impl Plugins {
                     && same_config(&old.spec, spec)
             })
         {
-            return old.clone();
+            return Arc::new(Loaded {
+                spec: spec.clone(),
+                sha256: old.sha256.clone(),
+                state: old.state.clone(),
+            });
         }
         let mut config = plugins::PluginConfig::new(
             name.clone(),
@@ -303,7 +326,7 @@ impl Chain {
         end_of_stream: bool,
     ) -> Decision {
         for link in &mut self.links {
-            if body.is_none() && !end_of_stream {
+            if body.as_ref().is_none_or(Bytes::is_empty) && !end_of_stream {
                 break;
             }
             let Some(stream) = link.stream.as_mut() else {
@@ -320,6 +343,7 @@ impl Chain {
                 }
             }
         }
+        held(body, end_of_stream);
         Decision::Continue
     }
 
@@ -358,7 +382,7 @@ impl Chain {
     /// the response has started.
     pub(crate) fn response_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
         for link in self.links.iter_mut().rev() {
-            if body.is_none() && !end_of_stream {
+            if body.as_ref().is_none_or(Bytes::is_empty) && !end_of_stream {
                 break;
             }
             let Some(stream) = link.stream.as_mut() else {
@@ -376,6 +400,15 @@ impl Chain {
                 }
             }
         }
+        held(body, end_of_stream);
+    }
+}
+
+/// A chunk a plugin holds (buffering) is `None` from the host, but `None` tells Pingora the body
+/// ended; before the end, an empty chunk is what means "nothing to send yet".
+fn held(body: &mut Option<Bytes>, end_of_stream: bool) {
+    if body.is_none() && !end_of_stream {
+        *body = Some(Bytes::new());
     }
 }
 

@@ -137,6 +137,23 @@ async fn a_body_plugin_buffers_and_refuses_bodies() {
     let r = mesh.request("POST", "/", &[], "x'; DROP TABLE users").await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(r.body, "request body refused\n");
+    // A body that arrives in many chunks is held whole until the plugin has seen the end,
+    // then reaches the backend intact.
+    let big = "0123456789".repeat(20_000);
+    let r = mesh.request("POST", "/big", &[], &big).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.headers.get("x-body-bytes").unwrap(),
+        "65536",
+        "inspected up to max_bytes"
+    );
+    let seen = mesh.seen_by(r.backend());
+    let last = seen
+        .iter()
+        .rfind(|s| s.path == "/big")
+        .expect("the backend saw it");
+    assert_eq!(last.body.len(), big.len());
+    assert_eq!(last.body, big);
     mesh.shutdown().await;
 }
 
@@ -192,5 +209,120 @@ async fn plugin_metrics_are_exported_with_the_waypoints() {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(text.contains("wasmcustom_hits_total 2"), "{text}");
+    mesh.shutdown().await;
+}
+
+/// A plugin that traps (`unreachable`) on requests carrying `x-trap`, and adds `x-alive: 1`
+/// to every request it lets through. Written in WAT: the shape of a minimal ABI 0.2.1 module.
+const TRAPPER: &str = r#"
+(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 4096))
+  (data (i32.const 16) "x-trap")
+  (data (i32.const 32) "x-alive")
+  (data (i32.const 48) "1")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $get (i32.const 0) (i32.const 16) (i32.const 6) (i32.const 64) (i32.const 68)))
+      (then unreachable))
+    (drop (call $add (i32.const 0) (i32.const 32) (i32.const 7) (i32.const 48) (i32.const 1)))
+    (i32.const 0)))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_plugin_fails_only_its_request_per_fail_strategy() {
+    let dir = std::env::temp_dir().join(format!("wasm-trapper-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("trapper.wasm");
+    std::fs::write(&module, wat::parse_str(TRAPPER).unwrap()).unwrap();
+    let config = |strategy: &str| {
+        format!(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: trapper, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n  failStrategy: {strategy}\n",
+            module.display()
+        )
+    };
+    let mesh = Mesh::start(62, &config("FAIL_CLOSE")).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("x-alive: 1"), "{}", r.body);
+    let r = mesh.request("GET", "/", &[("x-trap", "1")], "").await;
+    assert_eq!(r.status, 503, "FAIL_CLOSE: {}", r.body);
+    assert_eq!(r.backend(), "");
+    // The trap poisoned one instance; the next request runs on a fresh one.
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("x-alive: 1"), "{}", r.body);
+
+    mesh.set_routes(&config("FAIL_OPEN")).await;
+    let r = mesh.request("GET", "/", &[("x-trap", "1")], "").await;
+    assert_eq!(r.status, 200, "FAIL_OPEN skips the plugin: {}", r.body);
+    assert!(!r.body.contains("x-alive"), "{}", r.body);
+    mesh.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_plugins_under_load_fails_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let header = |value: &str| {
+        plugin(
+            "hdr",
+            "add_header",
+            &format!("  pluginConfig: {{headers: {{x-wasm: {value}}}}}"),
+        )
+    };
+    let mesh = Mesh::start(63, &header("a")).await;
+    let (from, vip) = (mesh.ip("1.1"), mesh.vip());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (vip, stop, served, failed) =
+            (vip.clone(), stop.clone(), served.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = support::request(from, &vip, 80, "GET", "/", &[], "").await;
+                if r.is_ok_and(|r| r.status == 200) {
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Reconfigure, swap modules, remove and re-add while requests flow.
+    for config in [
+        header("b"),
+        plugin(
+            "hdr",
+            "rewrite_path",
+            "  pluginConfig: {prefix: /x, replacement: /y}",
+        ),
+        String::new(),
+        header("c"),
+    ] {
+        mesh.set_routes(&config).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(
+        served.load(Ordering::Relaxed) > 20,
+        "too few requests to tell"
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.headers.get("x-wasm").unwrap(), "c");
     mesh.shutdown().await;
 }

@@ -74,6 +74,8 @@ pub enum FailStrategy {
 /// `imagePullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum PullPolicy {
+    /// Not set: Istio pulls `:latest` (and untagged) images every time, others once.
+    Unspecified,
     /// Reuse a cached module with the same URL (and digest).
     IfNotPresent,
     /// Fetch on every configuration change.
@@ -113,7 +115,8 @@ pub(crate) fn lower_plugin(
         ));
     }
     let pull_policy = match spec.image_pull_policy.as_deref() {
-        None | Some("IfNotPresent") | Some("UNSPECIFIED_POLICY") => PullPolicy::IfNotPresent,
+        None | Some("UNSPECIFIED_POLICY") => PullPolicy::Unspecified,
+        Some("IfNotPresent") => PullPolicy::IfNotPresent,
         Some("Always") => PullPolicy::Always,
         Some(other) => {
             errors.push(FieldError::new(

@@ -268,10 +268,10 @@ impl Mesh {
     pub async fn set_routes(&self, yaml: &str) {
         let before = self.store.load().version();
         self.dir.write("routes.yaml", yaml);
-        for _ in 0..200 {
-            if self.store.load().version() > before {
-                // The waypoint swaps its view right after the store publishes.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        // Generous: a debug build compiles a new plugin module slowly on a busy machine.
+        for _ in 0..3000 {
+            // The waypoint publishes its view once the snapshot's plugins are loaded.
+            if self.metrics.config_version.get() as u64 > before {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -487,32 +487,7 @@ async fn tcp_echo(listener: TcpListener, pod: &'static str) {
     }
 }
 
-/// The path of example Wasm plugin `name`, building the examples workspace (wasm32-wasip1) once
-/// per test process.
+/// The path of example Wasm plugin `name`, built from source.
 pub fn example_plugin(name: &str) -> String {
-    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/examples");
-        let status =
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "wasm32-wasip1",
-                    "--manifest-path",
-                ])
-                .arg(examples.join("Cargo.toml"))
-                .status()
-                .expect("run cargo to build the example plugins");
-        assert!(
-            status.success(),
-            "building the example plugins failed (is the wasm32-wasip1 target installed?)"
-        );
-        examples
-            .join("target/wasm32-wasip1/release")
-            .canonicalize()
-            .unwrap()
-    });
-    dir.join(format!("{name}.wasm")).display().to_string()
+    plugins::examples::build(name).display().to_string()
 }

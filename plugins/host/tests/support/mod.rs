@@ -3,41 +3,14 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use plugins::{Headers, Host, NoCalls, NodeInfo, Plugin, PluginConfig, StreamInfo};
 
-/// The examples workspace.
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-/// The bytes of example plugin `name`, building the examples workspace for wasm32-wasip1 first.
+/// The bytes of example plugin `name`, built from source.
 pub fn example(name: &str) -> Vec<u8> {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let dir = examples_dir();
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "--manifest-path",
-            ])
-            .arg(dir.join("Cargo.toml"))
-            .status()
-            .expect("run cargo to build the example plugins");
-        assert!(
-            status.success(),
-            "building the example plugins failed (is the wasm32-wasip1 target installed?)"
-        );
-        dir.join("target/wasm32-wasip1/release")
-    });
-    std::fs::read(dir.join(format!("{name}.wasm")))
-        .unwrap_or_else(|e| panic!("example plugin {name}: {e}"))
+    let path = plugins::examples::build(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("example plugin {}: {e}", path.display()))
 }
 
 /// Loads example `name` with `config` on a fresh host with no upstreams.
