@@ -326,3 +326,52 @@ async fn changing_plugins_under_load_fails_no_request() {
     assert_eq!(r.headers.get("x-wasm").unwrap(), "c");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_orders_plugins_within_a_phase_and_targets_select_them() {
+    // Two path rewrites chained: /a → /b, then /b → /c. Which runs first decides the result.
+    let rewrite = |name: &str, from: &str, to: &str, priority: i32| {
+        plugin(
+            name,
+            "rewrite_path",
+            &format!(
+                "  priority: {priority}\n  pluginConfig: {{prefix: {from}, replacement: {to}}}"
+            ),
+        )
+    };
+    let first_ab = [rewrite("ab", "/a", "/b", 10), rewrite("bc", "/b", "/c", 5)].concat();
+    let mesh = Mesh::start(64, &first_ab).await;
+    let r = mesh.request("GET", "/a", &[], "").await;
+    assert!(
+        r.body.contains("path=/c"),
+        "higher priority first: {}",
+        r.body
+    );
+
+    let first_bc = [rewrite("ab", "/a", "/b", 5), rewrite("bc", "/b", "/c", 10)].concat();
+    mesh.set_routes(&first_bc).await;
+    let r = mesh.request("GET", "/a", &[], "").await;
+    assert!(
+        r.body.contains("path=/b"),
+        "the /b rewrite ran before /b existed: {}",
+        r.body
+    );
+
+    // A plugin that targets the Service runs for it; one whose `match` names another port does
+    // not.
+    let on_service = format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: svc, namespace: app}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  url: file://{}\n  pluginConfig: {{headers: {{x-service-plugin: yes}}}}\n---\n",
+        example_plugin("add_header")
+    );
+    let other_port = plugin(
+        "port",
+        "add_header",
+        "  match: [{ports: [{number: 8443}]}]\n  pluginConfig: {headers: {x-port-plugin: yes}}",
+    );
+    mesh.set_routes(&[on_service, other_port].concat()).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers.get("x-service-plugin").unwrap(), "yes");
+    assert!(r.headers.get("x-port-plugin").is_none());
+    mesh.shutdown().await;
+}

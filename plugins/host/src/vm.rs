@@ -358,23 +358,48 @@ impl Instance {
         store.data_mut().memory = Some(memory);
         store.data_mut().allocate = Some(allocate);
         let exports = Exports::resolve(&mut store, &instance, abi)?;
-        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            init.call(&mut store, ())
+        // The instance exists before any guest code runs, so what the plugin registers while
+        // starting (a shared queue, a timer) can find it.
+        let started = Arc::new_cyclic(|me| {
+            store.data_mut().instance = me.clone();
+            Instance {
+                vm: Mutex::new(Vm { store, exports }),
+                poisoned: AtomicBool::new(false),
+                plugin: plugin.clone(),
+                id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            }
+        });
+        let r = started.initialize(instance);
+        if r.is_err() {
+            // Never started: no root context to end when it drops.
+            started.poisoned.store(true, Ordering::Release);
+        }
+        r?;
+        tracing::debug!(plugin = %plugin.name, instance = started.id, %abi, "plugin instance started");
+        Ok(started)
+    }
+
+    /// `_initialize` (or `_start`), then the root context: create, `on_vm_start`,
+    /// `on_configure`.
+    fn initialize(&self, instance: WasmInstance) -> Result<(), LoadError> {
+        let mut vm = self.lock();
+        let vm = &mut *vm;
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, "_initialize") {
+            init.call(&mut vm.store, ())
                 .map_err(|e| LoadError::Trap(format!("{e:#}")))?;
-        } else if let Ok(start) = instance.get_typed_func::<(), ()>(&mut store, "_start") {
+        } else if let Ok(start) = instance.get_typed_func::<(), ()>(&mut vm.store, "_start") {
             // Command-style modules (TinyGo, Emscripten) run main and may exit(0).
-            if let Err(e) = start.call(&mut store, ()) {
+            if let Err(e) = start.call(&mut vm.store, ()) {
                 match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                     Some(wasmtime_wasi::I32Exit(0)) => {}
                     _ => return Err(LoadError::Trap(format!("{e:#}"))),
                 }
             }
         }
-        let mut vm = Vm { store, exports };
         let root = vm.store.data_mut().next_context();
         vm.store.data_mut().root = root;
-        let vm_config_len = plugin.vm_config.len() as i32;
-        let config_len = plugin.config.len() as i32;
+        let vm_config_len = self.plugin.vm_config.len() as i32;
+        let config_len = self.plugin.config.len() as i32;
         let trap = |e: Trap| LoadError::Trap(e.0);
         vm.guest(root, Phase::Idle, |s, x| {
             x.on_context_create.call(s, (root as i32, 0))
@@ -400,19 +425,8 @@ impl Instance {
         {
             return Err(LoadError::ConfigureRefused);
         }
-        let instance = Arc::new(Instance {
-            vm: Mutex::new(vm),
-            poisoned: AtomicBool::new(false),
-            plugin: plugin.clone(),
-            id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
-        });
-        {
-            let mut vm = instance.lock();
-            vm.store.data_mut().instance = Arc::downgrade(&instance);
-            vm.settle();
-        }
-        tracing::debug!(plugin = %plugin.name, instance = instance.id, %abi, "plugin instance started");
-        Ok(instance)
+        vm.settle();
+        Ok(())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Vm> {

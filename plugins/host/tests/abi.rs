@@ -61,6 +61,22 @@ const ENV: &[(&str, &str)] = &[
         "(param i32 i32 i32) (result i32)",
     ),
     ("proxy_continue_stream", "(param i32) (result i32)"),
+    (
+        "proxy_set_tick_period_milliseconds",
+        "(param i32) (result i32)",
+    ),
+    (
+        "proxy_register_shared_queue",
+        "(param i32 i32 i32) (result i32)",
+    ),
+    (
+        "proxy_enqueue_shared_queue",
+        "(param i32 i32 i32) (result i32)",
+    ),
+    (
+        "proxy_dequeue_shared_queue",
+        "(param i32 i32 i32) (result i32)",
+    ),
     ("proxy_close_stream", "(param i32) (result i32)"),
     (
         "proxy_send_local_response",
@@ -1436,4 +1452,90 @@ async fn wasi_snapshot_preview1_writes_and_sees_only_the_plugin_env() {
 #[tokio::test]
 async fn wasi_unstable_writes_and_sees_only_the_plugin_env() {
     wasi_writes_and_sees_only_the_plugin_env("wasi_unstable").await;
+}
+
+/// A metric's value from the host's snapshot.
+fn metric(host: &Host, name: &str) -> u64 {
+    host.metrics()
+        .snapshot()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map_or(0, |(_, v)| match v {
+            plugins::MetricValue::Counter(n) => n,
+            other => panic!("{name} is {other:?}"),
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_reach_the_root_context_until_the_plugin_is_removed() {
+    let body = r#"
+  (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
+    (drop (call $proxy_define_metric (i32.const 0) (str "abi_ticks") (i32.const 24)))
+    (drop (call $proxy_set_tick_period_milliseconds (i32.const 10)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param $root i32)
+    (drop (call $proxy_increment_metric (i32.load (i32.const 24)) (i64.const 1))))"#;
+    let wasm = module(
+        "0_2_1",
+        &[
+            "proxy_define_metric",
+            "proxy_increment_metric",
+            "proxy_set_tick_period_milliseconds",
+        ],
+        body,
+    );
+    let host = host();
+    let plugin = load(&host, &wasm);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ticks = metric(&host, "abi_ticks");
+    assert!(ticks >= 5, "{ticks} ticks in 300 ms at a 10 ms period");
+    drop(plugin);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let after = metric(&host, "abi_ticks");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        metric(&host, "abi_ticks"),
+        after,
+        "a removed plugin stops ticking"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueued_item_wakes_the_registering_root_context() {
+    let body = r#"
+  (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
+    (drop (call $proxy_define_metric (i32.const 0) (str "abi_dequeued") (i32.const 24)))
+    (drop (call $proxy_register_shared_queue (str "jobs") (i32.const 28)))
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (call $st (call $proxy_enqueue_shared_queue (i32.load (i32.const 28)) (str "job")))
+    (call $flush (i32.const 0))
+    (i32.const 0))
+  (func (export "proxy_on_queue_ready") (param $root i32) (param $queue i32)
+    ;; Drain it: one item, then EMPTY (7) ends the loop.
+    (block $done
+      (loop $more
+        (br_if $done (call $proxy_dequeue_shared_queue (local.get $queue) (i32.const 8) (i32.const 12)))
+        (drop (call $proxy_increment_metric (i32.load (i32.const 24)) (i64.const 1)))
+        (br $more))))"#;
+    let wasm = module(
+        "0_2_1",
+        &[
+            "proxy_define_metric",
+            "proxy_increment_metric",
+            "proxy_register_shared_queue",
+            "proxy_enqueue_shared_queue",
+            "proxy_dequeue_shared_queue",
+            "proxy_add_header_map_value",
+        ],
+        body,
+    );
+    let host = host();
+    let plugin = load(&host, &wasm);
+    for _ in 0..3 {
+        let (_, h) = on_request(&plugin, &[]).await;
+        assert_eq!(statuses(&h), "0");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(metric(&host, "abi_dequeued"), 3);
 }

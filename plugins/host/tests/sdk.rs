@@ -176,8 +176,11 @@ impl Dispatcher for Auth {
             if allowed {
                 headers.push("x-auth-user", "alice");
             }
-            if request.headers.get_str("x-original-path") == Some("/broken") {
-                return Err("connection reset".to_owned());
+            match request.headers.get_str("x-original-path") {
+                Some("/broken") => return Err("connection reset".to_owned()),
+                // Longer than the plugin's timeout: the host gives up first.
+                Some("/slow") => tokio::time::sleep(Duration::from_secs(5)).await,
+                _ => {}
             }
             Ok(CallResponse {
                 headers,
@@ -220,6 +223,25 @@ async fn auth_call_pauses_until_the_auth_service_answers() {
         panic!("expected a local response");
     };
     assert_eq!(r.status, 503, "a failed call is answered by the plugin");
+}
+
+#[tokio::test]
+async fn an_http_call_that_outlives_its_timeout_fails() {
+    let host = Host::new(NodeInfo::default(), Arc::new(Auth)).unwrap();
+    let config = r#"{"upstream": "outbound|8080||auth.default.svc.cluster.local", "authority": "auth", "timeout_ms": 100}"#;
+    let plugin = load_on(&host, &example("auth_call"), "auth_call", config);
+    let mut s = plugin.stream(info()).unwrap();
+    let mut req = request("/slow", &[("authorization", "ok")]);
+    let started = std::time::Instant::now();
+    let Verdict::Local(r) = s.request_headers(&mut req, true).await else {
+        panic!("expected a local response");
+    };
+    assert_eq!(r.status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
