@@ -378,6 +378,45 @@ impl Chain {
         Ok(decision)
     }
 
+    /// Runs `on_response_trailers` in reverse order. The status is sent by now: a plugin that
+    /// answers or fails here is logged, and the trailers go on as the plugins left them.
+    pub(crate) async fn response_trailers(&mut self, trailers: &mut http::HeaderMap) {
+        let mut map = Headers::new();
+        for (name, value) in trailers.iter() {
+            map.push(name.as_str(), value.as_bytes());
+        }
+        for link in self.links.iter_mut().rev() {
+            let Some(stream) = link.stream.as_mut() else {
+                continue;
+            };
+            match stream.response_trailers(&mut map).await {
+                Verdict::Continue => {}
+                Verdict::Local(r) => {
+                    tracing::warn!(plugin = %link.loaded.spec.name, status = r.status, "wasm plugin answered at the response trailers; ignored");
+                }
+                Verdict::Failed(f) => {
+                    tracing::warn!(plugin = %link.loaded.spec.name, error = %f, "wasm plugin failed on response trailers");
+                    link.stream = None;
+                    link.skipped = true;
+                }
+            }
+        }
+        if map.is_modified() {
+            trailers.clear();
+            for (name, value) in map.iter().filter(|(n, _)| !n.starts_with(':')) {
+                match pair(name, value) {
+                    Some((n, v)) => {
+                        trailers.append(n, v);
+                    }
+                    None => tracing::debug!(
+                        trailer = name,
+                        "wasm plugin set an invalid trailer; dropped"
+                    ),
+                }
+            }
+        }
+    }
+
     /// Runs `on_response_body` on a chunk, in reverse order. Failures here can only be logged:
     /// the response has started.
     pub(crate) fn response_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {

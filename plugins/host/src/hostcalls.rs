@@ -561,9 +561,15 @@ fn map(state: &mut VmState, kind: i32) -> Result<Option<&Headers>, Status> {
                 .map(Some)
                 .ok_or(Status::BadArgument)
         }
-        // Trailers are not surfaced by this host; Envoy answers BAD_ARGUMENT for a map that is
-        // not available.
-        MapType::RequestTrailers | MapType::ResponseTrailers => Err(Status::BadArgument),
+        MapType::ResponseTrailers => state
+            .streams
+            .get(&state.effective)
+            .and_then(|s| s.response_trailers.as_ref())
+            .map(Some)
+            .ok_or(Status::BadArgument),
+        // The embedder surfaces no request trailers; Envoy answers BAD_ARGUMENT for a map that
+        // is not available.
+        MapType::RequestTrailers => Err(Status::BadArgument),
     }
 }
 
@@ -573,6 +579,7 @@ fn map_mut(state: &mut VmState, kind: i32) -> Result<&mut Headers, Status> {
     match MapType::from_raw(kind) {
         Some(MapType::RequestHeaders) => stream.request_headers.as_mut(),
         Some(MapType::ResponseHeaders) => stream.response_headers.as_mut(),
+        Some(MapType::ResponseTrailers) => stream.response_trailers.as_mut(),
         _ => None,
     }
     .ok_or(Status::BadArgument)

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use crate::Headers;
 use crate::error::Failure;
-use crate::vm::{Instance, Outcome, Resume, Step};
+use crate::vm::{Instance, Map, Outcome, Resume, Step};
 
 /// A response the plugin produced instead of the upstream's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +83,8 @@ impl Stream {
 
     /// `proxy_on_request_headers`. May wait while the plugin pauses.
     pub async fn request_headers(&mut self, headers: &mut Headers, end_of_stream: bool) -> Verdict {
-        self.headers(headers, end_of_stream, false).await
+        self.headers(headers, end_of_stream, Map::RequestHeaders)
+            .await
     }
 
     /// `proxy_on_response_headers`. May wait while the plugin pauses.
@@ -92,16 +93,23 @@ impl Stream {
         headers: &mut Headers,
         end_of_stream: bool,
     ) -> Verdict {
-        self.headers(headers, end_of_stream, true).await
+        self.headers(headers, end_of_stream, Map::ResponseHeaders)
+            .await
     }
 
-    async fn headers(&mut self, headers: &mut Headers, eos: bool, response: bool) -> Verdict {
+    /// `proxy_on_response_trailers`: the response's trailers, at its end. May wait while the
+    /// plugin pauses.
+    pub async fn response_trailers(&mut self, trailers: &mut Headers) -> Verdict {
+        self.headers(trailers, true, Map::ResponseTrailers).await
+    }
+
+    async fn headers(&mut self, headers: &mut Headers, eos: bool, which: Map) -> Verdict {
         let lent = std::mem::take(headers);
-        let result = self.instance.headers(self.ctx, response, lent, eos);
+        let result = self.instance.headers(self.ctx, which, lent, eos);
         let Outcome { step, back, waiter } = match result {
             Ok(r) => r,
             Err(failure) => {
-                self.restore_headers(headers, response);
+                self.restore_headers(headers, which);
                 return Verdict::Failed(failure);
             }
         };
@@ -113,15 +121,15 @@ impl Stream {
             (Step::Local(r), _) => Verdict::Local(r),
             (Step::Pause, Some(waiter)) => {
                 let resume = waiter.await;
-                self.restore_headers(headers, response);
+                self.restore_headers(headers, which);
                 resumed(resume)
             }
             (Step::Pause, None) => Verdict::Continue,
         }
     }
 
-    fn restore_headers(&self, headers: &mut Headers, response: bool) {
-        if let Some(h) = self.instance.take_headers(self.ctx, response) {
+    fn restore_headers(&self, headers: &mut Headers, which: Map) {
+        if let Some(h) = self.instance.take_headers(self.ctx, which) {
             *headers = h;
         }
     }

@@ -36,9 +36,18 @@ pub(crate) enum Phase {
     RequestBody,
     ResponseHeaders,
     ResponseBody,
+    ResponseTrailers,
     CallResponse,
     Done,
     Log,
+}
+
+/// Which header map of a stream a callback is lent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Map {
+    RequestHeaders,
+    ResponseHeaders,
+    ResponseTrailers,
 }
 
 /// How a paused stream goes on.
@@ -56,6 +65,7 @@ pub(crate) struct StreamState {
     /// Headers lent by the embedder for the running (or paused) phase.
     pub(crate) request_headers: Option<Headers>,
     pub(crate) response_headers: Option<Headers>,
+    pub(crate) response_trailers: Option<Headers>,
     /// Body bytes buffered while the plugin pauses body callbacks.
     pub(crate) request_body: Option<Vec<u8>>,
     pub(crate) response_body: Option<Vec<u8>>,
@@ -77,6 +87,7 @@ impl StreamState {
             info,
             request_headers: None,
             response_headers: None,
+            response_trailers: None,
             request_body: None,
             response_body: None,
             local: None,
@@ -149,6 +160,7 @@ struct Exports {
     on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_response_headers: Option<HeadersCallback>,
     on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
     on_http_call_response: Option<CallResponseCallback>,
     on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     on_done: Option<TypedFunc<i32, i32>>,
@@ -222,6 +234,7 @@ impl Exports {
             on_request_body: optional(store, instance, "proxy_on_request_body")?,
             on_response_headers: headers(store, "proxy_on_response_headers")?,
             on_response_body: optional(store, instance, "proxy_on_response_body")?,
+            on_response_trailers: optional(store, instance, "proxy_on_response_trailers")?,
             on_http_call_response: optional(store, instance, "proxy_on_http_call_response")?,
             on_queue_ready: optional(store, instance, "proxy_on_queue_ready")?,
             on_done: optional(store, instance, "proxy_on_done")?,
@@ -498,11 +511,12 @@ impl Instance {
         }
     }
 
-    /// Runs a headers callback with `headers` lent; returns the headers unless the stream paused.
+    /// Runs a headers (or trailers) callback with the map lent; returns it unless the stream
+    /// paused.
     pub(crate) fn headers(
         &self,
         ctx: u32,
-        response: bool,
+        which: Map,
         headers: Headers,
         eos: bool,
     ) -> Result<Outcome<Headers>, Failure> {
@@ -510,18 +524,23 @@ impl Instance {
         if let Err(failure) = self.check() {
             // Lend the headers anyway so the stream takes them back: the embedder may fail open.
             if let Some(stream) = vm.store.data_mut().streams.get_mut(&ctx) {
-                *lent_headers(stream, response) = Some(headers);
+                *lent_headers(stream, which) = Some(headers);
             }
             return Err(failure);
         }
         let n = headers.len();
-        let (callback, phase) = if response {
-            (
-                vm.exports.on_response_headers.clone(),
-                Phase::ResponseHeaders,
-            )
-        } else {
-            (vm.exports.on_request_headers.clone(), Phase::RequestHeaders)
+        let exports = &vm.exports;
+        let (callback, phase) = match which {
+            Map::RequestHeaders => (exports.on_request_headers.clone(), Phase::RequestHeaders),
+            Map::ResponseHeaders => (exports.on_response_headers.clone(), Phase::ResponseHeaders),
+            // `(context, count)`: the shape of an ABI 0.1.0 headers callback.
+            Map::ResponseTrailers => (
+                exports
+                    .on_response_trailers
+                    .clone()
+                    .map(HeadersCallback::V1),
+                Phase::ResponseTrailers,
+            ),
         };
         let Some(callback) = callback else {
             return Ok(Outcome::now(Step::Continue, Some(headers)));
@@ -529,7 +548,7 @@ impl Instance {
         let Some(stream) = vm.store.data_mut().streams.get_mut(&ctx) else {
             return Err(Failure::Trapped("stream context is gone".into()));
         };
-        *lent_headers(stream, response) = Some(headers);
+        *lent_headers(stream, which) = Some(headers);
         let r = vm.guest(ctx, phase, |s, _| callback.call(s, ctx, n, eos));
         let action = self.after_own(&mut vm, r)?;
         let stream = vm
@@ -549,15 +568,15 @@ impl Instance {
                     waiter: Some(rx),
                 }
             }
-            step => Outcome::now(step, lent_headers(stream, response).take()),
+            step => Outcome::now(step, lent_headers(stream, which).take()),
         })
     }
 
-    /// Takes back headers lent to a stream that paused and has now resumed.
-    pub(crate) fn take_headers(&self, ctx: u32, response: bool) -> Option<Headers> {
+    /// Takes back a map lent to a stream that paused and has now resumed.
+    pub(crate) fn take_headers(&self, ctx: u32, which: Map) -> Option<Headers> {
         let mut vm = self.lock();
         let stream = vm.store.data_mut().streams.get_mut(&ctx)?;
-        lent_headers(stream, response).take()
+        lent_headers(stream, which).take()
     }
 
     /// Runs a body callback on one more chunk. The plugin sees everything buffered so far; on
@@ -772,11 +791,11 @@ impl Drop for Instance {
     }
 }
 
-fn lent_headers(stream: &mut StreamState, response: bool) -> &mut Option<Headers> {
-    if response {
-        &mut stream.response_headers
-    } else {
-        &mut stream.request_headers
+fn lent_headers(stream: &mut StreamState, which: Map) -> &mut Option<Headers> {
+    match which {
+        Map::RequestHeaders => &mut stream.request_headers,
+        Map::ResponseHeaders => &mut stream.response_headers,
+        Map::ResponseTrailers => &mut stream.response_trailers,
     }
 }
 

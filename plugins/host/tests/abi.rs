@@ -1539,3 +1539,40 @@ async fn an_enqueued_item_wakes_the_registering_root_context() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(metric(&host, "abi_dequeued"), 3);
 }
+
+#[tokio::test]
+async fn response_trailers_are_lent_to_their_callback() {
+    let body = r#"
+  (func (export "proxy_on_response_trailers") (param $ctx i32) (param $n i32) (result i32)
+    (call $st (call $proxy_get_header_map_value (i32.const 3) (str "grpc-status") (i32.const 8) (i32.const 12)))
+    (call $echo (i32.const 3) (str "x-seen-status"))
+    (call $emit (i32.const 3) (str "x-count") (local.get $n))
+    (call $st (call $proxy_remove_header_map_value (i32.const 3) (str "grpc-message")))
+    ;; Request trailers are never available here.
+    (call $st (call $proxy_get_header_map_value (i32.const 1) (str "x") (i32.const 8) (i32.const 12)))
+    (call $flush (i32.const 3))
+    (i32.const 0))"#;
+    let wasm = module(
+        "0_2_1",
+        &[
+            "proxy_get_header_map_value",
+            "proxy_remove_header_map_value",
+            "proxy_add_header_map_value",
+        ],
+        body,
+    );
+    let host = host();
+    let plugin = load(&host, &wasm);
+    let mut stream = plugin.stream(info()).unwrap();
+    let mut trailers = Headers::new();
+    trailers.push("grpc-status", "0");
+    trailers.push("grpc-message", "ok");
+    assert!(matches!(
+        stream.response_trailers(&mut trailers).await,
+        Verdict::Continue
+    ));
+    assert_eq!(trailers.get_str("x-seen-status"), Some("0"));
+    assert_eq!(trailers.get_str("x-count"), Some("2"));
+    assert!(trailers.get("grpc-message").is_none());
+    assert_eq!(statuses(&trailers), "002");
+}

@@ -907,6 +907,18 @@ impl ProxyHttp for Waypoint {
         Ok(())
     }
 
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Bytes>> {
+        if let Some(chain) = &mut ctx.wasm {
+            chain.response_trailers(trailers).await;
+        }
+        Ok(None)
+    }
+
     fn response_body_filter(
         &self,
         _session: &mut Session,
