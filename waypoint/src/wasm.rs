@@ -206,6 +206,9 @@ impl LoadedSet {
 pub(crate) struct Chain {
     info: Arc<StreamInfo>,
     links: Vec<Link>,
+    /// The request map as the last request-phase plugins left it (and as applied to the
+    /// request), kept for later phases' property reads instead of building it again.
+    request: Option<Headers>,
 }
 
 #[derive(Debug)]
@@ -262,6 +265,7 @@ impl Chain {
                 Some(tunnel.principal.to_string()),
             )),
             links,
+            request: None,
         })
     }
 
@@ -310,12 +314,14 @@ impl Chain {
         if headers.is_modified() {
             apply_request(&headers, req)?;
         }
+        self.request = Some(headers);
         Ok(decision)
     }
 
     /// The request as it left the request phase, for later phases' property reads.
-    pub(crate) fn request_done(&self, req: &RequestHeader) {
-        let _ = self.info.request.set(request_map(req));
+    pub(crate) fn request_done(&mut self, req: &RequestHeader) {
+        let request = self.request.take().unwrap_or_else(|| request_map(req));
+        let _ = self.info.request.set(request);
     }
 
     /// Runs `on_request_body` on a chunk through every started plugin. A plugin that buffers

@@ -268,6 +268,17 @@ impl<T> Outcome<T> {
             waiter: None,
         }
     }
+
+    /// The stream keeps what it was lent and waits to be continued or answered.
+    fn paused(stream: &mut StreamState) -> Self {
+        let (tx, rx) = oneshot::channel();
+        stream.waiter = Some(tx);
+        Outcome {
+            step: Step::Pause,
+            back: None,
+            waiter: Some(rx),
+        }
+    }
 }
 
 /// A trap, with the message the engine gave.
@@ -559,15 +570,7 @@ impl Instance {
             .expect("stream present");
         let step = decide(stream, action);
         Ok(match step {
-            Step::Pause => {
-                let (tx, rx) = oneshot::channel();
-                stream.waiter = Some(tx);
-                Outcome {
-                    step: Step::Pause,
-                    back: None,
-                    waiter: Some(rx),
-                }
-            }
+            Step::Pause => Outcome::paused(stream),
             step => Outcome::now(step, lent_headers(stream, which).take()),
         })
     }
@@ -630,15 +633,7 @@ impl Instance {
         Ok(match step {
             // Not at the end: keep buffering, the next chunk calls again.
             Step::Pause if !eos => Outcome::now(Step::Pause, None),
-            Step::Pause => {
-                let (tx, rx) = oneshot::channel();
-                stream.waiter = Some(tx);
-                Outcome {
-                    step: Step::Pause,
-                    back: None,
-                    waiter: Some(rx),
-                }
-            }
+            Step::Pause => Outcome::paused(stream),
             step => Outcome::now(step, lent_body(stream, response).take()),
         })
     }
