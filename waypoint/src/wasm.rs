@@ -331,6 +331,7 @@ impl Chain {
         body: &mut Option<Bytes>,
         end_of_stream: bool,
     ) -> Decision {
+        let had_chunk = body.is_some();
         for link in &mut self.links {
             if body.as_ref().is_none_or(Bytes::is_empty) && !end_of_stream {
                 break;
@@ -349,7 +350,7 @@ impl Chain {
                 }
             }
         }
-        held(body, end_of_stream);
+        held(had_chunk, body, end_of_stream);
         Decision::Continue
     }
 
@@ -426,6 +427,7 @@ impl Chain {
     /// Runs `on_response_body` on a chunk, in reverse order. Failures here can only be logged:
     /// the response has started.
     pub(crate) fn response_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
+        let had_chunk = body.is_some();
         for link in self.links.iter_mut().rev() {
             if body.as_ref().is_none_or(Bytes::is_empty) && !end_of_stream {
                 break;
@@ -445,14 +447,15 @@ impl Chain {
                 }
             }
         }
-        held(body, end_of_stream);
+        held(had_chunk, body, end_of_stream);
     }
 }
 
 /// A chunk a plugin holds (buffering) is `None` from the host, but `None` tells Pingora the body
-/// ended; before the end, an empty chunk is what means "nothing to send yet".
-fn held(body: &mut Option<Bytes>, end_of_stream: bool) {
-    if body.is_none() && !end_of_stream {
+/// ended; before the end, an empty chunk is what means "nothing to send yet". A call that
+/// brought no chunk stays `None`.
+fn held(had_chunk: bool, body: &mut Option<Bytes>, end_of_stream: bool) {
+    if had_chunk && body.is_none() && !end_of_stream {
         *body = Some(Bytes::new());
     }
 }

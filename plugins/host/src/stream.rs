@@ -138,6 +138,7 @@ impl Stream {
     /// stream, chunks are buffered and `body` comes back `None`; when it continues, `body` holds
     /// everything buffered. At the end of the stream a pause waits for the plugin.
     pub async fn request_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Verdict {
+        let had_chunk = body.is_some();
         let chunk = body.take().unwrap_or_default();
         match self.instance.body(self.ctx, false, &chunk, end_of_stream) {
             Err(failure) => {
@@ -161,7 +162,7 @@ impl Stream {
                 back: buffered,
                 ..
             }) => {
-                *body = buffered.map(Bytes::from);
+                *body = released(buffered, had_chunk);
                 step_verdict(step)
             }
         }
@@ -171,6 +172,7 @@ impl Stream {
     /// cannot wait). Buffering works as for requests; a pause at the end of the stream cannot
     /// wait for an event and continues with what was buffered.
     pub fn response_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Verdict {
+        let had_chunk = body.is_some();
         let chunk = body.take().unwrap_or_default();
         match self.instance.body(self.ctx, true, &chunk, end_of_stream) {
             Err(failure) => {
@@ -196,11 +198,19 @@ impl Stream {
                 back: buffered,
                 ..
             }) => {
-                *body = buffered.map(Bytes::from);
+                *body = released(buffered, had_chunk);
                 step_verdict(step)
             }
         }
     }
+}
+
+/// What a body callback hands on: the buffer it released, but no empty chunk where the call
+/// brought none (a bare end of stream stays bare).
+fn released(buffered: Option<Vec<u8>>, had_chunk: bool) -> Option<Bytes> {
+    buffered
+        .filter(|b| had_chunk || !b.is_empty())
+        .map(Bytes::from)
 }
 
 fn step_verdict(step: Step) -> Verdict {
@@ -222,5 +232,21 @@ fn resumed(resume: Result<Resume, tokio::sync::oneshot::error::RecvError>) -> Ve
 impl Drop for Stream {
     fn drop(&mut self) {
         self.instance.finish_stream(self.ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_end_of_stream_stays_bare() {
+        assert_eq!(released(Some(Vec::new()), false), None);
+        assert_eq!(released(Some(Vec::new()), true), Some(Bytes::new()));
+        assert_eq!(
+            released(Some(b"held".to_vec()), false).as_deref(),
+            Some(&b"held"[..])
+        );
+        assert_eq!(released(None, true), None);
     }
 }
