@@ -375,3 +375,193 @@ async fn priority_orders_plugins_within_a_phase_and_targets_select_them() {
     assert!(r.headers.get("x-port-plugin").is_none());
     mesh.shutdown().await;
 }
+
+/// A plugin that replaces the upstream's response when the request carried `x-replace`, closes
+/// the stream when it carried `x-close`, and copies the response's `grpc-status` trailer into an
+/// `x-seen-grpc-status` trailer. Requests in these tests are sequential, so one flag per
+/// instance is enough to carry `x-replace` from the request to its response.
+const RESPONDER: &str = r#"
+(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response"
+    (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 4096))
+  (global $replace (mut i32) (i32.const 0))
+  (data (i32.const 16) "x-replace")
+  (data (i32.const 32) "x-close")
+  (data (i32.const 48) "replaced by plugin\n")
+  (data (i32.const 80) "grpc-status")
+  (data (i32.const 96) "x-seen-grpc-status")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $get (i32.const 0) (i32.const 32) (i32.const 7) (i32.const 200) (i32.const 204)))
+      (then (drop (call $close (i32.const 0))) (return (i32.const 1))))
+    (global.set $replace
+      (i32.eqz (call $get (i32.const 0) (i32.const 16) (i32.const 9) (i32.const 200) (i32.const 204))))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (if (global.get $replace)
+      (then
+        (global.set $replace (i32.const 0))
+        (drop (call $local (i32.const 418) (i32.const 0) (i32.const 0)
+          (i32.const 48) (i32.const 19) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (return (i32.const 1))))
+    (i32.const 0))
+  (func (export "proxy_on_response_trailers") (param i32 i32) (result i32)
+    (if (i32.eqz (call $get (i32.const 3) (i32.const 80) (i32.const 11) (i32.const 200) (i32.const 204)))
+      (then
+        (drop (call $add (i32.const 3) (i32.const 96) (i32.const 18)
+          (i32.load (i32.const 200)) (i32.load (i32.const 204))))))
+    (i32.const 0)))
+"#;
+
+fn responder(dir: &std::path::Path) -> String {
+    let module = dir.join("responder.wasm");
+    std::fs::write(&module, wat::parse_str(RESPONDER).unwrap()).unwrap();
+    format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: responder, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n---\n",
+        module.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_replaces_a_response_or_closes_the_stream() {
+    let dir = std::env::temp_dir().join(format!("wasm-responder-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mesh = Mesh::start(65, &responder(&dir)).await;
+
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.backend().starts_with("echo-v"), "{r:?}");
+
+    // The upstream answered, but the plugin's reply replaced it whole: status, body and length.
+    let r = mesh.request("GET", "/", &[("x-replace", "1")], "").await;
+    assert_eq!(r.status, 418, "{}", r.body);
+    assert_eq!(r.body, "replaced by plugin\n");
+    assert_eq!(r.header("content-length"), Some("19"));
+    assert_eq!(r.backend(), "", "no upstream header survives: {r:?}");
+    assert_eq!(mesh.seen.lock().unwrap().len(), 2, "the upstream was asked");
+
+    // proxy_close_stream: no answer at all, and the backend never sees the request.
+    let e = mesh
+        .request_to(&mesh.vip(), 80, "GET", "/", &[("x-close", "1")], "")
+        .await
+        .expect_err("a closed stream has no response");
+    assert!(!e.is_empty());
+    assert_eq!(mesh.seen.lock().unwrap().len(), 2);
+
+    // Over HTTP/2 the close is a stream reset, and the connection's other streams carry on.
+    let stream = mesh.socks(&mesh.vip(), 80).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let request = |close: bool| {
+        let mut b = http::Request::get("http://echo.app.svc.cluster.local/");
+        if close {
+            b = b.header("x-close", "1");
+        }
+        b.body(()).unwrap()
+    };
+    let (closed, _) = client.send_request(request(true), true).unwrap();
+    let e = closed.await.expect_err("reset");
+    assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+    let mut client = client.ready().await.unwrap();
+    let (ok, _) = client.send_request(request(false), true).unwrap();
+    assert_eq!(ok.await.unwrap().status(), 200);
+    mesh.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A gRPC-style HTTP/2 backend: one DATA frame, then trailers with `grpc-status: 7`.
+async fn grpc_backend(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let Ok(mut conn) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap();
+                let Ok(mut send) = respond.send_response(response, false) else {
+                    continue;
+                };
+                let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\0"), false);
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", "7".parse().unwrap());
+                let _ = send.send_trailers(trailers);
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_and_change_response_trailers() {
+    let dir = std::env::temp_dir().join(format!("wasm-trailers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let net = 66;
+    let grpc = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: grpc, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: 10.{net}.0.5, selector: {{app: grpc}}, ports: [{{name: grpc, port: 50051, appProtocol: grpc}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: grpc-1, namespace: app, labels: {{app: grpc}}}}
+spec: {{nodeName: node-b, serviceAccountName: grpc}}
+status: {{podIP: 127.{net}.2.3}}
+---
+"#
+    );
+    let listener = tokio::net::TcpListener::bind((format!("127.{net}.2.3"), 50051))
+        .await
+        .unwrap();
+    let backend = tokio::spawn(grpc_backend(listener));
+    let mesh = Mesh::start(net, &[grpc, responder(&dir)].concat()).await;
+
+    let stream = mesh.socks(&format!("10.{net}.0.5"), 50051).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post("http://grpc.app.svc.cluster.local:50051/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"\0\0\0\0\0"), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    while let Some(chunk) = body.data().await {
+        received.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(received, b"\0\0\0\0\0");
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "7");
+    assert_eq!(
+        trailers.get("x-seen-grpc-status").unwrap(),
+        "7",
+        "the plugin read the upstream's trailer and added its own: {trailers:?}"
+    );
+    mesh.shutdown().await;
+    backend.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,11 +37,7 @@ pub(super) fn handle(cors: &Cors, req: &RequestHeader, ctx: &mut RequestCtx) -> 
             UnmatchedPreflights::Forward => None,
             UnmatchedPreflights::Ignore => {
                 ctx.details = "cors_preflight_ignored";
-                Some(Local {
-                    status: 200,
-                    headers: Vec::new(),
-                    body: Bytes::new(),
-                })
+                Some(Local::new(200, Vec::new(), Bytes::new()))
             }
         };
     }
@@ -63,11 +59,7 @@ pub(super) fn handle(cors: &Cors, req: &RequestHeader, ctx: &mut RequestCtx) -> 
         ));
     }
     ctx.details = "cors_preflight";
-    Some(Local {
-        status: 200,
-        headers,
-        body: Bytes::new(),
-    })
+    Some(Local::new(200, headers, Bytes::new()))
 }
 
 /// Adds the CORS headers for an allowed `origin` to the response of a simple request.

@@ -29,6 +29,7 @@ use http::{HeaderName, HeaderValue};
 use mesh::authz::{self, Attributes, HttpAttributes};
 use mesh::model::{AppProtocol, ServiceId, WorkloadId};
 use mesh::route::{HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy};
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -134,18 +135,41 @@ struct Local {
     status: u16,
     headers: Vec<(http::HeaderName, HeaderValue)>,
     body: Bytes,
+    /// No answer at all: a plugin closed the stream (`proxy_close_stream`), which resets it.
+    reset: bool,
+}
+
+/// The error that carries a plugin's `proxy_close_stream` to `fail_to_proxy`, which resets the
+/// downstream stream instead of answering.
+const CLOSED_BY_PLUGIN: ErrorType = ErrorType::Custom("WasmCloseStream");
+
+/// Resets the downstream request: RST_STREAM CANCEL on HTTP/2; on HTTP/1.1 the connection is
+/// closed without an answer because `fail_to_proxy` refuses to reuse it.
+fn reset_downstream(session: &mut Session) {
+    if let ServerSession::H2(s) = session.as_downstream_mut() {
+        s.shutdown_with_reason(h2::Reason::CANCEL);
+    }
 }
 
 impl Local {
-    fn text(status: u16, body: &'static str) -> Self {
+    fn new(status: u16, headers: Vec<(HeaderName, HeaderValue)>, body: Bytes) -> Self {
         Self {
             status,
-            headers: vec![(
+            headers,
+            body,
+            reset: false,
+        }
+    }
+
+    fn text(status: u16, body: &'static str) -> Self {
+        Self::new(
+            status,
+            vec![(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain"),
             )],
-            body: Bytes::from_static(body.as_bytes()),
-        }
+            Bytes::from_static(body.as_bytes()),
+        )
     }
 
     fn from_plugin(r: &LocalResponse) -> Self {
@@ -153,6 +177,7 @@ impl Local {
             status: r.status,
             headers: wasm::local_headers(r),
             body: r.body.clone(),
+            reset: r.reset,
         }
     }
 
@@ -161,7 +186,11 @@ impl Local {
         match d {
             Decision::Continue => None,
             Decision::Answer(r) => {
-                ctx.details = "wasm_local_reply";
+                ctx.details = if r.reset {
+                    "wasm_close_stream"
+                } else {
+                    "wasm_local_reply"
+                };
                 Some(Self::from_plugin(&r))
             }
             Decision::Failed => {
@@ -172,8 +201,11 @@ impl Local {
     }
 
     /// Sends the answer; the request's plugins see its headers first (Envoy's encoder chain
-    /// runs for local replies too) and may replace it.
+    /// runs for local replies too) and may replace it. A reset is an error for `fail_to_proxy`.
     async fn send(self, session: &mut Session, chain: Option<&mut Chain>) -> Result<u16> {
+        if self.reset {
+            return Error::e_explain(CLOSED_BY_PLUGIN, "a wasm plugin closed the stream");
+        }
         let mut resp = ResponseHeader::build(self.status, Some(self.headers.len() + 1))?;
         for (name, value) in self.headers {
             resp.append_header(name, value)?;
@@ -184,6 +216,12 @@ impl Local {
                 Decision::Continue => {}
                 Decision::Answer(r) => {
                     let local = Self::from_plugin(&r);
+                    if local.reset {
+                        return Error::e_explain(
+                            CLOSED_BY_PLUGIN,
+                            "a wasm plugin closed the stream",
+                        );
+                    }
                     resp = ResponseHeader::build(local.status, Some(local.headers.len() + 1))?;
                     for (name, value) in local.headers {
                         resp.append_header(name, value)?;
@@ -445,22 +483,16 @@ impl Waypoint {
                 let Ok(location) = HeaderValue::try_from(location) else {
                     return Some(Local::text(500, "invalid redirect location\n"));
                 };
-                return Some(Local {
-                    status: redirect.status,
-                    headers: vec![(http::header::LOCATION, location)],
-                    body: Bytes::new(),
-                });
+                return Some(Local::new(
+                    redirect.status,
+                    vec![(http::header::LOCATION, location)],
+                    Bytes::new(),
+                ));
             }
             RuleAction::DirectResponse { status, body } => {
                 ctx.details = "direct_response";
-                return Some(Local {
-                    status: *status,
-                    headers: Vec::new(),
-                    body: body
-                        .as_deref()
-                        .map(Bytes::copy_from_slice)
-                        .unwrap_or_default(),
-                });
+                let body = body.as_deref().map(Bytes::copy_from_slice);
+                return Some(Local::new(*status, Vec::new(), body.unwrap_or_default()));
             }
             RuleAction::Forward(_) => {}
         }
@@ -890,19 +922,18 @@ impl ProxyHttp for Waypoint {
             }
         }
         if let Some(chain) = &mut ctx.wasm {
-            match chain.response_headers(upstream_response).await? {
-                Decision::Continue => {}
-                // A plugin replacing an upstream response: its status and headers win; the
-                // upstream body still follows (Envoy would drop it; Pingora has no hook here).
-                Decision::Answer(r) => {
-                    upstream_response.set_status(r.status)?;
-                    for (name, value) in wasm::local_headers(&r) {
-                        upstream_response.insert_header(name, value)?;
-                    }
-                }
-                Decision::Failed => upstream_response.set_status(503)?,
+            let decision = chain.response_headers(upstream_response).await?;
+            if let Some(local) = Local::from_decision(decision, ctx) {
+                // A plugin replacing the upstream response (or failing on it): nothing of the
+                // upstream's is sent, so end the attempt here and let `fail_to_proxy` answer
+                // with the whole local reply, body and length included.
+                let status = local.status;
+                ctx.wasm_answer = Some(local);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(status),
+                    "answered by a wasm plugin",
+                );
             }
-            ctx.status = upstream_response.status.as_u16();
         }
         Ok(())
     }
@@ -1012,9 +1043,15 @@ impl ProxyHttp for Waypoint {
                 _ => (500, ""),
             },
         };
+        if *e.etype() == CLOSED_BY_PLUGIN {
+            return closed_by_plugin(session, ctx);
+        }
         if let Some(local) = ctx.wasm_answer.take()
             && session.response_written().is_none()
         {
+            if local.reset {
+                return closed_by_plugin(session, ctx);
+            }
             ctx.status = local.send(session, None).await.unwrap_or(local_status(e));
             return FailToProxy {
                 error_code: ctx.status,
@@ -1097,6 +1134,17 @@ impl ProxyHttp for Waypoint {
             error = e.map(tracing::field::display),
             "request"
         );
+    }
+}
+
+/// Ends a request a plugin closed: reset, no answer, and the access log shows status 0.
+fn closed_by_plugin(session: &mut Session, ctx: &mut RequestCtx) -> FailToProxy {
+    reset_downstream(session);
+    ctx.details = "wasm_close_stream";
+    ctx.status = 0;
+    FailToProxy {
+        error_code: 0,
+        can_reuse_downstream: false,
     }
 }
 
