@@ -405,6 +405,29 @@ metadata: {name: sidecar-only, namespace: bookinfo}
 spec:
   selector: {matchLabels: {app: reviews}}
   url: file:///plugins/c.wasm
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: TrafficExtension
+metadata: {name: authz-ext, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  phase: AUTHZ
+  wasm: {url: file:///plugins/d.wasm, failStrategy: FAIL_RELOAD}
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: TrafficExtension
+metadata: {name: client-only, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  match: [{mode: CLIENT}]
+  wasm: {url: file:///plugins/e.wasm}
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: TrafficExtension
+metadata: {name: lua, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  lua: {inlineCode: "function envoy_on_request(h) end"}
 "#;
     let s = snapshot(&format!("{BOOKINFO}{plugins}"));
     let (_, wp) = s.waypoint_by_name("bookinfo", "waypoint").expect("wp");
@@ -415,9 +438,65 @@ spec:
             .map(|p| p.name.to_string())
             .collect::<Vec<_>>()
     };
-    assert_eq!(order(Some(reviews)), ["authn-high", "authn-low", "stats"]);
-    assert_eq!(order(Some(page)), ["authn-low", "stats"]);
-    assert_eq!(order(None), ["authn-low", "stats"]);
+    // TrafficExtensions order with WasmPlugins; a Lua one is skipped. The CLIENT-only one is
+    // attached but applies to no port a waypoint serves.
+    let applying = |svc| {
+        s.waypoint_plugins(wp, svc)
+            .filter(|p| p.applies_to_port(9080))
+            .map(|p| p.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        applying(Some(reviews)),
+        ["authn-high", "authn-low", "authz-ext", "stats"]
+    );
+    assert_eq!(applying(Some(page)), ["authn-low", "authz-ext", "stats"]);
+    assert_eq!(
+        order(None),
+        ["authn-low", "authz-ext", "stats", "client-only"]
+    );
+    assert!(
+        s.warnings()
+            .iter()
+            .any(|w| w.contains("TrafficExtension bookinfo/lua")),
+        "{:?}",
+        s.warnings()
+    );
+}
+
+#[test]
+fn traffic_extension_errors_name_the_wasm_fields() {
+    let e = problems(
+        r#"
+apiVersion: extensions.istio.io/v1alpha1
+kind: TrafficExtension
+metadata: {name: bad, namespace: default}
+spec:
+  phase: LATE
+  wasm: {url: "ftp://x", failStrategy: MAYBE}
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: TrafficExtension
+metadata: {name: neither, namespace: default}
+spec: {phase: AUTHN}
+"#,
+    );
+    let found: Vec<(String, String)> = e
+        .problems()
+        .iter()
+        .map(|p| (p.resource.clone(), p.error.field.clone()))
+        .collect();
+    for want in [
+        ("TrafficExtension default/bad", "spec.wasm.url"),
+        ("TrafficExtension default/bad", "spec.phase"),
+        ("TrafficExtension default/bad", "spec.wasm.failStrategy"),
+        ("TrafficExtension default/neither", "spec"),
+    ] {
+        assert!(
+            found.iter().any(|(r, f)| r == want.0 && f == want.1),
+            "missing {want:?} in {found:?}"
+        );
+    }
 }
 
 #[test]

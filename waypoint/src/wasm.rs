@@ -491,7 +491,8 @@ impl Link {
         self.stream = None;
         self.skipped = true;
         match self.loaded.spec.fail_strategy {
-            FailStrategy::FailClose => Some(Decision::Failed),
+            // A trapped instance is always replaced, so FAIL_RELOAD fails this request only.
+            FailStrategy::FailClose | FailStrategy::FailReload => Some(Decision::Failed),
             FailStrategy::FailOpen => None,
         }
     }

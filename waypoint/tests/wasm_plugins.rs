@@ -368,11 +368,18 @@ async fn priority_orders_plugins_within_a_phase_and_targets_select_them() {
         "add_header",
         "  match: [{ports: [{number: 8443}]}]\n  pluginConfig: {headers: {x-port-plugin: yes}}",
     );
-    mesh.set_routes(&[on_service, other_port].concat()).await;
+    // Istio 1.30's TrafficExtension carries the same module under `wasm`.
+    let extension = format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: TrafficExtension\nmetadata: {{name: ext, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  match: [{{mode: SERVER}}]\n  wasm:\n    url: file://{}\n    failStrategy: FAIL_RELOAD\n    pluginConfig: {{headers: {{x-extension: yes}}}}\n---\n",
+        example_plugin("add_header")
+    );
+    mesh.set_routes(&[on_service, other_port, extension].concat())
+        .await;
     let r = mesh.request("GET", "/", &[], "").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.headers.get("x-service-plugin").unwrap(), "yes");
     assert!(r.headers.get("x-port-plugin").is_none());
+    assert_eq!(r.headers.get("x-extension").unwrap(), "yes");
     mesh.shutdown().await;
 }
 

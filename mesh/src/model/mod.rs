@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 pub use labels::Labels;
-pub use plugin::{EnvEntry, FailStrategy, Plugin, PluginPhase, PullPolicy};
+pub use plugin::{EnvEntry, FailStrategy, Plugin, PluginPhase, Ports, PullPolicy};
 pub use service::{
     AppProtocol, Endpoint, Service, ServiceKind, ServicePort, Subset, SubsetEndpoints, Target,
 };

@@ -33,15 +33,32 @@ pub struct Plugin {
     pub fail_strategy: FailStrategy,
     /// Environment variables visible to the module.
     pub env: Box<[EnvEntry]>,
-    /// Service ports it applies to; empty means all.
-    pub ports: Box<[u16]>,
+    /// Service ports it applies to, from `match`.
+    pub ports: Ports,
 }
 
 impl Plugin {
     /// Whether it applies to traffic on service port `port`.
     pub fn applies_to_port(&self, port: u16) -> bool {
-        self.ports.is_empty() || self.ports.contains(&port)
+        match &self.ports {
+            Ports::Any => true,
+            Ports::Listed(ports) => ports.contains(&port),
+            Ports::ClientOnly => false,
+        }
     }
+}
+
+/// Which of a waypoint's traffic a plugin's `match` selects. A plugin applies when any selector
+/// matches; a waypoint serves the traffic it sees, so only selectors whose mode includes SERVER
+/// (or leaves the mode undefined) count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Ports {
+    /// No `match`, or a server selector without ports.
+    Any,
+    /// The ports the server selectors list.
+    Listed(Box<[u16]>),
+    /// Every selector is `mode: CLIENT`: nothing a waypoint serves.
+    ClientOnly,
 }
 
 /// One environment variable: `(name, value)`; a `None` value is read from the proxy's own
@@ -69,6 +86,9 @@ pub enum FailStrategy {
     FailClose,
     /// Skip the plugin.
     FailOpen,
+    /// Fail the request with 503 and give the next one a new VM (ours always replace an instance
+    /// that trapped); a module that cannot load fails requests as FAIL_CLOSE.
+    FailReload,
 }
 
 /// `imagePullPolicy`.
@@ -142,10 +162,11 @@ pub(crate) fn lower_plugin(
     let fail_strategy = match spec.fail_strategy.as_deref() {
         None | Some("FAIL_CLOSE") => FailStrategy::FailClose,
         Some("FAIL_OPEN") => FailStrategy::FailOpen,
+        Some("FAIL_RELOAD") => FailStrategy::FailReload,
         Some(other) => {
             errors.push(FieldError::new(
                 "spec.failStrategy",
-                format!("{other:?} is not valid; use FAIL_CLOSE or FAIL_OPEN"),
+                format!("{other:?} is not valid; use FAIL_CLOSE, FAIL_OPEN or FAIL_RELOAD"),
             ));
             FailStrategy::FailClose
         }
@@ -181,6 +202,7 @@ pub(crate) fn lower_plugin(
             )),
         }
     }
+    let ports = match_ports(spec, &mut errors);
     let config = match &spec.plugin_config {
         None => String::new(),
         Some(value) => value.to_string(),
@@ -200,12 +222,45 @@ pub(crate) fn lower_plugin(
         priority: spec.priority.unwrap_or(0),
         fail_strategy,
         env: env.into_boxed_slice(),
-        ports: spec
-            .traffic_match
-            .iter()
-            .flat_map(|m| m.ports.iter().map(|p| p.number))
-            .collect(),
+        ports,
     })
+}
+
+/// Lowers `match[]` as a waypoint (a server of its traffic) reads it.
+fn match_ports(spec: &WasmPluginSpec, errors: &mut Vec<FieldError>) -> Ports {
+    if spec.traffic_match.is_empty() {
+        return Ports::Any;
+    }
+    let mut listed = Vec::new();
+    let mut any = false;
+    let mut server = false;
+    for (i, selector) in spec.traffic_match.iter().enumerate() {
+        match selector.mode.as_deref() {
+            None | Some("UNDEFINED" | "SERVER" | "CLIENT_AND_SERVER") => {}
+            Some("CLIENT") => continue,
+            Some(other) => {
+                errors.push(FieldError::new(
+                    format!("spec.match[{i}].mode"),
+                    format!(
+                        "{other:?} is not valid; use UNDEFINED, CLIENT, SERVER or CLIENT_AND_SERVER"
+                    ),
+                ));
+                continue;
+            }
+        }
+        server = true;
+        any |= selector.ports.is_empty();
+        listed.extend(selector.ports.iter().map(|p| p.number));
+    }
+    match (server, any) {
+        (false, _) => Ports::ClientOnly,
+        (true, true) => Ports::Any,
+        (true, false) => {
+            listed.sort_unstable();
+            listed.dedup();
+            Ports::Listed(listed.into_boxed_slice())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +298,20 @@ match: [{ports: [{number: 9080}]}]
         assert!(p.env[1].1.is_none());
         assert!(p.applies_to_port(9080) && !p.applies_to_port(80));
 
+        let modes = |m: &str| lower_plugin("d", "n", &spec(&format!("url: file:///x\nmatch: {m}")));
+        let client = modes("[{mode: CLIENT, ports: [{number: 80}]}]").expect("valid");
+        assert_eq!(client.ports, Ports::ClientOnly);
+        assert!(!client.applies_to_port(80));
+        let mixed = modes("[{mode: CLIENT}, {mode: SERVER, ports: [{number: 80}]}]").expect("ok");
+        assert_eq!(mixed.ports, Ports::Listed(Box::new([80])));
+        let open = modes("[{mode: CLIENT_AND_SERVER}, {ports: [{number: 80}]}]").expect("ok");
+        assert_eq!(open.ports, Ports::Any);
+        let reload = lower_plugin("d", "n", &spec("url: file:///x\nfailStrategy: FAIL_RELOAD"));
+        assert_eq!(
+            reload.expect("valid").fail_strategy,
+            FailStrategy::FailReload
+        );
+
         let bare = lower_plugin("d", "n", &spec("url: registry.local/plugins/x:v1")).expect("ok");
         assert_eq!(&*bare.url, "oci://registry.local/plugins/x:v1");
         assert_eq!(bare.fail_strategy, FailStrategy::FailClose);
@@ -256,7 +325,7 @@ match: [{ports: [{number: 9080}]}]
             "n",
             &spec(
                 "url: ftp://x\nsha256: abc\nphase: LATE\nfailStrategy: MAYBE\n\
-                 imagePullPolicy: Never\ntype: NETWORK\n\
+                 imagePullPolicy: Never\ntype: NETWORK\nmatch: [{mode: INBOUND}]\n\
                  selector: {matchLabels: {a: b}}\ntargetRefs: [{kind: Service, name: s}]",
             ),
         )
@@ -271,7 +340,8 @@ match: [{ports: [{number: 9080}]}]
                 "spec.phase",
                 "spec.failStrategy",
                 "spec.type",
-                "spec.targetRefs"
+                "spec.targetRefs",
+                "spec.match[0].mode"
             ]
         );
     }

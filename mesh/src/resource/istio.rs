@@ -198,18 +198,142 @@ pub struct WasmPluginSpec {
     /// Order within a phase; higher runs first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
-    /// `FAIL_CLOSE` (default) or `FAIL_OPEN`.
+    /// `FAIL_CLOSE` (default), `FAIL_OPEN` or `FAIL_RELOAD`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_strategy: Option<String>,
     /// VM settings: environment only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_config: Option<VmConfig>,
-    /// Traffic selectors (ports).
+    /// Traffic selectors (mode and ports).
     #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
     pub traffic_match: Vec<TrafficSelector>,
     /// `HTTP` (default) or `NETWORK`.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub plugin_type: Option<String>,
+}
+
+/// `TrafficExtension.spec` (extensions.istio.io/v1alpha1, Istio 1.30): WasmPlugin's successor,
+/// the same targeting and ordering around a `wasm` or a `lua` filter.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficExtensionSpec {
+    /// Selector; selector-only extensions apply to sidecars and gateways, never to waypoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// The waypoint `Gateway` or a `Service` it serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// `AUTHN`, `AUTHZ`, `STATS` or `UNSPECIFIED_PHASE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Order within a phase; higher runs first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Traffic selectors (mode and ports).
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub traffic_match: Vec<TrafficSelector>,
+    /// A proxy-wasm module; exactly one of `wasm` and `lua` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmConfig>,
+    /// An inline Lua script, which this waypoint does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lua: Option<LuaConfig>,
+}
+
+/// `TrafficExtension.spec.wasm`: WasmPlugin's module fields.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WasmConfig {
+    /// `file://`, `http(s)://` or `oci://` (a bare reference means `oci://`).
+    pub url: String,
+    /// Expected sha256 of the module, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `IfNotPresent` (default) or `Always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Registry credentials secret; accepted, unused by file configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secret: Option<String>,
+    /// Verification key; accepted, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_key: Option<String>,
+    /// Configuration handed to `on_configure` as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_config: Option<serde_json::Value>,
+    /// The root id; defaults to the resource's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_name: Option<String>,
+    /// `FAIL_CLOSE` (default), `FAIL_OPEN` or `FAIL_RELOAD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_strategy: Option<String>,
+    /// VM settings: environment only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_config: Option<VmConfig>,
+    /// `HTTP` (default) or `NETWORK`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub plugin_type: Option<String>,
+}
+
+/// `TrafficExtension.spec.lua`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaConfig {
+    /// The script.
+    pub inline_code: String,
+}
+
+impl TrafficExtensionSpec {
+    /// The extension as the WasmPlugin it is equivalent to, if it is a Wasm one.
+    pub fn wasm_plugin(&self) -> Option<WasmPluginSpec> {
+        let wasm = self.wasm.clone()?;
+        Some(WasmPluginSpec {
+            selector: self.selector.clone(),
+            target_ref: None,
+            target_refs: self.target_refs.clone(),
+            url: wasm.url,
+            sha256: wasm.sha256,
+            image_pull_policy: wasm.image_pull_policy,
+            image_pull_secret: wasm.image_pull_secret,
+            verification_key: wasm.verification_key,
+            plugin_config: wasm.plugin_config,
+            plugin_name: wasm.plugin_name,
+            phase: self.phase.clone(),
+            priority: self.priority,
+            fail_strategy: wasm.fail_strategy,
+            vm_config: wasm.vm_config,
+            traffic_match: self.traffic_match.clone(),
+            plugin_type: wasm.plugin_type,
+        })
+    }
+}
+
+/// WasmPlugin fields that TrafficExtension moves under `spec.wasm`.
+const WASM_CONFIG_FIELDS: &[&str] = &[
+    "url",
+    "sha256",
+    "imagePullPolicy",
+    "imagePullSecret",
+    "pluginConfig",
+    "pluginName",
+    "failStrategy",
+    "vmConfig",
+    "type",
+];
+
+/// Rewrites a WasmPlugin field path (`spec.url`) to where TrafficExtension keeps it
+/// (`spec.wasm.url`), so errors name the field the user wrote.
+pub(crate) fn traffic_extension_field(field: &str) -> String {
+    match field.strip_prefix("spec.") {
+        Some(rest)
+            if WASM_CONFIG_FIELDS
+                .iter()
+                .any(|f| rest.split(['.', '[']).next() == Some(f)) =>
+        {
+            format!("spec.wasm.{rest}")
+        }
+        _ => field.to_owned(),
+    }
 }
 
 /// `vmConfig`.
@@ -239,7 +363,8 @@ pub struct EnvVar {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficSelector {
-    /// `CLIENT`, `SERVER`, `CLIENT_AND_SERVER` (default); waypoints are servers of the traffic.
+    /// `UNDEFINED` (default), `CLIENT`, `SERVER` or `CLIENT_AND_SERVER`. Istio builds a
+    /// waypoint's HTTP filters as inbound ones, so a `CLIENT`-only selector never matches there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
     /// Ports the plugin applies to; empty means all.

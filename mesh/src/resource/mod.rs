@@ -127,6 +127,8 @@ pub enum Resource {
     PeerAuthentication(Object<PeerAuthenticationSpec>),
     /// `extensions.istio.io WasmPlugin`.
     WasmPlugin(Object<WasmPluginSpec>),
+    /// `extensions.istio.io TrafficExtension`.
+    TrafficExtension(Object<TrafficExtensionSpec>),
 }
 
 impl Resource {
@@ -145,6 +147,7 @@ impl Resource {
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::PeerAuthentication(_) => "PeerAuthentication",
             Resource::WasmPlugin(_) => "WasmPlugin",
+            Resource::TrafficExtension(_) => "TrafficExtension",
         }
     }
 
@@ -163,6 +166,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => &o.metadata,
             Resource::PeerAuthentication(o) => &o.metadata,
             Resource::WasmPlugin(o) => &o.metadata,
+            Resource::TrafficExtension(o) => &o.metadata,
         }
     }
 
@@ -245,6 +249,7 @@ const KINDS: &[(&str, &[&str])] = &[
         &["security.istio.io/v1", "security.istio.io/v1beta1"],
     ),
     ("WasmPlugin", &["extensions.istio.io/v1alpha1"]),
+    ("TrafficExtension", &["extensions.istio.io/v1alpha1"]),
 ];
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -338,6 +343,7 @@ fn parse_value(value: Value, origin: &Origin, prefix: &str, parsed: &mut Parsed)
         "AuthorizationPolicy" => typed(value).map(Resource::AuthorizationPolicy),
         "PeerAuthentication" => typed(value).map(Resource::PeerAuthentication),
         "WasmPlugin" => typed(value).map(Resource::WasmPlugin),
+        "TrafficExtension" => typed(value).map(Resource::TrafficExtension),
         _ => unreachable!("KINDS lists exactly the kinds matched here"),
     };
     match typed {

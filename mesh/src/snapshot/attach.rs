@@ -1,6 +1,7 @@
 //! Resources that attach to services, workloads and waypoints: authorization policies, peer
 //! authentication, Wasm plugins, destination rules and routes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -9,7 +10,10 @@ use super::{PeerAuthEntry, PolicyEntry, PolicyScope};
 use crate::authz::{AuthorizationPolicySpec, Policy, PolicyTargetReference};
 use crate::error::{FieldError, Origin};
 use crate::model::{self, PluginId, PolicyId, ServiceId, ServiceKind, WaypointId};
-use crate::resource::{MtlsMode, Object, PeerAuthenticationSpec, WasmPluginSpec};
+use crate::resource::{
+    MtlsMode, Object, PeerAuthenticationSpec, TrafficExtensionSpec, WasmPluginSpec,
+    traffic_extension_field,
+};
 use crate::route::{
     Attachment, DestinationRuleSpec, HttpRouteSpec, Precedence, ResolvedService, RouteTable,
     ServiceResolver, lower_destination_rule, lower_http_route, lower_virtual_service,
@@ -266,27 +270,72 @@ pub(super) fn peer_authentications(
 
 // === plugins ===
 
-pub(super) fn plugins(b: &mut Builder<'_>, list: &[(&Origin, &Object<WasmPluginSpec>)]) {
-    let mut list = list.to_vec();
-    list.sort_by(by_name);
+/// One Wasm extension, from a WasmPlugin or a TrafficExtension (which lowers to the same).
+struct Extension<'a> {
+    origin: &'a Origin,
+    kind: &'static str,
+    namespace: &'a str,
+    name: &'a str,
+    spec: Cow<'a, WasmPluginSpec>,
+}
+
+pub(super) fn plugins(
+    b: &mut Builder<'_>,
+    wasm_plugins: &[(&Origin, &Object<WasmPluginSpec>)],
+    traffic_extensions: &[(&Origin, &Object<TrafficExtensionSpec>)],
+) {
+    let mut list: Vec<Extension<'_>> = wasm_plugins
+        .iter()
+        .map(|(origin, wp)| Extension {
+            origin,
+            kind: "WasmPlugin",
+            namespace: wp.metadata.namespace(),
+            name: &wp.metadata.name,
+            spec: Cow::Borrowed(&wp.spec),
+        })
+        .collect();
+    for (origin, te) in traffic_extensions {
+        let (namespace, name) = (te.metadata.namespace(), &*te.metadata.name);
+        match (te.spec.wasm_plugin(), &te.spec.lua) {
+            (Some(spec), None) => list.push(Extension {
+                origin,
+                kind: "TrafficExtension",
+                namespace,
+                name,
+                spec: Cow::Owned(spec),
+            }),
+            (None, Some(_)) => b.warn(format!(
+                "TrafficExtension {namespace}/{name} is a Lua filter, which this waypoint does not run (Lua filters fail open); it is skipped"
+            )),
+            _ => b.invalid(
+                origin,
+                "TrafficExtension",
+                te,
+                FieldError::new("spec", "set exactly one of wasm and lua"),
+            ),
+        }
+    }
+    list.sort_by(|a, b| (a.namespace, a.name, a.kind).cmp(&(b.namespace, b.name, b.kind)));
     let mut waypoint_plugins: Vec<Vec<PluginId>> = vec![Vec::new(); b.waypoints.len()];
     let mut service_plugins: HashMap<ServiceId, Vec<PluginId>> = HashMap::new();
-    for (origin, wp) in list {
-        let namespace = wp.metadata.namespace();
-        let name = &wp.metadata.name;
-        let plugin = match model::lower_plugin(namespace, name, &wp.spec) {
+    for ext in list {
+        let (namespace, name, kind) = (ext.namespace, ext.name, ext.kind);
+        let plugin = match model::lower_plugin(namespace, name, &ext.spec) {
             Ok(p) => p,
             Err(errors) => {
-                for e in errors {
-                    b.invalid(origin, "WasmPlugin", wp, e);
+                for mut e in errors {
+                    if kind == "TrafficExtension" {
+                        e.field = traffic_extension_field(&e.field);
+                    }
+                    b.invalid_named(ext.origin, kind, namespace, name, e);
                 }
                 continue;
             }
         };
         let id = PluginId(b.plugins.len() as u32);
-        let refs = targets(wp.spec.target_ref.as_ref(), &wp.spec.target_refs);
+        let refs = targets(ext.spec.target_ref.as_ref(), &ext.spec.target_refs);
         if refs.is_empty() {
-            tracing::debug!(plugin.namespace = namespace, plugin.name = %name, "selector-only WasmPlugin does not apply to waypoints");
+            tracing::debug!(plugin.namespace = namespace, plugin.name = %name, plugin.kind = kind, "a selector-only extension does not apply to waypoints");
         }
         for target in &refs {
             match resolve_target(b, namespace, target) {
@@ -302,7 +351,7 @@ pub(super) fn plugins(b: &mut Builder<'_>, list: &[(&Origin, &Object<WasmPluginS
                     }
                 }
                 Err(why) => b.warn(format!(
-                    "WasmPlugin {namespace}/{name} {why}; the target is ignored"
+                    "{kind} {namespace}/{name} {why}; the target is ignored"
                 )),
             }
         }

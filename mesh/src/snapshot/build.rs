@@ -46,7 +46,7 @@ pub(crate) fn build(
     super::attach::routes(&mut b, &kinds);
     super::attach::policies(&mut b, &kinds.authorization_policies);
     super::attach::peer_authentications(&mut b, &kinds.peer_authentications);
-    super::attach::plugins(&mut b, &kinds.wasm_plugins);
+    super::attach::plugins(&mut b, &kinds.wasm_plugins, &kinds.traffic_extensions);
     if !b.errors.is_empty() {
         return Err(ConfigError::Invalid(b.errors));
     }
@@ -76,6 +76,10 @@ pub(super) struct Kinds<'r> {
         &'r Object<crate::resource::PeerAuthenticationSpec>,
     )>,
     pub(super) wasm_plugins: Vec<(&'r Origin, &'r Object<crate::resource::WasmPluginSpec>)>,
+    pub(super) traffic_extensions: Vec<(
+        &'r Origin,
+        &'r Object<crate::resource::TrafficExtensionSpec>,
+    )>,
 }
 
 impl<'r> Kinds<'r> {
@@ -93,6 +97,7 @@ impl<'r> Kinds<'r> {
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
             wasm_plugins: Vec::new(),
+            traffic_extensions: Vec::new(),
         };
         for located in resources {
             let o = &located.origin;
@@ -109,6 +114,7 @@ impl<'r> Kinds<'r> {
                 Resource::AuthorizationPolicy(r) => k.authorization_policies.push((o, r)),
                 Resource::PeerAuthentication(r) => k.peer_authentications.push((o, r)),
                 Resource::WasmPlugin(r) => k.wasm_plugins.push((o, r)),
+                Resource::TrafficExtension(r) => k.traffic_extensions.push((o, r)),
             }
         }
         k
@@ -165,9 +171,22 @@ impl<'o> Builder<'o> {
         obj: &Object<S, T>,
         error: FieldError,
     ) {
+        let (namespace, name) = (obj.metadata.namespace(), &obj.metadata.name);
+        self.invalid_named(origin, kind, namespace, name, error);
+    }
+
+    /// [`Self::invalid`] for a resource known by kind, namespace and name.
+    pub(super) fn invalid_named(
+        &mut self,
+        origin: &Origin,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        error: FieldError,
+    ) {
         self.errors.push(Invalid {
             origin: origin.clone(),
-            resource: format!("{kind} {}/{}", obj.metadata.namespace(), obj.metadata.name),
+            resource: format!("{kind} {namespace}/{name}"),
             error,
         });
     }
