@@ -435,7 +435,7 @@ impl Chain {
             let Some(stream) = link.stream.as_mut() else {
                 continue;
             };
-            match stream.response_body(body, end_of_stream) {
+            match response_body_now(stream, body, end_of_stream) {
                 Verdict::Continue => {}
                 Verdict::Local(r) => {
                     tracing::warn!(plugin = %link.loaded.spec.name, status = r.status, "wasm plugin answered after the response started; ignored");
@@ -449,6 +449,34 @@ impl Chain {
         }
         held(had_chunk, body, end_of_stream);
     }
+}
+
+/// Runs one plugin's `on_response_body` from Pingora's synchronous body hook. The call is ready
+/// at once unless the plugin paused at the end of the body to wait for an event (a call to a
+/// scanning service, say); then this worker blocks until the plugin continues, and tokio hands
+/// the worker's other tasks to a fresh thread meanwhile. A runtime that cannot block (current
+/// thread) continues with what the plugin buffered.
+fn response_body_now(stream: &mut Stream, body: &mut Option<Bytes>, eos: bool) -> Verdict {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    use tokio::runtime::{Handle, RuntimeFlavor};
+
+    {
+        let mut call = std::pin::pin!(stream.response_body(body, eos));
+        if let Poll::Ready(verdict) = call.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            return verdict;
+        }
+        if let Ok(h) = Handle::try_current()
+            && h.runtime_flavor() == RuntimeFlavor::MultiThread
+        {
+            return tokio::task::block_in_place(|| h.block_on(call));
+        }
+    }
+    tracing::debug!(
+        "wasm plugin paused at the end of the response body on a runtime that cannot wait; continuing with the buffered body"
+    );
+    *body = stream.take_response_body();
+    Verdict::Continue
 }
 
 /// A chunk a plugin holds (buffering) is `None` from the host, but `None` tells Pingora the body

@@ -197,6 +197,40 @@ async fn a_plugin_calls_a_mesh_service_and_waits_for_its_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_holds_a_response_body_until_a_call_answers() {
+    let scan = |headers: &str| {
+        plugin(
+            "scan",
+            "response_scan",
+            &format!(
+                "  pluginConfig: {{upstream: \"outbound|80||shadow.app.svc.cluster.local\", authority: shadow.app.svc.cluster.local, headers: {{{headers}}}}}"
+            ),
+        )
+    };
+    let mesh = Mesh::start(67, &scan("")).await;
+    // The scanner (the shadow pod) saw the whole body and answered 200: it goes on unchanged.
+    let r = mesh.request("GET", "/page", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.starts_with("backend=echo-v"), "{}", r.body);
+    let scans = mesh.seen_by("shadow-1");
+    assert_eq!(scans.len(), 1, "{scans:?}");
+    assert_eq!((&*scans[0].method, &*scans[0].path), ("POST", "/scan"));
+    assert_eq!(
+        scans[0].body, r.body,
+        "the scanner got the body the client got"
+    );
+
+    // The scanner refuses (the echo pod answers 451 when asked to): the body is withheld.
+    mesh.set_routes(&scan("x-fail: shadow-1, x-fail-with: \"451\""))
+        .await;
+    let r = mesh.request("GET", "/page", &[], "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "response withheld\n");
+    assert_eq!(mesh.seen_by("shadow-1").len(), 2);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_metrics_are_exported_with_the_waypoints() {
     let config = plugin("counter", "counter", "  pluginConfig: {metric: hits_total}");
     let mesh = Mesh::start(61, &config).await;

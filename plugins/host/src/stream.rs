@@ -138,13 +138,35 @@ impl Stream {
     /// stream, chunks are buffered and `body` comes back `None`; when it continues, `body` holds
     /// everything buffered. At the end of the stream a pause waits for the plugin.
     pub async fn request_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Verdict {
+        self.body(false, body, end_of_stream).await
+    }
+
+    /// `proxy_on_response_body` for one chunk, as [`Self::request_body`]. The future is ready at
+    /// once unless the plugin paused at the end of the stream to wait for an event (an HTTP
+    /// call's answer, a queue), so an embedder whose response hook is synchronous can poll it
+    /// once and only block when it must; one that cannot block drops it and takes the buffered
+    /// body with [`Self::take_response_body`].
+    pub async fn response_body(
+        &mut self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Verdict {
+        self.body(true, body, end_of_stream).await
+    }
+
+    /// The response body the plugin buffered, for an embedder that gave up waiting on a pause.
+    pub fn take_response_body(&mut self) -> Option<Bytes> {
+        self.instance.take_body(self.ctx, true).map(Bytes::from)
+    }
+
+    async fn body(&mut self, response: bool, body: &mut Option<Bytes>, eos: bool) -> Verdict {
         let had_chunk = body.is_some();
         let chunk = body.take().unwrap_or_default();
-        match self.instance.body(self.ctx, false, &chunk, end_of_stream) {
+        match self.instance.body(self.ctx, response, &chunk, eos) {
             Err(failure) => {
                 *body = self
                     .instance
-                    .take_body(self.ctx, false)
+                    .take_body(self.ctx, response)
                     .map(Bytes::from)
                     .or(Some(chunk));
                 Verdict::Failed(failure)
@@ -154,44 +176,8 @@ impl Stream {
                 ..
             }) => {
                 let resume = waiter.await;
-                *body = self.instance.take_body(self.ctx, false).map(Bytes::from);
+                *body = self.instance.take_body(self.ctx, response).map(Bytes::from);
                 resumed(resume)
-            }
-            Ok(Outcome {
-                step,
-                back: buffered,
-                ..
-            }) => {
-                *body = released(buffered, had_chunk);
-                step_verdict(step)
-            }
-        }
-    }
-
-    /// `proxy_on_response_body` for one chunk, synchronously (the embedder's response body hook
-    /// cannot wait). Buffering works as for requests; a pause at the end of the stream cannot
-    /// wait for an event and continues with what was buffered.
-    pub fn response_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Verdict {
-        let had_chunk = body.is_some();
-        let chunk = body.take().unwrap_or_default();
-        match self.instance.body(self.ctx, true, &chunk, end_of_stream) {
-            Err(failure) => {
-                *body = self
-                    .instance
-                    .take_body(self.ctx, true)
-                    .map(Bytes::from)
-                    .or(Some(chunk));
-                Verdict::Failed(failure)
-            }
-            Ok(Outcome {
-                waiter: Some(_), ..
-            }) => {
-                tracing::debug!(
-                    plugin = %self.instance.plugin.name,
-                    "plugin paused at the end of a response body; continuing with the buffered body"
-                );
-                *body = self.instance.take_body(self.ctx, true).map(Bytes::from);
-                Verdict::Continue
             }
             Ok(Outcome {
                 step,
