@@ -109,7 +109,28 @@ impl Plugins {
             .await;
         let bytes = match fetched {
             Ok(b) => b,
-            Err(e) => return failed(spec, None, format!("fetching {}: {e}", spec.url)),
+            Err(e) => {
+                // Istio's agent rejects the new configuration when a pull fails, and Envoy keeps
+                // running the filter it had: so does a plugin that was running here.
+                if let Some(old) = previous
+                    .into_iter()
+                    .flat_map(|p| p.0.iter().flatten())
+                    .find(|old| {
+                        old.state.is_ok()
+                            && old.spec.namespace == spec.namespace
+                            && old.spec.name == spec.name
+                    })
+                {
+                    tracing::warn!(
+                        plugin = %name,
+                        url = %spec.url,
+                        error = %e,
+                        "fetching the wasm module failed; the plugin keeps running as it was"
+                    );
+                    return old.clone();
+                }
+                return failed(spec, None, format!("fetching {}: {e}", spec.url));
+            }
         };
         let host = self.host.clone();
         let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes)).await;

@@ -272,6 +272,39 @@ const TRAPPER: &str = r#"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pull_keeps_the_running_plugin() {
+    let dir = std::env::temp_dir().join(format!("wasm-pull-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("add_header.wasm");
+    std::fs::copy(example_plugin("add_header"), &module).unwrap();
+    let config = |value: &str| {
+        format!(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: pulled, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n  imagePullPolicy: Always\n  pluginConfig: {{headers: {{x-pulled: {value}}}}}\n",
+            module.display()
+        )
+    };
+    let mesh = Mesh::start(68, &config("one")).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.header("x-pulled"), Some("one"));
+
+    // The module is gone when the resource changes: the pull fails, and the plugin that was
+    // running keeps running as it was (Envoy keeps its last accepted filter).
+    std::fs::remove_file(&module).unwrap();
+    mesh.set_routes(&config("two")).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-pulled"), Some("one"));
+
+    // Back in place, the next change pulls it again.
+    std::fs::copy(example_plugin("add_header"), &module).unwrap();
+    mesh.set_routes(&config("three")).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.header("x-pulled"), Some("three"));
+    mesh.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_plugin_fails_only_its_request_per_fail_strategy() {
     let dir = std::env::temp_dir().join(format!("wasm-trapper-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
