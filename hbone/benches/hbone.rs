@@ -6,22 +6,27 @@
 //! * TLS only: writer → rustls (TLS 1.3, AES-GCM, same certificates) → rustls → reader
 //! * HBONE:    writer → H2Stream (CONNECT on a pooled mTLS HTTP/2 connection) → Server → reader
 //!
+//! Bulk transfers move bytes through [`ChunkIo`], as the proxies' copy loop does: a socket or TLS
+//! stream reads into a reused buffer and writes from a slice, an HBONE tunnel hands its chunks to
+//! and from HTTP/2 without copying them. Each path so pays the copies its transport makes.
+//!
 //! Figures: single-stream bulk throughput, 1-byte echo round trip (p50, p99), new CONNECT streams
 //! per second on a pooled connection, and RSS per idle stream. Run with `cargo bench -p hbone`;
 //! `HBONE_BENCH_QUICK=1` shortens every phase (a smoke run, not figures to quote);
 //! `HBONE_BENCH_PROFILE=hbone` (or `tcp`, `tls`) runs only that path's bulk transfer, for profilers.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use hbone::{
-    Authority, CertHandle, CertManager, Config, ConnectHeaders, ConnectRequest, Handler, Identity,
-    InboundRequest, MeshCa, Pool, Server,
+    Authority, CertHandle, CertManager, ChunkIo, Config, ConnectHeaders, ConnectRequest, Handler,
+    Identity, InboundRequest, MeshCa, Pool, Server,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The allocator our proxies ship with: large per-frame buffers are recycled instead of being
@@ -29,12 +34,16 @@ use tokio::net::{TcpListener, TcpStream};
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Measurement rounds; each runs every path's bulk transfer and a share of its echo round trips.
+/// A multiple of the number of paths, so each path starts as many rounds as the others.
+const ROUNDS: usize = 6;
+
 const SINK: u16 = 1;
 const ECHO: u16 = 2;
 const IDLE: u16 = 3;
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+trait Io: ChunkIo + Send + 'static {}
+impl<T: ChunkIo + Send + 'static> Io for T {}
 type BoxIo = Box<dyn Io>;
 type Dial = Box<dyn Fn(u16) -> Pin<Box<dyn Future<Output = BoxIo> + Send>> + Send + Sync>;
 
@@ -96,12 +105,47 @@ async fn run(scale: Scale) {
         );
         return;
     }
-    println!("HBONE benchmark (loopback, 2 tokio workers, figures are medians of 3 runs)");
+    println!(
+        "HBONE benchmark (loopback, 2 tokio workers; {ROUNDS} interleaved rounds: bulk figures \
+         are medians, echo percentiles are over all rounds' samples)"
+    );
     println!();
+    let paths = [("raw TCP", &tcp), ("TLS only", &tls), ("HBONE", &hbone)];
+    // Rounds take turns across the paths, so a noisy stretch of the machine slows all of them
+    // rather than whichever path happened to run then.
+    let mut echo_streams = Vec::new();
+    for (_, dial) in paths {
+        let mut s = dial(ECHO).await;
+        echo_rounds(&mut s, scale.echo_rounds / 10, &mut Vec::new()).await;
+        echo_streams.push(s);
+    }
+    let mut bulk_runs = vec![Vec::with_capacity(ROUNDS); paths.len()];
+    let mut echo_samples = vec![Vec::with_capacity(scale.echo_rounds); paths.len()];
+    for round in 0..ROUNDS {
+        // Each round starts with the next path: what runs first after a bulk phase is measured
+        // on a machine in another state than what runs last.
+        let order = (0..paths.len()).map(|i| (i + round) % paths.len());
+        for i in order.clone() {
+            bulk_runs[i].push(bulk(paths[i].1, scale.bulk_bytes).await);
+        }
+        for i in order {
+            echo_rounds(
+                &mut echo_streams[i],
+                scale.echo_rounds / ROUNDS,
+                &mut echo_samples[i],
+            )
+            .await;
+        }
+    }
     let mut rows = Vec::new();
-    for (name, dial) in [("raw TCP", &tcp), ("TLS only", &tls), ("HBONE", &hbone)] {
-        let gbps = median3(|| bulk(dial, scale.bulk_bytes)).await;
-        let (p50, p99) = echo(dial, scale.echo_rounds).await;
+    for ((mut runs, mut samples), (name, _)) in bulk_runs.into_iter().zip(echo_samples).zip(paths) {
+        runs.sort_by(f64::total_cmp);
+        samples.sort();
+        let gbps = runs[runs.len() / 2];
+        let (p50, p99) = (
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100],
+        );
         println!(
             "{name:>9}: bulk {gbps:6.2} Gbit/s   echo p50 {:6.1} µs   p99 {:6.1} µs",
             us(p50),
@@ -162,25 +206,20 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-async fn median3<F, Fut>(mut f: F) -> f64
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = f64>,
-{
-    let mut v = [f().await, f().await, f().await];
-    v.sort_by(f64::total_cmp);
-    v[1]
-}
-
 /// Writes `total` bytes to a sink that answers one byte at EOF, 128 KiB per write on every path
 /// (iperf3's default write size).
 async fn bulk(dial: &Dial, total: u64) -> f64 {
     let mut s = dial(SINK).await;
-    let chunk = vec![0xa5u8; 128 * 1024];
+    let chunk = Bytes::from(vec![0xa5u8; 128 * 1024]);
     let start = Instant::now();
     let mut sent = 0;
     while sent < total {
-        s.write_all(&chunk).await.unwrap();
+        let mut rest = chunk.clone();
+        while !rest.is_empty() {
+            poll_fn(|cx| s.poll_write_chunk(cx, &mut rest))
+                .await
+                .unwrap();
+        }
         sent += chunk.len() as u64;
     }
     s.shutdown().await.unwrap();
@@ -189,23 +228,15 @@ async fn bulk(dial: &Dial, total: u64) -> f64 {
     sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
 
-async fn echo(dial: &Dial, rounds: usize) -> (Duration, Duration) {
-    let mut s = dial(ECHO).await;
+/// One-byte round trips on an open echo stream, each one's time added to `samples`.
+async fn echo_rounds(s: &mut BoxIo, rounds: usize, samples: &mut Vec<Duration>) {
     let mut b = [0u8; 1];
-    let mut samples = Vec::with_capacity(rounds);
-    for i in 0..rounds + rounds / 10 {
+    for i in 0..rounds {
         let start = Instant::now();
         s.write_all(&[i as u8]).await.unwrap();
         s.read_exact(&mut b).await.unwrap();
-        if i >= rounds / 10 {
-            samples.push(start.elapsed());
-        }
+        samples.push(start.elapsed());
     }
-    samples.sort();
-    (
-        samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100],
-    )
 }
 
 fn connect_request(src: &Identity, addr: SocketAddr, port: u16) -> ConnectRequest {
@@ -297,8 +328,11 @@ fn rss() -> u64 {
 async fn serve_app<S: Io>(mut s: S, mode: u16) {
     match mode {
         SINK => {
-            let mut buf = vec![0u8; 256 * 1024];
-            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+            let mut buf = BytesMut::new();
+            while poll_fn(|cx| s.poll_read_chunk(cx, &mut buf, 256 * 1024))
+                .await
+                .is_ok_and(|chunk| !chunk.is_empty())
+            {}
             let _ = s.write_all(b"k").await;
             let _ = s.shutdown().await;
         }

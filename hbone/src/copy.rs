@@ -1,9 +1,14 @@
 //! Bidirectional copy between two byte streams with half-close propagation.
 //!
-//! Each direction starts with a 1 KiB buffer and grows it as the flow proves itself (16 KiB after
+//! Each direction starts with 1 KiB reads and grows them as the flow proves itself (16 KiB after
 //! 128 KiB, 256 KiB after 10 MiB), like upstream ztunnel: most mesh connections are small
 //! request/response exchanges that would waste a large buffer each, while bulk flows need large
 //! reads to amortise syscalls and produce full 16 KiB TLS records.
+//!
+//! Bytes move as owned chunks ([`ChunkIo`]): a socket reads into the copy's buffer and the filled
+//! part is handed on whole, and an HBONE tunnel gives out the DATA payloads HTTP/2 already holds
+//! and sends the chunks it is given as DATA frames. So between the socket and the TLS record there
+//! is no user-space copy in either direction, only the ones TLS itself makes.
 //!
 //! When one side reaches EOF its peer's write half is shut down (FIN, or END_STREAM on HBONE) and
 //! the other direction keeps flowing until it ends too.
@@ -13,7 +18,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 const INITIAL: usize = 1024;
 const MEDIUM: usize = 16 * 1024;
@@ -21,9 +27,71 @@ const LARGE: usize = 256 * 1024;
 const MEDIUM_AFTER: u64 = 128 * 1024;
 const LARGE_AFTER: u64 = 10 * 1024 * 1024;
 
-/// How many buffers one direction may move before yielding to the scheduler, so two always-ready
+/// How many chunks one direction may move before yielding to the scheduler, so two always-ready
 /// streams cannot monopolise a worker thread.
 const BUDGET: usize = 32;
+
+/// A stream [`copy_bidirectional`] moves bytes through, one owned chunk at a time.
+///
+/// The provided methods suit a socket: reads fill the copy's buffer, writes take a slice (the
+/// kernel copies it). [`H2Stream`](crate::H2Stream) overrides both to pass chunks to and from
+/// HTTP/2 without copying them.
+pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
+    /// Reads the next chunk; empty at EOF. `buf` is the direction's buffer, to read into with
+    /// at least `size` bytes of room (a stream that owns its chunks leaves it untouched).
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        size: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        // Reclaims the allocation in place once the chunks cut from it are gone.
+        buf.reserve(size);
+        if ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, buf))? == 0 {
+            return Poll::Ready(Ok(Bytes::new()));
+        }
+        Poll::Ready(Ok(buf.split().freeze()))
+    }
+
+    /// Writes a prefix of `chunk` and advances it past what was taken.
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let n = ready!(Pin::new(self).poll_write(cx, chunk))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        chunk.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ChunkIo for tokio::net::TcpStream {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ChunkIo for tokio_rustls::client::TlsStream<S> {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ChunkIo for tokio_rustls::server::TlsStream<S> {}
+
+impl<T: ChunkIo + ?Sized> ChunkIo for Box<T> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        size: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        (**self).poll_read_chunk(cx, buf, size)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        (**self).poll_write_chunk(cx, chunk)
+    }
+}
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,11 +116,11 @@ pub struct CopyError {
 /// Copies `a → b` and `b → a` until both directions have reached EOF.
 pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Copied, CopyError>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: ChunkIo + ?Sized,
+    B: ChunkIo + ?Sized,
 {
-    let mut ab = Direction::new();
-    let mut ba = Direction::new();
+    let mut ab = Direction::default();
+    let mut ba = Direction::default();
     let result = poll_fn(|cx| {
         let ab_state = ab.poll_copy(cx, &mut *a, &mut *b)?;
         let ba_state = ba.poll_copy(cx, &mut *b, &mut *a)?;
@@ -72,10 +140,13 @@ where
         .map_err(|source| CopyError { source, copied })
 }
 
+#[derive(Default)]
 struct Direction {
-    buf: Box<[u8]>,
-    pos: usize,
-    end: usize,
+    /// What socket reads fill; allocated by the first read, so a direction whose reader owns its
+    /// chunks (a tunnel) never has one.
+    buf: BytesMut,
+    /// Read and not yet written.
+    pending: Bytes,
     total: u64,
     read_done: bool,
     need_flush: bool,
@@ -83,29 +154,14 @@ struct Direction {
 }
 
 impl Direction {
-    fn new() -> Self {
-        Direction {
-            buf: vec![0; INITIAL].into_boxed_slice(),
-            pos: 0,
-            end: 0,
-            total: 0,
-            read_done: false,
-            need_flush: false,
-            done: false,
-        }
-    }
-
-    /// Grows the buffer between reads, once the flow has moved enough bytes.
-    fn grow(&mut self) {
-        let want = if self.total >= LARGE_AFTER {
+    /// The next read's size, grown once the flow has moved enough bytes.
+    fn read_size(&self) -> usize {
+        if self.total >= LARGE_AFTER {
             LARGE
         } else if self.total >= MEDIUM_AFTER {
             MEDIUM
         } else {
-            return;
-        };
-        if self.buf.len() < want {
-            self.buf = vec![0; want].into_boxed_slice();
+            INITIAL
         }
     }
 
@@ -116,17 +172,16 @@ impl Direction {
         writer: &mut W,
     ) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: ChunkIo + ?Sized,
+        W: ChunkIo + ?Sized,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         for _ in 0..BUDGET {
-            if self.pos == self.end && !self.read_done {
-                self.grow();
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+            if self.pending.is_empty() && !self.read_done {
+                let size = self.read_size();
+                match reader.poll_read_chunk(cx, &mut self.buf, size) {
                     Poll::Pending => {
                         // Nothing more to read for now: push out what we wrote.
                         if self.need_flush {
@@ -136,25 +191,14 @@ impl Direction {
                         return Poll::Pending;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.pos = 0;
-                            self.end = n;
-                        }
-                    }
+                    Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.read_done = true,
+                    Poll::Ready(Ok(chunk)) => self.pending = chunk,
                 }
             }
-            while self.pos < self.end {
-                let n =
-                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.pos += n;
-                self.total += n as u64;
+            while !self.pending.is_empty() {
+                let before = self.pending.len();
+                ready!(writer.poll_write_chunk(cx, &mut self.pending))?;
+                self.total += (before - self.pending.len()) as u64;
                 self.need_flush = true;
             }
             if self.read_done {
@@ -172,7 +216,9 @@ impl Direction {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    impl ChunkIo for DuplexStream {}
 
     #[tokio::test]
     async fn copies_both_ways_and_propagates_half_close() {
@@ -211,15 +257,35 @@ mod tests {
     }
 
     #[test]
-    fn buffer_grows_with_the_flow() {
-        let mut d = Direction::new();
-        d.grow();
-        assert_eq!(d.buf.len(), INITIAL);
+    fn reads_grow_with_the_flow() {
+        let mut d = Direction::default();
+        assert_eq!(d.read_size(), INITIAL);
         d.total = MEDIUM_AFTER;
-        d.grow();
-        assert_eq!(d.buf.len(), MEDIUM);
+        assert_eq!(d.read_size(), MEDIUM);
         d.total = LARGE_AFTER;
-        d.grow();
-        assert_eq!(d.buf.len(), LARGE);
+        assert_eq!(d.read_size(), LARGE);
+    }
+
+    #[tokio::test]
+    async fn socket_reads_reuse_one_allocation_once_chunks_are_written() {
+        let (mut writer, mut reader) = duplex(4096);
+        let mut d = Direction::default();
+        writer.write_all(&[1; 100]).await.unwrap();
+        let chunk = poll_fn(|cx| reader.poll_read_chunk(cx, &mut d.buf, INITIAL))
+            .await
+            .unwrap();
+        assert_eq!(chunk.len(), 100);
+        let first = chunk.as_ptr();
+        drop(chunk);
+        writer.write_all(&[2; 100]).await.unwrap();
+        let chunk = poll_fn(|cx| reader.poll_read_chunk(cx, &mut d.buf, INITIAL))
+            .await
+            .unwrap();
+        assert_eq!(&chunk[..], &[2; 100][..]);
+        assert_eq!(
+            chunk.as_ptr(),
+            first,
+            "the buffer was reclaimed, not reallocated"
+        );
     }
 }

@@ -30,7 +30,7 @@ pub use authority::{Authority, AuthorityError};
 pub use ca::{DEFAULT_TTL, MeshCa};
 pub use cert::{CertError, WorkloadCert, identities_of};
 pub use config::Config;
-pub use copy::{Copied, CopyError, copy_bidirectional};
+pub use copy::{ChunkIo, Copied, CopyError, copy_bidirectional};
 pub use error::Error;
 pub use headers::ConnectHeaders;
 pub use identity::{Identity, IdentityError};

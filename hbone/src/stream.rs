@@ -12,9 +12,11 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::copy::ChunkIo;
 
 /// Anything a stream keeps alive for its lifetime (a pool slot, a live-stream count).
 type Guard = Box<dyn Send + Sync>;
@@ -40,25 +42,24 @@ impl H2Stream {
         }
     }
 
-    /// Reads the next chunk of received bytes without copying them, releasing its flow-control
-    /// capacity. `Ok(None)` is EOF.
-    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        if !self.pending.is_empty() {
-            let chunk = std::mem::take(&mut self.pending);
-            self.release(chunk.len());
-            return Poll::Ready(Ok(Some(chunk)));
-        }
+    /// Waits for send capacity (flow-control window and buffer room) for up to `want` bytes.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
         loop {
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(None)),
-                Some(Ok(chunk)) if chunk.is_empty() => continue,
-                Some(Ok(chunk)) => {
-                    self.release(chunk.len());
-                    return Poll::Ready(Ok(Some(chunk)));
-                }
-                Some(Err(e)) => return Poll::Ready(recv_error(e).map(|()| None)),
+            match ready!(self.send.poll_capacity(cx)) {
+                // Capacity was assigned and taken back before we saw it: wait for more.
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
+                None | Some(Err(_)) => return self.broken(cx).map(Err),
             }
         }
+    }
+
+    fn send(&mut self, cx: &mut Context<'_>, data: Bytes) -> Poll<io::Result<()>> {
+        if self.send.send_data(data, false).is_err() {
+            return self.broken(cx).map(Err);
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn release(&mut self, n: usize) {
@@ -140,25 +141,9 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.send.reserve_capacity(buf.len());
-        loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                // Capacity was assigned and taken back before we saw it: wait for more.
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    if this
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .is_err()
-                    {
-                        return this.broken(cx).map(Err);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                None | Some(Err(_)) => return this.broken(cx).map(Err),
-            }
-        }
+        let n = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        ready!(this.send(cx, Bytes::copy_from_slice(&buf[..n])))?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -177,6 +162,44 @@ impl AsyncWrite for H2Stream {
         }
         this.write_closed = true;
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Chunks pass between the copy and HTTP/2 as they are: received DATA payloads are handed out
+/// whole (their flow-control capacity released as they go), and a chunk to send becomes DATA
+/// frames as the window allows, split without copying.
+impl ChunkIo for H2Stream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &mut BytesMut,
+        _: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        if !self.pending.is_empty() {
+            let chunk = std::mem::take(&mut self.pending);
+            self.release(chunk.len());
+            return Poll::Ready(Ok(chunk));
+        }
+        loop {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(Bytes::new())),
+                Some(Ok(chunk)) if chunk.is_empty() => continue,
+                Some(Ok(chunk)) => {
+                    self.release(chunk.len());
+                    return Poll::Ready(Ok(chunk));
+                }
+                Some(Err(e)) => return Poll::Ready(recv_error(e).map(|()| Bytes::new())),
+            }
+        }
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let n = ready!(self.poll_send_capacity(cx, chunk.len()))?;
+        self.send(cx, chunk.split_to(n))
     }
 }
 

@@ -96,12 +96,7 @@ async fn bulk_256_mib_echo_hashes_match() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut sent = 0;
         while sent < TOTAL {
-            for b in chunk.iter_mut() {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                *b = seed as u8;
-            }
+            fill_pseudo_random(&mut seed, &mut chunk);
             hasher.update(&chunk);
             w.write_all(&chunk).await.unwrap();
             sent += chunk.len();
@@ -113,6 +108,50 @@ async fn bulk_256_mib_echo_hashes_match() {
     let sent_hash = writer.await.unwrap();
     assert_eq!(received, TOTAL as u64);
     assert_eq!(got_hash, sent_hash);
+}
+
+/// The proxies' copy loop between a TCP socket and a tunnel: a socket's reads are handed to
+/// HTTP/2 as they are, DATA payloads go to the socket as they are, and neither direction loses,
+/// reorders or duplicates a byte while the read size grows to its largest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_between_a_socket_and_a_tunnel_keeps_every_byte() {
+    const TOTAL: usize = 48 * 1024 * 1024;
+    let f = fixture(Config::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let req = request(&id("client"), &id("server"), f.server.addr, port::ECHO);
+    let pool = f.pool.clone();
+    let proxy = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut tunnel = pool.connect(req).await.unwrap();
+        hbone::copy_bidirectional(&mut socket, &mut tunnel).await
+    });
+    let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = client.into_split();
+    let writer = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut sent = 0;
+        // Odd sizes, so chunks never line up with frames or read sizes.
+        for size in [1usize, 700, 5_000, 70_001].into_iter().cycle() {
+            let mut chunk = vec![0u8; size.min(TOTAL - sent)];
+            fill_pseudo_random(&mut seed, &mut chunk);
+            hasher.update(&chunk);
+            w.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+            if sent == TOTAL {
+                break;
+            }
+        }
+        w.shutdown().await.unwrap();
+        <[u8; 32]>::from(hasher.finalize())
+    });
+    let (received, got_hash) = read_hash(&mut r).await.unwrap();
+    assert_eq!(received, TOTAL as u64, "the echo ends with the half-close");
+    assert_eq!(got_hash, writer.await.unwrap());
+    let copied = proxy.await.unwrap().unwrap();
+    assert_eq!(copied.a_to_b, TOTAL as u64);
+    assert_eq!(copied.b_to_a, TOTAL as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -187,6 +187,16 @@ pub async fn read_hash<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Fills `buf` from an xorshift generator: incompressible, reproducible test data.
+pub fn fill_pseudo_random(seed: &mut u64, buf: &mut [u8]) {
+    for b in buf {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *b = *seed as u8;
+    }
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub stats: Arc<Stats>,

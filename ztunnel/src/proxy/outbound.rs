@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use hbone::drain::DrainWatch;
 use hbone::headers::Forwarded;
-use hbone::{Authority, ConnectHeaders, ConnectRequest, copy_bidirectional};
+use hbone::{Authority, ChunkIo, ConnectHeaders, ConnectRequest, copy_bidirectional};
 use mesh::Snapshot;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{ConnectionGuard, Direction, Ends};
@@ -199,11 +198,7 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     original.ok().and_then(|a| a.as_socket())
 }
 
-async fn carry<A, B>(guard: &mut ConnectionGuard, a: &mut A, b: &mut B)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
+async fn carry<A: ChunkIo, B: ChunkIo>(guard: &mut ConnectionGuard, a: &mut A, b: &mut B) {
     match copy_bidirectional(a, b).await {
         Ok(copied) => guard.copied(copied),
         Err(e) => {
