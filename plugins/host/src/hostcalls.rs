@@ -561,15 +561,20 @@ fn map(state: &mut VmState, kind: i32) -> Result<Option<&Headers>, Status> {
                 .map(Some)
                 .ok_or(Status::BadArgument)
         }
-        MapType::ResponseTrailers => state
+        // Trailers exist only while their callback runs (or pauses); Envoy answers BAD_ARGUMENT
+        // for a map that is not available.
+        MapType::RequestTrailers | MapType::ResponseTrailers => state
             .streams
             .get(&state.effective)
-            .and_then(|s| s.response_trailers.as_ref())
+            .and_then(|s| {
+                if kind == MapType::RequestTrailers {
+                    s.request_trailers.as_ref()
+                } else {
+                    s.response_trailers.as_ref()
+                }
+            })
             .map(Some)
             .ok_or(Status::BadArgument),
-        // The embedder surfaces no request trailers; Envoy answers BAD_ARGUMENT for a map that
-        // is not available.
-        MapType::RequestTrailers => Err(Status::BadArgument),
     }
 }
 
@@ -578,6 +583,7 @@ fn map_mut(state: &mut VmState, kind: i32) -> Result<&mut Headers, Status> {
     let stream = state.stream().ok_or(Status::BadArgument)?;
     match MapType::from_raw(kind) {
         Some(MapType::RequestHeaders) => stream.request_headers.as_mut(),
+        Some(MapType::RequestTrailers) => stream.request_trailers.as_mut(),
         Some(MapType::ResponseHeaders) => stream.response_headers.as_mut(),
         Some(MapType::ResponseTrailers) => stream.response_trailers.as_mut(),
         _ => None,

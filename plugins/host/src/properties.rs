@@ -3,13 +3,16 @@
 //! timestamps as nanoseconds, maps in the header pairs encoding.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
 use crate::Headers;
 use crate::headers::encode_pairs;
 
-/// What the embedder knows about a request, shared by every plugin of its chain.
+/// What the embedder knows about a request, shared by every plugin of its chain. Fixed facts are
+/// set before the request reaches a plugin; the rest is filled in as the request goes, so a
+/// plugin reads what is known by its callback (everything, by `on_log`).
 #[derive(Debug)]
 pub struct StreamInfo {
     /// The original client (from the tunnel's forwarded address).
@@ -20,6 +23,8 @@ pub struct StreamInfo {
     pub peer_identity: Option<String>,
     /// An id unique to the downstream connection.
     pub connection_id: u64,
+    /// The downstream protocol as Envoy names it: `HTTP/1.0`, `HTTP/1.1`, `HTTP/2`.
+    pub protocol: &'static str,
     /// When the request arrived.
     pub start: SystemTime,
     /// The request headers as they left the request phase, set by the embedder when the request
@@ -27,10 +32,23 @@ pub struct StreamInfo {
     pub request: OnceLock<Headers>,
     /// The response headers as they left the response phase, for `on_log`.
     pub response: OnceLock<Headers>,
+    /// The response trailers as they left the plugins, if the response had any.
+    pub response_trailers: OnceLock<Headers>,
     /// The route the request took, once chosen.
     pub route_name: OnceLock<String>,
     /// The destination cluster (`outbound|port|subset|host`), once chosen.
     pub cluster_name: OnceLock<String>,
+    /// The endpoint of the latest upstream attempt.
+    pub upstream: Mutex<Option<SocketAddr>>,
+    /// Request body bytes received so far.
+    pub request_body_bytes: AtomicU64,
+    /// Response body bytes sent so far.
+    pub response_body_bytes: AtomicU64,
+    /// Why the response is what it is (Envoy's response code details), known at the end.
+    pub response_code_details: OnceLock<String>,
+    /// Envoy's response flags as short names (`UF`, `NR,DI`; `-` or empty when none), known at
+    /// the end. Plugins read them as Envoy's bit set.
+    pub response_flags: OnceLock<String>,
 }
 
 impl StreamInfo {
@@ -41,12 +59,23 @@ impl StreamInfo {
             destination,
             peer_identity,
             connection_id: 0,
+            protocol: "HTTP/1.1",
             start: SystemTime::now(),
             request: OnceLock::new(),
             response: OnceLock::new(),
+            response_trailers: OnceLock::new(),
             route_name: OnceLock::new(),
             cluster_name: OnceLock::new(),
+            upstream: Mutex::new(None),
+            request_body_bytes: AtomicU64::new(0),
+            response_body_bytes: AtomicU64::new(0),
+            response_code_details: OnceLock::new(),
+            response_flags: OnceLock::new(),
         }
+    }
+
+    fn upstream(&self) -> Option<SocketAddr> {
+        *self.upstream.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -106,8 +135,33 @@ impl View<'_> {
                 let status = self.response_headers()?.get_str(":status")?;
                 int(status.parse().ok()?)
             }
+            ["response", "code_details"] => text(self.info?.response_code_details.get()?),
+            ["response", "flags"] => int(flag_bits(self.info?.response_flags.get()?)),
+            ["response", "grpc_status"] => {
+                let from = |h: &Headers| h.get_str("grpc-status")?.parse::<i64>().ok();
+                let info = self.info?;
+                int(info
+                    .response_trailers
+                    .get()
+                    .and_then(from)
+                    .or_else(|| self.response_headers().and_then(from))?)
+            }
             ["response", "headers"] => Some(self.response_headers()?.encode()),
             ["response", "headers", name] => self.response_headers()?.get(name).map(<[u8]>::to_vec),
+            ["response", "trailers"] => Some(self.info?.response_trailers.get()?.encode()),
+            ["response", "trailers", name] => self
+                .info?
+                .response_trailers
+                .get()?
+                .get(name)
+                .map(<[u8]>::to_vec),
+            ["response", "size"] => int(load(&self.info?.response_body_bytes)),
+            ["response", "total_size"] => {
+                let headers = self.response_headers().map_or(0, header_bytes);
+                int(headers + load(&self.info?.response_body_bytes))
+            }
+            ["upstream", "address"] => text(&self.info?.upstream()?.to_string()),
+            ["upstream", "port"] => int(self.info?.upstream()?.port().into()),
             ["source", "address"] => text(&self.info?.source.to_string()),
             ["source", "port"] => int(self.info?.source.port().into()),
             ["destination", "address"] => text(&self.info?.destination.to_string()),
@@ -142,7 +196,12 @@ impl View<'_> {
             "id" => header("x-request-id"),
             "useragent" => header("user-agent"),
             "referer" => header("referer"),
-            "protocol" => Some(b"HTTP/1.1".to_vec()),
+            "protocol" => Some(self.info?.protocol.as_bytes().to_vec()),
+            "size" => Some(load(&self.info?.request_body_bytes).to_le_bytes().to_vec()),
+            "total_size" => {
+                let total = header_bytes(headers) + load(&self.info?.request_body_bytes);
+                Some(total.to_le_bytes().to_vec())
+            }
             "headers" => Some(headers.encode()),
             "time" => {
                 let since = self
@@ -159,6 +218,47 @@ impl View<'_> {
             _ => None,
         }
     }
+}
+
+/// Envoy's `ResponseFlag` bits for the short names of its access log.
+fn flag_bits(flags: &str) -> i64 {
+    const BITS: [(&str, i64); 19] = [
+        ("LH", 0x1),
+        ("UH", 0x2),
+        ("UT", 0x4),
+        ("LR", 0x8),
+        ("UR", 0x10),
+        ("UF", 0x20),
+        ("UC", 0x40),
+        ("UO", 0x80),
+        ("NR", 0x100),
+        ("DI", 0x200),
+        ("FI", 0x400),
+        ("RL", 0x800),
+        ("UAEX", 0x1000),
+        ("RLSE", 0x2000),
+        ("DC", 0x4000),
+        ("URX", 0x8000),
+        ("SI", 0x10000),
+        ("IH", 0x20000),
+        ("DPE", 0x40000),
+    ];
+    flags
+        .split(',')
+        .filter_map(|f| BITS.iter().find(|(name, _)| *name == f.trim()))
+        .fold(0, |bits, (_, bit)| bits | bit)
+}
+
+fn load(counter: &AtomicU64) -> i64 {
+    counter.load(Ordering::Relaxed) as i64
+}
+
+/// The uncompressed size of a header block, as Envoy approximates it: names and values.
+fn header_bytes(headers: &Headers) -> i64 {
+    headers
+        .iter()
+        .map(|(n, v)| (n.len() + v.len()) as i64)
+        .sum()
 }
 
 /// Encodes a string map in the pairs format (how Envoy serializes CEL maps).
@@ -221,6 +321,67 @@ mod tests {
         assert!(view.get(&["response", "code"]).is_none());
         assert!(view.get(&["no", "such"]).is_none());
         assert_eq!(view.get(&["request", "time"]).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn what_the_embedder_fills_in_as_the_request_goes() {
+        let mut info = info();
+        info.protocol = "HTTP/2";
+        let req: Headers = [(":path", &b"/p"[..]), ("x-a", b"bc")]
+            .into_iter()
+            .collect();
+        info.request.set(req).unwrap();
+        info.request_body_bytes.store(10, Ordering::Relaxed);
+        info.response_body_bytes.store(7, Ordering::Relaxed);
+        *info.upstream.lock().unwrap() = Some("10.1.2.3:8080".parse().unwrap());
+        let trailers: Headers = [("grpc-status", &b"7"[..])].into_iter().collect();
+        info.response_trailers.set(trailers).unwrap();
+        info.response_code_details
+            .set("via_upstream".into())
+            .unwrap();
+        info.response_flags.set("UF,URX".into()).unwrap();
+        let node = NodeInfo::default();
+        let resp: Headers = [(":status", &b"200"[..])].into_iter().collect();
+        let view = View {
+            info: Some(&info),
+            request: None,
+            response: Some(&resp),
+            node: &node,
+            plugin_name: "",
+            root_id: "",
+        };
+        let int = |n: i64| n.to_le_bytes().to_vec();
+        assert_eq!(view.get(&["request", "protocol"]).unwrap(), b"HTTP/2");
+        assert_eq!(view.get(&["request", "size"]).unwrap(), int(10));
+        // ":path" + "/p" + "x-a" + "bc", then the body.
+        assert_eq!(view.get(&["request", "total_size"]).unwrap(), int(12 + 10));
+        assert_eq!(view.get(&["response", "size"]).unwrap(), int(7));
+        assert_eq!(view.get(&["response", "total_size"]).unwrap(), int(10 + 7));
+        assert_eq!(view.get(&["response", "grpc_status"]).unwrap(), int(7));
+        assert_eq!(
+            view.get(&["response", "trailers", "grpc-status"]).unwrap(),
+            b"7"
+        );
+        assert_eq!(
+            view.get(&["response", "code_details"]).unwrap(),
+            b"via_upstream"
+        );
+        assert_eq!(
+            view.get(&["response", "flags"]).unwrap(),
+            int(0x20 | 0x8000)
+        );
+        assert_eq!(
+            view.get(&["upstream", "address"]).unwrap(),
+            b"10.1.2.3:8080"
+        );
+        assert_eq!(view.get(&["upstream", "port"]).unwrap(), int(8080));
+    }
+
+    #[test]
+    fn no_flags_is_zero() {
+        assert_eq!(flag_bits("-"), 0);
+        assert_eq!(flag_bits(""), 0);
+        assert_eq!(flag_bits("NR"), 0x100);
     }
 
     #[test]

@@ -87,6 +87,12 @@ impl Stream {
             .await
     }
 
+    /// `proxy_on_request_trailers`: the request's trailers, at its end (Envoy calls it only for
+    /// a request that has trailers). May wait while the plugin pauses.
+    pub async fn request_trailers(&mut self, trailers: &mut Headers) -> Verdict {
+        self.headers(trailers, true, Map::RequestTrailers).await
+    }
+
     /// `proxy_on_response_headers`. May wait while the plugin pauses.
     pub async fn response_headers(
         &mut self,

@@ -34,6 +34,7 @@ pub(crate) enum Phase {
     Timer,
     RequestHeaders,
     RequestBody,
+    RequestTrailers,
     ResponseHeaders,
     ResponseBody,
     ResponseTrailers,
@@ -46,6 +47,7 @@ pub(crate) enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Map {
     RequestHeaders,
+    RequestTrailers,
     ResponseHeaders,
     ResponseTrailers,
 }
@@ -64,6 +66,7 @@ pub(crate) struct StreamState {
     pub(crate) info: Arc<StreamInfo>,
     /// Headers lent by the embedder for the running (or paused) phase.
     pub(crate) request_headers: Option<Headers>,
+    pub(crate) request_trailers: Option<Headers>,
     pub(crate) response_headers: Option<Headers>,
     pub(crate) response_trailers: Option<Headers>,
     /// Body bytes buffered while the plugin pauses body callbacks.
@@ -86,6 +89,7 @@ impl StreamState {
         StreamState {
             info,
             request_headers: None,
+            request_trailers: None,
             response_headers: None,
             response_trailers: None,
             request_body: None,
@@ -158,6 +162,7 @@ struct Exports {
     on_tick: Option<TypedFunc<i32, ()>>,
     on_request_headers: Option<HeadersCallback>,
     on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_trailers: Option<TypedFunc<(i32, i32), i32>>,
     on_response_headers: Option<HeadersCallback>,
     on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
@@ -232,6 +237,7 @@ impl Exports {
             on_tick: optional(store, instance, "proxy_on_tick")?,
             on_request_headers: headers(store, "proxy_on_request_headers")?,
             on_request_body: optional(store, instance, "proxy_on_request_body")?,
+            on_request_trailers: optional(store, instance, "proxy_on_request_trailers")?,
             on_response_headers: headers(store, "proxy_on_response_headers")?,
             on_response_body: optional(store, instance, "proxy_on_response_body")?,
             on_response_trailers: optional(store, instance, "proxy_on_response_trailers")?,
@@ -544,7 +550,11 @@ impl Instance {
         let (callback, phase) = match which {
             Map::RequestHeaders => (exports.on_request_headers.clone(), Phase::RequestHeaders),
             Map::ResponseHeaders => (exports.on_response_headers.clone(), Phase::ResponseHeaders),
-            // `(context, count)`: the shape of an ABI 0.1.0 headers callback.
+            // Trailers callbacks take `(context, count)`: the shape of an ABI 0.1.0 headers one.
+            Map::RequestTrailers => (
+                exports.on_request_trailers.clone().map(HeadersCallback::V1),
+                Phase::RequestTrailers,
+            ),
             Map::ResponseTrailers => (
                 exports
                     .on_response_trailers
@@ -789,6 +799,7 @@ impl Drop for Instance {
 fn lent_headers(stream: &mut StreamState, which: Map) -> &mut Option<Headers> {
     match which {
         Map::RequestHeaders => &mut stream.request_headers,
+        Map::RequestTrailers => &mut stream.request_trailers,
         Map::ResponseHeaders => &mut stream.response_headers,
         Map::ResponseTrailers => &mut stream.response_trailers,
     }

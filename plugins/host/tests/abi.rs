@@ -1576,3 +1576,490 @@ async fn response_trailers_are_lent_to_their_callback() {
     assert!(trailers.get("grpc-message").is_none());
     assert_eq!(statuses(&trailers), "002");
 }
+
+#[tokio::test]
+async fn request_trailers_are_lent_to_their_callback() {
+    let body = r#"
+  (func (export "proxy_on_request_trailers") (param $ctx i32) (param $n i32) (result i32)
+    (call $st (call $proxy_get_header_map_value (i32.const 1) (str "x-checksum") (i32.const 8) (i32.const 12)))
+    (call $echo (i32.const 1) (str "x-seen-checksum"))
+    (call $emit (i32.const 1) (str "x-count") (local.get $n))
+    ;; Response trailers are not available while the request's are.
+    (call $st (call $proxy_get_header_map_value (i32.const 3) (str "x") (i32.const 8) (i32.const 12)))
+    (call $flush (i32.const 1))
+    (i32.const 0))"#;
+    let wasm = module(
+        "0_2_1",
+        &["proxy_get_header_map_value", "proxy_add_header_map_value"],
+        body,
+    );
+    let host = host();
+    let plugin = load(&host, &wasm);
+    let mut stream = plugin.stream(info()).unwrap();
+    let mut trailers = Headers::new();
+    trailers.push("x-checksum", "abc");
+    assert!(matches!(
+        stream.request_trailers(&mut trailers).await,
+        Verdict::Continue
+    ));
+    assert_eq!(trailers.get_str("x-seen-checksum"), Some("abc"));
+    assert_eq!(trailers.get_str("x-count"), Some("1"));
+    assert_eq!(statuses(&trailers), "02");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Properties.
+
+#[tokio::test]
+async fn properties_are_read_and_written_through_the_host_call() {
+    let body = r#"
+  (global $cfg_status (mut i32) (i32.const 99))
+  (global $cfg_ptr (mut i32) (i32.const 0))
+  (global $cfg_len (mut i32) (i32.const 0))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    ;; The root context reads plugin facts too.
+    (global.set $cfg_status
+      (call $proxy_get_property (str "plugin_name") (i32.const 8) (i32.const 12)))
+    (global.set $cfg_ptr (i32.load (i32.const 8)))
+    (global.set $cfg_len (i32.load (i32.const 12)))
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (call $st (global.get $cfg_status))
+    (drop (call $proxy_add_header_map_value (i32.const 0) (str "x-plugin") (global.get $cfg_ptr) (global.get $cfg_len)))
+    ;; 0: segments are NUL-separated.
+    (call $st (call $proxy_get_property (str "request\00path") (i32.const 8) (i32.const 12)))
+    (call $echo (i32.const 0) (str "x-path"))
+    ;; 0: a trailing NUL is tolerated, as Envoy does.
+    (call $st (call $proxy_get_property (str "request\00method\00") (i32.const 8) (i32.const 12)))
+    (call $echo (i32.const 0) (str "x-method"))
+    ;; 0: integers are 8 bytes, little-endian.
+    (call $st (call $proxy_get_property (str "destination\00port") (i32.const 8) (i32.const 12)))
+    (call $emit (i32.const 0) (str "x-port-size") (i32.load (i32.const 12)))
+    (call $emit (i32.const 0) (str "x-port") (i32.load (i32.load (i32.const 8))))
+    ;; 0: the peer's SPIFFE id.
+    (call $st (call $proxy_get_property (str "connection\00uri_san_peer_certificate") (i32.const 8) (i32.const 12)))
+    (call $echo (i32.const 0) (str "x-peer"))
+    ;; 1: nothing by that name.
+    (call $st (call $proxy_get_property (str "no\00such") (i32.const 8) (i32.const 12)))
+    ;; 1, 0, 0: a value set on this request reads back on it, and only on it.
+    (call $st (call $proxy_get_property (str "wasm\00custom") (i32.const 8) (i32.const 12)))
+    (call $st (call $proxy_set_property (str "wasm\00custom") (str "v1")))
+    (call $st (call $proxy_get_property (str "wasm\00custom") (i32.const 8) (i32.const 12)))
+    (call $echo (i32.const 0) (str "x-custom"))
+    ;; 6, 6: paths and values outside memory.
+    (call $st (call $proxy_get_property (i32.const 200000) (i32.const 4) (i32.const 8) (i32.const 12)))
+    (call $st (call $proxy_set_property (str "k") (i32.const 200000) (i32.const 4)))
+    (call $flush (i32.const 0))
+    (i32.const 0))"#;
+    let wasm = module(
+        "0_2_1",
+        &[
+            "(import \"env\" \"proxy_get_property\" (func $proxy_get_property (param i32 i32 i32 i32) (result i32)))",
+            "(import \"env\" \"proxy_set_property\" (func $proxy_set_property (param i32 i32 i32 i32) (result i32)))",
+            "proxy_add_header_map_value",
+        ],
+        body,
+    );
+    let host = host();
+    let plugin = load(&host, &wasm);
+    for _ in 0..2 {
+        let (v, h) = on_request(&plugin, &[]).await;
+        assert!(matches!(v, Verdict::Continue), "{v:?}");
+        assert_eq!(statuses(&h), "00000110066");
+        assert_eq!(header(&h, "x-plugin"), "default.abi");
+        assert_eq!(header(&h, "x-path"), "/");
+        assert_eq!(header(&h, "x-method"), "GET");
+        assert_eq!(header(&h, "x-port-size"), "8");
+        assert_eq!(header(&h, "x-port"), "8080");
+        assert_eq!(
+            header(&h, "x-peer"),
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        assert_eq!(header(&h, "x-custom"), "v1");
+    }
+    assert_eq!(plugin.traps(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. HTTP calls and pauses.
+
+/// Upstreams for the call tests: `ok` answers 200 with a header, a body and a trailer; `fail`
+/// fails as a reset connection would; any other name is unknown.
+struct Calls;
+
+impl plugins::Dispatcher for Calls {
+    fn dispatch(
+        &self,
+        upstream: &str,
+        request: plugins::CallRequest,
+    ) -> Option<plugins::CallFuture> {
+        let ok = match upstream {
+            "ok" => true,
+            "fail" => false,
+            _ => return None,
+        };
+        Some(Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if !ok {
+                return Err("connection reset".to_owned());
+            }
+            let mut headers = Headers::new();
+            headers.push(":status", "200");
+            headers.push(
+                "x-echo-path",
+                request.headers.get_str(":path").unwrap_or_default(),
+            );
+            let mut trailers = Headers::new();
+            trailers.push("x-done", "yes");
+            Ok(plugins::CallResponse {
+                headers,
+                body: Bytes::from_static(b"answer"),
+                trailers,
+            })
+        }))
+    }
+}
+
+fn call_host() -> Host {
+    Host::new(NodeInfo::default(), Arc::new(Calls)).unwrap()
+}
+
+/// Headers of a well-formed call, and of one without `:path`.
+fn call_headers() -> (String, String) {
+    let full = pairs_literal(&[
+        (":method", "GET"),
+        (":path", "/check"),
+        (":authority", "auth"),
+    ]);
+    let no_path = pairs_literal(&[(":method", "GET"), (":authority", "auth")]);
+    (full, no_path)
+}
+
+#[tokio::test]
+async fn http_calls_refuse_bad_arguments_and_deliver_answers_and_failures_to_the_root() {
+    let (full, no_path) = call_headers();
+    let body = format!(
+        r#"
+  (global $stream (mut i32) (i32.const 0))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    ;; 2, 2, 2: no :path, a negative timeout, an unknown upstream.
+    (call $st (call $proxy_http_call (str "ok") (str "{no_path}") (str "") (str "") (i32.const 1000) (i32.const 16)))
+    (call $st (call $proxy_http_call (str "ok") (str "{full}") (str "") (str "") (i32.const -1) (i32.const 16)))
+    (call $st (call $proxy_http_call (str "nowhere") (str "{full}") (str "") (str "") (i32.const 1000) (i32.const 16)))
+    ;; 6: headers outside memory.
+    (call $st (call $proxy_http_call (str "ok") (i32.const 200000) (i32.const 40) (str "") (str "") (i32.const 1000) (i32.const 16)))
+    ;; 0: a call to the upstream the request names; the request waits for it.
+    (drop (call $proxy_get_header_map_value (i32.const 0) (str "x-upstream") (i32.const 8) (i32.const 12)))
+    (call $st (call $proxy_http_call (i32.load (i32.const 8)) (i32.load (i32.const 12))
+      (str "{full}") (str "body") (str "") (i32.const 1000) (i32.const 16)))
+    (global.set $stream (local.get $ctx))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response")
+    (param $root i32) (param $token i32) (param $headers i32) (param $body i32) (param $trailers i32)
+    (local $s i32)
+    ;; Answers come to the root context; the plugin picks the stream to act on.
+    (call $st (call $proxy_set_effective_context (global.get $stream)))
+    (call $emit (i32.const 0) (str "x-root") (local.get $root))
+    (call $emit (i32.const 0) (str "x-call-headers") (local.get $headers))
+    (call $emit (i32.const 0) (str "x-call-body") (local.get $body))
+    (call $emit (i32.const 0) (str "x-call-trailers") (local.get $trailers))
+    (call $st (call $proxy_get_status (i32.const 16) (i32.const 8) (i32.const 12)))
+    (call $emit (i32.const 0) (str "x-call-status") (i32.load (i32.const 16)))
+    (call $echo (i32.const 0) (str "x-call-message"))
+    (local.set $s
+      (call $proxy_get_header_map_value (i32.const 6) (str "x-echo-path") (i32.const 8) (i32.const 12)))
+    (call $st (local.get $s))
+    (if (i32.eqz (local.get $s)) (then (call $echo (i32.const 0) (str "x-call-path"))))
+    (call $st (call $proxy_get_buffer_bytes (i32.const 4) (i32.const 0) (local.get $body) (i32.const 8) (i32.const 12)))
+    (call $st (call $proxy_get_header_map_value (i32.const 7) (str "x-done") (i32.const 8) (i32.const 12)))
+    (call $flush (i32.const 0))
+    (drop (call $proxy_continue_stream (i32.const 0))))"#
+    );
+    let wasm = module(
+        "0_2_1",
+        &[
+            "(import \"env\" \"proxy_http_call\" (func $proxy_http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))",
+            "proxy_get_header_map_value",
+            "proxy_set_effective_context",
+            "proxy_get_status",
+            "proxy_get_buffer_bytes",
+            "proxy_continue_stream",
+            "proxy_add_header_map_value",
+        ],
+        &body,
+    );
+    let host = call_host();
+    let plugin = load(&host, &wasm);
+
+    let (v, h) = on_request(&plugin, &[("x-upstream", "ok")]).await;
+    assert!(matches!(v, Verdict::Continue), "{v:?}");
+    // The request's calls (2 2 2 6 0), then in the answer: effective context, status, header,
+    // body, trailer.
+    assert_eq!(statuses(&h), "2226000000");
+    assert_eq!(header(&h, "x-root"), "1");
+    assert_eq!(header(&h, "x-call-headers"), "2");
+    assert_eq!(header(&h, "x-call-body"), "6");
+    assert_eq!(header(&h, "x-call-trailers"), "1");
+    assert_eq!(header(&h, "x-call-status"), "0");
+    assert_eq!(header(&h, "x-call-path"), "/check");
+
+    // A failed call: no headers, no body, and the status says why.
+    let (v, h) = on_request(&plugin, &[("x-upstream", "fail")]).await;
+    assert!(matches!(v, Verdict::Continue), "{v:?}");
+    assert_eq!(statuses(&h), "2226000111");
+    assert_eq!(header(&h, "x-call-headers"), "0");
+    assert_eq!(header(&h, "x-call-body"), "0");
+    assert_eq!(header(&h, "x-call-status"), "11");
+    assert_eq!(header(&h, "x-call-message"), "connection reset");
+    assert!(h.get("x-call-path").is_none());
+    assert_eq!(plugin.traps(), 0);
+}
+
+#[tokio::test]
+async fn a_paused_response_goes_on_when_the_call_answers() {
+    let (full, _) = call_headers();
+    let body = format!(
+        r#"
+  (global $stream (mut i32) (i32.const 0))
+  (func (export "proxy_on_response_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (call $st (call $proxy_http_call (str "ok") (str "{full}") (str "") (str "") (i32.const 1000) (i32.const 16)))
+    (global.set $stream (local.get $ctx))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response")
+    (param $root i32) (param $token i32) (param $headers i32) (param $body i32) (param $trailers i32)
+    (drop (call $proxy_set_effective_context (global.get $stream)))
+    ;; The response the stream was lent is still there to change, status included.
+    (call $st (call $proxy_replace_header_map_value (i32.const 2) (str ":status") (str "203")))
+    (call $st (call $proxy_get_header_map_value (i32.const 6) (str "x-echo-path") (i32.const 8) (i32.const 12)))
+    (call $echo (i32.const 2) (str "x-scanned"))
+    (call $flush (i32.const 2))
+    ;; 0: continuing the response (stream type 1).
+    (drop (call $proxy_continue_stream (i32.const 1))))"#
+    );
+    let wasm = module(
+        "0_2_1",
+        &[
+            "(import \"env\" \"proxy_http_call\" (func $proxy_http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))",
+            "proxy_get_header_map_value",
+            "proxy_replace_header_map_value",
+            "proxy_set_effective_context",
+            "proxy_continue_stream",
+            "proxy_add_header_map_value",
+        ],
+        &body,
+    );
+    let host = call_host();
+    let plugin = load(&host, &wasm);
+    let mut s = plugin.stream(info()).unwrap();
+    let mut req = request("/", &[]);
+    assert!(matches!(
+        s.request_headers(&mut req, true).await,
+        Verdict::Continue
+    ));
+    let mut resp = response();
+    let started = Instant::now();
+    let v = s.response_headers(&mut resp, false).await;
+    assert!(matches!(v, Verdict::Continue), "{v:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(5),
+        "it waited for the call"
+    );
+    assert_eq!(statuses(&resp), "000");
+    assert_eq!(header(&resp, ":status"), "203");
+    assert_eq!(header(&resp, "x-scanned"), "/check");
+    assert!(resp.is_modified());
+}
+
+#[tokio::test]
+async fn a_deferred_done_waits_for_proxy_done_before_the_log() {
+    let (full, _) = call_headers();
+    let body = format!(
+        r#"
+  (global $stream (mut i32) (i32.const 0))
+  (func $count (param $name i32) (param $len i32)
+    (drop (call $proxy_define_metric (i32.const 0) (local.get $name) (local.get $len) (i32.const 24)))
+    (drop (call $proxy_increment_metric (i32.load (i32.const 24)) (i64.const 1))))
+  (func $status (param $name i32) (param $len i32) (param $s i32)
+    (drop (call $proxy_define_metric (i32.const 1) (local.get $name) (local.get $len) (i32.const 24)))
+    (drop (call $proxy_record_metric (i32.load (i32.const 24)) (i64.extend_i32_u (local.get $s)))))
+  (func (export "proxy_on_done") (param $ctx i32) (result i32)
+    ;; Not a deferred context yet: proxy_done has nothing to finish (1, recorded as 101).
+    (call $status (str "abi_early_done") (i32.add (i32.const 100) (call $proxy_done)))
+    ;; Flush something first: ask a service, finish when it answers.
+    (drop (call $proxy_http_call (str "ok") (str "{full}") (str "") (str "") (i32.const 1000) (i32.const 16)))
+    (global.set $stream (local.get $ctx))
+    (i32.const 0))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (drop (call $proxy_set_effective_context (global.get $stream)))
+    (call $status (str "abi_done") (i32.add (i32.const 100) (call $proxy_done))))
+  (func (export "proxy_on_log") (param $ctx i32)
+    (call $count (str "abi_logged")))"#
+    );
+    let wasm = module(
+        "0_2_1",
+        &[
+            "(import \"env\" \"proxy_http_call\" (func $proxy_http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))",
+            "(import \"env\" \"proxy_done\" (func $proxy_done (result i32)))",
+            "proxy_set_effective_context",
+            "proxy_define_metric",
+            "proxy_increment_metric",
+            "proxy_record_metric",
+        ],
+        &body,
+    );
+    let host = call_host();
+    let plugin = load(&host, &wasm);
+    let s = plugin.stream(info()).unwrap();
+    drop(s);
+    assert_eq!(gauge(&host, "abi_early_done"), 101);
+    assert_eq!(metric(&host, "abi_logged"), 0, "on_log waits");
+    assert_eq!(plugin.live_streams(), 1, "the context lives on");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&host, "abi_logged") == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(gauge(&host, "abi_done"), 100, "proxy_done answered OK");
+    assert_eq!(metric(&host, "abi_logged"), 1);
+    assert_eq!(plugin.live_streams(), 0);
+}
+
+fn gauge(host: &Host, name: &str) -> i64 {
+    host.metrics()
+        .snapshot()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map_or(-1, |(_, v)| match v {
+            MetricValue::Gauge(n) => n as i64,
+            other => panic!("{name} is {other:?}"),
+        })
+}
+
+#[tokio::test]
+async fn clock_log_level_buffer_status_queues_and_legacy_calls_answer_ok() {
+    let body = r#"
+  (func $gauge (param $name i32) (param $len i32) (param $v i32)
+    (drop (call $proxy_define_metric (i32.const 1) (local.get $name) (local.get $len) (i32.const 24)))
+    (drop (call $proxy_record_metric (i32.load (i32.const 24)) (i64.extend_i32_u (local.get $v)))))
+  (func (export "proxy_on_request_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    ;; Headers are not lent to body callbacks: report through gauges. Statuses as digits:
+    ;; 0 and the body's length; 1: no response body yet; 2: no such buffer type.
+    (call $gauge (str "abi_body_status")
+      (i32.add (i32.const 1000) (i32.add
+        (i32.mul (i32.const 100) (call $proxy_get_buffer_status (i32.const 0) (i32.const 16) (i32.const 20)))
+        (i32.add
+          (i32.mul (i32.const 10) (call $proxy_get_buffer_status (i32.const 1) (i32.const 28) (i32.const 32)))
+          (call $proxy_get_buffer_status (i32.const 99) (i32.const 28) (i32.const 32))))))
+    (call $gauge (str "abi_body_len") (i32.load (i32.const 16)))
+    (i32.const 0))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    ;; 0: the log level (info is 2).
+    (call $st (call $proxy_get_log_level (i32.const 16)))
+    (call $emit (i32.const 0) (str "x-log-level") (i32.load (i32.const 16)))
+    ;; 0: wall-clock nanoseconds; seconds since the epoch fit in the high word's range.
+    (call $st (call $proxy_get_current_time_nanoseconds (i32.const 40)))
+    (call $emit (i32.const 0) (str "x-seconds")
+      (i32.wrap_i64 (i64.div_u (i64.load (i32.const 40)) (i64.const 1000000000))))
+    ;; 1, then 0 0: a queue nobody registered, then one this plugin registers and resolves.
+    (call $st (call $proxy_resolve_shared_queue (str "") (str "abi-q") (i32.const 16)))
+    (call $st (call $proxy_register_shared_queue (str "abi-q") (i32.const 16)))
+    (call $st (call $proxy_resolve_shared_queue (str "") (str "abi-q") (i32.const 20)))
+    (call $emit (i32.const 0) (str "x-same-queue") (i32.eq (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+    ;; 0 0: calls of older SDKs.
+    (call $st (call $proxy_clear_route_cache))
+    (call $st (call $proxy_continue_response))
+    (call $flush (i32.const 0))
+    (i32.const 0))"#;
+    let wasm = module(
+        "0_2_1",
+        &[
+            "(import \"env\" \"proxy_get_log_level\" (func $proxy_get_log_level (param i32) (result i32)))",
+            "(import \"env\" \"proxy_get_current_time_nanoseconds\" (func $proxy_get_current_time_nanoseconds (param i32) (result i32)))",
+            "(import \"env\" \"proxy_get_buffer_status\" (func $proxy_get_buffer_status (param i32 i32 i32) (result i32)))",
+            "(import \"env\" \"proxy_resolve_shared_queue\" (func $proxy_resolve_shared_queue (param i32 i32 i32 i32 i32) (result i32)))",
+            "(import \"env\" \"proxy_clear_route_cache\" (func $proxy_clear_route_cache (result i32)))",
+            "(import \"env\" \"proxy_continue_response\" (func $proxy_continue_response (result i32)))",
+            "proxy_register_shared_queue",
+            "proxy_define_metric",
+            "proxy_record_metric",
+            "proxy_add_header_map_value",
+        ],
+        body,
+    );
+    let host = host();
+    let plugin = load(&host, &wasm);
+    let mut s = plugin.stream(info()).unwrap();
+    let mut h = request("/", &[]);
+    assert!(matches!(
+        s.request_headers(&mut h, false).await,
+        Verdict::Continue
+    ));
+    assert_eq!(statuses(&h), "0010000");
+    let level: u32 = header(&h, "x-log-level").parse().unwrap();
+    assert!(level <= 5, "a proxy-wasm log level: {level}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let seconds: i64 = header(&h, "x-seconds").parse().unwrap();
+    assert!(
+        (now - seconds).abs() <= 2,
+        "the plugin's clock is the wall clock: {seconds} vs {now}"
+    );
+    assert_eq!(header(&h, "x-same-queue"), "1");
+
+    let mut chunk = Some(Bytes::from_static(b"twelve bytes"));
+    assert!(matches!(
+        s.request_body(&mut chunk, true).await,
+        Verdict::Continue
+    ));
+    assert_eq!(chunk.as_deref(), Some(&b"twelve bytes"[..]));
+    assert_eq!(gauge(&host, "abi_body_status"), 1012);
+    assert_eq!(gauge(&host, "abi_body_len"), 12);
+    assert_eq!(plugin.traps(), 0);
+}
+
+/// A body plugin that buffers until the end of the stream.
+const BUFFERING: &str = r#"
+  (func (export "proxy_on_request_body") (param i32) (param i32) (param $eos i32) (result i32)
+    (select (i32.const 0) (i32.const 1) (local.get $eos)))
+  (func (export "proxy_on_response_body") (param i32) (param i32) (param $eos i32) (result i32)
+    (select (i32.const 0) (i32.const 1) (local.get $eos)))"#;
+
+#[tokio::test]
+async fn a_buffered_body_past_the_limit_is_answered_413_or_500() {
+    let wasm = module("0_2_1", &[], BUFFERING);
+    let host = host();
+    let plugin = load_with(&host, &wasm, |cfg| cfg.limits.body_bytes = 16);
+
+    let mut s = plugin.stream(info()).unwrap();
+    let mut chunk = Some(Bytes::from_static(b"0123456789"));
+    assert!(matches!(
+        s.request_body(&mut chunk, false).await,
+        Verdict::Continue
+    ));
+    assert_eq!(chunk, None, "held by the plugin");
+    let mut chunk = Some(Bytes::from_static(b"0123456789"));
+    let Verdict::Local(r) = s.request_body(&mut chunk, false).await else {
+        panic!("20 bytes is past the 16-byte limit");
+    };
+    assert_eq!((r.status, &*r.details), (413, "request_payload_too_large"));
+
+    // Within the limit the whole body comes back at its end.
+    let mut s = plugin.stream(info()).unwrap();
+    let mut chunk = Some(Bytes::from_static(b"01234567"));
+    let _ = s.request_body(&mut chunk, false).await;
+    let mut chunk = Some(Bytes::from_static(b"89"));
+    assert!(matches!(
+        s.request_body(&mut chunk, true).await,
+        Verdict::Continue
+    ));
+    assert_eq!(chunk.as_deref(), Some(&b"0123456789"[..]));
+
+    // A response already under way cannot become a 413: 500.
+    let mut s = plugin.stream(info()).unwrap();
+    let mut chunk = Some(Bytes::from(vec![b'x'; 17]));
+    let Verdict::Local(r) = s.response_body(&mut chunk, false).await else {
+        panic!("17 bytes is past the limit");
+    };
+    assert_eq!((r.status, &*r.details), (500, "response_payload_too_large"));
+}

@@ -258,7 +258,7 @@ async fn auth_call_to_an_unknown_upstream_fails_at_dispatch() {
 }
 
 #[tokio::test]
-async fn many_requests_reuse_one_instance() {
+async fn a_thousand_requests_leave_no_stream_context_behind() {
     let (_host, plugin) = load("noop", "");
     for _ in 0..1000 {
         let mut s = plugin.stream(info()).unwrap();
