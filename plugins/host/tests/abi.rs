@@ -1929,7 +1929,7 @@ fn gauge(host: &Host, name: &str) -> i64 {
         .into_iter()
         .find(|(n, _)| n == name)
         .map_or(-1, |(_, v)| match v {
-            MetricValue::Gauge(n) => n as i64,
+            MetricValue::Gauge(n) => n,
             other => panic!("{name} is {other:?}"),
         })
 }
