@@ -1,7 +1,9 @@
 //! HTTP calls Wasm plugins make (`dispatch_http_call`), sent into the mesh.
 //!
-//! The upstream is what Istio plugins name: an Envoy cluster, `outbound|<port>|<subset>|<host>`,
-//! or a plain `host:port` (a service hostname or VIP). The call goes where the waypoint's own
+//! The upstream is what Istio plugins name: an Envoy cluster, as a sidecar names it
+//! (`outbound|<port>|<subset>|<host>`) or as a waypoint does (`inbound-vip|<port>|http[/<subset>]|
+//! <host>`, the form [`cluster_name`] gives plugins), or a plain `host:port` (a service hostname
+//! or VIP). The call goes where the waypoint's own
 //! traffic goes: an endpoint chosen by the service's load balancer, over HBONE from the
 //! waypoint's identity, as HTTP/1.1.
 
@@ -40,12 +42,29 @@ struct Upstream<'a> {
     subset: Option<&'a str>,
 }
 
-/// Parses `outbound|port|subset|host` or `host:port`.
+/// The Envoy cluster an Istio waypoint sends a service port's requests to; plugins read it as
+/// `cluster_name` and may call it back.
+pub(crate) fn cluster_name(port: u16, subset: Option<&str>, host: &str) -> String {
+    match subset {
+        Some(subset) => format!("inbound-vip|{port}|http/{subset}|{host}"),
+        None => format!("inbound-vip|{port}|http|{host}"),
+    }
+}
+
+/// Parses `outbound|port|subset|host`, `inbound-vip|port|protocol[/subset]|host` or
+/// `host:port`.
 fn parse(upstream: &str) -> Option<Upstream<'_>> {
     if let Some(rest) = upstream.strip_prefix("outbound|") {
         let mut parts = rest.splitn(3, '|');
         let port = parts.next()?.parse().ok()?;
         let subset = parts.next().filter(|s| !s.is_empty());
+        let host = parts.next().filter(|h| !h.is_empty())?;
+        return Some(Upstream { host, port, subset });
+    }
+    if let Some(rest) = upstream.strip_prefix("inbound-vip|") {
+        let mut parts = rest.splitn(3, '|');
+        let port = parts.next()?.parse().ok()?;
+        let subset = parts.next()?.split_once('/').map(|(_, subset)| subset);
         let host = parts.next().filter(|h| !h.is_empty())?;
         return Some(Upstream { host, port, subset });
     }
@@ -192,7 +211,24 @@ mod tests {
             Some(("auth", 9000))
         );
         assert_eq!(parse("[fd00::1]:80").map(|u| u.host), Some("fd00::1"));
+        assert_eq!(
+            parse("inbound-vip|9080|http/v1|reviews.default.svc.cluster.local"),
+            Some(Upstream {
+                host: "reviews.default.svc.cluster.local",
+                port: 9080,
+                subset: Some("v1")
+            })
+        );
+        assert_eq!(
+            parse(&cluster_name(8080, None, "lapi.sec.svc.cluster.local")),
+            Some(Upstream {
+                host: "lapi.sec.svc.cluster.local",
+                port: 8080,
+                subset: None
+            })
+        );
         assert_eq!(parse("inbound|80||x"), None);
+        assert_eq!(parse("inbound-vip|80|http|"), None);
         assert_eq!(parse("outbound|x||host"), None);
         assert_eq!(parse("outbound|80||"), None);
         assert_eq!(parse("no-port"), None);

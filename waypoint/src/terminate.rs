@@ -51,6 +51,7 @@ impl hbone::Handler for Terminate {
             client_ip: client_ip(&request),
             peer: request.peer_addr(),
             destination,
+            id: tunnel::next_id(),
         };
         let http = {
             let protocol = view.protocol(target);

@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hbone::{H2Stream, Identity};
 use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -29,6 +30,14 @@ pub(crate) struct Tunnel {
     pub(crate) peer: SocketAddr,
     /// The original destination: a service `VIP:port` or a workload `IP:port`.
     pub(crate) destination: SocketAddr,
+    /// Unique among this process's tunnels (a downstream connection, to plugins and logs).
+    pub(crate) id: u64,
+}
+
+/// The next tunnel id.
+pub(crate) fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Wraps a tunnel stream for Pingora's HTTP server.

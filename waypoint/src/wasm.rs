@@ -10,7 +10,8 @@
 //! Per request, a [`Chain`] runs the plugins for the destination in Istio's order: AUTHN and
 //! AUTHZ plugins before authorization, STATS and unspecified ones after it, each phase by
 //! priority. Response callbacks run in reverse order, as Envoy's encoder chain does, and also see
-//! the waypoint's own answers (403, 404, a plugin's local reply).
+//! the waypoint's own answers (403, 404, 503, a plugin's local reply), in every plugin of the
+//! chain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -250,13 +251,15 @@ pub(crate) enum Decision {
 }
 
 impl Chain {
-    /// The plugins for a request to `service` (or a workload) on `port`; `None` when there are
-    /// none, so requests without plugins pay nothing.
+    /// The plugins for a request to `service` (or a workload) on `port` over `protocol`
+    /// (`HTTP/1.1`, `HTTP/2`); `None` when there are none, so requests without plugins pay
+    /// nothing.
     pub(crate) fn new(
         view: &View,
         service: Option<ServiceId>,
         port: u16,
         tunnel: &Tunnel,
+        protocol: &'static str,
     ) -> Option<Chain> {
         let snapshot = &view.snapshot;
         let set = &view.plugins;
@@ -279,15 +282,23 @@ impl Chain {
         if links.is_empty() {
             return None;
         }
+        let mut info = StreamInfo::new(
+            SocketAddr::new(tunnel.client_ip, tunnel.peer.port()),
+            tunnel.destination,
+            Some(tunnel.principal.to_string()),
+        );
+        info.connection_id = tunnel.id;
+        info.protocol = protocol;
         Some(Chain {
-            info: Arc::new(StreamInfo::new(
-                SocketAddr::new(tunnel.client_ip, tunnel.peer.port()),
-                tunnel.destination,
-                Some(tunnel.principal.to_string()),
-            )),
+            info: Arc::new(info),
             links,
             request: None,
         })
+    }
+
+    /// What the plugins know of the request; the waypoint fills it in as the request goes.
+    pub(crate) fn info(&self) -> &StreamInfo {
+        &self.info
     }
 
     /// Runs `on_request_headers` of the plugins in `phases` over the request, applying what they
@@ -376,12 +387,15 @@ impl Chain {
     }
 
     /// Runs `on_response_headers` in reverse order over a response (the upstream's or one the
-    /// waypoint makes itself). A plugin that answers locally here replaces the response.
+    /// waypoint makes itself). Every plugin of the chain sees it, also one the request never
+    /// reached (an answer given before it): Envoy sends local replies through the whole encoder
+    /// chain, creating the stream context of a filter that has none yet. A plugin that answers
+    /// locally here replaces the response.
     pub(crate) async fn response_headers(&mut self, resp: &mut ResponseHeader) -> Result<Decision> {
         let mut headers = response_map(resp);
         let mut decision = Decision::Continue;
         for link in self.links.iter_mut().rev() {
-            let Some(stream) = link.stream.as_mut() else {
+            let Some(stream) = link.start(&self.info) else {
                 continue;
             };
             match stream.response_headers(&mut headers, false).await {
@@ -443,6 +457,7 @@ impl Chain {
                 }
             }
         }
+        let _ = self.info.response_trailers.set(map);
     }
 
     /// Runs `on_response_body` on a chunk, in reverse order. Failures here can only be logged:

@@ -54,21 +54,21 @@ async fn plugins_run_in_phase_order_around_authorization() {
     .concat();
     let mesh = Mesh::start(57, &config).await;
 
-    // AUTHN runs before authorization: no key is a 401 from the plugin even on a denied path,
-    // and the add-header plugin (after authorization) saw nothing, so adds nothing.
+    // AUTHN runs before authorization: no key is a 401 from the plugin even on a denied path.
+    // The request never reached the add-header plugin (after authorization), but the answer
+    // passes every plugin's response callbacks, as local replies pass Envoy's encoder chain.
     let r = mesh.request("GET", "/admin", &[], "").await;
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(r.body, "missing or invalid API key\n");
-    assert!(r.headers.get("x-wasm").is_none());
+    assert_eq!(r.header("x-wasm"), Some("added"));
 
-    // With the key, authorization denies /admin; the 403 passes back through the api-key
-    // plugin only.
+    // With the key, authorization denies /admin; the 403 passes the response callbacks too.
     let r = mesh
         .request("GET", "/admin", &[("x-api-key", "k1")], "")
         .await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(r.body, "RBAC: access denied");
-    assert!(r.headers.get("x-wasm").is_none());
+    assert_eq!(r.header("x-wasm"), Some("added"));
 
     // Allowed: the key is stripped before the backend, the path rewritten before routing, and
     // the response header added.
@@ -246,8 +246,9 @@ async fn plugin_metrics_are_exported_with_the_waypoints() {
     mesh.shutdown().await;
 }
 
-/// A plugin that traps (`unreachable`) on requests carrying `x-trap`, and adds `x-alive: 1`
-/// to every request it lets through. Written in WAT: the shape of a minimal ABI 0.2.1 module.
+/// A plugin that traps (`unreachable`) on requests carrying `x-trap`, loops forever on requests
+/// carrying `x-loop`, and adds `x-alive: 1` to every request it lets through. Written in WAT:
+/// the shape of a minimal ABI 0.2.1 module.
 const TRAPPER: &str = r#"
 (module
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
@@ -257,6 +258,7 @@ const TRAPPER: &str = r#"
   (data (i32.const 16) "x-trap")
   (data (i32.const 32) "x-alive")
   (data (i32.const 48) "1")
+  (data (i32.const 80) "x-loop")
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
     (local $p i32)
@@ -267,6 +269,8 @@ const TRAPPER: &str = r#"
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (if (i32.eqz (call $get (i32.const 0) (i32.const 16) (i32.const 6) (i32.const 64) (i32.const 68)))
       (then unreachable))
+    (if (i32.eqz (call $get (i32.const 0) (i32.const 80) (i32.const 6) (i32.const 64) (i32.const 68)))
+      (then (loop $forever (br $forever))))
     (drop (call $add (i32.const 0) (i32.const 32) (i32.const 7) (i32.const 48) (i32.const 1)))
     (i32.const 0)))
 "#;
@@ -328,10 +332,32 @@ async fn a_trapping_plugin_fails_only_its_request_per_fail_strategy() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("x-alive: 1"), "{}", r.body);
 
+    // A plugin that never returns is stopped at its callback deadline: the same as a trap.
+    let started = std::time::Instant::now();
+    let r = mesh.request("GET", "/", &[("x-loop", "1")], "").await;
+    assert_eq!(r.status, 503, "FAIL_CLOSE on a runaway loop: {}", r.body);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "the waypoint keeps serving: {}", r.body);
+    assert!(r.body.contains("x-alive: 1"), "{}", r.body);
+
     mesh.set_routes(&config("FAIL_OPEN")).await;
     let r = mesh.request("GET", "/", &[("x-trap", "1")], "").await;
     assert_eq!(r.status, 200, "FAIL_OPEN skips the plugin: {}", r.body);
     assert!(!r.body.contains("x-alive"), "{}", r.body);
+    let r = mesh.request("GET", "/", &[("x-loop", "1")], "").await;
+    assert_eq!(
+        r.status, 200,
+        "FAIL_OPEN skips a runaway plugin: {}",
+        r.body
+    );
+    assert!(!r.body.contains("x-alive"), "{}", r.body);
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert!(
+        r.body.contains("x-alive: 1"),
+        "a fresh instance serves: {}",
+        r.body
+    );
     mesh.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -638,4 +664,164 @@ status: {{podIP: 127.{net}.2.3}}
     mesh.shutdown().await;
     backend.abort();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A plugin that observes every response, the waypoint's own answers included: it copies
+/// `:status` into `x-observed-status`, reports what it can read of the request as properties
+/// (`request.protocol`, `route_name`, `cluster_name`, `upstream.address`) as response headers,
+/// and sets `:status` to the value of the request's `x-rewrite-status`, if any.
+const OBSERVER: &str = r#"
+(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 4096))
+  (data (i32.const 16) ":status")
+  (data (i32.const 32) "x-observed-status")
+  (data (i32.const 64) "request\00protocol")
+  (data (i32.const 96) "x-protocol")
+  (data (i32.const 112) "route_name")
+  (data (i32.const 128) "x-route")
+  (data (i32.const 144) "cluster_name")
+  (data (i32.const 160) "x-cluster")
+  (data (i32.const 176) "upstream\00address")
+  (data (i32.const 200) "x-upstream")
+  (data (i32.const 224) "x-rewrite-status")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $copy (param $p i32) (param $pl i32) (param $h i32) (param $hl i32)
+    (if (i32.eqz (call $prop (local.get $p) (local.get $pl) (i32.const 8) (i32.const 12)))
+      (then (drop (call $add (i32.const 2) (local.get $h) (local.get $hl)
+        (i32.load (i32.const 8)) (i32.load (i32.const 12)))))))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $get (i32.const 2) (i32.const 16) (i32.const 7) (i32.const 8) (i32.const 12)))
+      (then (drop (call $add (i32.const 2) (i32.const 32) (i32.const 17)
+        (i32.load (i32.const 8)) (i32.load (i32.const 12))))))
+    (call $copy (i32.const 64) (i32.const 16) (i32.const 96) (i32.const 10))
+    (call $copy (i32.const 112) (i32.const 10) (i32.const 128) (i32.const 7))
+    (call $copy (i32.const 144) (i32.const 12) (i32.const 160) (i32.const 9))
+    (call $copy (i32.const 176) (i32.const 16) (i32.const 200) (i32.const 10))
+    (if (i32.eqz (call $get (i32.const 0) (i32.const 224) (i32.const 16) (i32.const 8) (i32.const 12)))
+      (then (drop (call $replace (i32.const 2) (i32.const 16) (i32.const 7)
+        (i32.load (i32.const 8)) (i32.load (i32.const 12))))))
+    (i32.const 0)))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_passes_the_response_callbacks_and_plugins_read_the_request() {
+    let dir = std::env::temp_dir().join(format!("wasm-observer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("observer.wasm");
+    std::fs::write(&module, wat::parse_str(OBSERVER).unwrap()).unwrap();
+    let observer = format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: observer, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n  priority: 100\n---\n",
+        module.display()
+    );
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: pages, namespace: app}
+spec:
+  parentRefs: [{kind: Service, group: "", name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{name: echo, port: 80}]
+---
+"#;
+    let config = [
+        observer,
+        plugin(
+            "body",
+            "body_inspect",
+            "  pluginConfig: {deny: [DROP TABLE]}",
+        ),
+        route.to_owned(),
+        DENY_ADMIN.to_owned(),
+    ]
+    .concat();
+    let net = 69;
+    let mesh = Mesh::start(net, &config).await;
+
+    // An upstream answer, and what the plugin read of the request that led to it.
+    let r = mesh.request("GET", "/page", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-observed-status"), Some("200"));
+    assert_eq!(r.header("x-protocol"), Some("HTTP/1.1"));
+    assert_eq!(r.header("x-route"), Some("HTTPRoute app/pages rules[0]"));
+    assert_eq!(
+        r.header("x-cluster"),
+        Some("inbound-vip|80|http|echo.app.svc.cluster.local")
+    );
+    let upstream = r.header("x-upstream").expect("the endpoint is known");
+    assert!(
+        [format!("127.{net}.1.2:8080"), format!("127.{net}.2.1:8080")]
+            .contains(&upstream.to_owned()),
+        "{upstream}"
+    );
+
+    // The waypoint's own answers: an RBAC denial, a body a plugin refused, and an upstream
+    // that closes every connection (503 after the retries).
+    let r = mesh.request("GET", "/admin", &[], "").await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.header("x-observed-status"), Some("403"));
+    assert!(r.header("x-upstream").is_none(), "no upstream was chosen");
+    let r = mesh
+        .request("POST", "/page", &[], "x'; DROP TABLE users")
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.body, "request body refused\n");
+    assert_eq!(r.header("x-observed-status"), Some("403"));
+    let r = mesh
+        .request(
+            "GET",
+            "/page",
+            &[("x-fail", "echo-v1,echo-v2"), ("x-fail-with", "close")],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("x-observed-status"), Some("503"));
+
+    // A plugin sets the status of an upstream's answer.
+    let r = mesh
+        .request("GET", "/page", &[("x-rewrite-status", "299")], "")
+        .await;
+    assert_eq!(r.status, 299, "{}", r.body);
+    assert!(r.backend().starts_with("echo-v"), "{r:?}");
+    mesh.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_before_authorization_are_authorized_and_after_it_are_not() {
+    let rewrite = |name: &str, phase: &str, from: &str| {
+        plugin(
+            name,
+            "rewrite_path",
+            &format!("  phase: {phase}\n  pluginConfig: {{prefix: {from}, replacement: /admin}}"),
+        )
+    };
+    let config = [
+        rewrite("authz", "AUTHZ", "/hidden"),
+        rewrite("stats", "STATS", "/late"),
+        DENY_ADMIN.to_owned(),
+    ]
+    .concat();
+    let mesh = Mesh::start(70, &config).await;
+    // An AUTHZ plugin runs before authorization: the path it makes is the one authorized.
+    let r = mesh.request("GET", "/hidden", &[], "").await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.body, "RBAC: access denied");
+    // A STATS plugin runs after it: its rewrite reaches the backend, authorized as it came.
+    let r = mesh.request("GET", "/late", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("path=/admin"), "{}", r.body);
+    mesh.shutdown().await;
 }

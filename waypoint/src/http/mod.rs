@@ -20,12 +20,14 @@ mod retry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use hbone::{Authority, ConnectHeaders, ConnectRequest, HBONE_PORT};
 use http::{HeaderName, HeaderValue};
+use mesh::Snapshot;
 use mesh::authz::{self, Attributes, HttpAttributes};
 use mesh::model::{AppProtocol, ServiceId, WorkloadId};
 use mesh::route::{HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy};
@@ -39,6 +41,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::balance::{Chosen, Outcome, hash_key};
+use crate::callout;
 use crate::limits::{Admitted, Overflow};
 use crate::metrics::{Labels, Parties};
 use crate::originate::HboneConnector;
@@ -110,7 +113,7 @@ pub struct RequestCtx {
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
     /// An answer a plugin gave after the request started upstream, sent by `fail_to_proxy`.
-    wasm_answer: Option<Local>,
+    wasm_answer: Option<Deferred>,
 }
 
 impl RequestCtx {
@@ -120,6 +123,29 @@ impl RequestCtx {
             return None;
         };
         view.snapshot.routes(id, port)?.rules().get(r)
+    }
+
+    /// Where the request goes; plugins see it as the Envoy cluster an Istio waypoint would name.
+    fn set_upstream(&mut self, snapshot: &Snapshot, upstream: Upstream) {
+        if let (
+            Some(chain),
+            Upstream::Service {
+                id,
+                port_index,
+                subset,
+                ..
+            },
+        ) = (&self.wasm, &upstream)
+        {
+            let service = snapshot.service(*id);
+            let name = callout::cluster_name(
+                service.ports[*port_index].port,
+                subset.as_deref(),
+                &service.hostname,
+            );
+            let _ = chain.info().cluster_name.set(name);
+        }
+        self.upstream = Some(upstream);
     }
 
     fn flag(&mut self, flag: &'static str) {
@@ -137,6 +163,16 @@ struct Local {
     body: Bytes,
     /// No answer at all: a plugin closed the stream (`proxy_close_stream`), which resets it.
     reset: bool,
+}
+
+/// A plugin's answer that `fail_to_proxy` sends, once Pingora has given up the upstream.
+#[derive(Debug)]
+enum Deferred {
+    /// Given on the request (its body): the response callbacks still see it, as they see any
+    /// answer the waypoint gives.
+    Request(Local),
+    /// Given by a response callback: it replaces the response and goes out as it is.
+    Response(Local),
 }
 
 /// The error that carries a plugin's `proxy_close_stream` to `fail_to_proxy`, which resets the
@@ -233,6 +269,10 @@ impl Local {
                     body = Bytes::from_static(b"wasm plugin failed\n");
                 }
             }
+            // The body passes the plugins' response body callbacks too, whole.
+            let mut whole = Some(body);
+            chain.response_body(&mut whole, true);
+            body = whole.unwrap_or_default();
         }
         let status = resp.status.as_u16();
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
@@ -364,7 +404,8 @@ impl Waypoint {
             Target::Service { id, .. } => Some(id),
             Target::Workload { .. } => None,
         };
-        ctx.wasm = Chain::new(&view, service_id, port, &tunnel);
+        let protocol = protocol_name(session.req_header().version);
+        ctx.wasm = Chain::new(&view, service_id, port, &tunnel, protocol);
         let end_of_stream = session.is_body_empty();
         if let Some(chain) = &mut ctx.wasm {
             let decision = chain
@@ -436,6 +477,12 @@ impl Waypoint {
                 match table.select_index(&view_req) {
                     Some((r, m)) => {
                         ctx.rule = Some((r, m));
+                        if let Some(chain) = &ctx.wasm {
+                            let _ = chain
+                                .info()
+                                .route_name
+                                .set(table.rules()[r].source.to_string());
+                        }
                         Some((&table.rules()[r], m))
                     }
                     None => {
@@ -447,12 +494,15 @@ impl Waypoint {
             }
         };
         let Some((rule, matched)) = rule else {
-            ctx.upstream = Some(Upstream::Service {
-                id,
-                port_index,
-                subset: None,
-                backend: None,
-            });
+            ctx.set_upstream(
+                snapshot,
+                Upstream::Service {
+                    id,
+                    port_index,
+                    subset: None,
+                    backend: None,
+                },
+            );
             ctx.retry = Some(RetryPolicy::mesh_default());
             self.prepare_hash(session, ctx, &view, id, None);
             return None;
@@ -543,12 +593,15 @@ impl Waypoint {
             ctx.details = "cluster_not_found";
             return Some(Local::text(503, ""));
         }
-        ctx.upstream = Some(Upstream::Service {
-            id: backend_id,
-            port_index: backend_port_index,
-            subset: backend.subset.clone(),
-            backend: Some(backend_index),
-        });
+        ctx.set_upstream(
+            snapshot,
+            Upstream::Service {
+                id: backend_id,
+                port_index: backend_port_index,
+                subset: backend.subset.clone(),
+                backend: Some(backend_index),
+            },
+        );
         self.prepare_hash(session, ctx, &view, backend_id, backend.subset.as_deref());
 
         for m in &rule.mirrors {
@@ -676,13 +729,17 @@ impl ProxyHttp for Waypoint {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let (Some(chain), Some(chunk)) = (&ctx.wasm, body.as_ref()) {
+            let received = &chain.info().request_body_bytes;
+            received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
         if let Some(chain) = &mut ctx.wasm
             && let Some(local) =
                 Local::from_decision(chain.request_body(body, end_of_stream).await, ctx)
         {
             // Headers may already be upstream: end the attempt; `fail_to_proxy` answers.
             let status = local.status;
-            ctx.wasm_answer = Some(local);
+            ctx.wasm_answer = Some(Deferred::Request(local));
             return Error::e_explain(ErrorType::HTTPStatus(status), "answered by a wasm plugin");
         }
         for m in &mut ctx.mirrors {
@@ -780,6 +837,13 @@ impl ProxyHttp for Waypoint {
         };
         let addr = SocketAddr::new(ip, port);
         ctx.last = Some((workload, addr));
+        if let Some(chain) = &ctx.wasm {
+            *chain
+                .info()
+                .upstream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        }
         let per_try = ctx
             .rule(&view)
             .and_then(|r| r.per_try_timeout)
@@ -928,7 +992,7 @@ impl ProxyHttp for Waypoint {
                 // upstream's is sent, so end the attempt here and let `fail_to_proxy` answer
                 // with the whole local reply, body and length included.
                 let status = local.status;
-                ctx.wasm_answer = Some(local);
+                ctx.wasm_answer = Some(Deferred::Response(local));
                 return Error::e_explain(
                     ErrorType::HTTPStatus(status),
                     "answered by a wasm plugin",
@@ -959,6 +1023,10 @@ impl ProxyHttp for Waypoint {
     ) -> Result<Option<Duration>> {
         if let Some(chain) = &mut ctx.wasm {
             chain.response_body(body, end_of_stream);
+            if let Some(chunk) = body.as_ref() {
+                let sent = &chain.info().response_body_bytes;
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
         }
         Ok(None)
     }
@@ -1046,32 +1114,52 @@ impl ProxyHttp for Waypoint {
         if *e.etype() == CLOSED_BY_PLUGIN {
             return closed_by_plugin(session, ctx);
         }
-        if let Some(local) = ctx.wasm_answer.take()
-            && session.response_written().is_none()
-        {
-            if local.reset {
-                return closed_by_plugin(session, ctx);
-            }
-            ctx.status = local.send(session, None).await.unwrap_or(local_status(e));
+        if session.response_written().is_some() {
+            ctx.status = code;
             return FailToProxy {
-                error_code: ctx.status,
+                error_code: code,
                 can_reuse_downstream: false,
             };
         }
-        if code > 0 && session.response_written().is_none() {
-            let _ = session
-                .respond_error_with_body(code, Bytes::from_static(body.as_bytes()))
-                .await;
-        }
-        ctx.status = code;
+        // The answer goes through the plugins' response callbacks unless they gave it.
+        let (local, chain) = match ctx.wasm_answer.take() {
+            Some(Deferred::Request(local)) => (local, ctx.wasm.as_mut()),
+            Some(Deferred::Response(local)) => (local, None),
+            None if code > 0 => (
+                Local::new(code, Vec::new(), Bytes::from_static(body.as_bytes())),
+                ctx.wasm.as_mut(),
+            ),
+            None => {
+                ctx.status = code;
+                return FailToProxy {
+                    error_code: code,
+                    can_reuse_downstream: false,
+                };
+            }
+        };
+        let fallback = local.status;
+        ctx.status = match local.send(session, chain).await {
+            Ok(status) => status,
+            Err(e) if *e.etype() == CLOSED_BY_PLUGIN => return closed_by_plugin(session, ctx),
+            Err(e) => {
+                tracing::debug!(error = %e, "sending the answer failed");
+                fallback
+            }
+        };
         FailToProxy {
-            error_code: code,
+            error_code: ctx.status,
             can_reuse_downstream: false,
         }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.endpoint = None;
+        if let Some(chain) = &ctx.wasm {
+            // The plugins' `on_log` runs when the chain drops, after this.
+            let info = chain.info();
+            let _ = info.response_code_details.set(ctx.details.to_owned());
+            let _ = info.response_flags.set(ctx.flags.to_owned());
+        }
         let status = session
             .response_written()
             .map_or(ctx.status, |r| r.status.as_u16());
@@ -1148,11 +1236,12 @@ fn closed_by_plugin(session: &mut Session, ctx: &mut RequestCtx) -> FailToProxy 
     }
 }
 
-/// The status a failed answer stands for.
-fn local_status(e: &Error) -> u16 {
-    match e.etype() {
-        ErrorType::HTTPStatus(code) => *code,
-        _ => 500,
+/// The downstream protocol as Envoy names it (`request.protocol`).
+fn protocol_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
     }
 }
 
