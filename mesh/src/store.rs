@@ -19,7 +19,7 @@ use notify::Watcher as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::{ConfigError, Invalid};
-use crate::resource::{self, Located, Parsed};
+use crate::resource::{self, Parsed};
 use crate::snapshot::{self, Options, Snapshot};
 
 /// How long the directory must be quiet before a change is applied: editors and `kubectl cp`
@@ -40,7 +40,8 @@ pub struct ConfigDir {
 #[derive(Debug)]
 struct CachedFile {
     hash: u64,
-    parsed: Parsed,
+    /// Shared with the snapshots built from it, which show it in `/config_dump`.
+    parsed: Arc<Parsed>,
 }
 
 impl ConfigDir {
@@ -79,21 +80,22 @@ impl ConfigDir {
         }
         let root = self.root.clone();
         for (path, hash, parsed) in parse_all(&root, stale) {
+            let parsed = Arc::new(parsed);
             self.cache.insert(path, CachedFile { hash, parsed });
         }
         self.cache.retain(|path, _| files.contains(path));
 
         let mut problems: Vec<Invalid> = Vec::new();
-        let mut resources: Vec<&Located> = Vec::new();
+        let mut parsed = Vec::with_capacity(files.len());
         for path in &files {
             let cached = &self.cache[path];
             problems.extend(cached.parsed.invalid.iter().cloned());
-            resources.extend(cached.parsed.resources.iter());
+            parsed.push(cached.parsed.clone());
         }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
-        snapshot::build(&resources, &self.options, version)
+        snapshot::build(parsed, &self.options, version)
     }
 }
 
@@ -105,8 +107,7 @@ impl Snapshot {
         if !parsed.invalid.is_empty() {
             return Err(ConfigError::Invalid(parsed.invalid));
         }
-        let resources: Vec<&Located> = parsed.resources.iter().collect();
-        snapshot::build(&resources, options, 1)
+        snapshot::build(vec![Arc::new(parsed)], options, 1)
     }
 }
 

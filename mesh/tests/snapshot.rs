@@ -560,6 +560,12 @@ fn dump_is_complete_json() {
     assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(6));
     assert_eq!(dump["services"].as_array().map(Vec::len), Some(3));
     assert_eq!(dump["waypoints"][0]["name"], "waypoint");
+    // Routing and policy resources as written (here the Gateway); not pods, services or
+    // namespaces, which the model above already shows.
+    let resources = dump["resources"].as_array().expect("resources");
+    assert_eq!(resources.len(), 1, "{resources:?}");
+    let gateway = resources[0].to_string();
+    assert!(gateway.contains("istio-waypoint"), "{gateway}");
     let reviews = dump["services"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == "reviews"))

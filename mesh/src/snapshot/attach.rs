@@ -563,19 +563,34 @@ pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
         for a in attachments {
             by_service.entry(a.service.clone()).or_default().push(a);
         }
-        for (host, attachments) in by_service {
+        for (host, mut attachments) in by_service {
             let Some(&id) = b.index.service_by_host.get(&host) else {
                 continue;
             };
-            for port in b.services[id.index()].ports.iter().map(|p| p.port) {
-                if tables.contains_key(&(id, port)) {
-                    continue; // HTTPRoute already owns this port
-                }
-                let rules: Vec<_> = attachments
-                    .iter()
+            // Ports an HTTPRoute already owns are not the VirtualServices' to route.
+            let ports: Vec<u16> = b.services[id.index()]
+                .ports
+                .iter()
+                .map(|p| p.port)
+                .filter(|&port| !tables.contains_key(&(id, port)))
+                .collect();
+            for (i, &port) in ports.iter().enumerate() {
+                let mut rules = Vec::new();
+                for a in attachments
+                    .iter_mut()
                     .filter(|a| a.port.is_none_or(|p| p == port))
-                    .flat_map(|a| a.rules.iter().cloned())
-                    .collect();
+                {
+                    // The last port to use an attachment takes its rules instead of a copy:
+                    // most routes name one port, and a reload lowers every route.
+                    if ports[i + 1..]
+                        .iter()
+                        .any(|&q| a.port.is_none_or(|p| p == q))
+                    {
+                        rules.extend(a.rules.iter().cloned());
+                    } else {
+                        rules.append(&mut a.rules);
+                    }
+                }
                 if !rules.is_empty() {
                     tables.insert((id, port), RouteTable::new(rules, precedence));
                 }

@@ -20,8 +20,8 @@ use crate::model::{
     WorkloadKind,
 };
 use crate::resource::{
-    GatewaySpec, Located, Object, PodSpec, PodStatus, Resource, ServiceEntrySpec, ServiceSpec,
-    TargetPort, WorkloadEntrySpec,
+    GatewaySpec, Located, Object, Parsed, PodSpec, PodStatus, Resource, ServiceEntrySpec,
+    ServiceSpec, TargetPort, WorkloadEntrySpec,
 };
 
 /// Label enrolling a namespace or pod in ambient mode.
@@ -29,14 +29,16 @@ const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// Annotation of pods that already have a sidecar; ztunnel leaves them alone.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 
-/// Builds a snapshot, or reports every invalid resource.
+/// Builds a snapshot from parsed files, in order, or reports every invalid resource. The
+/// snapshot keeps the files, shared with the parse cache, for `/config_dump`.
 pub(crate) fn build(
-    resources: &[&Located],
+    files: Vec<Arc<Parsed>>,
     options: &Options,
     version: u64,
 ) -> Result<Snapshot, ConfigError> {
     let mut b = Builder::new(options);
-    let kinds = Kinds::sort(resources);
+    let resources: Vec<&Located> = files.iter().flat_map(|f| &f.resources).collect();
+    let kinds = Kinds::sort(&resources);
     b.namespaces(&kinds);
     b.waypoints(&kinds.gateways);
     b.workloads(&kinds);
@@ -53,7 +55,7 @@ pub(crate) fn build(
     for warning in &b.warnings {
         tracing::warn!(version, "{warning}");
     }
-    Ok(b.finish(resources, version))
+    Ok(b.finish(files, version))
 }
 
 /// Resources by kind, borrowed.
@@ -1145,20 +1147,7 @@ impl<'o> Builder<'o> {
         (Some(id), None)
     }
 
-    fn finish(self, resources: &[&Located], version: u64) -> Snapshot {
-        let sources = resources
-            .iter()
-            .filter(|r| {
-                !matches!(
-                    r.resource,
-                    Resource::Pod(_)
-                        | Resource::Service(_)
-                        | Resource::Namespace(_)
-                        | Resource::WorkloadEntry(_)
-                )
-            })
-            .filter_map(|r| serde_json::to_value(&r.resource).ok())
-            .collect();
+    fn finish(self, sources: Vec<Arc<Parsed>>, version: u64) -> Snapshot {
         Snapshot {
             version,
             options: self.options.clone(),

@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use super::Snapshot;
+use crate::resource::Resource;
 
 impl Snapshot {
     /// Everything the snapshot holds: the resolved model (workloads with their services and
@@ -23,6 +24,23 @@ impl Snapshot {
                 })
             })
             .collect();
+        // Serialized here, when asked for, rather than kept as JSON in every snapshot: a
+        // reload would otherwise spend most of its time building and dropping JSON trees.
+        let resources: Vec<&Resource> = self
+            .sources
+            .iter()
+            .flat_map(|file| &file.resources)
+            .map(|r| &r.resource)
+            .filter(|r| {
+                !matches!(
+                    r,
+                    Resource::Pod(_)
+                        | Resource::Service(_)
+                        | Resource::Namespace(_)
+                        | Resource::WorkloadEntry(_)
+                )
+            })
+            .collect();
         json!({
             "version": self.version,
             "options": self.options,
@@ -32,7 +50,7 @@ impl Snapshot {
             "authorizationPolicies": policies,
             "peerAuthentications": self.peer_authentications,
             "plugins": self.plugins,
-            "resources": self.sources,
+            "resources": resources,
             "warnings": self.warnings,
         })
     }

@@ -104,7 +104,9 @@ pub struct Snapshot {
     pub(crate) destination_rules: HashMap<Arc<str>, DestinationPolicy>,
     pub(crate) routes: HashMap<(ServiceId, u16), RouteTable>,
     pub(crate) index: Index,
-    pub(crate) sources: Vec<serde_json::Value>,
+    /// The files the snapshot was built from, shared with the parse cache; `/config_dump`
+    /// shows their routing and policy resources as written.
+    pub(crate) sources: Vec<Arc<crate::resource::Parsed>>,
     pub(crate) warnings: Vec<String>,
 }
 
