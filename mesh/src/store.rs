@@ -19,7 +19,7 @@ use notify::Watcher as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::{ConfigError, Invalid};
-use crate::resource::{self, Parsed};
+use crate::resource::{self, Located, Parsed};
 use crate::snapshot::{self, Options, Snapshot};
 
 /// How long the directory must be quiet before a change is applied: editors and `kubectl cp`
@@ -40,8 +40,7 @@ pub struct ConfigDir {
 #[derive(Debug)]
 struct CachedFile {
     hash: u64,
-    /// Shared with the snapshots built from it, which show it in `/config_dump`.
-    parsed: Arc<Parsed>,
+    parsed: Parsed,
 }
 
 impl ConfigDir {
@@ -80,22 +79,21 @@ impl ConfigDir {
         }
         let root = self.root.clone();
         for (path, hash, parsed) in parse_all(&root, stale) {
-            let parsed = Arc::new(parsed);
             self.cache.insert(path, CachedFile { hash, parsed });
         }
         self.cache.retain(|path, _| files.contains(path));
 
         let mut problems: Vec<Invalid> = Vec::new();
-        let mut parsed = Vec::with_capacity(files.len());
+        let mut resources: Vec<&Arc<Located>> = Vec::new();
         for path in &files {
             let cached = &self.cache[path];
             problems.extend(cached.parsed.invalid.iter().cloned());
-            parsed.push(cached.parsed.clone());
+            resources.extend(cached.parsed.resources.iter());
         }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
-        snapshot::build(parsed, &self.options, version)
+        snapshot::build(&resources, &self.options, version)
     }
 }
 
@@ -107,7 +105,8 @@ impl Snapshot {
         if !parsed.invalid.is_empty() {
             return Err(ConfigError::Invalid(parsed.invalid));
         }
-        snapshot::build(vec![Arc::new(parsed)], options, 1)
+        let resources: Vec<&Arc<Located>> = parsed.resources.iter().collect();
+        snapshot::build(&resources, options, 1)
     }
 }
 

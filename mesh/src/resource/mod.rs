@@ -209,8 +209,9 @@ pub struct Located {
 /// What reading one file produced.
 #[derive(Debug, Default)]
 pub struct Parsed {
-    /// The resources, in file order.
-    pub resources: Vec<Located>,
+    /// The resources, in file order; each shared with the snapshots that show it in
+    /// `/config_dump`.
+    pub resources: Vec<Arc<Located>>,
     /// Documents that could not be read; the rest of the file is still used for reporting.
     pub invalid: Vec<Invalid>,
     /// Kinds we do not model, skipped (`Kind namespace/name` each).
@@ -347,10 +348,10 @@ fn parse_value(value: Value, origin: &Origin, prefix: &str, parsed: &mut Parsed)
         _ => unreachable!("KINDS lists exactly the kinds matched here"),
     };
     match typed {
-        Ok(resource) => parsed.resources.push(Located {
+        Ok(resource) => parsed.resources.push(Arc::new(Located {
             origin: origin.clone(),
             resource,
-        }),
+        })),
         Err(e) => parsed.invalid.push(fail(&e.field, e.message)),
     }
 }

@@ -20,8 +20,8 @@ use crate::model::{
     WorkloadKind,
 };
 use crate::resource::{
-    GatewaySpec, Located, Object, Parsed, PodSpec, PodStatus, Resource, ServiceEntrySpec,
-    ServiceSpec, TargetPort, WorkloadEntrySpec,
+    GatewaySpec, Located, Object, PodSpec, PodStatus, Resource, ServiceEntrySpec, ServiceSpec,
+    TargetPort, WorkloadEntrySpec,
 };
 
 /// Label enrolling a namespace or pod in ambient mode.
@@ -29,16 +29,14 @@ const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// Annotation of pods that already have a sidecar; ztunnel leaves them alone.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 
-/// Builds a snapshot from parsed files, in order, or reports every invalid resource. The
-/// snapshot keeps the files, shared with the parse cache, for `/config_dump`.
+/// Builds a snapshot from resources, in order, or reports every invalid resource.
 pub(crate) fn build(
-    files: Vec<Arc<Parsed>>,
+    resources: &[&Arc<Located>],
     options: &Options,
     version: u64,
 ) -> Result<Snapshot, ConfigError> {
     let mut b = Builder::new(options);
-    let resources: Vec<&Located> = files.iter().flat_map(|f| &f.resources).collect();
-    let kinds = Kinds::sort(&resources);
+    let kinds = Kinds::sort(resources);
     b.namespaces(&kinds);
     b.waypoints(&kinds.gateways);
     b.workloads(&kinds);
@@ -55,7 +53,7 @@ pub(crate) fn build(
     for warning in &b.warnings {
         tracing::warn!(version, "{warning}");
     }
-    Ok(b.finish(files, version))
+    Ok(b.finish(resources, version))
 }
 
 /// Resources by kind, borrowed.
@@ -85,7 +83,7 @@ pub(super) struct Kinds<'r> {
 }
 
 impl<'r> Kinds<'r> {
-    fn sort(resources: &[&'r Located]) -> Self {
+    fn sort(resources: &[&'r Arc<Located>]) -> Self {
         let mut k = Kinds {
             namespaces: Vec::new(),
             services: Vec::new(),
@@ -1147,7 +1145,22 @@ impl<'o> Builder<'o> {
         (Some(id), None)
     }
 
-    fn finish(self, sources: Vec<Arc<Parsed>>, version: u64) -> Snapshot {
+    /// The snapshot, keeping (shared with the parse cache) the routing and policy resources
+    /// `/config_dump` shows as written; workloads, services and namespaces it shows as modelled.
+    fn finish(self, resources: &[&Arc<Located>], version: u64) -> Snapshot {
+        let sources = resources
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r.resource,
+                    Resource::Pod(_)
+                        | Resource::Service(_)
+                        | Resource::Namespace(_)
+                        | Resource::WorkloadEntry(_)
+                )
+            })
+            .map(|&r| r.clone())
+            .collect();
         Snapshot {
             version,
             options: self.options.clone(),

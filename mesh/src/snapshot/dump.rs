@@ -26,21 +26,7 @@ impl Snapshot {
             .collect();
         // Serialized here, when asked for, rather than kept as JSON in every snapshot: a
         // reload would otherwise spend most of its time building and dropping JSON trees.
-        let resources: Vec<&Resource> = self
-            .sources
-            .iter()
-            .flat_map(|file| &file.resources)
-            .map(|r| &r.resource)
-            .filter(|r| {
-                !matches!(
-                    r,
-                    Resource::Pod(_)
-                        | Resource::Service(_)
-                        | Resource::Namespace(_)
-                        | Resource::WorkloadEntry(_)
-                )
-            })
-            .collect();
+        let resources: Vec<&Resource> = self.sources.iter().map(|r| &r.resource).collect();
         json!({
             "version": self.version,
             "options": self.options,

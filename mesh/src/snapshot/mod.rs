@@ -104,9 +104,9 @@ pub struct Snapshot {
     pub(crate) destination_rules: HashMap<Arc<str>, DestinationPolicy>,
     pub(crate) routes: HashMap<(ServiceId, u16), RouteTable>,
     pub(crate) index: Index,
-    /// The files the snapshot was built from, shared with the parse cache; `/config_dump`
-    /// shows their routing and policy resources as written.
-    pub(crate) sources: Vec<Arc<crate::resource::Parsed>>,
+    /// The routing and policy resources as written, shared with the parse cache, for
+    /// `/config_dump`.
+    pub(crate) sources: Vec<Arc<crate::resource::Located>>,
     pub(crate) warnings: Vec<String>,
 }
 
