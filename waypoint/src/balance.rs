@@ -32,8 +32,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ::http::HeaderMap;
+use std::fmt::Write as _;
+
 use ::http::header::COOKIE;
+use ::http::{HeaderMap, HeaderValue};
 use mesh::Snapshot;
 use mesh::model::{ServiceId, SubsetEndpoints, WorkloadId};
 use mesh::route::{HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
@@ -659,6 +661,41 @@ pub(crate) fn hash_key(
             query_parameter(path_and_query, name).map(|v| hash_bytes(v.as_bytes()))
         }
     }
+}
+
+/// A consistent-hash cookie made up for a client that did not send one.
+#[derive(Debug)]
+pub(crate) struct GeneratedCookie {
+    /// What the request hashes to: the same as a later request carrying the cookie.
+    pub(crate) hash: u64,
+    /// The `set-cookie` value that hands it to the client.
+    pub(crate) header: HeaderValue,
+}
+
+/// Makes up cookie `name` for a client, as Envoy does when the hash key's cookie is missing and
+/// has a `ttl`: the value is a hash of the downstream connection (here the tunnel), so requests
+/// on one connection agree even before the client stores it; `ttl` zero is a session cookie.
+pub(crate) fn generated_cookie(
+    name: &str,
+    path: Option<&str>,
+    ttl: Duration,
+    tunnel: &crate::tunnel::Tunnel,
+) -> Option<GeneratedCookie> {
+    let connection = format!("{}/{}/{}", tunnel.client_ip, tunnel.id, tunnel.destination);
+    let value = format!("{:016x}", hash_bytes(connection.as_bytes()));
+    let mut header = format!("{name}=\"{value}\"");
+    if !ttl.is_zero() {
+        let _ = write!(header, "; Max-Age={}", ttl.as_secs());
+    }
+    if let Some(path) = path {
+        let _ = write!(header, "; Path={path}");
+    }
+    header.push_str("; HttpOnly");
+    // The DestinationRule's name and path were checked to fit a header when it was read.
+    Some(GeneratedCookie {
+        hash: hash_bytes(value.as_bytes()),
+        header: HeaderValue::try_from(header).ok()?,
+    })
 }
 
 /// The value of cookie `name`, unquoted, from the `cookie` headers.

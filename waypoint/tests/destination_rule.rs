@@ -85,3 +85,66 @@ async fn load_balancers_and_outlier_detection() {
     }
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_hash_cookie_is_made_up_and_then_followed() {
+    let mesh = Mesh::start(
+        71,
+        &rule(
+            "{loadBalancer: {consistentHash: {httpCookie: {name: sticky, path: /, ttl: 3600s}}}}",
+        ),
+    )
+    .await;
+    // A client without the cookie is handed one, once.
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let set = r
+        .header("set-cookie")
+        .expect("a generated cookie")
+        .to_owned();
+    assert!(
+        set.starts_with("sticky=\"") && set.ends_with("\"; Max-Age=3600; Path=/; HttpOnly"),
+        "{set}"
+    );
+    let value = set.split(';').next().unwrap().to_owned();
+    // Carrying it, the client stays on the endpoint that answered, and gets no new cookie.
+    let home = r.backend().to_owned();
+    for _ in 0..8 {
+        let r = mesh.request("GET", "/", &[("cookie", &value)], "").await;
+        assert_eq!(r.backend(), home, "{value}");
+        assert!(r.header("set-cookie").is_none());
+    }
+    // Cookies spread clients over the endpoints.
+    let mut used = BTreeSet::new();
+    for n in 0..16 {
+        let cookie = format!("sticky=\"client-{n}\"");
+        used.insert(
+            mesh.request("GET", "/", &[("cookie", &cookie)], "")
+                .await
+                .backend()
+                .to_owned(),
+        );
+    }
+    assert_eq!(used.len(), 2, "{used:?}");
+
+    // ttl 0: a session cookie, without Max-Age.
+    mesh.set_routes(&rule(
+        "{loadBalancer: {consistentHash: {httpCookie: {name: sticky, ttl: 0s}}}}",
+    ))
+    .await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    let set = r.header("set-cookie").expect("a generated cookie");
+    assert!(
+        set.ends_with("\"; HttpOnly") && !set.contains("Max-Age"),
+        "{set}"
+    );
+    // Without a ttl no cookie is made up: requests without one spread like any other.
+    mesh.set_routes(&rule(
+        "{loadBalancer: {consistentHash: {httpCookie: {name: sticky}}}}",
+    ))
+    .await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("set-cookie").is_none());
+    mesh.shutdown().await;
+}

@@ -356,6 +356,11 @@ fn load_balancer(lb: &LoadBalancerSettings, field: &str, problems: &mut Problems
     }
 }
 
+/// RFC 9110's `tchar`: what a cookie name (a token) may contain.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 fn consistent_hash(
     hash: &ConsistentHashLb,
     field: &str,
@@ -372,6 +377,25 @@ fn consistent_hash(
     if let Some(cookie) = &hash.http_cookie {
         let ttl = (cookie.ttl.as_deref())
             .and_then(|t| problems.check(duration(t, &format!("{field}.httpCookie.ttl"))));
+        // A generated cookie goes out in a `set-cookie` header: its name must be a token and
+        // its path must not end the attribute early.
+        if cookie.name.is_empty() || !cookie.name.bytes().all(is_token_char) {
+            problems.push(
+                format!("{field}.httpCookie.name"),
+                format!(
+                    "{:?} is not a valid cookie name; use letters, digits and !#$%&'*+-.^_`|~",
+                    cookie.name
+                ),
+            );
+        }
+        if let Some(path) = &cookie.path
+            && !path.bytes().all(|b| b.is_ascii_graphic() && b != b';')
+        {
+            problems.push(
+                format!("{field}.httpCookie.path"),
+                format!("{path:?} is not a valid cookie path; it may not contain ';' or spaces"),
+            );
+        }
         keys.push(HashKey::Cookie {
             name: Arc::from(cookie.name.as_str()),
             path: cookie.path.as_deref().map(Arc::from),

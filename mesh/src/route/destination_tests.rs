@@ -222,6 +222,16 @@ fn semantic_errors_name_the_field() {
             "is not a valid HTTP header name",
         ),
         (
+            "host: reviews\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: \"my session\", ttl: 0s}}}}",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+            "is not a valid cookie name",
+        ),
+        (
+            "host: reviews\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, path: \"/a; Secure\", ttl: 1h}}}}",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.path",
+            "is not a valid cookie path",
+        ),
+        (
             "host: reviews\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: 3 seconds}}}",
             "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
             "invalid duration \"3 seconds\"",

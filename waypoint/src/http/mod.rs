@@ -40,7 +40,7 @@ use plugins::LocalResponse;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::balance::{Chosen, Outcome, hash_key};
+use crate::balance::{self, Chosen, Outcome, hash_key};
 use crate::callout;
 use crate::limits::{Admitted, Overflow};
 use crate::metrics::{Labels, Parties};
@@ -109,6 +109,8 @@ pub struct RequestCtx {
     status: u16,
     /// The allowed CORS `Origin` to echo on the response.
     cors_origin: Option<HeaderValue>,
+    /// A consistent-hash cookie the waypoint made up for this client, to set on the response.
+    set_cookie: Option<HeaderValue>,
     mirrors: Vec<mirror::Sender>,
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
@@ -657,6 +659,18 @@ impl Waypoint {
                 path_and_query(req),
                 ctx.tunnel.as_ref().map(|t| t.client_ip),
             );
+            if ctx.hash.is_none()
+                && let mesh::route::HashKey::Cookie {
+                    name,
+                    path,
+                    ttl: Some(ttl),
+                } = &ch.key
+                && let Some(tunnel) = &ctx.tunnel
+                && let Some(cookie) = balance::generated_cookie(name, path.as_deref(), *ttl, tunnel)
+            {
+                ctx.hash = Some(cookie.hash);
+                ctx.set_cookie = Some(cookie.header);
+            }
         }
     }
 
@@ -702,6 +716,7 @@ impl ProxyHttp for Waypoint {
             details: "via_upstream",
             status: 0,
             cors_origin: None,
+            set_cookie: None,
             mirrors: Vec::new(),
             wasm: None,
             wasm_answer: None,
@@ -984,6 +999,9 @@ impl ProxyHttp for Waypoint {
             if let (Some(cors), Some(origin)) = (&rule.cors, &ctx.cors_origin) {
                 cors::response_headers(cors, origin, upstream_response)?;
             }
+        }
+        if let Some(cookie) = ctx.set_cookie.take() {
+            upstream_response.append_header(http::header::SET_COOKIE, cookie)?;
         }
         if let Some(chain) = &mut ctx.wasm {
             let decision = chain.response_headers(upstream_response).await?;
