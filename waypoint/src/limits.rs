@@ -2,7 +2,8 @@
 //! them per cluster. Beyond `http2MaxRequests` requests in flight, or when every one of
 //! `maxConnections` is busy and `http1MaxPendingRequests` requests already wait for one, a
 //! request is answered 503 at once (response flag `UO`) instead of piling onto a struggling
-//! service.
+//! service. With `maxRetries` retries in flight, a failed attempt is not retried (its failure is
+//! the answer, flagged `UO`): retries cannot multiply the load on a service that is failing.
 //!
 //! Each upstream request uses its own tunnel stream, so a "connection" here is a request in
 //! progress to the service. Breakers exist only for services whose DestinationRule sets a
@@ -28,8 +29,23 @@ pub(crate) struct Breaker {
     limits: ConnectionPool,
     active: AtomicU32,
     pending: AtomicU32,
+    retries: AtomicU32,
     connections: Arc<Semaphore>,
 }
+
+/// A retry in flight; gives its place back when dropped.
+#[derive(Debug)]
+pub(crate) struct Retrying(Arc<Breaker>);
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        self.0.retries.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `maxRetries` retries are in flight already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RetryOverflow;
 
 /// A request let through; releases its place when dropped.
 #[derive(Debug)]
@@ -69,6 +85,7 @@ impl Breakers {
             if limits.max_connections == default.max_connections
                 && limits.http1_max_pending_requests == default.http1_max_pending_requests
                 && limits.http2_max_requests == default.http2_max_requests
+                && limits.max_retries == default.max_retries
             {
                 continue;
             }
@@ -82,6 +99,7 @@ impl Breakers {
                     limits: limits.clone(),
                     active: AtomicU32::new(0),
                     pending: AtomicU32::new(0),
+                    retries: AtomicU32::new(0),
                     connections: Arc::new(Semaphore::new(permits)),
                 })
             });
@@ -133,6 +151,20 @@ impl Breakers {
             breaker: breaker.clone(),
             _connection: permit,
         }))
+    }
+}
+
+impl Breakers {
+    /// A place for one more retry to `service`. `Ok(None)`: the service has no limits.
+    pub(crate) fn retry(&self, service: &str) -> Result<Option<Retrying>, RetryOverflow> {
+        let Some(breaker) = self.0.get(service) else {
+            return Ok(None);
+        };
+        let retrying = Retrying(breaker.clone());
+        if breaker.retries.fetch_add(1, Ordering::AcqRel) >= breaker.limits.max_retries {
+            return Err(RetryOverflow); // dropping `retrying` gives the place back
+        }
+        Ok(Some(retrying))
     }
 }
 

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::balance::{self, Chosen, Outcome, hash_key};
 use crate::callout;
-use crate::limits::{Admitted, Overflow};
+use crate::limits::{Admitted, Overflow, RetryOverflow, Retrying};
 use crate::metrics::{Labels, Parties};
 use crate::originate::HboneConnector;
 use crate::state::{Shared, Target, View};
@@ -111,6 +111,8 @@ pub struct RequestCtx {
     cors_origin: Option<HeaderValue>,
     /// A consistent-hash cookie the waypoint made up for this client, to set on the response.
     set_cookie: Option<HeaderValue>,
+    /// This request's place among the service's retries in flight (`maxRetries`).
+    retrying: Option<Retrying>,
     mirrors: Vec<mirror::Sender>,
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
@@ -148,6 +150,24 @@ impl RequestCtx {
             let _ = chain.info().cluster_name.set(name);
         }
         self.upstream = Some(upstream);
+    }
+
+    /// Takes a place among the upstream service's retries in flight for the next attempt; none
+    /// left is Envoy's retry overflow (`UO`), and the attempt's failure stands.
+    fn take_retry_budget(&mut self) -> bool {
+        let (Some(view), Some(Upstream::Service { id, .. })) = (&self.view, &self.upstream) else {
+            return true;
+        };
+        match view.breakers.retry(&view.snapshot.service(*id).hostname) {
+            Ok(place) => {
+                self.retrying = place;
+                true
+            }
+            Err(RetryOverflow) => {
+                self.flag("UO");
+                false
+            }
+        }
     }
 
     fn flag(&mut self, flag: &'static str) {
@@ -717,6 +737,7 @@ impl ProxyHttp for Waypoint {
             status: 0,
             cors_origin: None,
             set_cookie: None,
+            retrying: None,
             mirrors: Vec::new(),
             wasm: None,
             wasm_answer: None,

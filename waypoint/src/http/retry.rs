@@ -12,8 +12,9 @@ use tokio::time::Instant;
 
 use super::RequestCtx;
 
-/// Whether another attempt is allowed at all.
-fn may_retry(ctx: &RequestCtx, session: &Session) -> bool {
+/// Whether another attempt is allowed at all; the last condition, the service's retry budget
+/// (`maxRetries`), takes a place in it when everything else allows the retry.
+fn may_retry(ctx: &mut RequestCtx, session: &Session) -> bool {
     let Some(policy) = &ctx.retry else {
         return false;
     };
@@ -21,6 +22,7 @@ fn may_retry(ctx: &RequestCtx, session: &Session) -> bool {
         && session.response_written().is_none()
         && !session.retry_buffer_truncated()
         && ctx.deadline.is_none_or(|d| Instant::now() < d)
+        && ctx.take_retry_budget()
 }
 
 fn listed(ctx: &RequestCtx, conditions: &[C]) -> bool {
@@ -31,7 +33,7 @@ fn listed(ctx: &RequestCtx, conditions: &[C]) -> bool {
 
 /// An upstream answered `status`: retry it if the policy names it (`5xx`, `gateway-error`,
 /// `retriable-4xx`, `retriable-status-codes`).
-pub(super) fn retries_status(ctx: &RequestCtx, session: &Session, status: u16) -> bool {
+pub(super) fn retries_status(ctx: &mut RequestCtx, session: &Session, status: u16) -> bool {
     ctx.retry
         .as_ref()
         .is_some_and(|p| p.retry_on.retries_status(status))
@@ -40,7 +42,7 @@ pub(super) fn retries_status(ctx: &RequestCtx, session: &Session, status: u16) -
 
 /// The CONNECT to the endpoint failed (refused, unreachable, or timed out): nothing was sent,
 /// so `connect-failure`, `reset-before-request`, `reset`, `5xx` and `gateway-error` all apply.
-pub(super) fn retries_connect_failure(ctx: &RequestCtx, session: &Session) -> bool {
+pub(super) fn retries_connect_failure(ctx: &mut RequestCtx, session: &Session) -> bool {
     listed(
         ctx,
         &[
@@ -56,7 +58,7 @@ pub(super) fn retries_connect_failure(ctx: &RequestCtx, session: &Session) -> bo
 /// The attempt failed after connecting: a per-try timeout, or a reset or close before the
 /// response started. Envoy retries both under `5xx`, `gateway-error` and `reset`; a refused
 /// HTTP/2 stream under `refused-stream`.
-pub(super) fn retries_error(ctx: &RequestCtx, session: &Session, e: &Error) -> bool {
+pub(super) fn retries_error(ctx: &mut RequestCtx, session: &Session, e: &Error) -> bool {
     if is_timeout(e) {
         return listed(ctx, &[C::ServerError, C::GatewayError, C::Reset])
             && may_retry(ctx, session);
