@@ -17,6 +17,10 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+/// The proxy's live state beyond the mesh snapshot (a waypoint's endpoints), for
+/// `/config_dump`.
+pub type StateDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// Changes the log filter (`/logging?level=debug`); returns the new filter or why not.
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 
@@ -75,6 +79,8 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     /// Log filter control.
     pub set_log_level: Option<SetLogLevel>,
+    /// Live proxy state, set once the proxy runs (the endpoints serve before it does).
+    pub state: Arc<std::sync::OnceLock<StateDump>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -209,6 +215,9 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 })
                 .collect();
             dump["certificates"] = serde_json::Value::Array(certificates);
+            if let Some(state) = admin.state.get() {
+                dump["proxyState"] = state();
+            }
             let stats = admin.store.stats();
             dump["configStatus"] = serde_json::json!({
                 "applied": stats.applied,

@@ -87,6 +87,15 @@ async fn main() -> anyhow::Result<()> {
     let mesh = LocalMesh::start(&cli.config)
         .await
         .with_context(|| format!("starting the local mesh from {}", cli.config.display()))?;
+    let waypoints: Vec<(String, admin::StateDump)> = (mesh.waypoints.iter())
+        .map(|(name, w)| (name.clone(), w.live_state()))
+        .collect();
+    let state: admin::StateDump = Arc::new(move || {
+        let waypoints: serde_json::Map<String, serde_json::Value> = (waypoints.iter())
+            .map(|(name, dump)| (name.clone(), dump()))
+            .collect();
+        serde_json::json!({ "waypoints": waypoints })
+    });
     let bound = admin::spawn(
         Admin {
             name: "local-admin",
@@ -95,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
             registry: mesh.registry.clone(),
             ready: mesh.ready(),
             set_log_level: Some(set_log_level),
+            state: Arc::new(state.into()),
         },
         AdminAddrs {
             admin: cli.admin,

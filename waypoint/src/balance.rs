@@ -348,17 +348,45 @@ impl Balancer {
         }
     }
 
-    /// Endpoints currently ejected (for tests and /config_dump), as workload uids.
-    #[allow(
-        dead_code,
-        reason = "the admin dump is not wired yet; remove once it calls this"
-    )]
+    /// Endpoints currently ejected, as workload uids.
+    #[cfg(test)]
     pub(crate) fn ejected(&self, now: Instant) -> Vec<Arc<str>> {
         let now = self.nanos(now);
         (self.workloads.iter())
             .filter(|s| s.state.is_ejected(now))
             .map(|s| Arc::clone(&s.uid))
             .collect()
+    }
+
+    /// For `/config_dump`: every endpoint with something to tell (requests in flight, failures
+    /// in a row, ejections), by workload uid.
+    pub(crate) fn dump(&self, now: Instant) -> serde_json::Value {
+        let now = self.nanos(now);
+        let endpoints: Vec<serde_json::Value> = (self.workloads.iter())
+            .filter_map(|slot| {
+                let s = &*slot.state;
+                let until = s.ejected_until.load(Relaxed);
+                let fields = [
+                    s.active.load(Relaxed),
+                    s.consecutive_5xx.load(Relaxed),
+                    s.consecutive_gateway.load(Relaxed),
+                    s.consecutive_local_origin.load(Relaxed),
+                    s.ejections.load(Relaxed),
+                ];
+                (fields.iter().any(|&n| n > 0) || until > now).then(|| {
+                    serde_json::json!({
+                        "workload": &*slot.uid,
+                        "activeRequests": fields[0],
+                        "consecutive5xx": fields[1],
+                        "consecutiveGatewayErrors": fields[2],
+                        "consecutiveLocalOriginFailures": fields[3],
+                        "ejections": fields[4],
+                        "ejectedForMs": (until > now).then(|| (until - now) / 1_000_000),
+                    })
+                })
+            })
+            .collect();
+        serde_json::Value::Array(endpoints)
     }
 
     /// Ejects the endpoint of `slot` unless it already is or the cap forbids it.

@@ -100,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
     metrics.register(&mut registry);
     let certs = Arc::new(CertManager::new(ca));
     let ready = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(std::sync::OnceLock::new());
     admin::spawn(
         Admin {
             name: "waypoint-admin",
@@ -108,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             registry: Arc::new(registry),
             ready: ready.clone(),
             set_log_level: Some(set_log_level),
+            state: state.clone(),
         },
         addrs,
     )
@@ -118,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
     let server = WaypointServer::start(store, certs, spec, metrics)
         .await
         .context("starting the waypoint")?;
+    let _ = state.set(server.live_state());
     ready.store(true, Ordering::Release);
     admin::shutdown_signal().await;
     ready.store(false, Ordering::Release);

@@ -53,6 +53,7 @@ impl WaypointSpec {
 #[derive(Debug)]
 pub struct WaypointServer {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     drain: Option<DrainTrigger>,
     serve: JoinHandle<()>,
     follow: JoinHandle<()>,
@@ -144,6 +145,7 @@ impl WaypointServer {
         tracing::info!(waypoint = %spec.name, %identity, %addr, "waypoint serving HBONE");
         Ok(Self {
             addr,
+            shared: shared.clone(),
             drain: Some(trigger),
             serve: tokio::spawn(server.serve(listener, watch)),
             follow: tokio::spawn(shared.follow()),
@@ -154,6 +156,18 @@ impl WaypointServer {
     /// The HBONE listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The waypoint's live state for `/config_dump` (what the mesh's snapshot does not show):
+    /// each endpoint's requests in flight, failures in a row and ejection.
+    pub fn live_state(&self) -> admin::StateDump {
+        let shared = Arc::downgrade(&self.shared);
+        Arc::new(move || match shared.upgrade() {
+            Some(shared) => serde_json::json!({
+                "endpoints": shared.view().balancer.dump(std::time::Instant::now()),
+            }),
+            None => serde_json::Value::Null,
+        })
     }
 
     /// Stops accepting, lets tunnels and requests finish for up to `deadline`, then stops.

@@ -83,6 +83,19 @@ async fn load_balancers_and_outlier_detection() {
         let r = mesh.request("GET", "/", &[], "").await;
         assert_eq!((r.status, r.backend()), (200, "echo-v2"));
     }
+    // `/config_dump` shows the ejection, and for how long it lasts.
+    let state = mesh.waypoint.as_ref().expect("waypoint").live_state()();
+    let endpoints = state["endpoints"].as_array().expect("endpoints");
+    let v1 = (endpoints.iter())
+        .find(|e| {
+            e["workload"]
+                .as_str()
+                .is_some_and(|w| w.contains("echo-v1"))
+        })
+        .unwrap_or_else(|| panic!("echo-v1 in {state}"));
+    assert_eq!(v1["ejections"], 1, "{state}");
+    let left = v1["ejectedForMs"].as_u64().expect("still ejected");
+    assert!(left > 50_000 && left <= 60_000, "{state}");
     mesh.shutdown().await;
 }
 

@@ -122,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
                     registry: Arc::new(registry),
                     ready: ready.clone(),
                     set_log_level: Some(set_log_level),
+                    state: Arc::default(),
                 },
                 addrs,
             )
