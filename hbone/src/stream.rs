@@ -62,6 +62,30 @@ impl H2Stream {
         Poll::Ready(Ok(()))
     }
 
+    /// Waits until at least `min` bytes have arrived, or the peer ended its side, and shows what
+    /// has arrived without consuming it: reads return it afterwards, and its flow-control
+    /// capacity is released only then. For a proxy that must look at a stream's first bytes
+    /// (protocol sniffing) before deciding what to do with it.
+    pub async fn peek(&mut self, min: usize) -> io::Result<&[u8]> {
+        while self.pending.len() < min {
+            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+                None => break,
+                Some(Ok(chunk)) if self.pending.is_empty() => self.pending = chunk,
+                Some(Ok(chunk)) => {
+                    let mut joined = BytesMut::with_capacity(self.pending.len() + chunk.len());
+                    joined.extend_from_slice(&self.pending);
+                    joined.extend_from_slice(&chunk);
+                    self.pending = joined.freeze();
+                }
+                Some(Err(e)) => {
+                    recv_error(e)?;
+                    break;
+                }
+            }
+        }
+        Ok(&self.pending)
+    }
+
     fn release(&mut self, n: usize) {
         // Fails only if the stream is already gone, in which case there is nothing to release.
         let _ = self.recv.flow_control().release_capacity(n);

@@ -64,6 +64,27 @@ async fn half_close_from_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_shows_what_arrived_without_consuming_it() {
+    let f = fixture(Config::default()).await;
+    let req = request(&id("client"), &id("server"), f.server.addr, port::ECHO);
+    let mut stream = f.pool.connect(req).await.unwrap();
+    stream.write_all(b"ab").await.unwrap();
+    assert_eq!(stream.peek(2).await.unwrap(), b"ab");
+    // The echo of a second write is a second DATA frame: peek joins them.
+    stream.write_all(b"cd").await.unwrap();
+    assert_eq!(stream.peek(4).await.unwrap(), b"abcd");
+    stream.shutdown().await.unwrap();
+    assert_eq!(
+        stream.peek(100).await.unwrap(),
+        b"abcd",
+        "the end of the stream ends the wait"
+    );
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all).await.unwrap();
+    assert_eq!(all, b"abcd", "reads still return what was peeked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_from_the_server() {
     let mut f = fixture(Config::default()).await;
     let req = request(

@@ -12,7 +12,8 @@
 //!    → route (HTTPRoute or VirtualService) → CORS, redirect, direct response, fault injection
 //!    → choose backend, subset and endpoint ([`balance`]) → header and URL changes → forward,
 //!    with retries, per-try and overall timeouts, and mirroring. A TCP port's tunnel takes the
-//!    [`l4`] path instead: authorization, then a byte copy, never the HTTP parser.
+//!    [`l4`] path instead: authorization, then a byte copy, never the HTTP parser. A port whose
+//!    protocol nobody declared is told apart by its first bytes ([`sniff`]).
 //! 3. **connect_originate** ([`originate`]): each upstream attempt is a new CONNECT stream on
 //!    our pooled HBONE connection to the chosen endpoint's `podIP:15008`, expecting that
 //!    workload's identity.
@@ -29,6 +30,7 @@ mod limits;
 pub mod metrics;
 mod originate;
 mod server;
+mod sniff;
 mod state;
 mod stream;
 mod terminate;

@@ -118,9 +118,8 @@ impl View {
         }
     }
 
-    /// The protocol of a destination port: the service port's, or HTTP sniffed as Istio does
-    /// for a workload port (we take unspecified ports as HTTP/1.1 or h2c, which the HTTP
-    /// server detects from the connection preface).
+    /// The protocol of a destination port: the service port's; a workload port's is not
+    /// declared anywhere. Unspecified ports are sniffed (`sniff`).
     pub(crate) fn protocol(&self, target: Target) -> AppProtocol {
         match target {
             Target::Service { id, port_index, .. } => {

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::http::Waypoint;
 use crate::l4;
+use crate::sniff;
 use crate::state::{Shared, client_ip};
 use crate::tunnel::{self, Tunnel};
 
@@ -53,16 +54,17 @@ impl hbone::Handler for Terminate {
             destination,
             id: tunnel::next_id(),
         };
-        let http = {
-            let protocol = view.protocol(target);
-            protocol.is_http() || protocol == mesh::model::AppProtocol::Unspecified
-        };
-        let stream = match request.accept() {
+        let protocol = view.protocol(target);
+        let mut stream = match request.accept() {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "tunnel closed before it was accepted");
                 return;
             }
+        };
+        let http = match protocol {
+            mesh::model::AppProtocol::Unspecified => sniff::is_http(&mut stream).await,
+            protocol => protocol.is_http(),
         };
         tracing::debug!(src.identity = %tunnel.principal, src.addr = %tunnel.client_ip, peer = %tunnel.peer, dst.addr = %destination, http, "tunnel accepted");
         if !http {

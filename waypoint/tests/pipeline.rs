@@ -74,3 +74,51 @@ async fn tcp_ports_are_copied_not_parsed() {
     assert_eq!(echoed, "\u{0}\u{1}binary\n");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_without_a_protocol_are_sniffed() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let net = 73;
+    // Ports with no appProtocol and no protocol in their name: one lands on the echo pods'
+    // TCP echo, one on their HTTP server.
+    let services = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: any-tcp, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: 10.{net}.0.21, selector: {{app: echo}}, ports: [{{name: data, port: 91, targetPort: 9000}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: any-http, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: 10.{net}.0.22, selector: {{app: echo}}, ports: [{{port: 92, targetPort: 8080}}]}}
+---
+"#
+    );
+    let mesh = Mesh::start(net, &services).await;
+
+    // Not HTTP: copied as bytes (the waypoint would answer 400 if it parsed them). The backend
+    // greets first, but the waypoint decides on the client's first bytes, so they go first.
+    let stream = mesh.socks(&format!("10.{net}.0.21"), 91).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(b"*1\r\n$4\r\nPING\n")
+        .await
+        .unwrap();
+    let mut who = String::new();
+    stream.read_line(&mut who).await.unwrap();
+    assert!(who.starts_with("echo-v"), "{who}");
+    let mut echoed = String::new();
+    stream.read_line(&mut echoed).await.unwrap();
+    assert_eq!(echoed, "*1\r\n");
+
+    // HTTP: routed and answered as HTTP, the request reaching the backend parsed.
+    let r = mesh
+        .request_to(&format!("10.{net}.0.22"), 92, "GET", "/sniffed", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("path=/sniffed"), "{}", r.body);
+    mesh.shutdown().await;
+}
