@@ -14,9 +14,10 @@
 //!    with retries, per-try and overall timeouts, and mirroring. A TCP port's tunnel takes the
 //!    [`l4`] path instead: authorization, then a byte copy, never the HTTP parser. A port whose
 //!    protocol nobody declared is told apart by its first bytes ([`sniff`]).
-//! 3. **connect_originate** ([`originate`]): each upstream attempt is a new CONNECT stream on
-//!    our pooled HBONE connection to the chosen endpoint's `podIP:15008`, expecting that
-//!    workload's identity.
+//! 3. **connect_originate** ([`originate`]): each upstream attempt is a CONNECT stream on our
+//!    pooled HBONE connection to the chosen endpoint's `podIP:15008`, expecting that workload's
+//!    identity: an HTTP/1.1 tunnel an earlier request to the endpoint left open ([`keepalive`]),
+//!    or a new one.
 //!
 //! Configuration is the mesh snapshot ([`mesh::Store`]); a new snapshot applies to the next
 //! request, and load-balancing state (active requests, ejections) carries over ([`state`]).
@@ -25,6 +26,7 @@ mod balance;
 mod callout;
 mod error;
 mod http;
+mod keepalive;
 mod l4;
 mod limits;
 pub mod metrics;

@@ -10,6 +10,7 @@ use mesh::model::{AppProtocol, ServiceId, WaypointId, WorkloadId};
 use mesh::{Snapshot, Store};
 
 use crate::balance::Balancer;
+use crate::keepalive::IdleTunnels;
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
 use crate::wasm::{LoadedSet, Plugins};
@@ -138,6 +139,8 @@ pub(crate) struct Shared {
     /// The waypoint's own identity (its service account): presented on both HBONE legs.
     pub(crate) identity: Identity,
     pub(crate) pool: hbone::Pool,
+    /// HTTP/1.1 tunnels to endpoints, parked between requests.
+    pub(crate) idle: Arc<IdleTunnels>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) wasm: Plugins,
     view: ArcSwap<View>,
@@ -161,6 +164,7 @@ impl Shared {
             name,
             identity,
             pool,
+            idle: Arc::default(),
             metrics,
             wasm,
             view: ArcSwap::from_pointee(view),

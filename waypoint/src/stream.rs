@@ -4,11 +4,12 @@
 //! * **Deadlines.** Upstream attempts carry their deadline (per-try or overall timeout); once
 //!   it passes, reads and writes fail with `TimedOut`, which ends the attempt wherever Pingora
 //!   is in it.
-//! * **Closing.** Pingora drops a stream it is done with. Dropping an HTTP/2 stream whose peer
-//!   has not finished resets it (`CANCEL`), and a reset racing the last response bytes can
-//!   cost the client that response. So a dropped stream lingers briefly in a task of its own:
-//!   it ends our side (`END_STREAM`) and waits for the peer's end, as closing a TCP socket
-//!   does with FIN.
+//! * **Closing.** Pingora drops a stream it is done with. An upstream tunnel whose exchange
+//!   ended cleanly is parked for the next request to its endpoint (`keepalive`). Otherwise:
+//!   dropping an HTTP/2 stream whose peer has not finished resets it (`CANCEL`), and a reset
+//!   racing the last response bytes can cost the client that response, so a dropped stream
+//!   lingers briefly in a task of its own: it ends our side (`END_STREAM`) and waits for the
+//!   peer's end, as closing a TCP socket does with FIN.
 
 use std::fmt;
 use std::io;
@@ -17,6 +18,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hbone::H2Stream;
+
+use crate::keepalive::Parking;
 use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -28,6 +31,8 @@ const LINGER: Duration = Duration::from_secs(5);
 pub(crate) struct TunnelStream {
     inner: Option<H2Stream>,
     expiry: Option<Pin<Box<Sleep>>>,
+    /// Where an upstream tunnel goes when Pingora lets go of it, if its exchange was clean.
+    parking: Option<Parking>,
 }
 
 impl TunnelStream {
@@ -36,7 +41,15 @@ impl TunnelStream {
         Self {
             inner: Some(inner),
             expiry: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            parking: None,
         }
+    }
+
+    /// An upstream tunnel that is parked, not closed, when it is let go of after a clean
+    /// exchange.
+    pub(crate) fn parked_after(mut self, parking: Parking) -> Self {
+        self.parking = Some(parking);
+        self
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
@@ -90,8 +103,11 @@ impl AsyncWrite for TunnelStream {
 
 impl Drop for TunnelStream {
     fn drop(&mut self) {
-        let (Some(mut stream), Ok(runtime)) =
-            (self.inner.take(), tokio::runtime::Handle::try_current())
+        let mut stream = self.inner.take();
+        if let Some(parking) = self.parking.take() {
+            stream = stream.and_then(|s| parking.park(s));
+        }
+        let (Some(mut stream), Ok(runtime)) = (stream, tokio::runtime::Handle::try_current())
         else {
             return;
         };

@@ -3,6 +3,9 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use support::Mesh;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,4 +124,165 @@ spec: {{clusterIP: 10.{net}.0.22, selector: {{app: echo}}, ports: [{{port: 92, t
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("path=/sniffed"), "{}", r.body);
     mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tunnels_are_kept_alive_between_requests() {
+    let net = 74;
+    let policy = |extra: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: app}}
+spec:
+  host: echo.app.svc.cluster.local
+  trafficPolicy: {{loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}{extra}}}
+"#
+        )
+    };
+    let mesh = Mesh::start(net, &policy("")).await;
+    let user = [("x-user", "alice")];
+    let connection = |r: &support::Response| r.header("x-connection").unwrap_or("?").to_owned();
+
+    // Sequential requests to one endpoint ride one tunnel and one application connection,
+    // even though each comes from a new client connection.
+    let first = mesh.request("GET", "/", &user, "").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    for _ in 0..4 {
+        let r = mesh.request("GET", "/", &user, "").await;
+        assert_eq!(connection(&r), connection(&first));
+    }
+    // A body on the way up and down keeps the message boundary.
+    let r = mesh
+        .request("POST", "/upload", &user, &"x".repeat(10_000))
+        .await;
+    assert_eq!((r.status, connection(&r)), (200, connection(&first)));
+
+    // `connection: close` from the application ends it; the next request opens another.
+    let closing = mesh
+        .request("GET", "/", &[("x-user", "alice"), ("x-close", "1")], "")
+        .await;
+    assert_eq!(connection(&closing), connection(&first));
+    let after = mesh.request("GET", "/", &user, "").await;
+    assert_eq!(after.status, 200, "{}", after.body);
+    assert_ne!(connection(&after), connection(&first));
+
+    // A failed exchange is not parked: the next request gets a fresh connection.
+    let failed = mesh
+        .request(
+            "GET",
+            "/",
+            &[
+                ("x-user", "alice"),
+                ("x-fail", "echo-v1,echo-v2"),
+                ("x-fail-with", "close"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(failed.status, 503, "{}", failed.body);
+    let r = mesh.request("GET", "/", &user, "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // maxRequestsPerConnection: 2 requests, then a new connection.
+    mesh.set_routes(&policy(
+        ", connectionPool: {http: {maxRequestsPerConnection: 2}}",
+    ))
+    .await;
+    let seen: Vec<String> = {
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            seen.push(connection(&mesh.request("GET", "/", &user, "").await));
+        }
+        seen
+    };
+    let mut uses = std::collections::BTreeMap::<&String, usize>::new();
+    for c in &seen {
+        *uses.entry(c).or_default() += 1;
+    }
+    assert!(
+        uses.values().all(|&n| n <= 2),
+        "at most two requests each: {seen:?}"
+    );
+    assert!(
+        uses.values().filter(|&&n| n == 2).count() >= 2,
+        "and two while allowed: {seen:?}"
+    );
+    mesh.shutdown().await;
+}
+
+/// An HTTP/1.1 server that answers one request per connection and then closes it, without
+/// saying so (`connection: close`), as servers do with idle keep-alive connections.
+async fn one_shot_server(listener: tokio::net::TcpListener, accepted: Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        accepted.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_tunnel_the_application_closed_is_not_reused() {
+    let net = 75;
+    let flaky = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: flaky, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: 10.{net}.0.6, selector: {{app: flaky}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: flaky-1, namespace: app, labels: {{app: flaky}}}}
+spec: {{nodeName: node-b, serviceAccountName: flaky}}
+status: {{podIP: 127.{net}.2.4}}
+---
+"#
+    );
+    let listener = tokio::net::TcpListener::bind((format!("127.{net}.2.4"), 8080))
+        .await
+        .unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let server = tokio::spawn(one_shot_server(listener, accepted.clone()));
+    let mesh = Mesh::start(net, &flaky).await;
+    let vip = format!("10.{net}.0.6");
+    for _ in 0..3 {
+        let r = mesh
+            .request_to(&vip, 80, "GET", "/", &[], "")
+            .await
+            .expect("an answer");
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+        // Long enough for the close to travel back through both ztunnels.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(accepted.load(Ordering::Relaxed), 3, "one connection each");
+
+    // Back to back, the next request takes the tunnel up before the application closes it: it
+    // fails there, and goes again on a fresh one.
+    for _ in 0..3 {
+        let r = mesh
+            .request_to(&vip, 80, "GET", "/", &[], "")
+            .await
+            .expect("an answer");
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    }
+    mesh.shutdown().await;
+    server.abort();
 }

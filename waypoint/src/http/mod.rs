@@ -42,9 +42,10 @@ use tokio::time::Instant;
 
 use crate::balance::{self, Chosen, Outcome, hash_key};
 use crate::callout;
+use crate::keepalive::Attempt;
 use crate::limits::{Admitted, Overflow, RetryOverflow, Retrying};
 use crate::metrics::{Labels, Parties};
-use crate::originate::HboneConnector;
+use crate::originate::{HboneConnector, KeepAlive};
 use crate::state::{Shared, Target, View};
 use crate::tunnel::{self, Tunnel};
 use crate::wasm::{self, Chain, Decision};
@@ -113,6 +114,13 @@ pub struct RequestCtx {
     set_cookie: Option<HeaderValue>,
     /// This request's place among the service's retries in flight (`maxRetries`).
     retrying: Option<Retrying>,
+    /// The current attempt's marks, when its tunnel may be parked for the next request to the
+    /// endpoint (HTTP/1.1 upstreams).
+    attempt: Option<Arc<Attempt>>,
+    /// A parked tunnel already failed this request once (and was retried).
+    stale_retried: bool,
+    /// The current attempt's upstream sent its response head.
+    upstream_answered: bool,
     mirrors: Vec<mirror::Sender>,
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
@@ -738,6 +746,9 @@ impl ProxyHttp for Waypoint {
             cors_origin: None,
             set_cookie: None,
             retrying: None,
+            attempt: None,
+            stale_retried: false,
+            upstream_answered: false,
             mirrors: Vec::new(),
             wasm: None,
             wasm_answer: None,
@@ -910,15 +921,35 @@ impl ProxyHttp for Waypoint {
             },
             connect_timeout: traffic.connection_pool.connect_timeout,
             deadline: ctx.try_deadline,
+            keepalive: None,
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
+        let http2 = matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc);
+        ctx.attempt = None;
+        ctx.upstream_answered = false;
+        let connector = if http2 {
+            connector
+        } else {
+            let attempt = Arc::new(Attempt::default());
+            ctx.attempt = Some(attempt.clone());
+            HboneConnector {
+                keepalive: Some(KeepAlive {
+                    idle: self.shared.idle.clone(),
+                    attempt,
+                    idle_timeout: traffic.connection_pool.http_idle_timeout,
+                    max_requests: traffic.connection_pool.max_requests_per_connection,
+                    take_parked: !ctx.stale_retried,
+                }),
+                ..connector
+            }
+        };
         peer.options.custom_l4 = Some(Arc::new(connector));
         // Pingora would park the finished stream in its keep-alive pool, where a virtual stream
         // can never be picked up again (pingora#883) and would hold its tunnel, and the
         // endpoint's connection behind it, until evicted. Close it as soon as it is released;
         // the pooled HBONE connection underneath is what gets reused.
         peer.options.idle_timeout = Some(Duration::ZERO);
-        if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
+        if http2 {
             peer.options.set_http_version(2, 2);
         }
         Ok(Box::new(peer))
@@ -968,6 +999,7 @@ impl ProxyHttp for Waypoint {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
+        ctx.upstream_answered = true;
         if let (Some(view), Some(chosen)) = (&ctx.view, &ctx.endpoint) {
             let outcome = if status >= 500 {
                 Outcome::ServerError(status)
@@ -988,6 +1020,14 @@ impl ProxyHttp for Waypoint {
                 std::time::Instant::now(),
             );
         }
+        if let Some(attempt) = &ctx.attempt {
+            match keeps_alive(session.req_header(), upstream_response) {
+                // Nothing follows the head: the exchange is over once the request is sent.
+                Some(false) if session.is_body_done() => attempt.ended_cleanly(),
+                Some(_) => {}
+                None => ctx.attempt = None,
+            }
+        }
         if retry::retries_status(ctx, session, status) {
             ctx.retriable_status = Some(status);
             let mut e = Error::explain(ErrorType::HTTPStatus(status), "retriable status");
@@ -995,6 +1035,22 @@ impl ProxyHttp for Waypoint {
             return Err(e);
         }
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream
+            && session.is_body_done()
+            && let Some(attempt) = &ctx.attempt
+        {
+            attempt.ended_cleanly();
+        }
+        Ok(None)
     }
 
     async fn response_filter(
@@ -1108,6 +1164,25 @@ impl ProxyHttp for Waypoint {
     ) -> Box<Error> {
         if ctx.retriable_status.is_some() {
             // Our own signal from `upstream_response_filter`; already decided.
+            e.set_retry(true);
+            return e;
+        }
+        // A parked tunnel that failed before any answer: most likely its application closed
+        // the idle connection as we took it up. An idempotent request goes again, once, on a
+        // fresh tunnel to the same endpoint, whatever the route's retry policy, as HTTP clients
+        // retry on a stale keep-alive connection; it does not count as an attempt.
+        if ctx.attempt.as_ref().is_some_and(|a| a.reused())
+            && !ctx.stale_retried
+            && !ctx.upstream_answered
+            && e.esource() == &pingora_error::ErrorSource::Upstream
+            && session.req_header().method.is_idempotent()
+            && session.response_written().is_none()
+            && !session.retry_buffer_truncated()
+        {
+            ctx.stale_retried = true;
+            ctx.attempts -= 1;
+            ctx.tried.pop();
+            tracing::debug!(error = %e, "a parked upstream tunnel failed; retrying on a new one");
             e.set_retry(true);
             return e;
         }
@@ -1273,6 +1348,33 @@ fn closed_by_plugin(session: &mut Session, ctx: &mut RequestCtx) -> FailToProxy 
         error_code: 0,
         can_reuse_downstream: false,
     }
+}
+
+/// Whether an HTTP/1.1 upstream connection survives `resp` to `req` (`Some`, with whether a
+/// body follows the head), or must close (`None`): HTTP/1.0, `connection: close`, an upgrade,
+/// or a body that only the connection's end delimits.
+fn keeps_alive(req: &RequestHeader, resp: &ResponseHeader) -> Option<bool> {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+    let closes = resp.headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    });
+    let status = resp.status.as_u16();
+    if resp.version != http::Version::HTTP_11 || closes || status == 101 {
+        return None;
+    }
+    let no_body = req.method == http::Method::HEAD
+        || matches!(status, 100..=199 | 204 | 304)
+        || resp
+            .headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    if no_body {
+        return Some(false);
+    }
+    let delimited =
+        resp.headers.contains_key(CONTENT_LENGTH) || resp.headers.contains_key(TRANSFER_ENCODING);
+    delimited.then_some(true)
 }
 
 /// The downstream protocol as Envoy names it (`request.protocol`).

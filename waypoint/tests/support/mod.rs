@@ -408,17 +408,25 @@ pub async fn socks(from: IpAddr, host: &str, port: u16) -> std::io::Result<TcpSt
 
 /// An HTTP/1.1 backend that answers with what it saw, and misbehaves on request:
 /// `x-fail: <pods>` with `x-fail-with: <status>|close` fails on the listed pods;
-/// `x-delay-ms: <n>` (optionally only on the pods of `x-delay-on`) waits first.
+/// `x-delay-ms: <n>` (optionally only on the pods of `x-delay-on`) waits first;
+/// `x-close: 1` answers with `connection: close`. Every answer names its connection in
+/// `x-connection` (`<pod>/<n>`, counted per pod).
 async fn echo(listener: TcpListener, pod: &'static str, seen: Arc<Mutex<Vec<Seen>>>) {
+    let mut connections = 0u64;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        connections += 1;
+        let connection =
+            http::HeaderValue::try_from(format!("{pod}/{connections}")).expect("a header value");
         let seen = seen.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let seen = seen.clone();
+                let connection = connection.clone();
                 async move {
+                    let close = req.headers().get("x-close").is_some();
                     let header = |n: &str| {
                         req.headers()
                             .get(n)
@@ -463,6 +471,13 @@ async fn echo(listener: TcpListener, pod: &'static str, seen: Arc<Mutex<Vec<Seen
                     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                     resp.headers_mut()
                         .insert("x-backend", http::HeaderValue::from_static(pod));
+                    resp.headers_mut().insert("x-connection", connection);
+                    if close {
+                        resp.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
                     Ok::<_, &'static str>(resp)
                 }
             });
