@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use local::LocalMesh;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A scratch configuration directory, removed on drop.
@@ -100,7 +100,7 @@ async fn socks(from: IpAddr, host: &str, port: u16) -> (TcpStream, u8) {
 }
 
 /// Sends one HTTP/1.1 request on `s`; returns (bytes sent, the whole response).
-async fn http_get(mut s: TcpStream, path: &str) -> (usize, String) {
+async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, path: &str) -> (usize, String) {
     let request = format!("GET {path} HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await.expect("write");
     let mut response = String::new();
@@ -312,5 +312,66 @@ status: {podIP: 127.33.2.2}
         sum(&metrics(m), "istio_tcp_connections_closed_total", &labels) == 1.0
     })
     .await;
+    mesh.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_accepts_a_service_hostname_authority() {
+    use std::sync::Arc;
+
+    use hbone::{Authority, CertManager, ConnectHeaders, ConnectRequest, Identity, Pool};
+
+    let dir = Dir::new(&mesh_yaml(34, ""));
+    let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
+    let pool = Pool::new(
+        Arc::new(CertManager::new(mesh.ca.clone())),
+        hbone::Config::default(),
+    );
+    let connect = |host: &str, port: u16| ConnectRequest {
+        src: Identity::new("cluster.local", "app", "client").unwrap(),
+        dst_identities: vec![Identity::new("cluster.local", "app", "server").unwrap()],
+        next_hop: "127.34.1.2:15008".parse().unwrap(),
+        authority: Authority::Host {
+            host: host.into(),
+            port,
+        },
+        headers: ConnectHeaders::default(),
+    };
+    // The service port's target port, on the workload the tunnel reached.
+    let tunnel = pool
+        .connect(connect("server.app.svc.cluster.local", 80))
+        .await
+        .expect("a hostname authority is accepted");
+    let (_, response) = http_get(tunnel, "/").await;
+    assert!(response.contains("hello from app/server-1"), "{response}");
+    let m = &mesh;
+    eventually(
+        "the destination to count it under the named service",
+        || {
+            let labels = [
+                "reporter=\"destination\"",
+                "destination_service=\"server.app.svc.cluster.local\"",
+                "destination_workload=\"server-1\"",
+            ];
+            sum(&metrics(m), "istio_tcp_connections_closed_total", &labels) == 1.0
+        },
+    )
+    .await;
+
+    // A service this workload does not back, or a port the service does not have: 503.
+    for (host, port) in [
+        ("ghost.app.svc.cluster.local", 80),
+        ("server.app.svc.cluster.local", 81),
+    ] {
+        let e = pool
+            .connect(connect(host, port))
+            .await
+            .expect_err("no such service port here");
+        assert_eq!(
+            e.status(),
+            Some(http::StatusCode::SERVICE_UNAVAILABLE),
+            "{host}:{port}"
+        );
+    }
     mesh.shutdown(Duration::from_secs(1)).await;
 }

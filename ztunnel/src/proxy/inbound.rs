@@ -1,9 +1,10 @@
 //! Inbound HBONE (15008): validate the target, refuse callers that bypass the destination's
 //! waypoint, authorize, connect to the application, copy.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hbone::{Handler, Identity, InboundRequest, copy_bidirectional};
+use hbone::{Authority, Handler, Identity, InboundRequest, copy_bidirectional};
 use http::StatusCode;
 use mesh::Snapshot;
 use mesh::authz::{Attributes, evaluate};
@@ -36,20 +37,40 @@ impl Handler for Inbound {
         let peer = request.peer_addr();
         let peer_identity = request.peer_identity().clone();
         let source = snapshot.workload_by_ip(&workload.network, peer.ip());
-        let target = request.target().addr();
-        // Telemetry's destination service: the first of the workload's services with a port
-        // landing on the target port (as upstream does without a `forwarded; host=`).
-        let service = target.and_then(|t| {
-            workload
-                .services
-                .iter()
-                .map(|&s| snapshot.service(s))
-                .find(|s| {
-                    s.ports
-                        .iter()
-                        .any(|p| endpoint_port(p, workload) == Some(t.port()))
-                })
-        });
+        // A `hostname:port` authority (double HBONE, and peers that address services by name)
+        // names a service port this workload backs: its target port, on this workload.
+        let by_host = match request.target() {
+            Authority::Host { host, port } => Some(host_target(
+                &snapshot,
+                workload,
+                host,
+                *port,
+                request.local_addr().ip(),
+            )),
+            Authority::Addr(_) => None,
+        };
+        let target = match &by_host {
+            Some(Ok((_, target))) => Some(*target),
+            Some(Err(_)) => None,
+            None => request.target().addr(),
+        };
+        // Telemetry's destination service: the named one, else the first of the workload's
+        // services with a port landing on the target port (as upstream does without a
+        // `forwarded; host=`).
+        let service = match &by_host {
+            Some(Ok((service, _))) => Some(*service),
+            _ => target.and_then(|t| {
+                workload
+                    .services
+                    .iter()
+                    .map(|&s| snapshot.service(s))
+                    .find(|s| {
+                        s.ports
+                            .iter()
+                            .any(|p| endpoint_port(p, workload) == Some(t.port()))
+                    })
+            }),
+        };
         let labels = TcpLabels::new(
             Reporter::destination,
             &snapshot,
@@ -71,6 +92,11 @@ impl Handler for Inbound {
         let mut guard =
             ConnectionGuard::open(self.ctx.metrics.clone(), labels, Direction::Inbound, ends);
 
+        if let Some(Err(why)) = by_host {
+            guard.failed("NR", format!("refused with 503: {why}"));
+            request.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
         let Some(target) = target.filter(|t| workload.has_ip(t.ip())) else {
             guard.failed(
                 "NR",
@@ -153,6 +179,30 @@ impl Handler for Inbound {
 }
 
 /// The port a service port lands on at `workload`.
+/// The service `host` names and where its port `port` lands on `workload` (at `local`, the
+/// address the tunnel arrived on), or why there is no such place.
+fn host_target<'s>(
+    snapshot: &'s Snapshot,
+    workload: &Workload,
+    host: &str,
+    port: u16,
+    local: std::net::IpAddr,
+) -> Result<(&'s mesh::model::Service, SocketAddr), String> {
+    let Some((id, service)) = snapshot.service_by_host(host) else {
+        return Err(format!("no service has host {host}"));
+    };
+    if !workload.services.contains(&id) {
+        return Err(format!("this workload does not back {host}"));
+    }
+    let Some(service_port) = service.ports.iter().find(|p| p.port == port) else {
+        return Err(format!("{host} has no port {port}"));
+    };
+    match endpoint_port(service_port, workload) {
+        Some(target) => Ok((service, SocketAddr::new(local, target))),
+        None => Err(format!("{host}:{port} has no target port on this workload")),
+    }
+}
+
 fn endpoint_port(port: &mesh::model::ServicePort, workload: &Workload) -> Option<u16> {
     match &port.target {
         mesh::model::Target::Number(n) => Some(*n),
