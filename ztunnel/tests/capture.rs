@@ -66,8 +66,8 @@ const SUBNET: &str = "198.19.7";
 const GATEWAY: &str = "198.19.7.254";
 
 impl Fabric {
-    fn new() -> Self {
-        let tag = std::process::id() % 10_000;
+    /// A fabric whose namespaces carry `tag`, unique among the fabrics of running tests.
+    fn new(tag: u32) -> Self {
         let bridge = Ns::new(format!("zt-fab-{tag}"));
         sh(&[
             "ip", "-n", &bridge.0, "link", "add", "br0", "type", "bridge",
@@ -250,8 +250,8 @@ fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn captured_pods_talk_through_hbone() {
+/// Fails loudly, rather than skipping, where the test cannot build namespaces.
+fn assert_root() {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -265,12 +265,17 @@ async fn captured_pods_talk_through_hbone() {
         Some("0"),
         "this test creates network namespaces and iptables rules: run it as root"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_pods_talk_through_hbone() {
+    assert_root();
     tracing_subscriber::fmt()
         .with_writer(|| LogWriter)
         .with_ansi(false)
         .with_env_filter("info")
         .init();
-    let mut fabric = Fabric::new();
+    let mut fabric = Fabric::new(std::process::id() % 10_000);
     let client = Arc::new(fabric.pod(1));
     let echo_a = fabric.pod(2);
     let echo_b = fabric.pod(3);
@@ -492,5 +497,123 @@ spec: {mtls: {mode: STRICT}}
         "{log}"
     );
     drop(agents);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A child process, killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of `GET path` from `addr` (HTTP/1.0, so the server closes).
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nhost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// The shipped binaries, as an operator runs them: `ztunnel run --inpod-uds` for the node, and
+/// `ztunnel cni` playing istio-cni (rules installed in each pod, pods announced over ZDS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
+    assert_root();
+    let mut fabric = Fabric::new(std::process::id() % 10_000 + 10_000);
+    let client = Arc::new(fabric.pod(1));
+    let echo = fabric.pod(2);
+    echo_server(&echo, "echo");
+    let netns = |host: u8| format!("/var/run/netns/{}", fabric.pods[usize::from(host) - 1].0);
+    let (client_ns, echo_ns) = (netns(1), netns(2));
+
+    let dir = std::env::temp_dir().join(format!("ztunnel-binaries-{}", std::process::id()));
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).expect("mkdir");
+    let node_a_only: String = MESH
+        .split("---")
+        .filter(|doc| !doc.contains("echo-b") && !doc.contains("outsider"))
+        .collect::<Vec<_>>()
+        .join("---")
+        .replace("name: echo-a", "name: echo");
+    std::fs::write(config.join("mesh.yaml"), node_a_only).expect("write");
+    let ca = MeshCa::generate("cluster.local").expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.root_pem()).expect("write");
+    std::fs::write(dir.join("ca.key"), ca.key_pem()).expect("write");
+    let uds = dir.join("zds.sock");
+    let path = |p: &std::path::Path| p.display().to_string();
+
+    let binary = env!("CARGO_BIN_EXE_ztunnel");
+    let _cni = Child(
+        Command::new(binary)
+            .args(["cni", "--uds", &path(&uds)])
+            .args(["--pod", &format!("app/client={client_ns}")])
+            .args(["--pod", &format!("app/echo={echo_ns}")])
+            .spawn()
+            .expect("ztunnel cni"),
+    );
+    let _ztunnel = Child(
+        Command::new(binary)
+            .args(["--log", "info"])
+            .args(["--admin", "127.77.0.1:15000"])
+            .args(["--metrics", "127.77.0.1:15020"])
+            .args(["--readiness", "127.77.0.1:15021"])
+            .args(["run", "--node", "node-a"])
+            .args(["--config", &path(&config)])
+            .args(["--ca-cert", &path(&dir.join("ca.pem"))])
+            .args(["--ca-key", &path(&dir.join("ca.key"))])
+            .args(["--inpod-uds", &path(&uds)])
+            .spawn()
+            .expect("ztunnel run"),
+    );
+
+    // Once the node agent has announced both pods, the client's traffic to the service VIP is
+    // captured and carried over HBONE to the echo pod.
+    let mut answer = Err(std::io::Error::other("not tried"));
+    for _ in 0..100 {
+        answer = exchange(client.clone(), "198.18.250.1:80", "ping").await;
+        if answer.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.expect("through the VIP"), "echo:ping");
+    let answer = exchange(client.clone(), "198.19.7.2:8080", "direct")
+        .await
+        .expect("pod IP");
+    assert_eq!(answer, "echo:direct");
+
+    // The operator's view: readiness, and Istio's metrics on the Prometheus endpoint.
+    assert_eq!(
+        http_get("127.77.0.1:15021", "/healthz/ready").expect("readiness"),
+        "ready\n"
+    );
+    let labels = [
+        "reporter=\"source\"",
+        "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
+        "destination_workload=\"echo\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = http_get("127.77.0.1:15020", "/stats/prometheus").expect("metrics");
+        if sum(&text, "istio_tcp_connections_closed_total", &labels) >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        sum(&text, "istio_tcp_connections_closed_total", &labels),
+        2.0,
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
