@@ -1,7 +1,10 @@
-//! Two real ztunnel processes against a direct connection, measured in one run on loopback.
+//! Two real ztunnel processes against a direct connection, measured in one run, on two
+//! topologies: loopback (every address a 127.x address of this machine), and two network
+//! namespaces joined by a veth pair (each "node" its own namespace and stack, packets crossing
+//! a 1500-byte-MTU link, as between pods on two nodes; needs root, skipped without it).
 //!
-//! Data flows (everything on 127.x addresses of this machine; client and servers in this
-//! process, each ztunnel its own process started from the `ztunnel` binary, one per "node"):
+//! Data flows (client and servers in this process, each ztunnel its own process started from
+//! the `ztunnel` binary, one per "node"):
 //! * direct: client → server
 //! * mesh:   client → SOCKS5 on the client's ztunnel (node-a) → HBONE (mTLS, HTTP/2) → the
 //!   server's ztunnel (node-b) → server
@@ -18,8 +21,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const CLIENT: &str = "127.40.1.1";
-const SERVER: &str = "127.40.2.1";
+use ztunnel::inpod::NetNs;
+
 const SINK: u16 = 9001;
 const ECHO: u16 = 9002;
 
@@ -29,6 +32,17 @@ struct Scale {
     rate: u64,
     connects: usize,
     open: usize,
+}
+
+/// Where the client and the server are, and the namespaces their nodes live in (none: this
+/// machine's, on loopback).
+struct Topology {
+    name: &'static str,
+    client: IpAddr,
+    server: IpAddr,
+    /// Admin addresses of the two ztunnels (in their nodes' namespaces).
+    admin: [IpAddr; 2],
+    nodes: Option<[Node; 2]>,
 }
 
 fn main() {
@@ -50,36 +64,66 @@ fn main() {
             open: 1000,
         }
     };
+    println!("ztunnel benchmark (two ztunnel processes, 2-core machine)");
+    let loopback = Topology {
+        name: "loopback",
+        client: ip("127.40.1.1"),
+        server: ip("127.40.2.1"),
+        admin: [ip("127.40.0.1"), ip("127.40.0.2")],
+        nodes: None,
+    };
+    measure(&loopback, &scale);
+    if is_root() {
+        let tag = std::process::id() % 10_000;
+        let veth = Topology {
+            name: "veth pair between two namespaces",
+            client: ip("10.77.0.1"),
+            server: ip("10.77.0.2"),
+            admin: [ip("127.0.0.1"), ip("127.0.0.1")],
+            nodes: Some(Node::pair(tag, "10.77.0.1", "10.77.0.2")),
+        };
+        measure(&veth, &scale);
+    } else {
+        println!("\n(not root: the veth topology needs network namespaces; skipped)");
+    }
+    if quick {
+        println!("\n(quick run: short phases; figures are not comparable)");
+    }
+}
+
+/// Every figure on one topology, printed with its verdicts.
+fn measure(top: &Topology, scale: &Scale) {
     let dir = std::env::temp_dir().join(format!("ztunnel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
-    write_config(&dir);
+    write_config(&dir, top);
     // Server threads live until the process exits.
-    spawn_sink();
-    spawn_echo();
-    let mut a = Ztunnel::start(&dir, "node-a", "127.40.0.1");
-    let mut b = Ztunnel::start(&dir, "node-b", "127.40.0.2");
+    spawn_sink(top);
+    spawn_echo(top);
+    let node = |i: usize| top.nodes.as_ref().map(|n| &n[i]);
+    let mut a = Ztunnel::start(&dir, "node-a", top.admin[0], node(0));
+    let mut b = Ztunnel::start(&dir, "node-b", top.admin[1], node(1));
     std::thread::sleep(Duration::from_millis(300));
     let idle = (a.rss(), b.rss());
 
-    let sink = SocketAddr::new(ip(SERVER), SINK);
-    let echo = SocketAddr::new(ip(SERVER), ECHO);
-    let direct_bulk = throughput(|| direct(sink), scale.bulk);
-    let mesh_bulk = throughput(|| via_mesh(sink), scale.bulk);
+    let sink = SocketAddr::new(top.server, SINK);
+    let echo = SocketAddr::new(top.server, ECHO);
+    let direct_bulk = throughput(|| direct(top, sink), scale.bulk);
+    let mesh_bulk = throughput(|| via_mesh(top, sink), scale.bulk);
 
-    let direct_lat = latency(direct(echo), scale.rate, scale.seconds);
+    let direct_lat = latency(direct(top, echo), scale.rate, scale.seconds);
     let (a0, b0) = (a.cpu(), b.cpu());
-    let mesh_lat = latency(via_mesh(echo), scale.rate, scale.seconds);
+    let mesh_lat = latency(via_mesh(top, echo), scale.rate, scale.seconds);
     let requests = (scale.rate * scale.seconds) as f64;
     let cpu_a = (a.cpu() - a0).as_secs_f64() * 1e6 / requests;
     let cpu_b = (b.cpu() - b0).as_secs_f64() * 1e6 / requests;
 
-    let direct_cps = connects(|| direct(echo), scale.connects);
-    let mesh_cps = connects(|| via_mesh(echo), scale.connects);
+    let direct_cps = connects(|| direct(top, echo), scale.connects);
+    let mesh_cps = connects(|| via_mesh(top, echo), scale.connects);
 
     let before = (a.rss(), b.rss());
     let mut held = Vec::with_capacity(scale.open);
     for _ in 0..scale.open {
-        let mut s = via_mesh(echo);
+        let mut s = via_mesh(top, echo);
         exchange(&mut s, &[1u8; 16]);
         held.push(s);
     }
@@ -89,8 +133,8 @@ fn main() {
     let per_conn =
         |before: u64, after: u64| (after.saturating_sub(before)) as f64 / scale.open as f64;
 
-    println!("ztunnel benchmark (loopback, two ztunnel processes, 2-core machine)");
     println!();
+    println!("{}:", top.name);
     println!(
         "{:>44}: {:9.2} Gbit/s direct, {:.2} Gbit/s through two ztunnels",
         "single-stream throughput", direct_bulk, mesh_bulk
@@ -103,7 +147,6 @@ fn main() {
         "{:>44}: {:9.0} /s direct, {:.0} /s through two ztunnels",
         "new connections (one exchange each)", direct_cps, mesh_cps
     );
-    println!();
     verdict(
         "throughput ratio, mesh / direct",
         mesh_bulk / direct_bulk,
@@ -153,12 +196,77 @@ fn main() {
         "≤ 8",
         pb <= 8192.0,
     );
-    if quick {
-        println!("\n(quick run: short phases; figures are not comparable)");
-    }
     a.stop();
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A node's network namespace, deleted on drop.
+struct Node {
+    name: String,
+    netns: NetNs,
+}
+
+impl Node {
+    /// Two namespaces joined by a veth pair, addressed `a` and `b` (a /24 between them).
+    fn pair(tag: u32, a: &str, b: &str) -> [Node; 2] {
+        let names = [format!("zb-a-{tag}"), format!("zb-b-{tag}")];
+        for name in &names {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            sh(&["ip", "netns", "add", name]);
+            sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        }
+        let (va, vb) = (format!("zba{tag}"), format!("zbb{tag}"));
+        sh(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        for ((dev, name), addr) in [(&va, &names[0]), (&vb, &names[1])].into_iter().zip([a, b]) {
+            sh(&["ip", "link", "set", dev, "netns", name]);
+            sh(&["ip", "-n", name, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            sh(&["ip", "-n", name, "link", "set", dev, "up"]);
+        }
+        names.map(|name| {
+            let netns = NetNs::open(format!("/var/run/netns/{name}")).expect("open netns");
+            Node { name, netns }
+        })
+    }
+
+    /// Runs `f` on a thread inside the namespace: sockets made there belong to it.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.netns.run_in(f).expect("enter the node's namespace")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` where `node` lives: in its namespace, or here.
+fn at<R: Send>(node: Option<&Node>, f: impl FnOnce() -> R + Send) -> R {
+    match node {
+        Some(node) => node.run(f),
+        None => f(),
+    }
 }
 
 fn verdict(what: &str, value: f64, target: &str, ok: bool) {
@@ -171,7 +279,8 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// Two nodes, one ambient namespace, a client and a server workload.
-fn write_config(dir: &Path) {
+fn write_config(dir: &Path, top: &Topology) {
+    let (client, server) = (top.client, top.server);
     let ca = hbone::MeshCa::generate("cluster.local").expect("ca");
     std::fs::write(dir.join("ca.pem"), ca.root_pem()).expect("write");
     std::fs::write(dir.join("ca.key"), ca.key_pem()).expect("write");
@@ -189,13 +298,13 @@ apiVersion: v1
 kind: Pod
 metadata: {{name: client, namespace: bench}}
 spec: {{nodeName: node-a, serviceAccountName: client}}
-status: {{podIP: {CLIENT}}}
+status: {{podIP: {client}}}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {{name: server, namespace: bench}}
 spec: {{nodeName: node-b, serviceAccountName: server}}
-status: {{podIP: {SERVER}}}
+status: {{podIP: {server}}}
 "#
         ),
     )
@@ -207,8 +316,17 @@ struct Ztunnel {
 }
 
 impl Ztunnel {
-    fn start(dir: &Path, node: &str, admin_ip: &str) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+    /// Starts the ztunnel of `node` (in its namespace, if it has one) and waits until ready.
+    fn start(dir: &Path, node: &str, admin_ip: IpAddr, netns: Option<&Node>) -> Self {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_ztunnel")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ztunnel")),
+        };
+        let child = command
             .args(["--log", "warn"])
             .args(["--admin", &format!("{admin_ip}:15000")])
             .args(["--metrics", &format!("{admin_ip}:15020")])
@@ -221,20 +339,9 @@ impl Ztunnel {
             .stdout(Stdio::null())
             .spawn()
             .expect("start ztunnel");
-        let ready = SocketAddr::new(ip(admin_ip), 15021);
+        let ready = SocketAddr::new(admin_ip, 15021);
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(ready) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = s.write_all(
-                    b"GET /healthz/ready HTTP/1.1\r\nhost: z\r\nconnection: close\r\n\r\n",
-                );
-                let mut answer = String::new();
-                let _ = s.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.1 200") {
-                    break;
-                }
-            }
+        while !at(netns, || is_ready(ready)) {
             assert!(
                 Instant::now() < deadline,
                 "ztunnel for {node} did not become ready"
@@ -276,19 +383,30 @@ impl Ztunnel {
     }
 }
 
+fn is_ready(ready: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(ready) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: z\r\nconnection: close\r\n\r\n");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200")
+}
+
 fn path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn direct(addr: SocketAddr) -> TcpStream {
-    let s = connect_from(ip(CLIENT), addr);
+fn direct(top: &Topology, addr: SocketAddr) -> TcpStream {
+    let s = connect_from(top, addr);
     s.set_nodelay(true).expect("nodelay");
     s
 }
 
 /// Through the client's SOCKS5 port, leaving from the client's address.
-fn via_mesh(addr: SocketAddr) -> TcpStream {
-    let mut s = connect_from(ip(CLIENT), SocketAddr::new(ip(CLIENT), 15080));
+fn via_mesh(top: &Topology, addr: SocketAddr) -> TcpStream {
+    let mut s = connect_from(top, SocketAddr::new(top.client, 15080));
     s.set_nodelay(true).expect("nodelay");
     let IpAddr::V4(v4) = addr.ip() else {
         panic!("v4 only")
@@ -303,12 +421,16 @@ fn via_mesh(addr: SocketAddr) -> TcpStream {
     s
 }
 
-fn connect_from(src: IpAddr, dst: SocketAddr) -> TcpStream {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.bind(&SocketAddr::new(src, 0).into()).expect("bind");
-    socket.connect(&dst.into()).expect("connect");
-    socket.into()
+/// A connection from the client's address (in the client's node).
+fn connect_from(top: &Topology, dst: SocketAddr) -> TcpStream {
+    let src = top.client;
+    at(top.nodes.as_ref().map(|n| &n[0]), move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.bind(&SocketAddr::new(src, 0).into()).expect("bind");
+        socket.connect(&dst.into()).expect("connect");
+        TcpStream::from(socket)
+    })
 }
 
 /// Gbit/s of one stream carrying `bytes` to the sink, until the sink acknowledges all of it.
@@ -372,9 +494,17 @@ fn connects(open: impl Fn() -> TcpStream, n: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
+/// A listener on the server's address (in the server's node).
+fn listen(top: &Topology, port: u16) -> std::net::TcpListener {
+    let addr = SocketAddr::new(top.server, port);
+    at(top.nodes.as_ref().map(|n| &n[1]), move || {
+        std::net::TcpListener::bind(addr).expect("bind")
+    })
+}
+
 /// Reads everything, then answers with the byte count.
-fn spawn_sink() -> std::thread::JoinHandle<()> {
-    let listener = std::net::TcpListener::bind((ip(SERVER), SINK)).expect("bind sink");
+fn spawn_sink(top: &Topology) -> std::thread::JoinHandle<()> {
+    let listener = listen(top, SINK);
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
             std::thread::spawn(move || {
@@ -394,8 +524,8 @@ fn spawn_sink() -> std::thread::JoinHandle<()> {
 }
 
 /// Echoes every byte back.
-fn spawn_echo() -> std::thread::JoinHandle<()> {
-    let listener = std::net::TcpListener::bind((ip(SERVER), ECHO)).expect("bind echo");
+fn spawn_echo(top: &Topology) -> std::thread::JoinHandle<()> {
+    let listener = listen(top, ECHO);
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
             std::thread::spawn(move || {
