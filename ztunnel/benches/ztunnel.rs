@@ -228,10 +228,21 @@ impl Node {
             sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
         }
         let (va, vb) = (format!("zba{tag}"), format!("zbb{tag}"));
-        sh(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        sh(&[
+            "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+        ]);
         for ((dev, name), addr) in [(&va, &names[0]), (&vb, &names[1])].into_iter().zip([a, b]) {
             sh(&["ip", "link", "set", dev, "netns", name]);
-            sh(&["ip", "-n", name, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            sh(&[
+                "ip",
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                dev,
+            ]);
             sh(&["ip", "-n", name, "link", "set", dev, "up"]);
         }
         names.map(|name| {
@@ -248,12 +259,17 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
     assert!(
         out.status.success(),
         "{args:?} failed: {}",
