@@ -27,6 +27,8 @@ pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>
 /// Installs the process's log subscriber with `filter` (else `RUST_LOG`, else `default`) and
 /// returns the handle `/logging` changes it through.
 pub fn logging(filter: Option<&str>, default: &str) -> SetLogLevel {
+    use std::io::IsTerminal;
+
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -38,7 +40,8 @@ pub fn logging(filter: Option<&str>, default: &str) -> SetLogLevel {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer())
+        // Colours only for a person at a terminal: a pod's log is a file that tools grep.
+        .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
         .init();
     Arc::new(move |level: &str| {
         let new =
