@@ -578,3 +578,37 @@ fn dump_is_complete_json() {
         Some(true)
     );
 }
+
+#[test]
+fn http_attributes_warn_only_where_ztunnel_enforces_the_policy() {
+    let s = snapshot(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: app}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-the-waypoint, namespace: app}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: namespace-wide, namespace: app}
+spec:
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#,
+    );
+    let w = s.warnings().join("\n");
+    assert!(
+        w.contains(
+            "AuthorizationPolicy app/namespace-wide uses HTTP attributes, which ztunnel does not support: its ALLOW rules"
+        ),
+        "{w}"
+    );
+    assert!(!w.contains("at-the-waypoint"), "{w}");
+}

@@ -240,6 +240,12 @@ impl Policy {
         self.rules.iter().any(|rule| rule.matches(attrs))
     }
 
+    /// Whether a rule checks an HTTP attribute (methods, paths, hosts, headers, JWT claims),
+    /// which [`Policy::for_l4`] cannot keep as written.
+    pub fn uses_http_attributes(&self) -> bool {
+        self.rules.iter().any(Rule::has_l7)
+    }
+
     /// The policy as ztunnel enforces it, where only L4 attributes exist: principals,
     /// namespaces, service accounts, `ipBlocks`, ports and the `source.*`/`destination.*`
     /// conditions, exactly as istiod and ztunnel treat HTTP attributes:
@@ -261,19 +267,6 @@ impl Policy {
             Action::Deny | Action::Custom => true,
             Action::Audit => return None,
         };
-        if self.rules.iter().any(Rule::has_l7) {
-            tracing::warn!(
-                policy.namespace = %self.namespace,
-                policy.name = %self.name,
-                action = ?self.action,
-                "ztunnel does not support HTTP attributes; {}",
-                if keep_l4_parts {
-                    "DENY rules are enforced without them (broader than written) and rules with nothing else are ignored"
-                } else {
-                    "ALLOW rules that use them never match, which is stricter than written"
-                }
-            );
-        }
         Some(Policy {
             namespace: self.namespace.clone(),
             name: self.name.clone(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::build::{Builder, Kinds, by_name};
 use super::{PeerAuthEntry, PolicyEntry, PolicyScope};
-use crate::authz::{AuthorizationPolicySpec, Policy, PolicyTargetReference};
+use crate::authz::{Action, AuthorizationPolicySpec, Policy, PolicyTargetReference};
 use crate::error::{FieldError, Origin};
 use crate::model::{self, PluginId, PolicyId, ServiceId, ServiceKind, WaypointId};
 use crate::resource::{
@@ -172,6 +172,23 @@ pub(super) fn policies(b: &mut Builder<'_>, list: &[(&Origin, &Object<Authorizat
             PolicyScope::Namespace
         };
         let l4 = policy.for_l4();
+        // Policies bound by targetRefs are the waypoints' alone; the rest reach ztunnel.
+        if scope != PolicyScope::Targets && policy.uses_http_attributes() {
+            let effect = match policy.action() {
+                Action::Allow => Some(
+                    "its ALLOW rules that use them never match, which is stricter than written",
+                ),
+                Action::Deny | Action::Custom => Some(
+                    "its DENY rules are enforced without them (broader than written) and rules with nothing else are ignored",
+                ),
+                Action::Audit => None,
+            };
+            if let Some(effect) = effect {
+                b.warn(format!(
+                    "AuthorizationPolicy {namespace}/{name} uses HTTP attributes, which ztunnel does not support: {effect}; bind it to a waypoint with targetRefs to enforce them"
+                ));
+            }
+        }
         b.policies.push(PolicyEntry { policy, l4, scope });
     }
     for (w, ids) in b.workloads.iter_mut().zip(selected) {
