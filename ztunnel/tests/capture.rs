@@ -13,119 +13,15 @@ use std::time::Duration;
 use hbone::{CertManager, MeshCa};
 use mesh::{ConfigDir, Options, Store};
 use prometheus_client::registry::Registry;
-use ztunnel::Ztunnel;
-use ztunnel::inpod::zds::proto::WorkloadInfo;
-use ztunnel::inpod::{NetNs, PodRules, ZdsServer};
+use ztunnel::inpod::NetNs;
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
 use ztunnel::socket::InPod;
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace, deleted on drop.
-struct Ns(String);
-
-impl Ns {
-    fn new(name: String) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh(&["ip", "netns", "add", &name]);
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Ns(name)
-    }
-
-    fn open(&self) -> NetNs {
-        NetNs::open(format!("/var/run/netns/{}", self.0)).expect("open netns")
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// The fabric: a bridge in its own namespace, and pods plugged into it.
-struct Fabric {
-    bridge: Ns,
-    tag: u32,
-    pods: Vec<Ns>,
-}
-
-const SUBNET: &str = "198.19.7";
-const GATEWAY: &str = "198.19.7.254";
-
-impl Fabric {
-    /// A fabric whose namespaces carry `tag`, unique among the fabrics of running tests.
-    fn new(tag: u32) -> Self {
-        let bridge = Ns::new(format!("zt-fab-{tag}"));
-        sh(&[
-            "ip", "-n", &bridge.0, "link", "add", "br0", "type", "bridge",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &bridge.0,
-            "addr",
-            "add",
-            &format!("{GATEWAY}/24"),
-            "dev",
-            "br0",
-        ]);
-        sh(&["ip", "-n", &bridge.0, "link", "set", "br0", "up"]);
-        Fabric {
-            bridge,
-            tag,
-            pods: Vec::new(),
-        }
-    }
-
-    /// A pod namespace with address `198.19.7.<host>`.
-    fn pod(&mut self, host: u8) -> NetNs {
-        let ns = Ns::new(format!("zt-pod{host}-{}", self.tag));
-        let outer = format!("zv{host}-{}", self.tag);
-        sh(&[
-            "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns.0,
-        ]);
-        sh(&["ip", "link", "set", &outer, "netns", &self.bridge.0]);
-        sh(&[
-            "ip",
-            "-n",
-            &self.bridge.0,
-            "link",
-            "set",
-            &outer,
-            "master",
-            "br0",
-            "up",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns.0,
-            "addr",
-            "add",
-            &format!("{SUBNET}.{host}/24"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", &ns.0, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", &ns.0, "route", "add", "default", "via", GATEWAY]);
-        let netns = ns.open();
-        self.pods.push(ns);
-        netns
-    }
-}
+#[path = "support/fabric.rs"]
+mod fabric;
+use fabric::{Child, Fabric, assert_root, start_node, sum};
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -242,31 +138,6 @@ fn metrics_text(registry: &Registry) -> String {
     text
 }
 
-fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Fails loudly, rather than skipping, where the test cannot build namespaces.
-fn assert_root() {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("Uid:")
-                    .map(|v| v.split_whitespace().nth(1).unwrap_or("").to_owned())
-            })
-        });
-    assert_eq!(
-        uid.as_deref(),
-        Some("0"),
-        "this test creates network namespaces and iptables rules: run it as root"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn captured_pods_talk_through_hbone() {
     assert_root();
@@ -297,55 +168,26 @@ async fn captured_pods_talk_through_hbone() {
     metrics.register(&mut registry);
 
     // One ztunnel per node, each with its own node agent (this test) over ZDS.
-    let mut agents = Vec::new();
-    let mut ztunnels = Vec::new();
-    for (node, pods) in [
-        ("node-a", vec![("client", &*client), ("echo-a", &echo_a)]),
-        ("node-b", vec![("echo-b", &echo_b)]),
-    ] {
-        let sockets = Arc::new(InPod::default());
-        let ctx = Arc::new(Ctx {
+    let ctx = |sockets: Arc<InPod>| {
+        Arc::new(Ctx {
             store: store.clone(),
             certs: Arc::new(CertManager::new(ca.clone())),
             metrics: metrics.clone(),
-            sockets: sockets.clone(),
+            sockets,
             live: Arc::new(LiveConnections::default()),
             hbone: hbone::Config::default(),
-        });
-        let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
-        let uds = dir.join(format!("{node}.sock"));
-        let server = ZdsServer::bind(&uds).expect("zds bind");
-        let follower = {
-            let (ztunnel, sockets, uds) = (ztunnel.clone(), sockets.clone(), uds.clone());
-            tokio::spawn(async move {
-                ztunnel::capture::follow_node_agent(&uds, &sockets, &ztunnel).await
-            })
-        };
-        let mut agent = server.accept().await.expect("ztunnel connects");
-        agent.hello().await.expect("hello");
-        for (name, netns) in pods {
-            PodRules::detect(netns)
-                .expect("iptables")
-                .install(netns)
-                .expect("install rules");
-            let info = WorkloadInfo {
-                name: name.into(),
-                namespace: "app".into(),
-                service_account: String::new(),
-            };
-            agent
-                .add(format!("uid-{name}"), Some(info), netns)
-                .await
-                .expect("ztunnel accepts the pod");
-        }
-        agent.snapshot_sent().await.expect("snapshot");
-        assert_eq!(
-            ztunnel.workloads().await.len(),
-            if node == "node-a" { 2 } else { 1 }
-        );
-        agents.push((server, agent, follower));
-        ztunnels.push(ztunnel);
-    }
+        })
+    };
+    let node_a = start_node(
+        &dir,
+        "node-a",
+        ctx,
+        &[("client", &client), ("echo-a", &echo_a)],
+    )
+    .await;
+    let node_b = start_node(&dir, "node-b", ctx, &[("echo-b", &echo_b)]).await;
+    assert_eq!(node_a.0.workloads().await.len(), 2);
+    assert_eq!(node_b.0.workloads().await.len(), 1);
 
     // Pod → service VIP: captured by 15001, carried over HBONE, reaches both endpoints.
     let mut seen = std::collections::BTreeSet::new();
@@ -496,18 +338,8 @@ spec: {mtls: {mode: STRICT}}
         log.contains("plaintext refused: PeerAuthentication requires mTLS (STRICT)"),
         "{log}"
     );
-    drop(agents);
+    drop((node_a, node_b));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A child process, killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The body of `GET path` from `addr` (HTTP/1.0, so the server closes).
@@ -532,8 +364,7 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     let client = Arc::new(fabric.pod(1));
     let echo = fabric.pod(2);
     echo_server(&echo, "echo");
-    let netns = |host: u8| format!("/var/run/netns/{}", fabric.pods[usize::from(host) - 1].0);
-    let (client_ns, echo_ns) = (netns(1), netns(2));
+    let (client_ns, echo_ns) = (fabric.pod_path(1), fabric.pod_path(2));
 
     let dir = std::env::temp_dir().join(format!("ztunnel-binaries-{}", std::process::id()));
     let config = dir.join("config");

@@ -411,7 +411,7 @@ pub async fn socks(from: IpAddr, host: &str, port: u16) -> std::io::Result<TcpSt
 /// `x-delay-ms: <n>` (optionally only on the pods of `x-delay-on`) waits first;
 /// `x-close: 1` answers with `connection: close`. Every answer names its connection in
 /// `x-connection` (`<pod>/<n>`, counted per pod).
-async fn echo(listener: TcpListener, pod: &'static str, seen: Arc<Mutex<Vec<Seen>>>) {
+pub async fn echo(listener: TcpListener, pod: &'static str, seen: Arc<Mutex<Vec<Seen>>>) {
     let mut connections = 0u64;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
