@@ -1,8 +1,11 @@
 //! WasmPlugins in the waypoint: SDK-built example plugins run on real requests through ztunnels
 //! and HBONE, ordered by phase and priority around L7 authorization, reloaded live.
 
+#[path = "../../plugins/host/tests/support/registry.rs"]
+mod registry;
 mod support;
 
+use registry::{RealRegistry, push_wasm_image};
 use support::{Mesh, example_plugin};
 
 fn plugin(name: &str, module: &str, extra: &str) -> String {
@@ -306,6 +309,49 @@ async fn a_failed_pull_keeps_the_running_plugin() {
     assert_eq!(r.header("x-pulled"), Some("three"));
     mesh.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `oci://` as Istio users publish plugins: the SDK-built example pushed to a real registry as a
+/// Wasm image, pulled by the waypoint by tag and by digest, with `sha256` checked against the
+/// image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_pulled_from_an_oci_registry_runs_in_the_waypoint() {
+    let registry = RealRegistry::start().await;
+    let module = std::fs::read(example_plugin("add_header")).unwrap();
+    let repo = "plugins/add-header";
+    let digest = push_wasm_image(&registry.base(), repo, "v1", &module).await;
+    let hex = digest.trim_start_matches("sha256:").to_owned();
+    let config = |reference: &str, sha256: &str, value: &str| {
+        format!(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: pulled, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: oci://{}/{repo}{reference}\n  sha256: {sha256}\n  pluginConfig: {{headers: {{x-pulled: {value}}}}}\n",
+            registry.addr
+        )
+    };
+    let mesh = Mesh::start(77, &config(":v1", &hex, "by-tag")).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(
+        (r.status, r.header("x-pulled")),
+        (200, Some("by-tag")),
+        "{}",
+        r.body
+    );
+
+    mesh.set_routes(&config(&format!("@{digest}"), &hex, "by-digest"))
+        .await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.header("x-pulled"), Some("by-digest"));
+
+    // A digest that is not the image's is a failed pull: the running plugin stays.
+    let wrong = "0".repeat(64);
+    mesh.set_routes(&config(":v1", &wrong, "wrong")).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(
+        (r.status, r.header("x-pulled")),
+        (200, Some("by-digest")),
+        "{}",
+        r.body
+    );
+    mesh.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
