@@ -9,7 +9,8 @@
 //!   ztunnel → backend
 //! * nginx, haproxy: client → proxy (plain HTTP reverse proxy, upstream keep-alive) → backend
 //!
-//! Figures: requests per second with 8 keep-alive connections; CPU time per request of the
+//! Figures: requests per second with 8 keep-alive connections (and, on the waypoint path,
+//! with 32 streams on one h2c connection); CPU time per request of the
 //! waypoint, nginx and haproxy processes (from /proc, during that phase); latency p50/p99 of
 //! requests at a fixed rate on one connection, from each request's scheduled start; waypoint
 //! RSS with 10, 1,000 and 10,000 routes (separate processes) and bytes per route; the time
@@ -56,10 +57,12 @@ struct Scale {
 }
 
 fn main() {
-    // `RUST_LOG=warn` shows what the in-process ztunnels refused, if anything.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
+    // `RUST_LOG=warn` shows what the in-process ztunnels refused, if anything. By default their
+    // access log is off: stopping the waypoint process ends its tunnels without TLS
+    // close_notify, which the ztunnels would log as errors, one per tunnel.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,access=off"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     let quick = std::env::var_os("WAYPOINT_BENCH_QUICK").is_some();
     let scale = if quick {
         Scale {
@@ -114,6 +117,12 @@ fn main() {
     let direct_row = measure("direct", &direct, None, &scale);
     measure("ztunnel → ztunnel", &l4, None, &scale);
     let wp_row = measure("ztunnel → waypoint → ztunnel", &wp, Some(&waypoint), &scale);
+    let h2_row = measure_h2(
+        &format!("same, h2c, 1 conn × {H2_STREAMS} streams"),
+        &wp,
+        &waypoint,
+        &scale,
+    );
     let mut others = Vec::new();
     for (name, proc, port) in [("nginx", &nginx, 8081), ("haproxy", &haproxy, 8082)] {
         match proc {
@@ -193,6 +202,12 @@ fn main() {
         "added latency, waypoint path vs direct",
         wp_row.p50 - direct_row.p50,
         wp_row.p99 - direct_row.p99
+    );
+    println!(
+        "{:>44}: {:9.2} req/s ratio, {:.2} CPU ratio",
+        "h2c downstream / HTTP/1.1 (waypoint path)",
+        h2_row.rps / wp_row.rps,
+        h2_row.cpu.zip(wp_row.cpu).map_or(f64::NAN, |(a, b)| a / b)
     );
     if let Some(cpu) = wp_row.cpu {
         verdict(
@@ -490,6 +505,72 @@ fn measure(
     Row { rps, p50, p99, cpu }
 }
 
+/// Concurrent streams of the h2c client: as many requests in flight as the HTTP/1.1 clients
+/// have, times four, on one connection.
+const H2_STREAMS: usize = 32;
+
+/// Requests per second and the waypoint's CPU per request for [`H2_STREAMS`] closed-loop
+/// streams on one prior-knowledge HTTP/2 connection, as a gRPC or h2 client would load it.
+fn measure_h2(
+    name: &str,
+    open: &(dyn Fn() -> TcpStream + Sync),
+    proxy: &Process,
+    scale: &Scale,
+) -> Row {
+    let stream = open();
+    stream.set_nonblocking(true).expect("nonblocking");
+    let cpu0 = proxy.cpu();
+    let duration = Duration::from_secs(scale.seconds);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (requests, elapsed) = runtime.block_on(async move {
+        let io = tokio::net::TcpStream::from_std(stream).expect("tokio stream");
+        let (client, connection) = h2::client::handshake(io).await.expect("h2c handshake");
+        tokio::spawn(async move { connection.await.expect("h2 connection") });
+        let done = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut streams = tokio::task::JoinSet::new();
+        for _ in 0..H2_STREAMS {
+            let (mut client, done) = (client.clone(), done.clone());
+            streams.spawn(async move {
+                while started.elapsed() < duration {
+                    client = client.ready().await.expect("h2 capacity");
+                    let request = http::Request::get("http://backend.bench/")
+                        .body(())
+                        .expect("request");
+                    let (response, _) = client.send_request(request, true).expect("send");
+                    let response = response.await.expect("response");
+                    assert_eq!(response.status(), 200);
+                    let mut body = response.into_body();
+                    while let Some(chunk) = body.data().await {
+                        let chunk = chunk.expect("body");
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        while let Some(joined) = streams.join_next().await {
+            joined.expect("stream task");
+        }
+        (done.load(Ordering::Relaxed), started.elapsed())
+    });
+    let rps = requests as f64 / elapsed.as_secs_f64();
+    let cpu = (proxy.cpu() - cpu0).as_secs_f64() * 1e6 / requests as f64;
+    println!(
+        "{name:>30}  {rps:>10.0}  {:>12}  {:>12}  {cpu:>14.1}",
+        "-", "-"
+    );
+    Row {
+        rps,
+        p50: f64::NAN,
+        p99: f64::NAN,
+        cpu: Some(cpu),
+    }
+}
+
 fn verdict(what: &str, value: f64, target: &str, ok: bool) {
     let mark = if ok { "ok" } else { "MISSED" };
     println!("{what:>44}: {value:9.2}   target {target:>6}   {mark}");
@@ -598,8 +679,10 @@ struct Process {
 
 impl Process {
     fn waypoint(dir: &Path, config: &Path, address: &str, admin_ip: &str) -> Self {
+        // `WAYPOINT_BENCH_LOG=info` shows what the waypoint did (reload timings included).
+        let log = std::env::var("WAYPOINT_BENCH_LOG").ok();
         let child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
-            .args(["--log", "error"])
+            .args(["--log", log.as_deref().unwrap_or("error")])
             .args(["--admin", &format!("{admin_ip}:15000")])
             .args(["--metrics", &format!("{admin_ip}:15020")])
             .args(["--readiness", &format!("{admin_ip}:15021")])
@@ -609,7 +692,11 @@ impl Process {
             .args(["--ca-cert", &path(&dir.join("ca.pem"))])
             .args(["--ca-key", &path(&dir.join("ca.key"))])
             .args(["--address", address])
-            .stdout(Stdio::null())
+            .stdout(if log.is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("start waypoint");
         let ready = SocketAddr::new(ip(admin_ip), 15021);
