@@ -8,11 +8,16 @@
 //! * direct: client → server
 //! * mesh:   client → SOCKS5 on the client's ztunnel (node-a) → HBONE (mTLS, HTTP/2) → the
 //!   server's ztunnel (node-b) → server
+//! * relays: client → haproxy in TCP mode (node-a) → haproxy in TCP mode (node-b) → server, the
+//!   same two process hops with nothing but a byte copy in them: the floor that waking and
+//!   crossing two more processes sets on this machine, which no proxy in their place goes under
+//!   (skipped when haproxy is not installed)
 //!
 //! Figures: single-stream throughput; 1 KiB request/response latency (p50, p99) at a fixed rate
 //! on one connection, measured from each request's scheduled time; new connections per second
 //! (connect, one 1 KiB exchange, close); CPU time of each ztunnel process per request (from
 //! /proc, during the latency phase); RSS of each ztunnel idle and per 1,000 open connections.
+//! For the relays: throughput, latency and CPU per request, and what the ztunnels add over them.
 //! Run with `cargo bench -p ztunnel`; `ZTUNNEL_BENCH_QUICK=1` shortens every phase (a smoke run).
 
 use std::io::{Read, Write};
@@ -23,8 +28,15 @@ use std::time::{Duration, Instant};
 
 use ztunnel::inpod::NetNs;
 
+#[path = "../tests/support/fabric.rs"]
+mod fabric;
+use fabric::sh;
+
 const SINK: u16 = 9001;
 const ECHO: u16 = 9002;
+/// The relays' ports: node-a's haproxy listens on `RELAY + port` and forwards to node-b's on
+/// `RELAY + 100 + port`, which forwards to the server's `port`.
+const RELAY: u16 = 1000;
 
 struct Scale {
     bulk: u64,
@@ -100,8 +112,9 @@ fn measure(top: &Topology, scale: &Scale) {
     spawn_sink(top);
     spawn_echo(top);
     let node = |i: usize| top.nodes.as_ref().map(|n| &n[i]);
-    let mut a = Ztunnel::start(&dir, "node-a", top.admin[0], node(0));
-    let mut b = Ztunnel::start(&dir, "node-b", top.admin[1], node(1));
+    let mut a = Process::ztunnel(&dir, "node-a", top.admin[0], node(0));
+    let mut b = Process::ztunnel(&dir, "node-b", top.admin[1], node(1));
+    let relays = Process::relays(&dir, top);
     std::thread::sleep(Duration::from_millis(300));
     let idle = (a.rss(), b.rss());
 
@@ -116,6 +129,17 @@ fn measure(top: &Topology, scale: &Scale) {
     let requests = (scale.rate * scale.seconds) as f64;
     let cpu_a = (a.cpu() - a0).as_secs_f64() * 1e6 / requests;
     let cpu_b = (b.cpu() - b0).as_secs_f64() * 1e6 / requests;
+
+    let relayed = relays.as_ref().map(|(ra, rb)| {
+        let bulk = throughput(|| via_relays(top, SINK), scale.bulk);
+        let (a0, b0) = (ra.cpu(), rb.cpu());
+        let lat = latency(via_relays(top, ECHO), scale.rate, scale.seconds);
+        let cpu = (
+            (ra.cpu() - a0).as_secs_f64() * 1e6 / requests,
+            (rb.cpu() - b0).as_secs_f64() * 1e6 / requests,
+        );
+        (bulk, lat, cpu)
+    });
 
     let direct_cps = connects(|| direct(top, echo), scale.connects);
     let mesh_cps = connects(|| via_mesh(top, echo), scale.connects);
@@ -147,6 +171,18 @@ fn measure(top: &Topology, scale: &Scale) {
         "{:>44}: {:9.0} /s direct, {:.0} /s through two ztunnels",
         "new connections (one exchange each)", direct_cps, mesh_cps
     );
+    if let Some((bulk, lat, cpu)) = relayed {
+        println!(
+            "{:>44}: {:9.2} Gbit/s, p50 {:.1} µs p99 {:.1} µs, CPU {:.1} / {:.1} µs per request",
+            "two haproxy TCP relays instead", bulk, lat.0, lat.1, cpu.0, cpu.1
+        );
+        println!(
+            "{:>44}: {:9.1} µs by the relays, {:.1} µs more by the ztunnels (mTLS, HTTP/2)",
+            "added p50, split",
+            lat.0 - direct_lat.0,
+            mesh_lat.0 - lat.0
+        );
+    }
     verdict(
         "throughput ratio, mesh / direct",
         mesh_bulk / direct_bulk,
@@ -198,6 +234,10 @@ fn measure(top: &Topology, scale: &Scale) {
     );
     a.stop();
     b.stop();
+    if let Some((mut ra, mut rb)) = relays {
+        ra.stop();
+        rb.stop();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -265,18 +305,6 @@ impl Drop for Node {
     }
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Runs `f` where `node` lives: in its namespace, or here.
 fn at<R: Send>(node: Option<&Node>, f: impl FnOnce() -> R + Send) -> R {
     match node {
@@ -327,22 +355,27 @@ status: {{podIP: {server}}}
     .expect("write");
 }
 
-struct Ztunnel {
+/// A ztunnel or a relay, each its own process in its node.
+struct Process {
     child: Child,
 }
 
-impl Ztunnel {
+/// `program`, run in `netns` if there is one.
+fn command_at(netns: Option<&Node>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+impl Process {
     /// Starts the ztunnel of `node` (in its namespace, if it has one) and waits until ready.
-    fn start(dir: &Path, node: &str, admin_ip: IpAddr, netns: Option<&Node>) -> Self {
-        let mut command = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_ztunnel")]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_ztunnel")),
-        };
-        let child = command
+    fn ztunnel(dir: &Path, node: &str, admin_ip: IpAddr, netns: Option<&Node>) -> Self {
+        let child = command_at(netns, env!("CARGO_BIN_EXE_ztunnel"))
             .args(["--log", "warn"])
             .args(["--admin", &format!("{admin_ip}:15000")])
             .args(["--metrics", &format!("{admin_ip}:15020")])
@@ -363,6 +396,68 @@ impl Ztunnel {
                 "ztunnel for {node} did not become ready"
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child }
+    }
+
+    /// node-a's and node-b's relays (haproxy in TCP mode, one thread each), started in their
+    /// nodes, or none when haproxy is not installed.
+    fn relays(dir: &Path, top: &Topology) -> Option<(Self, Self)> {
+        let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let node = |i: usize| top.nodes.as_ref().map(|n| &n[i]);
+        let at_a = |port: u16| SocketAddr::new(top.client, RELAY + port);
+        let at_b = |port: u16| SocketAddr::new(top.server, RELAY + 100 + port);
+        let server = |port: u16| SocketAddr::new(top.server, port);
+        let a = Self::relay(
+            dir,
+            haproxy,
+            node(0),
+            "a",
+            [SINK, ECHO].map(|p| (at_a(p), at_b(p))),
+        );
+        let b = Self::relay(
+            dir,
+            haproxy,
+            node(1),
+            "b",
+            [SINK, ECHO].map(|p| (at_b(p), server(p))),
+        );
+        Some((a, b))
+    }
+
+    /// A relay that forwards each `(listen, next)` pair's connections, waited for until it
+    /// listens.
+    fn relay(
+        dir: &Path,
+        haproxy: &str,
+        netns: Option<&Node>,
+        name: &str,
+        routes: [(SocketAddr, SocketAddr); 2],
+    ) -> Self {
+        let mut conf = String::from(
+            "global\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
+        );
+        for (i, (listen, next)) in routes.iter().enumerate() {
+            conf += &format!("listen l{i}\n  bind {listen}\n  server s {next}\n");
+        }
+        let file = dir.join(format!("haproxy-{name}.cfg"));
+        std::fs::write(&file, conf).expect("write haproxy config");
+        let child = command_at(netns, haproxy)
+            .args(["-db", "-f", &path(&file)])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (listen, _) in routes {
+            while at(netns, || TcpStream::connect(listen).is_err()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "relay {name} never listened on {listen}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Self { child }
     }
@@ -435,6 +530,11 @@ fn via_mesh(top: &Topology, addr: SocketAddr) -> TcpStream {
     s.read_exact(&mut reply).expect("socks reply");
     assert_eq!(reply[3], 0, "SOCKS5 refused the benchmark connection");
     s
+}
+
+/// Through node-a's relay for the server's `port`.
+fn via_relays(top: &Topology, port: u16) -> TcpStream {
+    direct(top, SocketAddr::new(top.client, RELAY + port))
 }
 
 /// A connection from the client's address (in the client's node).
