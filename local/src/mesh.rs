@@ -5,7 +5,8 @@
 //! no Kubernetes. A local CA issues every identity. Each workload with ports gets a sample
 //! backend that says who it is, so a request through the mesh shows which backend answered.
 //! Applications reach the mesh through each workload's SOCKS5 port (15080). Every waypoint
-//! Gateway with an instance pod gets a waypoint on that pod's address.
+//! Gateway with an instance pod gets a waypoint on that pod's address, except a sandwiched one
+//! (`ambient.istio.io/waypoint-inbound-binding`), which ztunnel feeds over PROXY protocol.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -112,7 +113,9 @@ impl LocalMesh {
         let mut waypoints = Vec::new();
         for w in snapshot.waypoints() {
             let has_instance = (w.instances.iter()).any(|&i| !snapshot.workload(i).ips.is_empty());
-            if !has_instance {
+            // A sandwiched waypoint (a third-party one fed over PROXY protocol) is its own
+            // process; ztunnel serves its pods like any workload's.
+            if !has_instance || w.inbound_binding.is_some() {
                 continue;
             }
             let server = WaypointServer::start(

@@ -375,3 +375,138 @@ async fn inbound_accepts_a_service_hostname_authority() {
     }
     mesh.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Reads a PROXY protocol v2 header: (source, destination, TLVs).
+async fn read_proxy_header(s: &mut TcpStream) -> (SocketAddr, SocketAddr, Vec<(u8, Vec<u8>)>) {
+    let mut fixed = [0u8; 16];
+    s.read_exact(&mut fixed).await.expect("PROXY header");
+    assert_eq!(&fixed[..12], b"\r\n\r\n\0\r\nQUIT\n", "v2 signature");
+    assert_eq!(fixed[12], 0x21, "version 2, command PROXY");
+    assert_eq!(fixed[13], 0x11, "TCP over IPv4");
+    let mut rest = vec![0u8; u16::from_be_bytes([fixed[14], fixed[15]]) as usize];
+    s.read_exact(&mut rest)
+        .await
+        .expect("PROXY addresses and TLVs");
+    let v4 = |b: &[u8]| IpAddr::from([b[0], b[1], b[2], b[3]]);
+    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let src = SocketAddr::new(v4(&rest[0..4]), port(&rest[8..10]));
+    let dst = SocketAddr::new(v4(&rest[4..8]), port(&rest[10..12]));
+    let mut tlvs = Vec::new();
+    let mut at = 12;
+    while at < rest.len() {
+        let len = port(&rest[at + 1..at + 3]) as usize;
+        tlvs.push((rest[at], rest[at + 3..at + 3 + len].to_vec()));
+        at += 3 + len;
+    }
+    (src, dst, tlvs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandwiched_waypoint_gets_its_tunnels_over_proxy_protocol() {
+    let dir = Dir::new(&mesh_yaml(
+        35,
+        r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: sandwich
+  namespace: app
+  annotations: {ambient.istio.io/waypoint-inbound-binding: PROXY/15088}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sandwich-0, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: sandwich}}
+spec: {nodeName: node-b, serviceAccountName: sandwich}
+status: {podIP: 127.35.2.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: app, labels: {istio.io/use-waypoint: sandwich}}
+spec: {clusterIP: 10.35.0.2, selector: {app: server}, ports: [{name: http, port: 9080, targetPort: http}]}
+"#,
+    ));
+    // The sandwiched waypoint (what kgateway or an Envoy waypoint would be): it takes PROXY
+    // connections on 15088, reports the header, and forwards the request to the service it was
+    // meant for through its own ztunnel, which must send it to an endpoint, not back here.
+    let waypoint = tokio::net::TcpListener::bind("127.35.2.9:15088")
+        .await
+        .expect("bind the waypoint's PROXY port");
+    let (headers_tx, mut headers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut downstream, _)) = waypoint.accept().await {
+            let header = read_proxy_header(&mut downstream).await;
+            let (dst, headers_tx) = (header.1, headers_tx.clone());
+            headers_tx.send(header).expect("test listens");
+            tokio::spawn(async move {
+                let (mut upstream, code) =
+                    socks(ip("127.35.2.9"), &dst.ip().to_string(), dst.port()).await;
+                assert_eq!(code, 0, "the waypoint's own ztunnel forwards to {dst}");
+                let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+            });
+        }
+    });
+    let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
+    assert!(
+        mesh.waypoints.is_empty(),
+        "a sandwiched waypoint is not ours to run"
+    );
+
+    // Client → its ztunnel → HBONE to the waypoint's pod → that node's ztunnel → PROXY → waypoint
+    // → the waypoint's ztunnel → HBONE → an endpoint.
+    let (s, code) = socks(ip("127.35.1.1"), "reviews.app.svc.cluster.local", 9080).await;
+    assert_eq!(code, 0, "the tunnel to the sandwiched waypoint is accepted");
+    let (src, dst, tlvs) = headers.recv().await.expect("a PROXY header");
+    assert_eq!(src.ip(), ip("127.35.1.1"), "the original client");
+    assert_eq!(
+        dst,
+        "10.35.0.2:9080".parse().unwrap(),
+        "the service VIP:port"
+    );
+    assert_eq!(
+        tlvs,
+        [(0xD0, b"spiffe://cluster.local/ns/app/sa/client".to_vec())],
+        "the client's identity"
+    );
+    let (_, response) = http_get(s, "/reviews").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("you asked for GET /reviews"),
+        "{response}"
+    );
+    assert!(response.contains("hello from app/server-"), "{response}");
+    let m = &mesh;
+    eventually("the waypoint's ztunnel to count the tunnel", || {
+        let labels = [
+            "reporter=\"destination\"",
+            "destination_workload=\"sandwich-0\"",
+            "destination_service=\"reviews.app.svc.cluster.local\"",
+            "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
+        ];
+        sum(&metrics(m), "istio_tcp_connections_closed_total", &labels) == 1.0
+    })
+    .await;
+
+    // ztunnel enforces the waypoint workload's L4 policies before handing a tunnel over.
+    dir.write(
+        "deny.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client-at-the-waypoint, namespace: app}
+spec:
+  selector: {matchLabels: {gateway.networking.k8s.io/gateway-name: sandwich}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/client]}}]}]
+"#,
+    );
+    eventually("the policy to apply", || m.store.snapshot().version() > 1).await;
+    let (_, code) = socks(ip("127.35.1.1"), "10.35.0.2", 9080).await;
+    assert_eq!(code, 2, "connection not allowed by ruleset");
+    assert!(
+        headers.try_recv().is_err(),
+        "a denied tunnel never reaches the waypoint"
+    );
+    mesh.shutdown(Duration::from_secs(1)).await;
+}

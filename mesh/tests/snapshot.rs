@@ -5,7 +5,7 @@ mod support;
 
 use std::net::IpAddr;
 
-use mesh::model::{Protocol, WaypointFor};
+use mesh::model::{AppTunnel, Protocol, WaypointFor};
 use mesh::resource::MtlsMode;
 use support::{BOOKINFO, problems, snapshot};
 
@@ -611,4 +611,65 @@ spec:
         "{w}"
     );
     assert!(!w.contains("at-the-waypoint"), "{w}");
+}
+
+#[test]
+fn a_sandwiched_waypoint_is_captured_with_its_proxy_binding() {
+    let yaml = |binding: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: app, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: sandwich
+  namespace: app
+  annotations: {{ambient.istio.io/waypoint-inbound-binding: "{binding}"}}
+spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: plain, namespace: app}}
+spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sandwich-0, namespace: app, labels: {{gateway.networking.k8s.io/gateway-name: sandwich}}}}
+spec: {{nodeName: node-a, serviceAccountName: sandwich}}
+status: {{podIP: 10.0.0.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: plain-0, namespace: app, labels: {{gateway.networking.k8s.io/gateway-name: plain}}}}
+spec: {{nodeName: node-a, serviceAccountName: plain}}
+status: {{podIP: 10.0.0.2}}
+"#
+        )
+    };
+    let s = snapshot(&yaml("PROXY/15088"));
+    let sandwiched = s.workload_by_ip("", ip("10.0.0.1")).expect("sandwich-0");
+    assert_eq!(sandwiched.protocol, Protocol::Hbone);
+    assert_eq!(sandwiched.app_tunnel, Some(AppTunnel { port: 15088 }));
+    let plain = s.workload_by_ip("", ip("10.0.0.2")).expect("plain-0");
+    assert_eq!(plain.protocol, Protocol::Tcp, "waypoints are not captured");
+    assert_eq!(plain.app_tunnel, None);
+
+    let s = snapshot(&yaml("NONE"));
+    let w = s.workload_by_ip("", ip("10.0.0.1")).expect("sandwich-0");
+    assert_eq!((w.protocol, w.app_tunnel), (Protocol::Tcp, None));
+
+    for bad in ["PROXY", "PROXY/0", "HBONE/15008", "PROXY/15088x"] {
+        let e = problems(&yaml(bad));
+        assert!(
+            e.problems()
+                .iter()
+                .any(|p| p.resource == "Gateway app/sandwich"
+                    && p.error.field
+                        == "metadata.annotations[ambient.istio.io/waypoint-inbound-binding]"),
+            "{bad}: {e}"
+        );
+    }
 }

@@ -16,6 +16,12 @@ pub enum Error {
         "waypoint {0} has no instance pod with an IP (label gateway.networking.k8s.io/gateway-name: <name>)"
     )]
     NoInstance(String),
+    /// The Gateway asks for a sandwiched waypoint, which ztunnel feeds over PROXY protocol; this
+    /// waypoint terminates HBONE itself.
+    #[error(
+        "waypoint {0} is sandwiched (ambient.istio.io/waypoint-inbound-binding: PROXY/<port>): its pods are captured and ztunnel hands it PROXY protocol connections, which this waypoint does not take; remove the annotation to let it terminate HBONE itself"
+    )]
+    Sandwiched(String),
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {

@@ -72,6 +72,9 @@ impl WaypointServer {
         let (_, waypoint) = snapshot
             .waypoint_by_name(&spec.name.namespace, &spec.name.name)
             .ok_or_else(|| Error::UnknownWaypoint(spec.name.to_string()))?;
+        if waypoint.inbound_binding.is_some() {
+            return Err(Error::Sandwiched(spec.name.to_string()));
+        }
         let instance = waypoint
             .instances
             .iter()

@@ -286,3 +286,47 @@ status: {{podIP: 127.{net}.2.4}}
     mesh.shutdown().await;
     server.abort();
 }
+
+#[tokio::test]
+async fn a_sandwiched_gateway_is_refused_with_the_reason() {
+    use hbone::{CertManager, MeshCa};
+    use mesh::{ConfigDir, Options, Store};
+    use waypoint::{Error, WaypointServer, WaypointSpec};
+
+    let dir = std::env::temp_dir().join(format!("waypoint-sandwich-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: sandwich
+  namespace: app
+  annotations: {ambient.istio.io/waypoint-inbound-binding: PROXY/15088}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sandwich-0, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: sandwich}}
+spec: {nodeName: node-a, serviceAccountName: sandwich}
+status: {podIP: 127.49.0.9}
+"#,
+    )
+    .expect("write");
+    let store = Store::open(&mut ConfigDir::new(&dir, Options::default())).expect("valid");
+    let ca = Arc::new(MeshCa::generate("cluster.local").expect("ca"));
+    let refused = WaypointServer::start(
+        store,
+        Arc::new(CertManager::new(ca)),
+        WaypointSpec::new("app", "sandwich"),
+        Arc::default(),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let Err(e) = refused else {
+        panic!("a sandwiched waypoint must not terminate HBONE itself")
+    };
+    assert!(matches!(e, Error::Sandwiched(_)), "{e}");
+    assert!(e.to_string().contains("PROXY/<port>"), "{e}");
+}

@@ -21,7 +21,7 @@ pub use service::{
     AppProtocol, Endpoint, Service, ServiceKind, ServicePort, Subset, SubsetEndpoints, Target,
 };
 pub use waypoint::{Waypoint, WaypointFor};
-pub use workload::{Protocol, Workload, WorkloadKind};
+pub use workload::{AppTunnel, Protocol, Workload, WorkloadKind};
 
 pub(crate) use labels::selector_matches;
 pub(crate) use plugin::lower_plugin;

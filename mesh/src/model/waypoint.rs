@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{PluginId, PolicyId, ServiceId, WorkloadId};
+use super::{AppTunnel, PluginId, PolicyId, ServiceId, WorkloadId};
 
 /// Label binding a resource to a waypoint.
 pub(crate) const USE_WAYPOINT: &str = "istio.io/use-waypoint";
@@ -24,6 +24,9 @@ pub(crate) const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 pub(crate) const FOR_SERVICE_ACCOUNT: &str = "istio.io/for-service-account";
 /// Label Istio puts on the pods of a Gateway deployment.
 pub(crate) const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+/// Annotation (on the Gateway) asking ztunnel to capture the waypoint's pods and hand it their
+/// inbound tunnels over PROXY protocol: `PROXY/<port>`.
+pub(crate) const INBOUND_BINDING: &str = "ambient.istio.io/waypoint-inbound-binding";
 /// The waypoint gateway class.
 pub(crate) const WAYPOINT_CLASS: &str = "istio-waypoint";
 
@@ -37,6 +40,9 @@ pub struct Waypoint {
     pub name: Arc<str>,
     /// Which traffic it intercepts.
     pub waypoint_for: WaypointFor,
+    /// Set when the waypoint is sandwiched: its pods are captured by ztunnel, which hands it
+    /// their inbound tunnels over PROXY protocol.
+    pub inbound_binding: Option<AppTunnel>,
     /// The Service in front of its instances (same name and namespace as the Gateway).
     pub service: Option<ServiceId>,
     /// Its pods (labelled `gateway.networking.k8s.io/gateway-name: <name>`).

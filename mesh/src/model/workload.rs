@@ -51,6 +51,9 @@ pub struct Workload {
     pub waypoint: Option<WaypointId>,
     /// Set when this workload is an instance of a waypoint.
     pub waypoint_instance: Option<WaypointId>,
+    /// Set when ztunnel hands this workload's inbound tunnels to one port with a PROXY header
+    /// instead of connecting to each tunnel's target (a waypoint sandwiched between ztunnels).
+    pub app_tunnel: Option<AppTunnel>,
     /// Services it is an endpoint of.
     pub services: Box<[ServiceId]>,
     /// Selector-scoped authorization policies that select it (namespace-wide and mesh-wide ones
@@ -86,6 +89,16 @@ impl Workload {
             .find(|ip| ip.is_ipv4() == like.is_ipv4())
             .or_else(|| self.ips.first().copied())
     }
+}
+
+/// A sandwiched waypoint's inbound: ztunnel terminates HBONE for the waypoint's pod and opens a
+/// connection to `port` on it for every tunnel, starting with a PROXY protocol v2 header that
+/// names the original client, the tunnel's target (the service `VIP:port` the waypoint routes)
+/// and the client's SPIFFE identity, since the waypoint no longer sees the mTLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AppTunnel {
+    /// The port the waypoint takes PROXY connections on (15088 by convention).
+    pub port: u16,
 }
 
 /// Which resource a workload came from.

@@ -15,9 +15,9 @@ use hbone::Identity;
 use super::{Index, Options, Snapshot};
 use crate::error::{ConfigError, FieldError, Invalid, Origin};
 use crate::model::{
-    self, Binding, Endpoint, Interner, Labels, Protocol, Service, ServiceId, ServiceKind,
-    ServicePort, Target, Waypoint, WaypointFor, WaypointId, WaypointLabels, Workload, WorkloadId,
-    WorkloadKind,
+    self, AppTunnel, Binding, Endpoint, Interner, Labels, Protocol, Service, ServiceId,
+    ServiceKind, ServicePort, Target, Waypoint, WaypointFor, WaypointId, WaypointLabels, Workload,
+    WorkloadId, WorkloadKind,
 };
 use crate::resource::{
     GatewaySpec, Located, Object, PodSpec, PodStatus, Resource, ServiceEntrySpec, ServiceSpec,
@@ -259,6 +259,26 @@ impl<'o> Builder<'o> {
                 );
                 continue;
             };
+            let binding = gw
+                .metadata
+                .annotations
+                .get(model::waypoint::INBOUND_BINDING);
+            let inbound_binding = match binding.map(|b| parse_inbound_binding(b)) {
+                None => None,
+                Some(Ok(binding)) => binding,
+                Some(Err(why)) => {
+                    self.invalid(
+                        origin,
+                        "Gateway",
+                        gw,
+                        FieldError::new(
+                            format!("metadata.annotations[{}]", model::waypoint::INBOUND_BINDING),
+                            why,
+                        ),
+                    );
+                    continue;
+                }
+            };
             if gw
                 .metadata
                 .annotations
@@ -306,6 +326,7 @@ impl<'o> Builder<'o> {
                 namespace,
                 name,
                 waypoint_for,
+                inbound_binding,
                 service: None,
                 instances: Box::default(),
                 services: Box::default(),
@@ -466,8 +487,12 @@ impl<'o> Builder<'o> {
             .labels
             .get(model::waypoint::GATEWAY_NAME)
             .and_then(|gw| self.waypoint_id(namespace, gw));
+        // A waypoint's pods are not captured, unless it is sandwiched: then ztunnel terminates
+        // their inbound HBONE and hands the tunnels over on the binding's port.
+        let app_tunnel =
+            waypoint_instance.and_then(|id| self.waypoints[id.index()].inbound_binding);
         let captured = !pod.spec.host_network
-            && waypoint_instance.is_none()
+            && (waypoint_instance.is_none() || app_tunnel.is_some())
             && !meta.annotations.contains_key(SIDECAR_STATUS)
             && self.enrolled(namespace, &meta.labels);
         let named_ports = pod
@@ -502,6 +527,10 @@ impl<'o> Builder<'o> {
             workload_name,
             waypoint_instance,
         ))
+        .map(|w| Workload {
+            app_tunnel: app_tunnel.filter(|_| w.protocol == Protocol::Hbone),
+            ..w
+        })
     }
 
     fn workload_entry(
@@ -699,6 +728,7 @@ impl<'o> Builder<'o> {
             canonical_revision: self.interner.get(&canonical_revision),
             waypoint: None,
             waypoint_instance,
+            app_tunnel: None,
             services: Box::default(),
             selected_policies: Box::default(),
             peer_authentication: None,
@@ -1227,4 +1257,22 @@ pub(super) fn by_name<S, T>(
 
 fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
+}
+
+/// `ambient.istio.io/waypoint-inbound-binding`: `PROXY/<port>` sandwiches the waypoint, `NONE`
+/// (or an empty value) leaves it as usual; PROXY is the only protocol ztunnel tunnels with.
+fn parse_inbound_binding(value: &str) -> Result<Option<AppTunnel>, String> {
+    if value.is_empty() || value.eq_ignore_ascii_case("NONE") {
+        return Ok(None);
+    }
+    let port = value
+        .strip_prefix("PROXY/")
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|&p| p != 0);
+    match port {
+        Some(port) => Ok(Some(AppTunnel { port })),
+        None => Err(format!(
+            "{value:?} is not valid; use PROXY/<port>, such as PROXY/15088"
+        )),
+    }
 }

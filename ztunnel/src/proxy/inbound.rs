@@ -1,5 +1,6 @@
 //! Inbound HBONE (15008): validate the target, refuse callers that bypass the destination's
-//! waypoint, authorize, connect to the application, copy.
+//! waypoint, authorize, connect to the application (or to a sandwiched waypoint's application
+//! tunnel), copy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,8 @@ use mesh::Snapshot;
 use mesh::authz::{Attributes, evaluate};
 use mesh::model::Workload;
 
-use super::Ctx;
 use super::connection::{ConnectionGuard, Direction, Ends};
+use super::{Ctx, app_tunnel};
 use crate::metrics::{Reporter, TcpLabels};
 
 /// The inbound handler of one workload.
@@ -37,16 +38,18 @@ impl Handler for Inbound {
         let peer = request.peer_addr();
         let peer_identity = request.peer_identity().clone();
         let source = snapshot.workload_by_ip(&workload.network, peer.ip());
+        let local = request.local_addr().ip();
+        // A sandwiched waypoint takes every tunnel on its application tunnel, whatever the
+        // target: it routes (and refuses) by target itself.
+        let app_tunnel = workload.app_tunnel;
         // A `hostname:port` authority (double HBONE, and peers that address services by name)
-        // names a service port this workload backs: its target port, on this workload.
+        // names a service port this workload backs: its target port, on this workload. For a
+        // sandwiched waypoint it names the service's VIP and port, which the waypoint routes.
         let by_host = match request.target() {
-            Authority::Host { host, port } => Some(host_target(
-                &snapshot,
-                workload,
-                host,
-                *port,
-                request.local_addr().ip(),
-            )),
+            Authority::Host { host, port } => Some(match app_tunnel {
+                None => host_target(&snapshot, workload, host, *port, local),
+                Some(_) => vip_target(&snapshot, host, *port, local),
+            }),
             Authority::Addr(_) => None,
         };
         let target = match &by_host {
@@ -59,6 +62,9 @@ impl Handler for Inbound {
         // `forwarded; host=`).
         let service = match &by_host {
             Some(Ok((service, _))) => Some(*service),
+            _ if app_tunnel.is_some() => target
+                .and_then(|t| snapshot.service_by_vip_port(t.ip(), t.port()))
+                .map(|(_, service, _)| service),
             _ => target.and_then(|t| {
                 workload
                     .services
@@ -97,7 +103,8 @@ impl Handler for Inbound {
             request.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
-        let Some(target) = target.filter(|t| workload.has_ip(t.ip())) else {
+        let Some(target) = target.filter(|t| app_tunnel.is_some() || workload.has_ip(t.ip()))
+        else {
             guard.failed(
                 "NR",
                 format!(
@@ -138,12 +145,30 @@ impl Handler for Inbound {
             request.refuse(StatusCode::UNAUTHORIZED);
             return;
         }
-        let mut app = match self.ctx.sockets.connect(workload, target).await {
+        let connected = match app_tunnel {
+            None => self.ctx.sockets.connect(workload, target).await,
+            Some(tunnel) => {
+                let at = SocketAddr::new(local, tunnel.port);
+                app_tunnel::open(
+                    &*self.ctx.sockets,
+                    workload,
+                    at,
+                    (peer, target),
+                    &peer_identity,
+                )
+                .await
+            }
+        };
+        let mut app = match connected {
             Ok(app) => app,
             Err(e) => {
+                let what = match app_tunnel {
+                    None => format!("the application at {target}"),
+                    Some(t) => format!("the waypoint's application tunnel on port {}", t.port),
+                };
                 guard.failed(
                     "CONNECT",
-                    format!("refused with 503: connecting to the application at {target}: {e}"),
+                    format!("refused with 503: connecting to {what}: {e}"),
                 );
                 request.refuse(StatusCode::SERVICE_UNAVAILABLE);
                 return;
@@ -178,7 +203,6 @@ impl Handler for Inbound {
     }
 }
 
-/// The port a service port lands on at `workload`.
 /// The service `host` names and where its port `port` lands on `workload` (at `local`, the
 /// address the tunnel arrived on), or why there is no such place.
 fn host_target<'s>(
@@ -201,6 +225,26 @@ fn host_target<'s>(
         Some(target) => Ok((service, SocketAddr::new(local, target))),
         None => Err(format!("{host}:{port} has no target port on this workload")),
     }
+}
+
+/// The service `host` names and its VIP (of `local`'s family when it has one) with `port`, for
+/// a sandwiched waypoint, which routes by VIP.
+fn vip_target<'s>(
+    snapshot: &'s Snapshot,
+    host: &str,
+    port: u16,
+    local: std::net::IpAddr,
+) -> Result<(&'s mesh::model::Service, SocketAddr), String> {
+    let Some((_, service)) = snapshot.service_by_host(host) else {
+        return Err(format!("no service has host {host}"));
+    };
+    if service.port(port).is_none() {
+        return Err(format!("{host} has no port {port}"));
+    }
+    let vip = (service.vips.iter().find(|v| v.is_ipv4() == local.is_ipv4()))
+        .or(service.vips.first())
+        .ok_or_else(|| format!("{host} has no VIP"))?;
+    Ok((service, SocketAddr::new(*vip, port)))
 }
 
 fn endpoint_port(port: &mesh::model::ServicePort, workload: &Workload) -> Option<u16> {
