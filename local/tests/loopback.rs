@@ -488,6 +488,49 @@ spec: {clusterIP: 10.35.0.2, selector: {app: server}, ports: [{name: http, port:
     })
     .await;
 
+    // A peer that names the service by hostname: the header carries its VIP; an unknown one
+    // is refused before the waypoint sees anything.
+    {
+        use std::sync::Arc;
+
+        use hbone::{Authority, CertManager, ConnectHeaders, ConnectRequest, Identity, Pool};
+
+        let pool = Pool::new(
+            Arc::new(CertManager::new(mesh.ca.clone())),
+            hbone::Config::default(),
+        );
+        let connect = |host: &str| ConnectRequest {
+            src: Identity::new("cluster.local", "app", "client").unwrap(),
+            dst_identities: vec![Identity::new("cluster.local", "app", "sandwich").unwrap()],
+            next_hop: "127.35.2.9:15008".parse().unwrap(),
+            authority: Authority::Host {
+                host: host.into(),
+                port: 9080,
+            },
+            headers: ConnectHeaders::default(),
+        };
+        let tunnel = pool
+            .connect(connect("reviews.app.svc.cluster.local"))
+            .await
+            .expect("a hostname authority is accepted");
+        let (_, dst, _) = headers.recv().await.expect("a PROXY header");
+        assert_eq!(
+            dst,
+            "10.35.0.2:9080".parse().unwrap(),
+            "the named service's VIP"
+        );
+        let (_, response) = http_get(tunnel, "/by-name").await;
+        assert!(
+            response.contains("you asked for GET /by-name"),
+            "{response}"
+        );
+        let e = pool
+            .connect(connect("ghost.app.svc.cluster.local"))
+            .await
+            .expect_err("no such service");
+        assert_eq!(e.status(), Some(http::StatusCode::SERVICE_UNAVAILABLE));
+    }
+
     // ztunnel enforces the waypoint workload's L4 policies before handing a tunnel over.
     dir.write(
         "deny.yaml",
