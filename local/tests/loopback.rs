@@ -10,6 +10,10 @@ use local::LocalMesh;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "../../ztunnel/tests/support/sandwich.rs"]
+mod sandwich;
+use sandwich::read_proxy_header;
+
 /// A scratch configuration directory, removed on drop.
 struct Dir(PathBuf);
 
@@ -376,57 +380,17 @@ async fn inbound_accepts_a_service_hostname_authority() {
     mesh.shutdown(Duration::from_secs(1)).await;
 }
 
-/// Reads a PROXY protocol v2 header: (source, destination, TLVs).
-async fn read_proxy_header(s: &mut TcpStream) -> (SocketAddr, SocketAddr, Vec<(u8, Vec<u8>)>) {
-    let mut fixed = [0u8; 16];
-    s.read_exact(&mut fixed).await.expect("PROXY header");
-    assert_eq!(&fixed[..12], b"\r\n\r\n\0\r\nQUIT\n", "v2 signature");
-    assert_eq!(fixed[12], 0x21, "version 2, command PROXY");
-    assert_eq!(fixed[13], 0x11, "TCP over IPv4");
-    let mut rest = vec![0u8; u16::from_be_bytes([fixed[14], fixed[15]]) as usize];
-    s.read_exact(&mut rest)
-        .await
-        .expect("PROXY addresses and TLVs");
-    let v4 = |b: &[u8]| IpAddr::from([b[0], b[1], b[2], b[3]]);
-    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let src = SocketAddr::new(v4(&rest[0..4]), port(&rest[8..10]));
-    let dst = SocketAddr::new(v4(&rest[4..8]), port(&rest[10..12]));
-    let mut tlvs = Vec::new();
-    let mut at = 12;
-    while at < rest.len() {
-        let len = port(&rest[at + 1..at + 3]) as usize;
-        tlvs.push((rest[at], rest[at + 3..at + 3 + len].to_vec()));
-        at += 3 + len;
-    }
-    (src, dst, tlvs)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandwiched_waypoint_gets_its_tunnels_over_proxy_protocol() {
-    let dir = Dir::new(&mesh_yaml(
-        35,
-        r#"
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: sandwich
-  namespace: app
-  annotations: {ambient.istio.io/waypoint-inbound-binding: PROXY/15088}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: sandwich-0, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: sandwich}}
-spec: {nodeName: node-b, serviceAccountName: sandwich}
-status: {podIP: 127.35.2.9}
+    let yaml = sandwich::waypoint_yaml("127.35.2.9")
+        + r#"
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: reviews, namespace: app, labels: {istio.io/use-waypoint: sandwich}}
 spec: {clusterIP: 10.35.0.2, selector: {app: server}, ports: [{name: http, port: 9080, targetPort: http}]}
-"#,
-    ));
+"#;
+    let dir = Dir::new(&mesh_yaml(35, &yaml));
     // The sandwiched waypoint (what kgateway or an Envoy waypoint would be): it takes PROXY
     // connections on 15088, reports the header, and forwards the request to the service it was
     // meant for through its own ztunnel, which must send it to an endpoint, not back here.

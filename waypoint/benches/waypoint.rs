@@ -37,6 +37,9 @@ use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
 use ztunnel::socket::Loopback;
 
+#[path = "../../ztunnel/benches/support/procfs.rs"]
+mod procfs;
+
 const CLIENT: &str = "127.52.1.1";
 const SERVER_1: &str = "127.52.2.1";
 const SERVER_2: &str = "127.52.2.2";
@@ -720,7 +723,7 @@ impl Process {
     }
 
     fn nginx(dir: &Path) -> Option<Self> {
-        let binary = which("nginx")?;
+        let binary = procfs::which("nginx")?;
         let conf = dir.join("nginx.conf");
         std::fs::write(
             &conf,
@@ -745,7 +748,7 @@ impl Process {
     }
 
     fn haproxy(dir: &Path) -> Option<Self> {
-        let binary = which("haproxy")?;
+        let binary = procfs::which("haproxy")?;
         let conf = dir.join("haproxy.cfg");
         std::fs::write(
             &conf,
@@ -766,29 +769,11 @@ impl Process {
     }
 
     fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        procfs::rss(self.child.id())
     }
 
-    /// User + system CPU time (clock ticks are 100 Hz on Linux).
     fn cpu(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, r)| r)
-            .split_whitespace()
-            .collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-            .sum();
-        Duration::from_millis(ticks * 10)
+        procfs::cpu(self.child.id())
     }
 
     fn stop(&mut self) {
@@ -802,13 +787,6 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
 }
 
 fn wait_listening(addr: SocketAddr) {

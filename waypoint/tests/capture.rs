@@ -14,18 +14,15 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hbone::{CertManager, MeshCa};
+use hbone::MeshCa;
 use mesh::{ConfigDir, Options, Store};
 use ztunnel::inpod::NetNs;
-use ztunnel::proxy::Ctx;
-use ztunnel::proxy::live::LiveConnections;
-use ztunnel::socket::InPod;
 
 #[path = "../../ztunnel/tests/support/fabric.rs"]
 mod fabric;
 mod support;
 
-use fabric::{Child, Fabric, assert_root, start_node, sum};
+use fabric::{Child, Fabric, Mesh, assert_root, start_node, sum};
 
 /// Pods `198.19.7.<n>`: the client (1) and `echo-v1` (2) on node-a, `echo-v2` (3) on node-b,
 /// and the waypoint's instance (4), which no ztunnel captures.
@@ -234,25 +231,19 @@ async fn captured_requests_are_routed_and_authorized_by_the_waypoint() {
     );
 
     // A ztunnel per node for the captured pods.
-    let metrics = Arc::new(ztunnel::metrics::Metrics::default());
-    let ctx = |sockets: Arc<InPod>| {
-        Arc::new(Ctx {
-            store: store.clone(),
-            certs: Arc::new(CertManager::new(ca.clone())),
-            metrics: metrics.clone(),
-            sockets,
-            live: Arc::new(LiveConnections::default()),
-            hbone: hbone::Config::default(),
-        })
+    let shared = Mesh {
+        store: store.clone(),
+        ca: ca.clone(),
+        metrics: Arc::default(),
     };
     let _node_a = start_node(
         &dir,
         "node-a",
-        ctx,
+        &shared,
         &[("client", &client), ("echo-v1", &echo_v1)],
     )
     .await;
-    let _node_b = start_node(&dir, "node-b", ctx, &[("echo-v2", &echo_v2)]).await;
+    let _node_b = start_node(&dir, "node-b", &shared, &[("echo-v2", &echo_v2)]).await;
 
     let waypoint_pod = Arc::new(waypoint_pod);
     let mut ready = Err(std::io::Error::other("not tried"));

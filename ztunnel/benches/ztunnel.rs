@@ -20,6 +20,7 @@
 //! For the relays: throughput, latency and CPU per request, and what the ztunnels add over them.
 //! Run with `cargo bench -p ztunnel`; `ZTUNNEL_BENCH_QUICK=1` shortens every phase (a smoke run).
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -30,6 +31,8 @@ use ztunnel::inpod::NetNs;
 
 #[path = "../tests/support/fabric.rs"]
 mod fabric;
+#[path = "support/procfs.rs"]
+mod procfs;
 use fabric::sh;
 
 const SINK: u16 = 9001;
@@ -361,11 +364,11 @@ struct Process {
 }
 
 /// `program`, run in `netns` if there is one.
-fn command_at(netns: Option<&Node>, program: &str) -> Command {
+fn command_at(netns: Option<&Node>, program: impl AsRef<OsStr>) -> Command {
     match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.name, program]);
+            c.args(["netns", "exec", &ns.name]).arg(program);
             c
         }
         None => Command::new(program),
@@ -403,23 +406,21 @@ impl Process {
     /// node-a's and node-b's relays (haproxy in TCP mode, one thread each), started in their
     /// nodes, or none when haproxy is not installed.
     fn relays(dir: &Path, top: &Topology) -> Option<(Self, Self)> {
-        let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
+        let haproxy = procfs::which("haproxy")?;
         let node = |i: usize| top.nodes.as_ref().map(|n| &n[i]);
         let at_a = |port: u16| SocketAddr::new(top.client, RELAY + port);
         let at_b = |port: u16| SocketAddr::new(top.server, RELAY + 100 + port);
         let server = |port: u16| SocketAddr::new(top.server, port);
         let a = Self::relay(
             dir,
-            haproxy,
+            &haproxy,
             node(0),
             "a",
             [SINK, ECHO].map(|p| (at_a(p), at_b(p))),
         );
         let b = Self::relay(
             dir,
-            haproxy,
+            &haproxy,
             node(1),
             "b",
             [SINK, ECHO].map(|p| (at_b(p), server(p))),
@@ -431,7 +432,7 @@ impl Process {
     /// listens.
     fn relay(
         dir: &Path,
-        haproxy: &str,
+        haproxy: &Path,
         netns: Option<&Node>,
         name: &str,
         routes: [(SocketAddr, SocketAddr); 2],
@@ -463,29 +464,11 @@ impl Process {
     }
 
     fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        procfs::rss(self.child.id())
     }
 
-    /// User + system CPU time (clock ticks are 100 Hz on Linux).
     fn cpu(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, r)| r)
-            .split_whitespace()
-            .collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-            .sum();
-        Duration::from_millis(ticks * 10)
+        procfs::cpu(self.child.id())
     }
 
     fn stop(&mut self) {

@@ -10,18 +10,18 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hbone::{CertManager, MeshCa};
+use hbone::MeshCa;
 use mesh::{ConfigDir, Options, Store};
 use prometheus_client::registry::Registry;
 use ztunnel::inpod::NetNs;
 use ztunnel::metrics::Metrics;
-use ztunnel::proxy::Ctx;
-use ztunnel::proxy::live::LiveConnections;
-use ztunnel::socket::InPod;
 
 #[path = "support/fabric.rs"]
 mod fabric;
-use fabric::{Child, Fabric, assert_root, start_node, sum};
+#[path = "support/sandwich.rs"]
+mod sandwich;
+use fabric::{Child, Fabric, Mesh, assert_root, start_node, sum};
+use sandwich::read_proxy_header;
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -168,24 +168,19 @@ async fn captured_pods_talk_through_hbone() {
     metrics.register(&mut registry);
 
     // One ztunnel per node, each with its own node agent (this test) over ZDS.
-    let ctx = |sockets: Arc<InPod>| {
-        Arc::new(Ctx {
-            store: store.clone(),
-            certs: Arc::new(CertManager::new(ca.clone())),
-            metrics: metrics.clone(),
-            sockets,
-            live: Arc::new(LiveConnections::default()),
-            hbone: hbone::Config::default(),
-        })
+    let shared = Mesh {
+        store: store.clone(),
+        ca: ca.clone(),
+        metrics: metrics.clone(),
     };
     let node_a = start_node(
         &dir,
         "node-a",
-        ctx,
+        &shared,
         &[("client", &client), ("echo-a", &echo_a)],
     )
     .await;
-    let node_b = start_node(&dir, "node-b", ctx, &[("echo-b", &echo_b)]).await;
+    let node_b = start_node(&dir, "node-b", &shared, &[("echo-b", &echo_b)]).await;
     assert_eq!(node_a.0.workloads().await.len(), 2);
     assert_eq!(node_b.0.workloads().await.len(), 1);
 
@@ -445,6 +440,102 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         sum(&text, "istio_tcp_connections_closed_total", &labels),
         2.0,
         "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A sandwiched waypoint (one that takes its tunnels over PROXY protocol, as kgateway's do) in a
+/// captured pod: the client's ztunnel sends the service's traffic to the waypoint's pod, whose
+/// ztunnel hands each tunnel to the binding port with a PROXY header; what the waypoint then
+/// sends on to the service is captured in its own pod and goes to an endpoint, not back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
+    assert_root();
+    let mut fabric = Fabric::new(std::process::id() % 10_000 + 20_000);
+    let client = Arc::new(fabric.pod(1));
+    let echo = fabric.pod(2);
+    let waypoint = Arc::new(fabric.pod(4));
+    echo_server(&echo, "echo-a");
+
+    let dir = std::env::temp_dir().join(format!("ztunnel-sandwich-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mesh: String = MESH
+        .split("---")
+        .filter(|doc| !doc.contains("echo-b") && !doc.contains("outsider"))
+        .collect::<Vec<_>>()
+        .join("---")
+        .replace(
+            "metadata: {name: echo, namespace: app}",
+            "metadata: {name: echo, namespace: app, labels: {istio.io/use-waypoint: sandwich}}",
+        )
+        + &sandwich::waypoint_yaml("198.19.7.4");
+    std::fs::write(dir.join("mesh.yaml"), mesh).expect("write");
+    let mut config = ConfigDir::new(&dir, Options::default());
+    let store = Store::open(&mut config).expect("config");
+    let shared = Mesh {
+        store,
+        ca: Arc::new(MeshCa::generate("cluster.local").expect("ca")),
+        metrics: Arc::default(),
+    };
+
+    // The waypoint: reads the header, reports it, and forwards to the target it names with an
+    // ordinary connection from its pod (which its pod's rules capture).
+    let listener = waypoint
+        .run_in(|| std::net::TcpListener::bind("0.0.0.0:15088"))
+        .expect("enter netns")
+        .expect("bind the PROXY port");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    let (headers_tx, mut headers) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let waypoint = waypoint.clone();
+        tokio::spawn(async move {
+            while let Ok((mut downstream, _)) = listener.accept().await {
+                let header = read_proxy_header(&mut downstream).await;
+                let dst = header.1;
+                headers_tx.send(header).expect("the test listens");
+                let waypoint = waypoint.clone();
+                tokio::spawn(async move {
+                    let upstream = tokio::task::spawn_blocking(move || {
+                        waypoint.run_in(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+                    })
+                    .await
+                    .expect("join")
+                    .expect("enter netns")
+                    .expect("the waypoint's own connection to the service");
+                    upstream.set_nonblocking(true).expect("nonblocking");
+                    let mut upstream =
+                        tokio::net::TcpStream::from_std(upstream).expect("tokio stream");
+                    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                });
+            }
+        });
+    }
+
+    let _node_a = start_node(
+        &dir,
+        "node-a",
+        &shared,
+        &[("client", &client), ("echo-a", &echo)],
+    )
+    .await;
+    let _node_b = start_node(&dir, "node-b", &shared, &[("sandwich-0", &waypoint)]).await;
+
+    let answer = exchange(client.clone(), "198.18.250.1:80", "ping")
+        .await
+        .expect("through the sandwiched waypoint");
+    assert_eq!(answer, "echo-a:ping");
+    let (src, dst, tlvs) = headers.try_recv().expect("the waypoint saw a PROXY header");
+    assert_eq!(src.ip().to_string(), "198.19.7.1", "the original client");
+    assert_eq!(dst.to_string(), "198.18.250.1:80", "the service VIP:port");
+    assert_eq!(
+        tlvs,
+        [(0xD0, b"spiffe://cluster.local/ns/app/sa/client".to_vec())],
+        "the client's identity"
+    );
+    assert!(
+        headers.try_recv().is_err(),
+        "the waypoint's own connection went to an endpoint, not back to the waypoint"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,10 +9,14 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use hbone::{CertManager, MeshCa};
+use mesh::Store;
 use ztunnel::Ztunnel;
 use ztunnel::inpod::zds::proto::WorkloadInfo;
 use ztunnel::inpod::{NetNs, PodRules, ZdsConnection, ZdsServer};
+use ztunnel::metrics::Metrics;
 use ztunnel::proxy::Ctx;
+use ztunnel::proxy::live::LiveConnections;
 use ztunnel::socket::InPod;
 
 /// The pods' subnet: pod `n` is `198.19.7.<n>`.
@@ -137,19 +141,30 @@ impl Drop for Child {
     }
 }
 
+/// What the nodes of one test share: the mesh's config, its CA, and one set of metrics.
+pub struct Mesh {
+    pub store: Arc<Store>,
+    pub ca: Arc<MeshCa>,
+    pub metrics: Arc<Metrics>,
+}
+
 /// One node's ztunnel, fed `pods` over ZDS by this test playing istio-cni.
 pub async fn start_node(
     dir: &Path,
     node: &str,
-    ctx: impl Fn(Arc<InPod>) -> Arc<Ctx>,
+    mesh: &Mesh,
     pods: &[(&str, &NetNs)],
 ) -> (Arc<Ztunnel>, ZdsServer, ZdsConnection) {
     let sockets = Arc::new(InPod::default());
-    let ztunnel = Arc::new(
-        Ztunnel::start(ctx(sockets.clone()), node)
-            .await
-            .expect("ztunnel"),
-    );
+    let ctx = Arc::new(Ctx {
+        store: mesh.store.clone(),
+        certs: Arc::new(CertManager::new(mesh.ca.clone())),
+        metrics: mesh.metrics.clone(),
+        sockets: sockets.clone(),
+        live: Arc::new(LiveConnections::default()),
+        hbone: hbone::Config::default(),
+    });
+    let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
     let uds = dir.join(format!("{node}.sock"));
     let server = ZdsServer::bind(&uds).expect("zds bind");
     {
