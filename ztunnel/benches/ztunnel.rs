@@ -17,6 +17,8 @@
 //! on one connection, measured from each request's scheduled time; new connections per second
 //! (connect, one 1 KiB exchange, close); CPU time of each ztunnel process per request (from
 //! /proc, during the latency phase); RSS of each ztunnel idle and per 1,000 open connections.
+//! The ztunnels run with their default two workers, then again with one worker each
+//! (`--worker-threads 1`, a current-thread runtime) for throughput, latency and CPU.
 //! For the relays: throughput, latency and CPU per request, and what the ztunnels add over them.
 //! Run with `cargo bench -p ztunnel`; `ZTUNNEL_BENCH_QUICK=1` shortens every phase (a smoke run).
 
@@ -37,6 +39,8 @@ use fabric::sh;
 
 const SINK: u16 = 9001;
 const ECHO: u16 = 9002;
+/// ztunnel's own default, stated so the figures say what they measured.
+const DEFAULT_WORKERS: u16 = 2;
 /// The relays' ports: node-a's haproxy listens on `RELAY + port` and forwards to node-b's on
 /// `RELAY + 100 + port`, which forwards to the server's `port`.
 const RELAY: u16 = 1000;
@@ -115,8 +119,13 @@ fn measure(top: &Topology, scale: &Scale) {
     spawn_sink(top);
     spawn_echo(top);
     let node = |i: usize| top.nodes.as_ref().map(|n| &n[i]);
-    let mut a = Process::ztunnel(&dir, "node-a", top.admin[0], node(0));
-    let mut b = Process::ztunnel(&dir, "node-b", top.admin[1], node(1));
+    let ztunnels = |workers: u16| {
+        (
+            Process::ztunnel(&dir, "node-a", top.admin[0], node(0), workers),
+            Process::ztunnel(&dir, "node-b", top.admin[1], node(1), workers),
+        )
+    };
+    let (mut a, mut b) = ztunnels(DEFAULT_WORKERS);
     let relays = Process::relays(&dir, top);
     std::thread::sleep(Duration::from_millis(300));
     let idle = (a.rss(), b.rss());
@@ -159,6 +168,20 @@ fn measure(top: &Topology, scale: &Scale) {
     drop(held);
     let per_conn =
         |before: u64, after: u64| (after.saturating_sub(before)) as f64 / scale.open as f64;
+    a.stop();
+    b.stop();
+
+    // The same ztunnels with one worker each, in their places.
+    let (mut a, mut b) = ztunnels(1);
+    let one_bulk = throughput(|| via_mesh(top, sink), scale.bulk);
+    let (a0, b0) = (a.cpu(), b.cpu());
+    let one_lat = latency(via_mesh(top, echo), scale.rate, scale.seconds);
+    let one_cpu = (
+        (a.cpu() - a0).as_secs_f64() * 1e6 / requests,
+        (b.cpu() - b0).as_secs_f64() * 1e6 / requests,
+    );
+    a.stop();
+    b.stop();
 
     println!();
     println!("{}:", top.name);
@@ -173,6 +196,15 @@ fn measure(top: &Topology, scale: &Scale) {
     println!(
         "{:>44}: {:9.0} /s direct, {:.0} /s through two ztunnels",
         "new connections (one exchange each)", direct_cps, mesh_cps
+    );
+    println!(
+        "{:>44}: {:9.2} Gbit/s, p50 {:.1} µs p99 {:.1} µs, CPU {:.1} / {:.1} µs per request",
+        "one worker each (ZTUNNEL_WORKER_THREADS=1)",
+        one_bulk,
+        one_lat.0,
+        one_lat.1,
+        one_cpu.0,
+        one_cpu.1
     );
     if let Some((bulk, lat, cpu)) = relayed {
         println!(
@@ -235,8 +267,6 @@ fn measure(top: &Topology, scale: &Scale) {
         "≤ 8",
         pb <= 8192.0,
     );
-    a.stop();
-    b.stop();
     if let Some((mut ra, mut rb)) = relays {
         ra.stop();
         rb.stop();
@@ -377,8 +407,15 @@ fn command_at(netns: Option<&Node>, program: impl AsRef<OsStr>) -> Command {
 
 impl Process {
     /// Starts the ztunnel of `node` (in its namespace, if it has one) and waits until ready.
-    fn ztunnel(dir: &Path, node: &str, admin_ip: IpAddr, netns: Option<&Node>) -> Self {
+    fn ztunnel(
+        dir: &Path,
+        node: &str,
+        admin_ip: IpAddr,
+        netns: Option<&Node>,
+        workers: u16,
+    ) -> Self {
         let child = command_at(netns, env!("CARGO_BIN_EXE_ztunnel"))
+            .args(["--worker-threads", &workers.to_string()])
             .args(["--log", "warn"])
             .args(["--admin", &format!("{admin_ip}:15000")])
             .args(["--metrics", &format!("{admin_ip}:15020")])

@@ -44,6 +44,16 @@ struct Cli {
     /// How long connections may take to finish after SIGTERM.
     #[arg(long, global = true, default_value = "30", value_name = "SECONDS")]
     drain_deadline: u64,
+    /// Data-plane worker threads. Two by default whatever the node's size, as upstream; with one,
+    /// the data plane runs on a single thread without work stealing.
+    #[arg(
+        long,
+        global = true,
+        env = "ZTUNNEL_WORKER_THREADS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    worker_threads: u16,
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,9 +89,28 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    runtime(cli.worker_threads.into())
+        .context("starting the data-plane runtime")?
+        .block_on(run(cli))
+}
+
+/// The data plane's runtime. One worker is the calling thread alone (a current-thread runtime),
+/// whose scheduler does less per task than the work-stealing pool: the cheaper choice on a small
+/// node, where ztunnel shares its cores with the pods.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    builder.enable_all().thread_name("ztunnel-worker").build()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let set_log_level = admin::logging(cli.log.as_deref(), "info");
     let addrs = AdminAddrs {
         admin: cli.admin,
@@ -222,5 +251,31 @@ async fn cni(uds: &std::path::Path, pods: &[String]) -> anyhow::Result<()> {
         conn.snapshot_sent().await?;
         // Keep the connection until ztunnel goes away, then wait for the next one.
         let _ = conn.closed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::*;
+
+    #[test]
+    fn worker_threads_choose_the_runtime() {
+        let one = runtime(1).expect("runtime");
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        let three = runtime(3).expect("runtime");
+        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(three.metrics().num_workers(), 3);
+    }
+
+    #[test]
+    fn worker_threads_default_to_two_and_refuse_zero() {
+        let run = ["ztunnel", "cni", "--uds", "/x", "--pod", "a/b=/c"];
+        let cli = Cli::try_parse_from(run).expect("parses");
+        assert_eq!(cli.worker_threads, 2);
+        let zero = Cli::try_parse_from(run.iter().copied().chain(["--worker-threads", "0"]));
+        let error = zero.expect_err("zero workers").to_string();
+        assert!(error.contains("--worker-threads"), "{error}");
     }
 }

@@ -386,8 +386,10 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
             .spawn()
             .expect("ztunnel cni"),
     );
+    // One worker, as on a small node: the data plane on a current-thread runtime.
     let _ztunnel = Child(
         Command::new(binary)
+            .env("ZTUNNEL_WORKER_THREADS", "1")
             .args(["--log", "info"])
             .args(["--admin", "127.77.0.1:15000"])
             .args(["--metrics", "127.77.0.1:15020"])
