@@ -96,9 +96,9 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(cli))
 }
 
-/// The data plane's runtime. One worker is the calling thread alone (a current-thread runtime),
-/// whose scheduler does less per task than the work-stealing pool: the cheaper choice on a small
-/// node, where ztunnel shares its cores with the pods.
+/// The data plane's runtime. One worker is the calling thread alone (a current-thread runtime,
+/// which schedules without the work-stealing pool's bookkeeping), for a small node where ztunnel
+/// shares its cores with the pods.
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
