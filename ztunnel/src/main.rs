@@ -58,7 +58,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs one ztunnel for one node on loopback workload addresses.
+    /// Runs one ztunnel for one node: on its workloads' loopback addresses, or inside each pod
+    /// the node agent announces (`--inpod-uds`).
     Run {
         /// The configuration directory (watched).
         #[arg(long)]
@@ -271,9 +272,18 @@ mod tests {
 
     #[test]
     fn worker_threads_default_to_two_and_refuse_zero() {
+        // The declared default, whatever ZTUNNEL_WORKER_THREADS says in this environment.
+        let command = <Cli as clap::CommandFactory>::command();
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_id() == "worker_threads")
+            .expect("the option");
+        assert_eq!(arg.get_default_values(), ["2"]);
+        assert_eq!(
+            arg.get_env(),
+            Some(std::ffi::OsStr::new("ZTUNNEL_WORKER_THREADS"))
+        );
         let run = ["ztunnel", "cni", "--uds", "/x", "--pod", "a/b=/c"];
-        let cli = Cli::try_parse_from(run).expect("parses");
-        assert_eq!(cli.worker_threads, 2);
         let zero = Cli::try_parse_from(run.iter().copied().chain(["--worker-threads", "0"]));
         let error = zero.expect_err("zero workers").to_string();
         assert!(error.contains("--worker-threads"), "{error}");

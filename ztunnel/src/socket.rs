@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -28,6 +28,9 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting;
     /// The dialer of `workload`'s HBONE pool.
     fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial>;
+    /// Where a sandwiched waypoint, reached on `local` (the address its tunnel came to), takes
+    /// its tunnels on `port` (see `proxy::app_tunnel`).
+    fn app_tunnel_addr(&self, local: IpAddr, port: u16) -> SocketAddr;
     /// Whether traffic is captured, so the transparent listeners (15001, 15006) receive any.
     fn captures(&self) -> bool;
     /// Whether sockets can be made for `workload` yet (in-pod: its namespace has arrived).
@@ -57,6 +60,11 @@ impl SocketFactory for Loopback {
 
     fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
         Arc::new(FromAddress(workload.ips.first().copied()))
+    }
+
+    /// The workload's own address: on this host nothing but the address tells workloads apart.
+    fn app_tunnel_addr(&self, local: IpAddr, port: u16) -> SocketAddr {
+        SocketAddr::new(local, port)
     }
 
     fn captures(&self) -> bool {
@@ -133,6 +141,17 @@ impl SocketFactory for InPod {
 
     fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
         Arc::new(InPodDial(self.netns(&workload.uid).ok()))
+    }
+
+    /// The pod's loopback, as upstream does: only something inside the pod's namespace (its
+    /// ztunnel's sockets) reaches a waypoint listening there, so no caller can hand it a PROXY
+    /// header with an identity of its choosing.
+    fn app_tunnel_addr(&self, local: IpAddr, port: u16) -> SocketAddr {
+        let loopback: IpAddr = match local {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        };
+        SocketAddr::new(loopback, port)
     }
 
     fn captures(&self) -> bool {

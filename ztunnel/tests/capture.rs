@@ -86,12 +86,16 @@ fn echo_server(netns: &NetNs, name: &'static str) {
 
 /// Connects from inside `netns` (an ordinary, unmarked socket), sends `msg` and returns the
 /// answer, or the error.
-async fn exchange(netns: Arc<NetNs>, dst: &str, msg: &'static str) -> std::io::Result<String> {
+async fn exchange(
+    netns: Arc<NetNs>,
+    dst: &str,
+    msg: impl AsRef<[u8]> + Send + 'static,
+) -> std::io::Result<String> {
     let dst: SocketAddr = dst.parse().expect("addr");
     tokio::task::spawn_blocking(move || {
         let mut s = netns.run_in(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))??;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(msg.as_bytes())?;
+        s.write_all(msg.as_ref())?;
         let mut buf = [0u8; 4096];
         let n = s.read(&mut buf)?;
         if n == 0 {
@@ -366,7 +370,7 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     std::fs::create_dir_all(&config).expect("mkdir");
     let node_a_only: String = MESH
         .split("---")
-        .filter(|doc| !doc.contains("echo-b") && !doc.contains("outsider"))
+        .filter(|doc| !doc.contains("echo-b"))
         .collect::<Vec<_>>()
         .join("---")
         .replace("name: echo-a", "name: echo");
@@ -453,17 +457,19 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
     assert_root();
-    let mut fabric = Fabric::new(std::process::id() % 10_000 + 20_000);
+    // Tags apart from the other capture tests' (this file's and the waypoint's).
+    let mut fabric = Fabric::new(std::process::id() % 10_000 + 30_000);
     let client = Arc::new(fabric.pod(1));
     let echo = fabric.pod(2);
     let waypoint = Arc::new(fabric.pod(4));
+    let outsider = Arc::new(fabric.pod(9));
     echo_server(&echo, "echo-a");
 
     let dir = std::env::temp_dir().join(format!("ztunnel-sandwich-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
     let mesh: String = MESH
         .split("---")
-        .filter(|doc| !doc.contains("echo-b") && !doc.contains("outsider"))
+        .filter(|doc| !doc.contains("echo-b"))
         .collect::<Vec<_>>()
         .join("---")
         .replace(
@@ -480,8 +486,10 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
         metrics: Arc::default(),
     };
 
-    // The waypoint: reads the header, reports it, and forwards to the target it names with an
-    // ordinary connection from its pod (which its pod's rules capture).
+    // The waypoint: reads the header, reports it with the connection's source, and forwards to
+    // the target it names with an ordinary connection from its pod (which its pod's rules
+    // capture). It listens on every address, as a careless waypoint might; ztunnel comes to it
+    // on the pod's loopback.
     let listener = waypoint
         .run_in(|| std::net::TcpListener::bind("0.0.0.0:15088"))
         .expect("enter netns")
@@ -492,10 +500,10 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
     {
         let waypoint = waypoint.clone();
         tokio::spawn(async move {
-            while let Ok((mut downstream, _)) = listener.accept().await {
+            while let Ok((mut downstream, from)) = listener.accept().await {
                 let header = read_proxy_header(&mut downstream).await;
                 let dst = header.1;
-                headers_tx.send(header).expect("the test listens");
+                headers_tx.send((from, header)).expect("the test listens");
                 let waypoint = waypoint.clone();
                 tokio::spawn(async move {
                     let upstream = tokio::task::spawn_blocking(move || {
@@ -527,7 +535,12 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
         .await
         .expect("through the sandwiched waypoint");
     assert_eq!(answer, "echo-a:ping");
-    let (src, dst, tlvs) = headers.try_recv().expect("the waypoint saw a PROXY header");
+    let (from, (src, dst, tlvs)) = headers.try_recv().expect("the waypoint saw a PROXY header");
+    assert_eq!(
+        from.ip().to_string(),
+        "127.0.0.1",
+        "over the pod's loopback"
+    );
     assert_eq!(src.ip().to_string(), "198.19.7.1", "the original client");
     assert_eq!(dst.to_string(), "198.18.250.1:80", "the service VIP:port");
     assert_eq!(
@@ -535,9 +548,26 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
         [(0xD0, b"spiffe://cluster.local/ns/app/sa/client".to_vec())],
         "the client's identity"
     );
+
+    // A caller outside the mesh that reaches the pod's address in plaintext, header in hand,
+    // claiming the client's identity: its ztunnel refuses it before the waypoint reads a byte.
+    let identity = b"spiffe://cluster.local/ns/app/sa/client";
+    let mut forged = b"\r\n\r\n\0\r\nQUIT\n\x21\x11".to_vec();
+    forged.extend_from_slice(&((12 + 3 + identity.len()) as u16).to_be_bytes());
+    forged.extend_from_slice(&[10, 1, 1, 1, 10, 2, 2, 2, 0x10, 0x10, 0x20, 0x20]);
+    forged.push(0xD0);
+    forged.extend_from_slice(&(identity.len() as u16).to_be_bytes());
+    forged.extend_from_slice(identity);
+    assert!(
+        exchange(outsider, "198.19.7.4:15088", forged)
+            .await
+            .is_err(),
+        "plaintext to the PROXY port is refused"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         headers.try_recv().is_err(),
-        "the waypoint's own connection went to an endpoint, not back to the waypoint"
+        "the waypoint never saw the forged header"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -37,14 +37,20 @@ pub(super) async fn open(
     (src, dst): (SocketAddr, SocketAddr),
     client: &Identity,
 ) -> io::Result<TcpStream> {
+    let header = proxy_header(src, dst, client)?;
     let mut stream = sockets.connect(workload, at).await?;
-    stream.write_all(&proxy_header(src, dst, client)).await?;
+    stream.write_all(&header).await?;
     Ok(stream)
 }
 
 /// The header for a connection from `src` to `dst` made by `client`. Mixed families are written
-/// as IPv6, with the IPv4 address mapped.
-pub(super) fn proxy_header(src: SocketAddr, dst: SocketAddr, client: &Identity) -> Vec<u8> {
+/// as IPv6, with the IPv4 address mapped. An identity too long for the header's 16-bit lengths
+/// is an error.
+pub(super) fn proxy_header(
+    src: SocketAddr,
+    dst: SocketAddr,
+    client: &Identity,
+) -> io::Result<Vec<u8>> {
     let mut addresses = Vec::with_capacity(36);
     let family = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -61,20 +67,28 @@ pub(super) fn proxy_header(src: SocketAddr, dst: SocketAddr, client: &Identity) 
     addresses.extend_from_slice(&src.port().to_be_bytes());
     addresses.extend_from_slice(&dst.port().to_be_bytes());
     let identity = client.to_string();
-    let identity_len =
-        u16::try_from(identity.len()).expect("a SPIFFE ID is far shorter than 64 KiB");
-    let len = addresses.len() + 3 + identity.len();
+    let too_long = |_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "client identity of {} bytes does not fit a PROXY header",
+                identity.len()
+            ),
+        )
+    };
+    let identity_len = u16::try_from(identity.len()).map_err(too_long)?;
+    let len = u16::try_from(addresses.len() + 3 + identity.len()).map_err(too_long)?;
 
-    let mut header = Vec::with_capacity(16 + len);
+    let mut header = Vec::with_capacity(16 + usize::from(len));
     header.extend_from_slice(&SIGNATURE);
     header.push(V2_PROXY);
     header.push(family);
-    header.extend_from_slice(&(len as u16).to_be_bytes());
+    header.extend_from_slice(&len.to_be_bytes());
     header.extend_from_slice(&addresses);
     header.push(TLV_PEER_IDENTITY);
     header.extend_from_slice(&identity_len.to_be_bytes());
     header.extend_from_slice(identity.as_bytes());
-    header
+    Ok(header)
 }
 
 fn v6(ip: IpAddr) -> std::net::Ipv6Addr {
@@ -99,7 +113,8 @@ mod tests {
             "10.0.0.7:40000".parse().unwrap(),
             "10.96.0.10:9080".parse().unwrap(),
             &client(),
-        );
+        )
+        .unwrap();
         let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11".to_vec();
         want.extend_from_slice(&((12 + 3 + id.len()) as u16).to_be_bytes());
         want.extend_from_slice(&[10, 0, 0, 7, 10, 96, 0, 10]);
@@ -117,7 +132,8 @@ mod tests {
             "[fd00::7]:40000".parse().unwrap(),
             "[fd00:96::10]:9080".parse().unwrap(),
             &client(),
-        );
+        )
+        .unwrap();
         assert_eq!(header[13], TCP6);
         let len = u16::from_be_bytes([header[14], header[15]]) as usize;
         assert_eq!(header.len(), 16 + len);
@@ -131,7 +147,8 @@ mod tests {
             "10.0.0.7:1".parse().unwrap(),
             "[fd00:96::10]:2".parse().unwrap(),
             &client(),
-        );
+        )
+        .unwrap();
         assert_eq!(mixed[13], TCP6);
         assert_eq!(
             &mixed[16..32],
@@ -140,5 +157,18 @@ mod tests {
                 .unwrap()
                 .octets()
         );
+    }
+
+    #[test]
+    fn an_identity_too_long_for_the_header_is_an_error() {
+        let long = Identity::new("cluster.local", "app", &"a".repeat(65_500)).unwrap();
+        let error = proxy_header(
+            "10.0.0.7:1".parse().unwrap(),
+            "10.96.0.10:2".parse().unwrap(),
+            &long,
+        )
+        .expect_err("the header's length field is 16 bits");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        assert!(error.to_string().contains("65533 bytes"), "{error}");
     }
 }

@@ -148,7 +148,7 @@ impl Handler for Inbound {
         let connected = match app_tunnel {
             None => self.ctx.sockets.connect(workload, target).await,
             Some(tunnel) => {
-                let at = SocketAddr::new(local, tunnel.port);
+                let at = self.ctx.sockets.app_tunnel_addr(local, tunnel.port);
                 app_tunnel::open(
                     &*self.ctx.sockets,
                     workload,

@@ -1,6 +1,7 @@
 //! Inbound plaintext (15006): captured TCP to a local workload that did not come over HBONE
 //! (a caller outside the mesh). Authorization runs with no peer identity, so a STRICT
-//! PeerAuthentication refuses it, and so does any policy that needs a principal.
+//! PeerAuthentication refuses it, and so does any policy that needs a principal. A sandwiched
+//! waypoint's PROXY port is refused outright.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +53,18 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         ..Ends::default()
     };
     let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Inbound, ends);
+    // A sandwiched waypoint trusts the PROXY header on its binding port: only ztunnel may write
+    // one, after terminating the caller's mTLS.
+    if workload
+        .app_tunnel
+        .is_some_and(|tunnel| tunnel.port == target.port())
+    {
+        guard.failed(
+            "DENY",
+            "plaintext refused: the sandwiched waypoint's PROXY port takes tunnels from ztunnel only",
+        );
+        return;
+    }
     if snapshot.mtls_mode(workload, target.port()) == MtlsMode::Strict {
         guard.failed(
             "DENY",
