@@ -216,17 +216,20 @@ async fn captured_pods_talk_through_hbone() {
         .expect("plaintext");
     assert_eq!(answer, "echo-a:plain");
 
-    let m = &registry;
-    for _ in 0..100 {
-        if sum(
-            &metrics_text(m),
+    // Each ztunnel counts a connection when it closes, after the client has its answer: wait for
+    // both reporters (the 20 VIP connections, and at the destination the pod-IP one too).
+    let closed = |reporter: &str| {
+        sum(
+            &metrics_text(&registry),
             "istio_tcp_connections_closed_total",
             &[
-                "reporter=\"destination\"",
+                reporter,
                 "destination_service=\"echo.app.svc.cluster.local\"",
             ],
-        ) >= 20.0
-        {
+        )
+    };
+    for _ in 0..100 {
+        if closed("reporter=\"source\"") >= 20.0 && closed("reporter=\"destination\"") >= 21.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
