@@ -382,7 +382,7 @@ async fn inbound_accepts_a_service_hostname_authority() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandwiched_waypoint_gets_its_tunnels_over_proxy_protocol() {
-    let yaml = sandwich::waypoint_yaml("127.35.2.9")
+    let yaml = sandwich::waypoint_yaml("127.35.2.9", sandwich::Binding::OnGateway)
         + r#"
 ---
 apiVersion: v1

@@ -652,7 +652,7 @@ status: {{podIP: 10.0.0.2}}
     let s = snapshot(&yaml("PROXY/15088"));
     let sandwiched = s.workload_by_ip("", ip("10.0.0.1")).expect("sandwich-0");
     assert_eq!(sandwiched.protocol, Protocol::Hbone);
-    assert_eq!(sandwiched.app_tunnel, Some(AppTunnel { port: 15088 }));
+    assert_eq!(sandwiched.app_tunnel, Some(AppTunnel { port: Some(15088) }));
     let plain = s.workload_by_ip("", ip("10.0.0.2")).expect("plain-0");
     assert_eq!(plain.protocol, Protocol::Tcp, "waypoints are not captured");
     assert_eq!(plain.app_tunnel, None);
@@ -661,7 +661,18 @@ status: {{podIP: 10.0.0.2}}
     let w = s.workload_by_ip("", ip("10.0.0.1")).expect("sandwich-0");
     assert_eq!((w.protocol, w.app_tunnel), (Protocol::Tcp, None));
 
-    for bad in ["PROXY", "PROXY/0", "HBONE/15008", "PROXY/15088x"] {
+    // No port: each tunnel goes to its own target port.
+    let s = snapshot(&yaml("PROXY"));
+    let w = s.workload_by_ip("", ip("10.0.0.1")).expect("sandwich-0");
+    assert_eq!(w.app_tunnel, Some(AppTunnel { port: None }));
+
+    for bad in [
+        "PROXY/0",
+        "HBONE/15008",
+        "PROXY/15088x",
+        "NONE/15088",
+        "proxy",
+    ] {
         let e = problems(&yaml(bad));
         assert!(
             e.problems()
@@ -672,4 +683,101 @@ status: {{podIP: 10.0.0.2}}
             "{bad}: {e}"
         );
     }
+}
+
+/// kgateway's waypoints: the binding sits on their GatewayClass, and their Gateways are of that
+/// class, not istio-waypoint. A Gateway's own annotation wins over its class's; a Gateway of a
+/// class without a binding is no waypoint; a malformed class binding names the class.
+#[test]
+fn a_gateway_class_binding_makes_its_gateways_sandwiched_waypoints() {
+    let yaml = |class_binding: &str, own: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: app, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: kgateway-waypoint
+  annotations: {{ambient.istio.io/waypoint-inbound-binding: "{class_binding}"}}
+spec: {{controllerName: kgateway.dev/kgateway, description: waypoints}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: kgateway}}
+spec: {{controllerName: kgateway.dev/kgateway}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: kg, namespace: app{own}}}
+spec:
+  gatewayClassName: kgateway-waypoint
+  listeners:
+  - {{name: proxy, port: 15088, protocol: istio.io/PROXY, allowedRoutes: {{namespaces: {{from: All}}}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: ingress, namespace: app}}
+spec: {{gatewayClassName: kgateway, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: other, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: svc, namespace: other, labels: {{istio.io/use-waypoint: kg, istio.io/use-waypoint-namespace: app}}}}
+spec: {{clusterIP: 10.96.1.1, ports: [{{port: 80}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: kg-0, namespace: app, labels: {{gateway.networking.k8s.io/gateway-name: kg}}}}
+spec: {{nodeName: node-a, serviceAccountName: kg}}
+status: {{podIP: 10.0.0.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: ingress-0, namespace: app, labels: {{gateway.networking.k8s.io/gateway-name: ingress}}}}
+spec: {{nodeName: node-a, serviceAccountName: ingress}}
+status: {{podIP: 10.0.0.2}}
+"#
+        )
+    };
+    let s = snapshot(&yaml("PROXY/15088", ""));
+    let (_, kg) = s
+        .waypoint_by_name("app", "kg")
+        .expect("a waypoint, by its class's binding");
+    assert_eq!(kg.inbound_binding, Some(AppTunnel { port: Some(15088) }));
+    let (_, svc) = s.service_by_vip(ip("10.96.1.1")).expect("svc");
+    assert_eq!(
+        s.service_waypoint(svc).map(|w| &*w.name),
+        Some("kg"),
+        "admitted by the listener the binding names (it has no HBONE listener)"
+    );
+    let w = s.workload_by_ip("", ip("10.0.0.1")).expect("kg-0");
+    assert_eq!(
+        (w.protocol, w.app_tunnel),
+        (Protocol::Hbone, Some(AppTunnel { port: Some(15088) }))
+    );
+    assert!(
+        s.waypoint_by_name("app", "ingress").is_none(),
+        "a class without a binding makes no waypoint"
+    );
+
+    let own = ", annotations: {ambient.istio.io/waypoint-inbound-binding: PROXY/16000}";
+    let s = snapshot(&yaml("PROXY/15088", own));
+    let (_, kg) = s.waypoint_by_name("app", "kg").expect("kg");
+    assert_eq!(kg.inbound_binding, Some(AppTunnel { port: Some(16000) }));
+
+    let e = problems(&yaml("PROXY/x", ""));
+    assert!(
+        e.problems()
+            .iter()
+            .any(|p| p.resource == "GatewayClass kgateway-waypoint"
+                && p.error.field
+                    == "metadata.annotations[ambient.istio.io/waypoint-inbound-binding]"),
+        "{e}"
+    );
 }

@@ -453,10 +453,11 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A sandwiched waypoint (one that takes its tunnels over PROXY protocol, as kgateway's do) in a
-/// captured pod: the client's ztunnel sends the service's traffic to the waypoint's pod, whose
-/// ztunnel hands each tunnel to the binding port with a PROXY header; what the waypoint then
-/// sends on to the service is captured in its own pod and goes to an endpoint, not back to it.
+/// A sandwiched waypoint (one that takes its tunnels over PROXY protocol) in a captured pod, bound
+/// as kgateway's are: its GatewayClass says `PROXY` with no port, so each tunnel comes to the
+/// port it targets. The client's ztunnel sends the service's traffic to the waypoint's pod,
+/// whose ztunnel hands each tunnel over with a PROXY header; what the waypoint then sends on to
+/// the service is captured in its own pod and goes to an endpoint, not back to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
     assert_root();
@@ -479,7 +480,7 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
             "metadata: {name: echo, namespace: app}",
             "metadata: {name: echo, namespace: app, labels: {istio.io/use-waypoint: sandwich}}",
         )
-        + &sandwich::waypoint_yaml("198.19.7.4");
+        + &sandwich::waypoint_yaml("198.19.7.4", sandwich::Binding::OnClassWithoutPort);
     std::fs::write(dir.join("mesh.yaml"), mesh).expect("write");
     let mut config = ConfigDir::new(&dir, Options::default());
     let store = Store::open(&mut config).expect("config");
@@ -491,10 +492,10 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
 
     // The waypoint: reads the header, reports it with the connection's source, and forwards to
     // the target it names with an ordinary connection from its pod (which its pod's rules
-    // capture). It listens on every address, as a careless waypoint might; ztunnel comes to it
-    // on the pod's loopback.
+    // capture). It listens on the service's port, on every address, as a careless waypoint
+    // might; ztunnel comes to it on the pod's loopback.
     let listener = waypoint
-        .run_in(|| std::net::TcpListener::bind("0.0.0.0:15088"))
+        .run_in(|| std::net::TcpListener::bind("0.0.0.0:80"))
         .expect("enter netns")
         .expect("bind the PROXY port");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -562,9 +563,7 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
     forged.extend_from_slice(&(identity.len() as u16).to_be_bytes());
     forged.extend_from_slice(identity);
     assert!(
-        exchange(outsider, "198.19.7.4:15088", forged)
-            .await
-            .is_err(),
+        exchange(outsider, "198.19.7.4:80", forged).await.is_err(),
         "plaintext to the PROXY port is refused"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;

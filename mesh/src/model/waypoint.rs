@@ -1,7 +1,7 @@
 //! Waypoints and which traffic they serve.
 //!
-//! A waypoint is a `Gateway` of class `istio-waypoint`. Resources opt into one with the
-//! `istio.io/use-waypoint` label on a Namespace, Service, ServiceEntry, Pod or WorkloadEntry; the
+//! A waypoint is a `Gateway` of class `istio-waypoint`, or a sandwiched one of any class.
+//! Resources opt into one with the `istio.io/use-waypoint` label on a Namespace, Service, ServiceEntry, Pod or WorkloadEntry; the
 //! most specific label wins and `none` opts out of a namespace-wide binding. Whether a binding
 //! takes effect depends on the waypoint's `istio.io/waypoint-for`: a `service` waypoint (the
 //! default) only sees traffic addressed to service VIPs, a `workload` waypoint only traffic
@@ -24,9 +24,11 @@ pub(crate) const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 pub(crate) const FOR_SERVICE_ACCOUNT: &str = "istio.io/for-service-account";
 /// Label Istio puts on the pods of a Gateway deployment.
 pub(crate) const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
-/// Annotation (on the Gateway) asking ztunnel to capture the waypoint's pods and hand it their
-/// inbound tunnels over PROXY protocol: `PROXY/<port>`.
+/// Annotation (on the Gateway, or on its GatewayClass) asking ztunnel to capture the waypoint's
+/// pods and hand it their inbound tunnels over PROXY protocol: `PROXY/<port>` or `PROXY`.
 pub(crate) const INBOUND_BINDING: &str = "ambient.istio.io/waypoint-inbound-binding";
+/// The protocol of a sandwiched waypoint's PROXY listener, as istiod names it.
+pub(crate) const PROXY_LISTENER: &str = "istio.io/PROXY";
 /// The waypoint gateway class.
 pub(crate) const WAYPOINT_CLASS: &str = "istio-waypoint";
 

@@ -97,8 +97,9 @@ impl Workload {
 /// and the client's SPIFFE identity, since the waypoint no longer sees the mTLS handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct AppTunnel {
-    /// The port the waypoint takes PROXY connections on (15088 by convention).
-    pub port: u16,
+    /// The port the waypoint takes PROXY connections on (15088 by convention); none: each
+    /// tunnel's own target port.
+    pub port: Option<u16>,
 }
 
 /// Which resource a workload came from.

@@ -1,4 +1,6 @@
-//! Gateway API `Gateway`: the mesh reads only waypoints (`gatewayClassName: istio-waypoint`).
+//! Gateway API `Gateway` and `GatewayClass`: the mesh reads only waypoints (class
+//! `istio-waypoint`, or any class whose Gateways are sandwiched waypoints, such as kgateway's
+//! `kgateway-waypoint`, which carries `ambient.istio.io/waypoint-inbound-binding`).
 
 use serde::{Deserialize, Serialize};
 
@@ -6,7 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewaySpec {
-    /// `istio-waypoint` makes this Gateway a waypoint; other classes are kept but unused.
+    /// `istio-waypoint` makes this Gateway a waypoint, and so does an inbound binding on the
+    /// Gateway or its class; other Gateways are kept but unused.
     #[serde(default)]
     pub gateway_class_name: String,
     /// Listeners; a waypoint has one `{name: mesh, port: 15008, protocol: HBONE}`.
@@ -18,6 +21,21 @@ pub struct GatewaySpec {
     /// Infrastructure labels and annotations; accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub infrastructure: Option<serde_json::Value>,
+}
+
+/// `GatewayClass.spec`: accepted as written; the mesh reads only the class's annotations.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayClassSpec {
+    /// The controller that implements the class.
+    #[serde(default)]
+    pub controller_name: String,
+    /// Description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The controller's parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters_ref: Option<serde_json::Value>,
 }
 
 /// A Gateway listener.

@@ -113,8 +113,10 @@ pub enum Resource {
     WorkloadEntry(Object<WorkloadEntrySpec>),
     /// `networking.istio.io ServiceEntry`.
     ServiceEntry(Object<ServiceEntrySpec>),
-    /// `gateway.networking.k8s.io Gateway`; only class `istio-waypoint` matters to the mesh.
+    /// `gateway.networking.k8s.io Gateway`; only waypoints matter to the mesh.
     Gateway(Object<GatewaySpec>),
+    /// `gateway.networking.k8s.io GatewayClass` (cluster-scoped); only its annotations matter.
+    GatewayClass(Object<GatewayClassSpec>),
     /// `gateway.networking.k8s.io HTTPRoute`.
     HTTPRoute(Object<HttpRouteSpec>),
     /// `networking.istio.io VirtualService`.
@@ -141,6 +143,7 @@ impl Resource {
             Resource::WorkloadEntry(_) => "WorkloadEntry",
             Resource::ServiceEntry(_) => "ServiceEntry",
             Resource::Gateway(_) => "Gateway",
+            Resource::GatewayClass(_) => "GatewayClass",
             Resource::HTTPRoute(_) => "HTTPRoute",
             Resource::VirtualService(_) => "VirtualService",
             Resource::DestinationRule(_) => "DestinationRule",
@@ -160,6 +163,7 @@ impl Resource {
             Resource::WorkloadEntry(o) => &o.metadata,
             Resource::ServiceEntry(o) => &o.metadata,
             Resource::Gateway(o) => &o.metadata,
+            Resource::GatewayClass(o) => &o.metadata,
             Resource::HTTPRoute(o) => &o.metadata,
             Resource::VirtualService(o) => &o.metadata,
             Resource::DestinationRule(o) => &o.metadata,
@@ -174,7 +178,8 @@ impl Resource {
     pub fn describe(&self) -> ResourceName<'_> {
         ResourceName {
             kind: self.kind(),
-            namespace: (!matches!(self, Resource::Namespace(_))).then(|| self.meta().namespace()),
+            namespace: (!matches!(self, Resource::Namespace(_) | Resource::GatewayClass(_)))
+                .then(|| self.meta().namespace()),
             name: &self.meta().name,
         }
     }
@@ -229,6 +234,13 @@ const KINDS: &[(&str, &[&str])] = &[
     ("DestinationRule", ISTIO_NETWORKING),
     (
         "Gateway",
+        &[
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ],
+    ),
+    (
+        "GatewayClass",
         &[
             "gateway.networking.k8s.io/v1",
             "gateway.networking.k8s.io/v1beta1",
@@ -338,6 +350,7 @@ fn parse_value(value: Value, origin: &Origin, prefix: &str, parsed: &mut Parsed)
         "WorkloadEntry" => typed(value).map(Resource::WorkloadEntry),
         "ServiceEntry" => typed(value).map(Resource::ServiceEntry),
         "Gateway" => typed(value).map(Resource::Gateway),
+        "GatewayClass" => typed(value).map(Resource::GatewayClass),
         "HTTPRoute" => typed(value).map(Resource::HTTPRoute),
         "VirtualService" => typed(value).map(Resource::VirtualService),
         "DestinationRule" => typed(value).map(Resource::DestinationRule),
@@ -389,7 +402,7 @@ impl Envelope {
         let kind = self.kind.as_deref().unwrap_or("(no kind)");
         let name = self.name.as_deref().unwrap_or("(no name)");
         match (kind, &self.namespace) {
-            ("Namespace", _) => format!("{kind} {name}"),
+            ("Namespace" | "GatewayClass", _) => format!("{kind} {name}"),
             (_, Some(ns)) => format!("{kind} {ns}/{name}"),
             (_, None) => format!("{kind} default/{name}"),
         }

@@ -20,8 +20,8 @@ use crate::model::{
     WorkloadId, WorkloadKind,
 };
 use crate::resource::{
-    GatewaySpec, Located, Object, PodSpec, PodStatus, Resource, ServiceEntrySpec, ServiceSpec,
-    TargetPort, WorkloadEntrySpec,
+    GatewayClassSpec, GatewaySpec, Located, Object, PodSpec, PodStatus, Resource, ServiceEntrySpec,
+    ServiceSpec, TargetPort, WorkloadEntrySpec,
 };
 
 /// Label enrolling a namespace or pod in ambient mode.
@@ -38,7 +38,7 @@ pub(crate) fn build(
     let mut b = Builder::new(options);
     let kinds = Kinds::sort(resources);
     b.namespaces(&kinds);
-    b.waypoints(&kinds.gateways);
+    b.waypoints(&kinds.gateways, &kinds.gateway_classes);
     b.workloads(&kinds);
     b.services(&kinds);
     b.bind_waypoints(&kinds);
@@ -64,6 +64,7 @@ pub(super) struct Kinds<'r> {
     pub(super) workload_entries: Vec<(&'r Origin, &'r Object<WorkloadEntrySpec>)>,
     pub(super) service_entries: Vec<(&'r Origin, &'r Object<ServiceEntrySpec>)>,
     pub(super) gateways: Vec<(&'r Origin, &'r Object<GatewaySpec>)>,
+    pub(super) gateway_classes: Vec<(&'r Origin, &'r Object<GatewayClassSpec>)>,
     pub(super) http_routes: Vec<(&'r Origin, &'r Object<crate::route::HttpRouteSpec>)>,
     pub(super) virtual_services: Vec<(&'r Origin, &'r Object<crate::route::VirtualServiceSpec>)>,
     pub(super) destination_rules: Vec<(&'r Origin, &'r Object<crate::route::DestinationRuleSpec>)>,
@@ -91,6 +92,7 @@ impl<'r> Kinds<'r> {
             workload_entries: Vec::new(),
             service_entries: Vec::new(),
             gateways: Vec::new(),
+            gateway_classes: Vec::new(),
             http_routes: Vec::new(),
             virtual_services: Vec::new(),
             destination_rules: Vec::new(),
@@ -108,6 +110,7 @@ impl<'r> Kinds<'r> {
                 Resource::WorkloadEntry(r) => k.workload_entries.push((o, r)),
                 Resource::ServiceEntry(r) => k.service_entries.push((o, r)),
                 Resource::Gateway(r) => k.gateways.push((o, r)),
+                Resource::GatewayClass(r) => k.gateway_classes.push((o, r)),
                 Resource::HTTPRoute(r) => k.http_routes.push((o, r)),
                 Resource::VirtualService(r) => k.virtual_services.push((o, r)),
                 Resource::DestinationRule(r) => k.destination_rules.push((o, r)),
@@ -241,9 +244,63 @@ impl<'o> Builder<'o> {
         }
     }
 
-    fn waypoints(&mut self, gateways: &[(&Origin, &Object<GatewaySpec>)]) {
+    fn waypoints(
+        &mut self,
+        gateways: &[(&Origin, &Object<GatewaySpec>)],
+        classes: &[(&Origin, &Object<GatewayClassSpec>)],
+    ) {
+        let binding_field = format!("metadata.annotations[{}]", model::waypoint::INBOUND_BINDING);
+        // Each class's binding, checked once: its Gateways inherit it unless they set their own.
+        let mut class_bindings = HashMap::new();
+        for &(origin, class) in classes {
+            let Some(value) = class
+                .metadata
+                .annotations
+                .get(model::waypoint::INBOUND_BINDING)
+            else {
+                continue;
+            };
+            match parse_inbound_binding(value) {
+                Ok(binding) => {
+                    class_bindings.insert(class.metadata.name.as_str(), Ok(binding));
+                }
+                Err(why) => {
+                    self.errors.push(Invalid {
+                        origin: origin.clone(),
+                        resource: format!("GatewayClass {}", class.metadata.name),
+                        error: FieldError::new(binding_field.clone(), why),
+                    });
+                    class_bindings.insert(class.metadata.name.as_str(), Err(()));
+                }
+            }
+        }
         for &(origin, gw) in gateways {
-            if gw.spec.gateway_class_name != model::waypoint::WAYPOINT_CLASS {
+            // The Gateway's own binding wins over its class's, as in istiod.
+            let inbound_binding = match gw
+                .metadata
+                .annotations
+                .get(model::waypoint::INBOUND_BINDING)
+            {
+                Some(value) => match parse_inbound_binding(value) {
+                    Ok(binding) => binding,
+                    Err(why) => {
+                        let error = FieldError::new(binding_field.clone(), why);
+                        self.invalid(origin, "Gateway", gw, error);
+                        continue;
+                    }
+                },
+                None => match class_bindings.get(gw.spec.gateway_class_name.as_str()) {
+                    Some(Ok(binding)) => *binding,
+                    // Already reported against the class.
+                    Some(Err(())) => continue,
+                    None => None,
+                },
+            };
+            // A waypoint is of class istio-waypoint, or sandwiched (a third party's waypoint,
+            // such as kgateway's, whose class carries the binding).
+            if gw.spec.gateway_class_name != model::waypoint::WAYPOINT_CLASS
+                && inbound_binding.is_none()
+            {
                 continue;
             }
             let label = gw.metadata.labels.get(model::waypoint::WAYPOINT_FOR);
@@ -258,26 +315,6 @@ impl<'o> Builder<'o> {
                     ),
                 );
                 continue;
-            };
-            let binding = gw
-                .metadata
-                .annotations
-                .get(model::waypoint::INBOUND_BINDING);
-            let inbound_binding = match binding.map(|b| parse_inbound_binding(b)) {
-                None => None,
-                Some(Ok(binding)) => binding,
-                Some(Err(why)) => {
-                    self.invalid(
-                        origin,
-                        "Gateway",
-                        gw,
-                        FieldError::new(
-                            format!("metadata.annotations[{}]", model::waypoint::INBOUND_BINDING),
-                            why,
-                        ),
-                    );
-                    continue;
-                }
             };
             if gw
                 .metadata
@@ -295,11 +332,16 @@ impl<'o> Builder<'o> {
                     gw.metadata.name
                 ));
             }
-            let admits = gw
-                .spec
-                .listeners
-                .iter()
-                .find(|l| l.protocol == "HBONE")
+            // Who may bind: the listener the binding names (by port, or the PROXY listener),
+            // else the HBONE listener, as in istiod.
+            let bound = inbound_binding.and_then(|b| {
+                gw.spec.listeners.iter().find(|l| match b.port {
+                    Some(port) => l.port == port,
+                    None => l.protocol == model::waypoint::PROXY_LISTENER,
+                })
+            });
+            let admits = bound
+                .or_else(|| gw.spec.listeners.iter().find(|l| l.protocol == "HBONE"))
                 .and_then(|l| l.allowed_routes.as_ref())
                 .and_then(|a| a.namespaces.as_ref())
                 .map_or(model::waypoint::Admission::Same, |n| {
@@ -1147,7 +1189,7 @@ impl<'o> Builder<'o> {
                 None,
                 Some(format!(
                     "{what} uses waypoint {wp_ns}/{name}, which does not exist (no Gateway of \
-                     class istio-waypoint); its traffic is not redirected"
+                     class istio-waypoint, nor a sandwiched one); its traffic is not redirected"
                 )),
             );
         };
@@ -1259,20 +1301,22 @@ fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-/// `ambient.istio.io/waypoint-inbound-binding`: `PROXY/<port>` sandwiches the waypoint, `NONE`
-/// (or an empty value) leaves it as usual; PROXY is the only protocol ztunnel tunnels with.
+/// `ambient.istio.io/waypoint-inbound-binding`, as istiod reads it: `PROXY/<port>` sandwiches
+/// the waypoint on that port, `PROXY` on each tunnel's own target port; `NONE` (or an empty
+/// value) leaves it as usual. PROXY is the only protocol ztunnel tunnels with.
 fn parse_inbound_binding(value: &str) -> Result<Option<AppTunnel>, String> {
     if value.is_empty() || value.eq_ignore_ascii_case("NONE") {
         return Ok(None);
     }
-    let port = value
-        .strip_prefix("PROXY/")
-        .and_then(|p| p.parse::<u16>().ok())
-        .filter(|&p| p != 0);
+    let port = match value.split_once('/') {
+        None if value == "PROXY" => Some(None),
+        Some(("PROXY", port)) => port.parse::<u16>().ok().filter(|&p| p != 0).map(Some),
+        _ => None,
+    };
     match port {
         Some(port) => Ok(Some(AppTunnel { port })),
         None => Err(format!(
-            "{value:?} is not valid; use PROXY/<port>, such as PROXY/15088"
+            "{value:?} is not valid; use PROXY/<port> (such as PROXY/15088), PROXY or NONE"
         )),
     }
 }

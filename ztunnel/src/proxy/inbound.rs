@@ -145,10 +145,12 @@ impl Handler for Inbound {
             request.refuse(StatusCode::UNAUTHORIZED);
             return;
         }
-        let connected = match app_tunnel {
+        // A sandwiched waypoint's tunnel port: its binding's, or the target's own.
+        let tunnel_port = app_tunnel.map(|t| t.port.unwrap_or(target.port()));
+        let connected = match tunnel_port {
             None => self.ctx.sockets.connect(workload, target).await,
-            Some(tunnel) => {
-                let at = self.ctx.sockets.app_tunnel_addr(local, tunnel.port);
+            Some(port) => {
+                let at = self.ctx.sockets.app_tunnel_addr(local, port);
                 app_tunnel::open(
                     &*self.ctx.sockets,
                     workload,
@@ -162,9 +164,9 @@ impl Handler for Inbound {
         let mut app = match connected {
             Ok(app) => app,
             Err(e) => {
-                let what = match app_tunnel {
+                let what = match tunnel_port {
                     None => format!("the application at {target}"),
-                    Some(t) => format!("the waypoint's application tunnel on port {}", t.port),
+                    Some(port) => format!("the waypoint's application tunnel on port {port}"),
                 };
                 guard.failed(
                     "CONNECT",

@@ -53,11 +53,11 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         ..Ends::default()
     };
     let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Inbound, ends);
-    // A sandwiched waypoint trusts the PROXY header on its binding port: only ztunnel may write
-    // one, after terminating the caller's mTLS.
+    // A sandwiched waypoint trusts the PROXY header on its binding port (every port, when the
+    // binding names none): only ztunnel may write one, after terminating the caller's mTLS.
     if workload
         .app_tunnel
-        .is_some_and(|tunnel| tunnel.port == target.port())
+        .is_some_and(|tunnel| tunnel.port.is_none_or(|port| port == target.port()))
     {
         guard.failed(
             "DENY",

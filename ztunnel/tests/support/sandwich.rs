@@ -7,20 +7,51 @@ use std::net::{IpAddr, SocketAddr};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-/// A sandwiched waypoint `sandwich` in namespace `app` (it takes its tunnels over PROXY protocol
-/// on port 15088), and its one pod, `sandwich-0` on node-b at `pod_ip`.
-pub(crate) fn waypoint_yaml(pod_ip: &str) -> String {
-    format!(
-        r#"
----
+/// How the test's waypoint is sandwiched.
+#[derive(Clone, Copy)]
+#[allow(dead_code)] // each test binary uses one
+pub(crate) enum Binding {
+    /// An `istio-waypoint` Gateway annotated `PROXY/15088`: every tunnel to port 15088.
+    OnGateway,
+    /// As kgateway's waypoints are: a Gateway of class `kgateway-waypoint`, whose GatewayClass
+    /// says `PROXY` with no port: each tunnel to its own target port.
+    OnClassWithoutPort,
+}
+
+/// A sandwiched waypoint `sandwich` in namespace `app`, bound as `binding` says, and its one
+/// pod, `sandwich-0` on node-b at `pod_ip`.
+pub(crate) fn waypoint_yaml(pod_ip: &str, binding: Binding) -> String {
+    let gateway = match binding {
+        Binding::OnGateway => {
+            r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata:
   name: sandwich
   namespace: app
-  annotations: {{ambient.istio.io/waypoint-inbound-binding: PROXY/15088}}
-spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
+  annotations: {ambient.istio.io/waypoint-inbound-binding: PROXY/15088}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+"#
+        }
+        Binding::OnClassWithoutPort => {
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: kgateway-waypoint
+  annotations: {ambient.istio.io/waypoint-inbound-binding: PROXY}
+spec: {controllerName: kgateway.dev/kgateway}
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: sandwich, namespace: app}
+spec: {gatewayClassName: kgateway-waypoint, listeners: [{name: proxy, port: 15088, protocol: istio.io/PROXY}]}
+"#
+        }
+    };
+    format!(
+        r#"
+---{gateway}---
 apiVersion: v1
 kind: Pod
 metadata: {{name: sandwich-0, namespace: app, labels: {{gateway.networking.k8s.io/gateway-name: sandwich}}}}
