@@ -701,6 +701,7 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
 metadata:
   name: kgateway-waypoint
+  labels: {{istio.io/waypoint-for: all}}
   annotations: {{ambient.istio.io/waypoint-inbound-binding: "{class_binding}"}}
 spec: {{controllerName: kgateway.dev/kgateway, description: waypoints}}
 ---
@@ -750,6 +751,11 @@ status: {{podIP: 10.0.0.2}}
         .waypoint_by_name("app", "kg")
         .expect("a waypoint, by its class's binding");
     assert_eq!(kg.inbound_binding, Some(AppTunnel { port: Some(15088) }));
+    assert_eq!(
+        kg.waypoint_for,
+        WaypointFor::All,
+        "the class's istio.io/waypoint-for"
+    );
     let (_, svc) = s.service_by_vip(ip("10.96.1.1")).expect("svc");
     assert_eq!(
         s.service_waypoint(svc).map(|w| &*w.name),

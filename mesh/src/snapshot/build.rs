@@ -303,7 +303,17 @@ impl<'o> Builder<'o> {
             {
                 continue;
             }
-            let label = gw.metadata.labels.get(model::waypoint::WAYPOINT_FOR);
+            // Which traffic: the Gateway's label, else its class's, as in istiod.
+            let label = gw
+                .metadata
+                .labels
+                .get(model::waypoint::WAYPOINT_FOR)
+                .or_else(|| {
+                    classes
+                        .iter()
+                        .find(|(_, c)| c.metadata.name == gw.spec.gateway_class_name)
+                        .and_then(|(_, c)| c.metadata.labels.get(model::waypoint::WAYPOINT_FOR))
+                });
             let Some(waypoint_for) = WaypointFor::parse(label.map(String::as_str)) else {
                 self.invalid(
                     origin,
