@@ -298,6 +298,22 @@ status: {podIP: 127.33.2.2}
     // Self call.
     let (_, code) = socks(ip("127.33.1.1"), "127.33.1.1", 15008).await;
     assert_eq!(code, 2, "ztunnel's own port");
+    // Another workload's ztunnel ports: its ztunnel refuses the tunnel (through its SOCKS5 port
+    // the caller would otherwise open connections as that workload).
+    for port in [15001, 15006, 15008, 15080] {
+        let (_, code) = socks(ip("127.33.1.1"), "127.33.2.1", port).await;
+        assert_eq!(code, 5, "ztunnel's own port {port} on server-2");
+    }
+    let m = &mesh;
+    eventually("the refusals to be counted at server-2", || {
+        let labels = [
+            "reporter=\"destination\"",
+            "destination_workload=\"server-2\"",
+            "response_flags=\"NR\"",
+        ];
+        sum(&metrics(m), "istio_tcp_connections_closed_total", &labels) == 4.0
+    })
+    .await;
     // The uncaptured workload is reached with plain TCP.
     let (s, code) = socks(ip("127.33.1.1"), "127.33.9.1", 8080).await;
     assert_eq!(code, 0);
@@ -306,7 +322,6 @@ status: {podIP: 127.33.2.2}
         response.contains("hello from legacy/outsider"),
         "{response}"
     );
-    let m = &mesh;
     eventually("the plain-TCP connection to be counted", || {
         let labels = [
             "reporter=\"source\"",
@@ -477,11 +492,19 @@ spec: {clusterIP: 10.35.0.2, selector: {app: server}, ports: [{name: http, port:
             .connect(connect("reviews.app.svc.cluster.local"))
             .await
             .expect("a hostname authority is accepted");
-        let (_, dst, _) = headers.recv().await.expect("a PROXY header");
+        let (_, dst, tlvs) = headers.recv().await.expect("a PROXY header");
         assert_eq!(
             dst,
             "10.35.0.2:9080".parse().unwrap(),
             "the named service's VIP"
+        );
+        assert_eq!(
+            tlvs,
+            [
+                (0xD0, b"spiffe://cluster.local/ns/app/sa/client".to_vec()),
+                (0xD1, b"reviews.app.svc.cluster.local".to_vec())
+            ],
+            "the client's identity, then the name the tunnel gave"
         );
         let (_, response) = http_get(tunnel, "/by-name").await;
         assert!(
@@ -495,7 +518,8 @@ spec: {clusterIP: 10.35.0.2, selector: {app: server}, ports: [{name: http, port:
         assert_eq!(e.status(), Some(http::StatusCode::SERVICE_UNAVAILABLE));
     }
 
-    // ztunnel enforces the waypoint workload's L4 policies before handing a tunnel over.
+    // ztunnel enforces the waypoint workload's L4 policies before handing a tunnel over; as
+    // upstream, they see the waypoint's own port (the binding's), not the service's.
     dir.write(
         "deny.yaml",
         r#"
@@ -505,7 +529,9 @@ metadata: {name: deny-client-at-the-waypoint, namespace: app}
 spec:
   selector: {matchLabels: {gateway.networking.k8s.io/gateway-name: sandwich}}
   action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/client]}}]}]
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/app/sa/client]}}]
+    to: [{operation: {ports: ["15088"]}}]
 "#,
     );
     eventually("the policy to apply", || m.store.snapshot().version() > 1).await;

@@ -280,6 +280,24 @@ async fn captured_pods_talk_through_hbone() {
         "plaintext counted at the destination\n{}",
         metrics_text(&registry)
     );
+    // Plaintext straight to ztunnel's inbound port in the pod: refused once, not relayed back
+    // to the same listener again and again.
+    assert!(
+        exchange(outsider.clone(), "198.19.7.2:15006", "loop")
+            .await
+            .is_err(),
+        "ztunnel's own port refuses"
+    );
+    let refused = |t: &str| {
+        sum(
+            t,
+            "istio_tcp_connections_closed_total",
+            &[plaintext[0], plaintext[2], "response_flags=\"NR\""],
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = metrics_text(&registry);
+    assert_eq!(refused(&t), 1.0, "one refusal, no loop\n{t}");
 
     // L4 DENY for the client, and STRICT mTLS: both refused.
     std::fs::write(

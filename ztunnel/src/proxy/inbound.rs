@@ -12,7 +12,7 @@ use mesh::authz::{Attributes, evaluate};
 use mesh::model::Workload;
 
 use super::connection::{ConnectionGuard, Direction, Ends};
-use super::{Ctx, app_tunnel};
+use super::{Ctx, app_tunnel, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
 /// The inbound handler of one workload.
@@ -115,6 +115,19 @@ impl Handler for Inbound {
             request.refuse(StatusCode::BAD_REQUEST);
             return;
         };
+        // As upstream: the tunnel may not reach ztunnel's own listeners on this workload (a
+        // loop, or for SOCKS5 a way to open connections as this workload).
+        if ports::ALL.contains(&target.port()) {
+            guard.failed(
+                "NR",
+                format!(
+                    "refused with 503: target port {} is ztunnel's own",
+                    target.port()
+                ),
+            );
+            request.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
         if let Some(waypoints) = bypassed_waypoint(&snapshot, workload, &peer_identity) {
             guard.failed(
                 "DENY",
@@ -123,12 +136,21 @@ impl Handler for Inbound {
             request.refuse(StatusCode::UNAUTHORIZED);
             return;
         }
+        // A sandwiched waypoint's tunnel port: its binding's, or the target's own.
+        let tunnel_port = app_tunnel.map(|t| t.port.unwrap_or(target.port()));
+        // Policy sees where the connection goes on this workload: for a sandwiched waypoint
+        // that is its pod's address and tunnel port, not the service the header names (as
+        // upstream, so a policy selecting the waypoint's pod means the same in both).
+        let destination = match tunnel_port {
+            None => target,
+            Some(port) => SocketAddr::new(local, port),
+        };
         let attrs = Attributes {
             source: Some(&peer_identity),
             source_ip: peer.ip(),
             remote_ip: peer.ip(),
-            destination_ip: target.ip(),
-            destination_port: target.port(),
+            destination_ip: destination.ip(),
+            destination_port: destination.port(),
             sni: None,
             http: None,
         };
@@ -145,20 +167,21 @@ impl Handler for Inbound {
             request.refuse(StatusCode::UNAUTHORIZED);
             return;
         }
-        // A sandwiched waypoint's tunnel port: its binding's, or the target's own.
-        let tunnel_port = app_tunnel.map(|t| t.port.unwrap_or(target.port()));
         let connected = match tunnel_port {
             None => self.ctx.sockets.connect(workload, target).await,
             Some(port) => {
                 let at = self.ctx.sockets.app_tunnel_addr(local, port);
-                app_tunnel::open(
-                    &*self.ctx.sockets,
-                    workload,
-                    at,
-                    (peer, target),
-                    &peer_identity,
-                )
-                .await
+                let service_host = match request.target() {
+                    Authority::Host { host, .. } => Some(&**host),
+                    Authority::Addr(_) => None,
+                };
+                let header = app_tunnel::Header {
+                    src: peer,
+                    dst: target,
+                    client: &peer_identity,
+                    service_host,
+                };
+                app_tunnel::open(&*self.ctx.sockets, workload, at, &header).await
             }
         };
         let mut app = match connected {
@@ -176,10 +199,12 @@ impl Handler for Inbound {
                 return;
             }
         };
-        let registration =
-            self.ctx
-                .live
-                .register(self.uid.clone(), Some(peer_identity), peer.ip(), target);
+        let registration = self.ctx.live.register(
+            self.uid.clone(),
+            Some(peer_identity),
+            peer.ip(),
+            destination,
+        );
         drop(snapshot);
         let mut tunnel = match request.accept() {
             Ok(t) => t,

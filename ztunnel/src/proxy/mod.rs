@@ -37,6 +37,10 @@ pub mod ports {
     pub const INBOUND: u16 = hbone::HBONE_PORT;
     /// Explicit outbound (SOCKS5).
     pub const SOCKS5: u16 = 15080;
+    /// All of them: a connection to one of them on a workload's address is ztunnel's own, and
+    /// sending one there on the workload's behalf would loop (or, for SOCKS5, let the caller
+    /// speak as the workload).
+    pub const ALL: [u16; 4] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND, SOCKS5];
 }
 
 /// What every connection handler needs.

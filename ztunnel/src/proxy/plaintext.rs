@@ -1,7 +1,7 @@
 //! Inbound plaintext (15006): captured TCP to a local workload that did not come over HBONE
 //! (a caller outside the mesh). Authorization runs with no peer identity, so a STRICT
 //! PeerAuthentication refuses it, and so does any policy that needs a principal. A sandwiched
-//! waypoint's PROXY port is refused outright.
+//! waypoint's PROXY port, and ztunnel's own ports, are refused outright.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use mesh::resource::MtlsMode;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{ConnectionGuard, Direction, Ends};
-use super::{Ctx, accept_loop};
+use super::{Ctx, accept_loop, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
 pub(super) async fn serve(ctx: Arc<Ctx>, uid: Arc<str>, listener: TcpListener, drain: DrainWatch) {
@@ -62,6 +62,14 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         guard.failed(
             "DENY",
             "plaintext refused: the sandwiched waypoint's PROXY port takes tunnels from ztunnel only",
+        );
+        return;
+    }
+    // A connection straight to one of ztunnel's own ports in the pod would come back to it.
+    if ports::ALL.contains(&target.port()) {
+        guard.failed(
+            "NR",
+            format!("plaintext refused: port {} is ztunnel's own", target.port()),
         );
         return;
     }

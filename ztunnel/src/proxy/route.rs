@@ -21,9 +21,6 @@ use mesh::Snapshot;
 use mesh::model::{Protocol, Service, ServiceId, WaypointId, Workload, WorkloadId};
 use rand::Rng;
 
-/// ztunnel's own ports on a workload address; a connection to them from that workload loops.
-pub const ZTUNNEL_PORTS: [u16; 4] = [15001, 15006, 15008, 15080];
-
 /// Where the caller wanted to go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination<'a> {
@@ -114,7 +111,7 @@ pub fn route(
 ) -> Route {
     let (service, port) = match dst {
         Destination::Addr(addr) => {
-            if ZTUNNEL_PORTS.contains(&addr.port())
+            if super::ports::ALL.contains(&addr.port())
                 && (source.has_ip(addr.ip()) || addr.ip().is_unspecified())
             {
                 return Route::Refuse(Refusal::SelfCall(addr.port()));
