@@ -132,26 +132,12 @@ fn measure(top: &Topology, scale: &Scale) {
 
     let sink = SocketAddr::new(top.server, SINK);
     let echo = SocketAddr::new(top.server, ECHO);
+    let mesh_to = |port| via_mesh(top, SocketAddr::new(top.server, port));
     let direct_bulk = throughput(|| direct(top, sink), scale.bulk);
-    let mesh_bulk = throughput(|| via_mesh(top, sink), scale.bulk);
-
     let direct_lat = latency(direct(top, echo), scale.rate, scale.seconds);
-    let (a0, b0) = (a.cpu(), b.cpu());
-    let mesh_lat = latency(via_mesh(top, echo), scale.rate, scale.seconds);
-    let requests = (scale.rate * scale.seconds) as f64;
-    let cpu_a = (a.cpu() - a0).as_secs_f64() * 1e6 / requests;
-    let cpu_b = (b.cpu() - b0).as_secs_f64() * 1e6 / requests;
-
-    let relayed = relays.as_ref().map(|(ra, rb)| {
-        let bulk = throughput(|| via_relays(top, SINK), scale.bulk);
-        let (a0, b0) = (ra.cpu(), rb.cpu());
-        let lat = latency(via_relays(top, ECHO), scale.rate, scale.seconds);
-        let cpu = (
-            (ra.cpu() - a0).as_secs_f64() * 1e6 / requests,
-            (rb.cpu() - b0).as_secs_f64() * 1e6 / requests,
-        );
-        (bulk, lat, cpu)
-    });
+    let mesh = through((&a, &b), mesh_to, scale);
+    let relayed =
+        (relays.as_ref()).map(|(ra, rb)| through((ra, rb), |p| via_relays(top, p), scale));
 
     let direct_cps = connects(|| direct(top, echo), scale.connects);
     let mesh_cps = connects(|| via_mesh(top, echo), scale.connects);
@@ -173,13 +159,7 @@ fn measure(top: &Topology, scale: &Scale) {
 
     // The same ztunnels with one worker each, in their places.
     let (mut a, mut b) = ztunnels(1);
-    let one_bulk = throughput(|| via_mesh(top, sink), scale.bulk);
-    let (a0, b0) = (a.cpu(), b.cpu());
-    let one_lat = latency(via_mesh(top, echo), scale.rate, scale.seconds);
-    let one_cpu = (
-        (a.cpu() - a0).as_secs_f64() * 1e6 / requests,
-        (b.cpu() - b0).as_secs_f64() * 1e6 / requests,
-    );
+    let one = through((&a, &b), mesh_to, scale);
     a.stop();
     b.stop();
 
@@ -187,60 +167,49 @@ fn measure(top: &Topology, scale: &Scale) {
     println!("{}:", top.name);
     println!(
         "{:>44}: {:9.2} Gbit/s direct, {:.2} Gbit/s through two ztunnels",
-        "single-stream throughput", direct_bulk, mesh_bulk
+        "single-stream throughput", direct_bulk, mesh.bulk
     );
     println!(
         "{:>44}: direct p50 {:.1} µs p99 {:.1} µs; mesh p50 {:.1} µs p99 {:.1} µs",
-        "1 KiB request/response latency", direct_lat.0, direct_lat.1, mesh_lat.0, mesh_lat.1
+        "1 KiB request/response latency", direct_lat.0, direct_lat.1, mesh.p50, mesh.p99
     );
     println!(
         "{:>44}: {:9.0} /s direct, {:.0} /s through two ztunnels",
         "new connections (one exchange each)", direct_cps, mesh_cps
     );
-    println!(
-        "{:>44}: {:9.2} Gbit/s, p50 {:.1} µs p99 {:.1} µs, CPU {:.1} / {:.1} µs per request",
-        "one worker each (ZTUNNEL_WORKER_THREADS=1)",
-        one_bulk,
-        one_lat.0,
-        one_lat.1,
-        one_cpu.0,
-        one_cpu.1
-    );
-    if let Some((bulk, lat, cpu)) = relayed {
-        println!(
-            "{:>44}: {:9.2} Gbit/s, p50 {:.1} µs p99 {:.1} µs, CPU {:.1} / {:.1} µs per request",
-            "two haproxy TCP relays instead", bulk, lat.0, lat.1, cpu.0, cpu.1
-        );
+    one.print("one worker each (ZTUNNEL_WORKER_THREADS=1)");
+    if let Some(relayed) = relayed {
+        relayed.print("two haproxy TCP relays instead");
         println!(
             "{:>44}: {:9.1} µs by the relays, {:.1} µs more by the ztunnels (mTLS, HTTP/2)",
             "added p50, split",
-            lat.0 - direct_lat.0,
-            mesh_lat.0 - lat.0
+            relayed.p50 - direct_lat.0,
+            mesh.p50 - relayed.p50
         );
     }
     verdict(
         "throughput ratio, mesh / direct",
-        mesh_bulk / direct_bulk,
+        mesh.bulk / direct_bulk,
         "≥ 0.30",
-        mesh_bulk / direct_bulk >= 0.3,
+        mesh.bulk / direct_bulk >= 0.3,
     );
     verdict(
         "added p50 latency for two hops (µs)",
-        mesh_lat.0 - direct_lat.0,
+        mesh.p50 - direct_lat.0,
         "≤ 60",
-        mesh_lat.0 - direct_lat.0 <= 60.0,
+        mesh.p50 - direct_lat.0 <= 60.0,
     );
     verdict(
         "CPU per request, client ztunnel (µs)",
-        cpu_a,
+        mesh.cpu.0,
         "≤ 60",
-        cpu_a <= 60.0,
+        mesh.cpu.0 <= 60.0,
     );
     verdict(
         "CPU per request, server ztunnel (µs)",
-        cpu_b,
+        mesh.cpu.1,
         "≤ 60",
-        cpu_b <= 60.0,
+        mesh.cpu.1 <= 60.0,
     );
     verdict(
         "idle RSS, client ztunnel (MB)",
@@ -272,6 +241,43 @@ fn measure(top: &Topology, scale: &Scale) {
         rb.stop();
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What one pair of processes in the path (the two ztunnels, or the two relays) costs.
+struct Hops {
+    /// Single-stream throughput, Gbit/s.
+    bulk: f64,
+    /// 1 KiB request/response latency, µs.
+    p50: f64,
+    p99: f64,
+    /// CPU time per request of each process during the latency phase, µs.
+    cpu: (f64, f64),
+}
+
+/// Throughput, then latency with each process's CPU time, through `pair`; `open` connects
+/// through them to the server's port.
+fn through(pair: (&Process, &Process), open: impl Fn(u16) -> TcpStream, scale: &Scale) -> Hops {
+    let bulk = throughput(|| open(SINK), scale.bulk);
+    let before = (pair.0.cpu(), pair.1.cpu());
+    let (p50, p99) = latency(open(ECHO), scale.rate, scale.seconds);
+    let requests = (scale.rate * scale.seconds) as f64;
+    let per_request =
+        |p: &Process, before: Duration| (p.cpu() - before).as_secs_f64() * 1e6 / requests;
+    Hops {
+        bulk,
+        p50,
+        p99,
+        cpu: (per_request(pair.0, before.0), per_request(pair.1, before.1)),
+    }
+}
+
+impl Hops {
+    fn print(&self, what: &str) {
+        println!(
+            "{:>44}: {:9.2} Gbit/s, p50 {:.1} µs p99 {:.1} µs, CPU {:.1} / {:.1} µs per request",
+            what, self.bulk, self.p50, self.p99, self.cpu.0, self.cpu.1
+        );
+    }
 }
 
 fn is_root() -> bool {
