@@ -19,7 +19,7 @@ pub enum Error {
     /// The Gateway asks for a sandwiched waypoint, which ztunnel feeds over PROXY protocol; this
     /// waypoint terminates HBONE itself.
     #[error(
-        "waypoint {0} is sandwiched (ambient.istio.io/waypoint-inbound-binding: PROXY/<port>): its pods are captured and ztunnel hands it PROXY protocol connections, which this waypoint does not take; remove the annotation to let it terminate HBONE itself"
+        "waypoint {0} is sandwiched (its Gateway or GatewayClass says ambient.istio.io/waypoint-inbound-binding: PROXY): its pods are captured and ztunnel hands it PROXY protocol connections, which this waypoint does not take; remove the binding to let it terminate HBONE itself"
     )]
     Sandwiched(String),
     /// A listener could not be bound.

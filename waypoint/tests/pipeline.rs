@@ -1,6 +1,9 @@
 //! The three stages end to end: client ztunnel → waypoint (HBONE in, HTTP, HBONE out) →
 //! endpoint's ztunnel → pod; and what the waypoint refuses.
 
+#[path = "../../ztunnel/tests/support/sandwich.rs"]
+#[allow(dead_code)] // the PROXY header reader is for the tests that play the waypoint
+mod sandwich;
 mod support;
 
 use std::sync::Arc;
@@ -291,42 +294,32 @@ status: {{podIP: 127.{net}.2.4}}
 async fn a_sandwiched_gateway_is_refused_with_the_reason() {
     use hbone::{CertManager, MeshCa};
     use mesh::{ConfigDir, Options, Store};
+    use sandwich::Binding;
     use waypoint::{Error, WaypointServer, WaypointSpec};
 
-    let dir = std::env::temp_dir().join(format!("waypoint-sandwich-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(
-        dir.join("mesh.yaml"),
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: sandwich
-  namespace: app
-  annotations: {ambient.istio.io/waypoint-inbound-binding: PROXY/15088}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: sandwich-0, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: sandwich}}
-spec: {nodeName: node-a, serviceAccountName: sandwich}
-status: {podIP: 127.49.0.9}
-"#,
-    )
-    .expect("write");
-    let store = Store::open(&mut ConfigDir::new(&dir, Options::default())).expect("valid");
-    let ca = Arc::new(MeshCa::generate("cluster.local").expect("ca"));
-    let refused = WaypointServer::start(
-        store,
-        Arc::new(CertManager::new(ca)),
-        WaypointSpec::new("app", "sandwich"),
-        Arc::default(),
-    )
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let Err(e) = refused else {
-        panic!("a sandwiched waypoint must not terminate HBONE itself")
-    };
-    assert!(matches!(e, Error::Sandwiched(_)), "{e}");
-    assert!(e.to_string().contains("PROXY/<port>"), "{e}");
+    for (i, binding) in [Binding::OnGateway, Binding::OnClassWithoutPort]
+        .into_iter()
+        .enumerate()
+    {
+        let dir =
+            std::env::temp_dir().join(format!("waypoint-sandwich-{}-{i}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let yaml = sandwich::waypoint_yaml("127.49.0.9", binding);
+        std::fs::write(dir.join("mesh.yaml"), yaml).expect("write");
+        let store = Store::open(&mut ConfigDir::new(&dir, Options::default())).expect("valid");
+        let ca = Arc::new(MeshCa::generate("cluster.local").expect("ca"));
+        let refused = WaypointServer::start(
+            store,
+            Arc::new(CertManager::new(ca)),
+            WaypointSpec::new("app", "sandwich"),
+            Arc::default(),
+        )
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let Err(e) = refused else {
+            panic!("a sandwiched waypoint must not terminate HBONE itself")
+        };
+        assert!(matches!(e, Error::Sandwiched(_)), "{e}");
+        assert!(e.to_string().contains("waypoint-inbound-binding"), "{e}");
+    }
 }

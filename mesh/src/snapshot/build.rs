@@ -250,31 +250,31 @@ impl<'o> Builder<'o> {
         classes: &[(&Origin, &Object<GatewayClassSpec>)],
     ) {
         let binding_field = format!("metadata.annotations[{}]", model::waypoint::INBOUND_BINDING);
-        // Each class's binding, checked once: its Gateways inherit it unless they set their own.
-        let mut class_bindings = HashMap::new();
+        // Each class and its binding, checked once: its Gateways inherit the binding (and the
+        // waypoint-for label) unless they set their own.
+        let mut by_name = HashMap::new();
         for &(origin, class) in classes {
-            let Some(value) = class
+            let binding = match class
                 .metadata
                 .annotations
                 .get(model::waypoint::INBOUND_BINDING)
-            else {
-                continue;
-            };
-            match parse_inbound_binding(value) {
-                Ok(binding) => {
-                    class_bindings.insert(class.metadata.name.as_str(), Ok(binding));
-                }
-                Err(why) => {
+                .map(|value| parse_inbound_binding(value))
+            {
+                None => Ok(None),
+                Some(Ok(binding)) => Ok(binding),
+                Some(Err(why)) => {
                     self.errors.push(Invalid {
                         origin: origin.clone(),
                         resource: format!("GatewayClass {}", class.metadata.name),
                         error: FieldError::new(binding_field.clone(), why),
                     });
-                    class_bindings.insert(class.metadata.name.as_str(), Err(()));
+                    Err(())
                 }
-            }
+            };
+            by_name.insert(class.metadata.name.as_str(), (class, binding));
         }
         for &(origin, gw) in gateways {
+            let class = by_name.get(gw.spec.gateway_class_name.as_str());
             // The Gateway's own binding wins over its class's, as in istiod.
             let inbound_binding = match gw
                 .metadata
@@ -289,7 +289,7 @@ impl<'o> Builder<'o> {
                         continue;
                     }
                 },
-                None => match class_bindings.get(gw.spec.gateway_class_name.as_str()) {
+                None => match class.map(|(_, binding)| binding) {
                     Some(Ok(binding)) => *binding,
                     // Already reported against the class.
                     Some(Err(())) => continue,
@@ -309,10 +309,7 @@ impl<'o> Builder<'o> {
                 .labels
                 .get(model::waypoint::WAYPOINT_FOR)
                 .or_else(|| {
-                    classes
-                        .iter()
-                        .find(|(_, c)| c.metadata.name == gw.spec.gateway_class_name)
-                        .and_then(|(_, c)| c.metadata.labels.get(model::waypoint::WAYPOINT_FOR))
+                    class.and_then(|(c, _)| c.metadata.labels.get(model::waypoint::WAYPOINT_FOR))
                 });
             let Some(waypoint_for) = WaypointFor::parse(label.map(String::as_str)) else {
                 self.invalid(

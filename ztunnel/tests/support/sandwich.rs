@@ -1,6 +1,6 @@
-//! For the tests that play a sandwiched waypoint (the local mesh's and the capture test), which
-//! include this file: the waypoint's Gateway and pod, and a reader for what ztunnel writes to it,
-//! a PROXY protocol v2 header.
+//! For the tests that play a sandwiched waypoint (the local mesh's and the capture test) and the
+//! waypoint's test that refuses to be one, which include this file: the waypoint's Gateway and
+//! pod, and a reader for what ztunnel writes to it, a PROXY protocol v2 header.
 
 use std::net::{IpAddr, SocketAddr};
 
