@@ -299,6 +299,25 @@ async fn captured_pods_talk_through_hbone() {
     let t = metrics_text(&registry);
     assert_eq!(refused(&t), 1.0, "one refusal, no loop\n{t}");
 
+    // A plaintext connection that lives across the change to STRICT below.
+    let held = {
+        let outsider = outsider.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<TcpStream> {
+            let dst = "198.19.7.2:8080".parse().expect("addr");
+            let mut s =
+                outsider.run_in(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))??;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"held")?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf)?;
+            assert_eq!(&buf[..n], b"echo-a:held");
+            Ok(s)
+        })
+    }
+    .await
+    .expect("join")
+    .expect("a plaintext connection before STRICT");
+
     // L4 DENY for the client, and STRICT mTLS: both refused.
     std::fs::write(
         dir.join("policy.yaml"),
@@ -335,6 +354,25 @@ spec: {mtls: {mode: STRICT}}
             .await
             .is_err(),
         "STRICT refuses plaintext"
+    );
+    // ... and closes the plaintext connection that was already open.
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut held = held;
+        let mut buf = [0u8; 64];
+        match held.read(&mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    })
+    .await
+    .expect("join");
+    assert!(closed, "STRICT closes a live plaintext connection");
+    assert!(
+        metrics.late_rejections.get() >= 1,
+        "counted as a late rejection"
     );
     let t = metrics_text(&registry);
     assert!(
@@ -581,8 +619,17 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
     forged.extend_from_slice(&(identity.len() as u16).to_be_bytes());
     forged.extend_from_slice(identity);
     assert!(
-        exchange(outsider, "198.19.7.4:80", forged).await.is_err(),
+        exchange(outsider.clone(), "198.19.7.4:80", forged)
+            .await
+            .is_err(),
         "plaintext to the PROXY port is refused"
+    );
+    // Nor may it reach the pod behind the waypoint directly: it would skip the waypoint.
+    assert!(
+        exchange(outsider, "198.19.7.2:8080", "around")
+            .await
+            .is_err(),
+        "plaintext to a pod bound to a waypoint is refused"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(

@@ -5,14 +5,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hbone::{Authority, Handler, Identity, InboundRequest, copy_bidirectional};
+use hbone::{Authority, Handler, InboundRequest, copy_bidirectional};
 use http::StatusCode;
 use mesh::Snapshot;
-use mesh::authz::{Attributes, evaluate};
 use mesh::model::Workload;
 
 use super::connection::{ConnectionGuard, Direction, Ends};
-use super::{Ctx, app_tunnel, ports};
+use super::{Ctx, admission, app_tunnel, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
 /// The inbound handler of one workload.
@@ -128,14 +127,6 @@ impl Handler for Inbound {
             request.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
-        if let Some(waypoints) = bypassed_waypoint(&snapshot, workload, &peer_identity) {
-            guard.failed(
-                "DENY",
-                format!("refused with 401: {peer_identity} bypasses the destination's waypoint ({waypoints})"),
-            );
-            request.refuse(StatusCode::UNAUTHORIZED);
-            return;
-        }
         // A sandwiched waypoint's tunnel port: its binding's, or the target's own.
         let tunnel_port = app_tunnel.map(|t| t.port.unwrap_or(target.port()));
         // Policy sees where the connection goes on this workload: for a sandwiched waypoint
@@ -145,25 +136,21 @@ impl Handler for Inbound {
             None => target,
             Some(port) => SocketAddr::new(local, port),
         };
-        let attrs = Attributes {
+        // Registered before it is admitted, and admitted by the configuration current after
+        // registering: a change published at any point from here on closes it.
+        let registration = self.ctx.live.register(
+            self.uid.clone(),
+            Some(peer_identity.clone()),
+            peer.ip(),
+            destination,
+        );
+        let conn = admission::Inbound {
             source: Some(&peer_identity),
             source_ip: peer.ip(),
-            remote_ip: peer.ip(),
-            destination_ip: destination.ip(),
-            destination_port: destination.port(),
-            sni: None,
-            http: None,
+            destination,
         };
-        let verdict = evaluate(snapshot.ztunnel_policies(workload), &attrs);
-        if !verdict.allowed {
-            let policy = verdict.policy.map_or_else(
-                || "no ALLOW policy matches".to_owned(),
-                |p| format!("{}/{}", p.namespace(), p.name()),
-            );
-            guard.failed(
-                "DENY",
-                format!("refused with 401: RBAC: access denied by {policy}"),
-            );
+        if let Err(why) = admission::admit_now(&self.ctx.store, &self.uid, &conn) {
+            guard.failed("DENY", format!("refused with 401: {why}"));
             request.refuse(StatusCode::UNAUTHORIZED);
             return;
         }
@@ -199,12 +186,6 @@ impl Handler for Inbound {
                 return;
             }
         };
-        let registration = self.ctx.live.register(
-            self.uid.clone(),
-            Some(peer_identity),
-            peer.ip(),
-            destination,
-        );
         drop(snapshot);
         let mut tunnel = match request.accept() {
             Ok(t) => t,
@@ -279,36 +260,4 @@ fn endpoint_port(port: &mesh::model::ServicePort, workload: &Workload) -> Option
         mesh::model::Target::Number(n) => Some(*n),
         mesh::model::Target::Named(name) => workload.named_port(name),
     }
-}
-
-/// When `workload` is bound to waypoints (its own, or its services'), only those waypoints may
-/// call it: anyone else would skip the L7 policy the waypoint enforces. Returns the waypoints
-/// that were bypassed, or `None` when the caller may connect.
-///
-/// Upstream ztunnel leaves this to an ALLOW policy istiod can add
-/// (`PILOT_AUTO_ALLOW_WAYPOINT_POLICY`); enforcing it here makes "no bypass" hold without it.
-fn bypassed_waypoint(
-    snapshot: &Snapshot,
-    workload: &Workload,
-    caller: &Identity,
-) -> Option<String> {
-    let bound = workload.waypoint.into_iter().chain(
-        workload
-            .services
-            .iter()
-            .filter_map(|&s| snapshot.service(s).waypoint),
-    );
-    let mut names = Vec::new();
-    for id in bound {
-        let waypoint = snapshot.waypoint(id);
-        if waypoint
-            .instances
-            .iter()
-            .any(|&i| snapshot.workload(i).identity == *caller)
-        {
-            return None;
-        }
-        names.push(format!("{}/{}", waypoint.namespace, waypoint.name));
-    }
-    (!names.is_empty()).then(|| names.join(", "))
 }

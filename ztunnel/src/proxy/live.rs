@@ -1,5 +1,6 @@
-//! Live inbound connections, re-checked against every new configuration: a policy change that
-//! denies an established connection closes it (Istio counts these as late rejections).
+//! Live inbound connections, re-checked against every new configuration: a change that refuses
+//! an established connection (a policy, STRICT mTLS, a waypoint bound to its destination) closes
+//! it (Istio counts these as late rejections).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -8,8 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use hbone::Identity;
 use mesh::Snapshot;
-use mesh::authz::{Attributes, evaluate};
 use tokio::sync::Notify;
+
+use super::admission::{self, Refusal};
 
 /// The connections to re-check.
 #[derive(Debug, Default)]
@@ -97,31 +99,30 @@ impl LiveConnections {
         self.len() == 0
     }
 
-    /// Re-evaluates every connection against `snapshot`; closes and counts those now denied
-    /// (including those whose workload is gone).
+    /// Re-evaluates every connection against `snapshot`, with the checks new connections pass
+    /// (`admission::admit`); closes and counts those now refused (including those whose
+    /// workload is gone).
     pub fn reevaluate(&self, snapshot: &Snapshot) -> usize {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let mut closed = 0;
         for live in entries.values() {
-            let allowed = snapshot.workload_by_uid(&live.workload).is_some_and(|w| {
-                let attrs = Attributes {
-                    source: live.source.as_ref(),
-                    source_ip: live.source_ip,
-                    remote_ip: live.source_ip,
-                    destination_ip: live.destination.ip(),
-                    destination_port: live.destination.port(),
-                    sni: None,
-                    http: None,
-                };
-                evaluate(snapshot.ztunnel_policies(w), &attrs).allowed
-            });
-            if !allowed {
+            let conn = admission::Inbound {
+                source: live.source.as_ref(),
+                source_ip: live.source_ip,
+                destination: live.destination,
+            };
+            let admitted = match snapshot.workload_by_uid(&live.workload) {
+                Some(w) => admission::admit(snapshot, w, &conn),
+                None => Err(Refusal::Gone),
+            };
+            if let Err(why) = admitted {
                 tracing::info!(
                     workload = %live.workload,
                     src.identity = %live.source.as_ref().map(ToString::to_string).unwrap_or_default(),
                     src.addr = %live.source_ip,
                     dst.addr = %live.destination,
-                    "closing a live connection that the new configuration denies"
+                    reason = %why,
+                    "closing a live connection that the new configuration refuses"
                 );
                 live.close.notify_one();
                 closed += 1;

@@ -5,6 +5,7 @@
 //! own HBONE pool. How those sockets are made is the [`SocketFactory`]'s business; nothing here
 //! knows whether it runs on loopback or inside a pod's network namespace.
 
+mod admission;
 mod app_tunnel;
 pub mod connection;
 mod inbound;

@@ -1,19 +1,18 @@
 //! Inbound plaintext (15006): captured TCP to a local workload that did not come over HBONE
 //! (a caller outside the mesh). Authorization runs with no peer identity, so a STRICT
-//! PeerAuthentication refuses it, and so does any policy that needs a principal. A sandwiched
-//! waypoint's PROXY port, and ztunnel's own ports, are refused outright.
+//! PeerAuthentication refuses it, and so does any policy that needs a principal, and a workload
+//! bound to a waypoint (the caller would skip it). A sandwiched waypoint's PROXY port, and
+//! ztunnel's own ports, are refused outright.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hbone::copy_bidirectional;
 use hbone::drain::DrainWatch;
-use mesh::authz::{Attributes, evaluate};
-use mesh::resource::MtlsMode;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{ConnectionGuard, Direction, Ends};
-use super::{Ctx, accept_loop, ports};
+use super::{Ctx, accept_loop, admission, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
 pub(super) async fn serve(ctx: Arc<Ctx>, uid: Arc<str>, listener: TcpListener, drain: DrainWatch) {
@@ -53,18 +52,6 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         ..Ends::default()
     };
     let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Inbound, ends);
-    // A sandwiched waypoint trusts the PROXY header on its binding port (every port, when the
-    // binding names none): only ztunnel may write one, after terminating the caller's mTLS.
-    if workload
-        .app_tunnel
-        .is_some_and(|tunnel| tunnel.port.is_none_or(|port| port == target.port()))
-    {
-        guard.failed(
-            "DENY",
-            "plaintext refused: the sandwiched waypoint's PROXY port takes tunnels from ztunnel only",
-        );
-        return;
-    }
     // A connection straight to one of ztunnel's own ports in the pod would come back to it.
     if ports::ALL.contains(&target.port()) {
         guard.failed(
@@ -73,25 +60,15 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         );
         return;
     }
-    if snapshot.mtls_mode(workload, target.port()) == MtlsMode::Strict {
-        guard.failed(
-            "DENY",
-            "plaintext refused: PeerAuthentication requires mTLS (STRICT)",
-        );
-        return;
-    }
-    let attrs = Attributes {
+    // Registered first, then admitted by the configuration current now (see `admission`).
+    let registration = ctx.live.register(uid.into(), None, peer.ip(), target);
+    let conn = admission::Inbound {
         source: None,
         source_ip: peer.ip(),
-        remote_ip: peer.ip(),
-        destination_ip: target.ip(),
-        destination_port: target.port(),
-        sni: None,
-        http: None,
+        destination: target,
     };
-    let verdict = evaluate(snapshot.ztunnel_policies(workload), &attrs);
-    if !verdict.allowed {
-        guard.failed("DENY", "RBAC: access denied (plaintext, no peer identity)");
+    if let Err(why) = admission::admit_now(&ctx.store, uid, &conn) {
+        guard.failed("DENY", why);
         return;
     }
     let mut app = match ctx.sockets.connect(workload, target).await {
@@ -104,7 +81,6 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
             return;
         }
     };
-    let registration = ctx.live.register(uid.into(), None, peer.ip(), target);
     drop(snapshot);
     guard.established();
     tokio::select! {
