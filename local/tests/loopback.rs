@@ -511,6 +511,18 @@ spec: {clusterIP: 10.35.0.2, selector: {app: server}, ports: [{name: http, port:
             response.contains("you asked for GET /by-name"),
             "{response}"
         );
+        // This peer dials from no workload's address: the telemetry still names the principal
+        // its certificate proved, as upstream does.
+        eventually("the tunnel from an unknown address to be counted", || {
+            let labels = [
+                "reporter=\"destination\"",
+                "source_workload=\"unknown\"",
+                "source_workload_namespace=\"app\"",
+                "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
+            ];
+            sum(&metrics(m), "istio_tcp_connections_closed_total", &labels) == 1.0
+        })
+        .await;
         let e = pool
             .connect(connect("ghost.app.svc.cluster.local"))
             .await

@@ -94,6 +94,20 @@ impl TcpLabels {
     }
 }
 
+impl TcpLabels {
+    /// Fills in what mTLS proved about a source the configuration does not know by its address
+    /// (a peer behind a gateway, or dialling from an address that is not its workload's): its
+    /// principal and namespace, as upstream derives them from the peer's certificate.
+    #[must_use]
+    pub fn with_peer(mut self, peer: &hbone::Identity) -> Self {
+        if self.source_principal == UNKNOWN {
+            self.source_principal = peer.to_string();
+            self.source_workload_namespace = peer.namespace().to_owned();
+        }
+        self
+    }
+}
+
 /// The ztunnel's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {

@@ -83,7 +83,8 @@ impl Handler for Inbound {
             Some(workload),
             service,
             true,
-        );
+        )
+        .with_peer(&peer_identity);
         let ends = Ends {
             src_addr: Some(peer),
             src_workload: source.map(|w| format!("{}/{}", w.namespace, w.name)),
