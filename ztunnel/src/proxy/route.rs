@@ -117,34 +117,37 @@ pub fn route(
                 return Route::Refuse(Refusal::SelfCall(addr.port()));
             }
             match snapshot.service_by_vip(addr.ip()) {
-                Some((id, service)) => ((id, service), addr.port()),
+                Some((id, service)) => ((id, service, Some(addr.ip())), addr.port()),
                 None => return to_address(snapshot, source, addr, rng),
             }
         }
         Destination::Host(host, port) => match snapshot.resolve_host(host, &source.namespace) {
-            Some(found) => (found, port),
+            Some((id, service)) => ((id, service, None), port),
             None => return Route::Refuse(Refusal::UnknownHost(host.to_owned())),
         },
     };
     to_service(snapshot, source, service, port, rng)
 }
 
+/// To `service`'s `port`; `dialled` is the VIP the caller used (none when it named the service).
 fn to_service(
     snapshot: &Snapshot,
     source: &Workload,
-    (id, service): (ServiceId, &Service),
+    (id, service, dialled): (ServiceId, &Service, Option<IpAddr>),
     port: u16,
     rng: &mut impl Rng,
 ) -> Route {
+    // The VIP the waypoint sees and the endpoint address family follow: the one dialled, else
+    // the service's first IPv4 VIP.
+    let vip = dialled.or_else(|| {
+        (service.vips.iter().find(|v| v.is_ipv4()))
+            .or(service.vips.first())
+            .copied()
+    });
     if let Some(wp_id) = service.waypoint
         && source.waypoint_instance != Some(wp_id)
     {
-        let Some(&vip) = service
-            .vips
-            .iter()
-            .find(|v| v.is_ipv4())
-            .or(service.vips.first())
-        else {
+        let Some(vip) = vip else {
             return Route::Refuse(Refusal::NoVip(service.hostname.to_string()));
         };
         let authority = SocketAddr::new(vip, port);
@@ -156,18 +159,22 @@ fn to_service(
             port,
         });
     };
+    // Endpoints on other networks are reached through their network's gateway, which this
+    // ztunnel does not do: dialling their addresses here could reach another pod entirely.
     let candidates = service.endpoints.iter().filter_map(|e| {
         let w = snapshot.workload(e.workload);
         let target = e.target_port(index)?;
-        (w.ready && !w.ips.is_empty()).then_some((e.workload, target, w.weight.max(1)))
+        (w.ready && !w.ips.is_empty() && w.network == source.network).then_some((
+            e.workload,
+            target,
+            w.weight.max(1),
+        ))
     });
     let Some((workload, target)) = weighted(candidates, rng) else {
         return Route::Refuse(Refusal::NoHealthyUpstream(service.hostname.to_string()));
     };
     let w = snapshot.workload(workload);
-    let ip = w
-        .ip_like(service.vips.first().copied().unwrap_or(w.ips[0]))
-        .unwrap_or(w.ips[0]);
+    let ip = w.ip_like(vip.unwrap_or(w.ips[0])).unwrap_or(w.ips[0]);
     let mut identities = vec![w.identity.clone()];
     identities.extend(
         service

@@ -87,6 +87,26 @@ apiVersion: v1
 kind: Pod
 metadata: {name: legacy, namespace: legacy, labels: {app: legacy}}
 status: {podIP: 10.0.9.1}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: two-vips, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [two-vips.example.com]
+  addresses: [240.0.0.1, 240.0.0.2]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.7.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: far, namespace: bookinfo}
+spec:
+  hosts: [far.example.com]
+  addresses: [240.0.1.1]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.9.0.1, network: west}]
 "#;
 
 fn snapshot() -> Snapshot {
@@ -249,6 +269,23 @@ fn decisions() {
             t(
                 "refuse",
                 "service ratings.bookinfo.svc.cluster.local has no port 1234",
+                "",
+                "",
+            ),
+        ),
+        (
+            "a service with two VIPs: its waypoint sees the one dialled",
+            "10.0.0.1",
+            Destination::Addr(addr("240.0.0.2:80")),
+            t("waypoint", "10.0.0.100:15008", "240.0.0.2:80", "waypoint"),
+        ),
+        (
+            "endpoints on another network only: none this ztunnel can reach",
+            "10.0.0.1",
+            Destination::Addr(addr("240.0.1.1:80")),
+            t(
+                "refuse",
+                "service far.example.com has no healthy endpoint",
                 "",
                 "",
             ),
