@@ -125,8 +125,14 @@ impl SocketFactory for InPod {
             port,
             crate::proxy::ports::INBOUND | crate::proxy::ports::INBOUND_PLAINTEXT
         );
-        let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-        let listener = crate::inpod::bind_listener(&netns, any, transparent)?;
+        // SOCKS5 opens connections as the pod: only the pod itself may reach it, as upstream
+        // binds it (the others take whatever capture sends them).
+        let ip = match port {
+            crate::proxy::ports::SOCKS5 => Ipv4Addr::LOCALHOST,
+            _ => Ipv4Addr::UNSPECIFIED,
+        };
+        let listener =
+            crate::inpod::bind_listener(&netns, SocketAddr::new(ip.into(), port), transparent)?;
         listener.set_nonblocking(true)?;
         TcpListener::from_std(listener)
     }

@@ -188,6 +188,24 @@ async fn captured_pods_talk_through_hbone() {
     assert_eq!(node_a.0.workloads().await.len(), 2);
     assert_eq!(node_b.0.workloads().await.len(), 1);
 
+    // SOCKS5 opens connections as the pod: it listens on the pod's loopback only.
+    let listening = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            fabric.pod_name(1),
+            "ss",
+            "-Hltn",
+            "sport = :15080",
+        ])
+        .output()
+        .expect("ss");
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    assert!(
+        listening.contains("127.0.0.1:15080") && listening.lines().count() == 1,
+        "{listening}"
+    );
+
     // Pod → service VIP: captured by 15001, carried over HBONE, reaches both endpoints.
     let mut seen = std::collections::BTreeSet::new();
     let mut sent = 0;
