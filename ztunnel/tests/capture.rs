@@ -414,6 +414,14 @@ spec: {mtls: {mode: STRICT}}
         log.contains("plaintext refused: PeerAuthentication requires mTLS (STRICT)"),
         "{log}"
     );
+    // As upstream logs a tunnel at its destination: where it arrived, and what it asked for.
+    assert!(
+        log.lines().any(|l| l.contains("connection complete")
+            && l.contains("direction=\"inbound\"")
+            && l.contains("dst.addr=198.19.7.3:15008")
+            && l.contains("dst.hbone_addr=198.19.7.3:8080")),
+        "{log}"
+    );
     drop((node_a, node_b));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,10 +36,12 @@ pub struct Ends {
     pub src_workload: Option<String>,
     /// Client identity (only with mTLS).
     pub src_identity: Option<String>,
-    /// Where the bytes went: the next hop.
+    /// Where the bytes went: outbound the next hop, inbound the address they arrived on (for
+    /// a tunnel, port 15008), as upstream logs them.
     pub dst_addr: Option<SocketAddr>,
-    /// The CONNECT target, when tunnelled.
-    pub dst_hbone_addr: Option<SocketAddr>,
+    /// The CONNECT target, when tunnelled: as sent outbound, as received inbound (a hostname
+    /// authority included).
+    pub dst_hbone_addr: Option<String>,
     /// Destination service hostname.
     pub dst_service: Option<String>,
     /// Destination workload.
@@ -127,7 +129,7 @@ impl Drop for ConnectionGuard {
                 src.workload = %show(&e.src_workload),
                 src.identity = %show(&e.src_identity),
                 dst.addr = %addr(&e.dst_addr),
-                dst.hbone_addr = %addr(&e.dst_hbone_addr),
+                dst.hbone_addr = %show(&e.dst_hbone_addr),
                 dst.service = %show(&e.dst_service),
                 dst.workload = %show(&e.dst_workload),
                 dst.identity = %show(&e.dst_identity),
@@ -146,7 +148,7 @@ impl Drop for ConnectionGuard {
                 src.workload = %show(&e.src_workload),
                 src.identity = %show(&e.src_identity),
                 dst.addr = %addr(&e.dst_addr),
-                dst.hbone_addr = %addr(&e.dst_hbone_addr),
+                dst.hbone_addr = %show(&e.dst_hbone_addr),
                 dst.service = %show(&e.dst_service),
                 dst.workload = %show(&e.dst_workload),
                 dst.identity = %show(&e.dst_identity),

@@ -94,7 +94,7 @@ async fn proxy(
         src_workload: Some(format!("{}/{}", source.namespace, source.name)),
         src_identity: Some(source.identity.to_string()),
         dst_addr,
-        dst_hbone_addr: hbone_addr,
+        dst_hbone_addr: hbone_addr.map(|a| a.to_string()),
         dst_service: service.map(|s| snapshot.service(s).hostname.to_string()),
         dst_workload: workload.map(|w| {
             let w = snapshot.workload(w);
