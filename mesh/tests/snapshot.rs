@@ -34,6 +34,39 @@ fn workloads_are_indexed_by_ip_uid_and_node() {
     assert_eq!(s.workloads_on_node("node-z").count(), 0);
 }
 
+/// On a proxy whose network is named, unlabelled workloads are on it, and so are entries that
+/// name it; an entry on another network is indexed apart.
+#[test]
+fn unlabelled_workloads_are_on_the_proxys_network() {
+    let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: local, namespace: default}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: spread, namespace: default}
+spec:
+  hosts: [spread.example.com]
+  addresses: [240.0.0.1]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.2, network: east}, {address: 10.0.0.3, network: west}]
+"#;
+    let options = mesh::Options {
+        network: "east".into(),
+        ..mesh::Options::default()
+    };
+    let s = mesh::Snapshot::from_yaml("networks.yaml", yaml, &options).expect("valid");
+    for local in ["10.0.0.1", "10.0.0.2"] {
+        let w = s.workload_by_ip("east", ip(local)).expect(local);
+        assert_eq!(&*w.network, "east", "{local}");
+    }
+    assert!(s.workload_by_ip("east", ip("10.0.0.3")).is_none());
+    assert!(s.workload_by_ip("west", ip("10.0.0.3")).is_some());
+}
+
 #[test]
 fn ambient_enrolment_and_defaults() {
     let s = snapshot(BOOKINFO);

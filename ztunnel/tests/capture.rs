@@ -313,6 +313,8 @@ async fn captured_pods_talk_through_hbone() {
             &[plaintext[0], plaintext[2], "response_flags=\"NR\""],
         )
     };
+    // The refusal is counted before the client sees its connection close; a loop would go on
+    // refusing (or relaying) for as long as this waits.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = metrics_text(&registry);
     assert_eq!(refused(&t), 1.0, "one refusal, no loop\n{t}");

@@ -758,7 +758,12 @@ impl<'o> Builder<'o> {
             namespace: self.interner.get(meta.namespace()),
             identity,
             ips: ips.into_boxed_slice(),
-            network: self.interner.get(network),
+            // Unlabelled workloads (pods, entries without one) are on this proxy's network.
+            network: self.interner.get(if network.is_empty() {
+                &self.options.network
+            } else {
+                network
+            }),
             node: node.map(|n| self.interner.get(n)),
             labels: Labels::new(
                 labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),

@@ -13,24 +13,27 @@ use mesh::model::Workload;
 use mesh::resource::MtlsMode;
 use mesh::{Snapshot, Store};
 
+use super::live::Registration;
+
 /// Who is connecting, and to where on the workload.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Inbound<'a> {
+pub(crate) struct Conn<'a> {
     /// The caller's identity, proven by mTLS; `None` for plaintext.
-    pub(super) source: Option<&'a Identity>,
-    pub(super) source_ip: IpAddr,
+    pub(crate) source: Option<&'a Identity>,
+    pub(crate) source_ip: IpAddr,
     /// Where the connection goes on the workload (what policy sees as the destination).
-    pub(super) destination: SocketAddr,
+    pub(crate) destination: SocketAddr,
 }
 
 /// Why a connection is refused; its message is the access log's error.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Refusal {
+pub(crate) enum Refused {
     /// Plaintext to a sandwiched waypoint's PROXY port, which only ztunnel may write to.
     ProxyPort,
     /// Plaintext under a STRICT PeerAuthentication.
     Strict,
-    /// The workload is bound to these waypoints and the caller is none of them.
+    /// The workload is bound to these waypoints, the caller is none of them, and no
+    /// AuthorizationPolicy of the user's allows it explicitly.
     Bypass(String),
     /// An AuthorizationPolicy denies it (the policy, when one decided).
     Denied(Option<String>),
@@ -38,16 +41,17 @@ pub(super) enum Refusal {
     Gone,
 }
 
-impl fmt::Display for Refusal {
+impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::ProxyPort => f.write_str(
                 "plaintext refused: the sandwiched waypoint's PROXY port takes tunnels from ztunnel only",
             ),
             Self::Strict => f.write_str("plaintext refused: PeerAuthentication requires mTLS (STRICT)"),
-            Self::Bypass(waypoints) => {
-                write!(f, "the caller bypasses the destination's waypoint ({waypoints})")
-            }
+            Self::Bypass(waypoints) => write!(
+                f,
+                "the caller bypasses the destination's waypoint ({waypoints}) and no ALLOW policy admits it"
+            ),
             Self::Denied(Some(policy)) => write!(f, "RBAC: access denied by {policy}"),
             Self::Denied(None) => f.write_str("RBAC: access denied: no ALLOW policy matches"),
             Self::Gone => f.write_str("the workload is no longer in the configuration"),
@@ -55,35 +59,39 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Admits `conn` to the workload `uid` by the configuration current now. Call it after
-/// registering the connection with [`LiveConnections`](super::live::LiveConnections): a change
-/// published before this reads the configuration is in what it reads, and one published after
-/// is re-checked against the registration, so none slips between the two.
-pub(super) fn admit_now(store: &Store, uid: &str, conn: &Inbound<'_>) -> Result<(), Refusal> {
+/// Admits `conn` to the workload `uid` by the configuration current now, and records which
+/// configuration that was on `registration`. The connection must be registered first (hence
+/// the argument): a change published before this reads the configuration is in what it reads,
+/// and one published after is re-checked against the registration, so none slips between.
+pub(crate) fn admit_now(
+    store: &Store,
+    uid: &str,
+    conn: &Conn<'_>,
+    registration: &Registration,
+) -> Result<(), Refused> {
     let snapshot = store.load();
-    let workload = snapshot.workload_by_uid(uid).ok_or(Refusal::Gone)?;
-    admit(&snapshot, workload, conn)
+    let workload = snapshot.workload_by_uid(uid).ok_or(Refused::Gone)?;
+    admit(&snapshot, workload, conn)?;
+    registration.admitted_under(snapshot.version());
+    Ok(())
 }
 
 /// Admits `conn` to `workload`, or says why not.
-pub(super) fn admit(
+pub(crate) fn admit(
     snapshot: &Snapshot,
     workload: &Workload,
-    conn: &Inbound<'_>,
-) -> Result<(), Refusal> {
+    conn: &Conn<'_>,
+) -> Result<(), Refused> {
     if conn.source.is_none() {
         // A sandwiched waypoint trusts the PROXY header on its binding port (every port, when
         // the binding names none): only ztunnel may write one, after terminating mTLS.
         let port = conn.destination.port();
         if (workload.app_tunnel).is_some_and(|t| t.port.is_none_or(|p| p == port)) {
-            return Err(Refusal::ProxyPort);
+            return Err(Refused::ProxyPort);
         }
         if snapshot.mtls_mode(workload, port) == MtlsMode::Strict {
-            return Err(Refusal::Strict);
+            return Err(Refused::Strict);
         }
-    }
-    if let Some(waypoints) = bypassed_waypoint(snapshot, workload, conn.source) {
-        return Err(Refusal::Bypass(waypoints));
     }
     let attrs = Attributes {
         source: conn.source,
@@ -95,27 +103,42 @@ pub(super) fn admit(
         http: None,
     };
     let verdict = evaluate(snapshot.ztunnel_policies(workload), &attrs);
-    if !verdict.allowed {
-        let policy = verdict
-            .policy
-            .map(|p| format!("{}/{}", p.namespace(), p.name()));
-        return Err(Refusal::Denied(policy));
+    let by = |p: &mesh::authz::Policy| format!("{}/{}", p.namespace(), p.name());
+    match (
+        waypoint_gate(snapshot, workload, conn.source),
+        verdict.policy,
+    ) {
+        // A DENY (or CUSTOM) policy that matches refuses everyone, waypoints included.
+        (_, Some(policy)) if !verdict.allowed => Err(Refused::Denied(Some(by(policy)))),
+        (Gate::Open, _) if verdict.allowed => Ok(()),
+        (Gate::Open, _) => Err(Refused::Denied(None)),
+        // The waypoint's own implicit ALLOW matches it.
+        (Gate::FromWaypoint, _) => Ok(()),
+        // Someone else: only an ALLOW policy of the user's that matches lets it past.
+        (Gate::Bypassed(_), Some(_)) if verdict.allowed => Ok(()),
+        (Gate::Bypassed(waypoints), _) => Err(Refused::Bypass(waypoints)),
     }
-    Ok(())
 }
 
-/// When `workload` is bound to waypoints (its own, or its services'), only those waypoints may
-/// call it: anyone else, plaintext callers included, would skip the L7 policy the waypoint
-/// enforces. Returns the waypoints that were bypassed, or `None` when the caller may connect.
+/// What the waypoints bound to a workload say about a caller.
+enum Gate {
+    /// The workload has none.
+    Open,
+    /// The caller is one of them.
+    FromWaypoint,
+    /// The caller is none of them (their names).
+    Bypassed(String),
+}
+
+/// When `workload` is bound to waypoints (its own, or its services'), a caller that is none of
+/// them, plaintext callers included, would skip the L7 policy the waypoint enforces.
 ///
-/// Upstream ztunnel leaves this to an ALLOW policy istiod can add
-/// (`PILOT_AUTO_ALLOW_WAYPOINT_POLICY`), which has the same effect; enforcing it here makes "no
-/// bypass" hold without it.
-fn bypassed_waypoint(
-    snapshot: &Snapshot,
-    workload: &Workload,
-    caller: Option<&Identity>,
-) -> Option<String> {
+/// This is the implicit ALLOW policy istiod gives such workloads with
+/// `PILOT_AUTO_ALLOW_WAYPOINT_POLICY` (`implicitWaypointPolicies`: the waypoint's principals,
+/// for the workload's own waypoint and its services'): enforced here whether or not the
+/// control plane sends it, and with the same effect: the waypoint passes, DENY policies still
+/// apply to it, and anyone else needs an ALLOW policy of the user's to get in.
+fn waypoint_gate(snapshot: &Snapshot, workload: &Workload, caller: Option<&Identity>) -> Gate {
     let bound = workload.waypoint.into_iter().chain(
         workload
             .services
@@ -131,11 +154,15 @@ fn bypassed_waypoint(
                 .iter()
                 .any(|&i| snapshot.workload(i).identity == *caller)
         {
-            return None;
+            return Gate::FromWaypoint;
         }
         names.push(format!("{}/{}", waypoint.namespace, waypoint.name));
     }
-    (!names.is_empty()).then(|| names.join(", "))
+    if names.is_empty() {
+        Gate::Open
+    } else {
+        Gate::Bypassed(names.join(", "))
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +232,26 @@ metadata: {name: strict, namespace: app}
 spec: {mtls: {mode: STRICT}}
 "#;
 
+    /// The monitoring system, outside the mesh, may scrape `guarded` directly; `client` may
+    /// never reach it, not even through the waypoint.
+    const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: scrape, namespace: app}
+spec:
+  selector: {matchLabels: {app: guarded}}
+  action: ALLOW
+  rules: [{from: [{source: {ipBlocks: [10.0.0.60/32]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-client, namespace: app}
+spec:
+  selector: {matchLabels: {app: guarded}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/wp]}}], to: [{operation: {ports: ["9090"]}}]}]
+"#;
+
     fn uid(pod: &str) -> String {
         format!("Kubernetes//v1/Pod/app/{pod}")
     }
@@ -213,16 +260,25 @@ spec: {mtls: {mode: STRICT}}
         Identity::new("cluster.local", "app", sa).unwrap()
     }
 
+    fn mesh(extra: &str) -> Snapshot {
+        Snapshot::from_yaml(
+            "mesh.yaml",
+            &format!("{MESH}---{extra}"),
+            &Options::default(),
+        )
+        .unwrap()
+    }
+
     fn check(
         snapshot: &Snapshot,
         pod: &str,
-        source: Option<&Identity>,
+        (source, from): (Option<&Identity>, &str),
         to: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), Refused> {
         let workload = snapshot.workload_by_uid(&uid(pod)).expect(pod);
-        let conn = Inbound {
+        let conn = Conn {
             source,
-            source_ip: "10.0.0.50".parse().unwrap(),
+            source_ip: from.parse().unwrap(),
             destination: to.parse().unwrap(),
         };
         admit(snapshot, workload, &conn)
@@ -230,62 +286,101 @@ spec: {mtls: {mode: STRICT}}
 
     #[test]
     fn each_check_refuses_what_it_should() {
-        let s = Snapshot::from_yaml("mesh.yaml", MESH, &Options::default()).unwrap();
+        let s = mesh("");
         let (client, wp) = (id("client"), id("wp"));
+        let plaintext = (None, "10.0.0.50");
+        let bypass = Err(Refused::Bypass("app/wp".into()));
         assert_eq!(
-            check(&s, "open", None, "10.0.0.3:8080"),
+            check(&s, "open", plaintext, "10.0.0.3:8080"),
             Ok(()),
-            "PERMISSIVE plaintext"
-        );
-        assert_eq!(check(&s, "open", Some(&client), "10.0.0.3:8080"), Ok(()));
-        assert_eq!(
-            check(&s, "guarded", Some(&wp), "10.0.0.2:8080"),
-            Ok(()),
-            "from its waypoint"
+            "PERMISSIVE"
         );
         assert_eq!(
-            check(&s, "guarded", Some(&client), "10.0.0.2:8080"),
-            Err(Refusal::Bypass("app/wp".into()))
+            check(&s, "open", (Some(&client), "10.0.0.1"), "10.0.0.3:8080"),
+            Ok(())
         );
         assert_eq!(
-            check(&s, "guarded", None, "10.0.0.2:8080"),
-            Err(Refusal::Bypass("app/wp".into())),
-            "plaintext skips the waypoint too"
+            check(&s, "guarded", (Some(&wp), "10.0.0.9"), "10.0.0.2:8080"),
+            Ok(())
         );
         assert_eq!(
-            check(&s, "sandwich-0", None, "10.0.0.4:15088"),
-            Err(Refusal::ProxyPort)
+            check(&s, "guarded", (Some(&client), "10.0.0.1"), "10.0.0.2:8080"),
+            bypass
         );
         assert_eq!(
-            check(&s, "sandwich-0", None, "10.0.0.4:8080"),
+            check(&s, "guarded", plaintext, "10.0.0.2:8080"),
+            bypass,
+            "plaintext too"
+        );
+        assert_eq!(
+            check(&s, "sandwich-0", plaintext, "10.0.0.4:15088"),
+            Err(Refused::ProxyPort)
+        );
+        assert_eq!(
+            check(&s, "sandwich-0", plaintext, "10.0.0.4:8080"),
             Ok(()),
             "another port"
         );
         assert_eq!(
-            check(&s, "sandwich-0", Some(&client), "10.0.0.4:15088"),
+            check(
+                &s,
+                "sandwich-0",
+                (Some(&client), "10.0.0.1"),
+                "10.0.0.4:15088"
+            ),
             Ok(()),
             "ztunnel's own tunnel"
         );
 
-        let strict = Snapshot::from_yaml(
-            "mesh.yaml",
-            &format!("{MESH}---{STRICT}"),
-            &Options::default(),
-        )
-        .unwrap();
+        let strict = mesh(STRICT);
         assert_eq!(
-            check(&strict, "open", None, "10.0.0.3:8080"),
-            Err(Refusal::Strict)
+            check(&strict, "open", plaintext, "10.0.0.3:8080"),
+            Err(Refused::Strict)
         );
         assert_eq!(
-            check(&strict, "open", Some(&client), "10.0.0.3:8080"),
+            check(
+                &strict,
+                "open",
+                (Some(&client), "10.0.0.1"),
+                "10.0.0.3:8080"
+            ),
             Ok(())
         );
     }
 
+    /// As istiod's implicit ALLOW for the waypoint: an ALLOW policy of the user's admits a
+    /// caller that skips the waypoint, the waypoint needs none, and DENY binds it too.
+    #[test]
+    fn the_waypoint_gate_is_an_allow_policy_among_the_users() {
+        let s = mesh(POLICIES);
+        let (client, wp) = (id("client"), id("wp"));
+        assert_eq!(
+            check(&s, "guarded", (None, "10.0.0.60"), "10.0.0.2:8080"),
+            Ok(()),
+            "scrape"
+        );
+        assert_eq!(
+            check(&s, "guarded", (None, "10.0.0.61"), "10.0.0.2:8080"),
+            Err(Refused::Bypass("app/wp".into()))
+        );
+        assert_eq!(
+            check(&s, "guarded", (Some(&client), "10.0.0.1"), "10.0.0.2:8080"),
+            Err(Refused::Bypass("app/wp".into()))
+        );
+        assert_eq!(
+            check(&s, "guarded", (Some(&wp), "10.0.0.9"), "10.0.0.2:8080"),
+            Ok(())
+        );
+        assert_eq!(
+            check(&s, "guarded", (Some(&wp), "10.0.0.9"), "10.0.0.2:9090"),
+            Err(Refused::Denied(Some("app/no-client".into())))
+        );
+    }
+
     /// A change published before the handler reads the configuration is in what it reads; one
-    /// published after reaches the registration, which the handler made first. Either way the
-    /// connection is refused.
+    /// published after reaches the registration, which the handler must make first. Either way
+    /// the connection is refused, and a re-check against a configuration older than the one it
+    /// was admitted under leaves it alone.
     #[test]
     fn a_change_on_either_side_of_admission_refuses_the_connection() {
         let dir = std::env::temp_dir().join(format!("ztunnel-admission-{}", std::process::id()));
@@ -294,30 +389,35 @@ spec: {mtls: {mode: STRICT}}
         let mut config = ConfigDir::new(&dir, Options::default());
         let store = Store::open(&mut config).unwrap();
         let live = Arc::new(LiveConnections::default());
-        let conn = Inbound {
+        let conn = Conn {
             source: None,
             source_ip: "10.0.0.50".parse().unwrap(),
             destination: "10.0.0.3:8080".parse().unwrap(),
         };
         let register = || live.register(uid("open").into(), None, conn.source_ip, conn.destination);
+        let first = store.load();
 
         let before = register();
-        assert_eq!(admit_now(&store, &uid("open"), &conn), Ok(()));
+        assert_eq!(admit_now(&store, &uid("open"), &conn, &before), Ok(()));
         std::fs::write(dir.join("strict.yaml"), STRICT).unwrap();
         store.reload(&mut config).unwrap();
+        assert_eq!(live.reevaluate(&first), 0, "an older configuration");
         assert_eq!(
             live.reevaluate(&store.load()),
             1,
             "the registration is re-checked"
         );
-        assert!(
-            before.closed().now_or_never().is_some(),
-            "and told to close"
-        );
+        assert_eq!(before.refused(), Some(Refused::Strict));
+        assert_eq!(before.closed().now_or_never(), Some(Refused::Strict));
 
         let after = register();
-        assert_eq!(admit_now(&store, &uid("open"), &conn), Err(Refusal::Strict));
-        drop(after);
+        assert_eq!(
+            admit_now(&store, &uid("open"), &conn, &after),
+            Err(Refused::Strict)
+        );
+        assert_eq!(after.refused(), None, "refused on arrival, not closed");
+        drop((before, after));
+        assert!(live.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

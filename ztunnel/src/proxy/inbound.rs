@@ -1,6 +1,7 @@
-//! Inbound HBONE (15008): validate the target, refuse callers that bypass the destination's
-//! waypoint, authorize, connect to the application (or to a sandwiched waypoint's application
-//! tunnel), copy.
+//! Inbound HBONE (15008): validate the target (never one of ztunnel's own ports), admit the
+//! caller (`admission`: waypoint bypass, L4 policy), connect to the application (or to a
+//! sandwiched waypoint's application tunnel), copy until the end or until a configuration change
+//! refuses the connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use http::StatusCode;
 use mesh::Snapshot;
 use mesh::model::Workload;
 
+use super::admission::{self, Refused};
 use super::connection::{ConnectionGuard, Direction, Ends};
-use super::{Ctx, admission, app_tunnel, ports};
+use super::{Ctx, app_tunnel, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
 /// The inbound handler of one workload.
@@ -145,14 +147,13 @@ impl Handler for Inbound {
             peer.ip(),
             destination,
         );
-        let conn = admission::Inbound {
+        let conn = admission::Conn {
             source: Some(&peer_identity),
             source_ip: peer.ip(),
             destination,
         };
-        if let Err(why) = admission::admit_now(&self.ctx.store, &self.uid, &conn) {
-            guard.failed("DENY", format!("refused with 401: {why}"));
-            request.refuse(StatusCode::UNAUTHORIZED);
+        if let Err(why) = admission::admit_now(&self.ctx.store, &self.uid, &conn, &registration) {
+            refuse(&mut guard, request, &why);
             return;
         }
         let connected = match tunnel_port {
@@ -187,6 +188,12 @@ impl Handler for Inbound {
                 return;
             }
         };
+        // A change that refused it while the application connect ran: answer that, rather
+        // than 200 and a reset.
+        if let Some(why) = registration.refused() {
+            refuse(&mut guard, request, &why);
+            return;
+        }
         drop(snapshot);
         let mut tunnel = match request.accept() {
             Ok(t) => t,
@@ -204,12 +211,22 @@ impl Handler for Inbound {
                     guard.failed("-", e.source);
                 }
             },
-            () = registration.closed() => {
+            why = registration.closed() => {
                 self.ctx.metrics.late_rejections.inc();
-                guard.failed("DENY", "closed: a configuration change denies this connection");
+                guard.failed("DENY", format!("closed: a configuration change refuses it: {why}"));
             }
         }
     }
+}
+
+/// Answers a refused CONNECT: 503 when the workload is gone, 401 otherwise.
+fn refuse(guard: &mut ConnectionGuard, request: InboundRequest, why: &Refused) {
+    let (flag, status) = match why {
+        Refused::Gone => ("NR", StatusCode::SERVICE_UNAVAILABLE),
+        _ => ("DENY", StatusCode::UNAUTHORIZED),
+    };
+    guard.failed(flag, format!("refused with {}: {why}", status.as_u16()));
+    request.refuse(status);
 }
 
 /// The service `host` names and where its port `port` lands on `workload` (at `local`, the

@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hbone::Identity;
 use mesh::Snapshot;
 use tokio::sync::Notify;
 
-use super::admission::{self, Refusal};
+use super::admission::{self, Refused};
 
 /// The connections to re-check.
 #[derive(Debug, Default)]
@@ -26,22 +26,50 @@ struct Live {
     source: Option<Identity>,
     source_ip: IpAddr,
     destination: SocketAddr,
-    close: Arc<Notify>,
+    state: Arc<State>,
 }
 
-/// A registered connection; deregisters on drop. Await [`Registration::closed`] alongside the
-/// copy to learn that policy now denies it.
+/// What the connection's handler and the re-checks share.
+#[derive(Debug, Default)]
+struct State {
+    /// The configuration version it was admitted under; 0 until then.
+    admitted: AtomicU64,
+    /// Why a configuration change refused it, once one has.
+    refused: OnceLock<Refused>,
+    wake: Notify,
+}
+
+/// A registered connection; deregisters on drop. Check [`Registration::refused`] before
+/// answering the caller, and await [`Registration::closed`] alongside the copy: either tells
+/// that a configuration change now refuses the connection, and why.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     id: u64,
     owner: Arc<LiveConnections>,
-    close: Arc<Notify>,
+    state: Arc<State>,
 }
 
 impl Registration {
-    /// Resolves when a configuration change denies this connection.
-    pub async fn closed(&self) {
-        self.close.notified().await;
+    /// Records the configuration version the connection was admitted under: re-checks against
+    /// older ones (still in flight when it was admitted) leave it alone.
+    pub(crate) fn admitted_under(&self, version: u64) {
+        self.state.admitted.store(version, Ordering::Release);
+    }
+
+    /// Why a configuration change has refused the connection, if one has.
+    pub(crate) fn refused(&self) -> Option<Refused> {
+        self.state.refused.get().cloned()
+    }
+
+    /// Resolves, with the reason, when a configuration change refuses the connection.
+    pub(crate) async fn closed(&self) -> Refused {
+        loop {
+            if let Some(why) = self.refused() {
+                return why;
+            }
+            // A wake sent between the check and this wait is kept as a permit.
+            self.state.wake.notified().await;
+        }
     }
 }
 
@@ -56,8 +84,9 @@ impl Drop for Registration {
 }
 
 impl LiveConnections {
-    /// Registers an inbound connection to `workload` (uid).
-    pub fn register(
+    /// Registers an inbound connection to `workload` (uid), before it is admitted (see
+    /// `admission::admit_now`).
+    pub(crate) fn register(
         self: &Arc<Self>,
         workload: Arc<str>,
         source: Option<Identity>,
@@ -65,7 +94,7 @@ impl LiveConnections {
         destination: SocketAddr,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let close = Arc::new(Notify::new());
+        let state = Arc::new(State::default());
         self.entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -76,13 +105,13 @@ impl LiveConnections {
                     source,
                     source_ip,
                     destination,
-                    close: close.clone(),
+                    state: state.clone(),
                 },
             );
         Registration {
             id,
             owner: self.clone(),
-            close,
+            state,
         }
     }
 
@@ -101,19 +130,24 @@ impl LiveConnections {
 
     /// Re-evaluates every connection against `snapshot`, with the checks new connections pass
     /// (`admission::admit`); closes and counts those now refused (including those whose
-    /// workload is gone).
+    /// workload is gone). Connections admitted under a newer configuration are left alone.
     pub fn reevaluate(&self, snapshot: &Snapshot) -> usize {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let mut closed = 0;
         for live in entries.values() {
-            let conn = admission::Inbound {
+            if live.state.admitted.load(Ordering::Acquire) > snapshot.version()
+                || live.state.refused.get().is_some()
+            {
+                continue;
+            }
+            let conn = admission::Conn {
                 source: live.source.as_ref(),
                 source_ip: live.source_ip,
                 destination: live.destination,
             };
             let admitted = match snapshot.workload_by_uid(&live.workload) {
                 Some(w) => admission::admit(snapshot, w, &conn),
-                None => Err(Refusal::Gone),
+                None => Err(Refused::Gone),
             };
             if let Err(why) = admitted {
                 tracing::info!(
@@ -124,7 +158,8 @@ impl LiveConnections {
                     reason = %why,
                     "closing a live connection that the new configuration refuses"
                 );
-                live.close.notify_one();
+                let _ = live.state.refused.set(why);
+                live.state.wake.notify_one();
                 closed += 1;
             }
         }

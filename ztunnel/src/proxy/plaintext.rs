@@ -11,8 +11,9 @@ use hbone::copy_bidirectional;
 use hbone::drain::DrainWatch;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::admission::{self, Refused};
 use super::connection::{ConnectionGuard, Direction, Ends};
-use super::{Ctx, accept_loop, admission, ports};
+use super::{Ctx, accept_loop, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
 pub(super) async fn serve(ctx: Arc<Ctx>, uid: Arc<str>, listener: TcpListener, drain: DrainWatch) {
@@ -62,13 +63,13 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
     }
     // Registered first, then admitted by the configuration current now (see `admission`).
     let registration = ctx.live.register(uid.into(), None, peer.ip(), target);
-    let conn = admission::Inbound {
+    let conn = admission::Conn {
         source: None,
         source_ip: peer.ip(),
         destination: target,
     };
-    if let Err(why) = admission::admit_now(&ctx.store, uid, &conn) {
-        guard.failed("DENY", why);
+    if let Err(why) = admission::admit_now(&ctx.store, uid, &conn, &registration) {
+        guard.failed(flag(&why), why);
         return;
     }
     let mut app = match ctx.sockets.connect(workload, target).await {
@@ -81,6 +82,11 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
             return;
         }
     };
+    // A change that refused it while the application connect ran.
+    if let Some(why) = registration.refused() {
+        guard.failed(flag(&why), why);
+        return;
+    }
     drop(snapshot);
     guard.established();
     tokio::select! {
@@ -91,9 +97,16 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
                 guard.failed("-", e.source);
             }
         },
-        () = registration.closed() => {
+        why = registration.closed() => {
             ctx.metrics.late_rejections.inc();
-            guard.failed("DENY", "closed: a configuration change denies this connection");
+            guard.failed("DENY", format!("closed: a configuration change refuses it: {why}"));
         }
+    }
+}
+
+fn flag(why: &Refused) -> &'static str {
+    match why {
+        Refused::Gone => "NR",
+        _ => "DENY",
     }
 }
