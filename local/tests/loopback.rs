@@ -292,9 +292,29 @@ status: {podIP: 127.33.2.2}
     let dir = Dir::new(&mesh_yaml(33, extra));
     let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
 
-    // Dialling the pod of a waypoint-bound service directly is refused by its ztunnel.
+    // Dialling the pod of a waypoint-bound service directly is refused by its ztunnel ...
     let (_, code) = socks(ip("127.33.1.1"), "127.33.2.2", 8080).await;
     assert_eq!(code, 2, "a caller that bypasses the waypoint is refused");
+    // ... unless an ALLOW policy of the user's lets that caller in, as with istiod's implicit
+    // ALLOW for the waypoint.
+    dir.write(
+        "allow.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-client, namespace: app}
+spec:
+  selector: {matchLabels: {app: guarded}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/client]}}]}]
+"#,
+    );
+    let m = &mesh;
+    eventually("the policy to apply", || m.store.snapshot().version() > 1).await;
+    let (s, code) = socks(ip("127.33.1.1"), "127.33.2.2", 8080).await;
+    assert_eq!(code, 0, "explicitly allowed");
+    let (_, response) = http_get(s, "/").await;
+    assert!(response.contains("hello from app/guarded"), "{response}");
     // Self call.
     let (_, code) = socks(ip("127.33.1.1"), "127.33.1.1", 15008).await;
     assert_eq!(code, 2, "ztunnel's own port");
@@ -304,7 +324,6 @@ status: {podIP: 127.33.2.2}
         let (_, code) = socks(ip("127.33.1.1"), "127.33.2.1", port).await;
         assert_eq!(code, 5, "ztunnel's own port {port} on server-2");
     }
-    let m = &mesh;
     eventually("the refusals to be counted at server-2", || {
         let labels = [
             "reporter=\"destination\"",
