@@ -41,6 +41,17 @@ pub(crate) enum Refused {
     Gone,
 }
 
+impl Refused {
+    /// The access log's and metrics' response flag: a workload that is gone is no route, the
+    /// rest are denials.
+    pub(crate) fn response_flag(&self) -> &'static str {
+        match self {
+            Self::Gone => "NR",
+            _ => "DENY",
+        }
+    }
+}
+
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

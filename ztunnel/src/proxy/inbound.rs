@@ -221,10 +221,11 @@ impl Handler for Inbound {
 
 /// Answers a refused CONNECT: 503 when the workload is gone, 401 otherwise.
 fn refuse(guard: &mut ConnectionGuard, request: InboundRequest, why: &Refused) {
-    let (flag, status) = match why {
-        Refused::Gone => ("NR", StatusCode::SERVICE_UNAVAILABLE),
-        _ => ("DENY", StatusCode::UNAUTHORIZED),
+    let status = match why {
+        Refused::Gone => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNAUTHORIZED,
     };
+    let flag = why.response_flag();
     guard.failed(flag, format!("refused with {}: {why}", status.as_u16()));
     request.refuse(status);
 }

@@ -11,7 +11,7 @@ use hbone::copy_bidirectional;
 use hbone::drain::DrainWatch;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::admission::{self, Refused};
+use super::admission;
 use super::connection::{ConnectionGuard, Direction, Ends};
 use super::{Ctx, accept_loop, ports};
 use crate::metrics::{Reporter, TcpLabels};
@@ -69,7 +69,7 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         destination: target,
     };
     if let Err(why) = admission::admit_now(&ctx.store, uid, &conn, &registration) {
-        guard.failed(flag(&why), why);
+        guard.failed(why.response_flag(), why);
         return;
     }
     let mut app = match ctx.sockets.connect(workload, target).await {
@@ -84,7 +84,7 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
     };
     // A change that refused it while the application connect ran.
     if let Some(why) = registration.refused() {
-        guard.failed(flag(&why), why);
+        guard.failed(why.response_flag(), why);
         return;
     }
     drop(snapshot);
@@ -101,12 +101,5 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
             ctx.metrics.late_rejections.inc();
             guard.failed("DENY", format!("closed: a configuration change refuses it: {why}"));
         }
-    }
-}
-
-fn flag(why: &Refused) -> &'static str {
-    match why {
-        Refused::Gone => "NR",
-        _ => "DENY",
     }
 }
