@@ -15,11 +15,12 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const INITIAL: usize = 1024;
 const MEDIUM: usize = 16 * 1024;
@@ -68,7 +69,37 @@ pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
     }
 }
 
-impl ChunkIo for tokio::net::TcpStream {}
+/// A socket keeps no buffer while its flow is small, and reserves one only once it is readable.
+///
+/// * Reads of [`INITIAL`] size go to the stack and leave as a copy of what arrived: an idle
+///   connection, the common case, then holds no read buffer at all, and a 1 KiB copy costs less
+///   than the allocation a retained buffer would need for every chunk still queued.
+/// * Larger reads cut their chunk from the direction's buffer. Reserving it before the socket is
+///   readable would, after every chunk, allocate a fresh buffer for the read that finds nothing:
+///   the chunk just cut is still queued in HTTP/2 until the connection task writes it, so its
+///   allocation cannot be reclaimed yet. Tokio marks a socket unreadable after a short read, so
+///   that read waits here instead, and by the next one the buffer is reclaimed in place.
+impl ChunkIo for tokio::net::TcpStream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        size: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        ready!(self.poll_read_ready(cx))?;
+        if size <= INITIAL {
+            let mut stack = [MaybeUninit::<u8>::uninit(); INITIAL];
+            let mut read = ReadBuf::uninit(&mut stack[..size]);
+            ready!(Pin::new(self).poll_read(cx, &mut read))?;
+            return Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())));
+        }
+        buf.reserve(size);
+        if ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, buf))? == 0 {
+            return Poll::Ready(Ok(Bytes::new()));
+        }
+        Poll::Ready(Ok(buf.split().freeze()))
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ChunkIo for tokio_rustls::client::TlsStream<S> {}
 
@@ -142,8 +173,8 @@ where
 
 #[derive(Default)]
 struct Direction {
-    /// What socket reads fill; allocated by the first read, so a direction whose reader owns its
-    /// chunks (a tunnel) never has one.
+    /// What socket reads fill once they outgrow [`INITIAL`]; a small flow, or a direction whose
+    /// reader owns its chunks (a tunnel), never has one.
     buf: BytesMut,
     /// Read and not yet written.
     pending: Bytes,
@@ -266,21 +297,72 @@ mod tests {
         assert_eq!(d.read_size(), LARGE);
     }
 
+    /// A small flow's socket reads leave nothing allocated behind: an idle connection holds no
+    /// read buffer.
     #[tokio::test]
-    async fn socket_reads_reuse_one_allocation_once_chunks_are_written() {
+    async fn small_socket_reads_keep_no_buffer() {
+        let (mut writer, mut reader) = tcp_pair().await;
+        let mut d = Direction::default();
+        writer.write_all(&[1; 100]).await.unwrap();
+        let chunk = read_chunk(&mut reader, &mut d.buf, INITIAL).await;
+        assert_eq!(&chunk[..], &[1; 100][..]);
+        assert_eq!(d.buf.capacity(), 0, "the read kept a buffer");
+        writer.shutdown().await.unwrap();
+        let eof = read_chunk(&mut reader, &mut d.buf, INITIAL).await;
+        assert!(eof.is_empty(), "EOF is an empty chunk");
+    }
+
+    async fn read_chunk(reader: &mut impl ChunkIo, buf: &mut BytesMut, size: usize) -> Bytes {
+        poll_fn(|cx| reader.poll_read_chunk(cx, buf, size))
+            .await
+            .unwrap()
+    }
+
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let writer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (reader, _) = listener.accept().await.unwrap();
+        (writer, reader)
+    }
+
+    /// The read that follows a chunk finds the socket empty while the chunk is still queued
+    /// (in HTTP/2, before the connection task writes it): it must not allocate a new buffer for
+    /// nothing, so the next read that has data reclaims the first allocation.
+    #[tokio::test]
+    async fn a_socket_read_that_finds_nothing_allocates_nothing() {
+        let (mut writer, mut reader) = tcp_pair().await;
+        let mut d = Direction::default();
+        writer.write_all(&[1; 100]).await.unwrap();
+        let queued = read_chunk(&mut reader, &mut d.buf, MEDIUM).await;
+        assert_eq!(queued.len(), 100);
+        let first = queued.as_ptr();
+        let pending = poll_fn(|cx| Poll::Ready(reader.poll_read_chunk(cx, &mut d.buf, MEDIUM)));
+        assert!(pending.await.is_pending(), "nothing was sent yet");
+        drop(queued);
+        writer.write_all(&[2; 100]).await.unwrap();
+        let chunk = read_chunk(&mut reader, &mut d.buf, MEDIUM).await;
+        assert_eq!(&chunk[..], &[2; 100][..]);
+        assert_eq!(
+            chunk.as_ptr(),
+            first,
+            "the empty read took a new buffer while the queued chunk held the first"
+        );
+    }
+
+    /// The provided reads (TLS streams) reclaim their buffer too, once its chunks are gone.
+    #[tokio::test]
+    async fn stream_reads_reuse_one_allocation_once_chunks_are_written() {
         let (mut writer, mut reader) = duplex(4096);
         let mut d = Direction::default();
         writer.write_all(&[1; 100]).await.unwrap();
-        let chunk = poll_fn(|cx| reader.poll_read_chunk(cx, &mut d.buf, INITIAL))
-            .await
-            .unwrap();
+        let chunk = read_chunk(&mut reader, &mut d.buf, INITIAL).await;
         assert_eq!(chunk.len(), 100);
         let first = chunk.as_ptr();
         drop(chunk);
         writer.write_all(&[2; 100]).await.unwrap();
-        let chunk = poll_fn(|cx| reader.poll_read_chunk(cx, &mut d.buf, INITIAL))
-            .await
-            .unwrap();
+        let chunk = read_chunk(&mut reader, &mut d.buf, INITIAL).await;
         assert_eq!(&chunk[..], &[2; 100][..]);
         assert_eq!(
             chunk.as_ptr(),

@@ -11,7 +11,7 @@
 //!
 //! Figures: requests per second with 8 keep-alive connections (and, on the waypoint path,
 //! with 32 streams on one h2c connection); CPU time per request of the
-//! waypoint, nginx and haproxy processes (from /proc, during that phase); latency p50/p99 of
+//! waypoint, nginx and haproxy processes (from their CPU-time clocks, during that phase); latency p50/p99 of
 //! requests at a fixed rate on one connection, from each request's scheduled start; waypoint
 //! RSS with 10, 1,000 and 10,000 routes (separate processes) and bytes per route; the time
 //! for a changed route to take effect with 10,000 routes loaded, under load, and how many

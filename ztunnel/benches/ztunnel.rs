@@ -15,8 +15,8 @@
 //!
 //! Figures: single-stream throughput; 1 KiB request/response latency (p50, p99) at a fixed rate
 //! on one connection, measured from each request's scheduled time; new connections per second
-//! (connect, one 1 KiB exchange, close); CPU time of each ztunnel process per request (from
-//! /proc, during the latency phase); RSS of each ztunnel idle and per 1,000 open connections.
+//! (connect, one 1 KiB exchange, close); CPU time of each ztunnel process per request (from its
+//! CPU-time clock, during the latency phase); RSS of each ztunnel idle and per 1,000 open connections.
 //! The ztunnels run with their default two workers, then again with one worker each
 //! (`--worker-threads 1`, a current-thread runtime) for throughput, latency and CPU.
 //! For the relays: throughput, latency and CPU per request, and what the ztunnels add over them.
@@ -185,6 +185,14 @@ fn measure(top: &Topology, scale: &Scale) {
             "added p50, split",
             relayed.p50 - direct_lat.0,
             mesh.p50 - relayed.p50
+        );
+        println!(
+            "{:>44}: {:9.1} / {:.1} µs by the relays, {:.1} / {:.1} µs more by the ztunnels",
+            "CPU per request, split (client / server)",
+            relayed.cpu.0,
+            relayed.cpu.1,
+            mesh.cpu.0 - relayed.cpu.0,
+            mesh.cpu.1 - relayed.cpu.1
         );
     }
     verdict(
