@@ -72,8 +72,9 @@ pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
 /// A socket keeps no buffer while its flow is small, and reserves one only once it is readable.
 ///
 /// * Reads of [`INITIAL`] size go to the stack and leave as a copy of what arrived: an idle
-///   connection, the common case, then holds no read buffer at all, and a 1 KiB copy costs less
-///   than the allocation a retained buffer would need for every chunk still queued.
+///   connection, the common case, then holds no read buffer at all, and each read allocates only
+///   what arrived, where a retained buffer is reallocated whole whenever its last chunk is still
+///   queued.
 /// * Larger reads cut their chunk from the direction's buffer. Reserving it before the socket is
 ///   readable would, after every chunk, allocate a fresh buffer for the read that finds nothing:
 ///   the chunk just cut is still queued in HTTP/2 until the connection task writes it, so its
