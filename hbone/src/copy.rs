@@ -67,6 +67,12 @@ pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
         chunk.advance(n);
         Poll::Ready(Ok(()))
     }
+
+    /// Ends the stream so that its far end sees an error rather than an end, once the copy
+    /// it was part of failed or was cut short: a CONNECT proxy turns an error on one side into
+    /// a reset on the other (RFC 9113, section 8.5), as the bytes in flight are lost. Dropping
+    /// the stream afterwards completes it.
+    fn abort(&mut self) {}
 }
 
 /// A socket keeps no buffer while its flow is small, and reserves one only once it is readable.
@@ -81,6 +87,11 @@ pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
 ///   allocation cannot be reclaimed yet. Tokio marks a socket unreadable after a short read, so
 ///   that read waits here instead, and by the next one the buffer is reclaimed in place.
 impl ChunkIo for tokio::net::TcpStream {
+    /// Closing with a zero linger sends RST instead of FIN (and never blocks).
+    fn abort(&mut self) {
+        let _ = self.set_zero_linger();
+    }
+
     fn poll_read_chunk(
         &mut self,
         cx: &mut Context<'_>,
@@ -123,6 +134,10 @@ impl<T: ChunkIo + ?Sized> ChunkIo for Box<T> {
     ) -> Poll<io::Result<()>> {
         (**self).poll_write_chunk(cx, chunk)
     }
+
+    fn abort(&mut self) {
+        (**self).abort();
+    }
 }
 
 /// Bytes moved in each direction.
@@ -145,7 +160,8 @@ pub struct CopyError {
     pub copied: Copied,
 }
 
-/// Copies `a → b` and `b → a` until both directions have reached EOF.
+/// Copies `a → b` and `b → a` until both directions have reached EOF. When either fails, both
+/// streams are aborted ([`ChunkIo::abort`]).
 pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Copied, CopyError>
 where
     A: ChunkIo + ?Sized,
@@ -167,6 +183,10 @@ where
         a_to_b: ab.total,
         b_to_a: ba.total,
     };
+    if result.is_err() {
+        a.abort();
+        b.abort();
+    }
     result
         .map(|()| copied)
         .map_err(|source| CopyError { source, copied })

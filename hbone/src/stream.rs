@@ -3,9 +3,16 @@
 //! * Flow control: receive capacity is released as the reader *consumes* bytes, not when a frame
 //!   arrives, so a slow reader pushes back on the sender through the HTTP/2 window.
 //! * Half-close: `shutdown` sends END_STREAM and reading may continue; the peer's END_STREAM reads
-//!   as EOF and writing may continue. A reset with `NO_ERROR` is also EOF (a server may reset after
-//!   a complete response); any other reset is an error.
-//! * Dropping the stream without `shutdown` resets it (RST_STREAM CANCEL): an abort, as a TCP RST.
+//!   as EOF and writing may continue.
+//! * Dropping the stream without `shutdown` resets it (RST_STREAM `CANCEL`, h2's "stream no longer
+//!   needed"). That is how HTTP/2 clients let go of a tunnel they are done with (Envoy's and our
+//!   waypoint's idle upstream pools drop theirs so), and upstream ztunnel reads it as the end of
+//!   the stream: so does this one. A reset with `NO_ERROR` is an end too (a server may reset
+//!   after a complete response), and shutting down a stream the peer ended either way succeeds,
+//!   as there is nothing left to close. Any other reset is an error; so is writing data to a
+//!   stream the peer has reset, as the data is lost.
+//! * An abort (a failed copy, a connection a policy change refuses) resets with
+//!   `CONNECT_ERROR` instead, as RFC 9113 section 8.5 has a CONNECT proxy signal a TCP error.
 
 use std::fmt;
 use std::io;
@@ -100,9 +107,14 @@ impl H2Stream {
     }
 }
 
-/// Maps an error from the receive side: NO_ERROR resets are a clean end.
+/// Whether a reset the peer sent ends the stream cleanly rather than failing it.
+fn ends_cleanly(reason: Reason) -> bool {
+    reason == Reason::NO_ERROR || reason == Reason::CANCEL
+}
+
+/// Maps an error from the receive side: a reset that ends the stream cleanly reads as EOF.
 fn recv_error(e: h2::Error) -> io::Result<()> {
-    if e.reason() == Some(Reason::NO_ERROR) && e.is_reset() {
+    if e.is_reset() && e.is_remote() && e.reason().is_some_and(ends_cleanly) {
         Ok(())
     } else {
         Err(h2_io_error(e))
@@ -182,7 +194,15 @@ impl AsyncWrite for H2Stream {
         }
         this.send.reserve_capacity(0);
         if this.send.send_data(Bytes::new(), true).is_err() {
-            return this.broken(cx).map(Err);
+            // The peer has reset the stream: if it ended it cleanly, nothing is left to close.
+            return Poll::Ready(match ready!(this.send.poll_reset(cx)) {
+                Ok(reason) if ends_cleanly(reason) => {
+                    this.write_closed = true;
+                    Ok(())
+                }
+                Ok(reason) => Err(reset_error(reason)),
+                Err(e) => Err(h2_io_error(e)),
+            });
         }
         this.write_closed = true;
         Poll::Ready(Ok(()))
@@ -224,6 +244,12 @@ impl ChunkIo for H2Stream {
     ) -> Poll<io::Result<()>> {
         let n = ready!(self.poll_send_capacity(cx, chunk.len()))?;
         self.send(cx, chunk.split_to(n))
+    }
+
+    /// Resets the stream with `CONNECT_ERROR`, which peers read as a failed connection, where
+    /// the `CANCEL` of a plain drop reads as an end.
+    fn abort(&mut self) {
+        self.send.send_reset(Reason::CONNECT_ERROR);
     }
 }
 

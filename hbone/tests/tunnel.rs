@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hbone::headers::{Baggage, Forwarded, TraceParent};
-use hbone::{CertManager, Config, ConnectHeaders, MeshCa, Pool};
+use hbone::{CertHandle, CertManager, Config, ConnectHeaders, MeshCa, Pool};
 use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -104,6 +104,44 @@ async fn half_close_from_the_server() {
     assert_eq!(seen.received.unwrap().0, 10);
 }
 
+/// Dropping a tunnel without closing it resets it with `CANCEL`, which is how HTTP/2 clients
+/// (Envoy's and our waypoint's idle pools) let go of a tunnel they are done with: the server
+/// reads it as the end of the stream, as upstream ztunnel does, and closes its side without
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_tunnel_ends_the_stream_cleanly() {
+    let mut f = fixture(Config::default()).await;
+    let req = request(&id("client"), &id("server"), f.server.addr, port::ECHO);
+    let mut stream = f.pool.connect(req).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).await.unwrap();
+    drop(stream);
+    let seen = f.server.next_seen().await;
+    assert_eq!(seen.received, Ok((4, [0; 32])));
+}
+
+/// Any other reset still fails the stream: the server's copy reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_with_an_error_fails_the_stream() {
+    let mut f = fixture(Config::default()).await;
+    let client = f.ca.issue(&id("client")).unwrap();
+    let tls = hbone::tls::client_config(CertHandle::fixed(client), Arc::from([id("server")]));
+    let send = raw_h2(f.server.addr, tls.unwrap()).await.unwrap();
+    let mut send = send.ready().await.unwrap();
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("127.0.0.1:{}", port::ECHO))
+        .body(())
+        .unwrap();
+    let (response, mut stream) = send.send_request(connect, false).unwrap();
+    assert_eq!(response.await.unwrap().status(), http::StatusCode::OK);
+    stream.send_reset(h2::Reason::CONNECT_ERROR);
+    let seen = f.server.next_seen().await;
+    let error = seen.received.expect_err("the reset failed the copy");
+    assert!(error.contains("CONNECT request was reset"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_256_mib_echo_hashes_match() {
     const TOTAL: usize = 256 * 1024 * 1024;
@@ -173,6 +211,39 @@ async fn copy_between_a_socket_and_a_tunnel_keeps_every_byte() {
     let copied = proxy.await.unwrap().unwrap();
     assert_eq!(copied.a_to_b, TOTAL as u64);
     assert_eq!(copied.b_to_a, TOTAL as u64);
+}
+
+/// A copy that fails on one side aborts the other: a TCP reset from the client reaches the
+/// tunnel's server as a reset (`CONNECT_ERROR`), not as the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_copy_resets_the_tunnel() {
+    let mut f = fixture(Config::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let req = request(&id("client"), &id("server"), f.server.addr, port::SINK);
+    let pool = f.pool.clone();
+    let (connected, tunnel_up) = tokio::sync::oneshot::channel();
+    let proxy = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut tunnel = pool.connect(req).await.unwrap();
+        let _ = connected.send(());
+        hbone::copy_bidirectional(&mut socket, &mut tunnel).await
+    });
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tunnel_up.await.unwrap();
+    client.write_all(b"partial").await.unwrap();
+    client.set_zero_linger().unwrap();
+    drop(client);
+    let failed = proxy
+        .await
+        .unwrap()
+        .expect_err("the client's reset fails the copy");
+    assert_eq!(failed.source.kind(), std::io::ErrorKind::ConnectionReset);
+    let seen = f.server.next_seen().await;
+    let error = seen
+        .received
+        .expect_err("the server saw a reset, not an end");
+    assert!(error.contains("CONNECT request was reset"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,7 +80,10 @@ async fn connection_pool_limits_shed_overflow() {
     // Once they are over, the places are free again. The waypoint gives a place back when
     // it has logged the request, just after the client read the last byte: let it.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(statuses([send(&mesh, &[]), send(&mesh, &[])]).await, [200, 200]);
+    assert_eq!(
+        statuses([send(&mesh, &[]), send(&mesh, &[])]).await,
+        [200, 200]
+    );
 
     // One connection and one pending request: with one request held on the connection, of
     // two more one waits its turn and the other is shed.
@@ -133,12 +136,18 @@ spec:
     let mut turns = 0;
     while mesh.request("GET", "/", &[], "").await.backend() != "echo-v2" {
         turns += 1;
-        assert!(turns < 2, "round robin answered from echo-v1 twice in a row");
+        assert!(
+            turns < 2,
+            "round robin answered from echo-v1 twice in a row"
+        );
     }
     // The first failure is retried on echo-v2 and held there: its retry is in flight.
     let before = mesh.seen_by("echo-v2").len();
     let retried = send(&mesh, FAILING);
-    until("the retry at echo-v2", || mesh.seen_by("echo-v2").len() > before).await;
+    until("the retry at echo-v2", || {
+        mesh.seen_by("echo-v2").len() > before
+    })
+    .await;
     // The next turn is echo-v1 again (the retry took one): that failure is not retried, its
     // 503 stands.
     assert_eq!(send(&mesh, FAILING).await.unwrap(), 503);

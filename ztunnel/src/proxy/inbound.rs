@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hbone::{Authority, Handler, InboundRequest, copy_bidirectional};
+use hbone::{Authority, ChunkIo, Handler, InboundRequest, copy_bidirectional};
 use http::StatusCode;
 use mesh::Snapshot;
 use mesh::model::Workload;
@@ -212,6 +212,8 @@ impl Handler for Inbound {
                 }
             },
             why = registration.closed() => {
+            tunnel.abort();
+            app.abort();
                 self.ctx.metrics.late_rejections.inc();
                 guard.failed("DENY", format!("closed: a configuration change refuses it: {why}"));
             }
