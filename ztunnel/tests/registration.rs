@@ -1,0 +1,225 @@
+//! The registration race, end to end on loopback: an inbound connection is registered for
+//! re-checks before it is admitted, so a policy change published while it is still connecting
+//! to its application refuses it. The caller gets 401 in place of 200, no byte reaches the
+//! application, and the refusal is counted with flag `DENY` like any other.
+//!
+//! The application connect is held by a socket factory until the change is in, which makes the
+//! interleaving certain instead of a matter of timing.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hbone::{CertManager, MeshCa};
+use mesh::model::Workload;
+use mesh::{ConfigDir, Options, Store};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use ztunnel::Ztunnel;
+use ztunnel::metrics::Metrics;
+use ztunnel::proxy::Ctx;
+use ztunnel::proxy::live::LiveConnections;
+use ztunnel::socket::{Connecting, Loopback, SocketFactory};
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: app}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 127.36.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: app}
+spec: {nodeName: node-b, serviceAccountName: server}
+status: {podIP: 127.36.2.1}
+"#;
+
+const DENY_CLIENT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: app}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/client]}}]}]
+"#;
+
+/// Loopback sockets, except that a connect to `held` waits for `release` (after saying on
+/// `started` that it has begun).
+#[derive(Debug)]
+struct HeldConnect {
+    held: SocketAddr,
+    started: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl SocketFactory for HeldConnect {
+    fn listen(&self, workload: &Workload, port: u16) -> std::io::Result<TcpListener> {
+        Loopback.listen(workload, port)
+    }
+
+    fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {
+        let connecting = Loopback.connect(workload, dst);
+        if dst != self.held {
+            return connecting;
+        }
+        let (started, release) = (self.started.clone(), self.release.clone());
+        Box::pin(async move {
+            started.notify_one();
+            release.notified().await;
+            connecting.await
+        })
+    }
+
+    fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
+        Loopback.dialer(workload)
+    }
+
+    fn app_tunnel_addr(&self, local: IpAddr, port: u16) -> SocketAddr {
+        Loopback.app_tunnel_addr(local, port)
+    }
+
+    fn captures(&self) -> bool {
+        false
+    }
+
+    fn serves(&self, workload: &Workload) -> bool {
+        Loopback.serves(workload)
+    }
+}
+
+/// A scratch configuration directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("ztunnel-race-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("mkdir");
+        Self(path)
+    }
+
+    fn write(&self, name: &str, yaml: &str) {
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write");
+        std::fs::rename(tmp, self.0.join(name)).expect("rename");
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// SOCKS5 CONNECT from the workload at `from` to `dst`; the reply code.
+async fn socks(from: IpAddr, dst: SocketAddr) -> u8 {
+    let mut s = TcpStream::connect((from, 15080)).await.expect("socks port");
+    let IpAddr::V4(ip) = dst.ip() else {
+        unreachable!("the mesh is IPv4")
+    };
+    let mut req = vec![5, 1, 0, 5, 1, 0, 1];
+    req.extend_from_slice(&ip.octets());
+    req.extend_from_slice(&dst.port().to_be_bytes());
+    s.write_all(&req).await.expect("write");
+    let mut reply = [0u8; 12];
+    s.read_exact(&mut reply).await.expect("reply");
+    reply[3]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_while_connecting_to_the_application_refuses_with_401() {
+    let dir = Dir::new();
+    dir.write("mesh.yaml", MESH);
+    let mut config = ConfigDir::new(&dir.0, Options::default());
+    let store = Store::open(&mut config).expect("valid configuration");
+    let _watch = store
+        .watch(config, Duration::from_millis(20))
+        .expect("watch");
+    let ca = Arc::new(MeshCa::generate(&store.load().options().trust_domain).expect("ca"));
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let live = Arc::new(LiveConnections::default());
+    let app: SocketAddr = "127.36.2.1:8080".parse().unwrap();
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let node = |name: &'static str, sockets: Arc<dyn SocketFactory>| {
+        let ctx = Arc::new(Ctx {
+            store: store.clone(),
+            certs: Arc::new(CertManager::new(ca.clone())),
+            metrics: metrics.clone(),
+            sockets,
+            live: live.clone(),
+            hbone: hbone::Config::default(),
+        });
+        Ztunnel::start(ctx, name)
+    };
+    let _a = node("node-a", Arc::new(Loopback)).await.expect("node-a");
+    let held = HeldConnect {
+        held: app,
+        started: started.clone(),
+        release: release.clone(),
+    };
+    let _b = node("node-b", Arc::new(held)).await.expect("node-b");
+    // The application: records what it receives.
+    let listener = TcpListener::bind(app).await.expect("bind the application");
+    let received = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        got.len()
+    });
+
+    let caller = tokio::spawn(socks("127.36.1.1".parse().unwrap(), app));
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("the inbound connection was admitted and connects to the application");
+
+    // The DENY arrives while the connect is held. Re-evaluating here as well as in the
+    // ztunnel's own loop makes sure it has been applied before the connect completes.
+    let before = store.load().version();
+    dir.write("deny.yaml", DENY_CLIENT);
+    for _ in 0..500 {
+        if store.load().version() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        store.load().version() > before,
+        "the policy was not applied"
+    );
+    live.reevaluate(&store.load());
+    release.notify_one();
+
+    assert_eq!(
+        caller.await.unwrap(),
+        2,
+        "SOCKS5 'not allowed by ruleset': the CONNECT was answered 401, not 200"
+    );
+    assert_eq!(
+        received.await.unwrap(),
+        0,
+        "no byte reached the application"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    let denied = text.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_closed_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("response_flags=\"DENY\"")
+            && l.ends_with(" 1")
+    });
+    assert!(denied, "counted as denied:\n{text}");
+    assert_eq!(
+        metrics.late_rejections.get(),
+        0,
+        "refused before it was established"
+    );
+}
