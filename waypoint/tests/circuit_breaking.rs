@@ -56,6 +56,18 @@ fn seen(mesh: &Mesh) -> usize {
     mesh.seen_by("echo-v1").len() + mesh.seen_by("echo-v2").len()
 }
 
+/// Requests the waypoint has logged (`istio_requests_total`).
+fn requests_logged(mesh: &Mesh) -> u64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    mesh.metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Waits until `done`, for ten seconds at most.
 async fn until(what: &str, done: impl Fn() -> bool) {
     for _ in 0..1000 {
@@ -79,7 +91,7 @@ async fn connection_pool_limits_shed_overflow() {
     assert_eq!(statuses(held).await, [200, 200]);
     // Once they are over, the places are free again. The waypoint gives a place back when
     // it has logged the request, just after the client read the last byte: let it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until("the five requests logged", || requests_logged(&mesh) == 5).await;
     assert_eq!(
         statuses([send(&mesh, &[]), send(&mesh, &[])]).await,
         [200, 200]
