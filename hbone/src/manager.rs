@@ -235,7 +235,11 @@ mod tests {
         let handle = mgr.fetch(&id("a")).await.unwrap();
         let first = handle.current();
         // Refresh is at not_before + lifetime/2: about one second from now.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while handle.current().serial() == first.serial() && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let second = handle.current();
         assert_ne!(first.serial(), second.serial(), "renewed at half-life");
         assert!(second.not_after() > first.not_after());

@@ -251,15 +251,16 @@ spec:
         metrics(m).contains("ztunnel_authorization_late_rejections_total 1")
     })
     .await;
-    let t = metrics(&mesh);
-    assert!(
+    // Each is counted closed when its handler is done, just after the caller saw it end.
+    eventually("both denied connections counted closed", || {
+        let t = metrics(m);
         sum(
             &t,
             "istio_tcp_connections_closed_total",
-            &["reporter=\"destination\"", "response_flags=\"DENY\""]
-        ) >= 2.0,
-        "{t}"
-    );
+            &["reporter=\"destination\"", "response_flags=\"DENY\""],
+        ) >= 2.0
+    })
+    .await;
     mesh.shutdown(Duration::from_secs(1)).await;
 }
 

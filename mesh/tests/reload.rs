@@ -101,9 +101,9 @@ async fn a_burst_of_writes_is_applied_once() {
     dir.write("bookinfo.yaml", BOOKINFO);
     let mut config = dir.dir();
     let store = Store::open(&mut config).expect("initial load");
-    let _watch = store
-        .watch(config, Duration::from_millis(300))
-        .expect("watch");
+    // A quiet time far longer than the gaps between the writes, even on a stalled machine.
+    let debounce = Duration::from_secs(2);
+    let _watch = store.watch(config, debounce).expect("watch");
     for i in 0..10 {
         dir.write(
             &format!("svc-{i}.yaml"),
@@ -117,7 +117,8 @@ async fn a_burst_of_writes_is_applied_once() {
         store.snapshot().service_by_vip(ip("10.96.5.9")).is_some()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Long enough for a second reload to have come, had there been one.
+    tokio::time::sleep(debounce + Duration::from_millis(500)).await;
     assert_eq!(store.stats().applied, 2, "debounced into one reload");
 }
 

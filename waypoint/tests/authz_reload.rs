@@ -4,7 +4,6 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use support::Mesh;
 
@@ -94,12 +93,12 @@ async fn route_changes_under_load_fail_no_request() {
         }));
     }
     for version in ["v2", "v1", "v2", "v1", "v2"] {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        support::grown(&ok, 10).await;
         mesh.set_routes(&route_to(version)).await;
         let r = mesh.request("GET", "/", &[], "").await;
         assert_eq!(r.backend(), format!("echo-{version}"), "the change applied");
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    support::grown(&ok, 10).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();

@@ -316,12 +316,11 @@ async fn captured_requests_are_routed_and_authorized_by_the_waypoint() {
             .await
             .expect("metrics")
             .body;
-        if sum(
-            &text,
-            "istio_requests_total",
-            &[caller, "response_code=\"403\""],
-        ) >= 1.0
-        {
+        let counted = |code: &str| {
+            let code = format!("response_code=\"{code}\"");
+            sum(&text, "istio_requests_total", &[caller, &code])
+        };
+        if counted("403") >= 1.0 && counted("200") >= 11.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -336,12 +335,24 @@ async fn captured_requests_are_routed_and_authorized_by_the_waypoint() {
     };
     assert_eq!((requests("200"), requests("403")), (11.0, 1.0), "{text}");
 
-    // And its access log, with the caller's identity and the verdict.
+    // And its access log, with the caller's identity and the verdict (written just after the
+    // metrics).
+    let denied_line = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("path=\"/admin/users\"")
+                && l.contains("status=403")
+                && l.contains("src.identity=spiffe://cluster.local/ns/app/sa/client")
+        })
+    };
+    for _ in 0..100 {
+        if denied_line(&logged()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let log = logged();
     assert!(
-        log.lines().any(|l| l.contains("path=\"/admin/users\"")
-            && l.contains("status=403")
-            && l.contains("src.identity=spiffe://cluster.local/ns/app/sa/client")),
+        denied_line(&log),
         "the access log shows the denied request and who sent it:\n{log}"
     );
     let _ = std::fs::remove_dir_all(&dir);

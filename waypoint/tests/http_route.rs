@@ -126,11 +126,11 @@ async fn http_route_features() {
     // Request timeout: 504 at about the deadline, not at the backend's pace.
     let started = Instant::now();
     let r = mesh
-        .request("GET", "/slow", &[("x-delay-ms", "2000")], "")
+        .request("GET", "/slow", &[("x-delay-ms", "30000")], "")
         .await;
     assert_eq!(r.status, 504, "{}", r.body);
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
@@ -199,11 +199,11 @@ async fn http_route_retry_backend_timeout_and_cors() {
     // backendRequest bounds the attempt: 504 long before the backend would answer.
     let started = Instant::now();
     let r = mesh
-        .request("GET", "/backend-timeout", &[("x-delay-ms", "3000")], "")
+        .request("GET", "/backend-timeout", &[("x-delay-ms", "30000")], "")
         .await;
     assert_eq!(r.status, 504, "{}", r.body);
     assert!(
-        started.elapsed() < Duration::from_millis(2000),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );

@@ -162,12 +162,14 @@ async fn a_body_plugin_buffers_and_refuses_bodies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_calls_a_mesh_service_and_waits_for_its_answer() {
+    // The calls' timeout leaves the first HBONE handshake to the shadow pod time on a busy
+    // machine.
     let auth = |upstream: &str| {
         plugin(
             "auth",
             "auth_call",
             &format!(
-                "  pluginConfig: {{upstream: \"{upstream}\", authority: shadow.app.svc.cluster.local, path: /check}}"
+                "  pluginConfig: {{upstream: \"{upstream}\", authority: shadow.app.svc.cluster.local, path: /check, timeout_ms: 10000}}"
             ),
         )
     };
@@ -206,7 +208,7 @@ async fn a_plugin_holds_a_response_body_until_a_call_answers() {
             "scan",
             "response_scan",
             &format!(
-                "  pluginConfig: {{upstream: \"outbound|80||shadow.app.svc.cluster.local\", authority: shadow.app.svc.cluster.local, headers: {{{headers}}}}}"
+                "  pluginConfig: {{upstream: \"outbound|80||shadow.app.svc.cluster.local\", authority: shadow.app.svc.cluster.local, timeout_ms: 10000, headers: {{{headers}}}}}"
             ),
         )
     };
@@ -450,7 +452,7 @@ async fn changing_plugins_under_load_fails_no_request() {
         header("c"),
     ] {
         mesh.set_routes(&config).await;
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        support::grown(&served, 8).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {

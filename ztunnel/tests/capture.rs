@@ -338,9 +338,11 @@ async fn captured_pods_talk_through_hbone() {
     .expect("join")
     .expect("a plaintext connection before STRICT");
 
-    // L4 DENY for the client, and STRICT mTLS: both refused.
+    // L4 DENY for the client, and STRICT mTLS: both refused. Written whole (a temporary file
+    // renamed into place), so no reload can see half of it.
+    let version = store.snapshot().version();
     std::fs::write(
-        dir.join("policy.yaml"),
+        dir.join(".policy.yaml.tmp"),
         r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -356,7 +358,7 @@ spec: {mtls: {mode: STRICT}}
 "#,
     )
     .expect("write policy");
-    let version = store.snapshot().version();
+    std::fs::rename(dir.join(".policy.yaml.tmp"), dir.join("policy.yaml")).expect("rename");
     for _ in 0..100 {
         if store.snapshot().version() > version {
             break;
@@ -390,6 +392,21 @@ spec: {mtls: {mode: STRICT}}
     .await
     .expect("join");
     assert!(closed, "STRICT closes a live plaintext connection");
+    // Counted when the handlers are done, just after the callers saw the ends.
+    let denied = || {
+        let t = metrics_text(&registry);
+        sum(
+            &t,
+            "istio_tcp_connections_closed_total",
+            &["reporter=\"destination\"", "response_flags=\"DENY\""],
+        )
+    };
+    for _ in 0..100 {
+        if metrics.late_rejections.get() >= 1 && denied() >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         metrics.late_rejections.get() >= 1,
         "counted as a late rejection"

@@ -208,15 +208,27 @@ async fn a_change_while_connecting_to_the_application_refuses_with_401() {
         0,
         "no byte reached the application"
     );
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-    let denied = text.lines().any(|l| {
-        l.starts_with("istio_tcp_connections_closed_total{")
-            && l.contains("reporter=\"destination\"")
-            && l.contains("response_flags=\"DENY\"")
-            && l.ends_with(" 1")
-    });
-    assert!(denied, "counted as denied:\n{text}");
+    // Counted once the handler is done with it, just after it answered.
+    let text = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text
+    };
+    let denied = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("response_flags=\"DENY\"")
+                && l.ends_with(" 1")
+        })
+    };
+    for _ in 0..500 {
+        if denied(&text()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(denied(&text()), "counted as denied:\n{}", text());
     assert_eq!(
         metrics.late_rejections.get(),
         0,

@@ -1104,7 +1104,8 @@ async fn runaway_loop_is_stopped_by_the_callback_deadline() {
         matches!(v, Verdict::Failed(Failure::Trapped(_))),
         "expected an interrupt, got {v:?}"
     );
-    assert!(took < Duration::from_secs(1), "stopped after {took:?}");
+    // Far above the deadline: the point is that the loop stops at all, on a busy machine too.
+    assert!(took < Duration::from_secs(10), "stopped after {took:?}");
     assert_eq!(plugin.traps(), 1);
 
     let (v, h) = on_request(&plugin, &[]).await;
@@ -1486,13 +1487,17 @@ async fn ticks_reach_the_root_context_until_the_plugin_is_removed() {
     );
     let host = host();
     let plugin = load(&host, &wasm);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&host, "abi_ticks") < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let ticks = metric(&host, "abi_ticks");
-    assert!(ticks >= 5, "{ticks} ticks in 300 ms at a 10 ms period");
+    assert!(ticks >= 5, "{ticks} ticks in 5 s at a 10 ms period");
     drop(plugin);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // A tick already running when the plugin went may still finish.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let after = metric(&host, "abi_ticks");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         metric(&host, "abi_ticks"),
         after,
@@ -1536,7 +1541,11 @@ async fn an_enqueued_item_wakes_the_registering_root_context() {
         let (_, h) = on_request(&plugin, &[]).await;
         assert_eq!(statuses(&h), "0");
     }
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The callback runs in a task of its own once the instance is free.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&host, "abi_dequeued") < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(metric(&host, "abi_dequeued"), 3);
 }
 

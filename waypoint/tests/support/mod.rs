@@ -334,6 +334,17 @@ impl Mesh {
     }
 }
 
+/// Waits until `count` has grown by `by`, for 30 s at most (the caller's checks tell if not):
+/// for tests that need traffic to flow through a change, however slowly the machine serves it.
+pub async fn grown(count: &std::sync::atomic::AtomicUsize, by: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let target = count.load(Relaxed) + by;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count.load(Relaxed) < target && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Sends one HTTP/1.1 request to `host:port` through the ztunnel of the pod at `from`.
 pub async fn request(
     from: IpAddr,
