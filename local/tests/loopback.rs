@@ -215,6 +215,42 @@ async fn service_traffic_goes_through_hbone_and_is_counted() {
     mesh.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A pod that backs two services on one port: the destination reports the one the caller
+/// addressed, which the source names in `forwarded; host=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_reports_the_service_the_caller_addressed() {
+    let canary = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: canary, namespace: app}
+spec: {clusterIP: 10.37.0.2, selector: {app: server}, ports: [{name: http, port: 80, targetPort: http}]}
+"#;
+    let dir = Dir::new(&mesh_yaml(37, canary));
+    let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
+    for vip in ["10.37.0.1", "10.37.0.2"] {
+        let (s, code) = socks(ip("127.37.1.1"), vip, 80).await;
+        assert_eq!(code, 0, "SOCKS5 success");
+        let (_, response) = http_get(s, "/").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    let m = &mesh;
+    let closed = |service: &str| {
+        let service = format!("destination_service=\"{service}.app.svc.cluster.local\"");
+        sum(
+            &metrics(m),
+            "istio_tcp_connections_closed_total",
+            &["reporter=\"destination\"", &service],
+        )
+    };
+    eventually("both connections counted by the destination", || {
+        closed("server") + closed("canary") == 2.0
+    })
+    .await;
+    assert_eq!((closed("server"), closed("canary")), (1.0, 1.0));
+    mesh.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l4_policy_denies_and_late_changes_close_live_connections() {
     let dir = Dir::new(&mesh_yaml(32, ""));

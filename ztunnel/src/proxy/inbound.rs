@@ -58,11 +58,19 @@ impl Handler for Inbound {
             Some(Err(_)) => None,
             None => request.target().addr(),
         };
-        // Telemetry's destination service: the named one, else the first of the workload's
-        // services with a port landing on the target port (as upstream does without a
-        // `forwarded; host=`).
+        // Telemetry's destination service, as upstream finds it: the one the authority names,
+        // else the one the caller addressed (`forwarded; host=`) if the workload backs it,
+        // else the first of the workload's services with a port landing on the target port.
+        let addressed = (request.headers().forwarded.as_ref())
+            .and_then(|f| f.host.as_deref())
+            .and_then(|host| {
+                (workload.services.iter())
+                    .map(|&s| snapshot.service(s))
+                    .find(|s| &*s.hostname == host)
+            });
         let service = match &by_host {
             Some(Ok((service, _))) => Some(*service),
+            _ if addressed.is_some() => addressed,
             _ if app_tunnel.is_some() => target
                 .and_then(|t| snapshot.service_by_vip_port(t.ip(), t.port()))
                 .map(|(_, service, _)| service),

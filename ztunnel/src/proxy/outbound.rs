@@ -131,9 +131,11 @@ async fn proxy(
                 next_hop,
                 authority: Authority::Addr(authority),
                 headers: ConnectHeaders {
+                    // `host=` names the service the caller addressed, which the destination's
+                    // telemetry reports (a pod may back several on one port).
                     forwarded: Some(Forwarded {
                         client: source_ip.map(|ip| SocketAddr::new(ip, peer.port())),
-                        host: None,
+                        host: service.map(|s| snapshot.service(s).hostname.to_string()),
                     }),
                     ..ConnectHeaders::default()
                 },
