@@ -220,8 +220,8 @@ impl Handler for Inbound {
                 }
             },
             why = registration.closed() => {
-            tunnel.abort();
-            app.abort();
+                tunnel.abort();
+                app.abort();
                 self.ctx.metrics.late_rejections.inc();
                 guard.failed("DENY", format!("closed: a configuration change refuses it: {why}"));
             }
