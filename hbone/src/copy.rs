@@ -69,9 +69,14 @@ pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
     }
 
     /// Ends the stream so that its far end sees an error rather than an end, once the copy
-    /// it was part of failed or was cut short: a CONNECT proxy turns an error on one side into
-    /// a reset on the other (RFC 9113, section 8.5), as the bytes in flight are lost. Dropping
-    /// the stream afterwards completes it.
+    /// it was part of failed or was cut short: a CONNECT proxy turns a TCP error into a reset
+    /// of the tunnel (RFC 9113, section 8.5), as the bytes in flight are lost. Dropping the
+    /// stream afterwards completes it.
+    ///
+    /// A socket keeps the default, an ordinary close when dropped: a reset would also discard
+    /// what is already written and still on its way to the caller, such as the response to a
+    /// request whose body could not be delivered, and the caller is better served by that
+    /// response and a FIN.
     fn abort(&mut self) {}
 }
 
@@ -87,11 +92,6 @@ pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
 ///   allocation cannot be reclaimed yet. Tokio marks a socket unreadable after a short read, so
 ///   that read waits here instead, and by the next one the buffer is reclaimed in place.
 impl ChunkIo for tokio::net::TcpStream {
-    /// Closing with a zero linger sends RST instead of FIN (and never blocks).
-    fn abort(&mut self) {
-        let _ = self.set_zero_linger();
-    }
-
     fn poll_read_chunk(
         &mut self,
         cx: &mut Context<'_>,

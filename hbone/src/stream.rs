@@ -12,7 +12,8 @@
 //!   as there is nothing left to close. Any other reset is an error; so is writing data to a
 //!   stream the peer has reset, as the data is lost.
 //! * An abort (a failed copy, a connection a policy change refuses) resets with
-//!   `CONNECT_ERROR` instead, as RFC 9113 section 8.5 has a CONNECT proxy signal a TCP error.
+//!   `CONNECT_ERROR` instead, as RFC 9113 section 8.5 has a CONNECT proxy signal a TCP error: the
+//!   far end sees a failure, never a clean end that could pass a truncated stream for a whole.
 
 use std::fmt;
 use std::io;

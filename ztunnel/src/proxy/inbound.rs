@@ -221,7 +221,6 @@ impl Handler for Inbound {
             },
             why = registration.closed() => {
                 tunnel.abort();
-                app.abort();
                 self.ctx.metrics.late_rejections.inc();
                 guard.failed("DENY", format!("closed: a configuration change refuses it: {why}"));
             }

@@ -7,8 +7,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hbone::copy_bidirectional;
 use hbone::drain::DrainWatch;
-use hbone::{ChunkIo, copy_bidirectional};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::admission;
@@ -98,8 +98,6 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
             }
         },
         why = registration.closed() => {
-            client.abort();
-            app.abort();
             ctx.metrics.late_rejections.inc();
             guard.failed("DENY", format!("closed: a configuration change refuses it: {why}"));
         }
