@@ -2,7 +2,8 @@
 //!
 //! * `forwarded`: `for="<client ip:port>"`, plus `;host=<service hostname>` when the target was a
 //!   known service (the destination uses it to attribute the service in telemetry).
-//! * `baggage`: the source workload's metadata as a W3C baggage list.
+//! * `baggage`: the source workload's metadata as a W3C baggage list (and, on the 200, the
+//!   destination's).
 //! * `traceparent`: a W3C trace context, random per connection, so one connection can be followed
 //!   across proxies in the logs.
 //!
@@ -79,15 +80,16 @@ fn is_token_host(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
-/// Source-workload metadata carried in `baggage`, in the keys upstream ztunnel uses.
+/// A workload's metadata carried in `baggage`, in the keys upstream ztunnel uses: the source's
+/// on a CONNECT, the destination's on its 200.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Baggage {
     /// `k8s.cluster.name`
     pub cluster: Option<String>,
     /// `k8s.namespace.name`
     pub namespace: Option<String>,
-    /// `k8s.<type>.name`: the workload kind (deployment, cronjob, pod, job) and its name.
-    pub workload: Option<(WorkloadKind, String)>,
+    /// `k8s.<type>.name`: the workload's type (deployment, cronjob, pod, job) and its name.
+    pub workload: Option<(WorkloadType, String)>,
     /// `service.name`: the canonical service.
     pub service_name: Option<String>,
     /// `service.version`: the canonical revision.
@@ -98,27 +100,40 @@ pub struct Baggage {
     pub zone: Option<String>,
 }
 
-/// The kind of controller behind a workload, as baggage names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkloadKind {
-    /// `k8s.deployment.name`
+/// The kind of controller behind a workload (WDS `workload_type`), as baggage names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkloadType {
+    /// `k8s.deployment.name`: a Deployment's pod (through its ReplicaSet).
     Deployment,
-    /// `k8s.cronjob.name`
+    /// `k8s.cronjob.name`: a pod of a CronJob's Job.
     CronJob,
-    /// `k8s.pod.name`
+    /// `k8s.pod.name`: a pod on its own, or of any other controller (StatefulSet, DaemonSet).
+    #[default]
     Pod,
-    /// `k8s.job.name`
+    /// `k8s.job.name`: a Job's pod.
     Job,
 }
 
-impl WorkloadKind {
+impl WorkloadType {
     fn key(self) -> &'static str {
         match self {
-            WorkloadKind::Deployment => "k8s.deployment.name",
-            WorkloadKind::CronJob => "k8s.cronjob.name",
-            WorkloadKind::Pod => "k8s.pod.name",
-            WorkloadKind::Job => "k8s.job.name",
+            WorkloadType::Deployment => "k8s.deployment.name",
+            WorkloadType::CronJob => "k8s.cronjob.name",
+            WorkloadType::Pod => "k8s.pod.name",
+            WorkloadType::Job => "k8s.job.name",
         }
+    }
+}
+
+/// Lowercase, as upstream ztunnel names it in baggage keys and its configuration dump.
+impl fmt::Display for WorkloadType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkloadType::Deployment => "deployment",
+            WorkloadType::CronJob => "cronjob",
+            WorkloadType::Pod => "pod",
+            WorkloadType::Job => "job",
+        })
     }
 }
 
@@ -139,10 +154,10 @@ impl Baggage {
             match key.trim() {
                 "k8s.cluster.name" => out.cluster = val,
                 "k8s.namespace.name" => out.namespace = val,
-                "k8s.deployment.name" => out.workload = val.map(|v| (WorkloadKind::Deployment, v)),
-                "k8s.cronjob.name" => out.workload = val.map(|v| (WorkloadKind::CronJob, v)),
-                "k8s.pod.name" => out.workload = val.map(|v| (WorkloadKind::Pod, v)),
-                "k8s.job.name" => out.workload = val.map(|v| (WorkloadKind::Job, v)),
+                "k8s.deployment.name" => out.workload = val.map(|v| (WorkloadType::Deployment, v)),
+                "k8s.cronjob.name" => out.workload = val.map(|v| (WorkloadType::CronJob, v)),
+                "k8s.pod.name" => out.workload = val.map(|v| (WorkloadType::Pod, v)),
+                "k8s.job.name" => out.workload = val.map(|v| (WorkloadType::Job, v)),
                 "service.name" => out.service_name = val,
                 "service.version" => out.service_version = val,
                 "cloud.region" => out.region = val,
@@ -340,7 +355,7 @@ mod tests {
         let b = Baggage {
             cluster: Some("Kubernetes".into()),
             namespace: Some("default".into()),
-            workload: Some((WorkloadKind::Deployment, "reviews-v1".into())),
+            workload: Some((WorkloadType::Deployment, "reviews-v1".into())),
             service_name: Some("reviews".into()),
             service_version: Some("v1".into()),
             region: None,
@@ -359,7 +374,7 @@ mod tests {
             "junk, service.name=x;prop=1 ,k8s.pod.name=p,unknown=1,cloud.region=a b",
         );
         assert_eq!(odd.service_name.as_deref(), Some("x"));
-        assert_eq!(odd.workload, Some((WorkloadKind::Pod, "p".into())));
+        assert_eq!(odd.workload, Some((WorkloadType::Pod, "p".into())));
         assert_eq!(odd.region, None);
     }
 

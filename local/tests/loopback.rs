@@ -2,8 +2,6 @@
 //! HBONE between them, sample backends, and ordinary clients speaking SOCKS5.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use local::LocalMesh;
@@ -13,35 +11,9 @@ use tokio::net::TcpStream;
 #[path = "../../ztunnel/tests/support/sandwich.rs"]
 mod sandwich;
 use sandwich::read_proxy_header;
-
-/// A scratch configuration directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(yaml: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "ztunnel-e2e-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("mkdir");
-        std::fs::write(path.join("mesh.yaml"), yaml).expect("write");
-        Self(path)
-    }
-
-    fn write(&self, name: &str, yaml: &str) {
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml).expect("write");
-        std::fs::rename(tmp, self.0.join(name)).expect("rename");
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "../../ztunnel/tests/support/scratch.rs"]
+mod scratch;
+use scratch::Dir;
 
 /// A mesh on `127.<net>.0.0/16`: namespace `app` (ambient) with `client` and `server-1` on
 /// node-a, `server-2` on node-b, service `server` (VIP 10.<net>.0.1:80 → http 8080); namespace
@@ -139,7 +111,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_traffic_goes_through_hbone_and_is_counted() {
-    let dir = Dir::new(&mesh_yaml(31, ""));
+    let dir = Dir::with_mesh(&mesh_yaml(31, ""));
     let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
     assert_eq!(mesh.nodes.len(), 2);
 
@@ -226,7 +198,7 @@ kind: Service
 metadata: {name: canary, namespace: app}
 spec: {clusterIP: 10.37.0.2, selector: {app: server}, ports: [{name: http, port: 80, targetPort: http}]}
 "#;
-    let dir = Dir::new(&mesh_yaml(37, canary));
+    let dir = Dir::with_mesh(&mesh_yaml(37, canary));
     let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
     for vip in ["10.37.0.1", "10.37.0.2"] {
         let (s, code) = socks(ip("127.37.1.1"), vip, 80).await;
@@ -253,7 +225,7 @@ spec: {clusterIP: 10.37.0.2, selector: {app: server}, ports: [{name: http, port:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l4_policy_denies_and_late_changes_close_live_connections() {
-    let dir = Dir::new(&mesh_yaml(32, ""));
+    let dir = Dir::with_mesh(&mesh_yaml(32, ""));
     let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
 
     // A live connection, idle in the middle of a request.
@@ -326,7 +298,7 @@ metadata: {name: guarded, namespace: app, labels: {app: guarded}}
 spec: {nodeName: node-b, serviceAccountName: guarded}
 status: {podIP: 127.33.2.2}
 "#;
-    let dir = Dir::new(&mesh_yaml(33, extra));
+    let dir = Dir::with_mesh(&mesh_yaml(33, extra));
     let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
 
     // Dialling the pod of a waypoint-bound service directly is refused by its ztunnel ...
@@ -396,7 +368,7 @@ async fn inbound_accepts_a_service_hostname_authority() {
 
     use hbone::{Authority, CertManager, ConnectHeaders, ConnectRequest, Identity, Pool};
 
-    let dir = Dir::new(&mesh_yaml(34, ""));
+    let dir = Dir::with_mesh(&mesh_yaml(34, ""));
     let mesh = LocalMesh::start(&dir.0).await.expect("mesh starts");
     let pool = Pool::new(
         Arc::new(CertManager::new(mesh.ca.clone())),
@@ -461,7 +433,7 @@ kind: Service
 metadata: {name: reviews, namespace: app, labels: {istio.io/use-waypoint: sandwich}}
 spec: {clusterIP: 10.35.0.2, selector: {app: server}, ports: [{name: http, port: 9080, targetPort: http}]}
 "#;
-    let dir = Dir::new(&mesh_yaml(35, &yaml));
+    let dir = Dir::with_mesh(&mesh_yaml(35, &yaml));
     // The sandwiched waypoint (what kgateway or an Envoy waypoint would be): it takes PROXY
     // connections on 15088, reports the header, and forwards the request to the service it was
     // meant for through its own ztunnel, which must send it to an endpoint, not back here.

@@ -5,6 +5,8 @@ mod support;
 
 use std::net::IpAddr;
 
+use hbone::headers::WorkloadType;
+
 use mesh::model::{AppTunnel, Protocol, WaypointFor};
 use mesh::resource::MtlsMode;
 use support::{BOOKINFO, problems, snapshot};
@@ -88,6 +90,7 @@ fn ambient_enrolment_and_defaults() {
         "waypoint pods are not captured"
     );
     assert_eq!(&*waypoint.workload_name, "waypoint");
+    assert_eq!(waypoint.workload_type, WorkloadType::Deployment);
 
     let opted_out = snapshot(
         r#"

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use hbone::headers::Baggage;
 use mesh::Snapshot;
 use mesh::model::{Service, Workload};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -95,15 +96,37 @@ impl TcpLabels {
 }
 
 impl TcpLabels {
-    /// Fills in what mTLS proved about a source the configuration does not know by its address
-    /// (a peer behind a gateway, or dialling from an address that is not its workload's): its
-    /// principal and namespace, as upstream derives them from the peer's certificate.
+    /// Fills in a source the configuration does not know by its address (a peer behind a
+    /// gateway, in another cluster, or dialling from an address that is not its workload's), as
+    /// upstream does: its principal and namespace from what mTLS proved, the rest from the
+    /// `baggage` it sent, which is its own word and is used for telemetry only.
     #[must_use]
-    pub fn with_peer(mut self, peer: &hbone::Identity) -> Self {
-        if self.source_principal == UNKNOWN {
-            self.source_principal = peer.to_string();
-            self.source_workload_namespace = peer.namespace().to_owned();
+    pub fn with_peer(mut self, peer: &hbone::Identity, baggage: Option<&Baggage>) -> Self {
+        if self.source_principal != UNKNOWN {
+            return self;
         }
+        self.source_principal = peer.to_string();
+        self.source_workload_namespace = peer.namespace().to_owned();
+        let Some(b) = baggage else {
+            return self;
+        };
+        let set = |label: &mut String, value: Option<&String>| {
+            if let Some(v) = value {
+                v.clone_into(label);
+            }
+        };
+        set(
+            &mut self.source_workload,
+            b.workload.as_ref().map(|(_, name)| name),
+        );
+        set(&mut self.source_canonical_service, b.service_name.as_ref());
+        set(&mut self.source_app, b.service_name.as_ref());
+        set(
+            &mut self.source_canonical_revision,
+            b.service_version.as_ref(),
+        );
+        set(&mut self.source_version, b.service_version.as_ref());
+        set(&mut self.source_cluster, b.cluster.as_ref());
         self
     }
 }

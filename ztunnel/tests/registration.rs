@@ -7,7 +7,6 @@
 //! interleaving certain instead of a matter of timing.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +22,10 @@ use ztunnel::metrics::Metrics;
 use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
 use ztunnel::socket::{Connecting, Loopback, SocketFactory};
+
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Dir;
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -95,29 +98,6 @@ impl SocketFactory for HeldConnect {
     }
 }
 
-/// A scratch configuration directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!("ztunnel-race-{}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("mkdir");
-        Self(path)
-    }
-
-    fn write(&self, name: &str, yaml: &str) {
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml).expect("write");
-        std::fs::rename(tmp, self.0.join(name)).expect("rename");
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// SOCKS5 CONNECT from the workload at `from` to `dst`; the reply code.
 async fn socks(from: IpAddr, dst: SocketAddr) -> u8 {
     let mut s = TcpStream::connect((from, 15080)).await.expect("socks port");
@@ -135,7 +115,7 @@ async fn socks(from: IpAddr, dst: SocketAddr) -> u8 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_while_connecting_to_the_application_refuses_with_401() {
-    let dir = Dir::new();
+    let dir = Dir::empty();
     dir.write("mesh.yaml", MESH);
     let mut config = ConfigDir::new(&dir.0, Options::default());
     let store = Store::open(&mut config).expect("valid configuration");

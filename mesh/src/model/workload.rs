@@ -4,7 +4,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use hbone::Identity;
+use hbone::headers::{Baggage, WorkloadType};
 use serde::Serialize;
+
+use crate::resource::ObjectMeta;
 
 use super::{Labels, PolicyId, ServiceId, WaypointId, WorkloadId};
 
@@ -43,6 +46,9 @@ pub struct Workload {
     pub weight: u32,
     /// Telemetry's workload name (the Deployment's name for ReplicaSet pods).
     pub workload_name: Arc<str>,
+    /// The type of that workload, which baggage names it by.
+    #[serde(serialize_with = "display")]
+    pub workload_type: WorkloadType,
     /// Telemetry's canonical service name.
     pub canonical_name: Arc<str>,
     /// Telemetry's canonical revision.
@@ -79,6 +85,20 @@ impl Workload {
             .iter()
             .find(|(n, _)| &**n == name)
             .map(|&(_, p)| p)
+    }
+
+    /// Its metadata as a CONNECT's (or its 200's) `baggage` names it, in `cluster`, so a peer that
+    /// cannot look it up by address can still label its telemetry.
+    pub fn baggage(&self, cluster: &str) -> Baggage {
+        Baggage {
+            cluster: Some(cluster.to_owned()),
+            namespace: Some(self.namespace.to_string()),
+            workload: Some((self.workload_type, self.workload_name.to_string())),
+            service_name: Some(self.canonical_name.to_string()),
+            service_version: Some(self.canonical_revision.to_string()),
+            region: None,
+            zone: None,
+        }
     }
 
     /// An address of the same family as `like`, else the first.
@@ -137,32 +157,129 @@ pub(crate) const CANONICAL_REVISION: [&str; 3] = [
     "version",
 ];
 
-/// The Deployment name of a ReplicaSet pod (`reviews-v1-5b9c7f-x2x4z` → `reviews-v1`), when the
-/// pod carries `pod-template-hash`; otherwise the pod name.
-pub(crate) fn workload_name<'a>(pod: &'a str, template_hash: Option<&str>) -> &'a str {
-    let Some(hash) = template_hash else {
-        return pod;
+/// The workload a pod belongs to in telemetry, and its type, as istiod derives them: the
+/// managing controller of a generated pod (a ReplicaSet carrying the pod's `pod-template-hash`
+/// stands for its Deployment, a Job named `<name>-<8 to 10 digits>` for its CronJob); the pod
+/// itself otherwise.
+///
+/// A pod written by hand (no `generateName`, no owner) that carries `pod-template-hash` is taken
+/// for a Deployment's pod, its name less the hash and the random suffix, so a local mesh written
+/// as plain pods is named as the cluster it imitates would be.
+pub(crate) fn workload_name_and_type(pod: &ObjectMeta) -> (&str, WorkloadType) {
+    let hash = pod.labels.get("pod-template-hash").map(String::as_str);
+    let controller = pod.generate_name.as_ref().and(pod.controller());
+    let Some(owner) = controller else {
+        return match hash.and_then(|h| deployment_of_pod(&pod.name, h)) {
+            Some(deployment) if pod.owner_references.is_empty() => {
+                (deployment, WorkloadType::Deployment)
+            }
+            _ => (&pod.name, WorkloadType::Pod),
+        };
     };
-    match pod.rsplit_once('-') {
-        Some((rest, _)) => rest
-            .strip_suffix(hash)
-            .and_then(|r| r.strip_suffix('-'))
-            .unwrap_or(pod),
-        None => pod,
+    match owner.kind.as_str() {
+        "ReplicaSet" => match hash.and_then(|h| owner.name.strip_suffix(h)?.strip_suffix('-')) {
+            Some(deployment) => (deployment, WorkloadType::Deployment),
+            None => (&owner.name, WorkloadType::Pod),
+        },
+        "Job" => match cron_job_of_job(&owner.name) {
+            Some(cron_job) => (cron_job, WorkloadType::CronJob),
+            None => (&owner.name, WorkloadType::Job),
+        },
+        "Deployment" => (&owner.name, WorkloadType::Deployment),
+        "CronJob" => (&owner.name, WorkloadType::CronJob),
+        _ => (&owner.name, WorkloadType::Pod),
     }
+}
+
+/// `reviews-v1-5b9c7f-x2x4z` with hash `5b9c7f` → `reviews-v1`.
+fn deployment_of_pod<'a>(pod: &'a str, hash: &str) -> Option<&'a str> {
+    let (rest, _) = pod.rsplit_once('-')?;
+    rest.strip_suffix(hash)?.strip_suffix('-')
+}
+
+/// `backup-28911460` → `backup`: a CronJob names each Job after its scheduled minute.
+fn cron_job_of_job(job: &str) -> Option<&str> {
+    let (name, stamp) = job.rsplit_once('-')?;
+    let is_stamp = (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit());
+    (is_stamp && !name.is_empty()).then_some(name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn meta(yaml: &str) -> ObjectMeta {
+        serde_yaml::from_str(yaml).expect("metadata")
+    }
+
     #[test]
-    fn deployment_names_from_pod_names() {
-        assert_eq!(
-            workload_name("reviews-v1-5b9c7f-x2x4z", Some("5b9c7f")),
-            "reviews-v1"
-        );
-        assert_eq!(workload_name("reviews-v1-abc", None), "reviews-v1-abc");
-        assert_eq!(workload_name("odd", Some("5b9c7f")), "odd");
+    fn workload_names_and_types() {
+        let cases = [
+            // A Deployment's pod, through its ReplicaSet.
+            (
+                "{name: reviews-v1-5b9c7f-x2x4z, generateName: reviews-v1-5b9c7f-, labels: {pod-template-hash: 5b9c7f}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-5b9c7f, controller: true}]}",
+                "reviews-v1",
+                WorkloadType::Deployment,
+            ),
+            // A ReplicaSet of its own (the hash is not its suffix).
+            (
+                "{name: rs-abcde, generateName: rs-, labels: {pod-template-hash: 5b9c7f}, ownerReferences: [{kind: ReplicaSet, name: rs, controller: true}]}",
+                "rs",
+                WorkloadType::Pod,
+            ),
+            // A CronJob's Job, and a Job of its own.
+            (
+                "{name: backup-28911460-q7x2p, generateName: backup-28911460-, ownerReferences: [{apiVersion: batch/v1, kind: Job, name: backup-28911460, controller: true}]}",
+                "backup",
+                WorkloadType::CronJob,
+            ),
+            (
+                "{name: migrate-q7x2p, generateName: migrate-, ownerReferences: [{kind: Job, name: migrate, controller: true}]}",
+                "migrate",
+                WorkloadType::Job,
+            ),
+            (
+                "{name: migrate-1234567-q7x2p, generateName: migrate-1234567-, ownerReferences: [{kind: Job, name: migrate-1234567, controller: true}]}",
+                "migrate-1234567",
+                WorkloadType::Job,
+            ),
+            // Other controllers name the workload but type it a pod.
+            (
+                "{name: db-0, generateName: db-, ownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, controller: true}]}",
+                "db",
+                WorkloadType::Pod,
+            ),
+            // Owners that do not control it, or a name not generated: the pod itself.
+            (
+                "{name: p-abcde, generateName: p-, ownerReferences: [{kind: ReplicaSet, name: p}]}",
+                "p-abcde",
+                WorkloadType::Pod,
+            ),
+            (
+                "{name: fixed, ownerReferences: [{kind: StatefulSet, name: s, controller: true}]}",
+                "fixed",
+                WorkloadType::Pod,
+            ),
+            // Written by hand as a Deployment's pod would be named.
+            (
+                "{name: reviews-v1-5b9c7f-x2x4z, labels: {pod-template-hash: 5b9c7f}}",
+                "reviews-v1",
+                WorkloadType::Deployment,
+            ),
+            (
+                "{name: reviews-v1-abc}",
+                "reviews-v1-abc",
+                WorkloadType::Pod,
+            ),
+            (
+                "{name: odd, labels: {pod-template-hash: 5b9c7f}}",
+                "odd",
+                WorkloadType::Pod,
+            ),
+        ];
+        for (yaml, name, kind) in cases {
+            let m = meta(yaml);
+            assert_eq!(workload_name_and_type(&m), (name, kind), "{yaml}");
+        }
     }
 }

@@ -50,12 +50,43 @@ pub struct ObjectMeta {
     /// Creation time (RFC 3339); Gateway API precedence breaks ties by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+    /// The prefix the name was generated from; set on pods a controller made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    /// The objects this one belongs to; a pod's controller names its workload in telemetry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// One `metadata.ownerReferences` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    /// The owner's API group and version (`apps/v1`).
+    #[serde(default)]
+    pub api_version: String,
+    /// The owner's kind (`ReplicaSet`, `Job`, `StatefulSet`).
+    #[serde(default)]
+    pub kind: String,
+    /// The owner's name.
+    #[serde(default)]
+    pub name: String,
+    /// Whether the owner is the managing controller (at most one is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<bool>,
 }
 
 impl ObjectMeta {
     /// The namespace, defaulted as `kubectl apply` would.
     pub fn namespace(&self) -> &str {
         self.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// The managing controller among the owners, if any.
+    pub fn controller(&self) -> Option<&OwnerReference> {
+        self.owner_references
+            .iter()
+            .find(|o| o.controller == Some(true))
     }
 }
 

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use hbone::Identity;
+use hbone::headers::WorkloadType;
 
 use super::{Index, Options, Snapshot};
 use crate::error::{ConfigError, FieldError, Invalid, Origin};
@@ -552,10 +553,7 @@ impl<'o> Builder<'o> {
             .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
             .filter_map(|p| Some((self.interner.get(p.name.as_deref()?), p.container_port)))
             .collect();
-        let workload_name = model::workload::workload_name(
-            &meta.name,
-            meta.labels.get("pod-template-hash").map(String::as_str),
-        );
+        let workload = model::workload::workload_name_and_type(meta);
         let uid = format!(
             "{}//v1/Pod/{namespace}/{}",
             self.options.cluster_id, meta.name
@@ -573,7 +571,7 @@ impl<'o> Builder<'o> {
             running && not_unready,
             named_ports,
             1,
-            workload_name,
+            workload,
             waypoint_instance,
         ))
         .map(|w| Workload {
@@ -643,7 +641,7 @@ impl<'o> Builder<'o> {
             true,
             named_ports,
             we.spec.weight.unwrap_or(1),
-            &meta.name,
+            (&meta.name, WorkloadType::Pod),
             None,
         ))
     }
@@ -709,7 +707,7 @@ impl<'o> Builder<'o> {
             true,
             named_ports,
             ep.weight.unwrap_or(1),
-            &meta.name,
+            (&meta.name, WorkloadType::Pod),
             None,
         ))
     }
@@ -729,7 +727,7 @@ impl<'o> Builder<'o> {
         ready: bool,
         named_ports: Vec<(Arc<str>, u16)>,
         weight: u32,
-        workload_name: &str,
+        (workload_name, workload_type): (&str, WorkloadType),
         waypoint_instance: Option<WaypointId>,
     ) -> Workload {
         let first = |keys: [&str; 3], fallback: &str| {
@@ -778,6 +776,7 @@ impl<'o> Builder<'o> {
             named_ports: named_ports.into_boxed_slice(),
             weight,
             workload_name: self.interner.get(workload_name),
+            workload_type,
             canonical_name: self.interner.get(&canonical_name),
             canonical_revision: self.interner.get(&canonical_revision),
             waypoint: None,

@@ -7,8 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,34 +27,9 @@ use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
 use ztunnel::socket::Loopback;
 
-/// A scratch configuration directory, removed on drop.
-pub struct Dir(pub PathBuf);
-
-impl Dir {
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "waypoint-e2e-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("mkdir");
-        Self(path)
-    }
-
-    /// Replaces `name` atomically, as a config management tool would.
-    pub fn write(&self, name: &str, yaml: &str) {
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml).expect("write");
-        std::fs::rename(tmp, self.0.join(name)).expect("rename");
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "../../../ztunnel/tests/support/scratch.rs"]
+mod scratch;
+pub(crate) use scratch::Dir;
 
 /// The mesh on `127.<net>.0.0/16`. Namespace `app` (ambient) has:
 /// * `client` (127.net.1.1, node-a);
@@ -190,7 +163,7 @@ impl Mesh {
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .try_init();
-        let dir = Dir::new();
+        let dir = Dir::empty();
         dir.write("mesh.yaml", &mesh_yaml(net));
         dir.write("routes.yaml", extra);
         let mut config = ConfigDir::new(&dir.0, Options::default());

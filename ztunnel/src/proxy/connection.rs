@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hbone::Copied;
+use hbone::headers::TraceParent;
 
 use crate::metrics::{Metrics, TcpLabels};
 
@@ -48,6 +49,9 @@ pub struct Ends {
     pub dst_workload: Option<String>,
     /// Destination identity.
     pub dst_identity: Option<String>,
+    /// The connection's trace context: made by the client's ztunnel and sent as `traceparent`,
+    /// taken up by the server's, so one connection is found in both logs by its trace id.
+    pub trace: Option<TraceParent>,
 }
 
 /// Records one connection.
@@ -120,6 +124,8 @@ impl Drop for ConnectionGuard {
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let failure = self.error.as_deref().unwrap_or_default();
         let flags = &self.labels.response_flags;
+        let trace_id = e.trace.map(|t| format!("{:032x}", t.trace_id));
+        let trace_id = trace_id.as_deref().unwrap_or_default();
         // Two call sites because a tracing event's level is part of its static metadata.
         if self.error.is_none() {
             tracing::info!(
@@ -133,6 +139,7 @@ impl Drop for ConnectionGuard {
                 dst.service = %show(&e.dst_service),
                 dst.workload = %show(&e.dst_workload),
                 dst.identity = %show(&e.dst_identity),
+                trace_id = %trace_id,
                 bytes_sent = self.copied.a_to_b,
                 bytes_recv = self.copied.b_to_a,
                 duration = %duration,
@@ -152,6 +159,7 @@ impl Drop for ConnectionGuard {
                 dst.service = %show(&e.dst_service),
                 dst.workload = %show(&e.dst_workload),
                 dst.identity = %show(&e.dst_identity),
+                trace_id = %trace_id,
                 bytes_sent = self.copied.a_to_b,
                 bytes_recv = self.copied.b_to_a,
                 duration = %duration,

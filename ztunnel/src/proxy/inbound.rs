@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hbone::headers::TraceParent;
 use hbone::{Authority, ChunkIo, Handler, InboundRequest, copy_bidirectional};
 use http::StatusCode;
 use mesh::Snapshot;
@@ -30,7 +31,7 @@ impl Inbound {
 }
 
 impl Handler for Inbound {
-    async fn handle(&self, request: InboundRequest) {
+    async fn handle(&self, mut request: InboundRequest) {
         let snapshot = self.ctx.store.load();
         let Some(workload) = snapshot.workload_by_uid(&self.uid) else {
             request.refuse(StatusCode::SERVICE_UNAVAILABLE);
@@ -94,7 +95,7 @@ impl Handler for Inbound {
             service,
             true,
         )
-        .with_peer(&peer_identity);
+        .with_peer(&peer_identity, request.headers().baggage.as_ref());
         let ends = Ends {
             src_addr: Some(peer),
             src_workload: source.map(|w| format!("{}/{}", w.namespace, w.name)),
@@ -104,6 +105,12 @@ impl Handler for Inbound {
             dst_service: service.map(|s| s.hostname.to_string()),
             dst_workload: Some(format!("{}/{}", workload.namespace, workload.name)),
             dst_identity: Some(workload.identity.to_string()),
+            trace: Some(
+                request
+                    .headers()
+                    .traceparent
+                    .unwrap_or_else(TraceParent::random),
+            ),
         };
         let mut guard =
             ConnectionGuard::open(self.ctx.metrics.clone(), labels, Direction::Inbound, ends);
@@ -201,6 +208,12 @@ impl Handler for Inbound {
         if let Some(why) = registration.refused() {
             refuse(&mut guard, request, &why);
             return;
+        }
+        // The 200 says who answered, as upstream's does, for a caller that cannot look the
+        // destination up itself.
+        let baggage = workload.baggage(&snapshot.options().cluster_id).to_string();
+        if let Ok(value) = http::HeaderValue::from_str(&baggage) {
+            (request.response_headers_mut()).insert(hbone::headers::name::BAGGAGE, value);
         }
         drop(snapshot);
         let mut tunnel = match request.accept() {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hbone::drain::DrainWatch;
-use hbone::headers::Forwarded;
+use hbone::headers::{Forwarded, TraceParent};
 use hbone::{Authority, ChunkIo, ConnectHeaders, ConnectRequest, copy_bidirectional};
 use mesh::Snapshot;
 use tokio::net::{TcpListener, TcpStream};
@@ -89,6 +89,7 @@ async fn proxy(
         service.map(|s| snapshot.service(s)),
         matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. }),
     );
+    let trace = TraceParent::random();
     let ends = Ends {
         src_addr: Some(peer),
         src_workload: Some(format!("{}/{}", source.namespace, source.name)),
@@ -101,6 +102,7 @@ async fn proxy(
             format!("{}/{}", w.namespace, w.name)
         }),
         dst_identity: identity,
+        trace: Some(trace),
     };
     let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Outbound, ends);
     let source_identity = source.identity.clone();
@@ -137,7 +139,10 @@ async fn proxy(
                         client: source_ip.map(|ip| SocketAddr::new(ip, peer.port())),
                         host: service.map(|s| snapshot.service(s).hostname.to_string()),
                     }),
-                    ..ConnectHeaders::default()
+                    // Who is calling, for a destination that cannot look the caller up by its
+                    // address (behind a gateway, or in another cluster).
+                    baggage: Some(source.baggage(&snapshot.options().cluster_id)),
+                    traceparent: Some(trace),
                 },
             };
             match local.pool.connect(request).await {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use hbone::copy_bidirectional;
 use hbone::drain::DrainWatch;
+use hbone::headers::TraceParent;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::admission;
@@ -50,6 +51,7 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         src_workload: source.map(|w| format!("{}/{}", w.namespace, w.name)),
         dst_addr: Some(target),
         dst_workload: Some(format!("{}/{}", workload.namespace, workload.name)),
+        trace: Some(TraceParent::random()),
         ..Ends::default()
     };
     let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Inbound, ends);
