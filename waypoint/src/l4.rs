@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hbone::{Authority, ConnectHeaders, ConnectRequest, H2Stream, HBONE_PORT};
+use hbone::{Authority, ConnectRequest, H2Stream, HBONE_PORT};
 use mesh::authz::{self, Attributes};
 use mesh::route::TrafficPolicy;
 
@@ -45,7 +45,7 @@ pub(crate) async fn serve(
         tracing::info!(
             target: "access",
             protocol = "tcp",
-            src.identity = %tunnel.principal,
+            src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(),
             src.addr = %tunnel.client_ip,
             dst.addr = %tunnel.destination,
             policy = verdict.policy.map(|p| p.name()),
@@ -74,7 +74,7 @@ pub(crate) async fn serve(
                 &[],
                 Instant::now(),
             ) else {
-                tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, dst.addr = %tunnel.destination, response_flags = "UH", "no healthy endpoint");
+                tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", "no healthy endpoint");
                 return;
             };
             let w = snapshot.workload(chosen.workload);
@@ -91,18 +91,14 @@ pub(crate) async fn serve(
         dst_identities: vec![workload.identity.clone()],
         next_hop: std::net::SocketAddr::new(ip, HBONE_PORT),
         authority: Authority::Addr(std::net::SocketAddr::new(ip, port)),
-        headers: ConnectHeaders {
-            forwarded: Some(hbone::headers::Forwarded {
-                client: Some(std::net::SocketAddr::new(tunnel.client_ip, 0)),
-                host: service.map(|s| s.hostname.to_string()),
-            }),
-            ..ConnectHeaders::default()
-        },
+        headers: tunnel.onward(service.map(|s| s.hostname.to_string())),
     };
     let parties = Parties {
         snapshot,
         source,
+        source_identity: &tunnel.source,
         source_principal: &tunnel.principal,
+        source_baggage: tunnel.baggage.as_deref(),
         service,
         destination: Some(workload),
     };
@@ -117,7 +113,7 @@ pub(crate) async fn serve(
                     Instant::now(),
                 );
             }
-            tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, dst.addr = %tunnel.destination, dst.workload = %workload.name, response_flags = "UF", %error, "upstream connect failed");
+            tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, dst.workload = %workload.name, response_flags = "UF", %error, "upstream connect failed");
             let labels = Labels::new(&parties, "tcp", 0, "UF");
             shared.metrics.tcp_opened.get_or_create(&labels).inc();
             shared.metrics.tcp_closed.get_or_create(&labels).inc();
@@ -145,7 +141,7 @@ pub(crate) async fn serve(
     tracing::info!(
         target: "access",
         protocol = "tcp",
-        src.identity = %tunnel.principal,
+        src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(),
         src.addr = %tunnel.client_ip,
         dst.addr = %tunnel.destination,
         dst.workload = %workload.name,

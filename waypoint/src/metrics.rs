@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use hbone::headers::Baggage;
 use mesh::Snapshot;
 use mesh::model::{Service, Workload};
 use plugins::{HISTOGRAM_BUCKETS, MetricValue, PluginMetrics};
@@ -81,7 +82,12 @@ pub struct Parties<'a> {
     /// The original client, if it is a known workload.
     pub source: Option<&'a Workload>,
     /// The client's identity as its ztunnel presented it.
+    pub source_identity: &'a hbone::Identity,
+    /// The same, as text.
     pub source_principal: &'a str,
+    /// What the client's ztunnel said of it (`baggage`), for a client the configuration does
+    /// not know by address.
+    pub source_baggage: Option<&'a Baggage>,
     /// The destination service, if the request was addressed to one.
     pub service: Option<&'a Service>,
     /// The endpoint that answered, if one was chosen.
@@ -126,6 +132,39 @@ impl Labels {
             response_flags: response_flags.to_owned(),
             connection_security_policy: "mutual_tls",
         }
+        .with_unknown_source(parties)
+    }
+
+    /// Labels a client the configuration does not know by address as ztunnel does: its
+    /// namespace from the identity its ztunnel proved, the rest from that ztunnel's `baggage`,
+    /// which is its word only and is used for telemetry only.
+    fn with_unknown_source(mut self, parties: &Parties<'_>) -> Self {
+        if parties.source.is_some() {
+            return self;
+        }
+        parties
+            .source_identity
+            .namespace()
+            .clone_into(&mut self.source_workload_namespace);
+        let Some(b) = parties.source_baggage else {
+            return self;
+        };
+        let set = |label: &mut String, value: Option<&String>| {
+            if let Some(v) = value {
+                v.clone_into(label);
+            }
+        };
+        let workload = b.workload.as_ref().map(|(_, name)| name);
+        set(&mut self.source_workload, workload);
+        set(&mut self.source_canonical_service, b.service_name.as_ref());
+        set(&mut self.source_app, b.service_name.as_ref());
+        set(
+            &mut self.source_canonical_revision,
+            b.service_version.as_ref(),
+        );
+        set(&mut self.source_version, b.service_version.as_ref());
+        set(&mut self.source_cluster, b.cluster.as_ref());
+        self
     }
 }
 

@@ -1,7 +1,7 @@
 //! What every request sees: the current snapshot, resolved for this waypoint, with its
 //! load-balancing state; swapped whole when the configuration changes.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -195,15 +195,4 @@ impl Shared {
             tracing::info!(version, "configuration applied");
         }
     }
-}
-
-/// The client address a tunnel stands for: `forwarded: for=` (the original client, set by
-/// its ztunnel), else the tunnel peer's address.
-pub(crate) fn client_ip(request: &hbone::InboundRequest) -> IpAddr {
-    request
-        .headers()
-        .forwarded
-        .as_ref()
-        .and_then(|f| f.client)
-        .map_or(request.peer_addr().ip(), |c| c.ip())
 }

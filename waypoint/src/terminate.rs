@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::http::Waypoint;
 use crate::l4;
 use crate::sniff;
-use crate::state::{Shared, client_ip};
+use crate::state::Shared;
 use crate::tunnel::{self, Tunnel};
 
 /// The HBONE handler.
@@ -46,14 +46,7 @@ impl hbone::Handler for Terminate {
                 return;
             }
         };
-        let tunnel = Tunnel {
-            source: request.peer_identity().clone(),
-            principal,
-            client_ip: client_ip(&request),
-            peer: request.peer_addr(),
-            destination,
-            id: tunnel::next_id(),
-        };
+        let tunnel = Tunnel::new(&request, principal, destination);
         let protocol = view.protocol(target);
         let mut stream = match request.accept() {
             Ok(s) => s,

@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hbone::{H2Stream, Identity};
+use hbone::headers::{Baggage, Forwarded, TraceParent};
+use hbone::{ConnectHeaders, H2Stream, Identity};
 use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::l4::virt::VirtualSocketStream;
@@ -32,6 +33,60 @@ pub(crate) struct Tunnel {
     pub(crate) destination: SocketAddr,
     /// Unique among this process's tunnels (a downstream connection, to plugins and logs).
     pub(crate) id: u64,
+    /// The trace the caller's ztunnel started (`traceparent`), or one of our own; every tunnel
+    /// this one leads to carries it on, so one trace id follows a request through the logs of
+    /// the client's ztunnel, the waypoint and the server's ztunnel.
+    pub(crate) trace: TraceParent,
+    /// What the caller's ztunnel said of it (`baggage`): telemetry's source labels when the
+    /// configuration does not know the client's address.
+    pub(crate) baggage: Option<Box<Baggage>>,
+}
+
+impl Tunnel {
+    /// The facts of the tunnel `request` opens for `destination`. The client is the one
+    /// `forwarded: for=` names (set by its ztunnel), else the tunnel's peer.
+    pub(crate) fn new(
+        request: &hbone::InboundRequest,
+        principal: Arc<str>,
+        destination: SocketAddr,
+    ) -> Tunnel {
+        let headers = request.headers();
+        Tunnel {
+            source: request.peer_identity().clone(),
+            principal,
+            client_ip: headers
+                .forwarded
+                .as_ref()
+                .and_then(|f| f.client)
+                .map_or(request.peer_addr().ip(), |c| c.ip()),
+            peer: request.peer_addr(),
+            destination,
+            id: next_id(),
+            trace: headers.traceparent.unwrap_or_else(TraceParent::random),
+            baggage: headers.baggage.clone().map(Box::new),
+        }
+    }
+
+    /// The metadata of a tunnel this one leads to: the original client (`forwarded`), the
+    /// service it addressed (`host=`), and the same trace with a span of its own.
+    pub(crate) fn onward(&self, service: Option<String>) -> ConnectHeaders {
+        ConnectHeaders {
+            forwarded: Some(Forwarded {
+                client: Some(SocketAddr::new(self.client_ip, 0)),
+                host: service,
+            }),
+            baggage: None,
+            traceparent: Some(TraceParent {
+                span_id: TraceParent::random().span_id,
+                ..self.trace
+            }),
+        }
+    }
+
+    /// The trace id, as the access log shows it.
+    pub(crate) fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace.trace_id)
+    }
 }
 
 /// The next tunnel id.

@@ -6,18 +6,19 @@
 //! original request or slowing it down.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hbone::{Authority, ConnectHeaders, ConnectRequest, HBONE_PORT};
+use hbone::{Authority, ConnectRequest, HBONE_PORT};
 use mesh::route::Backend;
 use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::state::{Shared, View};
+use crate::tunnel::Tunnel;
 
 /// Chunks queued for one mirror before it is abandoned.
 const QUEUE: usize = 32;
@@ -47,14 +48,14 @@ impl Sender {
     }
 }
 
-/// Starts mirroring the request to `backend`; `None` if it cannot be resolved.
+/// Starts mirroring the request `tunnel` carries to `backend`; `None` if it cannot be resolved.
 pub(super) fn start(
     shared: Arc<Shared>,
     view: &View,
     backend: &Backend,
     request_port: u16,
     req: &RequestHeader,
-    client_ip: IpAddr,
+    tunnel: &Tunnel,
 ) -> Option<Sender> {
     let snapshot = &view.snapshot;
     let (id, service) = snapshot.service_by_host(&backend.service)?;
@@ -79,13 +80,7 @@ pub(super) fn start(
         dst_identities: vec![workload.identity.clone()],
         next_hop: SocketAddr::new(ip, HBONE_PORT),
         authority: Authority::Addr(target),
-        headers: ConnectHeaders {
-            forwarded: Some(hbone::headers::Forwarded {
-                client: Some(SocketAddr::new(client_ip, 0)),
-                host: Some(service.hostname.to_string()),
-            }),
-            ..ConnectHeaders::default()
-        },
+        headers: tunnel.onward(Some(service.hostname.to_string())),
     };
     let has_body = req
         .headers

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use hbone::{Authority, ConnectHeaders, ConnectRequest, HBONE_PORT};
+use hbone::{Authority, ConnectRequest, HBONE_PORT};
 use http::{HeaderName, HeaderValue};
 use mesh::Snapshot;
 use mesh::authz::{self, Attributes, HttpAttributes};
@@ -642,7 +642,7 @@ impl Waypoint {
                     &m.backend,
                     port,
                     session.req_header(),
-                    tunnel.client_ip,
+                    &tunnel,
                 );
                 if let Some(sender) = sender {
                     ctx.mirrors.push(sender);
@@ -911,13 +911,7 @@ impl ProxyHttp for Waypoint {
                 dst_identities: vec![w.identity.clone()],
                 next_hop: SocketAddr::new(ip, HBONE_PORT),
                 authority: Authority::Addr(addr),
-                headers: ConnectHeaders {
-                    forwarded: Some(hbone::headers::Forwarded {
-                        client: Some(SocketAddr::new(tunnel.client_ip, 0)),
-                        host: service,
-                    }),
-                    ..ConnectHeaders::default()
-                },
+                headers: tunnel.onward(service),
             },
             connect_timeout: traffic.connection_pool.connect_timeout,
             deadline: ctx.try_deadline,
@@ -1290,7 +1284,9 @@ impl ProxyHttp for Waypoint {
         let parties = Parties {
             snapshot,
             source: snapshot.workload_by_ip(network, tunnel.client_ip),
+            source_identity: &tunnel.source,
             source_principal: &tunnel.principal,
+            source_baggage: tunnel.baggage.as_deref(),
             service,
             destination,
         };
@@ -1328,6 +1324,7 @@ impl ProxyHttp for Waypoint {
             src.addr = %tunnel.client_ip,
             dst.addr = %tunnel.destination,
             dst.service = service.map(|s| &*s.hostname),
+            trace_id = %tunnel.trace_id(),
             route = route.as_deref(),
             upstream = ctx.last.map(|(_, a)| tracing::field::display(a)),
             upstream.workload = destination.map(|w| &*w.name),

@@ -128,6 +128,8 @@ pub struct Mesh {
     pub metrics: Arc<Metrics>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub waypoint: Option<WaypointServer>,
+    /// The mesh CA, for callers the test plays itself.
+    pub ca: Arc<MeshCa>,
     ztunnels: Vec<Ztunnel>,
     backends: Vec<JoinHandle<()>>,
     _watch: WatchHandle,
@@ -222,6 +224,7 @@ impl Mesh {
             metrics,
             seen,
             waypoint: Some(waypoint),
+            ca,
             ztunnels,
             backends,
             _watch: watch,
