@@ -18,7 +18,10 @@
 //! (connect, one 1 KiB exchange, close); CPU time of each ztunnel process per request (from its
 //! CPU-time clock, during the latency phase); RSS of each ztunnel idle and per 1,000 open connections.
 //! The ztunnels run with their default two workers, then again with one worker each
-//! (`--worker-threads 1`, a current-thread runtime) for throughput, latency and CPU.
+//! (`--worker-threads 1`, a current-thread runtime) for throughput, latency and CPU. As a
+//! diagnostic, the ztunnels and the relays are measured again with their threads scheduled
+//! `SCHED_BATCH` (through `chrt`), which takes the wake-up preemptions out of each hop (see
+//! `Process::batch`).
 //! For the relays: throughput, latency and CPU per request, and what the ztunnels add over them.
 //! Run with `cargo bench -p ztunnel`; `ZTUNNEL_BENCH_QUICK=1` shortens every phase (a smoke run).
 
@@ -142,6 +145,23 @@ fn measure(top: &Topology, scale: &Scale) {
     let direct_cps = connects(|| direct(top, echo), scale.connects);
     let mesh_cps = connects(|| via_mesh(top, echo), scale.connects);
 
+    // A diagnostic of what the wake-ups cost: the same processes with every thread scheduled
+    // SCHED_BATCH (see `batch`).
+    let batch = procfs::which("chrt").map(|chrt| {
+        let mut all = vec![&a, &b];
+        all.extend(relays.iter().flat_map(|(ra, rb)| [ra, rb]));
+        for p in &all {
+            p.batch(&chrt);
+        }
+        let mesh = through((&a, &b), mesh_to, scale);
+        let relayed =
+            (relays.as_ref()).map(|(ra, rb)| through((ra, rb), |p| via_relays(top, p), scale));
+        for p in &all {
+            p.unbatch(&chrt);
+        }
+        (mesh, relayed)
+    });
+
     let before = (a.rss(), b.rss());
     let mut held = Vec::with_capacity(scale.open);
     for _ in 0..scale.open {
@@ -193,6 +213,17 @@ fn measure(top: &Topology, scale: &Scale) {
             relayed.cpu.1,
             mesh.cpu.0 - relayed.cpu.0,
             mesh.cpu.1 - relayed.cpu.1
+        );
+    }
+    if let Some((mesh, relayed)) = &batch {
+        mesh.print("SCHED_BATCH (diagnostic, not for use)");
+        if let Some(relayed) = relayed {
+            relayed.print("the relays, SCHED_BATCH");
+        }
+        println!(
+            "{:>44}: {:9.1} µs",
+            "added p50 for two hops, SCHED_BATCH",
+            mesh.p50 - direct_lat.0
         );
     }
     verdict(
@@ -512,6 +543,29 @@ impl Process {
             }
         }
         Self { child }
+    }
+
+    /// Schedules every thread `SCHED_BATCH`: a woken thread then never preempts the running
+    /// one, so each hop takes the request over when the waker blocks, on the same core. Only a
+    /// diagnostic of how much of a request's cost is the wake-ups this machine charges: with
+    /// other work on the cores such threads wait behind it (with two busy loops running, a
+    /// 1 KiB exchange's p99 went past one second), so no proxy should run so.
+    fn batch(&self, chrt: &Path) {
+        self.set_policy(chrt, "--batch");
+    }
+
+    /// Back to `SCHED_OTHER`.
+    fn unbatch(&self, chrt: &Path) {
+        self.set_policy(chrt, "--other");
+    }
+
+    fn set_policy(&self, chrt: &Path, policy: &str) {
+        let status = Command::new(chrt)
+            .args([policy, "--all-tasks", "--pid", "0"])
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run chrt");
+        assert!(status.success(), "chrt {policy} failed");
     }
 
     fn rss(&self) -> u64 {
