@@ -14,22 +14,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hbone::headers::{Baggage, WorkloadType, name};
-use hbone::{CertManager, ConnectHeaders, Handler, Identity, InboundRequest, MeshCa};
+use hbone::{CertManager, ConnectHeaders, Handler, Identity, InboundRequest};
 use http::{Method, Request, StatusCode};
-use mesh::{ConfigDir, Options, Store};
-use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
-use ztunnel::Ztunnel;
-use ztunnel::metrics::Metrics;
-use ztunnel::proxy::Ctx;
-use ztunnel::proxy::live::LiveConnections;
 use ztunnel::socket::Loopback;
 
+#[path = "support/nodes.rs"]
+mod nodes;
 #[path = "support/scratch.rs"]
 mod scratch;
-use scratch::Dir;
+use nodes::Nodes;
 
 /// `client` is a Deployment's pod as the API server writes one; `server-0` a StatefulSet's.
 const MESH: &str = r#"
@@ -167,9 +163,8 @@ async fn connect_with(
     response
 }
 
-fn closed_inbound(registry: &Registry, labels: &[&str]) -> f64 {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+fn closed_inbound(nodes: &Nodes, labels: &[&str]) -> f64 {
+    let text = nodes.metrics_text();
     text.lines()
         .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
         .filter(|l| l.contains("reporter=\"destination\""))
@@ -208,23 +203,9 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .init();
-    let dir = Dir::with_mesh(MESH);
-    let mut config = ConfigDir::new(&dir.0, Options::default());
-    let store = Store::open(&mut config).expect("valid configuration");
-    let ca = Arc::new(MeshCa::generate(&store.load().options().trust_domain).expect("ca"));
-    let certs = Arc::new(CertManager::new(ca.clone()));
-    let metrics = Arc::new(Metrics::default());
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    let ctx = Arc::new(Ctx {
-        store: store.clone(),
-        certs: certs.clone(),
-        metrics: metrics.clone(),
-        sockets: Arc::new(Loopback),
-        live: Arc::new(LiveConnections::default()),
-        hbone: hbone::Config::default(),
-    });
-    let _node_a = Ztunnel::start(ctx, "node-a").await.expect("node-a");
+    let nodes = Nodes::new(MESH);
+    let certs = &nodes.certs;
+    let _node_a = nodes.start("node-a", Arc::new(Loopback)).await;
 
     // The application on server-0: answers once the caller is done.
     let app = TcpListener::bind("127.38.1.2:8080").await.expect("bind");
@@ -289,7 +270,7 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
     // 2. Inbound: a caller the mesh does not know by address (127.0.0.1) is labelled from its
     // baggage, except for what its certificate proves; the 200 names the destination; the
     // access log shows the caller's trace.
-    let send = dial_server(&certs, "127.0.0.1", id("batch", "cron")).await;
+    let send = dial_server(certs, "127.0.0.1", id("batch", "cron")).await;
     let claimed = "k8s.cluster.name=east,k8s.namespace.name=spoofed,k8s.cronjob.name=backup,\
                    service.name=backup,service.version=v9";
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -319,7 +300,7 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
         "the destination's baggage on the 200"
     );
     assert_eq!(answer(response).await, b"pong");
-    let r = &registry;
+    let r = &nodes;
     eventually("the stranger's connection to be counted", || {
         closed_inbound(
             r,
@@ -342,7 +323,7 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
     );
 
     // 3. A caller known by its address is labelled from the configuration, whatever it claims.
-    let send = dial_server(&certs, "127.38.1.1", id("app", "client")).await;
+    let send = dial_server(certs, "127.38.1.1", id("app", "client")).await;
     let response = connect_with(&send, "127.38.1.2:8080", &[(name::BAGGAGE, claimed)]).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(answer(response).await, b"pong");

@@ -10,22 +10,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hbone::{CertManager, MeshCa};
 use mesh::model::Workload;
-use mesh::{ConfigDir, Options, Store};
-use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use ztunnel::Ztunnel;
-use ztunnel::metrics::Metrics;
-use ztunnel::proxy::Ctx;
-use ztunnel::proxy::live::LiveConnections;
 use ztunnel::socket::{Connecting, Loopback, SocketFactory};
 
+#[path = "support/nodes.rs"]
+mod nodes;
 #[path = "support/scratch.rs"]
 mod scratch;
-use scratch::Dir;
+use nodes::Nodes;
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -115,38 +110,17 @@ async fn socks(from: IpAddr, dst: SocketAddr) -> u8 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_while_connecting_to_the_application_refuses_with_401() {
-    let dir = Dir::empty();
-    dir.write("mesh.yaml", MESH);
-    let mut config = ConfigDir::new(&dir.0, Options::default());
-    let store = Store::open(&mut config).expect("valid configuration");
-    let _watch = store
-        .watch(config, Duration::from_millis(20))
-        .expect("watch");
-    let ca = Arc::new(MeshCa::generate(&store.load().options().trust_domain).expect("ca"));
-    let metrics = Arc::new(Metrics::default());
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    let live = Arc::new(LiveConnections::default());
+    let nodes = Nodes::new(MESH);
+    let (store, live) = (&nodes.store, &nodes.live);
     let app: SocketAddr = "127.36.2.1:8080".parse().unwrap();
     let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let node = |name: &'static str, sockets: Arc<dyn SocketFactory>| {
-        let ctx = Arc::new(Ctx {
-            store: store.clone(),
-            certs: Arc::new(CertManager::new(ca.clone())),
-            metrics: metrics.clone(),
-            sockets,
-            live: live.clone(),
-            hbone: hbone::Config::default(),
-        });
-        Ztunnel::start(ctx, name)
-    };
-    let _a = node("node-a", Arc::new(Loopback)).await.expect("node-a");
+    let _a = nodes.start("node-a", Arc::new(Loopback)).await;
     let held = HeldConnect {
         held: app,
         started: started.clone(),
         release: release.clone(),
     };
-    let _b = node("node-b", Arc::new(held)).await.expect("node-b");
+    let _b = nodes.start("node-b", Arc::new(held)).await;
     // The application: records what it receives.
     let listener = TcpListener::bind(app).await.expect("bind the application");
     let received = tokio::spawn(async move {
@@ -164,7 +138,7 @@ async fn a_change_while_connecting_to_the_application_refuses_with_401() {
     // The DENY arrives while the connect is held. Re-evaluating here as well as in the
     // ztunnel's own loop makes sure it has been applied before the connect completes.
     let before = store.load().version();
-    dir.write("deny.yaml", DENY_CLIENT);
+    nodes.dir.write("deny.yaml", DENY_CLIENT);
     for _ in 0..500 {
         if store.load().version() > before {
             break;
@@ -189,11 +163,7 @@ async fn a_change_while_connecting_to_the_application_refuses_with_401() {
         "no byte reached the application"
     );
     // Counted once the handler is done with it, just after it answered.
-    let text = || {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        text
-    };
+    let text = || nodes.metrics_text();
     let denied = |text: &str| {
         text.lines().any(|l| {
             l.starts_with("istio_tcp_connections_closed_total{")
@@ -210,7 +180,7 @@ async fn a_change_while_connecting_to_the_application_refuses_with_401() {
     }
     assert!(denied(&text()), "counted as denied:\n{}", text());
     assert_eq!(
-        metrics.late_rejections.get(),
+        nodes.metrics.late_rejections.get(),
         0,
         "refused before it was established"
     );
