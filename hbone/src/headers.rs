@@ -246,6 +246,23 @@ impl TraceParent {
     }
 }
 
+impl TraceParent {
+    /// The trace id as logs show it (32 lowercase hex digits), the same at every hop.
+    pub fn trace_id(&self) -> TraceId {
+        TraceId(self.trace_id)
+    }
+}
+
+/// A trace id, displayed as 32 lowercase hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceId(pub u128);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

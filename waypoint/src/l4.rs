@@ -45,7 +45,8 @@ pub(crate) async fn serve(
         tracing::info!(
             target: "access",
             protocol = "tcp",
-            src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(),
+            src.identity = %tunnel.principal,
+            trace_id = %tunnel.trace_id(),
             src.addr = %tunnel.client_ip,
             dst.addr = %tunnel.destination,
             policy = verdict.policy.map(|p| p.name()),
@@ -141,7 +142,8 @@ pub(crate) async fn serve(
     tracing::info!(
         target: "access",
         protocol = "tcp",
-        src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(),
+        src.identity = %tunnel.principal,
+        trace_id = %tunnel.trace_id(),
         src.addr = %tunnel.client_ip,
         dst.addr = %tunnel.destination,
         dst.workload = %workload.name,

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hbone::headers::{Baggage, Forwarded, TraceParent};
+use hbone::headers::{Baggage, Forwarded, TraceId, TraceParent};
 use hbone::{ConnectHeaders, H2Stream, Identity};
 use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
@@ -84,8 +84,8 @@ impl Tunnel {
     }
 
     /// The trace id, as the access log shows it.
-    pub(crate) fn trace_id(&self) -> String {
-        format!("{:032x}", self.trace.trace_id)
+    pub(crate) fn trace_id(&self) -> TraceId {
+        self.trace.trace_id()
     }
 }
 

@@ -124,8 +124,7 @@ impl Drop for ConnectionGuard {
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let failure = self.error.as_deref().unwrap_or_default();
         let flags = &self.labels.response_flags;
-        let trace_id = e.trace.map(|t| format!("{:032x}", t.trace_id));
-        let trace_id = trace_id.as_deref().unwrap_or_default();
+        let trace_id = e.trace.map(|t| t.trace_id());
         // Two call sites because a tracing event's level is part of its static metadata.
         if self.error.is_none() {
             tracing::info!(
@@ -139,7 +138,7 @@ impl Drop for ConnectionGuard {
                 dst.service = %show(&e.dst_service),
                 dst.workload = %show(&e.dst_workload),
                 dst.identity = %show(&e.dst_identity),
-                trace_id = %trace_id,
+                trace_id = trace_id.map(tracing::field::display),
                 bytes_sent = self.copied.a_to_b,
                 bytes_recv = self.copied.b_to_a,
                 duration = %duration,
@@ -159,7 +158,7 @@ impl Drop for ConnectionGuard {
                 dst.service = %show(&e.dst_service),
                 dst.workload = %show(&e.dst_workload),
                 dst.identity = %show(&e.dst_identity),
-                trace_id = %trace_id,
+                trace_id = trace_id.map(tracing::field::display),
                 bytes_sent = self.copied.a_to_b,
                 bytes_recv = self.copied.b_to_a,
                 duration = %duration,
