@@ -3,10 +3,11 @@
 //! trace each tunnel to it brings), and a client the configuration does not know by address
 //! labelled in the waypoint's metrics from the `baggage` its tunnel brought.
 
+#[path = "../../ztunnel/tests/support/logs.rs"]
+mod logs;
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,61 +15,8 @@ use hbone::headers::Baggage;
 use hbone::{Authority, CertManager, ConnectHeaders, ConnectRequest, Identity, Pool};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use logs::{log, trace_id};
 use support::Mesh;
-
-/// Every log line of this test binary (both tests, each on its own addresses), as an
-/// operator's collector would get them.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The binary's log, captured from the first call on (before any mesh starts its own).
-fn log() -> &'static Log {
-    static LOG: OnceLock<Log> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Log::default();
-        let writer = log.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        log
-    })
-}
-
-impl Log {
-    /// The first access log line with every one of `fields`, waiting for it to be written.
-    async fn line(&self, fields: &[&str]) -> String {
-        for _ in 0..400 {
-            let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-            let found = text
-                .lines()
-                .find(|l| l.contains(" access: ") && fields.iter().all(|f| l.contains(f)));
-            if let Some(line) = found {
-                return line.to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("no access log line with {fields:?}");
-    }
-}
-
-/// The value of `trace_id=` in a log line.
-fn trace_id(line: &str) -> &str {
-    let at = line.find("trace_id=").expect("a trace id") + "trace_id=".len();
-    &line[at..at + 32]
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_id_follows_a_request_through_both_ztunnels_and_the_waypoint() {

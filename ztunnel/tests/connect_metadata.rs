@@ -7,9 +7,8 @@
 //! Only node-a runs a ztunnel. The `remote` pod's "ztunnel" is a recording HBONE server, and
 //! strangers are raw mTLS + HTTP/2 clients, so each side of the wire is checked on its own.
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,10 +20,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use ztunnel::socket::Loopback;
 
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/nodes.rs"]
 mod nodes;
 #[path = "support/scratch.rs"]
 mod scratch;
+use logs::{log, trace_id};
 use nodes::Nodes;
 
 /// `client` is a Deployment's pod as the API server writes one; `server-0` a StatefulSet's.
@@ -64,31 +66,6 @@ status: {podIP: 127.38.2.1}
 
 fn id(ns: &str, sa: &str) -> Identity {
     Identity::new("cluster.local", ns, sa).expect("identity")
-}
-
-/// Log lines, as an operator's collector would get them.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Log {
-    /// The access log line of the connection logged with `field`.
-    fn access_line(&self, field: &str) -> Option<String> {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        text.lines()
-            .find(|l| l.contains("connection complete") && l.contains(field))
-            .map(str::to_owned)
-    }
 }
 
 /// Stands in for node-b's ztunnel: reports each CONNECT's headers and accepts it.
@@ -173,17 +150,6 @@ fn closed_inbound(nodes: &Nodes, labels: &[&str]) -> f64 {
         .sum()
 }
 
-/// The access log line with `field`, once it is written (just after the connection ends).
-async fn log_line(log: &Log, field: &str) -> String {
-    for _ in 0..400 {
-        if let Some(line) = log.access_line(field) {
-            return line;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no access log line with {field}");
-}
-
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..400 {
         if check() {
@@ -196,13 +162,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_metadata_names_both_ends_and_follows_one_trace() {
-    let log = Log::default();
-    let writer = log.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let log = log();
     let nodes = Nodes::new(MESH);
     let certs = &nodes.certs;
     let _node_a = nodes.start("node-a", Arc::new(Loopback)).await;
@@ -261,9 +221,10 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
     );
     let trace = headers.traceparent.expect("a traceparent");
     drop(socks);
-    let line = log_line(&log, "dst.hbone_addr=127.38.2.1:8080").await;
-    assert!(
-        line.contains(&format!("trace_id={:032x}", trace.trace_id)),
+    let line = log.line(&["dst.hbone_addr=127.38.2.1:8080"]).await;
+    assert_eq!(
+        trace_id(&line),
+        trace.trace_id().to_string(),
         "the outbound access log shows the trace it sent: {line}"
     );
 
@@ -316,9 +277,12 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
         ) == 1.0
     })
     .await;
-    let line = log_line(&log, "src.identity=spiffe://cluster.local/ns/batch/sa/cron").await;
-    assert!(
-        line.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
+    let line = log
+        .line(&["src.identity=spiffe://cluster.local/ns/batch/sa/cron"])
+        .await;
+    assert_eq!(
+        trace_id(&line),
+        "4bf92f3577b34da6a3ce929d0e0e4736",
         "the inbound access log shows the caller's trace: {line}"
     );
 
