@@ -5,7 +5,8 @@
 //! immutable [`Snapshot`] that proxies consult on every connection without taking a lock, keeps
 //! that snapshot current as files change ([`Store`]), and evaluates `AuthorizationPolicy` for
 //! both the L4 (ztunnel) and L7 (waypoint) layers with one engine ([`authz`]). Routes
-//! (`HTTPRoute`, `VirtualService`) and `DestinationRule`s lower into one route model ([`route`]).
+//! (`HTTPRoute`, `VirtualService`) and `DestinationRule`s lower into one route model ([`route`]);
+//! both proxies name the ends of the traffic they count with one set of labels ([`telemetry`]).
 
 pub mod authz;
 mod error;
@@ -14,6 +15,7 @@ pub mod resource;
 pub mod route;
 mod snapshot;
 mod store;
+pub mod telemetry;
 
 pub use error::{ConfigError, FieldError, Invalid, Origin};
 pub use snapshot::{Options, PeerAuthEntry, PolicyEntry, PolicyScope, Snapshot};

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use hbone::headers::Baggage;
 use mesh::Snapshot;
 use mesh::model::{Service, Workload};
+use mesh::telemetry::{Peer, Traffic};
 use plugins::{HISTOGRAM_BUCKETS, MetricValue, PluginMetrics};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -20,31 +21,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-const UNKNOWN: &str = "unknown";
-
-/// Istio's standard labels, in Istio's order.
+/// Istio's standard labels, in Istio's order: the reporter, who talked to whom, then how.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct Labels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
+    #[prometheus(flatten)]
+    pub traffic: Traffic,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub response_flags: String,
@@ -83,8 +65,6 @@ pub struct Parties<'a> {
     pub source: Option<&'a Workload>,
     /// The client's identity as its ztunnel presented it.
     pub source_identity: &'a hbone::Identity,
-    /// The same, as text.
-    pub source_principal: &'a str,
     /// What the client's ztunnel said of it (`baggage`), for a client the configuration does
     /// not know by address.
     pub source_baggage: Option<&'a Baggage>,
@@ -103,68 +83,24 @@ impl Labels {
         response_flags: &str,
     ) -> Self {
         let cluster = &parties.snapshot.options().cluster_id;
-        let text = |s: Option<&str>| s.unwrap_or(UNKNOWN).to_owned();
-        let (source, destination, service) = (parties.source, parties.destination, parties.service);
+        let source = Peer::caller(
+            parties.source,
+            parties.source_identity,
+            parties.source_baggage,
+            cluster,
+        );
         Self {
             reporter: "waypoint",
-            source_workload: text(source.map(|w| &*w.workload_name)),
-            source_canonical_service: text(source.map(|w| &*w.canonical_name)),
-            source_canonical_revision: text(source.map(|w| &*w.canonical_revision)),
-            source_workload_namespace: text(source.map(|w| &*w.namespace)),
-            source_principal: parties.source_principal.to_owned(),
-            source_app: text(source.map(|w| &*w.canonical_name)),
-            source_version: text(source.map(|w| &*w.canonical_revision)),
-            source_cluster: text(source.map(|_| cluster.as_str())),
-            destination_service: text(service.map(|s| &*s.hostname)),
-            destination_service_namespace: text(service.map(|s| &*s.namespace)),
-            destination_service_name: text(service.map(|s| &*s.name)),
-            destination_workload: text(destination.map(|w| &*w.workload_name)),
-            destination_canonical_service: text(destination.map(|w| &*w.canonical_name)),
-            destination_canonical_revision: text(destination.map(|w| &*w.canonical_revision)),
-            destination_workload_namespace: text(destination.map(|w| &*w.namespace)),
-            destination_principal: destination
-                .map_or(UNKNOWN.to_owned(), |w| w.identity.to_string()),
-            destination_app: text(destination.map(|w| &*w.canonical_name)),
-            destination_version: text(destination.map(|w| &*w.canonical_revision)),
-            destination_cluster: text(destination.map(|_| cluster.as_str())),
+            traffic: Traffic::new(
+                source,
+                parties.service,
+                Peer::new(parties.destination, cluster),
+            ),
             request_protocol,
             response_code,
             response_flags: response_flags.to_owned(),
             connection_security_policy: "mutual_tls",
         }
-        .with_unknown_source(parties)
-    }
-
-    /// Labels a client the configuration does not know by address as ztunnel does: its
-    /// namespace from the identity its ztunnel proved, the rest from that ztunnel's `baggage`,
-    /// which is its word only and is used for telemetry only.
-    fn with_unknown_source(mut self, parties: &Parties<'_>) -> Self {
-        if parties.source.is_some() {
-            return self;
-        }
-        parties
-            .source_identity
-            .namespace()
-            .clone_into(&mut self.source_workload_namespace);
-        let Some(b) = parties.source_baggage else {
-            return self;
-        };
-        let set = |label: &mut String, value: Option<&String>| {
-            if let Some(v) = value {
-                v.clone_into(label);
-            }
-        };
-        let workload = b.workload.as_ref().map(|(_, name)| name);
-        set(&mut self.source_workload, workload);
-        set(&mut self.source_canonical_service, b.service_name.as_ref());
-        set(&mut self.source_app, b.service_name.as_ref());
-        set(
-            &mut self.source_canonical_revision,
-            b.service_version.as_ref(),
-        );
-        set(&mut self.source_version, b.service_version.as_ref());
-        set(&mut self.source_cluster, b.cluster.as_ref());
-        self
     }
 }
 

@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use hbone::headers::Baggage;
-use mesh::Snapshot;
-use mesh::model::{Service, Workload};
+use mesh::model::Service;
+use mesh::telemetry::{Peer, Traffic};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,112 +21,34 @@ pub enum Reporter {
     destination,
 }
 
-/// Istio's traffic labels, in Istio's order. Unknown values render as `unknown`.
+/// Istio's TCP labels, in Istio's order: the reporter, who talked to whom, then how.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: String,
+    #[prometheus(flatten)]
+    pub traffic: Traffic,
+    pub request_protocol: &'static str,
     pub response_flags: String,
-    pub connection_security_policy: String,
+    pub connection_security_policy: &'static str,
 }
 
-const UNKNOWN: &str = "unknown";
-
 impl TcpLabels {
-    /// Labels for a connection between `source` and `destination` (either may be unknown).
+    /// Labels for a connection from `source` to `destination`, addressed to `service` when the
+    /// caller named one.
     pub fn new(
         reporter: Reporter,
-        snapshot: &Snapshot,
-        source: Option<&Workload>,
-        destination: Option<&Workload>,
+        source: Peer,
         service: Option<&Service>,
+        destination: Peer,
         mutual_tls: bool,
     ) -> Self {
-        let cluster = snapshot.options().cluster_id.clone();
-        let text = |s: Option<&str>| s.map_or(UNKNOWN.to_owned(), str::to_owned);
-        let principal =
-            |w: Option<&Workload>| w.map_or(UNKNOWN.to_owned(), |w| w.identity.to_string());
         Self {
             reporter,
-            source_workload: text(source.map(|w| &*w.workload_name)),
-            source_canonical_service: text(source.map(|w| &*w.canonical_name)),
-            source_canonical_revision: text(source.map(|w| &*w.canonical_revision)),
-            source_workload_namespace: text(source.map(|w| &*w.namespace)),
-            source_principal: principal(source),
-            source_app: text(source.map(|w| &*w.canonical_name)),
-            source_version: text(source.map(|w| &*w.canonical_revision)),
-            source_cluster: text(source.map(|_| cluster.as_str())),
-            destination_service: text(service.map(|s| &*s.hostname)),
-            destination_service_namespace: text(service.map(|s| &*s.namespace)),
-            destination_service_name: text(service.map(|s| &*s.name)),
-            destination_workload: text(destination.map(|w| &*w.workload_name)),
-            destination_canonical_service: text(destination.map(|w| &*w.canonical_name)),
-            destination_canonical_revision: text(destination.map(|w| &*w.canonical_revision)),
-            destination_workload_namespace: text(destination.map(|w| &*w.namespace)),
-            destination_principal: principal(destination),
-            destination_app: text(destination.map(|w| &*w.canonical_name)),
-            destination_version: text(destination.map(|w| &*w.canonical_revision)),
-            destination_cluster: text(destination.map(|_| cluster.as_str())),
-            request_protocol: "tcp".to_owned(),
+            traffic: Traffic::new(source, service, destination),
+            request_protocol: "tcp",
             response_flags: "-".to_owned(),
-            connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" }
-                .to_owned(),
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" },
         }
-    }
-}
-
-impl TcpLabels {
-    /// Fills in a source the configuration does not know by its address (a peer behind a
-    /// gateway, in another cluster, or dialling from an address that is not its workload's), as
-    /// upstream does: its principal and namespace from what mTLS proved, the rest from the
-    /// `baggage` it sent, which is its own word and is used for telemetry only.
-    #[must_use]
-    pub fn with_peer(mut self, peer: &hbone::Identity, baggage: Option<&Baggage>) -> Self {
-        if self.source_principal != UNKNOWN {
-            return self;
-        }
-        self.source_principal = peer.to_string();
-        self.source_workload_namespace = peer.namespace().to_owned();
-        let Some(b) = baggage else {
-            return self;
-        };
-        let set = |label: &mut String, value: Option<&String>| {
-            if let Some(v) = value {
-                v.clone_into(label);
-            }
-        };
-        set(
-            &mut self.source_workload,
-            b.workload.as_ref().map(|(_, name)| name),
-        );
-        set(&mut self.source_canonical_service, b.service_name.as_ref());
-        set(&mut self.source_app, b.service_name.as_ref());
-        set(
-            &mut self.source_canonical_revision,
-            b.service_version.as_ref(),
-        );
-        set(&mut self.source_version, b.service_version.as_ref());
-        set(&mut self.source_cluster, b.cluster.as_ref());
-        self
     }
 }
 

@@ -11,6 +11,7 @@ use hbone::{Authority, ChunkIo, Handler, InboundRequest, copy_bidirectional};
 use http::StatusCode;
 use mesh::Snapshot;
 use mesh::model::Workload;
+use mesh::telemetry::Peer;
 
 use super::admission::{self, Refused};
 use super::connection::{ConnectionGuard, Direction, Ends};
@@ -87,15 +88,15 @@ impl Handler for Inbound {
                     })
             }),
         };
+        let cluster = &snapshot.options().cluster_id;
+        let baggage = request.headers().baggage.as_ref();
         let labels = TcpLabels::new(
             Reporter::destination,
-            &snapshot,
-            source,
-            Some(workload),
+            Peer::caller(source, &peer_identity, baggage, cluster),
             service,
+            Peer::new(Some(workload), cluster),
             true,
-        )
-        .with_peer(&peer_identity, request.headers().baggage.as_ref());
+        );
         let ends = Ends {
             src_addr: Some(peer),
             src_workload: source.map(|w| format!("{}/{}", w.namespace, w.name)),

@@ -8,6 +8,7 @@ use hbone::drain::DrainWatch;
 use hbone::headers::{Forwarded, TraceParent};
 use hbone::{Authority, ChunkIo, ConnectHeaders, ConnectRequest, copy_bidirectional};
 use mesh::Snapshot;
+use mesh::telemetry::Peer;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{ConnectionGuard, Direction, Ends};
@@ -81,12 +82,12 @@ async fn proxy(
     };
     let decision = route(&snapshot, source, dst, &mut rand::rng());
     let (workload, service, dst_addr, hbone_addr, identity) = describe(&snapshot, &decision);
+    let cluster = &snapshot.options().cluster_id;
     let labels = TcpLabels::new(
         Reporter::source,
-        &snapshot,
-        Some(source),
-        workload.map(|w| snapshot.workload(w)),
+        Peer::new(Some(source), cluster),
         service.map(|s| snapshot.service(s)),
+        Peer::new(workload.map(|w| snapshot.workload(w)), cluster),
         matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. }),
     );
     let trace = TraceParent::random();

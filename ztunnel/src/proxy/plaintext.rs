@@ -10,6 +10,7 @@ use std::sync::Arc;
 use hbone::copy_bidirectional;
 use hbone::drain::DrainWatch;
 use hbone::headers::TraceParent;
+use mesh::telemetry::Peer;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::admission;
@@ -38,12 +39,12 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         return;
     };
     let source = snapshot.workload_by_ip(&workload.network, peer.ip());
+    let cluster = &snapshot.options().cluster_id;
     let labels = TcpLabels::new(
         Reporter::destination,
-        &snapshot,
-        source,
-        Some(workload),
+        Peer::new(source, cluster),
         None,
+        Peer::new(Some(workload), cluster),
         false,
     );
     let ends = Ends {
