@@ -7,6 +7,7 @@
 //! 50,000 pods in a handful of namespaces hold one copy of each namespace name.
 
 mod labels;
+pub mod locality;
 mod plugin;
 mod service;
 pub(crate) mod waypoint;
@@ -16,6 +17,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 pub use labels::Labels;
+pub use locality::{LoadBalancing, Locality};
 pub use plugin::{EnvEntry, FailStrategy, Plugin, PluginPhase, Ports, PullPolicy};
 pub use service::{
     AppProtocol, Endpoint, Service, ServiceKind, ServicePort, Subset, SubsetEndpoints, Target,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Labels, PluginId, PolicyId, WaypointId, WorkloadId};
+use super::{Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
 
 /// A service: a hostname, VIPs and ports in front of a set of endpoints.
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +31,10 @@ pub struct Service {
     pub subsets: Box<[Subset]>,
     /// The waypoint traffic to this service must take (`waypoint-for: service|all`).
     pub waypoint: Option<WaypointId>,
+    /// How endpoints near the caller are preferred (`trafficDistribution`,
+    /// `internalTrafficPolicy: Local`); none: any endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancing: Option<LoadBalancing>,
     /// Extra identities its endpoints may present (ServiceEntry `subjectAltNames`).
     pub subject_alt_names: Box<[Arc<str>]>,
     /// Authorization policies that target it (`targetRefs` kind Service/ServiceEntry); the

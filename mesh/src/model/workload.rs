@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::resource::ObjectMeta;
 
-use super::{Labels, PolicyId, ServiceId, WaypointId, WorkloadId};
+use super::{Labels, Locality, PolicyId, ServiceId, WaypointId, WorkloadId};
 
 /// Something with an address that can send and receive traffic.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +34,10 @@ pub struct Workload {
     pub network: Arc<str>,
     /// The node it runs on; each ztunnel serves its node's workloads.
     pub node: Option<Arc<str>>,
+    /// Where it runs (its node's region, zone and subzone), for services that prefer near
+    /// endpoints.
+    #[serde(skip_serializing_if = "Locality::is_empty")]
+    pub locality: Locality,
     /// Labels (for selectors and subsets).
     pub labels: Labels,
     /// How traffic reaches it: through its ztunnel (HBONE) or directly (plain TCP).
@@ -69,6 +73,10 @@ pub struct Workload {
     pub peer_authentication: Option<usize>,
 }
 
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -96,8 +104,8 @@ impl Workload {
             workload: Some((self.workload_type, self.workload_name.to_string())),
             service_name: Some(self.canonical_name.to_string()),
             service_version: Some(self.canonical_revision.to_string()),
-            region: None,
-            zone: None,
+            region: non_empty(&self.locality.region),
+            zone: non_empty(&self.locality.zone),
         }
     }
 

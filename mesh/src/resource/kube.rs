@@ -1,4 +1,5 @@
-//! Kubernetes core kinds: the parts of `Service` and `Pod` the mesh needs.
+//! Kubernetes core kinds: the parts of `Service` and `Pod` the mesh needs (of a `Node`, only
+//! its labels, which [`Object`](super::Object) keeps).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +27,13 @@ pub struct ServiceSpec {
     /// Pods with all these labels are the endpoints; absent means no automatic endpoints.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub selector: BTreeMap<String, String>,
+    /// `PreferSameZone` (or its older name `PreferClose`), `PreferSameNode`: endpoints near
+    /// the caller first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<String>,
+    /// `Local` keeps traffic on the caller's node; `Cluster` (default) does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
 }
 
 /// One `Service.spec.ports[]` entry.

@@ -136,6 +136,8 @@ impl Status for Empty {
 pub enum Resource {
     /// `v1 Namespace`.
     Namespace(Object<Empty>),
+    /// `v1 Node` (cluster-scoped); only its topology labels matter.
+    Node(Object<Empty>),
     /// `v1 Service`.
     Service(Object<ServiceSpec>),
     /// `v1 Pod`.
@@ -169,6 +171,7 @@ impl Resource {
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::Namespace(_) => "Namespace",
+            Resource::Node(_) => "Node",
             Resource::Service(_) => "Service",
             Resource::Pod(_) => "Pod",
             Resource::WorkloadEntry(_) => "WorkloadEntry",
@@ -189,6 +192,7 @@ impl Resource {
     pub fn meta(&self) -> &ObjectMeta {
         match self {
             Resource::Namespace(o) => &o.metadata,
+            Resource::Node(o) => &o.metadata,
             Resource::Service(o) => &o.metadata,
             Resource::Pod(o) => &o.metadata,
             Resource::WorkloadEntry(o) => &o.metadata,
@@ -209,8 +213,11 @@ impl Resource {
     pub fn describe(&self) -> ResourceName<'_> {
         ResourceName {
             kind: self.kind(),
-            namespace: (!matches!(self, Resource::Namespace(_) | Resource::GatewayClass(_)))
-                .then(|| self.meta().namespace()),
+            namespace: (!matches!(
+                self,
+                Resource::Namespace(_) | Resource::Node(_) | Resource::GatewayClass(_)
+            ))
+            .then(|| self.meta().namespace()),
             name: &self.meta().name,
         }
     }
@@ -257,6 +264,7 @@ pub struct Parsed {
 /// Which `apiVersion`s each kind is accepted under.
 const KINDS: &[(&str, &[&str])] = &[
     ("Namespace", &["v1"]),
+    ("Node", &["v1"]),
     ("Service", &["v1"]),
     ("Pod", &["v1"]),
     ("WorkloadEntry", ISTIO_NETWORKING),
@@ -376,6 +384,7 @@ fn parse_value(value: Value, origin: &Origin, prefix: &str, parsed: &mut Parsed)
     }
     let typed = match kind.as_str() {
         "Namespace" => typed(value).map(Resource::Namespace),
+        "Node" => typed(value).map(Resource::Node),
         "Service" => typed(value).map(Resource::Service),
         "Pod" => typed(value).map(Resource::Pod),
         "WorkloadEntry" => typed(value).map(Resource::WorkloadEntry),

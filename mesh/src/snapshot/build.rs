@@ -15,14 +15,15 @@ use hbone::headers::WorkloadType;
 
 use super::{Index, Options, Snapshot};
 use crate::error::{ConfigError, FieldError, Invalid, Origin};
+use crate::model::locality::{self, Distribution};
 use crate::model::{
-    self, AppTunnel, Binding, Endpoint, Interner, Labels, Protocol, Service, ServiceId,
-    ServiceKind, ServicePort, Target, Waypoint, WaypointFor, WaypointId, WaypointLabels, Workload,
-    WorkloadId, WorkloadKind,
+    self, AppTunnel, Binding, Endpoint, Interner, Labels, LoadBalancing, Locality, Protocol,
+    Service, ServiceId, ServiceKind, ServicePort, Target, Waypoint, WaypointFor, WaypointId,
+    WaypointLabels, Workload, WorkloadId, WorkloadKind,
 };
 use crate::resource::{
-    GatewayClassSpec, GatewaySpec, Located, Object, PodSpec, PodStatus, Resource, ServiceEntrySpec,
-    ServiceSpec, TargetPort, WorkloadEntrySpec,
+    GatewayClassSpec, GatewaySpec, Located, Object, ObjectMeta, PodSpec, PodStatus, Resource,
+    ServiceEntrySpec, ServiceSpec, TargetPort, WorkloadEntrySpec,
 };
 
 /// Label enrolling a namespace or pod in ambient mode.
@@ -39,6 +40,7 @@ pub(crate) fn build(
     let mut b = Builder::new(options);
     let kinds = Kinds::sort(resources);
     b.namespaces(&kinds);
+    b.nodes(&kinds);
     b.waypoints(&kinds.gateways, &kinds.gateway_classes);
     b.workloads(&kinds);
     b.services(&kinds);
@@ -60,6 +62,7 @@ pub(crate) fn build(
 /// Resources by kind, borrowed.
 pub(super) struct Kinds<'r> {
     pub(super) namespaces: Vec<(&'r Origin, &'r Object<crate::resource::Empty>)>,
+    pub(super) nodes: Vec<(&'r Origin, &'r Object<crate::resource::Empty>)>,
     pub(super) services: Vec<(&'r Origin, &'r Object<ServiceSpec>)>,
     pub(super) pods: Vec<(&'r Origin, &'r Object<PodSpec, PodStatus>)>,
     pub(super) workload_entries: Vec<(&'r Origin, &'r Object<WorkloadEntrySpec>)>,
@@ -88,6 +91,7 @@ impl<'r> Kinds<'r> {
     fn sort(resources: &[&'r Arc<Located>]) -> Self {
         let mut k = Kinds {
             namespaces: Vec::new(),
+            nodes: Vec::new(),
             services: Vec::new(),
             pods: Vec::new(),
             workload_entries: Vec::new(),
@@ -106,6 +110,7 @@ impl<'r> Kinds<'r> {
             let o = &located.origin;
             match &located.resource {
                 Resource::Namespace(r) => k.namespaces.push((o, r)),
+                Resource::Node(r) => k.nodes.push((o, r)),
                 Resource::Service(r) => k.services.push((o, r)),
                 Resource::Pod(r) => k.pods.push((o, r)),
                 Resource::WorkloadEntry(r) => k.workload_entries.push((o, r)),
@@ -144,6 +149,8 @@ pub(super) struct Builder<'o> {
     label_index: HashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>,
     /// Namespace → its workloads, for empty selectors.
     by_namespace: HashMap<Arc<str>, Vec<WorkloadId>>,
+    /// Node → its locality, which its pods take.
+    node_localities: HashMap<String, Locality>,
 }
 
 impl<'o> Builder<'o> {
@@ -164,6 +171,7 @@ impl<'o> Builder<'o> {
             routes: HashMap::new(),
             label_index: HashMap::new(),
             by_namespace: HashMap::new(),
+            node_localities: HashMap::new(),
         }
     }
 
@@ -242,6 +250,14 @@ impl<'o> Builder<'o> {
             self.index
                 .namespaces
                 .insert(name, ns.metadata.labels.clone());
+        }
+    }
+
+    fn nodes(&mut self, kinds: &Kinds<'_>) {
+        for (_, node) in &kinds.nodes {
+            let locality = Locality::of_node(&node.metadata.labels, &mut self.interner);
+            self.node_localities
+                .insert(node.metadata.name.clone(), locality);
         }
     }
 
@@ -558,6 +574,14 @@ impl<'o> Builder<'o> {
             "{}//v1/Pod/{namespace}/{}",
             self.options.cluster_id, meta.name
         );
+        // Istio reads a pod's own label before its node's.
+        let locality = match meta.labels.get(locality::POD_LOCALITY) {
+            Some(own) => Locality::parse(own, '.', &mut self.interner),
+            None => (pod.spec.node_name.as_deref())
+                .and_then(|n| self.node_localities.get(n))
+                .cloned()
+                .unwrap_or_default(),
+        };
         Some(self.workload(
             WorkloadKind::Pod,
             uid,
@@ -567,6 +591,7 @@ impl<'o> Builder<'o> {
             ips,
             "",
             pod.spec.node_name.as_deref(),
+            locality,
             captured,
             running && not_unready,
             named_ports,
@@ -628,6 +653,14 @@ impl<'o> Builder<'o> {
             "{}/networking.istio.io/WorkloadEntry/{namespace}/{}",
             self.options.cluster_id, meta.name
         );
+        let locality = match (
+            non_empty(&we.spec.locality),
+            labels.get(locality::POD_LOCALITY),
+        ) {
+            (Some(l), _) => Locality::parse(l, '/', &mut self.interner),
+            (None, Some(l)) => Locality::parse(l, '.', &mut self.interner),
+            (None, None) => Locality::default(),
+        };
         Some(self.workload(
             WorkloadKind::WorkloadEntry,
             uid,
@@ -637,6 +670,7 @@ impl<'o> Builder<'o> {
             vec![ip],
             &we.spec.network,
             None,
+            locality,
             captured,
             true,
             named_ports,
@@ -694,6 +728,7 @@ impl<'o> Builder<'o> {
             self.options.cluster_id, meta.name
         );
         let captured = self.enrolled(namespace, &ep.labels);
+        let locality = Locality::parse(&ep.locality, '/', &mut self.interner);
         Some(self.workload(
             WorkloadKind::ServiceEntry,
             uid,
@@ -703,6 +738,7 @@ impl<'o> Builder<'o> {
             vec![ip],
             &ep.network,
             None,
+            locality,
             captured,
             true,
             named_ports,
@@ -723,6 +759,7 @@ impl<'o> Builder<'o> {
         ips: Vec<IpAddr>,
         network: &str,
         node: Option<&str>,
+        locality: Locality,
         captured: bool,
         ready: bool,
         named_ports: Vec<(Arc<str>, u16)>,
@@ -763,6 +800,7 @@ impl<'o> Builder<'o> {
                 network
             }),
             node: node.map(|n| self.interner.get(n)),
+            locality,
             labels: Labels::new(
                 labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 &mut self.interner,
@@ -884,6 +922,9 @@ impl<'o> Builder<'o> {
                 protocol: model::app_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
             })
             .collect();
+        let local = svc.spec.internal_traffic_policy.as_deref() == Some("Local");
+        let distribution =
+            self.distribution("Service", meta, svc.spec.traffic_distribution.as_deref());
         let endpoints = if svc.spec.selector.is_empty() {
             Vec::new()
         } else {
@@ -923,9 +964,29 @@ impl<'o> Builder<'o> {
             endpoints: endpoints.into_boxed_slice(),
             subsets: Box::default(),
             waypoint: None,
+            load_balancing: LoadBalancing::for_service(local, distribution),
             subject_alt_names: Box::default(),
             policies: Box::default(),
             plugins: Box::default(),
+        })
+    }
+
+    /// A service's traffic distribution; one neither Kubernetes nor Istio knows is a warning,
+    /// and the service uses any endpoint, as istiod does.
+    fn distribution(
+        &mut self,
+        kind: &str,
+        meta: &ObjectMeta,
+        spec: Option<&str>,
+    ) -> Option<Distribution> {
+        Distribution::read(spec, &meta.annotations).unwrap_or_else(|value| {
+            self.warn(format!(
+                "{kind} {}/{}: traffic distribution {value:?} is not PreferSameZone, \
+                 PreferClose or PreferSameNode; any endpoint is used",
+                meta.namespace(),
+                meta.name
+            ));
+            None
         })
     }
 
@@ -1030,6 +1091,8 @@ impl<'o> Builder<'o> {
             meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             &mut self.interner,
         );
+        let load_balancing =
+            LoadBalancing::for_service(false, self.distribution("ServiceEntry", meta, None));
         let sans: Box<[Arc<str>]> = se
             .spec
             .subject_alt_names
@@ -1050,6 +1113,7 @@ impl<'o> Builder<'o> {
                 endpoints: endpoints.clone(),
                 subsets: Box::default(),
                 waypoint: None,
+                load_balancing: load_balancing.clone(),
                 subject_alt_names: sans.clone(),
                 policies: Box::default(),
                 plugins: Box::default(),
@@ -1239,6 +1303,7 @@ impl<'o> Builder<'o> {
                     Resource::Pod(_)
                         | Resource::Service(_)
                         | Resource::Namespace(_)
+                        | Resource::Node(_)
                         | Resource::WorkloadEntry(_)
                 )
             })

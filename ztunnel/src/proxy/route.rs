@@ -9,7 +9,8 @@
 //! 2. A service (by VIP, or by hostname through SOCKS5) with a waypoint goes to the waypoint,
 //!    carrying the original `VIP:port`, unless the caller is that waypoint.
 //! 3. Otherwise a service picks a ready endpoint, weighted by capacity, and the port the
-//!    endpoint serves the service port on.
+//!    endpoint serves the service port on; a service that prefers near endpoints
+//!    (`trafficDistribution`, `internalTrafficPolicy: Local`) picks among the nearest only.
 //! 4. A workload address with a workload waypoint goes to the waypoint, unless the caller is it.
 //! 5. A captured workload is reached with HBONE on its port 15008, `:authority` = `ip:port`;
 //!    an uncaptured one with plain TCP; an address the mesh does not know is passed through.
@@ -161,16 +162,28 @@ fn to_service(
     };
     // Endpoints on other networks are reached through their network's gateway, which this
     // ztunnel does not do: dialling their addresses here could reach another pod entirely.
-    let candidates = service.endpoints.iter().filter_map(|e| {
-        let w = snapshot.workload(e.workload);
-        let target = e.target_port(index)?;
-        (w.ready && !w.ips.is_empty() && w.network == source.network).then_some((
-            e.workload,
-            target,
-            w.weight.max(1),
-        ))
-    });
-    let Some((workload, target)) = weighted(candidates, rng) else {
+    let candidates = || {
+        service.endpoints.iter().filter_map(|e| {
+            let w = snapshot.workload(e.workload);
+            let target = e.target_port(index)?;
+            let rank = match &service.load_balancing {
+                Some(lb) => lb.rank(source, w)?,
+                None => 0,
+            };
+            (w.ready && !w.ips.is_empty() && w.network == source.network).then_some((
+                e.workload,
+                target,
+                w.weight.max(1),
+                rank,
+            ))
+        })
+    };
+    // Only the nearest endpoints, by the service's routing preference, are chosen from.
+    let nearest = candidates().map(|(.., rank)| rank).max();
+    let nearest = candidates()
+        .filter(|&(.., rank)| Some(rank) == nearest)
+        .map(|(workload, target, weight, _)| (workload, target, weight));
+    let Some((workload, target)) = weighted(nearest, rng) else {
         return Route::Refuse(Refusal::NoHealthyUpstream(service.hostname.to_string()));
     };
     let w = snapshot.workload(workload);

@@ -331,3 +331,145 @@ fn endpoints_are_chosen_with_named_ports_and_spread() {
         "{counts:?}"
     );
 }
+
+/// Three nodes: `a1` and `a2` in zone `a` (subzones 1 and 2), `b1` in zone `b`, all in region
+/// `r`; a client on `a1`; one `near` endpoint per node, and services over them that differ only
+/// in how they prefer near endpoints.
+const ZONED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: a1
+  labels: {topology.kubernetes.io/region: r, topology.kubernetes.io/zone: a, topology.istio.io/subzone: "1"}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: a2
+  labels: {topology.kubernetes.io/region: r, topology.kubernetes.io/zone: a, topology.istio.io/subzone: "2"}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: b1
+  labels: {topology.kubernetes.io/region: r, topology.kubernetes.io/zone: b}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: a1}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-a1, namespace: shop, labels: {app: cart}}
+spec: {nodeName: a1}
+status: {podIP: 10.1.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-a2, namespace: shop, labels: {app: cart}}
+spec: {nodeName: a2}
+status: {podIP: 10.1.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-b1, namespace: shop, labels: {app: cart}}
+spec: {nodeName: b1}
+status: {podIP: 10.1.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pay-b1, namespace: shop, labels: {app: pay}}
+spec: {nodeName: b1}
+status: {podIP: 10.1.2.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: any, namespace: shop}
+spec: {clusterIP: 10.96.1.1, selector: {app: cart}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zone, namespace: shop}
+spec: {clusterIP: 10.96.1.2, selector: {app: cart}, ports: [{port: 80}], trafficDistribution: PreferClose}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: node, namespace: shop}
+spec: {clusterIP: 10.96.1.3, selector: {app: cart}, ports: [{port: 80}], trafficDistribution: PreferSameNode}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: shop}
+spec: {clusterIP: 10.96.1.4, selector: {app: cart}, ports: [{port: 80}], internalTrafficPolicy: Local}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pay, namespace: shop, annotations: {networking.istio.io/traffic-distribution: PreferClose}}
+spec: {clusterIP: 10.96.1.5, selector: {app: pay}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pay-local, namespace: shop}
+spec: {clusterIP: 10.96.1.6, selector: {app: pay}, ports: [{port: 80}], internalTrafficPolicy: Local}
+"#;
+
+/// The endpoints 300 connections from the client to `vip` reach, as a set, or the refusal.
+fn reached(s: &Snapshot, vip: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    let client = s
+        .workload_by_ip("", "10.1.0.1".parse().expect("ip"))
+        .expect("client");
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        match route(s, client, Destination::Addr(addr(vip)), &mut rng) {
+            Route::Direct { authority, .. } => seen.insert(authority.ip().to_string()),
+            Route::Refuse(why) => return Err(why.to_string()),
+            other => panic!("unexpected {other:?}"),
+        };
+    }
+    Ok(seen)
+}
+
+#[test]
+fn services_that_prefer_near_endpoints_pick_the_nearest() {
+    let s = Snapshot::from_yaml("zoned.yaml", ZONED, &Options::default()).expect("valid mesh");
+    let set = |ips: &[&str]| Ok(ips.iter().map(|&ip| ip.to_owned()).collect());
+    let cases = [
+        (
+            "no preference: every endpoint",
+            "10.96.1.1:80",
+            set(&["10.1.1.1", "10.1.1.2", "10.1.1.3"]),
+        ),
+        (
+            "PreferClose: the client's zone, both subzones",
+            "10.96.1.2:80",
+            set(&["10.1.1.1", "10.1.1.2"]),
+        ),
+        (
+            "PreferSameNode: the client's node",
+            "10.96.1.3:80",
+            set(&["10.1.1.1"]),
+        ),
+        (
+            "internalTrafficPolicy Local: the client's node",
+            "10.96.1.4:80",
+            set(&["10.1.1.1"]),
+        ),
+        (
+            "the annotation; nothing near: fails over to another zone",
+            "10.96.1.5:80",
+            set(&["10.1.2.1"]),
+        ),
+    ];
+    for (what, vip, want) in cases {
+        assert_eq!(reached(&s, vip), want, "{what}");
+    }
+    let refused = reached(&s, "10.96.1.6:80").expect_err("Local with no endpoint on the node");
+    assert!(refused.contains("pay-local"), "{refused}");
+}

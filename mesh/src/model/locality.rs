@@ -1,0 +1,259 @@
+//! Locality: where a workload runs, and how a service prefers the endpoints nearest its caller.
+//!
+//! Kubernetes puts a node's region and zone in its `topology.kubernetes.io/*` labels and Istio
+//! adds a subzone; a pod's locality is its node's, unless the pod names its own in
+//! `istio-locality`. A Service asks for near endpoints with `spec.trafficDistribution` (or
+//! Istio's `networking.istio.io/traffic-distribution` annotation, for clusters older than the
+//! field) and keeps traffic on the caller's node with `internalTrafficPolicy: Local`. Istio hands
+//! ztunnel both as one [`LoadBalancing`]: an ordered list of scopes to match the caller on, and
+//! whether a partial match falls back (`Failover`) or is refused (`Strict`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Interner, Workload};
+
+/// A node's region label.
+pub const REGION: &str = "topology.kubernetes.io/region";
+/// A node's zone label.
+pub const ZONE: &str = "topology.kubernetes.io/zone";
+/// A node's subzone label (Istio's own).
+pub const SUBZONE: &str = "topology.istio.io/subzone";
+/// A pod's own locality, `region.zone.subzone` (label values cannot hold `/`).
+pub const POD_LOCALITY: &str = "istio-locality";
+/// Istio's annotation for a traffic distribution, read when `spec.trafficDistribution` is unset.
+pub const TRAFFIC_DISTRIBUTION: &str = "networking.istio.io/traffic-distribution";
+
+/// Region, zone and subzone; empty parts are unknown, and two unknowns match, as in Istio.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Locality {
+    pub region: Arc<str>,
+    pub zone: Arc<str>,
+    pub subzone: Arc<str>,
+}
+
+impl Locality {
+    /// From a node's topology labels.
+    pub(crate) fn of_node(labels: &BTreeMap<String, String>, interner: &mut Interner) -> Self {
+        let mut get = |key| interner.get(labels.get(key).map_or("", String::as_str));
+        Self {
+            region: get(REGION),
+            zone: get(ZONE),
+            subzone: get(SUBZONE),
+        }
+    }
+
+    /// From `region/zone/subzone` (a WorkloadEntry's `locality`), or `region.zone.subzone` when
+    /// `separator` is `.` (a pod's `istio-locality`); missing parts are unknown.
+    pub(crate) fn parse(s: &str, separator: char, interner: &mut Interner) -> Self {
+        let mut parts = s.splitn(3, separator);
+        let mut next = || interner.get(parts.next().unwrap_or("").trim());
+        Self {
+            region: next(),
+            zone: next(),
+            subzone: next(),
+        }
+    }
+
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
+}
+
+/// How a service picks among its endpoints by their distance from the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancing {
+    /// Scopes in order; an endpoint's rank is how many leading ones it shares with the caller.
+    pub routing_preference: Box<[Scope]>,
+    /// What a partial match means.
+    pub mode: Mode,
+}
+
+/// Something a caller and an endpoint can share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Scope {
+    Network,
+    Region,
+    Zone,
+    Subzone,
+    Node,
+}
+
+/// What happens to endpoints that do not share every scope with the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    /// Only the best-ranked endpoints are used, however far they are.
+    Failover,
+    /// Only endpoints sharing every scope are used; with none, the connection is refused.
+    Strict,
+}
+
+/// A service's traffic distribution, as Istio reads it, or `None` for any endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Distribution {
+    /// `PreferClose` (the older name) or `PreferSameZone`.
+    SameZone,
+    /// `PreferSameNode`.
+    SameNode,
+}
+
+impl Distribution {
+    /// `spec.trafficDistribution` when it names a known distribution, else the annotation (in
+    /// any case). `Err` carries a value neither knows, which means any endpoint.
+    pub(crate) fn read(
+        spec: Option<&str>,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Option<Self>, String> {
+        let known = |s: &str| match s.to_ascii_lowercase().as_str() {
+            "preferclose" | "prefersamezone" => Some(Distribution::SameZone),
+            "prefersamenode" => Some(Distribution::SameNode),
+            _ => None,
+        };
+        if let Some(d) = spec.and_then(known) {
+            return Ok(Some(d));
+        }
+        match annotations.get(TRAFFIC_DISTRIBUTION) {
+            Some(a) => known(a).map(Some).ok_or_else(|| a.clone()),
+            None => spec.map_or(Ok(None), |s| Err(s.to_owned())),
+        }
+    }
+}
+
+impl LoadBalancing {
+    /// What istiod sends for a service: `internalTrafficPolicy: Local` keeps traffic on the
+    /// caller's node (and wins); a traffic distribution prefers the nearest endpoints.
+    pub(crate) fn for_service(local: bool, distribution: Option<Distribution>) -> Option<Self> {
+        use Scope::*;
+        let (routing_preference, mode): (&[Scope], _) = match (local, distribution) {
+            (true, _) => (&[Node], Mode::Strict),
+            (false, Some(Distribution::SameZone)) => (&[Network, Region, Zone], Mode::Failover),
+            (false, Some(Distribution::SameNode)) => {
+                (&[Network, Region, Zone, Subzone, Node], Mode::Failover)
+            }
+            (false, None) => return None,
+        };
+        Some(Self {
+            routing_preference: routing_preference.into(),
+            mode,
+        })
+    }
+
+    /// How near `endpoint` is to `source`: the number of leading scopes they share; `None` when
+    /// the mode is strict and they do not share them all.
+    pub fn rank(&self, source: &Workload, endpoint: &Workload) -> Option<usize> {
+        let shares = |scope: &Scope| match scope {
+            Scope::Network => source.network == endpoint.network,
+            Scope::Region => source.locality.region == endpoint.locality.region,
+            Scope::Zone => source.locality.zone == endpoint.locality.zone,
+            Scope::Subzone => source.locality.subzone == endpoint.locality.subzone,
+            Scope::Node => source.node == endpoint.node,
+        };
+        let rank = self
+            .routing_preference
+            .iter()
+            .take_while(|s| shares(s))
+            .count();
+        (self.mode == Mode::Failover || rank == self.routing_preference.len()).then_some(rank)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotated(value: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(TRAFFIC_DISTRIBUTION.to_owned(), value.to_owned())])
+    }
+
+    #[test]
+    fn traffic_distribution_from_the_field_then_the_annotation() {
+        let none = BTreeMap::new();
+        let cases = [
+            (Some("PreferClose"), &none, Ok(Some(Distribution::SameZone))),
+            (
+                Some("PreferSameZone"),
+                &none,
+                Ok(Some(Distribution::SameZone)),
+            ),
+            (
+                Some("PreferSameNode"),
+                &none,
+                Ok(Some(Distribution::SameNode)),
+            ),
+            (None, &none, Ok(None)),
+            (Some("Nearby"), &none, Err("Nearby".to_owned())),
+        ];
+        for (spec, annotations, want) in cases {
+            assert_eq!(Distribution::read(spec, annotations), want, "{spec:?}");
+        }
+        let close = annotated("preferclose");
+        assert_eq!(
+            Distribution::read(None, &close),
+            Ok(Some(Distribution::SameZone))
+        );
+        // The field wins when it names a distribution; an unknown field falls to the annotation.
+        let node = annotated("PreferSameNode");
+        assert_eq!(
+            Distribution::read(Some("PreferClose"), &node),
+            Ok(Some(Distribution::SameZone))
+        );
+        assert_eq!(
+            Distribution::read(Some("Nearby"), &node),
+            Ok(Some(Distribution::SameNode))
+        );
+        assert_eq!(
+            Distribution::read(None, &annotated("everywhere")),
+            Err("everywhere".to_owned())
+        );
+    }
+
+    #[test]
+    fn load_balancing_as_istiod_sends_it() {
+        use Scope::*;
+        let lb = |local, d| LoadBalancing::for_service(local, d);
+        assert_eq!(lb(false, None), None);
+        let zone = lb(false, Some(Distribution::SameZone)).expect("lb");
+        assert_eq!(
+            (&*zone.routing_preference, zone.mode),
+            (&[Network, Region, Zone][..], Mode::Failover)
+        );
+        let node = lb(false, Some(Distribution::SameNode)).expect("lb");
+        assert_eq!(
+            (&*node.routing_preference, node.mode),
+            (&[Network, Region, Zone, Subzone, Node][..], Mode::Failover)
+        );
+        for d in [None, Some(Distribution::SameZone)] {
+            let local = lb(true, d).expect("lb");
+            assert_eq!(
+                (&*local.routing_preference, local.mode),
+                (&[Node][..], Mode::Strict)
+            );
+        }
+    }
+
+    #[test]
+    fn localities_parse_with_missing_parts_unknown() {
+        let mut i = Interner::default();
+        let l = Locality::parse("us-east1.us-east1-b", '.', &mut i);
+        assert_eq!(
+            (&*l.region, &*l.zone, &*l.subzone),
+            ("us-east1", "us-east1-b", "")
+        );
+        let l = Locality::parse("eu/eu-a/rack-7", '/', &mut i);
+        assert_eq!(
+            (&*l.region, &*l.zone, &*l.subzone),
+            ("eu", "eu-a", "rack-7")
+        );
+        assert!(Locality::parse("", '/', &mut i).is_empty());
+        let node = BTreeMap::from([
+            (REGION.to_owned(), "eu".to_owned()),
+            (ZONE.to_owned(), "eu-b".to_owned()),
+        ]);
+        let l = Locality::of_node(&node, &mut i);
+        assert_eq!((&*l.region, &*l.zone, &*l.subzone), ("eu", "eu-b", ""));
+    }
+}

@@ -1,0 +1,160 @@
+//! Localities and the services that prefer near endpoints, read from the YAML users write:
+//! nodes' topology labels, a pod's own `istio-locality`, WorkloadEntry and ServiceEntry
+//! endpoints' `locality`, and a Service's `trafficDistribution`, Istio's annotation for it and
+//! `internalTrafficPolicy`.
+
+mod support;
+
+use std::net::IpAddr;
+
+use mesh::Snapshot;
+use mesh::model::locality::{Mode, Scope};
+use mesh::model::{Locality, Workload};
+use support::snapshot;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: n1
+  labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-a, topology.istio.io/subzone: rack-1}
+spec: {podCIDR: 10.244.0.0/24}
+status: {conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: on-node, namespace: shop, labels: {app: cart}}
+spec: {nodeName: n1}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: own-label, namespace: shop, labels: {app: cart, istio-locality: us.us-b}}
+spec: {nodeName: n1}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unknown-node, namespace: shop, labels: {app: cart}}
+spec: {nodeName: n9}
+status: {podIP: 10.1.0.3}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: shop}
+spec: {address: 10.1.0.4, locality: ap/ap-c/hall-2, labels: {app: cart}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: shop, annotations: {networking.istio.io/traffic-distribution: PreferSameNode}}
+spec:
+  hosts: [ext.example.com]
+  addresses: [240.0.0.9]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.5, locality: sa/sa-a}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zone, namespace: shop}
+spec: {clusterIP: 10.96.0.1, selector: {app: cart}, ports: [{port: 80}], trafficDistribution: PreferSameZone}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: shop}
+spec:
+  clusterIP: 10.96.0.2
+  selector: {app: cart}
+  ports: [{port: 80}]
+  internalTrafficPolicy: Local
+  trafficDistribution: PreferClose
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.3, selector: {app: cart}, ports: [{port: 80}], internalTrafficPolicy: Cluster}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: typo, namespace: shop, annotations: {networking.istio.io/traffic-distribution: PreferNearby}}
+spec: {clusterIP: 10.96.0.4, selector: {app: cart}, ports: [{port: 80}]}
+"#;
+
+fn at<'a>(s: &'a Snapshot, ip: &str) -> &'a Workload {
+    s.workload_by_ip("", ip.parse::<IpAddr>().expect("ip"))
+        .expect("workload")
+}
+
+fn parts(l: &Locality) -> (&str, &str, &str) {
+    (&l.region, &l.zone, &l.subzone)
+}
+
+#[test]
+fn workloads_take_their_nodes_locality_unless_they_name_their_own() {
+    let s = snapshot(MESH);
+    assert_eq!(
+        parts(&at(&s, "10.1.0.1").locality),
+        ("eu", "eu-a", "rack-1")
+    );
+    assert_eq!(parts(&at(&s, "10.1.0.2").locality), ("us", "us-b", ""));
+    assert!(
+        at(&s, "10.1.0.3").locality.is_empty(),
+        "a node not described has no locality"
+    );
+    assert_eq!(
+        parts(&at(&s, "10.1.0.4").locality),
+        ("ap", "ap-c", "hall-2")
+    );
+    assert_eq!(parts(&at(&s, "10.1.0.5").locality), ("sa", "sa-a", ""));
+
+    // Baggage carries region and zone, as upstream's `cloud.*` keys.
+    let baggage = at(&s, "10.1.0.1").baggage("Kubernetes");
+    assert_eq!(baggage.region.as_deref(), Some("eu"));
+    assert_eq!(baggage.zone.as_deref(), Some("eu-a"));
+    assert_eq!(at(&s, "10.1.0.3").baggage("Kubernetes").region, None);
+
+    let dump = s.dump();
+    let on_node = dump["workloads"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["name"] == "on-node"))
+        .expect("dumped");
+    assert_eq!(on_node["locality"]["zone"], "eu-a");
+}
+
+#[test]
+fn services_prefer_near_endpoints_as_istiod_tells_ztunnel() {
+    let s = snapshot(MESH);
+    let lb = |host: &str| {
+        let (_, svc) = s.service_by_host(host).expect(host);
+        svc.load_balancing
+            .as_ref()
+            .map(|lb| (lb.routing_preference.to_vec(), lb.mode))
+    };
+    use Scope::*;
+    assert_eq!(
+        lb("zone.shop.svc.cluster.local"),
+        Some((vec![Network, Region, Zone], Mode::Failover))
+    );
+    assert_eq!(
+        lb("local.shop.svc.cluster.local"),
+        Some((vec![Node], Mode::Strict)),
+        "internalTrafficPolicy: Local wins over a traffic distribution"
+    );
+    assert_eq!(lb("plain.shop.svc.cluster.local"), None);
+    assert_eq!(
+        lb("ext.example.com"),
+        Some((vec![Network, Region, Zone, Subzone, Node], Mode::Failover)),
+        "the annotation applies to ServiceEntries too"
+    );
+    assert_eq!(lb("typo.shop.svc.cluster.local"), None);
+    let warning = s
+        .warnings()
+        .iter()
+        .find(|w| w.contains("PreferNearby"))
+        .expect("an unknown distribution is a warning");
+    assert!(warning.contains("Service shop/typo"), "{warning}");
+}
