@@ -23,6 +23,14 @@
 //! - Workload weights count for `RANDOM` and for the two draws of `LEAST_REQUEST`; round robin
 //!   and consistent hashing ignore them.
 //! - Un-ejection happens lazily, when the ejection time is over, not at the next interval tick.
+//! - A service that prefers near endpoints (`trafficDistribution`, `internalTrafficPolicy:
+//!   Local`) is served by its nearest admitted endpoints, measured from this waypoint's own
+//!   instance by the rank ztunnel uses (how many leading scopes of the preference they share),
+//!   as istiod's locality failover priorities do for Envoy. Farther ones take traffic only
+//!   when every nearer one is ejected (or lacks the port), not in proportion to the nearer
+//!   ones' health; a retry stays at the nearest rank, taking a tried endpoint again before a
+//!   farther one, as Envoy's retry predicate does. DestinationRule `localityLbSetting` is not
+//!   read.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};
@@ -37,7 +45,7 @@ use std::fmt::Write as _;
 use ::http::header::COOKIE;
 use ::http::{HeaderMap, HeaderValue};
 use mesh::Snapshot;
-use mesh::model::{ServiceId, SubsetEndpoints, WorkloadId};
+use mesh::model::{LoadBalancing, ServiceId, SubsetEndpoints, Workload, WorkloadId};
 use mesh::route::{HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
 use rand::Rng;
 
@@ -68,6 +76,8 @@ pub(crate) struct Balancer {
     members: Box<[WorkloadId]>,
     /// The services of every workload, end to end (for the ejection cap).
     memberships: Box<[ServiceId]>,
+    /// This waypoint's own instance, which distances to endpoints are measured from.
+    instance: Option<WorkloadId>,
 }
 
 /// What all balancers of one waypoint share, from the first snapshot on.
@@ -218,7 +228,14 @@ impl Balancer {
             turns,
             members: members.into_boxed_slice(),
             memberships: memberships.into_boxed_slice(),
+            instance: None,
         }
+    }
+
+    /// Measures distances to endpoints from `instance` (this waypoint's own workload), for the
+    /// services that prefer near endpoints; without one, every endpoint is as near.
+    pub(crate) fn measured_from(self, instance: Option<WorkloadId>) -> Self {
+        Self { instance, ..self }
     }
 
     /// Chooses an endpoint of `service` (by id) for the service port at `port_index`, among the
@@ -252,12 +269,19 @@ impl Balancer {
             return None;
         }
         let slot = self.services.get(service.index());
+        let nearness = described
+            .load_balancing
+            .as_ref()
+            .zip((self.instance).and_then(|i| snapshot.workloads().get(i.index())));
         let mut pool = Pool {
             balancer: self,
+            snapshot,
             endpoints,
             port_index,
             exclude,
             healthy_at: None,
+            nearness,
+            rank: None,
             max_weight: slot.map_or(1, |s| s.max_weight),
         };
         let healthy_at = policy.outlier_detection.as_ref().and_then(|detection| {
@@ -281,23 +305,34 @@ impl Balancer {
             _ => None,
         };
         let mut rng = rand::rng();
-        // Relax the filters until an endpoint is admitted: tried endpoints come back before
-        // ejected ones (which come back only when no endpoint is healthy, tried or not).
-        // Passes that would repeat the previous one are skipped.
-        let mut found = None;
-        for (skip_ejected, skip_tried) in
-            [(true, true), (true, false), (false, true), (false, false)]
-        {
-            if (skip_ejected && healthy_at.is_none()) || (skip_tried && exclude.is_empty()) {
-                continue;
+        // Relax the filters until an endpoint is admitted, as Envoy's priorities and retry
+        // predicate do: a healthy endpoint, the nearest first (ranks run from the number of
+        // scopes, all shared, down to 0; without a preference one pass ignores them), and one
+        // not tried yet before a tried one of the same rank; ejected endpoints only when none
+        // is healthy. Passes that would repeat the previous one are skipped.
+        let ranks = nearness.map(|(lb, _)| lb.routing_preference.len());
+        let found = 'found: {
+            for skip_ejected in [true, false] {
+                if skip_ejected && healthy_at.is_none() {
+                    continue;
+                }
+                pool.healthy_at = healthy_at.filter(|_| skip_ejected);
+                for rank in (0..ranks.map_or(1, |n| n + 1)).rev() {
+                    pool.rank = ranks.map(|_| rank);
+                    for skip_tried in [true, false] {
+                        if skip_tried && exclude.is_empty() {
+                            continue;
+                        }
+                        pool.exclude = if skip_tried { exclude } else { &[] };
+                        let found = pool.pick(&policy.load_balancer, hash, turn, &mut rng);
+                        if found.is_some() {
+                            break 'found found;
+                        }
+                    }
+                }
             }
-            pool.healthy_at = healthy_at.filter(|_| skip_ejected);
-            pool.exclude = if skip_tried { exclude } else { &[] };
-            found = pool.pick(&policy.load_balancer, hash, turn, &mut rng);
-            if found.is_some() {
-                break;
-            }
-        }
+            None
+        };
         let found = found?;
         Some(Chosen {
             workload: found.workload,
@@ -525,12 +560,18 @@ fn reset(counter: &AtomicU32) {
 #[derive(Debug)]
 struct Pool<'a> {
     balancer: &'a Balancer,
+    snapshot: &'a Snapshot,
     endpoints: SubsetEndpoints<'a>,
     port_index: usize,
     exclude: &'a [WorkloadId],
     /// Skip endpoints ejected at this time; `None` when nothing is ejected, outlier detection is
     /// off, or too few are healthy (Envoy's panic mode).
     healthy_at: Option<u64>,
+    /// The service's preference for near endpoints and this waypoint's instance, when both are
+    /// known.
+    nearness: Option<(&'a LoadBalancing, &'a Workload)>,
+    /// Admit only endpoints of this rank (with `nearness`).
+    rank: Option<usize>,
     max_weight: u32,
 }
 
@@ -580,6 +621,12 @@ impl<'a> Pool<'a> {
             .is_some_and(|now| slot.state.is_ejected(now))
         {
             return None;
+        }
+        if let (Some(rank), Some((lb, instance))) = (self.rank, self.nearness) {
+            let workload = self.snapshot.workloads().get(endpoint.workload.index())?;
+            if lb.rank(instance, workload) != Some(rank) {
+                return None;
+            }
         }
         Some(Candidate {
             workload: endpoint.workload,

@@ -111,6 +111,7 @@ impl WaypointServer {
             Shared::new(
                 store,
                 spec.name.clone(),
+                ip,
                 identity.clone(),
                 pool,
                 metrics,

@@ -1,7 +1,7 @@
 //! What every request sees: the current snapshot, resolved for this waypoint, with its
 //! load-balancing state; swapped whole when the configuration changes.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -71,16 +71,26 @@ impl View {
     pub(crate) async fn load(
         snapshot: Arc<Snapshot>,
         name: &WaypointName,
+        address: IpAddr,
         wasm: &Plugins,
         previous: Option<&View>,
     ) -> Self {
         let waypoint = snapshot
             .waypoint_by_name(&name.namespace, &name.name)
             .map(|(id, _)| id);
+        // Services that prefer near endpoints measure from this instance: the one on the
+        // address served, else the Gateway's first.
+        let instance = waypoint.and_then(|id| {
+            let instances = &snapshot.waypoint(id).instances;
+            (instances.iter().copied())
+                .find(|&i| snapshot.workload(i).has_ip(address))
+                .or_else(|| instances.first().copied())
+        });
         let plugins = wasm
             .load(&snapshot, waypoint, previous.map(|p| &p.plugins))
             .await;
-        let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer));
+        let balancer =
+            Balancer::new(&snapshot, previous.map(|p| &p.balancer)).measured_from(instance);
         let breakers = Breakers::new(&snapshot, previous.map(|p| &p.breakers));
         Self {
             snapshot,
@@ -136,6 +146,8 @@ impl View {
 pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
     pub(crate) name: WaypointName,
+    /// The address it serves on.
+    pub(crate) address: IpAddr,
     /// The waypoint's own identity (its service account): presented on both HBONE legs.
     pub(crate) identity: Identity,
     pub(crate) pool: hbone::Pool,
@@ -152,16 +164,18 @@ impl Shared {
     pub(crate) async fn new(
         store: Arc<Store>,
         name: WaypointName,
+        address: IpAddr,
         identity: Identity,
         pool: hbone::Pool,
         metrics: Arc<Metrics>,
         wasm: Plugins,
     ) -> Self {
-        let view = View::load(store.load(), &name, &wasm, None).await;
+        let view = View::load(store.load(), &name, address, &wasm, None).await;
         metrics.config_version.set(view.snapshot.version() as i64);
         Self {
             store,
             name,
+            address,
             identity,
             pool,
             idle: Arc::default(),
@@ -182,7 +196,14 @@ impl Shared {
         while changes.changed().await.is_ok() {
             let snapshot = self.store.load();
             let previous = self.view.load_full();
-            let view = View::load(snapshot, &self.name, &self.wasm, Some(&previous)).await;
+            let view = View::load(
+                snapshot,
+                &self.name,
+                self.address,
+                &self.wasm,
+                Some(&previous),
+            )
+            .await;
             if view.waypoint.is_none() {
                 tracing::warn!(waypoint = %self.name, version = view.snapshot.version(), "the waypoint Gateway is gone from the configuration; refusing all traffic");
             }

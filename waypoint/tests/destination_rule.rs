@@ -1,4 +1,5 @@
-//! DestinationRule load balancing and outlier detection, observed through the waypoint.
+//! DestinationRule load balancing and outlier detection, and services that prefer endpoints
+//! near the waypoint, observed through the waypoint.
 
 mod support;
 
@@ -159,5 +160,63 @@ async fn a_missing_hash_cookie_is_made_up_and_then_followed() {
     let r = mesh.request("GET", "/", &[], "").await;
     assert_eq!(r.status, 200);
     assert!(r.header("set-cookie").is_none());
+    mesh.shutdown().await;
+}
+
+/// Nodes in zones, and `near`, the echo pods behind a service that prefers endpoints in the
+/// waypoint's zone; `{b}` is node-b's zone.
+fn zoned(net: u8, b: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Node
+metadata: {{name: node-w, labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: z2}}}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-a, labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: z1}}}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-b, labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: {b}}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: near, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  clusterIP: 10.{net}.0.30
+  selector: {{app: echo}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+  trafficDistribution: PreferSameZone
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_preferring_near_endpoints_is_served_from_the_waypoints_zone() {
+    let net = 92;
+    let mesh = Mesh::start(net, &zoned(net, "z2")).await;
+    let vip = format!("10.{net}.0.30");
+    let backends = |n| {
+        let mesh = &mesh;
+        let vip = &vip;
+        async move {
+            let mut seen = BTreeSet::new();
+            for _ in 0..n {
+                let r = mesh.request_to(vip, 80, "GET", "/", &[], "").await;
+                seen.insert(r.expect("request").backend().to_owned());
+            }
+            seen
+        }
+    };
+    // echo-v2's node shares the waypoint's zone; echo-v1's does not.
+    assert_eq!(backends(20).await, BTreeSet::from(["echo-v2".to_owned()]));
+
+    // node-b moves to a third zone: neither endpoint is near, and both serve.
+    mesh.set_routes(&zoned(net, "z3")).await;
+    assert_eq!(
+        backends(40).await,
+        BTreeSet::from(["echo-v1".to_owned(), "echo-v2".to_owned()])
+    );
     mesh.shutdown().await;
 }

@@ -39,24 +39,24 @@ apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: shop}
 spec: {nodeName: node-a, serviceAccountName: client}
-status: {podIP: 127.41.1.1}
+status: {podIP: 127.91.1.1}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: cart-b, namespace: shop, labels: {app: cart}}
 spec: {nodeName: node-b, serviceAccountName: cart}
-status: {podIP: 127.41.2.1, conditions: [{type: Ready, status: "{ready}"}]}
+status: {podIP: 127.91.2.1, conditions: [{type: Ready, status: "{ready}"}]}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: cart-c, namespace: shop, labels: {app: cart}}
 spec: {nodeName: node-c, serviceAccountName: cart}
-status: {podIP: 127.41.3.1}
+status: {podIP: 127.91.3.1}
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: cart, namespace: shop}
-spec: {clusterIP: 10.96.41.1, selector: {app: cart}, ports: [{port: 80, targetPort: 8080}], {cart}}
+spec: {clusterIP: 10.96.91.1, selector: {app: cart}, ports: [{port: 80, targetPort: 8080}], {cart}}
 "#;
 
 fn mesh(cart: &str, ready: bool) -> String {
@@ -79,9 +79,9 @@ async fn answer_with_name(ip: &str, name: &'static str) {
 /// Who answers a connection from the client to the cart VIP (through the client's SOCKS5
 /// port), or the SOCKS5 reply code when it is refused.
 async fn call_cart() -> Result<String, u8> {
-    let mut socks = TcpStream::connect("127.41.1.1:15080").await.expect("socks");
+    let mut socks = TcpStream::connect("127.91.1.1:15080").await.expect("socks");
     socks
-        .write_all(&[5, 1, 0, 5, 1, 0, 1, 10, 96, 41, 1, 0, 80])
+        .write_all(&[5, 1, 0, 5, 1, 0, 1, 10, 96, 91, 1, 0, 80])
         .await
         .expect("socks request");
     let mut reply = [0u8; 12];
@@ -130,8 +130,8 @@ async fn near_endpoints_first_then_failover_and_strict_local() {
     let _a = nodes.start("node-a", Arc::new(Loopback)).await;
     let _b = nodes.start("node-b", Arc::new(Loopback)).await;
     let _c = nodes.start("node-c", Arc::new(Loopback)).await;
-    answer_with_name("127.41.2.1", "cart-b").await;
-    answer_with_name("127.41.3.1", "cart-c").await;
+    answer_with_name("127.91.2.1", "cart-b").await;
+    answer_with_name("127.91.3.1", "cart-c").await;
 
     assert_eq!(
         answers().await,

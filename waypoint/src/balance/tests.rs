@@ -806,3 +806,128 @@ fn hash_key_of_the_source_ip() {
     assert_ne!(hash(Some(ip("10.0.0.2"))), one);
     assert_eq!(hash(None), None);
 }
+
+// === near endpoints first ===
+
+/// `node-a` in zone `z1`, `node-b` in `z2`; the waypoint's instance on `node-a`; service `near`
+/// over the web pods, preferring the instance's zone, and `local`, which keeps to its node.
+const ZONES: &str = r#"
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/region: r, topology.kubernetes.io/zone: z1}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {topology.kubernetes.io/region: r, topology.kubernetes.io/zone: z2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-1, namespace: shop}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.9.1, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+  trafficDistribution: PreferClose
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: shop}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {version: v2}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+  internalTrafficPolicy: Local
+"#;
+
+/// A choice of `name` port 80, by endpoint name, or None.
+fn pick_of(
+    b: &Balancer,
+    s: &Snapshot,
+    name: &str,
+    policy: &TrafficPolicy,
+    exclude: &[WorkloadId],
+) -> Option<String> {
+    let chosen = b.choose(s, service(s, name), 0, None, policy, None, exclude, now())?;
+    Some(s.workload(chosen.workload).name.to_string())
+}
+
+#[test]
+fn near_endpoints_serve_first_and_farther_ones_when_they_are_ejected() {
+    let s = snapshot(ZONES);
+    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "waypoint-1")));
+    for lb in [
+        LoadBalancer::Random,
+        LoadBalancer::RoundRobin,
+        LoadBalancer::LeastRequest,
+    ] {
+        let what = format!("{lb:?}: the waypoint's zone");
+        let policy = traffic(lb);
+        let counts = tally(200, || {
+            pick_of(&b, &s, "near", &policy, &[]).expect("endpoint")
+        });
+        assert_eq!(names(&counts), ["web-a", "web-b"], "{what}");
+    }
+    // Without a preference, or without knowing where the waypoint runs, every endpoint serves.
+    let policy = traffic(LoadBalancer::Random);
+    let counts = tally(400, || {
+        pick_of(&b, &s, "web", &policy, &[]).expect("endpoint")
+    });
+    assert_eq!(names(&counts), ALL);
+    let unplaced = Balancer::new(&s, None);
+    let counts = tally(400, || {
+        pick_of(&unplaced, &s, "near", &policy, &[]).expect("endpoint")
+    });
+    assert_eq!(names(&counts), ALL);
+
+    // A retry stays in the zone: a tried near endpoint comes back before a farther one.
+    let (a, b_) = (workload(&s, "web-a"), workload(&s, "web-b"));
+    for _ in 0..50 {
+        let retry = pick_of(&b, &s, "near", &policy, &[a]).expect("endpoint");
+        assert_eq!(retry, "web-b");
+        let again = pick_of(&b, &s, "near", &policy, &[a, b_]).expect("endpoint");
+        assert!(again == "web-a" || again == "web-b", "{again}");
+    }
+
+    // With both near endpoints ejected, the farther zone takes the traffic.
+    let detection = OutlierDetection {
+        consecutive_5xx_errors: 1,
+        max_ejection_percent: 100,
+        ..OutlierDetection::default()
+    };
+    let detecting = detecting(LoadBalancer::Random, detection);
+    fail(&b, a, 1, Outcome::ServerError(503), &detection);
+    let counts = tally(100, || {
+        pick_of(&b, &s, "near", &detecting, &[]).expect("endpoint")
+    });
+    assert_eq!(names(&counts), ["web-b"], "one near endpoint left");
+    fail(&b, b_, 1, Outcome::ServerError(503), &detection);
+    let counts = tally(200, || {
+        pick_of(&b, &s, "near", &detecting, &[]).expect("endpoint")
+    });
+    assert_eq!(
+        names(&counts),
+        ["web-c", "web-d"],
+        "failed over to the other zone"
+    );
+}
+
+#[test]
+fn a_node_local_service_with_no_endpoint_on_the_waypoints_node_has_none() {
+    let s = snapshot(ZONES);
+    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "waypoint-1")));
+    let policy = traffic(LoadBalancer::Random);
+    assert_eq!(pick_of(&b, &s, "local", &policy, &[]), None);
+    // From node-b it has two.
+    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "web-c")));
+    let counts = tally(200, || {
+        pick_of(&b, &s, "local", &policy, &[]).expect("endpoint")
+    });
+    assert_eq!(names(&counts), ["web-c", "web-d"]);
+}
