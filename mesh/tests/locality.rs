@@ -126,6 +126,52 @@ fn workloads_take_their_nodes_locality_unless_they_name_their_own() {
 }
 
 #[test]
+fn waypoints_prefer_close_instances_unless_told_otherwise() {
+    let gateways = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: generated, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: by-node, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  infrastructure: {annotations: {networking.istio.io/traffic-distribution: PreferSameNode}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: described, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: described, namespace: shop}
+spec: {clusterIP: 10.96.0.9, ports: [{port: 15008}]}
+"#;
+    let s = snapshot(&format!("{MESH}---{gateways}"));
+    let lb = |name: &str| {
+        let (_, wp) = s.waypoint_by_name("shop", name).expect(name);
+        wp.load_balancing
+            .as_ref()
+            .map(|lb| lb.routing_preference.to_vec())
+    };
+    use Scope::*;
+    assert_eq!(lb("generated"), Some(vec![Network, Region, Zone]));
+    assert_eq!(
+        lb("by-node"),
+        Some(vec![Network, Region, Zone, Subzone, Node])
+    );
+    assert_eq!(
+        lb("described"),
+        None,
+        "its Service, as written, has no preference"
+    );
+}
+
+#[test]
 fn services_prefer_near_endpoints_as_istiod_tells_ztunnel() {
     let s = snapshot(MESH);
     let lb = |host: &str| {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{AppTunnel, PluginId, PolicyId, ServiceId, WorkloadId};
+use super::{AppTunnel, LoadBalancing, PluginId, PolicyId, ServiceId, WorkloadId};
 
 /// Label binding a resource to a waypoint.
 pub(crate) const USE_WAYPOINT: &str = "istio.io/use-waypoint";
@@ -47,6 +47,12 @@ pub struct Waypoint {
     pub inbound_binding: Option<AppTunnel>,
     /// The Service in front of its instances (same name and namespace as the Gateway).
     pub service: Option<ServiceId>,
+    /// How ztunnels choose among its instances: its Service's preference when the Service is
+    /// described, else what Istio generates for it, `PreferClose` unless the Gateway's
+    /// `infrastructure.annotations` say otherwise, so each client uses a waypoint instance in its
+    /// own zone when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancing: Option<LoadBalancing>,
     /// Its pods (labelled `gateway.networking.k8s.io/gateway-name: <name>`).
     pub instances: Box<[WorkloadId]>,
     /// Services bound to it.

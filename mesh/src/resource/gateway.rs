@@ -2,6 +2,8 @@
 //! `istio-waypoint`, or any class whose Gateways are sandwiched waypoints, such as kgateway's
 //! `kgateway-waypoint`, which carries `ambient.istio.io/waypoint-inbound-binding`).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// `Gateway.spec`.
@@ -18,9 +20,25 @@ pub struct GatewaySpec {
     /// Requested addresses; accepted, the waypoint's address is its Service's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<serde_json::Value>,
-    /// Infrastructure labels and annotations; accepted.
+    /// What Istio puts on the resources it generates for the Gateway (its Service among them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub infrastructure: Option<serde_json::Value>,
+    pub infrastructure: Option<Infrastructure>,
+}
+
+/// `Gateway.spec.infrastructure`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Infrastructure {
+    /// Labels for the generated resources; accepted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations for the generated resources; a traffic distribution here is the waypoint
+    /// Service's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Parameters for the generated deployment; accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters_ref: Option<serde_json::Value>,
 }
 
 /// `GatewayClass.spec`: accepted as written; the mesh reads only the class's annotations.

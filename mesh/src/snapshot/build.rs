@@ -380,6 +380,13 @@ impl<'o> Builder<'o> {
                         _ => model::waypoint::Admission::Same,
                     }
                 });
+            let generated = gw.spec.infrastructure.as_ref().map(|i| &i.annotations);
+            let distribution = match generated {
+                Some(annotations) => self.distribution("Gateway", &gw.metadata, None, annotations),
+                None => None,
+            };
+            let load_balancing =
+                LoadBalancing::for_service(false, distribution.or(Some(Distribution::SameZone)));
             let namespace = self.interner.get(gw.metadata.namespace());
             let name = self.interner.get(&gw.metadata.name);
             let id = WaypointId(self.waypoints.len() as u32);
@@ -394,6 +401,7 @@ impl<'o> Builder<'o> {
                 waypoint_for,
                 inbound_binding,
                 service: None,
+                load_balancing,
                 instances: Box::default(),
                 services: Box::default(),
                 workloads: Box::default(),
@@ -923,8 +931,12 @@ impl<'o> Builder<'o> {
             })
             .collect();
         let local = svc.spec.internal_traffic_policy.as_deref() == Some("Local");
-        let distribution =
-            self.distribution("Service", meta, svc.spec.traffic_distribution.as_deref());
+        let distribution = self.distribution(
+            "Service",
+            meta,
+            svc.spec.traffic_distribution.as_deref(),
+            &meta.annotations,
+        );
         let endpoints = if svc.spec.selector.is_empty() {
             Vec::new()
         } else {
@@ -978,8 +990,9 @@ impl<'o> Builder<'o> {
         kind: &str,
         meta: &ObjectMeta,
         spec: Option<&str>,
+        annotations: &BTreeMap<String, String>,
     ) -> Option<Distribution> {
-        Distribution::read(spec, &meta.annotations).unwrap_or_else(|value| {
+        Distribution::read(spec, annotations).unwrap_or_else(|value| {
             self.warn(format!(
                 "{kind} {}/{}: traffic distribution {value:?} is not PreferSameZone, \
                  PreferClose or PreferSameNode; any endpoint is used",
@@ -1091,8 +1104,10 @@ impl<'o> Builder<'o> {
             meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             &mut self.interner,
         );
-        let load_balancing =
-            LoadBalancing::for_service(false, self.distribution("ServiceEntry", meta, None));
+        let load_balancing = LoadBalancing::for_service(
+            false,
+            self.distribution("ServiceEntry", meta, None, &meta.annotations),
+        );
         let sans: Box<[Arc<str>]> = se
             .spec
             .subject_alt_names
@@ -1139,6 +1154,9 @@ impl<'o> Builder<'o> {
                 .get(&wp.namespace)
                 .and_then(|m| m.get(&wp.name))
                 .copied();
+            if let Some(service) = wp.service {
+                wp.load_balancing = self.services[service.index()].load_balancing.clone();
+            }
         }
         let waypoint_services: Vec<Option<ServiceId>> =
             self.waypoints.iter().map(|w| w.service).collect();

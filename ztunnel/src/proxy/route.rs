@@ -7,7 +7,8 @@
 //! 1. A connection to one of ztunnel's own ports on the source's own address is refused (it
 //!    would loop).
 //! 2. A service (by VIP, or by hostname through SOCKS5) with a waypoint goes to the waypoint,
-//!    carrying the original `VIP:port`, unless the caller is that waypoint.
+//!    carrying the original `VIP:port`, unless the caller is that waypoint. An instance in the
+//!    caller's zone is preferred, as the Service Istio generates for a waypoint asks.
 //! 3. Otherwise a service picks a ready endpoint, weighted by capacity, and the port the
 //!    endpoint serves the service port on; a service that prefers near endpoints
 //!    (`trafficDistribution`, `internalTrafficPolicy: Local`) picks among the nearest only.
@@ -19,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use hbone::Identity;
 use mesh::Snapshot;
-use mesh::model::{Protocol, Service, ServiceId, WaypointId, Workload, WorkloadId};
+use mesh::model::{LoadBalancing, Protocol, Service, ServiceId, WaypointId, Workload, WorkloadId};
 use rand::Rng;
 
 /// Where the caller wanted to go.
@@ -152,7 +153,7 @@ fn to_service(
             return Route::Refuse(Refusal::NoVip(service.hostname.to_string()));
         };
         let authority = SocketAddr::new(vip, port);
-        return via_waypoint(snapshot, wp_id, authority, Some(id), rng);
+        return via_waypoint(snapshot, source, wp_id, authority, Some(id), rng);
     }
     let Some((index, _)) = service.port(port) else {
         return Route::Refuse(Refusal::UnknownPort {
@@ -162,14 +163,12 @@ fn to_service(
     };
     // Endpoints on other networks are reached through their network's gateway, which this
     // ztunnel does not do: dialling their addresses here could reach another pod entirely.
+    let lb = service.load_balancing.as_ref();
     let candidates = || {
         service.endpoints.iter().filter_map(|e| {
             let w = snapshot.workload(e.workload);
             let target = e.target_port(index)?;
-            let rank = match &service.load_balancing {
-                Some(lb) => lb.rank(source, w)?,
-                None => 0,
-            };
+            let rank = rank(lb, source, w)?;
             (w.ready && !w.ips.is_empty() && w.network == source.network).then_some((
                 e.workload,
                 target,
@@ -178,12 +177,7 @@ fn to_service(
             ))
         })
     };
-    // Only the nearest endpoints, by the service's routing preference, are chosen from.
-    let nearest = candidates().map(|(.., rank)| rank).max();
-    let nearest = candidates()
-        .filter(|&(.., rank)| Some(rank) == nearest)
-        .map(|(workload, target, weight, _)| (workload, target, weight));
-    let Some((workload, target)) = weighted(nearest, rng) else {
+    let Some((workload, target)) = nearest(candidates, rng) else {
         return Route::Refuse(Refusal::NoHealthyUpstream(service.hostname.to_string()));
     };
     let w = snapshot.workload(workload);
@@ -220,7 +214,7 @@ fn to_address(
     if let Some(wp_id) = w.waypoint
         && source.waypoint_instance != Some(wp_id)
     {
-        return via_waypoint(snapshot, wp_id, addr, None, rng);
+        return via_waypoint(snapshot, source, wp_id, addr, None, rng);
     }
     direct(w, w.id, addr, vec![w.identity.clone()], None)
 }
@@ -250,17 +244,22 @@ fn direct(
 
 fn via_waypoint(
     snapshot: &Snapshot,
+    source: &Workload,
     id: WaypointId,
     authority: SocketAddr,
     service: Option<ServiceId>,
     rng: &mut impl Rng,
 ) -> Route {
     let waypoint = snapshot.waypoint(id);
-    let instances = waypoint.instances.iter().filter_map(|&i| {
-        let w = snapshot.workload(i);
-        (w.ready && !w.ips.is_empty()).then_some((i, (), w.weight.max(1)))
-    });
-    let Some((instance, ())) = weighted(instances, rng) else {
+    let lb = waypoint.load_balancing.as_ref();
+    let instances = || {
+        waypoint.instances.iter().filter_map(|&i| {
+            let w = snapshot.workload(i);
+            let rank = rank(lb, source, w)?;
+            (w.ready && !w.ips.is_empty()).then_some((i, (), w.weight.max(1), rank))
+        })
+    };
+    let Some((instance, ())) = nearest(instances, rng) else {
         return Route::Refuse(Refusal::NoWaypointInstance(format!(
             "{}/{}",
             waypoint.namespace, waypoint.name
@@ -276,6 +275,25 @@ fn via_waypoint(
         instance,
         service,
     }
+}
+
+/// How near `to` is to `from` by `lb`'s routing preference (0 for all without one); `None` when
+/// a strict preference rules it out.
+fn rank(lb: Option<&LoadBalancing>, from: &Workload, to: &Workload) -> Option<usize> {
+    lb.map_or(Some(0), |lb| lb.rank(from, to))
+}
+
+/// A weighted random choice among the nearest of `candidates` (item, extra, weight, rank), in
+/// two passes and without allocating: one finds the nearest rank, one chooses.
+fn nearest<T, U, I: Iterator<Item = (T, U, u32, usize)>>(
+    candidates: impl Fn() -> I,
+    rng: &mut impl Rng,
+) -> Option<(T, U)> {
+    let best = candidates().map(|(.., rank)| rank).max()?;
+    let nearest = candidates()
+        .filter(|&(.., rank)| rank == best)
+        .map(|(item, extra, weight, _)| (item, extra, weight));
+    weighted(nearest, rng)
 }
 
 /// A weighted random choice, in one pass and without allocating (reservoir sampling).

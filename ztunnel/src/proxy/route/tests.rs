@@ -417,9 +417,59 @@ apiVersion: v1
 kind: Service
 metadata: {name: pay-local, namespace: shop}
 spec: {clusterIP: 10.96.1.6, selector: {app: pay}, ports: [{port: 80}], internalTrafficPolicy: Local}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-a2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: a2, serviceAccountName: wp}
+status: {podIP: 10.1.3.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-b1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: b1, serviceAccountName: wp}
+status: {podIP: 10.1.3.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bound, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.1.7, selector: {app: cart}, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp-any, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wp-any, namespace: shop}
+spec: {clusterIP: 10.96.1.8, selector: {gateway.networking.k8s.io/gateway-name: wp-any}, ports: [{port: 15008}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-any-a2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-any}}
+spec: {nodeName: a2, serviceAccountName: wp}
+status: {podIP: 10.1.4.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-any-b1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-any}}
+spec: {nodeName: b1, serviceAccountName: wp}
+status: {podIP: 10.1.4.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bound-any, namespace: shop, labels: {istio.io/use-waypoint: wp-any}}
+spec: {clusterIP: 10.96.1.9, selector: {app: cart}, ports: [{port: 80}]}
 "#;
 
-/// The endpoints 300 connections from the client to `vip` reach, as a set, or the refusal.
+/// The endpoints (or waypoint instances) 300 connections from the client to `vip` reach, as a
+/// set, or the refusal.
 fn reached(s: &Snapshot, vip: &str) -> Result<std::collections::BTreeSet<String>, String> {
     let client = s
         .workload_by_ip("", "10.1.0.1".parse().expect("ip"))
@@ -429,6 +479,7 @@ fn reached(s: &Snapshot, vip: &str) -> Result<std::collections::BTreeSet<String>
     for _ in 0..300 {
         match route(s, client, Destination::Addr(addr(vip)), &mut rng) {
             Route::Direct { authority, .. } => seen.insert(authority.ip().to_string()),
+            Route::ViaWaypoint { next_hop, .. } => seen.insert(next_hop.ip().to_string()),
             Route::Refuse(why) => return Err(why.to_string()),
             other => panic!("unexpected {other:?}"),
         };
@@ -472,4 +523,20 @@ fn services_that_prefer_near_endpoints_pick_the_nearest() {
     }
     let refused = reached(&s, "10.96.1.6:80").expect_err("Local with no endpoint on the node");
     assert!(refused.contains("pay-local"), "{refused}");
+}
+
+#[test]
+fn waypoint_instances_in_the_callers_zone_are_preferred_as_istio_generates_them() {
+    let s = Snapshot::from_yaml("zoned.yaml", ZONED, &Options::default()).expect("valid mesh");
+    let set = |ips: &[&str]| Ok(ips.iter().map(|&ip| ip.to_owned()).collect());
+    assert_eq!(
+        reached(&s, "10.96.1.7:80"),
+        set(&["10.1.3.1"]),
+        "a waypoint with no Service described gets Istio's PreferClose"
+    );
+    assert_eq!(
+        reached(&s, "10.96.1.9:80"),
+        set(&["10.1.4.1", "10.1.4.2"]),
+        "a waypoint's own Service, as written, decides"
+    );
 }
