@@ -107,6 +107,7 @@ impl LocalMesh {
                 sockets: Arc::new(Loopback),
                 live: live.clone(),
                 hbone: hbone::Config::default(),
+                dns: None,
             });
             ztunnels.push(Ztunnel::start(ctx, node).await?);
         }

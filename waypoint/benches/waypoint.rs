@@ -670,6 +670,7 @@ async fn start_ztunnels(config: &Path, ca: MeshCa) -> Vec<Ztunnel> {
             sockets: Arc::new(Loopback),
             live: live.clone(),
             hbone: hbone::Config::default(),
+            dns: None,
         });
         out.push(Ztunnel::start(ctx, &node).await.expect("ztunnel"));
     }

@@ -6,6 +6,7 @@
 //! run on the blocking pool ([`mesh::Store::watch`]).
 
 pub mod capture;
+pub mod dns;
 mod error;
 pub mod inpod;
 pub mod metrics;

@@ -13,6 +13,7 @@ use hbone::{CertManager, MeshCa};
 use mesh::{ConfigDir, Options, Store};
 use prometheus_client::registry::Registry;
 use ztunnel::Ztunnel;
+use ztunnel::dns::Forwarder;
 use ztunnel::inpod::zds::proto::WorkloadInfo;
 use ztunnel::inpod::{NetNs, PodRules, ZdsServer};
 use ztunnel::metrics::Metrics;
@@ -77,6 +78,14 @@ enum Command {
         /// `ztunnel cni`) on this ZDS socket, instead of serving workloads on loopback.
         #[arg(long)]
         inpod_uds: Option<PathBuf>,
+        /// An upstream resolver for the DNS proxy's forwarded queries (`ip` or `ip:port`);
+        /// repeatable. Default: the `nameserver`s of `/etc/resolv.conf`, as upstream.
+        #[arg(long = "dns-upstream", value_parser = parse_resolver)]
+        dns_upstreams: Vec<SocketAddr>,
+        /// No DNS proxy (upstream's `DNS_CAPTURE=false`); the node agent must not redirect DNS
+        /// either (`ztunnel cni --no-dns`).
+        #[arg(long)]
+        no_dns: bool,
     },
     /// Plays the node agent (istio-cni's side of ZDS) for local use: installs the in-pod
     /// capture rules in each pod's network namespace and announces the pods to ztunnel.
@@ -87,6 +96,9 @@ enum Command {
         /// A pod as `namespace/name=/path/to/netns` (e.g. `/var/run/netns/pod1`); repeatable.
         #[arg(long = "pod", required = true)]
         pods: Vec<String>,
+        /// Leave the pods' DNS alone (for a ztunnel run with `--no-dns`).
+        #[arg(long)]
+        no_dns: bool,
     },
 }
 
@@ -120,13 +132,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let deadline = Duration::from_secs(cli.drain_deadline);
     match cli.command {
-        Command::Cni { uds, pods } => cni(&uds, &pods).await?,
+        Command::Cni { uds, pods, no_dns } => cni(&uds, &pods, !no_dns).await?,
         Command::Run {
             config,
             node,
             ca_cert,
             ca_key,
             inpod_uds,
+            dns_upstreams,
+            no_dns,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -162,6 +176,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(inpod) => inpod.clone(),
                 None => Arc::new(Loopback),
             };
+            let dns = (!no_dns)
+                .then(|| dns_forwarder(dns_upstreams))
+                .transpose()?
+                .map(Arc::new);
             let ctx = Arc::new(Ctx {
                 store,
                 certs,
@@ -169,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sockets,
                 live: Arc::new(LiveConnections::default()),
                 hbone: hbone::Config::default(),
+                dns,
             });
             let ztunnel = Arc::new(
                 Ztunnel::start(ctx, &node)
@@ -200,6 +219,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long an upstream resolver has to answer a forwarded query.
+const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The DNS proxy's upstream resolvers: those given, else `/etc/resolv.conf`'s.
+fn dns_forwarder(given: Vec<SocketAddr>) -> anyhow::Result<Forwarder> {
+    if !given.is_empty() {
+        return Ok(Forwarder::new(given, DNS_UPSTREAM_TIMEOUT));
+    }
+    let path = std::path::Path::new("/etc/resolv.conf");
+    let forwarder = Forwarder::from_resolv_conf(path, DNS_UPSTREAM_TIMEOUT)
+        .with_context(|| format!("reading {} for the DNS proxy's resolvers", path.display()))?;
+    if forwarder.upstreams().is_empty() {
+        tracing::warn!(
+            "no nameserver in /etc/resolv.conf: the DNS proxy answers mesh names only (SERVFAIL for others)"
+        );
+    }
+    Ok(forwarder)
+}
+
+/// `ip` (port 53) or `ip:port`.
+fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?} is not an IP address or IP:port"))
+}
+
 /// Follows the node agent, reconnecting when it goes away (istio-cni restarts replay every pod).
 async fn follow_agent(uds: PathBuf, inpod: Arc<InPod>, ztunnel: Arc<Ztunnel>) {
     loop {
@@ -214,7 +262,7 @@ async fn follow_agent(uds: PathBuf, inpod: Arc<InPod>, ztunnel: Arc<Ztunnel>) {
 }
 
 /// The node agent's side: rules in, pods announced, replayed on every reconnect.
-async fn cni(uds: &std::path::Path, pods: &[String]) -> anyhow::Result<()> {
+async fn cni(uds: &std::path::Path, pods: &[String], dns: bool) -> anyhow::Result<()> {
     let mut announced = Vec::new();
     for pod in pods {
         let (workload, netns) = pod
@@ -225,6 +273,7 @@ async fn cni(uds: &std::path::Path, pods: &[String]) -> anyhow::Result<()> {
             .context("--pod must be namespace/name=/path/to/netns")?;
         let ns = NetNs::open(netns).with_context(|| format!("opening {netns}"))?;
         PodRules::detect(&ns)
+            .map(|rules| rules.capturing_dns(dns))
             .and_then(|rules| rules.install(&ns))
             .with_context(|| format!("installing capture rules in {netns}"))?;
         println!("capture rules installed for {workload} ({netns})");

@@ -9,6 +9,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Which end of the connection reports.
@@ -52,8 +53,22 @@ impl TcpLabels {
     }
 }
 
+/// The transport a DNS query came over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values are lowercase on the wire
+pub enum DnsProtocol {
+    udp,
+    tcp,
+}
+
+/// `request_protocol`, the label upstream's DNS metrics carry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub request_protocol: DnsProtocol,
+}
+
 /// The ztunnel's metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// `istio_tcp_connections_opened_total`.
     pub opened: Family<TcpLabels, Counter>,
@@ -72,6 +87,57 @@ pub struct Metrics {
     pub config_applied: Gauge,
     /// Configuration changes rejected.
     pub config_rejected: Gauge,
+    /// `istio_dns_requests_total`: queries the DNS proxy received.
+    pub dns_requests: Family<DnsLabels, Counter>,
+    /// `istio_dns_upstream_requests_total`: queries it forwarded.
+    pub dns_upstream_requests: Family<DnsLabels, Counter>,
+    /// `istio_dns_upstream_failures_total`: forwarded queries no upstream resolver answered.
+    pub dns_upstream_failures: Counter,
+    /// `istio_dns_upstream_request_duration_seconds`.
+    pub dns_upstream_duration: Histogram,
+    /// Queries that were not DNS messages (answered `FORMERR` when they had an id).
+    pub dns_malformed: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            received_bytes: Family::default(),
+            sent_bytes: Family::default(),
+            failed: Family::default(),
+            late_rejections: Counter::default(),
+            config_applied: Gauge::default(),
+            config_rejected: Gauge::default(),
+            dns_requests: Family::default(),
+            dns_upstream_requests: Family::default(),
+            dns_upstream_failures: Counter::default(),
+            // 0.5 ms to about 4 s.
+            dns_upstream_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            dns_malformed: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The count of queries received over `protocol`.
+    pub fn dns_requests(&self, protocol: DnsProtocol) -> Counter {
+        self.dns_requests
+            .get_or_create(&DnsLabels {
+                request_protocol: protocol,
+            })
+            .clone()
+    }
+
+    /// The count of queries forwarded over `protocol`.
+    pub fn dns_upstream_requests(&self, protocol: DnsProtocol) -> Counter {
+        self.dns_upstream_requests
+            .get_or_create(&DnsLabels {
+                request_protocol: protocol,
+            })
+            .clone()
+    }
 }
 
 impl Metrics {
@@ -103,7 +169,32 @@ impl Metrics {
             "Connections that failed before or while connecting",
             self.failed.clone(),
         );
+        istio.register(
+            "dns_requests",
+            "DNS queries received by the DNS proxy",
+            self.dns_requests.clone(),
+        );
+        istio.register(
+            "dns_upstream_requests",
+            "DNS queries forwarded to upstream resolvers",
+            self.dns_upstream_requests.clone(),
+        );
+        istio.register(
+            "dns_upstream_failures",
+            "Forwarded DNS queries no upstream resolver answered",
+            self.dns_upstream_failures.clone(),
+        );
+        istio.register(
+            "dns_upstream_request_duration_seconds",
+            "Time upstream resolvers took to answer",
+            self.dns_upstream_duration.clone(),
+        );
         let z = registry.sub_registry_with_prefix("ztunnel");
+        z.register(
+            "dns_malformed_requests",
+            "DNS queries that were not DNS messages",
+            self.dns_malformed.clone(),
+        );
         z.register(
             "authorization_late_rejections",
             "Live connections closed because a configuration change denies them",

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use mesh::model::Workload;
 
 use crate::inpod::NetNs;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 /// A connection being opened.
 pub type Connecting = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
@@ -24,6 +24,9 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// A listener for `workload` on `port` (on its own address, or on every address of its
     /// network namespace).
     fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener>;
+    /// A UDP socket for `workload` on `port` (the DNS proxy's): on its own address, or on the
+    /// loopback of its network namespace, where captured DNS is redirected.
+    fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket>;
     /// A connection from `workload` to `dst` (the application, or a plain-TCP destination).
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting;
     /// The dialer of `workload`'s HBONE pool.
@@ -51,6 +54,15 @@ impl SocketFactory for Loopback {
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         socket.listen(1024)
+    }
+
+    fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket> {
+        let ip = workload.ips.first().copied().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::AddrNotAvailable, "workload has no address")
+        })?;
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, port))?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket)
     }
 
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {
@@ -135,6 +147,19 @@ impl SocketFactory for InPod {
             crate::inpod::bind_listener(&netns, SocketAddr::new(ip.into(), port), transparent)?;
         listener.set_nonblocking(true)?;
         TcpListener::from_std(listener)
+    }
+
+    /// On the pod's loopback only: UDP is not captured inbound, so a wildcard address would
+    /// answer other pods too.
+    fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket> {
+        let netns = self.netns(&workload.uid)?;
+        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+        let socket = netns.run_in(|| {
+            let socket = std::net::UdpSocket::bind(addr)?;
+            socket.set_nonblocking(true)?;
+            Ok::<_, io::Error>(socket)
+        })??;
+        UdpSocket::from_std(socket)
     }
 
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {

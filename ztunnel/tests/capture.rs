@@ -110,6 +110,38 @@ async fn exchange(
     .expect("join")
 }
 
+/// Asks `name`'s IPv4 addresses from inside `netns`, of a resolver at 198.18.0.53 (which does
+/// not exist: only capture can answer); the addresses and where the answer came from.
+fn dns_query(netns: &NetNs, name: &str) -> (Vec<String>, SocketAddr) {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut query = Message::new();
+    query
+        .set_id(0x5353)
+        .set_recursion_desired(true)
+        .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let query = query.to_vec().expect("encode");
+    let (answer, from) = netns
+        .run_in(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            socket.send_to(&query, "198.18.0.53:53")?;
+            let mut buf = [0u8; 512];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            Ok::<_, std::io::Error>((buf[..n].to_vec(), from))
+        })
+        .expect("enter netns")
+        .expect("a DNS answer");
+    let answer = Message::from_vec(&answer).expect("a DNS message");
+    assert_eq!(answer.id(), 0x5353);
+    let ips = answer
+        .answers()
+        .iter()
+        .map(|r| r.data().to_string())
+        .collect();
+    (ips, from)
+}
+
 /// Everything logged in this test binary, to check the access log like an operator would.
 static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
@@ -187,6 +219,14 @@ async fn captured_pods_talk_through_hbone() {
     let node_b = start_node(&dir, "node-b", &shared, &[("echo-b", &echo_b)]).await;
     assert_eq!(node_a.0.workloads().await.len(), 2);
     assert_eq!(node_b.0.workloads().await.len(), 1);
+
+    // DNS: a query to port 53 of any resolver leaves the pod for ztunnel's DNS proxy, which
+    // answers mesh names itself, the answer coming back from the resolver's address.
+    for name in ["echo.app.svc.cluster.local.", "echo."] {
+        let (answer, from) = dns_query(&client, name);
+        assert_eq!(from, "198.18.0.53:53".parse::<SocketAddr>().unwrap());
+        assert_eq!(answer, ["198.18.250.1"], "{name}");
+    }
 
     // SOCKS5 opens connections as the pod: it listens on the pod's loopback only.
     let listening = std::process::Command::new("ip")

@@ -63,6 +63,10 @@ impl SocketFactory for HeldConnect {
         Loopback.listen(workload, port)
     }
 
+    fn udp(&self, workload: &Workload, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+        Loopback.udp(workload, port)
+    }
+
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {
         let connecting = Loopback.connect(workload, dst);
         if dst != self.held {

@@ -192,6 +192,7 @@ impl Mesh {
                 sockets: Arc::new(Loopback),
                 live: live.clone(),
                 hbone: hbone::Config::default(),
+                dns: None,
             });
             ztunnels.push(Ztunnel::start(ctx, node).await.expect("ztunnel"));
         }

@@ -13,9 +13,12 @@
 //!   169.254.7.127 on the node) pass untouched; replies to TPROXYed connections get their mark
 //!   back from the connmark so they route the same way.
 //!
-//! DNS capture (udp/53 → 15053) is deliberately *not* installed: this ztunnel has no DNS proxy, and
-//! redirecting DNS to a port nobody serves would break name resolution in the pod. IPv4 only: the
-//! ip6tables twin istio-cni adds on dual-stack clusters is not installed either.
+//! - DNS queries (UDP and TCP port 53, not to the pod's loopback) → `REDIRECT` to ztunnel's DNS
+//!   proxy on 15053 (nat `OUTPUT`), unless DNS capture is off ([`PodRules::capturing_dns`]), as
+//!   with istio-cni's `DNS_CAPTURE`; the proxy's own forwarded queries leave from ztunnel's
+//!   namespace, not the pod's.
+//!
+//! IPv4 only: the ip6tables twin istio-cni adds on dual-stack clusters is not installed.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -26,7 +29,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use tracing::{debug, info};
 
 use super::socket::ZTUNNEL_MARK;
-use super::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, NetNs, OUTBOUND_PORT};
+use super::{DNS_PORT, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, NetNs, OUTBOUND_PORT};
 
 /// The mark TPROXY puts on captured inbound packets; selects the local-delivery routing table.
 const TPROXY_MARK: u32 = 0x111;
@@ -138,6 +141,7 @@ impl IptablesBackend {
 #[derive(Clone, Debug)]
 pub struct PodRules {
     backend: IptablesBackend,
+    dns: bool,
 }
 
 /// Why installing or removing the pod rules failed.
@@ -175,9 +179,14 @@ pub enum RulesError {
 // === impl PodRules ===
 
 impl PodRules {
-    /// Rules programmed with `backend`.
+    /// Rules programmed with `backend`, DNS capture included.
     pub fn new(backend: IptablesBackend) -> Self {
-        Self { backend }
+        Self { backend, dns: true }
+    }
+
+    /// The same rules, redirecting the pod's DNS to ztunnel's DNS proxy or not.
+    pub fn capturing_dns(self, dns: bool) -> Self {
+        Self { dns, ..self }
     }
 
     /// Rules programmed with the backend [`IptablesBackend::detect`] picks for `netns`.
@@ -213,7 +222,7 @@ impl PodRules {
 
     fn install_here(&self) -> Result<(), RulesError> {
         let current = Saved::parse(&run(Command::new(self.backend.save_program()), None)?);
-        let script = install_script(&current);
+        let script = install_script(&current, self.dns);
         debug!(backend = ?self.backend, %script, "iptables-restore input");
         run(self.restore(), Some(&script))?;
 
@@ -304,10 +313,28 @@ fn mark(value: u32) -> String {
 }
 
 /// The rules of our chains, in order, as `iptables-save` would print them (without `-A CHAIN`).
-fn chain_rules() -> Vec<(&'static str, &'static str, String)> {
+fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
     let ours = mark(ZTUNNEL_MARK);
     let tproxy = mark(TPROXY_MARK);
-    vec![
+    let dns_rules = [
+        (
+            "nat",
+            "ISTIO_OUTPUT",
+            format!(
+                "! -o lo -p udp -m mark ! --mark {ours} -m udp --dport 53 \
+                 -j REDIRECT --to-ports {DNS_PORT}"
+            ),
+        ),
+        (
+            "nat",
+            "ISTIO_OUTPUT",
+            format!(
+                "! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark {ours} \
+                 -j REDIRECT --to-ports {DNS_PORT}"
+            ),
+        ),
+    ];
+    let mut rules = vec![
         // Connections ztunnel makes keep their TPROXY mark on replies (see the mangle OUTPUT rule).
         (
             "mangle",
@@ -360,6 +387,11 @@ fn chain_rules() -> Vec<(&'static str, &'static str, String)> {
             "ISTIO_OUTPUT",
             format!("-d {PROBE_SNAT_IP}/32 -p tcp -m tcp -j ACCEPT"),
         ),
+    ];
+    if dns {
+        rules.extend(dns_rules);
+    }
+    rules.extend([
         (
             "nat",
             "ISTIO_OUTPUT",
@@ -378,7 +410,8 @@ fn chain_rules() -> Vec<(&'static str, &'static str, String)> {
                  -j REDIRECT --to-ports {OUTBOUND_PORT}"
             ),
         ),
-    ]
+    ]);
+    rules
 }
 
 /// What `iptables-save` says exists: chains and rules, per table.
@@ -424,8 +457,8 @@ fn jump_rule(from: &str, to: &str) -> String {
 }
 
 /// `iptables-restore --noflush` input that (re)creates our chains and adds missing jumps.
-fn install_script(current: &Saved) -> String {
-    let rules = chain_rules();
+fn install_script(current: &Saved, dns: bool) -> String {
+    let rules = chain_rules(dns);
     let mut script = String::new();
     for table in ["mangle", "nat"] {
         script.push_str(&format!("*{table}\n"));
@@ -572,7 +605,19 @@ COMMIT
 
     #[test]
     fn fresh_install_matches_golden() {
-        assert_eq!(install_script(&Saved::default()), GOLDEN);
+        assert_eq!(install_script(&Saved::default(), false), GOLDEN);
+    }
+
+    #[test]
+    fn dns_capture_adds_istio_cnis_two_redirects_after_the_probe_rule() {
+        let probe = "-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT\n";
+        let dns = "\
+-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053
+";
+        let want = GOLDEN.replace(probe, &format!("{probe}{dns}"));
+        assert_ne!(want, GOLDEN);
+        assert_eq!(install_script(&Saved::default(), true), want);
     }
 
     #[test]
@@ -591,7 +636,7 @@ COMMIT
 -A ISTIO_OUTPUT -j ACCEPT
 COMMIT
 ";
-        let script = install_script(&Saved::parse(save));
+        let script = install_script(&Saved::parse(save), true);
         assert!(!script.contains("-A PREROUTING"), "{script}");
         assert!(
             !script.contains("-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n*nat"),

@@ -30,6 +30,10 @@ pub const OUTBOUND_PORT: u16 = 15001;
 /// Inbound plaintext capture port: TCP arriving at the pod on any port but 15008 is `TPROXY`ed here.
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 
+/// DNS capture port: the pod's DNS queries (UDP and TCP port 53) are `REDIRECT`ed to the DNS
+/// proxy here.
+pub const DNS_PORT: u16 = 15053;
+
 /// Inbound HBONE port: the only port peers dial; `TPROXY`ed to the in-pod listener so the pod's own
 /// IP stays the local address.
 pub const INBOUND_HBONE_PORT: u16 = 15008;

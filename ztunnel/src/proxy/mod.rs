@@ -1,7 +1,8 @@
 //! The proxy: listeners for each local workload and what happens to each connection.
 //!
 //! Every local workload gets its own set of listeners on its own address (inbound HBONE 15008,
-//! SOCKS5 15080, and with capture the transparent 15001 and 15006), its own certificate and its
+//! SOCKS5 15080, the DNS proxy on 15053, and with capture the transparent 15001 and 15006), its
+//! own certificate and its
 //! own HBONE pool. How those sockets are made is the [`SocketFactory`]'s business; nothing here
 //! knows whether it runs on loopback or inside a pod's network namespace.
 
@@ -38,10 +39,12 @@ pub mod ports {
     pub const INBOUND: u16 = hbone::HBONE_PORT;
     /// Explicit outbound (SOCKS5).
     pub const SOCKS5: u16 = 15080;
+    /// The DNS proxy (UDP and TCP), where the pod's DNS queries are redirected.
+    pub const DNS: u16 = 15053;
     /// All of them: a connection to one of them on a workload's address is ztunnel's own, and
     /// sending one there on the workload's behalf would loop (or, for SOCKS5, let the caller
     /// speak as the workload).
-    pub const ALL: [u16; 4] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND, SOCKS5];
+    pub const ALL: [u16; 5] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND, SOCKS5, DNS];
 }
 
 /// What every connection handler needs.
@@ -59,6 +62,8 @@ pub struct Ctx {
     pub live: Arc<LiveConnections>,
     /// HTTP/2 and TLS settings.
     pub hbone: hbone::Config,
+    /// The DNS proxy's upstream resolvers; `None` turns the proxy off (no DNS listeners).
+    pub dns: Option<Arc<crate::dns::Forwarder>>,
 }
 
 /// The listeners of one local workload; dropping it stops them (use [`WorkloadProxy::drain`]
@@ -99,6 +104,18 @@ impl WorkloadProxy {
         } else {
             None
         };
+        let dns = match &ctx.dns {
+            Some(upstream) => {
+                let udp = (ctx.sockets.udp(workload, ports::DNS)).map_err(|source| {
+                    crate::Error::Bind {
+                        addr: SocketAddr::new(ip, ports::DNS),
+                        source,
+                    }
+                })?;
+                Some((upstream.clone(), udp, bind(ports::DNS)?))
+            }
+            None => None,
+        };
         let cert = ctx.certs.fetch(&workload.identity).await?;
         let (drain, watch) = hbone::drain::channel();
         let local = Arc::new(Local {
@@ -122,6 +139,23 @@ impl WorkloadProxy {
             socks,
             watch.clone(),
         )));
+        if let Some((upstream, udp, tcp)) = dns {
+            let served = crate::dns::Served {
+                ctx: ctx.clone(),
+                uid: uid.clone(),
+                upstream,
+            };
+            tasks.push(tokio::spawn(crate::dns::serve_udp(
+                served.clone(),
+                udp,
+                watch.clone(),
+            )));
+            tasks.push(tokio::spawn(crate::dns::serve_tcp(
+                served,
+                tcp,
+                watch.clone(),
+            )));
+        }
         if let Some((outbound, plaintext)) = captured {
             tasks.push(tokio::spawn(outbound::serve_captured(
                 ctx.clone(),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use hbone::{CertManager, MeshCa};
 use mesh::Store;
 use ztunnel::Ztunnel;
+use ztunnel::dns::Forwarder;
 use ztunnel::inpod::zds::proto::WorkloadInfo;
 use ztunnel::inpod::{NetNs, PodRules, ZdsConnection, ZdsServer};
 use ztunnel::metrics::Metrics;
@@ -163,6 +164,12 @@ pub async fn start_node(
         sockets: sockets.clone(),
         live: Arc::new(LiveConnections::default()),
         hbone: hbone::Config::default(),
+        // The pods' DNS is captured: mesh names are answered, nothing is forwarded (only
+        // the test's namespaces may receive traffic).
+        dns: Some(Arc::new(Forwarder::new(
+            Vec::new(),
+            std::time::Duration::from_secs(1),
+        ))),
     });
     let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
     let uds = dir.join(format!("{node}.sock"));

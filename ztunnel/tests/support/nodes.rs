@@ -12,6 +12,7 @@ use hbone::{CertManager, MeshCa};
 use mesh::{ConfigDir, Options, Store, WatchHandle};
 use prometheus_client::registry::Registry;
 use ztunnel::Ztunnel;
+use ztunnel::dns::Forwarder;
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
@@ -27,6 +28,8 @@ pub(crate) struct Nodes {
     pub(crate) certs: Arc<CertManager>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) live: Arc<LiveConnections>,
+    /// The DNS proxy's upstream resolvers; none (no DNS proxy) unless a test sets them.
+    pub(crate) dns: Option<Arc<Forwarder>>,
     registry: Registry,
     _watch: WatchHandle,
 }
@@ -51,6 +54,7 @@ impl Nodes {
             ca,
             metrics,
             live: Arc::new(LiveConnections::default()),
+            dns: None,
             registry,
             _watch: watch,
         }
@@ -65,6 +69,7 @@ impl Nodes {
             sockets,
             live: self.live.clone(),
             hbone: hbone::Config::default(),
+            dns: self.dns.clone(),
         });
         Ztunnel::start(ctx, node).await.expect("the ztunnel starts")
     }

@@ -1,0 +1,160 @@
+//! Queries that are not about the mesh go to the resolvers ztunnel itself uses (its own
+//! `/etc/resolv.conf`, as upstream ztunnel's), from ztunnel's own network namespace, unchanged:
+//! the answer is relayed as the upstream resolver wrote it.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+/// Largest DNS message over UDP with EDNS, and over TCP.
+const MAX_MESSAGE: usize = 65_535;
+
+/// The upstream resolvers, tried in order.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    upstreams: Vec<SocketAddr>,
+    timeout: Duration,
+}
+
+/// Why no upstream resolver answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no upstream resolver is configured")]
+    NoUpstream,
+    #[error("upstream resolver {upstream}: {source}")]
+    Upstream {
+        upstream: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Forwarder {
+    /// Forwards to `upstreams`, giving each `timeout` to answer.
+    pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration) -> Self {
+        Self { upstreams, timeout }
+    }
+
+    /// The `nameserver` lines of a `resolv.conf`, on port 53.
+    pub fn from_resolv_conf(path: &Path, timeout: Duration) -> io::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        let upstreams = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, 53))
+            .collect();
+        Ok(Self::new(upstreams, timeout))
+    }
+
+    /// The resolvers it forwards to.
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
+    }
+
+    /// The first answer an upstream resolver gives to `query`, over TCP when `tcp`, with how
+    /// long it took; the error of the last one tried when none answers.
+    pub async fn forward(
+        &self,
+        query: &[u8],
+        tcp: bool,
+    ) -> Result<(Vec<u8>, Duration), ForwardError> {
+        let mut last = ForwardError::NoUpstream;
+        for &upstream in &self.upstreams {
+            let started = Instant::now();
+            let asked = if tcp {
+                tokio::time::timeout(self.timeout, over_tcp(upstream, query)).await
+            } else {
+                tokio::time::timeout(self.timeout, over_udp(upstream, query)).await
+            };
+            let source = match asked {
+                Ok(Ok(answer)) => return Ok((answer, started.elapsed())),
+                Ok(Err(e)) => e,
+                Err(_) => io::Error::new(io::ErrorKind::TimedOut, "no answer in time"),
+            };
+            last = ForwardError::Upstream { upstream, source };
+        }
+        Err(last)
+    }
+}
+
+/// One exchange over a fresh UDP socket (a fresh source port per query, so answers cannot be
+/// confused); an answer whose id is not the query's is ignored.
+async fn over_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let any: IpAddr = match upstream {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind((any, 0)).await?;
+    socket.connect(upstream).await?;
+    socket.send(query).await?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let n = socket.recv(&mut buf).await?;
+        if n >= 2 && query.len() >= 2 && buf[..2] == query[..2] {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}
+
+/// One exchange over TCP: both messages prefixed by their length.
+async fn over_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(upstream).await?;
+    write_framed(&mut stream, query).await?;
+    read_framed(&mut stream)
+        .await?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "closed without an answer"))
+}
+
+/// Writes one length-prefixed DNS message (RFC 1035, section 4.2.2).
+pub(crate) async fn write_framed(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(message.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "DNS message over 64 KiB"))?;
+    let mut framed = Vec::with_capacity(2 + message.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    stream.write_all(&framed).await
+}
+
+/// Reads one length-prefixed DNS message; `None` at a clean end of the stream.
+pub(crate) async fn read_framed(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut message).await?;
+    Ok(Some(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameservers_come_from_resolv_conf() {
+        let dir = std::env::temp_dir().join(format!("ztunnel-resolv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("resolv.conf");
+        std::fs::write(
+            &path,
+            "# generated\nsearch shop.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\n\
+             nameserver fd00::a\nnameserver not-an-ip\noptions ndots:5\n",
+        )
+        .expect("write");
+        let f = Forwarder::from_resolv_conf(&path, Duration::from_secs(1)).expect("read");
+        let want: Vec<SocketAddr> = vec![
+            "10.96.0.10:53".parse().expect("addr"),
+            "[fd00::a]:53".parse().expect("addr"),
+        ];
+        assert_eq!(f.upstreams(), want);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

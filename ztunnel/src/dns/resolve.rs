@@ -1,0 +1,233 @@
+//! What a name means to a workload: a pure function of the snapshot, the asking workload and the
+//! name, so every rule is a table test.
+//!
+//! As upstream ztunnel's proxy answers:
+//! - a service's hostname (a Kubernetes Service's `name.ns.svc.cluster.local`, a ServiceEntry's
+//!   host) gets its VIPs, or for a service without VIPs (headless) its ready endpoints' addresses;
+//! - the short forms a client in namespace `ns` may use (`name`, `name.ns`, `name.ns.svc`) get
+//!   the same;
+//! - a name a stub resolver made by appending one of the pod's search domains (`ns.svc.cluster.local`,
+//!   `svc.cluster.local`, `cluster.local`) to a ServiceEntry host (`api.example.com.ns.svc.cluster.local`)
+//!   is answered with a CNAME to that host and its addresses, which spares the client the
+//!   round trips of the rest of its search list;
+//! - a known name with no address of the asked family gets an empty answer (not forwarded: the
+//!   upstream resolver knows nothing of mesh names);
+//! - anything else is the upstream resolver's.
+
+use std::net::IpAddr;
+
+use mesh::Snapshot;
+use mesh::model::{Service, Workload};
+
+/// The address family a query asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `A`.
+    V4,
+    /// `AAAA`.
+    V6,
+}
+
+impl Family {
+    fn holds(self, ip: IpAddr) -> bool {
+        match self {
+            Family::V4 => ip.is_ipv4(),
+            Family::V6 => ip.is_ipv6(),
+        }
+    }
+}
+
+/// The answer to a query for a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A mesh name: its addresses of the asked family (none: an empty answer).
+    Mesh {
+        /// The host whose addresses these are, when it is not the name asked: the answer then
+        /// starts with a CNAME from the name to it.
+        alias_of: Option<String>,
+        /// The addresses.
+        ips: Vec<IpAddr>,
+    },
+    /// Not a mesh name: the upstream resolver's.
+    Forward,
+}
+
+/// The answer for `name` (any case, with or without the final dot) asked by `client`.
+pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Family) -> Answer {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let addresses = |service: &Service| addresses(snapshot, service, family);
+    if let Some((_, service)) = snapshot.resolve_host(&name, &client.namespace) {
+        if let Some(ips) = addresses(service) {
+            return Answer::Mesh {
+                alias_of: None,
+                ips,
+            };
+        }
+        return Answer::Forward;
+    }
+    let domain = &snapshot.options().domain_suffix;
+    let search = [
+        format!("{}.svc.{domain}", client.namespace),
+        format!("svc.{domain}"),
+        domain.clone(),
+    ];
+    for suffix in &search {
+        let Some(host) = name
+            .strip_suffix(suffix.as_str())
+            .and_then(|h| h.strip_suffix('.'))
+        else {
+            continue;
+        };
+        if let Some((_, service)) = snapshot.service_by_host(host)
+            && let Some(ips) = addresses(service)
+        {
+            return Answer::Mesh {
+                alias_of: Some(host.to_owned()),
+                ips,
+            };
+        }
+    }
+    Answer::Forward
+}
+
+/// `service`'s addresses of `family`: its VIPs, or with none its ready endpoints'. `None` when
+/// it has no address at all (a ServiceEntry resolved by DNS), which is the upstream resolver's
+/// to answer.
+fn addresses(snapshot: &Snapshot, service: &Service, family: Family) -> Option<Vec<IpAddr>> {
+    let all: Vec<IpAddr> = if service.vips.is_empty() {
+        (service.endpoints.iter())
+            .flat_map(|e| snapshot.workload(e.workload).ips.iter().copied())
+            .collect()
+    } else {
+        service.vips.to_vec()
+    };
+    if all.is_empty() {
+        return None;
+    }
+    Some(all.into_iter().filter(|&ip| family.holds(ip)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh::Options;
+
+    use super::*;
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+status: {podIP: 10.2.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIPs: [10.96.2.1, "fd00::2:1"], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pay, namespace: billing}
+spec: {clusterIP: 10.96.2.2, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+status: {podIP: 10.2.0.5}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.2.1]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dns-only, namespace: shop}
+spec:
+  hosts: [cdn.example.net]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+"#;
+
+    #[test]
+    fn names_resolve_as_upstream_ztunnel_answers_them() {
+        let s = Snapshot::from_yaml("dns.yaml", MESH, &Options::default()).expect("valid mesh");
+        let client = s
+            .workload_by_ip("", "10.2.0.1".parse().expect("ip"))
+            .expect("client");
+        let ips = |list: &[&str]| -> Vec<IpAddr> {
+            list.iter().map(|ip| ip.parse().expect("ip")).collect()
+        };
+        let mesh = |list: &[&str]| Answer::Mesh {
+            alias_of: None,
+            ips: ips(list),
+        };
+        let alias = |host: &str, list: &[&str]| Answer::Mesh {
+            alias_of: Some(host.to_owned()),
+            ips: ips(list),
+        };
+        let cases = [
+            (
+                "cart.shop.svc.cluster.local.",
+                Family::V4,
+                mesh(&["10.96.2.1"]),
+            ),
+            (
+                "CART.Shop.svc.cluster.local",
+                Family::V4,
+                mesh(&["10.96.2.1"]),
+            ),
+            (
+                "cart.shop.svc.cluster.local",
+                Family::V6,
+                mesh(&["fd00::2:1"]),
+            ),
+            ("cart", Family::V4, mesh(&["10.96.2.1"])),
+            ("cart.shop", Family::V4, mesh(&["10.96.2.1"])),
+            ("cart.shop.svc", Family::V4, mesh(&["10.96.2.1"])),
+            ("pay.billing", Family::V4, mesh(&["10.96.2.2"])),
+            ("pay.billing.svc.cluster.local", Family::V6, mesh(&[])),
+            ("pay", Family::V4, Answer::Forward),
+            ("db.shop.svc.cluster.local", Family::V4, mesh(&["10.2.0.5"])),
+            ("api.example.com", Family::V4, mesh(&["240.0.2.1"])),
+            ("api.example.com", Family::V6, mesh(&[])),
+            (
+                "api.example.com.shop.svc.cluster.local",
+                Family::V4,
+                alias("api.example.com", &["240.0.2.1"]),
+            ),
+            (
+                "api.example.com.svc.cluster.local.",
+                Family::V4,
+                alias("api.example.com", &["240.0.2.1"]),
+            ),
+            (
+                "api.example.com.cluster.local",
+                Family::V4,
+                alias("api.example.com", &["240.0.2.1"]),
+            ),
+            (
+                "api.example.com.other.svc.cluster.local",
+                Family::V4,
+                Answer::Forward,
+            ),
+            ("cdn.example.net", Family::V4, Answer::Forward),
+            ("example.org", Family::V4, Answer::Forward),
+            ("nope.shop.svc.cluster.local", Family::V4, Answer::Forward),
+        ];
+        for (name, family, want) in cases {
+            assert_eq!(resolve(&s, client, name, family), want, "{name} {family:?}");
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The DNS proxy on loopback, over real UDP and TCP sockets: mesh names answered from the mesh
+//! model (services, short names, a ServiceEntry host behind a search domain), everything else
+//! forwarded to an upstream resolver this test runs, failures answered `SERVFAIL`, garbage
+//! answered `FORMERR`, and each counted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use ztunnel::dns::Forwarder;
+use ztunnel::socket::Loopback;
+
+#[path = "support/nodes.rs"]
+mod nodes;
+#[path = "support/scratch.rs"]
+mod scratch;
+use nodes::Nodes;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 127.93.1.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.93.1, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.93.1]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+"#;
+
+/// The client's DNS proxy.
+const PROXY: &str = "127.93.1.1:15053";
+/// The upstream resolver this test plays.
+const UPSTREAM: &str = "127.93.9.53:5353";
+
+fn query(id: u16, name: &str, kind: RecordType) -> Message {
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(Name::from_ascii(name).expect("name"), kind));
+    m
+}
+
+async fn over_udp(message: &Message) -> Message {
+    let socket = UdpSocket::bind("127.93.1.1:0").await.expect("bind");
+    socket
+        .send_to(&message.to_vec().expect("encode"), PROXY)
+        .await
+        .expect("send");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+        .await
+        .expect("answered in time")
+        .expect("recv");
+    Message::from_vec(&buf[..n]).expect("a DNS answer")
+}
+
+async fn over_tcp(stream: &mut TcpStream, message: &Message) -> Message {
+    let bytes = message.to_vec().expect("encode");
+    let len = u16::try_from(bytes.len()).expect("short");
+    stream.write_all(&len.to_be_bytes()).await.expect("write");
+    stream.write_all(&bytes).await.expect("write");
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.expect("length");
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).await.expect("answer");
+    Message::from_vec(&answer).expect("a DNS answer")
+}
+
+/// The addresses and CNAME targets of an answer, as text.
+fn answers(m: &Message) -> Vec<String> {
+    m.answers()
+        .iter()
+        .map(|r| format!("{} {}", r.name(), r.data()))
+        .collect()
+}
+
+/// An upstream resolver: `example.org` is 192.0.2.7, anything else NXDOMAIN; over UDP and
+/// TCP; counts what it is asked.
+async fn upstream(asked: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
+    let reply = |query: &[u8]| {
+        let q = Message::from_vec(query).expect("a query");
+        let mut r = Message::new();
+        r.set_id(q.id())
+            .set_message_type(MessageType::Response)
+            .set_op_code(OpCode::Query)
+            .set_recursion_available(true)
+            .add_queries(q.queries().iter().cloned());
+        let asked = &q.queries()[0];
+        if asked.name().to_ascii() == "example.org." && asked.query_type() == RecordType::A {
+            let ip = "192.0.2.7".parse().expect("ip");
+            r.add_answer(Record::from_rdata(
+                asked.name().clone(),
+                60,
+                RData::A(A(ip)),
+            ));
+        } else {
+            r.set_response_code(ResponseCode::NXDomain);
+        }
+        r.to_vec().expect("encode")
+    };
+    let udp = UdpSocket::bind(UPSTREAM).await.expect("bind upstream");
+    let tcp = TcpListener::bind(UPSTREAM).await.expect("bind upstream");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            tokio::select! {
+                Ok((n, peer)) = udp.recv_from(&mut buf) => {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    let _ = udp.send_to(&reply(&buf[..n]), peer).await;
+                }
+                Ok((mut s, _)) = tcp.accept() => {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    let mut len = [0u8; 2];
+                    let _ = s.read_exact(&mut len).await;
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    let _ = s.read_exact(&mut q).await;
+                    let answer = reply(&q);
+                    let _ = s.write_all(&(answer.len() as u16).to_be_bytes()).await;
+                    let _ = s.write_all(&answer).await;
+                }
+            }
+        }
+    })
+}
+
+fn metric(nodes: &Nodes, line_start: &str) -> f64 {
+    nodes
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let resolver = upstream(asked.clone()).await;
+    let mut nodes = Nodes::new(MESH);
+    let upstream_addr: SocketAddr = UPSTREAM.parse().expect("addr");
+    nodes.dns = Some(Arc::new(Forwarder::new(
+        vec![upstream_addr],
+        Duration::from_secs(2),
+    )));
+    let _a = nodes.start("node-a", Arc::new(Loopback)).await;
+
+    // A service's hostname and its short name: its VIP, authoritative, for 30 s.
+    let a = over_udp(&query(1, "cart.shop.svc.cluster.local.", RecordType::A)).await;
+    assert_eq!((a.id(), a.response_code()), (1, ResponseCode::NoError));
+    assert!(a.authoritative());
+    assert_eq!(answers(&a), ["cart.shop.svc.cluster.local. 10.96.93.1"]);
+    assert_eq!(a.answers()[0].ttl(), 30);
+    let a = over_udp(&query(2, "cart.", RecordType::A)).await;
+    assert_eq!(answers(&a), ["cart. 10.96.93.1"]);
+
+    // A ServiceEntry host with the pod's first search domain appended: a CNAME to the host.
+    let a = over_udp(&query(
+        3,
+        "api.example.com.shop.svc.cluster.local.",
+        RecordType::A,
+    ))
+    .await;
+    assert_eq!(
+        answers(&a),
+        [
+            "api.example.com.shop.svc.cluster.local. api.example.com.",
+            "api.example.com. 240.0.93.1"
+        ]
+    );
+
+    // A mesh name without an IPv6 address: an empty answer, not a question for upstream.
+    let a = over_udp(&query(4, "cart.shop.svc.cluster.local.", RecordType::AAAA)).await;
+    assert_eq!(
+        (a.response_code(), a.answers().len()),
+        (ResponseCode::NoError, 0)
+    );
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        0,
+        "mesh names never reach upstream"
+    );
+
+    // Other names, and other record types of mesh names, are the upstream resolver's.
+    let a = over_udp(&query(5, "example.org.", RecordType::A)).await;
+    assert_eq!((a.id(), a.response_code()), (5, ResponseCode::NoError));
+    assert_eq!(answers(&a), ["example.org. 192.0.2.7"]);
+    let a = over_udp(&query(6, "cart.shop.svc.cluster.local.", RecordType::MX)).await;
+    assert_eq!(a.response_code(), ResponseCode::NXDomain);
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+
+    // TCP: several queries on one connection, forwarded over TCP when forwarded.
+    let mut tcp = TcpStream::connect(PROXY).await.expect("connect");
+    let a = over_tcp(
+        &mut tcp,
+        &query(7, "cart.shop.svc.cluster.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(answers(&a), ["cart.shop.svc.cluster.local. 10.96.93.1"]);
+    let a = over_tcp(&mut tcp, &query(8, "example.org.", RecordType::A)).await;
+    assert_eq!(
+        (a.id(), answers(&a)),
+        (8, vec!["example.org. 192.0.2.7".to_owned()])
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+
+    // Not DNS: FORMERR with the id it carried.
+    let socket = UdpSocket::bind("127.93.1.1:0").await.expect("bind");
+    socket
+        .send_to(&[0x12, 0x34, 0xff], PROXY)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+        .await
+        .expect("answered")
+        .expect("recv");
+    let a = Message::from_vec(&buf[..n]).expect("an answer");
+    assert_eq!((a.id(), a.response_code()), (0x1234, ResponseCode::FormErr));
+
+    // The upstream resolver gone: SERVFAIL, and the proxy still answers mesh names.
+    resolver.abort();
+    let _ = resolver.await;
+    let a = over_udp(&query(9, "example.org.", RecordType::A)).await;
+    assert_eq!((a.id(), a.response_code()), (9, ResponseCode::ServFail));
+    let a = over_udp(&query(10, "cart.shop.svc.cluster.local.", RecordType::A)).await;
+    assert_eq!(answers(&a), ["cart.shop.svc.cluster.local. 10.96.93.1"]);
+
+    assert_eq!(
+        metric(&nodes, "istio_dns_requests_total{request_protocol=\"udp\"}"),
+        9.0
+    );
+    assert_eq!(
+        metric(&nodes, "istio_dns_requests_total{request_protocol=\"tcp\"}"),
+        2.0
+    );
+    assert_eq!(metric(&nodes, "istio_dns_upstream_requests_total{"), 4.0);
+    assert_eq!(metric(&nodes, "istio_dns_upstream_failures_total"), 1.0);
+    assert_eq!(metric(&nodes, "ztunnel_dns_malformed_requests_total"), 1.0);
+}
