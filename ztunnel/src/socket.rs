@@ -138,9 +138,10 @@ impl SocketFactory for InPod {
             crate::proxy::ports::INBOUND | crate::proxy::ports::INBOUND_PLAINTEXT
         );
         // SOCKS5 opens connections as the pod: only the pod itself may reach it, as upstream
-        // binds it (the others take whatever capture sends them).
+        // binds it; so is the DNS proxy, which capture reaches there (the others take whatever
+        // capture sends them).
         let ip = match port {
-            crate::proxy::ports::SOCKS5 => Ipv4Addr::LOCALHOST,
+            crate::proxy::ports::SOCKS5 | crate::proxy::ports::DNS => Ipv4Addr::LOCALHOST,
             _ => Ipv4Addr::UNSPECIFIED,
         };
         let listener =
@@ -154,12 +155,7 @@ impl SocketFactory for InPod {
     fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket> {
         let netns = self.netns(&workload.uid)?;
         let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-        let socket = netns.run_in(|| {
-            let socket = std::net::UdpSocket::bind(addr)?;
-            socket.set_nonblocking(true)?;
-            Ok::<_, io::Error>(socket)
-        })??;
-        UdpSocket::from_std(socket)
+        UdpSocket::from_std(crate::inpod::bind_udp(&netns, addr)?)
     }
 
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {

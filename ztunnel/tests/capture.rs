@@ -110,9 +110,10 @@ async fn exchange(
     .expect("join")
 }
 
-/// Asks `name`'s IPv4 addresses from inside `netns`, of a resolver at 198.18.0.53 (which does
-/// not exist: only capture can answer); the addresses and where the answer came from.
-fn dns_query(netns: &NetNs, name: &str) -> (Vec<String>, SocketAddr) {
+/// Asks `name`'s IPv4 addresses from inside `netns`, over UDP or TCP, of a resolver at
+/// 198.18.0.53 (which does not exist: only capture can answer); the addresses and where the
+/// answer came from.
+fn dns_query(netns: &NetNs, name: &str, tcp: bool) -> (Vec<String>, SocketAddr) {
     use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::{Name, RecordType};
     let mut query = Message::new();
@@ -121,11 +122,24 @@ fn dns_query(netns: &NetNs, name: &str) -> (Vec<String>, SocketAddr) {
         .set_recursion_desired(true)
         .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
     let query = query.to_vec().expect("encode");
+    let resolver: SocketAddr = "198.18.0.53:53".parse().unwrap();
     let (answer, from) = netns
         .run_in(|| {
+            if tcp {
+                let mut s = TcpStream::connect_timeout(&resolver, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let len = u16::try_from(query.len()).expect("short query");
+                s.write_all(&len.to_be_bytes())?;
+                s.write_all(&query)?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len)?;
+                let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                s.read_exact(&mut answer)?;
+                return Ok((answer, s.peer_addr()?));
+            }
             let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
             socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-            socket.send_to(&query, "198.18.0.53:53")?;
+            socket.send_to(&query, resolver)?;
             let mut buf = [0u8; 512];
             let (n, from) = socket.recv_from(&mut buf)?;
             Ok::<_, std::io::Error>((buf[..n].to_vec(), from))
@@ -222,8 +236,12 @@ async fn captured_pods_talk_through_hbone() {
 
     // DNS: a query to port 53 of any resolver leaves the pod for ztunnel's DNS proxy, which
     // answers mesh names itself, the answer coming back from the resolver's address.
-    for name in ["echo.app.svc.cluster.local.", "echo."] {
-        let (answer, from) = dns_query(&client, name);
+    for (name, tcp) in [
+        ("echo.app.svc.cluster.local.", false),
+        ("echo.", false),
+        ("echo.app.svc.cluster.local.", true),
+    ] {
+        let (answer, from) = dns_query(&client, name, tcp);
         assert_eq!(from, "198.18.0.53:53".parse::<SocketAddr>().unwrap());
         assert_eq!(answer, ["198.18.250.1"], "{name}");
     }

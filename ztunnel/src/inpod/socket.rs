@@ -53,6 +53,29 @@ pub fn bind_listener(
     })?
 }
 
+/// Opens a nonblocking UDP socket on `addr` inside `netns` (the DNS proxy's), with the
+/// listeners' `SO_REUSEADDR` and `SO_REUSEPORT`, so an upgraded ztunnel binds it while the old
+/// one still holds it, and [`ZTUNNEL_MARK`].
+pub fn bind_udp(netns: &NetNs, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    netns.run_in(|| {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::DGRAM.nonblocking(),
+            Some(Protocol::UDP),
+        )?;
+        socket.set_mark(ZTUNNEL_MARK)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&SockAddr::from(addr)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("bind udp {addr} in netns {}: {e}", netns.inode()),
+            )
+        })?;
+        Ok(std::net::UdpSocket::from(socket))
+    })?
+}
+
 /// Creates an unconnected, nonblocking TCP socket inside `netns` for a connection to `dst`.
 ///
 /// The socket is marked with [`ZTUNNEL_MARK`] so the pod's rules let it out uncaptured. With
