@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use waypoint::{WaypointServer, WaypointSpec};
 use ztunnel::Ztunnel;
+use ztunnel::dns::Forwarder;
 use ztunnel::proxy::live::LiveConnections;
 use ztunnel::proxy::{Ctx, ports, socks5};
 use ztunnel::socket::Loopback;
@@ -107,7 +108,9 @@ impl LocalMesh {
                 sockets: Arc::new(Loopback),
                 live: live.clone(),
                 hbone: hbone::Config::default(),
-                dns: None,
+                // Each workload's DNS proxy answers the mesh's names; the local mesh forwards
+                // nothing to the host's resolvers.
+                dns: Some(Arc::new(Forwarder::new(Vec::new(), Duration::from_secs(1)))),
             });
             ztunnels.push(Ztunnel::start(ctx, node).await?);
         }
