@@ -69,13 +69,18 @@ pub struct Peer {
 impl Peer {
     /// A workload of this cluster (`cluster`), or `unknown` throughout.
     pub fn new(workload: Option<&Workload>, cluster: &str) -> Self {
+        let principal = workload.map_or(UNKNOWN.to_owned(), |w| w.identity.to_string());
+        Self::with_principal(workload, cluster, principal)
+    }
+
+    fn with_principal(workload: Option<&Workload>, cluster: &str, principal: String) -> Self {
         let text = |s: Option<&str>| s.unwrap_or(UNKNOWN).to_owned();
         Self {
             workload: text(workload.map(|w| &*w.workload_name)),
             canonical_service: text(workload.map(|w| &*w.canonical_name)),
             canonical_revision: text(workload.map(|w| &*w.canonical_revision)),
             workload_namespace: text(workload.map(|w| &*w.namespace)),
-            principal: workload.map_or(UNKNOWN.to_owned(), |w| w.identity.to_string()),
+            principal,
             app: text(workload.map(|w| &*w.canonical_name)),
             version: text(workload.map(|w| &*w.canonical_revision)),
             cluster: text(workload.map(|_| cluster)),
@@ -87,15 +92,16 @@ impl Peer {
     /// the identity and the rest from the `baggage` its ztunnel sent (a peer behind a gateway, in
     /// another cluster, or dialling from an address that is not its workload's). Baggage is the
     /// caller's own word, so it never overrides a known workload and is used for telemetry only.
-    /// The principal is always the proven identity.
+    /// The principal is always the proven identity, `principal` (as the caller already holds it
+    /// in text).
     pub fn caller(
         known: Option<&Workload>,
         proven: &Identity,
+        principal: &str,
         baggage: Option<&Baggage>,
         cluster: &str,
     ) -> Self {
-        let mut peer = Self::new(known, cluster);
-        peer.principal = proven.to_string();
+        let mut peer = Self::with_principal(known, cluster, principal.to_owned());
         if known.is_some() {
             return peer;
         }

@@ -1,7 +1,7 @@
 //! Localities and the services that prefer near endpoints, read from the YAML users write:
-//! nodes' topology labels, a pod's own `istio-locality`, WorkloadEntry and ServiceEntry
-//! endpoints' `locality`, and a Service's `trafficDistribution`, Istio's annotation for it and
-//! `internalTrafficPolicy`.
+//! nodes' topology labels (never a pod's own `istio-locality`, which istiod does not send
+//! ztunnel), WorkloadEntry and ServiceEntry endpoints' `locality`, and a Service's
+//! `trafficDistribution`, Istio's annotation for it and `internalTrafficPolicy`.
 
 mod support;
 
@@ -94,13 +94,17 @@ fn parts(l: &Locality) -> (&str, &str, &str) {
 }
 
 #[test]
-fn workloads_take_their_nodes_locality_unless_they_name_their_own() {
+fn workloads_take_their_nodes_locality_or_their_entrys() {
     let s = snapshot(MESH);
     assert_eq!(
         parts(&at(&s, "10.1.0.1").locality),
         ("eu", "eu-a", "rack-1")
     );
-    assert_eq!(parts(&at(&s, "10.1.0.2").locality), ("us", "us-b", ""));
+    assert_eq!(
+        parts(&at(&s, "10.1.0.2").locality),
+        ("eu", "eu-a", "rack-1"),
+        "a pod's own istio-locality label is not read"
+    );
     assert!(
         at(&s, "10.1.0.3").locality.is_empty(),
         "a node not described has no locality"
@@ -143,6 +147,14 @@ spec:
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
+metadata: {name: opted-out, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  infrastructure: {annotations: {networking.istio.io/traffic-distribution: Any}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
 metadata: {name: described, namespace: shop}
 spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
 ---
@@ -164,6 +176,7 @@ spec: {clusterIP: 10.96.0.9, ports: [{port: 15008}]}
         lb("by-node"),
         Some(vec![Network, Region, Zone, Subzone, Node])
     );
+    assert_eq!(lb("opted-out"), None, "any other distribution opts out");
     assert_eq!(
         lb("described"),
         None,

@@ -23,12 +23,9 @@ fn baggage() -> Baggage {
 
 #[test]
 fn an_unknown_caller_is_named_by_its_identity_and_baggage() {
-    let peer = Peer::caller(
-        None,
-        &identity("bookinfo", "ratings"),
-        Some(&baggage()),
-        "west",
-    );
+    let ratings = identity("bookinfo", "ratings");
+    let principal = ratings.to_string();
+    let peer = Peer::caller(None, &ratings, &principal, Some(&baggage()), "west");
     assert_eq!(peer.workload, "ratings");
     assert_eq!(
         (&*peer.canonical_service, &*peer.app),
@@ -43,7 +40,7 @@ fn an_unknown_caller_is_named_by_its_identity_and_baggage() {
         "spiffe://cluster.local/ns/bookinfo/sa/ratings"
     );
 
-    let bare = Peer::caller(None, &identity("bookinfo", "ratings"), None, "west");
+    let bare = Peer::caller(None, &ratings, &principal, None, "west");
     assert_eq!(
         (&*bare.workload, &*bare.workload_namespace, &*bare.cluster),
         ("unknown", "bookinfo", "unknown")
@@ -57,7 +54,14 @@ fn a_caller_known_by_address_is_named_by_the_configuration_whatever_its_baggage(
     let reviews = s
         .workload_by_ip("", "10.0.1.2".parse().expect("ip"))
         .expect("reviews");
-    let peer = Peer::caller(Some(reviews), &reviews.identity, Some(&baggage()), cluster);
+    let principal = reviews.identity.to_string();
+    let peer = Peer::caller(
+        Some(reviews),
+        &reviews.identity,
+        &principal,
+        Some(&baggage()),
+        cluster,
+    );
     assert_eq!(peer, Peer::new(Some(reviews), cluster));
     assert_eq!(peer.workload, "reviews-v1");
     assert_eq!(peer.cluster, *cluster);

@@ -657,9 +657,17 @@ impl<'a> Pool<'a> {
         healthy > 0 && healthy * 100 >= total * min_health_percent.min(100) as usize
     }
 
-    /// The first admitted endpoint from position `turn` on.
+    /// The first admitted endpoint from position `turn` on; among the endpoints of one rank,
+    /// the `turn`th of them, so that a rank's members take turns evenly however the others lie
+    /// between them (a pass over the endpoints, as only a service preferring near ones pays).
     fn round_robin(&self, turn: usize) -> Option<Candidate<'a>> {
         let n = self.endpoints.len();
+        if self.rank.is_some() {
+            let admitted = self.admitted().count();
+            return (admitted > 0)
+                .then(|| self.admitted().nth(turn % admitted))
+                .flatten();
+        }
         let start = turn % n;
         (0..n).find_map(|k| self.admits((start + k) % n))
     }

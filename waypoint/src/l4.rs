@@ -98,6 +98,7 @@ pub(crate) async fn serve(
         snapshot,
         source,
         source_identity: &tunnel.source,
+        source_principal: &tunnel.principal,
         source_baggage: tunnel.baggage.as_deref(),
         service,
         destination: Some(workload),

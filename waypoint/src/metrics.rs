@@ -65,6 +65,8 @@ pub struct Parties<'a> {
     pub source: Option<&'a Workload>,
     /// The client's identity as its ztunnel presented it.
     pub source_identity: &'a hbone::Identity,
+    /// The same, as text.
+    pub source_principal: &'a str,
     /// What the client's ztunnel said of it (`baggage`), for a client the configuration does
     /// not know by address.
     pub source_baggage: Option<&'a Baggage>,
@@ -86,6 +88,7 @@ impl Labels {
         let source = Peer::caller(
             parties.source,
             parties.source_identity,
+            parties.source_principal,
             parties.source_baggage,
             cluster,
         );

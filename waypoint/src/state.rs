@@ -78,13 +78,11 @@ impl View {
         let waypoint = snapshot
             .waypoint_by_name(&name.namespace, &name.name)
             .map(|(id, _)| id);
-        // Services that prefer near endpoints measure from this instance: the one on the
-        // address served, else the Gateway's first.
+        // Services that prefer near endpoints measure from this instance, the one on the
+        // address served; one the configuration does not place has every endpoint as near.
         let instance = waypoint.and_then(|id| {
-            let instances = &snapshot.waypoint(id).instances;
-            (instances.iter().copied())
+            (snapshot.waypoint(id).instances.iter().copied())
                 .find(|&i| snapshot.workload(i).has_ip(address))
-                .or_else(|| instances.first().copied())
         });
         let plugins = wasm
             .load(&snapshot, waypoint, previous.map(|p| &p.plugins))

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub dns_upstream_duration: Histogram,
     /// Queries that were not DNS messages (answered `FORMERR` when they had an id).
     pub dns_malformed: Counter,
+    /// UDP queries dropped because too many were in flight for their workload.
+    pub dns_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -116,6 +118,7 @@ impl Default for Metrics {
             // 0.5 ms to about 4 s.
             dns_upstream_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             dns_malformed: Counter::default(),
+            dns_dropped: Counter::default(),
         }
     }
 }
@@ -194,6 +197,11 @@ impl Metrics {
             "dns_malformed_requests",
             "DNS queries that were not DNS messages",
             self.dns_malformed.clone(),
+        );
+        z.register(
+            "dns_dropped_requests",
+            "DNS queries over UDP dropped because too many were in flight",
+            self.dns_dropped.clone(),
         );
         z.register(
             "authorization_late_rejections",

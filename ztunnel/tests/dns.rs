@@ -239,6 +239,21 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     let a = Message::from_vec(&buf[..n]).expect("an answer");
     assert_eq!((a.id(), a.response_code()), (0x1234, ResponseCode::FormErr));
 
+    // An answer sent to the proxy is ignored, never forwarded; an update is not implemented.
+    let mut answer = query(0x4242, "example.org.", RecordType::A);
+    answer.set_message_type(MessageType::Response);
+    socket
+        .send_to(&answer.to_vec().expect("encode"), PROXY)
+        .await
+        .expect("send");
+    let ignored = tokio::time::timeout(Duration::from_millis(300), socket.recv(&mut buf)).await;
+    assert!(ignored.is_err(), "no answer to an answer");
+    let mut update = query(11, "cart.shop.svc.cluster.local.", RecordType::A);
+    update.set_op_code(OpCode::Update);
+    let a = over_udp(&update).await;
+    assert_eq!((a.id(), a.response_code()), (11, ResponseCode::NotImp));
+    assert_eq!(asked.load(Ordering::SeqCst), 3, "neither reached upstream");
+
     // The upstream resolver gone: SERVFAIL, and the proxy still answers mesh names.
     resolver.abort();
     let _ = resolver.await;
@@ -249,7 +264,7 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
 
     assert_eq!(
         metric(&nodes, "istio_dns_requests_total{request_protocol=\"udp\"}"),
-        9.0
+        11.0
     );
     assert_eq!(
         metric(&nodes, "istio_dns_requests_total{request_protocol=\"tcp\"}"),

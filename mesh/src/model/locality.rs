@@ -1,8 +1,9 @@
 //! Locality: where a workload runs, and how a service prefers the endpoints nearest its caller.
 //!
 //! Kubernetes puts a node's region and zone in its `topology.kubernetes.io/*` labels and Istio
-//! adds a subzone; a pod's locality is its node's, unless the pod names its own in
-//! `istio-locality`. A Service asks for near endpoints with `spec.trafficDistribution` (or
+//! adds a subzone; a pod's locality is its node's, as istiod's ambient controller reads it (the
+//! `istio-locality` pod label is a sidecar-mode override istiod does not send ztunnel), and a
+//! WorkloadEntry's is its `locality`. A Service asks for near endpoints with `spec.trafficDistribution` (or
 //! Istio's `networking.istio.io/traffic-distribution` annotation, for clusters older than the
 //! field) and keeps traffic on the caller's node with `internalTrafficPolicy: Local`. Istio hands
 //! ztunnel both as one [`LoadBalancing`]: an ordered list of scopes to match the caller on, and
@@ -21,8 +22,6 @@ pub const REGION: &str = "topology.kubernetes.io/region";
 pub const ZONE: &str = "topology.kubernetes.io/zone";
 /// A node's subzone label (Istio's own).
 pub const SUBZONE: &str = "topology.istio.io/subzone";
-/// A pod's own locality, `region.zone.subzone` (label values cannot hold `/`).
-pub const POD_LOCALITY: &str = "istio-locality";
 /// Istio's annotation for a traffic distribution, read when `spec.trafficDistribution` is unset.
 pub const TRAFFIC_DISTRIBUTION: &str = "networking.istio.io/traffic-distribution";
 
@@ -45,10 +44,10 @@ impl Locality {
         }
     }
 
-    /// From `region/zone/subzone` (a WorkloadEntry's `locality`), or `region.zone.subzone` when
-    /// `separator` is `.` (a pod's `istio-locality`); missing parts are unknown.
-    pub(crate) fn parse(s: &str, separator: char, interner: &mut Interner) -> Self {
-        let mut parts = s.splitn(3, separator);
+    /// From `region/zone/subzone` (a WorkloadEntry's or ServiceEntry endpoint's `locality`);
+    /// missing parts are unknown.
+    pub(crate) fn parse(s: &str, interner: &mut Interner) -> Self {
+        let mut parts = s.splitn(3, '/');
         let mut next = || interner.get(parts.next().unwrap_or("").trim());
         Self {
             region: next(),
@@ -238,17 +237,17 @@ mod tests {
     #[test]
     fn localities_parse_with_missing_parts_unknown() {
         let mut i = Interner::default();
-        let l = Locality::parse("us-east1.us-east1-b", '.', &mut i);
+        let l = Locality::parse("us-east1/us-east1-b", &mut i);
         assert_eq!(
             (&*l.region, &*l.zone, &*l.subzone),
             ("us-east1", "us-east1-b", "")
         );
-        let l = Locality::parse("eu/eu-a/rack-7", '/', &mut i);
+        let l = Locality::parse("eu/eu-a/rack-7", &mut i);
         assert_eq!(
             (&*l.region, &*l.zone, &*l.subzone),
             ("eu", "eu-a", "rack-7")
         );
-        assert!(Locality::parse("", '/', &mut i).is_empty());
+        assert!(Locality::parse("", &mut i).is_empty());
         let node = BTreeMap::from([
             (REGION.to_owned(), "eu".to_owned()),
             (ZONE.to_owned(), "eu-b".to_owned()),

@@ -73,7 +73,7 @@ pub struct Workload {
     pub peer_authentication: Option<usize>,
 }
 
-fn non_empty(s: &str) -> Option<String> {
+fn known(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
 
@@ -104,8 +104,8 @@ impl Workload {
             workload: Some((self.workload_type, self.workload_name.to_string())),
             service_name: Some(self.canonical_name.to_string()),
             service_version: Some(self.canonical_revision.to_string()),
-            region: non_empty(&self.locality.region),
-            zone: non_empty(&self.locality.zone),
+            region: known(&self.locality.region),
+            zone: known(&self.locality.zone),
         }
     }
 

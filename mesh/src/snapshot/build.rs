@@ -15,7 +15,7 @@ use hbone::headers::WorkloadType;
 
 use super::{Index, Options, Snapshot};
 use crate::error::{ConfigError, FieldError, Invalid, Origin};
-use crate::model::locality::{self, Distribution};
+use crate::model::locality::Distribution;
 use crate::model::{
     self, AppTunnel, Binding, Endpoint, Interner, Labels, LoadBalancing, Locality, Protocol,
     Service, ServiceId, ServiceKind, ServicePort, Target, Waypoint, WaypointFor, WaypointId,
@@ -380,13 +380,16 @@ impl<'o> Builder<'o> {
                         _ => model::waypoint::Admission::Same,
                     }
                 });
+            // Istio generates the waypoint's Service with `PreferClose`, unless the Gateway's
+            // infrastructure annotations carry a distribution of their own (any other value:
+            // none).
             let generated = gw.spec.infrastructure.as_ref().map(|i| &i.annotations);
-            let distribution = match generated {
-                Some(annotations) => self.distribution("Gateway", &gw.metadata, None, annotations),
-                None => None,
+            let distribution = match generated.map(|a| Distribution::read(None, a)) {
+                None | Some(Ok(None)) => Some(Distribution::SameZone),
+                Some(Ok(Some(d))) => Some(d),
+                Some(Err(_)) => None,
             };
-            let load_balancing =
-                LoadBalancing::for_service(false, distribution.or(Some(Distribution::SameZone)));
+            let load_balancing = LoadBalancing::for_service(false, distribution);
             let namespace = self.interner.get(gw.metadata.namespace());
             let name = self.interner.get(&gw.metadata.name);
             let id = WaypointId(self.waypoints.len() as u32);
@@ -582,14 +585,10 @@ impl<'o> Builder<'o> {
             "{}//v1/Pod/{namespace}/{}",
             self.options.cluster_id, meta.name
         );
-        // Istio reads a pod's own label before its node's.
-        let locality = match meta.labels.get(locality::POD_LOCALITY) {
-            Some(own) => Locality::parse(own, '.', &mut self.interner),
-            None => (pod.spec.node_name.as_deref())
-                .and_then(|n| self.node_localities.get(n))
-                .cloned()
-                .unwrap_or_default(),
-        };
+        let locality = (pod.spec.node_name.as_deref())
+            .and_then(|n| self.node_localities.get(n))
+            .cloned()
+            .unwrap_or_default();
         Some(self.workload(
             WorkloadKind::Pod,
             uid,
@@ -661,14 +660,7 @@ impl<'o> Builder<'o> {
             "{}/networking.istio.io/WorkloadEntry/{namespace}/{}",
             self.options.cluster_id, meta.name
         );
-        let locality = match (
-            non_empty(&we.spec.locality),
-            labels.get(locality::POD_LOCALITY),
-        ) {
-            (Some(l), _) => Locality::parse(l, '/', &mut self.interner),
-            (None, Some(l)) => Locality::parse(l, '.', &mut self.interner),
-            (None, None) => Locality::default(),
-        };
+        let locality = Locality::parse(&we.spec.locality, &mut self.interner);
         Some(self.workload(
             WorkloadKind::WorkloadEntry,
             uid,
@@ -736,7 +728,7 @@ impl<'o> Builder<'o> {
             self.options.cluster_id, meta.name
         );
         let captured = self.enrolled(namespace, &ep.labels);
-        let locality = Locality::parse(&ep.locality, '/', &mut self.interner);
+        let locality = Locality::parse(&ep.locality, &mut self.interner);
         Some(self.workload(
             WorkloadKind::ServiceEntry,
             uid,
@@ -931,12 +923,8 @@ impl<'o> Builder<'o> {
             })
             .collect();
         let local = svc.spec.internal_traffic_policy.as_deref() == Some("Local");
-        let distribution = self.distribution(
-            "Service",
-            meta,
-            svc.spec.traffic_distribution.as_deref(),
-            &meta.annotations,
-        );
+        let distribution =
+            self.distribution("Service", meta, svc.spec.traffic_distribution.as_deref());
         let endpoints = if svc.spec.selector.is_empty() {
             Vec::new()
         } else {
@@ -990,9 +978,8 @@ impl<'o> Builder<'o> {
         kind: &str,
         meta: &ObjectMeta,
         spec: Option<&str>,
-        annotations: &BTreeMap<String, String>,
     ) -> Option<Distribution> {
-        Distribution::read(spec, annotations).unwrap_or_else(|value| {
+        Distribution::read(spec, &meta.annotations).unwrap_or_else(|value| {
             self.warn(format!(
                 "{kind} {}/{}: traffic distribution {value:?} is not PreferSameZone, \
                  PreferClose or PreferSameNode; any endpoint is used",
@@ -1104,10 +1091,8 @@ impl<'o> Builder<'o> {
             meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             &mut self.interner,
         );
-        let load_balancing = LoadBalancing::for_service(
-            false,
-            self.distribution("ServiceEntry", meta, None, &meta.annotations),
-        );
+        let load_balancing =
+            LoadBalancing::for_service(false, self.distribution("ServiceEntry", meta, None));
         let sans: Box<[Arc<str>]> = se
             .spec
             .subject_alt_names

@@ -931,3 +931,25 @@ fn a_node_local_service_with_no_endpoint_on_the_waypoints_node_has_none() {
     });
     assert_eq!(names(&counts), ["web-c", "web-d"]);
 }
+
+#[test]
+fn round_robin_takes_the_near_endpoints_in_turn_whatever_lies_between_them() {
+    // From node-b (zone z2), web-c and web-d are near; web-a and web-b, listed first, are not.
+    let s = snapshot(ZONES);
+    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "web-c")));
+    let policy = traffic(LoadBalancer::RoundRobin);
+    let picks: Vec<String> = (0..8)
+        .map(|_| pick_of(&b, &s, "near", &policy, &[]).expect("endpoint"))
+        .collect();
+    for pair in picks.windows(2) {
+        assert_ne!(pair[0], pair[1], "{picks:?}");
+    }
+    let counts = tally(8, || {
+        pick_of(&b, &s, "near", &policy, &[]).expect("endpoint")
+    });
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [4, 4],
+        "{counts:?}"
+    );
+}

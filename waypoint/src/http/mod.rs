@@ -1285,6 +1285,7 @@ impl ProxyHttp for Waypoint {
             snapshot,
             source: snapshot.workload_by_ip(network, tunnel.client_ip),
             source_identity: &tunnel.source,
+            source_principal: &tunnel.principal,
             source_baggage: tunnel.baggage.as_deref(),
             service,
             destination,

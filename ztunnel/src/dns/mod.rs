@@ -1,10 +1,14 @@
-//! The DNS proxy: every local workload's queries (captured from UDP port 53 in its pod, or sent
-//! to its address's port 15053) are answered from the mesh model when they name a mesh service,
+//! The DNS proxy: every local workload's queries (captured from port 53 in its pod, or sent to
+//! its address's port 15053) are answered from the mesh model when they name a mesh service,
 //! and forwarded to the upstream resolvers otherwise, as upstream ztunnel's DNS proxy does.
 //!
 //! It lets applications resolve what only the mesh knows (a ServiceEntry's host with its VIP,
 //! a service's short names) and spares the cluster's DNS the queries for the mesh's own names.
 //! [`resolve`] decides what a name means; this module speaks the protocol over UDP and TCP.
+//!
+//! Unlike upstream, forwarded queries leave from ztunnel's own network namespace, not the pod's:
+//! the pod's egress NetworkPolicy does not see them, and no conntrack zone is needed to tell
+//! them from the pod's own. The metrics carry `request_protocol` only.
 
 mod forward;
 pub mod resolve;
@@ -16,7 +20,9 @@ use hbone::drain::DrainWatch;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use rand::seq::SliceRandom;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 
 pub use forward::{ForwardError, Forwarder};
 use resolve::{Answer, Family, resolve};
@@ -34,6 +40,17 @@ const MAX_QUERY: usize = 4096;
 /// The largest UDP answer for a query without EDNS (RFC 1035).
 const MAX_UDP_PLAIN: usize = 512;
 
+/// The largest UDP answer whatever the client's EDNS says: what DNS Flag Day 2020 settled on,
+/// so that no answer is fragmented; a larger one is truncated and the client asks over TCP.
+const MAX_UDP: u16 = 1232;
+
+/// Queries one workload may have in flight over UDP (most waiting for an upstream resolver);
+/// more are dropped, as a loaded resolver drops them, and the client asks again.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// How long a TCP connection may sit without a whole query before it is closed.
+const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where one workload's queries are answered: the shared context, the workload, and the
 /// resolvers for what the mesh does not know.
 #[derive(Debug, Clone)]
@@ -46,6 +63,7 @@ pub(crate) struct Served {
 /// Serves DNS over UDP on `socket` until the drain starts.
 pub(crate) async fn serve_udp(served: Served, socket: UdpSocket, mut drain: DrainWatch) {
     let socket = Arc::new(socket);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut buf = vec![0u8; MAX_QUERY];
     loop {
         let received = tokio::select! {
@@ -59,9 +77,15 @@ pub(crate) async fn serve_udp(served: Served, socket: UdpSocket, mut drain: Drai
                 continue;
             }
         };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            served.ctx.metrics.dns_dropped.inc();
+            tracing::debug!(workload = %served.uid, %peer, "DNS query dropped: too many in flight");
+            continue;
+        };
         let query = buf[..n].to_vec();
         let (served, socket) = (served.clone(), socket.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             if let Some(answer) = answer(&served, &query, DnsProtocol::udp, peer).await
                 && let Err(e) = socket.send_to(&answer, peer).await
             {
@@ -74,19 +98,30 @@ pub(crate) async fn serve_udp(served: Served, socket: UdpSocket, mut drain: Drai
 /// Serves DNS over TCP on `listener` (RFC 7766: several queries per connection, answered in
 /// turn) until the drain starts.
 pub(crate) async fn serve_tcp(served: Served, listener: TcpListener, drain: DrainWatch) {
-    crate::proxy::accept_loop(listener, drain, move |stream, peer, _| {
+    crate::proxy::accept_loop(listener, drain, move |stream, peer, drain| {
         let served = served.clone();
-        async move { serve_connection(&served, stream, peer).await }
+        async move { serve_connection(&served, stream, peer, drain).await }
     })
     .await;
 }
 
-async fn serve_connection(served: &Served, mut stream: TcpStream, peer: SocketAddr) {
+/// Answers a connection's queries in turn until it ends, idles for [`TCP_IDLE`], or the drain
+/// starts.
+async fn serve_connection(
+    served: &Served,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut drain: DrainWatch,
+) {
     loop {
-        let query = match forward::read_framed(&mut stream).await {
-            Ok(Some(query)) => query,
-            Ok(None) => return,
-            Err(e) => {
+        let read = tokio::select! {
+            read = tokio::time::timeout(TCP_IDLE, forward::read_framed(&mut stream)) => read,
+            () = drain.signaled() => return,
+        };
+        let query = match read {
+            Ok(Ok(Some(query))) => query,
+            Ok(Ok(None)) | Err(_) => return,
+            Ok(Err(e)) => {
                 tracing::debug!(workload = %served.uid, %peer, error = %e, "DNS connection failed");
                 return;
             }
@@ -112,6 +147,13 @@ async fn answer(
     let metrics = &ctx.metrics;
     metrics.dns_requests(protocol).inc();
     let message = match Message::from_vec(query) {
+        // An answer sent to a resolver is nobody's question: ignored, never reflected.
+        Ok(m) if m.message_type() == MessageType::Response => return None,
+        Ok(m) if m.op_code() != OpCode::Query => {
+            let mut refused = Message::error_msg(m.id(), m.op_code(), ResponseCode::NotImp);
+            refused.add_queries(m.queries().iter().cloned());
+            return encode(&refused);
+        }
         Ok(m) => m,
         Err(e) => {
             tracing::debug!(workload = %uid, %peer, error = %e, "malformed DNS query");
@@ -124,10 +166,12 @@ async fn answer(
             ));
         }
     };
-    if let Some((q, alias_of, ips)) = from_mesh(ctx, uid, &message) {
+    if let Some((q, alias_of, mut ips)) = from_mesh(ctx, uid, &message) {
         tracing::debug!(workload = %uid, name = %q.name(), r#type = %q.query_type(), ?alias_of, ?ips, "DNS answered from the mesh");
+        // Most clients take the first address: a headless service's pods take turns at being it.
+        ips.shuffle(&mut rand::rng());
         let response = mesh_answer(&message, q, alias_of.as_deref(), &ips)?;
-        return Some(fit(protocol, &message, &response));
+        return fit(protocol, &message, &response);
     }
     metrics.dns_upstream_requests(protocol).inc();
     match upstream.forward(query, protocol == DnsProtocol::tcp).await {
@@ -137,7 +181,15 @@ async fn answer(
         }
         Err(e) => {
             metrics.dns_upstream_failures.inc();
-            tracing::warn!(workload = %uid, %peer, error = %e, "DNS query not forwarded");
+            match e {
+                // The local mesh forwards nothing: nothing to warn about.
+                ForwardError::NoUpstream => {
+                    tracing::debug!(workload = %uid, %peer, error = %e, "DNS query not forwarded");
+                }
+                ForwardError::Upstream { .. } => {
+                    tracing::warn!(workload = %uid, %peer, error = %e, "DNS query not forwarded");
+                }
+            }
             let mut failed =
                 Message::error_msg(message.id(), message.op_code(), ResponseCode::ServFail);
             failed.add_queries(message.queries().iter().cloned());
@@ -209,25 +261,25 @@ fn mesh_answer(
         };
         response.add_answer(Record::from_rdata(owner.clone(), TTL, rdata));
     }
-    if let Some(edns) = query.extensions() {
+    if query.extensions().is_some() {
         let mut ours = hickory_proto::op::Edns::new();
-        ours.set_max_payload(edns.max_payload().max(512));
+        ours.set_max_payload(MAX_UDP);
         response.set_edns(ours);
     }
     Some(response)
 }
 
 /// `response` encoded; over UDP, cut to the header and question with the truncated bit set when
-/// it does not fit what the client takes, so it asks again over TCP.
-fn fit(protocol: DnsProtocol, query: &Message, response: &Message) -> Vec<u8> {
-    let bytes = encode(response).unwrap_or_default();
+/// it does not fit what the client takes (and [`MAX_UDP`]), so it asks again over TCP.
+fn fit(protocol: DnsProtocol, query: &Message, response: &Message) -> Option<Vec<u8>> {
+    let bytes = encode(response)?;
     let limit = query.extensions().as_ref().map_or(MAX_UDP_PLAIN, |e| {
-        usize::from(e.max_payload()).max(MAX_UDP_PLAIN)
+        usize::from(e.max_payload().min(MAX_UDP)).max(MAX_UDP_PLAIN)
     });
     if protocol == DnsProtocol::udp && bytes.len() > limit {
-        return encode(&response.truncate()).unwrap_or_default();
+        return encode(&response.truncate());
     }
-    bytes
+    Some(bytes)
 }
 
 fn encode(message: &Message) -> Option<Vec<u8>> {
@@ -264,15 +316,25 @@ mod tests {
             .collect();
         let plain = asking(None);
         let response = mesh_answer(&plain, &plain.queries()[0], None, &ips).expect("answer");
-        let udp = Message::from_vec(&fit(DnsProtocol::udp, &plain, &response)).expect("dns");
+        let udp = Message::from_vec(&fit(DnsProtocol::udp, &plain, &response).expect("encoded"))
+            .expect("dns");
         assert!(udp.truncated());
         assert_eq!((udp.id(), udp.answers().len()), (7, 0));
-        let tcp = Message::from_vec(&fit(DnsProtocol::tcp, &plain, &response)).expect("dns");
+        let tcp = Message::from_vec(&fit(DnsProtocol::tcp, &plain, &response).expect("encoded"))
+            .expect("dns");
         assert_eq!((tcp.truncated(), tcp.answers().len()), (false, 60));
-        // A client that takes 4 KiB over UDP gets it whole.
+        // A client that takes 4 KiB over UDP gets it whole, up to 1,232 bytes.
         let edns = asking(Some(4096));
+        let many: Vec<std::net::IpAddr> = (1..=100u8)
+            .map(|i| std::net::Ipv4Addr::new(10, 0, 1, i).into())
+            .collect();
+        let response = mesh_answer(&edns, &edns.queries()[0], None, &many).expect("answer");
+        let udp = Message::from_vec(&fit(DnsProtocol::udp, &edns, &response).expect("encoded"))
+            .expect("dns");
+        assert!(udp.truncated(), "over 1,232 bytes");
         let response = mesh_answer(&edns, &edns.queries()[0], None, &ips).expect("answer");
-        let udp = Message::from_vec(&fit(DnsProtocol::udp, &edns, &response)).expect("dns");
+        let udp = Message::from_vec(&fit(DnsProtocol::udp, &edns, &response).expect("encoded"))
+            .expect("dns");
         assert_eq!((udp.truncated(), udp.answers().len()), (false, 60));
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! As upstream ztunnel's proxy answers:
 //! - a service's hostname (a Kubernetes Service's `name.ns.svc.cluster.local`, a ServiceEntry's
-//!   host) gets its VIPs, or for a service without VIPs (headless) its ready endpoints' addresses;
+//!   host) gets its VIPs, or for a headless Kubernetes Service its ready endpoints' addresses
+//!   (a ServiceEntry without VIPs is the upstream resolver's);
 //! - the short forms a client in namespace `ns` may use (`name`, `name.ns`, `name.ns.svc`) get
 //!   the same;
 //! - a name a stub resolver made by appending one of the pod's search domains (`ns.svc.cluster.local`,
@@ -13,11 +14,15 @@
 //! - a known name with no address of the asked family gets an empty answer (not forwarded: the
 //!   upstream resolver knows nothing of mesh names);
 //! - anything else is the upstream resolver's.
+//!
+//! Not answered here, unlike upstream: wildcard ServiceEntry hosts, a StatefulSet pod's own
+//! hostname, and Kubernetes short names behind a search domain (`cart.shop.shop.svc...`), which
+//! the upstream resolver then answers `NXDOMAIN` to, so the client tries its next search domain.
 
 use std::net::IpAddr;
 
 use mesh::Snapshot;
-use mesh::model::{Service, Workload};
+use mesh::model::{Service, ServiceKind, Workload};
 
 /// The address family a query asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,16 +95,16 @@ pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Famil
     Answer::Forward
 }
 
-/// `service`'s addresses of `family`: its VIPs, or with none its ready endpoints'. `None` when
-/// it has no address at all (a ServiceEntry resolved by DNS), which is the upstream resolver's
-/// to answer.
+/// `service`'s addresses of `family`: its VIPs, or for a headless Kubernetes Service its ready
+/// endpoints'. `None` when it has none to give (a ServiceEntry without VIPs, resolved by DNS),
+/// which is the upstream resolver's to answer.
 fn addresses(snapshot: &Snapshot, service: &Service, family: Family) -> Option<Vec<IpAddr>> {
-    let all: Vec<IpAddr> = if service.vips.is_empty() {
-        (service.endpoints.iter())
+    let all: Vec<IpAddr> = match (service.vips.is_empty(), service.kind) {
+        (false, _) => service.vips.to_vec(),
+        (true, ServiceKind::Kubernetes) => (service.endpoints.iter())
             .flat_map(|e| snapshot.workload(e.workload).ips.iter().copied())
-            .collect()
-    } else {
-        service.vips.to_vec()
+            .collect(),
+        (true, ServiceKind::ServiceEntry { .. }) => return None,
     };
     if all.is_empty() {
         return None;
@@ -150,6 +155,15 @@ spec:
   hosts: [api.example.com]
   addresses: [240.0.2.1]
   ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static-no-vip, namespace: shop}
+spec:
+  hosts: [db.example.net]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.2.0.9}]
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -223,6 +237,7 @@ spec:
                 Answer::Forward,
             ),
             ("cdn.example.net", Family::V4, Answer::Forward),
+            ("db.example.net", Family::V4, Answer::Forward),
             ("example.org", Family::V4, Answer::Forward),
             ("nope.shop.svc.cluster.local", Family::V4, Answer::Forward),
         ];

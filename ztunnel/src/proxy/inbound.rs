@@ -90,9 +90,10 @@ impl Handler for Inbound {
         };
         let cluster = &snapshot.options().cluster_id;
         let baggage = request.headers().baggage.as_ref();
+        let principal = peer_identity.to_string();
         let labels = TcpLabels::new(
             Reporter::destination,
-            Peer::caller(source, &peer_identity, baggage, cluster),
+            Peer::caller(source, &peer_identity, &principal, baggage, cluster),
             service,
             Peer::new(Some(workload), cluster),
             true,
@@ -100,7 +101,7 @@ impl Handler for Inbound {
         let ends = Ends {
             src_addr: Some(peer),
             src_workload: source.map(|w| format!("{}/{}", w.namespace, w.name)),
-            src_identity: Some(peer_identity.to_string()),
+            src_identity: Some(principal),
             dst_addr: Some(request.local_addr()),
             dst_hbone_addr: Some(request.target().to_string()),
             dst_service: service.map(|s| s.hostname.to_string()),
