@@ -45,7 +45,7 @@ use std::fmt::Write as _;
 use ::http::header::COOKIE;
 use ::http::{HeaderMap, HeaderValue};
 use mesh::Snapshot;
-use mesh::model::{LoadBalancing, ServiceId, SubsetEndpoints, Workload, WorkloadId};
+use mesh::model::{ServiceId, SubsetEndpoints, WorkloadId};
 use mesh::route::{HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
 use rand::Rng;
 
@@ -76,8 +76,19 @@ pub(crate) struct Balancer {
     members: Box<[WorkloadId]>,
     /// The services of every workload, end to end (for the ejection cap).
     memberships: Box<[ServiceId]>,
-    /// This waypoint's own instance, which distances to endpoints are measured from.
-    instance: Option<WorkloadId>,
+    /// By [`ServiceId::index`]: how near each endpoint is to this waypoint's own instance, for
+    /// the services that prefer near endpoints (none: every endpoint is as near).
+    nearness: Box<[Option<Nearness>]>,
+}
+
+/// How near a service's endpoints are, measured once per snapshot.
+#[derive(Debug)]
+struct Nearness {
+    /// By endpoint position in the service: its rank, `None` when a strict preference rules it
+    /// out.
+    ranks: Box<[Option<usize>]>,
+    /// The best rank any endpoint has; `None` when none is eligible.
+    best: Option<usize>,
 }
 
 /// What all balancers of one waypoint share, from the first snapshot on.
@@ -228,14 +239,28 @@ impl Balancer {
             turns,
             members: members.into_boxed_slice(),
             memberships: memberships.into_boxed_slice(),
-            instance: None,
+            nearness: Box::default(),
         }
     }
 
-    /// Measures distances to endpoints from `instance` (this waypoint's own workload), for the
-    /// services that prefer near endpoints; without one, every endpoint is as near.
-    pub(crate) fn measured_from(self, instance: Option<WorkloadId>) -> Self {
-        Self { instance, ..self }
+    /// Measures how near `snapshot`'s endpoints are to `instance` (this waypoint's own
+    /// workload), for the services that prefer near endpoints; without one, every endpoint is
+    /// as near.
+    pub(crate) fn measured_from(self, snapshot: &Snapshot, instance: Option<WorkloadId>) -> Self {
+        let Some(me) = instance.and_then(|i| snapshot.workloads().get(i.index())) else {
+            return self;
+        };
+        let nearness = (snapshot.services().iter())
+            .map(|s| {
+                let lb = s.load_balancing.as_ref()?;
+                let ranks: Box<[Option<usize>]> = (s.endpoints.iter())
+                    .map(|e| lb.rank(me, snapshot.workload(e.workload)))
+                    .collect();
+                let best = ranks.iter().flatten().copied().max();
+                Some(Nearness { ranks, best })
+            })
+            .collect();
+        Self { nearness, ..self }
     }
 
     /// Chooses an endpoint of `service` (by id) for the service port at `port_index`, among the
@@ -269,13 +294,15 @@ impl Balancer {
             return None;
         }
         let slot = self.services.get(service.index());
-        let nearness = described
-            .load_balancing
-            .as_ref()
-            .zip((self.instance).and_then(|i| snapshot.workloads().get(i.index())));
+        let nearness = self.nearness.get(service.index()).and_then(Option::as_ref);
+        // Ranks run from the best any endpoint has down to 0; without a preference, one pass
+        // ignores them. A strict preference no endpoint meets leaves none.
+        let ranks = match nearness {
+            Some(n) => Some(n.best?),
+            None => None,
+        };
         let mut pool = Pool {
             balancer: self,
-            snapshot,
             endpoints,
             port_index,
             exclude,
@@ -306,11 +333,9 @@ impl Balancer {
         };
         let mut rng = rand::rng();
         // Relax the filters until an endpoint is admitted, as Envoy's priorities and retry
-        // predicate do: a healthy endpoint, the nearest first (ranks run from the number of
-        // scopes, all shared, down to 0; without a preference one pass ignores them), and one
-        // not tried yet before a tried one of the same rank; ejected endpoints only when none
-        // is healthy. Passes that would repeat the previous one are skipped.
-        let ranks = nearness.map(|(lb, _)| lb.routing_preference.len());
+        // predicate do: a healthy endpoint, the nearest first, and one not tried yet before a
+        // tried one of the same rank; ejected endpoints only when none is healthy. Passes that
+        // would repeat the previous one are skipped.
         let found = 'found: {
             for skip_ejected in [true, false] {
                 if skip_ejected && healthy_at.is_none() {
@@ -560,16 +585,14 @@ fn reset(counter: &AtomicU32) {
 #[derive(Debug)]
 struct Pool<'a> {
     balancer: &'a Balancer,
-    snapshot: &'a Snapshot,
     endpoints: SubsetEndpoints<'a>,
     port_index: usize,
     exclude: &'a [WorkloadId],
     /// Skip endpoints ejected at this time; `None` when nothing is ejected, outlier detection is
     /// off, or too few are healthy (Envoy's panic mode).
     healthy_at: Option<u64>,
-    /// The service's preference for near endpoints and this waypoint's instance, when both are
-    /// known.
-    nearness: Option<(&'a LoadBalancing, &'a Workload)>,
+    /// How near the service's endpoints are, when it prefers near ones.
+    nearness: Option<&'a Nearness>,
     /// Admit only endpoints of this rank (with `nearness`).
     rank: Option<usize>,
     max_weight: u32,
@@ -622,9 +645,9 @@ impl<'a> Pool<'a> {
         {
             return None;
         }
-        if let (Some(rank), Some((lb, instance))) = (self.rank, self.nearness) {
-            let workload = self.snapshot.workloads().get(endpoint.workload.index())?;
-            if lb.rank(instance, workload) != Some(rank) {
+        if let (Some(rank), Some(nearness)) = (self.rank, self.nearness) {
+            let position = self.endpoints.position(i)?;
+            if nearness.ranks.get(position).copied().flatten() != Some(rank) {
                 return None;
             }
         }

@@ -87,8 +87,8 @@ impl View {
         let plugins = wasm
             .load(&snapshot, waypoint, previous.map(|p| &p.plugins))
             .await;
-        let balancer =
-            Balancer::new(&snapshot, previous.map(|p| &p.balancer)).measured_from(instance);
+        let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer))
+            .measured_from(&snapshot, instance);
         let breakers = Breakers::new(&snapshot, previous.map(|p| &p.breakers));
         Self {
             snapshot,

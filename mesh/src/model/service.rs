@@ -90,11 +90,14 @@ impl<'a> SubsetEndpoints<'a> {
 
     /// The `i`th endpoint.
     pub fn get(&self, i: usize) -> Option<&'a Endpoint> {
+        self.service.endpoints.get(self.position(i)?)
+    }
+
+    /// Where the `i`th endpoint is among all the service's (for state kept per endpoint).
+    pub fn position(&self, i: usize) -> Option<usize> {
         match self.members {
-            None => self.service.endpoints.get(i),
-            Some(m) => m
-                .get(i)
-                .and_then(|&e| self.service.endpoints.get(e as usize)),
+            None => (i < self.service.endpoints.len()).then_some(i),
+            Some(m) => m.get(i).map(|&e| e as usize),
         }
     }
 

@@ -861,7 +861,7 @@ fn pick_of(
 #[test]
 fn near_endpoints_serve_first_and_farther_ones_when_they_are_ejected() {
     let s = snapshot(ZONES);
-    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "waypoint-1")));
+    let b = Balancer::new(&s, None).measured_from(&s, Some(workload(&s, "waypoint-1")));
     for lb in [
         LoadBalancer::Random,
         LoadBalancer::RoundRobin,
@@ -921,11 +921,11 @@ fn near_endpoints_serve_first_and_farther_ones_when_they_are_ejected() {
 #[test]
 fn a_node_local_service_with_no_endpoint_on_the_waypoints_node_has_none() {
     let s = snapshot(ZONES);
-    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "waypoint-1")));
+    let b = Balancer::new(&s, None).measured_from(&s, Some(workload(&s, "waypoint-1")));
     let policy = traffic(LoadBalancer::Random);
     assert_eq!(pick_of(&b, &s, "local", &policy, &[]), None);
     // From node-b it has two.
-    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "web-c")));
+    let b = Balancer::new(&s, None).measured_from(&s, Some(workload(&s, "web-c")));
     let counts = tally(200, || {
         pick_of(&b, &s, "local", &policy, &[]).expect("endpoint")
     });
@@ -936,7 +936,7 @@ fn a_node_local_service_with_no_endpoint_on_the_waypoints_node_has_none() {
 fn round_robin_takes_the_near_endpoints_in_turn_whatever_lies_between_them() {
     // From node-b (zone z2), web-c and web-d are near; web-a and web-b, listed first, are not.
     let s = snapshot(ZONES);
-    let b = Balancer::new(&s, None).measured_from(Some(workload(&s, "web-c")));
+    let b = Balancer::new(&s, None).measured_from(&s, Some(workload(&s, "web-c")));
     let policy = traffic(LoadBalancer::RoundRobin);
     let picks: Vec<String> = (0..8)
         .map(|_| pick_of(&b, &s, "near", &policy, &[]).expect("endpoint"))
