@@ -176,10 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(inpod) => inpod.clone(),
                 None => Arc::new(Loopback),
             };
-            let dns = (!no_dns)
-                .then(|| dns_forwarder(dns_upstreams))
-                .transpose()?
-                .map(Arc::new);
+            let dns = (!no_dns).then(|| Arc::new(dns_forwarder(dns_upstreams)));
             let ctx = Arc::new(Ctx {
                 store,
                 certs,
@@ -222,20 +219,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// How long an upstream resolver has to answer a forwarded query.
 const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The DNS proxy's upstream resolvers: those given, else `/etc/resolv.conf`'s.
-fn dns_forwarder(given: Vec<SocketAddr>) -> anyhow::Result<Forwarder> {
+/// The DNS proxy's upstream resolvers: those given, else `/etc/resolv.conf`'s. Without any, the
+/// proxy still answers the mesh's names (and `SERVFAIL` to the rest).
+fn dns_forwarder(given: Vec<SocketAddr>) -> Forwarder {
     if !given.is_empty() {
-        return Ok(Forwarder::new(given, DNS_UPSTREAM_TIMEOUT));
+        return Forwarder::new(given, DNS_UPSTREAM_TIMEOUT);
     }
     let path = std::path::Path::new("/etc/resolv.conf");
-    let forwarder = Forwarder::from_resolv_conf(path, DNS_UPSTREAM_TIMEOUT)
-        .with_context(|| format!("reading {} for the DNS proxy's resolvers", path.display()))?;
+    let forwarder = Forwarder::from_resolv_conf(path, DNS_UPSTREAM_TIMEOUT).unwrap_or_else(|e| {
+        tracing::warn!(path = %path.display(), error = %e, "no resolvers for the DNS proxy");
+        Forwarder::new(Vec::new(), DNS_UPSTREAM_TIMEOUT)
+    });
     if forwarder.upstreams().is_empty() {
-        tracing::warn!(
-            "no nameserver in /etc/resolv.conf: the DNS proxy answers mesh names only (SERVFAIL for others)"
-        );
+        tracing::warn!("the DNS proxy forwards nothing: it answers mesh names only");
     }
-    Ok(forwarder)
+    forwarder
 }
 
 /// `ip` (port 53) or `ip:port`.
@@ -309,6 +307,15 @@ mod tests {
     use tokio::runtime::RuntimeFlavor;
 
     use super::*;
+
+    #[test]
+    fn dns_upstreams_take_port_53_unless_given_one() {
+        let parsed = |s: &str| parse_resolver(s).map(|a| a.to_string());
+        assert_eq!(parsed("10.96.0.10"), Ok("10.96.0.10:53".to_owned()));
+        assert_eq!(parsed("10.96.0.10:5353"), Ok("10.96.0.10:5353".to_owned()));
+        assert_eq!(parsed("fd00::a"), Ok("[fd00::a]:53".to_owned()));
+        assert!(parsed("kube-dns").is_err());
+    }
 
     #[test]
     fn worker_threads_choose_the_runtime() {
