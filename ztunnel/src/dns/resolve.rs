@@ -15,9 +15,12 @@
 //!   upstream resolver knows nothing of mesh names);
 //! - anything else is the upstream resolver's.
 //!
-//! Not answered here, unlike upstream: wildcard ServiceEntry hosts, a StatefulSet pod's own
-//! hostname, and Kubernetes short names behind a search domain (`cart.shop.shop.svc...`), which
-//! the upstream resolver then answers `NXDOMAIN` to, so the client tries its next search domain.
+//! - a name a wildcard ServiceEntry host covers (`*.example.com` for `api.example.com`) is
+//!   answered as that host, the most specific wildcard first.
+//!
+//! Not answered here, unlike upstream: a StatefulSet pod's own hostname, and Kubernetes short
+//! names behind a search domain (`cart.shop.shop.svc...`), which the upstream resolver then
+//! answers `NXDOMAIN` to, so the client tries its next search domain.
 
 use std::net::IpAddr;
 
@@ -61,7 +64,11 @@ pub enum Answer {
 pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Family) -> Answer {
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     let addresses = |service: &Service| addresses(snapshot, service, family);
-    if let Some((_, service)) = snapshot.resolve_host(&name, &client.namespace) {
+    let found = (snapshot
+        .resolve_host(&name, &client.namespace)
+        .map(|(_, s)| s))
+    .or_else(|| wildcard(snapshot, &name));
+    if let Some(service) = found {
         if let Some(ips) = addresses(service) {
             return Answer::Mesh {
                 alias_of: None,
@@ -83,7 +90,9 @@ pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Famil
         else {
             continue;
         };
-        if let Some((_, service)) = snapshot.service_by_host(host)
+        let found =
+            (snapshot.service_by_host(host).map(|(_, s)| s)).or_else(|| wildcard(snapshot, host));
+        if let Some(service) = found
             && let Some(ips) = addresses(service)
         {
             return Answer::Mesh {
@@ -93,6 +102,20 @@ pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Famil
         }
     }
     Answer::Forward
+}
+
+/// The ServiceEntry whose wildcard host covers `name` (`*.example.com` for `api.example.com`),
+/// the most specific first, as upstream looks them up: the leading labels replaced by `*`, one
+/// at a time, each an exact lookup.
+fn wildcard<'s>(snapshot: &'s Snapshot, name: &str) -> Option<&'s Service> {
+    let mut rest = name;
+    while let Some((_, parent)) = rest.split_once('.') {
+        if let Some((_, service)) = snapshot.service_by_host(&format!("*.{parent}")) {
+            return Some(service);
+        }
+        rest = parent;
+    }
+    None
 }
 
 /// `service`'s addresses of `family`: its VIPs, or for a headless Kubernetes Service its ready
@@ -154,6 +177,22 @@ metadata: {name: api, namespace: shop}
 spec:
   hosts: [api.example.com]
   addresses: [240.0.2.1]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: shop}
+spec:
+  hosts: ["*.wild.example.com", "*.deep.wild.example.com"]
+  addresses: [240.0.2.7]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: deeper, namespace: shop}
+spec:
+  hosts: ["*.x.deep.wild.example.com"]
+  addresses: [240.0.2.8]
   ports: [{number: 443, name: tls, protocol: TLS}]
 ---
 apiVersion: networking.istio.io/v1
@@ -238,6 +277,19 @@ spec:
             ),
             ("cdn.example.net", Family::V4, Answer::Forward),
             ("db.example.net", Family::V4, Answer::Forward),
+            ("a.wild.example.com", Family::V4, mesh(&["240.0.2.7"])),
+            ("a.b.wild.example.com", Family::V4, mesh(&["240.0.2.7"])),
+            (
+                "a.x.deep.wild.example.com",
+                Family::V4,
+                mesh(&["240.0.2.8"]),
+            ),
+            ("wild.example.com", Family::V4, Answer::Forward),
+            (
+                "a.wild.example.com.shop.svc.cluster.local",
+                Family::V4,
+                alias("a.wild.example.com", &["240.0.2.7"]),
+            ),
             ("example.org", Family::V4, Answer::Forward),
             ("nope.shop.svc.cluster.local", Family::V4, Answer::Forward),
         ];
