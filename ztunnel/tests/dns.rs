@@ -38,6 +38,23 @@ kind: Service
 metadata: {name: cart, namespace: shop}
 spec: {clusterIP: 10.96.93.1, ports: [{port: 80}]}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-b, hostname: db-0, subdomain: db}
+status: {podIP: 127.93.2.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-b, hostname: db-1, subdomain: db}
+status: {podIP: 127.93.2.2}
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: api, namespace: shop}
@@ -190,6 +207,27 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
         ]
     );
 
+    // A StatefulSet pod by its own name behind the headless service: that pod alone.
+    let a = over_udp(&query(31, "db-1.db.shop.svc.cluster.local.", RecordType::A)).await;
+    assert_eq!(answers(&a), ["db-1.db.shop.svc.cluster.local. 127.93.2.2"]);
+    let a = over_udp(&query(32, "db-0.db.", RecordType::A)).await;
+    assert_eq!(answers(&a), ["db-0.db. 127.93.2.1"]);
+
+    // A Kubernetes short name with the first search domain appended: a CNAME to the short name.
+    let a = over_udp(&query(
+        33,
+        "cart.shop.shop.svc.cluster.local.",
+        RecordType::A,
+    ))
+    .await;
+    assert_eq!(
+        answers(&a),
+        [
+            "cart.shop.shop.svc.cluster.local. cart.shop.",
+            "cart.shop. 10.96.93.1"
+        ]
+    );
+
     // A mesh name without an IPv6 address: an empty answer, not a question for upstream.
     let a = over_udp(&query(4, "cart.shop.svc.cluster.local.", RecordType::AAAA)).await;
     assert_eq!(
@@ -264,7 +302,7 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
 
     assert_eq!(
         metric(&nodes, "istio_dns_requests_total{request_protocol=\"udp\"}"),
-        11.0
+        14.0
     );
     assert_eq!(
         metric(&nodes, "istio_dns_requests_total{request_protocol=\"tcp\"}"),

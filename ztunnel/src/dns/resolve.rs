@@ -7,20 +7,17 @@
 //!   (a ServiceEntry without VIPs is the upstream resolver's);
 //! - the short forms a client in namespace `ns` may use (`name`, `name.ns`, `name.ns.svc`) get
 //!   the same;
+//! - a pod behind a headless Kubernetes Service, by the name a StatefulSet's pods have
+//!   (`pod.name.ns.svc.cluster.local`, and its short forms), gets the pod's addresses;
+//! - a name a wildcard ServiceEntry host covers (`*.example.com` for `api.example.com`) is
+//!   answered as that host, the most specific wildcard first;
 //! - a name a stub resolver made by appending one of the pod's search domains (`ns.svc.cluster.local`,
-//!   `svc.cluster.local`, `cluster.local`) to a ServiceEntry host (`api.example.com.ns.svc.cluster.local`)
-//!   is answered with a CNAME to that host and its addresses, which spares the client the
-//!   round trips of the rest of its search list;
+//!   `svc.cluster.local`, `cluster.local`) to any of the above (`api.example.com.ns.svc.cluster.local`,
+//!   `cart.shop.ns.svc.cluster.local`) is answered with a CNAME to the name before the suffix
+//!   and its addresses, which spares the client the round trips of the rest of its search list;
 //! - a known name with no address of the asked family gets an empty answer (not forwarded: the
 //!   upstream resolver knows nothing of mesh names);
 //! - anything else is the upstream resolver's.
-//!
-//! - a name a wildcard ServiceEntry host covers (`*.example.com` for `api.example.com`) is
-//!   answered as that host, the most specific wildcard first.
-//!
-//! Not answered here, unlike upstream: a StatefulSet pod's own hostname, and Kubernetes short
-//! names behind a search domain (`cart.shop.shop.svc...`), which the upstream resolver then
-//! answers `NXDOMAIN` to, so the client tries its next search domain.
 
 use std::net::IpAddr;
 
@@ -63,19 +60,15 @@ pub enum Answer {
 /// The answer for `name` (any case, with or without the final dot) asked by `client`.
 pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Family) -> Answer {
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    let addresses = |service: &Service| addresses(snapshot, service, family);
-    let found = (snapshot
-        .resolve_host(&name, &client.namespace)
-        .map(|(_, s)| s))
-    .or_else(|| wildcard(snapshot, &name));
-    if let Some(service) = found {
-        if let Some(ips) = addresses(service) {
+    match named(snapshot, client, &name, family) {
+        Some(Named::Addresses(ips)) => {
             return Answer::Mesh {
                 alias_of: None,
                 ips,
             };
         }
-        return Answer::Forward;
+        Some(Named::Upstream) => return Answer::Forward,
+        None => {}
     }
     let domain = &snapshot.options().domain_suffix;
     let search = [
@@ -90,11 +83,7 @@ pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Famil
         else {
             continue;
         };
-        let found =
-            (snapshot.service_by_host(host).map(|(_, s)| s)).or_else(|| wildcard(snapshot, host));
-        if let Some(service) = found
-            && let Some(ips) = addresses(service)
-        {
+        if let Some(Named::Addresses(ips)) = named(snapshot, client, host, family) {
             return Answer::Mesh {
                 alias_of: Some(host.to_owned()),
                 ips,
@@ -102,6 +91,63 @@ pub fn resolve(snapshot: &Snapshot, client: &Workload, name: &str, family: Famil
         }
     }
     Answer::Forward
+}
+
+/// What a mesh name stands for.
+enum Named {
+    /// These addresses (of the asked family; perhaps none).
+    Addresses(Vec<IpAddr>),
+    /// A service the upstream resolver resolves (a ServiceEntry without VIPs).
+    Upstream,
+}
+
+/// What `name` names for `client`, if the mesh knows it: a service by its host or a short form
+/// of it, a wildcard ServiceEntry host that covers it, or a pod behind a headless service.
+fn named(snapshot: &Snapshot, client: &Workload, name: &str, family: Family) -> Option<Named> {
+    let service = (snapshot
+        .resolve_host(name, &client.namespace)
+        .map(|(_, s)| s))
+    .or_else(|| wildcard(snapshot, name));
+    if let Some(service) = service {
+        return Some(match addresses(snapshot, service, family) {
+            Some(ips) => Named::Addresses(ips),
+            None => Named::Upstream,
+        });
+    }
+    let pod = headless_pod(snapshot, client, name)?;
+    Some(Named::Addresses(
+        pod.ips
+            .iter()
+            .copied()
+            .filter(|&ip| family.holds(ip))
+            .collect(),
+    ))
+}
+
+/// The pod `name` names as a member of a headless Kubernetes Service, as a StatefulSet's pods
+/// are named: `<pod>.<service>.<ns>.svc.<domain>`, or the shorter `<pod>.<service>.<ns>.svc`,
+/// `<pod>.<service>.<ns>`, and `<pod>.<service>` in the client's namespace.
+///
+/// As upstream, the pod is found by its name among the service's endpoints; the pod's own
+/// `hostname` and `subdomain` are not consulted (the workload discovery protocol carries
+/// neither).
+fn headless_pod<'s>(snapshot: &'s Snapshot, client: &Workload, name: &str) -> Option<&'s Workload> {
+    let domain = &snapshot.options().domain_suffix;
+    let mut labels = name.splitn(4, '.');
+    let (pod, service, namespace) = (labels.next()?, labels.next()?, labels.next());
+    let namespace = match (namespace, labels.next()) {
+        (None, _) => &*client.namespace,
+        (Some(ns), None | Some("svc")) => ns,
+        (Some(ns), Some(rest)) if rest.strip_prefix("svc.") == Some(domain.as_str()) => ns,
+        _ => return None,
+    };
+    let (_, service) = snapshot.service_by_host(&format!("{service}.{namespace}.svc.{domain}"))?;
+    if !service.vips.is_empty() || service.kind != ServiceKind::Kubernetes {
+        return None;
+    }
+    (service.endpoints.iter())
+        .map(|e| snapshot.workload(e.workload))
+        .find(|w| &*w.name == pod)
 }
 
 /// The ServiceEntry whose wildcard host covers `name` (`*.example.com` for `api.example.com`),
@@ -154,7 +200,12 @@ status: {podIP: 10.2.0.1}
 apiVersion: v1
 kind: Service
 metadata: {name: cart, namespace: shop}
-spec: {clusterIPs: [10.96.2.1, "fd00::2:1"], ports: [{port: 80}]}
+spec: {clusterIPs: [10.96.2.1, "fd00::2:1"], selector: {app: cart}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-0, namespace: shop, labels: {app: cart}}
+status: {podIP: 10.2.0.6}
 ---
 apiVersion: v1
 kind: Service
@@ -291,6 +342,51 @@ spec:
                 alias("a.wild.example.com", &["240.0.2.7"]),
             ),
             ("example.org", Family::V4, Answer::Forward),
+            (
+                "db-0.db.shop.svc.cluster.local",
+                Family::V4,
+                mesh(&["10.2.0.5"]),
+            ),
+            ("db-0.db.shop.svc", Family::V4, mesh(&["10.2.0.5"])),
+            ("db-0.db.shop", Family::V4, mesh(&["10.2.0.5"])),
+            ("db-0.db", Family::V4, mesh(&["10.2.0.5"])),
+            ("db-0.db", Family::V6, mesh(&[])),
+            (
+                "db-0.db.shop.shop.svc.cluster.local",
+                Family::V4,
+                alias("db-0.db.shop", &["10.2.0.5"]),
+            ),
+            (
+                "db-9.db.shop.svc.cluster.local",
+                Family::V4,
+                Answer::Forward,
+            ),
+            (
+                "db-0.db.other.svc.cluster.local",
+                Family::V4,
+                Answer::Forward,
+            ),
+            ("db-0.db.shop.svc.example.org", Family::V4, Answer::Forward),
+            (
+                "cart-0.cart.shop.svc.cluster.local",
+                Family::V4,
+                Answer::Forward,
+            ),
+            (
+                "pay.billing.shop.svc.cluster.local",
+                Family::V4,
+                alias("pay.billing", &["10.96.2.2"]),
+            ),
+            (
+                "cart.shop.shop.svc.cluster.local.",
+                Family::V4,
+                alias("cart.shop", &["10.96.2.1"]),
+            ),
+            (
+                "pay.shop.shop.svc.cluster.local",
+                Family::V4,
+                Answer::Forward,
+            ),
             ("nope.shop.svc.cluster.local", Family::V4, Answer::Forward),
         ];
         for (name, family, want) in cases {
