@@ -235,6 +235,7 @@ async fn captured_requests_are_routed_and_authorized_by_the_waypoint() {
         store: store.clone(),
         ca: ca.clone(),
         metrics: Arc::default(),
+        dns_upstreams: Vec::new(),
     };
     let _node_a = start_node(
         &dir,

@@ -27,6 +27,9 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// A UDP socket for `workload` on `port` (the DNS proxy's): on its own address, or on the
     /// loopback of its network namespace, where captured DNS is redirected.
     fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket>;
+    /// An unconnected UDP socket on an ephemeral port for `workload`'s datagrams to `dst` (its
+    /// DNS queries the proxy forwards), made where its own would leave from.
+    fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket>;
     /// A connection from `workload` to `dst` (the application, or a plain-TCP destination).
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting;
     /// The dialer of `workload`'s HBONE pool.
@@ -61,6 +64,19 @@ impl SocketFactory for Loopback {
             io::Error::new(io::ErrorKind::AddrNotAvailable, "workload has no address")
         })?;
         let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, port))?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket)
+    }
+
+    /// From the workload's address of `dst`'s family.
+    fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket> {
+        let src = (workload.ip_like(dst.ip()))
+            .filter(|ip| ip.is_ipv4() == dst.is_ipv4())
+            .unwrap_or(match dst {
+                SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+            });
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
         socket.set_nonblocking(true)?;
         UdpSocket::from_std(socket)
     }
@@ -156,6 +172,12 @@ impl SocketFactory for InPod {
         let netns = self.netns(&workload.uid)?;
         let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
         UdpSocket::from_std(crate::inpod::bind_udp(&netns, addr)?)
+    }
+
+    /// In the pod's namespace, marked so that its capture rules let it out.
+    fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket> {
+        let netns = self.netns(&workload.uid)?;
+        UdpSocket::from_std(crate::inpod::udp_to(&netns, dst)?)
     }
 
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {

@@ -156,6 +156,67 @@ fn dns_query(netns: &NetNs, name: &str, tcp: bool) -> (Vec<String>, SocketAddr) 
     (ips, from)
 }
 
+/// The resolver the DNS proxies forward to: in the uncaptured pod, reachable only from the
+/// pods' network (not from the namespace the test and its ztunnels run in).
+const RESOLVER: &str = "198.19.7.9:53";
+
+/// A resolver inside `netns` on port 53, over UDP and TCP: every `A` question gets 192.0.2.7.
+/// Returns where the questions came from, as it saw them.
+fn resolver(netns: &NetNs) -> Arc<std::sync::Mutex<Vec<SocketAddr>>> {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::{RData, Record, rdata::A};
+    let answer = |query: &[u8]| {
+        let q = Message::from_vec(query).expect("a query");
+        let mut r = Message::new();
+        r.set_id(q.id())
+            .set_message_type(MessageType::Response)
+            .add_queries(q.queries().iter().cloned());
+        let name = q.queries()[0].name().clone();
+        let ip = "192.0.2.7".parse().expect("ip");
+        r.add_answer(Record::from_rdata(name, 60, RData::A(A(ip))));
+        r.to_vec().expect("encode")
+    };
+    let (udp, tcp) = netns
+        .run_in(|| {
+            Ok::<_, std::io::Error>((
+                std::net::UdpSocket::bind("0.0.0.0:53")?,
+                std::net::TcpListener::bind("0.0.0.0:53")?,
+            ))
+        })
+        .expect("enter netns")
+        .expect("bind the resolver");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let udp_seen = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            udp_seen.lock().expect("lock").push(peer);
+            let _ = udp.send_to(&answer(&buf[..n]), peer);
+        }
+    });
+    let tcp_seen = seen.clone();
+    std::thread::spawn(move || {
+        for mut s in tcp.incoming().flatten() {
+            tcp_seen
+                .lock()
+                .expect("lock")
+                .push(s.peer_addr().expect("peer"));
+            let mut len = [0u8; 2];
+            if s.read_exact(&mut len).is_err() {
+                continue;
+            }
+            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if s.read_exact(&mut q).is_err() {
+                continue;
+            }
+            let a = answer(&q);
+            let framed = [&(a.len() as u16).to_be_bytes()[..], &a].concat();
+            let _ = s.write_all(&framed);
+        }
+    });
+    seen
+}
+
 /// Everything logged in this test binary, to check the access log like an operator would.
 static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
@@ -203,6 +264,7 @@ async fn captured_pods_talk_through_hbone() {
     let outsider = Arc::new(fabric.pod(9));
     echo_server(&echo_a, "echo-a");
     echo_server(&echo_b, "echo-b");
+    let seen = resolver(&outsider);
 
     let dir = std::env::temp_dir().join(format!("ztunnel-capture-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -222,6 +284,7 @@ async fn captured_pods_talk_through_hbone() {
         store: store.clone(),
         ca: ca.clone(),
         metrics: metrics.clone(),
+        dns_upstreams: vec![RESOLVER.parse().expect("addr")],
     };
     let node_a = start_node(
         &dir,
@@ -245,6 +308,27 @@ async fn captured_pods_talk_through_hbone() {
         assert_eq!(from, "198.18.0.53:53".parse::<SocketAddr>().unwrap());
         assert_eq!(answer, ["198.18.250.1"], "{name}");
     }
+    // Other names go to the resolver from the pod's own namespace and address, as the pod's
+    // query would have (from ztunnel's namespace the resolver is out of reach).
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "mesh names forwarded"
+    );
+    for tcp in [false, true] {
+        let (answer, from) = dns_query(&client, "example.org.", tcp);
+        assert_eq!(from, "198.18.0.53:53".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            answer,
+            ["192.0.2.7"],
+            "forwarded over {}",
+            ["UDP", "TCP"][tcp as usize]
+        );
+    }
+    let sources: Vec<_> = seen.lock().expect("lock").iter().map(|a| a.ip()).collect();
+    assert_eq!(
+        sources,
+        ["198.19.7.1".parse::<std::net::IpAddr>().unwrap(); 2]
+    );
 
     // SOCKS5 opens connections as the pod: it listens on the pod's loopback only.
     let listening = std::process::Command::new("ip")
@@ -647,6 +731,7 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
         store,
         ca: Arc::new(MeshCa::generate("cluster.local").expect("ca")),
         metrics: Arc::default(),
+        dns_upstreams: Vec::new(),
     };
 
     // The waypoint: reads the header, reports it with the connection's source, and forwards to

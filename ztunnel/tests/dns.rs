@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
@@ -113,9 +112,12 @@ fn answers(m: &Message) -> Vec<String> {
         .collect()
 }
 
+/// Where the questions an upstream resolver was asked came from.
+type Asked = Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>;
+
 /// An upstream resolver: `example.org` is 192.0.2.7, anything else NXDOMAIN; over UDP and
-/// TCP; counts what it is asked.
-async fn upstream(asked: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
+/// TCP; notes where each question came from.
+async fn upstream(asked: Asked) -> tokio::task::JoinHandle<()> {
     let reply = |query: &[u8]| {
         let q = Message::from_vec(query).expect("a query");
         let mut r = Message::new();
@@ -144,11 +146,11 @@ async fn upstream(asked: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
         loop {
             tokio::select! {
                 Ok((n, peer)) = udp.recv_from(&mut buf) => {
-                    asked.fetch_add(1, Ordering::SeqCst);
+                    asked.lock().expect("lock").push(peer.ip());
                     let _ = udp.send_to(&reply(&buf[..n]), peer).await;
                 }
-                Ok((mut s, _)) = tcp.accept() => {
-                    asked.fetch_add(1, Ordering::SeqCst);
+                Ok((mut s, peer)) = tcp.accept() => {
+                    asked.lock().expect("lock").push(peer.ip());
                     let mut len = [0u8; 2];
                     let _ = s.read_exact(&mut len).await;
                     let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
@@ -173,7 +175,7 @@ fn metric(nodes: &Nodes, line_start: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
-    let asked = Arc::new(AtomicUsize::new(0));
+    let asked = Asked::default();
     let resolver = upstream(asked.clone()).await;
     let mut nodes = Nodes::new(MESH);
     let upstream_addr: SocketAddr = UPSTREAM.parse().expect("addr");
@@ -235,7 +237,7 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
         (ResponseCode::NoError, 0)
     );
     assert_eq!(
-        asked.load(Ordering::SeqCst),
+        asked.lock().expect("lock").len(),
         0,
         "mesh names never reach upstream"
     );
@@ -246,7 +248,7 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     assert_eq!(answers(&a), ["example.org. 192.0.2.7"]);
     let a = over_udp(&query(6, "cart.shop.svc.cluster.local.", RecordType::MX)).await;
     assert_eq!(a.response_code(), ResponseCode::NXDomain);
-    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert_eq!(asked.lock().expect("lock").len(), 2);
 
     // TCP: several queries on one connection, forwarded over TCP when forwarded.
     let mut tcp = TcpStream::connect(PROXY).await.expect("connect");
@@ -261,7 +263,10 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
         (a.id(), answers(&a)),
         (8, vec!["example.org. 192.0.2.7".to_owned()])
     );
-    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    assert_eq!(asked.lock().expect("lock").len(), 3);
+    // Forwarded from the asking workload's own address, as its own query would have left.
+    let client: std::net::IpAddr = "127.93.1.1".parse().expect("ip");
+    assert_eq!(*asked.lock().expect("lock"), [client; 3]);
 
     // Not DNS: FORMERR with the id it carried.
     let socket = UdpSocket::bind("127.93.1.1:0").await.expect("bind");
@@ -290,7 +295,11 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     update.set_op_code(OpCode::Update);
     let a = over_udp(&update).await;
     assert_eq!((a.id(), a.response_code()), (11, ResponseCode::NotImp));
-    assert_eq!(asked.load(Ordering::SeqCst), 3, "neither reached upstream");
+    assert_eq!(
+        asked.lock().expect("lock").len(),
+        3,
+        "neither reached upstream"
+    );
 
     // The upstream resolver gone: SERVFAIL, and the proxy still answers mesh names.
     resolver.abort();

@@ -67,6 +67,14 @@ impl SocketFactory for HeldConnect {
         Loopback.udp(workload, port)
     }
 
+    fn udp_to(
+        &self,
+        workload: &Workload,
+        dst: SocketAddr,
+    ) -> std::io::Result<tokio::net::UdpSocket> {
+        Loopback.udp_to(workload, dst)
+    }
+
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {
         let connecting = Loopback.connect(workload, dst);
         if dst != self.held {

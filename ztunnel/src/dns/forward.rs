@@ -1,14 +1,21 @@
 //! Queries that are not about the mesh go to the resolvers ztunnel itself uses (its own
-//! `/etc/resolv.conf`, as upstream ztunnel's), from ztunnel's own network namespace, unchanged:
-//! the answer is relayed as the upstream resolver wrote it.
+//! `/etc/resolv.conf`, as upstream ztunnel's), unchanged, from where the asking workload's own
+//! queries would have left: its pod's network namespace (the socket marked, so the pod's capture
+//! rules let it out instead of sending it back to the proxy), or its own address. So the
+//! resolver sees the pod's address, and the pod's egress NetworkPolicy applies, as without the
+//! proxy. The answer is relayed as the upstream resolver wrote it.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
+
+use mesh::model::Workload;
+
+use crate::socket::SocketFactory;
 
 /// Largest DNS message over UDP with EDNS, and over TCP.
 const MAX_MESSAGE: usize = 65_535;
@@ -20,11 +27,22 @@ pub struct Forwarder {
     timeout: Duration,
 }
 
+/// The workload a query is forwarded for, and what makes its sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    /// The workload that asked.
+    pub workload: &'a Workload,
+    /// Makes its sockets: on its address, or in its network namespace.
+    pub sockets: &'a dyn SocketFactory,
+}
+
 /// Why no upstream resolver answered.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("no upstream resolver is configured")]
     NoUpstream,
+    #[error("the asking workload {0} has left the mesh")]
+    AskerGone(std::sync::Arc<str>),
     #[error("upstream resolver {upstream}: {source}")]
     Upstream {
         upstream: SocketAddr,
@@ -56,10 +74,11 @@ impl Forwarder {
         &self.upstreams
     }
 
-    /// The first answer an upstream resolver gives to `query`, over TCP when `tcp`, with how
-    /// long it took; the error of the last one tried when none answers.
+    /// The first answer an upstream resolver gives to `asker`'s `query`, over TCP when `tcp`,
+    /// with how long it took; the error of the last one tried when none answers.
     pub async fn forward(
         &self,
+        asker: Asker<'_>,
         query: &[u8],
         tcp: bool,
     ) -> Result<(Vec<u8>, Duration), ForwardError> {
@@ -67,9 +86,9 @@ impl Forwarder {
         for &upstream in &self.upstreams {
             let started = Instant::now();
             let asked = if tcp {
-                tokio::time::timeout(self.timeout, over_tcp(upstream, query)).await
+                tokio::time::timeout(self.timeout, over_tcp(asker, upstream, query)).await
             } else {
-                tokio::time::timeout(self.timeout, over_udp(upstream, query)).await
+                tokio::time::timeout(self.timeout, over_udp(asker, upstream, query)).await
             };
             let source = match asked {
                 Ok(Ok(answer)) => return Ok((answer, started.elapsed())),
@@ -84,12 +103,8 @@ impl Forwarder {
 
 /// One exchange over a fresh UDP socket (a fresh source port per query, so answers cannot be
 /// confused); an answer whose id is not the query's is ignored.
-async fn over_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
-    let any: IpAddr = match upstream {
-        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let socket = UdpSocket::bind((any, 0)).await?;
+async fn over_udp(asker: Asker<'_>, upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let socket = asker.sockets.udp_to(asker.workload, upstream)?;
     socket.connect(upstream).await?;
     socket.send(query).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -103,8 +118,8 @@ async fn over_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// One exchange over TCP: both messages prefixed by their length.
-async fn over_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(upstream).await?;
+async fn over_tcp(asker: Asker<'_>, upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = asker.sockets.connect(asker.workload, upstream).await?;
     write_framed(&mut stream, query).await?;
     read_framed(&mut stream)
         .await?

@@ -6,9 +6,8 @@
 //! a service's short names) and spares the cluster's DNS the queries for the mesh's own names.
 //! [`resolve`] decides what a name means; this module speaks the protocol over UDP and TCP.
 //!
-//! Unlike upstream, forwarded queries leave from ztunnel's own network namespace, not the pod's:
-//! the pod's egress NetworkPolicy does not see them, and no conntrack zone is needed to tell
-//! them from the pod's own. The metrics carry `request_protocol` only.
+//! Forwarded queries leave from the asking pod's network namespace, as upstream's do (see
+//! [`Forwarder`]). The metrics carry `request_protocol` only.
 
 mod forward;
 pub mod resolve;
@@ -24,7 +23,7 @@ use rand::seq::SliceRandom;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-pub use forward::{ForwardError, Forwarder};
+pub use forward::{Asker, ForwardError, Forwarder};
 use resolve::{Answer, Family, resolve};
 
 use crate::metrics::DnsProtocol;
@@ -174,7 +173,21 @@ async fn answer(
         return fit(protocol, &message, &response);
     }
     metrics.dns_upstream_requests(protocol).inc();
-    match upstream.forward(query, protocol == DnsProtocol::tcp).await {
+    let snapshot = ctx.store.load();
+    let forwarded = match snapshot.workload_by_uid(uid) {
+        Some(workload) => {
+            let asker = Asker {
+                workload,
+                sockets: &*ctx.sockets,
+            };
+            upstream
+                .forward(asker, query, protocol == DnsProtocol::tcp)
+                .await
+        }
+        // Gone from the mesh while its query was read: its listeners are closing.
+        None => Err(ForwardError::AskerGone(uid.clone())),
+    };
+    match forwarded {
         Ok((answer, took)) => {
             metrics.dns_upstream_duration.observe(took.as_secs_f64());
             Some(answer)
@@ -182,8 +195,9 @@ async fn answer(
         Err(e) => {
             metrics.dns_upstream_failures.inc();
             match e {
-                // The local mesh forwards nothing: nothing to warn about.
-                ForwardError::NoUpstream => {
+                // The local mesh forwards nothing, and a workload gone is no resolver's fault:
+                // nothing to warn about.
+                ForwardError::NoUpstream | ForwardError::AskerGone(_) => {
                     tracing::debug!(workload = %uid, %peer, error = %e, "DNS query not forwarded");
                 }
                 ForwardError::Upstream { .. } => {

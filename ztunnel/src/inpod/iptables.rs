@@ -15,8 +15,8 @@
 //!
 //! - DNS queries (UDP and TCP port 53, not to the pod's loopback) → `REDIRECT` to ztunnel's DNS
 //!   proxy on 15053 (nat `OUTPUT`), unless DNS capture is off ([`PodRules::capturing_dns`]), as
-//!   with istio-cni's `DNS_CAPTURE`; the proxy's own forwarded queries leave from ztunnel's
-//!   namespace, not the pod's.
+//!   with istio-cni's `DNS_CAPTURE`; the proxy's own forwarded queries leave from the pod's
+//!   namespace too, marked, so these rules let them through.
 //!
 //! IPv4 only: the ip6tables twin istio-cni adds on dual-stack clusters is not installed.
 

@@ -20,7 +20,7 @@ pub mod zds;
 
 pub use iptables::{IptablesBackend, PodRules, RulesError};
 pub use netns::NetNs;
-pub use socket::{ZTUNNEL_MARK, bind_listener, bind_udp, connect_socket};
+pub use socket::{ZTUNNEL_MARK, bind_listener, bind_udp, connect_socket, udp_to};
 pub use zds::{WorkloadEvent, ZdsClient, ZdsConnection, ZdsError, ZdsServer};
 
 /// Outbound capture port: the pod's outgoing TCP is `REDIRECT`ed here; the original destination is

@@ -76,6 +76,27 @@ pub fn bind_udp(netns: &NetNs, addr: SocketAddr) -> io::Result<std::net::UdpSock
     })?
 }
 
+/// Opens a nonblocking UDP socket inside `netns` on an ephemeral port of `dst`'s family, marked
+/// with [`ZTUNNEL_MARK`] so the pod's rules let what it sends to `dst` out uncaptured (the DNS
+/// proxy's forwarded queries: captured, they would come back to the proxy). Without the
+/// listeners' port sharing, so that no other socket can receive its answers.
+pub fn udp_to(netns: &NetNs, dst: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    netns.run_in(|| {
+        let socket = Socket::new(
+            Domain::for_address(dst),
+            Type::DGRAM.nonblocking(),
+            Some(Protocol::UDP),
+        )?;
+        socket.set_mark(ZTUNNEL_MARK)?;
+        let any: std::net::IpAddr = match dst {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        socket.bind(&SockAddr::from(SocketAddr::new(any, 0)))?;
+        Ok(std::net::UdpSocket::from(socket))
+    })?
+}
+
 /// Creates an unconnected, nonblocking TCP socket inside `netns` for a connection to `dst`.
 ///
 /// The socket is marked with [`ZTUNNEL_MARK`] so the pod's rules let it out uncaptured. With

@@ -147,6 +147,8 @@ pub struct Mesh {
     pub store: Arc<Store>,
     pub ca: Arc<MeshCa>,
     pub metrics: Arc<Metrics>,
+    /// The resolvers the DNS proxies forward to.
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 /// One node's ztunnel, fed `pods` over ZDS by this test playing istio-cni.
@@ -164,11 +166,11 @@ pub async fn start_node(
         sockets: sockets.clone(),
         live: Arc::new(LiveConnections::default()),
         hbone: hbone::Config::default(),
-        // The pods' DNS is captured: mesh names are answered, nothing is forwarded (only
-        // the test's namespaces may receive traffic).
+        // The pods' DNS is captured: mesh names are answered, other names forwarded to the
+        // test's resolvers (in its own namespaces).
         dns: Some(Arc::new(Forwarder::new(
-            Vec::new(),
-            std::time::Duration::from_secs(1),
+            mesh.dns_upstreams.clone(),
+            std::time::Duration::from_secs(2),
         ))),
     });
     let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
