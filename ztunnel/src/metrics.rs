@@ -61,10 +61,16 @@ pub enum DnsProtocol {
     tcp,
 }
 
-/// `request_protocol`, the label upstream's DNS metrics carry.
+/// The labels upstream's DNS metrics carry: what was asked, over what, and by which workload.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DnsLabels {
+    /// The record type asked, lowercase (`a`, `aaaa`, `srv`).
+    pub request_query_type: String,
     pub request_protocol: DnsProtocol,
+    /// The asking workload's canonical service (`unknown` once it has left the mesh).
+    pub source_canonical_service: String,
+    /// Its canonical revision.
+    pub source_canonical_revision: String,
 }
 
 /// The ztunnel's metrics.
@@ -92,9 +98,9 @@ pub struct Metrics {
     /// `istio_dns_upstream_requests_total`: queries it forwarded.
     pub dns_upstream_requests: Family<DnsLabels, Counter>,
     /// `istio_dns_upstream_failures_total`: forwarded queries no upstream resolver answered.
-    pub dns_upstream_failures: Counter,
+    pub dns_upstream_failures: Family<DnsLabels, Counter>,
     /// `istio_dns_upstream_request_duration_seconds`.
-    pub dns_upstream_duration: Histogram,
+    pub dns_upstream_duration: Family<DnsLabels, Histogram>,
     /// Queries that were not DNS messages (answered `FORMERR` when they had an id).
     pub dns_malformed: Counter,
     /// UDP queries dropped because too many were in flight for their workload.
@@ -114,32 +120,14 @@ impl Default for Metrics {
             config_rejected: Gauge::default(),
             dns_requests: Family::default(),
             dns_upstream_requests: Family::default(),
-            dns_upstream_failures: Counter::default(),
+            dns_upstream_failures: Family::default(),
             // 0.5 ms to about 4 s.
-            dns_upstream_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            dns_upstream_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+            }),
             dns_malformed: Counter::default(),
             dns_dropped: Counter::default(),
         }
-    }
-}
-
-impl Metrics {
-    /// The count of queries received over `protocol`.
-    pub fn dns_requests(&self, protocol: DnsProtocol) -> Counter {
-        self.dns_requests
-            .get_or_create(&DnsLabels {
-                request_protocol: protocol,
-            })
-            .clone()
-    }
-
-    /// The count of queries forwarded over `protocol`.
-    pub fn dns_upstream_requests(&self, protocol: DnsProtocol) -> Counter {
-        self.dns_upstream_requests
-            .get_or_create(&DnsLabels {
-                request_protocol: protocol,
-            })
-            .clone()
     }
 }
 

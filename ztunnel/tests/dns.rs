@@ -309,15 +309,38 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     let a = over_udp(&query(10, "cart.shop.svc.cluster.local.", RecordType::A)).await;
     assert_eq!(answers(&a), ["cart.shop.svc.cluster.local. 10.96.93.1"]);
 
-    assert_eq!(
-        metric(&nodes, "istio_dns_requests_total{request_protocol=\"udp\"}"),
-        14.0
-    );
-    assert_eq!(
-        metric(&nodes, "istio_dns_requests_total{request_protocol=\"tcp\"}"),
-        2.0
-    );
+    // Labelled as upstream's: the record type, the transport and the asking workload. Messages
+    // that are not questions (garbage, an answer, an update) are not requests.
+    let labels = |kind: &str, protocol: &str| {
+        format!(
+            "{{request_query_type=\"{kind}\",request_protocol=\"{protocol}\",\
+             source_canonical_service=\"client\",source_canonical_revision=\"latest\"}}"
+        )
+    };
+    let requests = |kind, protocol| {
+        let line = format!("istio_dns_requests_total{}", labels(kind, protocol));
+        metric(&nodes, &line)
+    };
+    assert_eq!(requests("a", "udp"), 9.0);
+    assert_eq!(requests("aaaa", "udp"), 1.0);
+    assert_eq!(requests("mx", "udp"), 1.0);
+    assert_eq!(requests("a", "tcp"), 2.0);
+    assert_eq!(metric(&nodes, "istio_dns_requests_total{"), 13.0);
+    let forwarded = |kind, protocol| {
+        let line = format!(
+            "istio_dns_upstream_requests_total{}",
+            labels(kind, protocol)
+        );
+        metric(&nodes, &line)
+    };
+    assert_eq!(forwarded("a", "udp"), 2.0);
+    assert_eq!(forwarded("mx", "udp"), 1.0);
+    assert_eq!(forwarded("a", "tcp"), 1.0);
     assert_eq!(metric(&nodes, "istio_dns_upstream_requests_total{"), 4.0);
-    assert_eq!(metric(&nodes, "istio_dns_upstream_failures_total"), 1.0);
+    let failed = format!("istio_dns_upstream_failures_total{}", labels("a", "udp"));
+    assert_eq!(metric(&nodes, &failed), 1.0);
+    assert_eq!(metric(&nodes, "istio_dns_upstream_failures_total{"), 1.0);
+    let answered = "istio_dns_upstream_request_duration_seconds_count{";
+    assert_eq!(metric(&nodes, answered), 3.0);
     assert_eq!(metric(&nodes, "ztunnel_dns_malformed_requests_total"), 1.0);
 }

@@ -7,7 +7,8 @@
 //! [`resolve`] decides what a name means; this module speaks the protocol over UDP and TCP.
 //!
 //! Forwarded queries leave from the asking pod's network namespace, as upstream's do (see
-//! [`Forwarder`]). The metrics carry `request_protocol` only.
+//! [`Forwarder`]). The metrics carry upstream's labels: the record type, the transport, and the
+//! asking workload's canonical service and revision.
 
 mod forward;
 pub mod resolve;
@@ -19,6 +20,8 @@ use hbone::drain::DrainWatch;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use mesh::Snapshot;
+use mesh::model::Workload;
 use rand::seq::SliceRandom;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -26,7 +29,7 @@ use tokio::sync::Semaphore;
 pub use forward::{Asker, ForwardError, Forwarder};
 use resolve::{Answer, Family, resolve};
 
-use crate::metrics::DnsProtocol;
+use crate::metrics::{DnsLabels, DnsProtocol};
 use crate::proxy::Ctx;
 
 /// How long answers about mesh names may be cached (upstream ztunnel's TTL).
@@ -144,7 +147,6 @@ async fn answer(
 ) -> Option<Vec<u8>> {
     let Served { ctx, uid, upstream } = served;
     let metrics = &ctx.metrics;
-    metrics.dns_requests(protocol).inc();
     let message = match Message::from_vec(query) {
         // An answer sent to a resolver is nobody's question: ignored, never reflected.
         Ok(m) if m.message_type() == MessageType::Response => return None,
@@ -165,16 +167,21 @@ async fn answer(
             ));
         }
     };
-    if let Some((q, alias_of, mut ips)) = from_mesh(ctx, uid, &message) {
+    let snapshot = ctx.store.load();
+    let client = snapshot.workload_by_uid(uid);
+    let labels = labels(&message, protocol, client);
+    metrics.dns_requests.get_or_create(&labels).inc();
+    if let Some(client) = client
+        && let Some((q, alias_of, mut ips)) = from_mesh(&snapshot, client, &message)
+    {
         tracing::debug!(workload = %uid, name = %q.name(), r#type = %q.query_type(), ?alias_of, ?ips, "DNS answered from the mesh");
         // Most clients take the first address: a headless service's pods take turns at being it.
         ips.shuffle(&mut rand::rng());
         let response = mesh_answer(&message, q, alias_of.as_deref(), &ips)?;
         return fit(protocol, &message, &response);
     }
-    metrics.dns_upstream_requests(protocol).inc();
-    let snapshot = ctx.store.load();
-    let forwarded = match snapshot.workload_by_uid(uid) {
+    metrics.dns_upstream_requests.get_or_create(&labels).inc();
+    let forwarded = match client {
         Some(workload) => {
             let asker = Asker {
                 workload,
@@ -189,11 +196,11 @@ async fn answer(
     };
     match forwarded {
         Ok((answer, took)) => {
-            metrics.dns_upstream_duration.observe(took.as_secs_f64());
+            (metrics.dns_upstream_duration.get_or_create(&labels)).observe(took.as_secs_f64());
             Some(answer)
         }
         Err(e) => {
-            metrics.dns_upstream_failures.inc();
+            metrics.dns_upstream_failures.get_or_create(&labels).inc();
             match e {
                 // The local mesh forwards nothing, and a workload gone is no resolver's fault:
                 // nothing to warn about.
@@ -213,11 +220,25 @@ async fn answer(
     }
 }
 
+/// The metrics' labels for `message`, asked over `protocol` by `client`, as upstream's: the
+/// first question's record type, and `unknown` for a workload that has left the mesh.
+fn labels(message: &Message, protocol: DnsProtocol, client: Option<&Workload>) -> DnsLabels {
+    let query_type = message.queries().first().map(|q| q.query_type());
+    let canonical = |field: fn(&Workload) -> &str| client.map_or("unknown", field).to_owned();
+    DnsLabels {
+        request_query_type: query_type
+            .map_or("unknown".to_owned(), |t| t.to_string().to_ascii_lowercase()),
+        request_protocol: protocol,
+        source_canonical_service: canonical(|w| &w.canonical_name),
+        source_canonical_revision: canonical(|w| &w.canonical_revision),
+    }
+}
+
 /// What the mesh answers to `message`: its one question, the host it aliases and the addresses;
 /// `None` for anything but an `A` or `AAAA` query for a mesh name.
 fn from_mesh<'m>(
-    ctx: &Ctx,
-    uid: &str,
+    snapshot: &Snapshot,
+    client: &Workload,
     message: &'m Message,
 ) -> Option<(&'m Query, Option<String>, Vec<std::net::IpAddr>)> {
     let [q] = message.queries() else {
@@ -231,9 +252,7 @@ fn from_mesh<'m>(
         RecordType::AAAA if standard => Family::V6,
         _ => return None,
     };
-    let snapshot = ctx.store.load();
-    let client = snapshot.workload_by_uid(uid)?;
-    match resolve(&snapshot, client, &q.name().to_ascii(), family) {
+    match resolve(snapshot, client, &q.name().to_ascii(), family) {
         Answer::Mesh { alias_of, ips } => Some((q, alias_of, ips)),
         Answer::Forward => None,
     }
