@@ -1,7 +1,7 @@
 //! The DNS proxy on loopback, over real UDP and TCP sockets: mesh names answered from the mesh
 //! model (services, short names, a ServiceEntry host behind a search domain), everything else
 //! forwarded to an upstream resolver this test runs, failures answered `SERVFAIL`, garbage
-//! answered `FORMERR`, and each counted.
+//! answered `FORMERR`, and each counted; overload and idle connections contained.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -343,4 +343,86 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     let answered = "istio_dns_upstream_request_duration_seconds_count{";
     assert_eq!(metric(&nodes, answered), 3.0);
     assert_eq!(metric(&nodes, "ztunnel_dns_malformed_requests_total"), 1.0);
+}
+
+/// A resolver that takes queries and never answers.
+const SILENT: &str = "127.93.9.54:5353";
+
+/// Overload and idleness are contained: with a resolver that never answers, at most 256 UDP
+/// queries of one workload wait for it (each answered `SERVFAIL` once the resolver's time is
+/// up) and the rest are dropped and counted; a TCP connection that sends no whole query is
+/// closed after 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_beyond_the_in_flight_cap_are_dropped_and_idle_tcp_closed() {
+    let _silent = UdpSocket::bind(SILENT)
+        .await
+        .expect("bind the silent resolver");
+    let mut nodes = Nodes::new(&MESH.replace("127.93.1.1", "127.93.3.1"));
+    nodes.dns = Some(Arc::new(Forwarder::new(
+        vec![SILENT.parse().expect("addr")],
+        Duration::from_secs(3),
+    )));
+    let _a = nodes.start("node-a", Arc::new(Loopback)).await;
+    let proxy = "127.93.3.1:15053";
+
+    let mut idle = TcpStream::connect(proxy).await.expect("connect");
+    let mut partial = TcpStream::connect(proxy).await.expect("connect");
+    partial.write_all(&[0]).await.expect("write");
+    let opened = tokio::time::Instant::now();
+
+    let socket = UdpSocket::bind("127.93.3.1:0").await.expect("bind");
+    for id in 0..300u16 {
+        let q = query(id, "example.org.", RecordType::A);
+        socket
+            .send_to(&q.to_vec().expect("encode"), proxy)
+            .await
+            .expect("send");
+        if id % 25 == 24 {
+            // Paced, so that the proxy's socket buffer never overflows.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let (forwarded, dropped) = (
+        "istio_dns_upstream_requests_total{",
+        "ztunnel_dns_dropped_requests_total",
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while metric(&nodes, forwarded) + metric(&nodes, dropped) < 300.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every query forwarded or dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric(&nodes, forwarded), 256.0);
+    assert_eq!(metric(&nodes, dropped), 44.0);
+
+    // The queries that waited are answered SERVFAIL; the dropped ones not at all.
+    let mut buf = [0u8; 512];
+    let mut failed = 0;
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(6), socket.recv(&mut buf)).await
+    {
+        let a = Message::from_vec(&buf[..n]).expect("a DNS answer");
+        assert_eq!(a.response_code(), ResponseCode::ServFail);
+        failed += 1;
+        if failed == 256 {
+            break;
+        }
+    }
+    assert_eq!(failed, 256);
+    assert_eq!(metric(&nodes, "istio_dns_upstream_failures_total{"), 256.0);
+
+    // Both idle connections closed, after the idle time and not before.
+    for stream in [&mut idle, &mut partial] {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("closed in time");
+        assert!(matches!(read, Ok(0)), "closed without an answer: {read:?}");
+    }
+    let idled = opened.elapsed();
+    assert!(
+        idled >= Duration::from_millis(4500),
+        "closed after {idled:?}, before the idle time"
+    );
 }
