@@ -68,14 +68,12 @@ impl SocketFactory for Loopback {
         UdpSocket::from_std(socket)
     }
 
-    /// From the workload's address of `dst`'s family.
+    /// From the workload's address (see [`source_for`]).
     fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket> {
-        let src = (workload.ip_like(dst.ip()))
-            .filter(|ip| ip.is_ipv4() == dst.is_ipv4())
-            .unwrap_or(match dst {
-                SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-                SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-            });
+        let src = source_for(workload.ip_like(dst.ip()), dst).unwrap_or(match dst {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        });
         let socket = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
         socket.set_nonblocking(true)?;
         UdpSocket::from_std(socket)
@@ -246,9 +244,17 @@ fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
 }
 
 /// Connects from `src` (port chosen by the kernel) when given and of the same family.
+/// The address a workload's socket to `dst` binds: its own `src`, of `dst`'s family, except a
+/// loopback one (the local mesh's) towards an address off this host, which the kernel refuses
+/// to route (a DNS resolver or plain-TCP destination elsewhere): that socket takes the host's.
+fn source_for(src: Option<IpAddr>, dst: SocketAddr) -> Option<IpAddr> {
+    src.filter(|s| s.is_ipv4() == dst.is_ipv4())
+        .filter(|s| !s.is_loopback() || dst.ip().is_loopback())
+}
+
 async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = socket_for(dst)?;
-    if let Some(src) = src.filter(|s| s.is_ipv4() == dst.is_ipv4()) {
+    if let Some(src) = source_for(src, dst) {
         // Choose the port at connect time, by the whole 4-tuple: a port bound at bind time
         // must be unused by every socket on `src`, TIME_WAIT ones included, and a busy
         // workload (a waypoint opening a connection per request) exhausts the range and
@@ -272,5 +278,31 @@ struct FromAddress(Option<std::net::IpAddr>);
 impl hbone::Dial for FromAddress {
     fn dial(&self, addr: SocketAddr) -> Connecting {
         Box::pin(connect_from(self.0, addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workload_binds_its_own_address_unless_the_kernel_would_refuse_the_route() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let cases = [
+            (Some("127.0.1.1"), "127.0.0.53:53", Some("127.0.1.1")),
+            (Some("127.0.1.1"), "10.96.0.10:53", None),
+            (Some("10.1.0.5"), "10.96.0.10:53", Some("10.1.0.5")),
+            (Some("10.1.0.5"), "127.0.0.1:53", Some("10.1.0.5")),
+            (Some("10.1.0.5"), "[fd00::a]:53", None),
+            (None, "10.96.0.10:53", None),
+        ];
+        for (src, dst, want) in cases {
+            assert_eq!(
+                source_for(src.map(ip), addr(dst)),
+                want.map(ip),
+                "{src:?} -> {dst}"
+            );
+        }
     }
 }

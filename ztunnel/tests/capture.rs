@@ -161,8 +161,8 @@ fn dns_query(netns: &NetNs, name: &str, tcp: bool) -> (Vec<String>, SocketAddr) 
 const RESOLVER: &str = "198.19.7.9:53";
 
 /// A resolver inside `netns` on port 53, over UDP and TCP: every `A` question gets 192.0.2.7.
-/// Returns where the questions came from, as it saw them.
-fn resolver(netns: &NetNs) -> Arc<std::sync::Mutex<Vec<SocketAddr>>> {
+/// Returns how each question came (over TCP or not) and from where, as it saw them.
+fn resolver(netns: &NetNs) -> Arc<std::sync::Mutex<Vec<(bool, SocketAddr)>>> {
     use hickory_proto::op::{Message, MessageType};
     use hickory_proto::rr::{RData, Record, rdata::A};
     let answer = |query: &[u8]| {
@@ -190,17 +190,15 @@ fn resolver(netns: &NetNs) -> Arc<std::sync::Mutex<Vec<SocketAddr>>> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         while let Ok((n, peer)) = udp.recv_from(&mut buf) {
-            udp_seen.lock().expect("lock").push(peer);
+            udp_seen.lock().expect("lock").push((false, peer));
             let _ = udp.send_to(&answer(&buf[..n]), peer);
         }
     });
     let tcp_seen = seen.clone();
     std::thread::spawn(move || {
         for mut s in tcp.incoming().flatten() {
-            tcp_seen
-                .lock()
-                .expect("lock")
-                .push(s.peer_addr().expect("peer"));
+            let peer = s.peer_addr().expect("peer");
+            tcp_seen.lock().expect("lock").push((true, peer));
             let mut len = [0u8; 2];
             if s.read_exact(&mut len).is_err() {
                 continue;
@@ -324,11 +322,11 @@ async fn captured_pods_talk_through_hbone() {
             ["UDP", "TCP"][tcp as usize]
         );
     }
-    let sources: Vec<_> = seen.lock().expect("lock").iter().map(|a| a.ip()).collect();
-    assert_eq!(
-        sources,
-        ["198.19.7.1".parse::<std::net::IpAddr>().unwrap(); 2]
-    );
+    let pod: std::net::IpAddr = "198.19.7.1".parse().unwrap();
+    let sources: Vec<_> = (seen.lock().expect("lock").iter())
+        .map(|(tcp, a)| (*tcp, a.ip()))
+        .collect();
+    assert_eq!(sources, [(false, pod), (true, pod)]);
 
     // SOCKS5 opens connections as the pod: it listens on the pod's loopback only.
     let listening = std::process::Command::new("ip")

@@ -446,8 +446,9 @@ async fn check_capture(pod: &TestNetns, veth: &Veth, backend: IptablesBackend) {
     let saved = output_in(pod, save, &[]);
     for jump in ["-A PREROUTING -j ISTIO_PRERT", "-A OUTPUT -j ISTIO_OUTPUT"] {
         let count = saved.lines().filter(|l| *l == jump).count();
-        // mangle OUTPUT and nat OUTPUT both jump to an ISTIO_OUTPUT.
-        let expected = if jump.contains("OUTPUT") { 2 } else { 1 };
+        // mangle, nat and (with DNS capture) raw OUTPUT each jump to an ISTIO_OUTPUT; mangle and
+        // raw PREROUTING to an ISTIO_PRERT.
+        let expected = if jump.contains("OUTPUT") { 3 } else { 2 };
         assert_eq!(
             count, expected,
             "{backend:?}: reinstall must not duplicate `{jump}`:\n{saved}"

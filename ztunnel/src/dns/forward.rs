@@ -8,7 +8,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,8 +41,6 @@ pub struct Asker<'a> {
 pub enum ForwardError {
     #[error("no upstream resolver is configured")]
     NoUpstream,
-    #[error("the asking workload {0} has left the mesh")]
-    AskerGone(std::sync::Arc<str>),
     #[error("upstream resolver {upstream}: {source}")]
     Upstream {
         upstream: SocketAddr,
@@ -74,24 +72,23 @@ impl Forwarder {
         &self.upstreams
     }
 
-    /// The first answer an upstream resolver gives to `asker`'s `query`, over TCP when `tcp`,
-    /// with how long it took; the error of the last one tried when none answers.
+    /// The first answer an upstream resolver gives to `asker`'s `query`, over TCP when `tcp`;
+    /// the error of the last one tried when none answers.
     pub async fn forward(
         &self,
         asker: Asker<'_>,
         query: &[u8],
         tcp: bool,
-    ) -> Result<(Vec<u8>, Duration), ForwardError> {
+    ) -> Result<Vec<u8>, ForwardError> {
         let mut last = ForwardError::NoUpstream;
         for &upstream in &self.upstreams {
-            let started = Instant::now();
             let asked = if tcp {
                 tokio::time::timeout(self.timeout, over_tcp(asker, upstream, query)).await
             } else {
                 tokio::time::timeout(self.timeout, over_udp(asker, upstream, query)).await
             };
             let source = match asked {
-                Ok(Ok(answer)) => return Ok((answer, started.elapsed())),
+                Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) => e,
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "no answer in time"),
             };

@@ -171,9 +171,12 @@ async fn answer(
     let client = snapshot.workload_by_uid(uid);
     let labels = labels(&message, protocol, client);
     metrics.dns_requests.get_or_create(&labels).inc();
-    if let Some(client) = client
-        && let Some((q, alias_of, mut ips)) = from_mesh(&snapshot, client, &message)
-    {
+    let Some(client) = client else {
+        // Gone from the mesh while its query was read: its listeners are closing.
+        tracing::debug!(workload = %uid, %peer, "DNS query unanswered: the workload has left the mesh");
+        return servfail(&message);
+    };
+    if let Some((q, alias_of, mut ips)) = from_mesh(&snapshot, client, &message) {
         tracing::debug!(workload = %uid, name = %q.name(), r#type = %q.query_type(), ?alias_of, ?ips, "DNS answered from the mesh");
         // Most clients take the first address: a headless service's pods take turns at being it.
         ips.shuffle(&mut rand::rng());
@@ -181,53 +184,54 @@ async fn answer(
         return fit(protocol, &message, &response);
     }
     metrics.dns_upstream_requests.get_or_create(&labels).inc();
-    let forwarded = match client {
-        Some(workload) => {
-            let asker = Asker {
-                workload,
-                sockets: &*ctx.sockets,
-            };
-            upstream
-                .forward(asker, query, protocol == DnsProtocol::tcp)
-                .await
-        }
-        // Gone from the mesh while its query was read: its listeners are closing.
-        None => Err(ForwardError::AskerGone(uid.clone())),
+    let asker = Asker {
+        workload: client,
+        sockets: &*ctx.sockets,
     };
+    // Timed whole, as upstream times it: failures and the resolvers tried in turn included.
+    let started = std::time::Instant::now();
+    let forwarded = upstream
+        .forward(asker, query, protocol == DnsProtocol::tcp)
+        .await;
+    (metrics.dns_upstream_duration.get_or_create(&labels)).observe(started.elapsed().as_secs_f64());
     match forwarded {
-        Ok((answer, took)) => {
-            (metrics.dns_upstream_duration.get_or_create(&labels)).observe(took.as_secs_f64());
-            Some(answer)
-        }
+        Ok(answer) => Some(answer),
         Err(e) => {
             metrics.dns_upstream_failures.get_or_create(&labels).inc();
             match e {
-                // The local mesh forwards nothing, and a workload gone is no resolver's fault:
-                // nothing to warn about.
-                ForwardError::NoUpstream | ForwardError::AskerGone(_) => {
+                // The local mesh forwards nothing: nothing to warn about.
+                ForwardError::NoUpstream => {
                     tracing::debug!(workload = %uid, %peer, error = %e, "DNS query not forwarded");
                 }
                 ForwardError::Upstream { .. } => {
                     tracing::warn!(workload = %uid, %peer, error = %e, "DNS query not forwarded");
                 }
             }
-            let mut failed =
-                Message::error_msg(message.id(), message.op_code(), ResponseCode::ServFail);
-            failed.add_queries(message.queries().iter().cloned());
-            failed.set_recursion_desired(message.recursion_desired());
-            encode(&failed)
+            servfail(&message)
         }
     }
 }
 
+/// `SERVFAIL` to `message`: no answer could be had.
+fn servfail(message: &Message) -> Option<Vec<u8>> {
+    let mut failed = Message::error_msg(message.id(), message.op_code(), ResponseCode::ServFail);
+    failed.add_queries(message.queries().iter().cloned());
+    failed.set_recursion_desired(message.recursion_desired());
+    encode(&failed)
+}
+
 /// The metrics' labels for `message`, asked over `protocol` by `client`, as upstream's: the
-/// first question's record type, and `unknown` for a workload that has left the mesh.
+/// first question's record type (`unknown` without one), and `unknown` for a workload that has
+/// left the mesh.
 fn labels(message: &Message, protocol: DnsProtocol, client: Option<&Workload>) -> DnsLabels {
-    let query_type = message.queries().first().map(|q| q.query_type());
+    // A type this proxy does not know is `other`: any pod could otherwise make 65,536 series.
+    let query_type = message.queries().first().map(|q| match q.query_type() {
+        RecordType::Unknown(_) => "other".to_owned(),
+        known => known.to_string().to_ascii_lowercase(),
+    });
     let canonical = |field: fn(&Workload) -> &str| client.map_or("unknown", field).to_owned();
     DnsLabels {
-        request_query_type: query_type
-            .map_or("unknown".to_owned(), |t| t.to_string().to_ascii_lowercase()),
+        request_query_type: query_type.unwrap_or_else(|| "unknown".to_owned()),
         request_protocol: protocol,
         source_canonical_service: canonical(|w| &w.canonical_name),
         source_canonical_revision: canonical(|w| &w.canonical_revision),

@@ -130,7 +130,8 @@ fn named(snapshot: &Snapshot, client: &Workload, name: &str, family: Family) -> 
 ///
 /// As upstream, the pod is found by its name among the service's endpoints; the pod's own
 /// `hostname` and `subdomain` are not consulted (the workload discovery protocol carries
-/// neither).
+/// neither). So this answers for any pod behind a headless service, where kube-dns answers
+/// only for a pod whose `subdomain` names the service (a StatefulSet's always does).
 fn headless_pod<'s>(snapshot: &'s Snapshot, client: &Workload, name: &str) -> Option<&'s Workload> {
     let domain = &snapshot.options().domain_suffix;
     let mut labels = name.splitn(4, '.');

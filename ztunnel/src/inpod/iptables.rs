@@ -15,8 +15,12 @@
 //!
 //! - DNS queries (UDP and TCP port 53, not to the pod's loopback) → `REDIRECT` to ztunnel's DNS
 //!   proxy on 15053 (nat `OUTPUT`), unless DNS capture is off ([`PodRules::capturing_dns`]), as
-//!   with istio-cni's `DNS_CAPTURE`; the proxy's own forwarded queries leave from the pod's
-//!   namespace too, marked, so these rules let them through.
+//!   with istio-cni's `DNS_CAPTURE`. The proxy's own forwarded queries leave from the pod's
+//!   namespace too, marked, so these rules let them through; and, as istio-cni does, the raw
+//!   table tracks them and the answers from port 53 in conntrack zone 1. Both the pod and the
+//!   proxy ask the same resolver from the same address, so without the zone a proxy query could
+//!   reuse the un-redirected conntrack entry of a pod query on the same source port (or the
+//!   reverse), and the pod's query would skip the proxy or the proxy's come back to it.
 //!
 //! IPv4 only: the ip6tables twin istio-cni adds on dual-stack clusters is not installed.
 
@@ -44,19 +48,30 @@ const PROBE_SNAT_IP: &str = "169.254.7.127";
 /// How long iptables may wait for the xtables lock another program holds (legacy backend).
 const LOCK_WAIT_SECS: &str = "5";
 
-/// Our chains: (table, chain). Created, flushed and deleted only by us.
-const CHAINS: [(&str, &str); 3] = [
+/// Our chains: (table, chain). Created, flushed and deleted only by us. The raw table's exist
+/// only while DNS is captured.
+const CHAINS: [(&str, &str); 5] = [
     ("mangle", "ISTIO_PRERT"),
     ("mangle", "ISTIO_OUTPUT"),
     ("nat", "ISTIO_OUTPUT"),
+    ("raw", "ISTIO_OUTPUT"),
+    ("raw", "ISTIO_PRERT"),
 ];
 
 /// Jumps from the built-in chains into ours: (table, built-in chain, our chain).
-const JUMPS: [(&str, &str, &str); 3] = [
+const JUMPS: [(&str, &str, &str); 5] = [
     ("mangle", "PREROUTING", "ISTIO_PRERT"),
     ("mangle", "OUTPUT", "ISTIO_OUTPUT"),
     ("nat", "OUTPUT", "ISTIO_OUTPUT"),
+    ("raw", "PREROUTING", "ISTIO_PRERT"),
+    ("raw", "OUTPUT", "ISTIO_OUTPUT"),
 ];
+
+/// Every table we program.
+const TABLES: [&str; 3] = ["mangle", "nat", "raw"];
+
+/// The conntrack zone of the DNS proxy's forwarded queries and of answers from port 53.
+const DNS_CT_ZONE: u16 = 1;
 
 /// Which iptables implementation programs a namespace.
 ///
@@ -333,6 +348,16 @@ fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
                  -j REDIRECT --to-ports {DNS_PORT}"
             ),
         ),
+        (
+            "raw",
+            "ISTIO_OUTPUT",
+            format!("-p udp -m mark --mark {ours} -m udp --dport 53 -j CT --zone {DNS_CT_ZONE}"),
+        ),
+        (
+            "raw",
+            "ISTIO_PRERT",
+            format!("-p udp -m mark ! --mark {ours} -m udp --sport 53 -j CT --zone {DNS_CT_ZONE}"),
+        ),
     ];
     let mut rules = vec![
         // Connections ztunnel makes keep their TPROXY mark on replies (see the mangle OUTPUT rule).
@@ -456,11 +481,17 @@ fn jump_rule(from: &str, to: &str) -> String {
     format!("-A {from} -j {to}")
 }
 
-/// `iptables-restore --noflush` input that (re)creates our chains and adds missing jumps.
+/// `iptables-restore --noflush` input that (re)creates our chains and adds missing jumps; the
+/// raw table's chains only with `dns`, and without it any left from an earlier install are
+/// removed.
 fn install_script(current: &Saved, dns: bool) -> String {
     let rules = chain_rules(dns);
     let mut script = String::new();
-    for table in ["mangle", "nat"] {
+    for table in TABLES {
+        if table == "raw" && !dns {
+            script.push_str(&removal(current, table));
+            continue;
+        }
         script.push_str(&format!("*{table}\n"));
         // Declaring a chain in --noflush mode creates it, or flushes it if it exists.
         for (_, chain) in CHAINS.iter().filter(|(t, _)| *t == table) {
@@ -483,27 +514,31 @@ fn install_script(current: &Saved, dns: bool) -> String {
 
 /// `iptables-restore --noflush` input that deletes our jumps and chains, if any exist.
 fn remove_script(current: &Saved) -> Option<String> {
-    let mut script = String::new();
-    for table in ["mangle", "nat"] {
-        let mut body = String::new();
-        for (_, from, to) in JUMPS.iter().filter(|(t, _, _)| *t == table) {
-            let jump = jump_rule(from, to);
-            for _ in 0..current.count(table, &jump) {
-                body.push_str(&format!("-D {from} -j {to}\n"));
-            }
-        }
-        for (_, chain) in CHAINS
-            .iter()
-            .filter(|(t, c)| *t == table && current.has_chain(t, c))
-        {
-            // Flush first: a chain with rules cannot be deleted.
-            body.push_str(&format!(":{chain} - [0:0]\n-X {chain}\n"));
-        }
-        if !body.is_empty() {
-            script.push_str(&format!("*{table}\n{body}COMMIT\n"));
+    let script: String = TABLES.iter().map(|t| removal(current, t)).collect();
+    (!script.is_empty()).then_some(script)
+}
+
+/// The part of a restore script that deletes our jumps and chains in `table`; empty when none
+/// exist.
+fn removal(current: &Saved, table: &str) -> String {
+    let mut body = String::new();
+    for (_, from, to) in JUMPS.iter().filter(|(t, _, _)| *t == table) {
+        let jump = jump_rule(from, to);
+        for _ in 0..current.count(table, &jump) {
+            body.push_str(&format!("-D {from} -j {to}\n"));
         }
     }
-    (!script.is_empty()).then_some(script)
+    for (_, chain) in CHAINS
+        .iter()
+        .filter(|(t, c)| *t == table && current.has_chain(t, c))
+    {
+        // Flush first: a chain with rules cannot be deleted.
+        body.push_str(&format!(":{chain} - [0:0]\n-X {chain}\n"));
+    }
+    if body.is_empty() {
+        return body;
+    }
+    format!("*{table}\n{body}COMMIT\n")
 }
 
 /// Runs `cmd` (in the calling thread's namespace) and returns its stdout.
@@ -609,15 +644,51 @@ COMMIT
     }
 
     #[test]
-    fn dns_capture_adds_istio_cnis_two_redirects_after_the_probe_rule() {
+    fn dns_capture_adds_istio_cnis_redirects_and_conntrack_zone() {
         let probe = "-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT\n";
         let dns = "\
 -A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053
 -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053
 ";
-        let want = GOLDEN.replace(probe, &format!("{probe}{dns}"));
-        assert_ne!(want, GOLDEN);
+        let raw = "\
+*raw
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_PRERT - [0:0]
+-A ISTIO_OUTPUT -p udp -m mark --mark 0x539/0xfff -m udp --dport 53 -j CT --zone 1
+-A ISTIO_PRERT -p udp -m mark ! --mark 0x539/0xfff -m udp --sport 53 -j CT --zone 1
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+COMMIT
+";
+        let want = GOLDEN.replace(probe, &format!("{probe}{dns}")) + raw;
         assert_eq!(install_script(&Saved::default(), true), want);
+    }
+
+    #[test]
+    fn turning_dns_capture_off_removes_the_conntrack_zone() {
+        let save = "\
+*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_PRERT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -p udp -m mark --mark 0x539/0xfff -m udp --dport 53 -j CT --zone 1
+COMMIT
+";
+        let script = install_script(&Saved::parse(save), false);
+        let removal = "\
+*raw
+-D PREROUTING -j ISTIO_PRERT
+-D OUTPUT -j ISTIO_OUTPUT
+:ISTIO_OUTPUT - [0:0]
+-X ISTIO_OUTPUT
+:ISTIO_PRERT - [0:0]
+-X ISTIO_PRERT
+COMMIT
+";
+        assert_eq!(script, format!("{GOLDEN}{removal}"));
     }
 
     #[test]
@@ -636,7 +707,7 @@ COMMIT
 -A ISTIO_OUTPUT -j ACCEPT
 COMMIT
 ";
-        let script = install_script(&Saved::parse(save), true);
+        let script = install_script(&Saved::parse(save), false);
         assert!(!script.contains("-A PREROUTING"), "{script}");
         assert!(
             !script.contains("-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n*nat"),
