@@ -110,7 +110,8 @@ impl LocalMesh {
                 hbone: hbone::Config::default(),
                 // Each workload's DNS proxy answers the mesh's names; the local mesh forwards
                 // nothing to the host's resolvers.
-                dns: Some(Arc::new(Forwarder::new(Vec::new(), Duration::from_secs(1)))),
+                resolvers: Arc::new(Forwarder::new(Vec::new(), Duration::from_secs(1))),
+                dns_proxy: true,
             });
             ztunnels.push(Ztunnel::start(ctx, node).await?);
         }

@@ -823,3 +823,107 @@ status: {{podIP: 10.0.0.2}}
         "{e}"
     );
 }
+
+/// A `resolution: DNS` ServiceEntry's endpoints are DNS names, resolved by whoever sends them
+/// traffic: its hosts when it lists no endpoints (each host its own service's only endpoint),
+/// or the names its endpoints give. They have no address, are ready, and are reached with
+/// plain TCP.
+#[test]
+fn dns_service_entries_have_named_endpoints() {
+    let s = snapshot(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: egress, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org, Api.Example.com]
+  addresses: [240.240.0.1]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mirrors, namespace: egress}
+spec:
+  hosts: [mirror.internal]
+  addresses: [240.240.0.2]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS_ROUND_ROBIN
+  endpoints: [{address: eu.mirror.example.net, ports: {tls: 8443}}, {address: 10.9.0.1}]
+"#,
+    );
+    let endpoints = |host: &str| -> Vec<(Option<String>, Vec<IpAddr>, Option<u16>)> {
+        let (_, service) = s.service_by_host(host).expect(host);
+        (service.endpoints.iter())
+            .map(|e| {
+                let w = s.workload(e.workload);
+                assert!(w.ready, "{host}: ready");
+                if w.hostname.is_some() {
+                    assert_eq!(
+                        w.protocol,
+                        Protocol::Tcp,
+                        "{host}: a name is reached with TCP"
+                    );
+                }
+                (
+                    w.hostname.as_deref().map(str::to_owned),
+                    w.ips.to_vec(),
+                    e.target_port(0),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        endpoints("httpbin.org"),
+        [(Some("httpbin.org".to_owned()), vec![], Some(8080))]
+    );
+    assert_eq!(
+        endpoints("Api.Example.com"),
+        [(Some("api.example.com".to_owned()), vec![], Some(8080))]
+    );
+    assert_eq!(
+        endpoints("mirror.internal"),
+        [
+            (None, vec![ip("10.9.0.1")], Some(443)),
+            (Some("eu.mirror.example.net".to_owned()), vec![], Some(8443)),
+        ]
+    );
+    let dump = serde_json::to_string(&s.dump()).expect("json");
+    assert!(dump.contains(r#""hostname":"httpbin.org""#), "{dump}");
+}
+
+#[test]
+fn names_are_endpoints_only_where_dns_resolves_them() {
+    let e = problems(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static, namespace: default}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: backend.example.com}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: default}
+spec:
+  hosts: ["*.example.org"]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+"#,
+    );
+    let text = e.to_string();
+    for want in [
+        "ServiceEntry default/static: spec.endpoints[0].address: \"backend.example.com\" is not \
+         an IP address (a DNS name needs `resolution: DNS`)",
+        "ServiceEntry default/wild: spec.hosts[0]: \"*.example.org\" cannot be resolved",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in {text}");
+    }
+}

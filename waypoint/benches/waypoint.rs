@@ -670,7 +670,11 @@ async fn start_ztunnels(config: &Path, ca: MeshCa) -> Vec<Ztunnel> {
             sockets: Arc::new(Loopback),
             live: live.clone(),
             hbone: hbone::Config::default(),
-            dns: None,
+            resolvers: Arc::new(ztunnel::dns::Forwarder::new(
+                Vec::new(),
+                std::time::Duration::from_secs(1),
+            )),
+            dns_proxy: false,
         });
         out.push(Ztunnel::start(ctx, &node).await.expect("ztunnel"));
     }

@@ -78,7 +78,7 @@ enum Command {
         /// `ztunnel cni`) on this ZDS socket, instead of serving workloads on loopback.
         #[arg(long)]
         inpod_uds: Option<PathBuf>,
-        /// An upstream resolver for the DNS proxy's forwarded queries (`ip` or `ip:port`);
+        /// An upstream resolver, for the DNS proxy and for ServiceEntry DNS names (`ip` or `ip:port`);
         /// repeatable. Default: the `nameserver`s of `/etc/resolv.conf`, as upstream.
         #[arg(long = "dns-upstream", value_parser = parse_resolver)]
         dns_upstreams: Vec<SocketAddr>,
@@ -176,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(inpod) => inpod.clone(),
                 None => Arc::new(Loopback),
             };
-            let dns = (!no_dns).then(|| Arc::new(dns_forwarder(dns_upstreams)));
+            let resolvers = Arc::new(resolvers(dns_upstreams));
             let ctx = Arc::new(Ctx {
                 store,
                 certs,
@@ -184,7 +184,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sockets,
                 live: Arc::new(LiveConnections::default()),
                 hbone: hbone::Config::default(),
-                dns,
+                resolvers,
+                dns_proxy: !no_dns,
             });
             let ztunnel = Arc::new(
                 Ztunnel::start(ctx, &node)
@@ -216,22 +217,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long an upstream resolver has to answer a forwarded query.
+/// How long an upstream resolver has to answer a query.
 const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The DNS proxy's upstream resolvers: those given, else `/etc/resolv.conf`'s. Without any, the
-/// proxy still answers the mesh's names (and `SERVFAIL` to the rest).
-fn dns_forwarder(given: Vec<SocketAddr>) -> Forwarder {
+/// The resolvers ztunnel asks (for the DNS proxy, and for ServiceEntry endpoints that are DNS
+/// names): those given, else `/etc/resolv.conf`'s. Without any, the DNS proxy still answers the
+/// mesh's names (and `SERVFAIL` to the rest), and DNS names are unreachable.
+fn resolvers(given: Vec<SocketAddr>) -> Forwarder {
     if !given.is_empty() {
         return Forwarder::new(given, DNS_UPSTREAM_TIMEOUT);
     }
     let path = std::path::Path::new("/etc/resolv.conf");
     let forwarder = Forwarder::from_resolv_conf(path, DNS_UPSTREAM_TIMEOUT).unwrap_or_else(|e| {
-        tracing::warn!(path = %path.display(), error = %e, "no resolvers for the DNS proxy");
+        tracing::warn!(path = %path.display(), error = %e, "no DNS resolvers");
         Forwarder::new(Vec::new(), DNS_UPSTREAM_TIMEOUT)
     });
     if forwarder.upstreams().is_empty() {
-        tracing::warn!("the DNS proxy forwards nothing: it answers mesh names only");
+        tracing::warn!(
+            "no DNS resolvers: the DNS proxy answers mesh names only, and ServiceEntry \
+             endpoints that are DNS names cannot be reached"
+        );
     }
     forwarder
 }

@@ -28,8 +28,13 @@ pub struct Workload {
     /// The SPIFFE identity it presents (its service account's).
     #[serde(serialize_with = "display")]
     pub identity: Identity,
-    /// Addresses; empty while a pod has no IP yet.
+    /// Addresses; empty while a pod has no IP yet, and for a DNS name.
     pub ips: Box<[IpAddr]>,
+    /// The DNS name a `resolution: DNS` ServiceEntry endpoint (or host) is: it has no address
+    /// of its own, and whoever sends it traffic resolves the name at the time, as upstream
+    /// ztunnel resolves a workload's hostname.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<Arc<str>>,
     /// Network (empty = the default network).
     pub network: Arc<str>,
     /// The node it runs on; each ztunnel serves its node's workloads.

@@ -97,7 +97,7 @@ pub struct ServiceEntryPort {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEntryEndpoint {
-    /// IP address (hostnames are not resolved by the mesh model).
+    /// IP address, or with `resolution: DNS` a DNS name the proxies resolve when they choose it.
     #[serde(default)]
     pub address: String,
     /// Port name → endpoint port.

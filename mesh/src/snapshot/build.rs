@@ -461,6 +461,9 @@ impl<'o> Builder<'o> {
                     workloads.push(w);
                 }
             }
+            if resolves_hosts(&se.spec) {
+                workloads.extend(self.service_entry_hosts(origin, se));
+            }
         }
         workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
         workloads.dedup_by(|a, b| a.uid == b.uid);
@@ -703,20 +706,26 @@ impl<'o> Builder<'o> {
                 return None;
             }
         };
-        let Ok(ip) = ep.address.parse::<IpAddr>() else {
-            self.invalid(
-                origin,
-                "ServiceEntry",
-                se,
-                FieldError::new(
-                    field("address"),
-                    format!(
-                        "{:?} is not an IP address (hostnames are not resolved)",
-                        ep.address
-                    ),
-                ),
-            );
-            return None;
+        let (ips, hostname) = match ep.address.parse::<IpAddr>() {
+            Ok(ip) => (vec![ip], None),
+            Err(_) if resolved_by_dns(&se.spec) && is_dns_name(&ep.address) => (
+                Vec::new(),
+                Some(Arc::<str>::from(ep.address.to_ascii_lowercase())),
+            ),
+            Err(_) => {
+                let why = if resolved_by_dns(&se.spec) {
+                    "is neither an IP address nor a DNS name"
+                } else {
+                    "is not an IP address (a DNS name needs `resolution: DNS`)"
+                };
+                self.invalid(
+                    origin,
+                    "ServiceEntry",
+                    se,
+                    FieldError::new(field("address"), format!("{:?} {why}", ep.address)),
+                );
+                return None;
+            }
         };
         let named_ports = ep
             .ports
@@ -724,18 +733,20 @@ impl<'o> Builder<'o> {
             .map(|(n, &p)| (self.interner.get(n), p))
             .collect();
         let uid = format!(
-            "{}/networking.istio.io/ServiceEntry/{namespace}/{}/{ip}",
-            self.options.cluster_id, meta.name
+            "{}/networking.istio.io/ServiceEntry/{namespace}/{}/{}",
+            self.options.cluster_id, meta.name, ep.address
         );
-        let captured = self.enrolled(namespace, &ep.labels);
+        // A name is reached with plain TCP at what it resolves to: there is no pod address to
+        // find its ztunnel by.
+        let captured = hostname.is_none() && self.enrolled(namespace, &ep.labels);
         let locality = Locality::parse(&ep.locality, &mut self.interner);
-        Some(self.workload(
+        let w = self.workload(
             WorkloadKind::ServiceEntry,
             uid,
             meta,
             &ep.labels,
             identity,
-            vec![ip],
+            ips,
             &ep.network,
             None,
             locality,
@@ -745,7 +756,47 @@ impl<'o> Builder<'o> {
             ep.weight.unwrap_or(1),
             (&meta.name, WorkloadType::Pod),
             None,
-        ))
+        );
+        // A name has no address and is ready all the same: it is resolved when chosen.
+        Some(Workload {
+            ready: w.ready || hostname.is_some(),
+            hostname,
+            ..w
+        })
+    }
+
+    /// A `resolution: DNS` ServiceEntry without endpoints or a selector: each host is its own
+    /// endpoint, resolved when chosen, as istiod describes it to ztunnel. A wildcard host names
+    /// no address to resolve and is an error.
+    fn service_entry_hosts(
+        &mut self,
+        origin: &Origin,
+        se: &Object<ServiceEntrySpec>,
+    ) -> Vec<Workload> {
+        let mut hosts = Vec::new();
+        for (i, host) in se.spec.hosts.iter().enumerate() {
+            if !is_dns_name(host) {
+                self.invalid(
+                    origin,
+                    "ServiceEntry",
+                    se,
+                    FieldError::new(
+                        format!("spec.hosts[{i}]"),
+                        format!(
+                            "{host:?} cannot be resolved: with `resolution: DNS` and no \
+                             endpoints each host must be a DNS name (give endpoints for a wildcard)"
+                        ),
+                    ),
+                );
+                continue;
+            }
+            let endpoint = crate::resource::ServiceEntryEndpoint {
+                address: host.clone(),
+                ..Default::default()
+            };
+            hosts.extend(self.service_entry_endpoint(origin, se, i, &endpoint));
+        }
+        hosts
     }
 
     #[allow(clippy::too_many_arguments)] // one constructor for three kinds of workload
@@ -793,6 +844,7 @@ impl<'o> Builder<'o> {
             namespace: self.interner.get(meta.namespace()),
             identity,
             ips: ips.into_boxed_slice(),
+            hostname: None,
             // Unlabelled workloads (pods, entries without one) are on this proxy's network.
             network: self.interner.get(if network.is_empty() {
                 &self.options.network
@@ -1099,10 +1151,26 @@ impl<'o> Builder<'o> {
             .iter()
             .map(|s| Arc::from(&**s))
             .collect();
-        se.spec
-            .hosts
-            .iter()
-            .map(|host| Service {
+        // Hosts that are their own endpoints each get theirs only.
+        let by_host = resolves_hosts(&se.spec);
+        let endpoints_of = |host: &str| -> Box<[Endpoint]> {
+            if !by_host {
+                return endpoints.clone();
+            }
+            (endpoints.iter())
+                .filter(|e| {
+                    let w = &self.workloads[e.workload.index()];
+                    w.hostname.as_deref() == Some(host.to_ascii_lowercase().as_str())
+                })
+                .cloned()
+                .collect()
+        };
+        let hosts: Vec<(&String, Box<[Endpoint]>)> = (se.spec.hosts.iter())
+            .map(|h| (h, endpoints_of(h)))
+            .collect();
+        hosts
+            .into_iter()
+            .map(|(host, endpoints)| Service {
                 name: self.interner.get(&meta.name),
                 namespace: self.interner.get(namespace),
                 hostname: Arc::from(host.as_str()),
@@ -1110,7 +1178,7 @@ impl<'o> Builder<'o> {
                 vips: vips.clone().into_boxed_slice(),
                 ports: ports.clone().into_boxed_slice(),
                 labels: labels.clone(),
-                endpoints: endpoints.clone(),
+                endpoints,
                 subsets: Box::default(),
                 waypoint: None,
                 load_balancing: load_balancing.clone(),
@@ -1374,6 +1442,33 @@ pub(super) fn by_name<S, T>(
 ) -> std::cmp::Ordering {
     (a.1.metadata.namespace(), &a.1.metadata.name)
         .cmp(&(b.1.metadata.namespace(), &b.1.metadata.name))
+}
+
+/// Whether `se`'s endpoints, or its hosts when it has none, are DNS names resolved when chosen
+/// (`resolution: DNS`, or `DNS_ROUND_ROBIN`, which differ only in Envoy's connection pooling).
+fn resolved_by_dns(se: &ServiceEntrySpec) -> bool {
+    matches!(se.resolution.as_deref(), Some("DNS" | "DNS_ROUND_ROBIN"))
+}
+
+/// Whether `se`'s hosts are its endpoints: resolved by DNS, with no endpoints and no selector.
+fn resolves_hosts(se: &ServiceEntrySpec) -> bool {
+    resolved_by_dns(se) && se.endpoints.is_empty() && se.workload_selector.is_none()
+}
+
+/// Whether `name` is a DNS name one can resolve: dot-separated labels of letters, digits and
+/// hyphens, no wildcard, and not an address.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.parse::<IpAddr>().is_err()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn non_empty(s: &str) -> Option<&str> {

@@ -192,7 +192,11 @@ impl Mesh {
                 sockets: Arc::new(Loopback),
                 live: live.clone(),
                 hbone: hbone::Config::default(),
-                dns: None,
+                resolvers: Arc::new(ztunnel::dns::Forwarder::new(
+                    Vec::new(),
+                    std::time::Duration::from_secs(1),
+                )),
+                dns_proxy: false,
             });
             ztunnels.push(Ztunnel::start(ctx, node).await.expect("ztunnel"));
         }

@@ -5,10 +5,15 @@
 //! resolver sees the pod's address, and the pod's egress NetworkPolicy applies, as without the
 //! proxy. The answer is relayed as the upstream resolver wrote it.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,12 +25,26 @@ use crate::socket::SocketFactory;
 /// Largest DNS message over UDP with EDNS, and over TCP.
 const MAX_MESSAGE: usize = 65_535;
 
-/// The upstream resolvers, tried in order.
-#[derive(Debug, Clone)]
+/// The upstream resolvers, tried in order, and the names ztunnel itself resolved with them.
+#[derive(Debug)]
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
     timeout: Duration,
+    /// Addresses looked up by [`Forwarder::lookup`], by name and family, until their TTL ends.
+    resolved: Mutex<HashMap<(Arc<str>, RecordType), Resolved>>,
 }
+
+/// A name's addresses of one family, and until when they hold.
+#[derive(Debug, Clone)]
+struct Resolved {
+    ips: Arc<[IpAddr]>,
+    until: Instant,
+}
+
+/// The shortest and longest a looked-up name is kept, whatever its TTL says: a zero TTL would
+/// cost a query per connection, a day-long one would outlive a moved endpoint.
+const MIN_TTL: Duration = Duration::from_secs(1);
+const MAX_TTL: Duration = Duration::from_secs(300);
 
 /// The workload a query is forwarded for, and what makes its sockets.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +71,11 @@ pub enum ForwardError {
 impl Forwarder {
     /// Forwards to `upstreams`, giving each `timeout` to answer.
     pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Self { upstreams, timeout }
+        Self {
+            upstreams,
+            timeout,
+            resolved: Mutex::default(),
+        }
     }
 
     /// The `nameserver` lines of a `resolv.conf`, on port 53.
@@ -95,6 +118,122 @@ impl Forwarder {
             last = ForwardError::Upstream { upstream, source };
         }
         Err(last)
+    }
+}
+
+/// Why a name ztunnel looked up has no address.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("{0:?} is not a DNS name")]
+    Name(String),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("the resolver's answer is not DNS: {0}")]
+    Answer(String),
+    #[error("the resolver answered {0}")]
+    Failed(ResponseCode),
+    #[error("no address")]
+    NoAddress,
+}
+
+impl Forwarder {
+    /// The addresses `name` resolves to, for `asker` (from where its own queries would leave):
+    /// those of the preferred family (IPv6 with `v6`), else of the other. Kept for their TTL.
+    pub async fn lookup(
+        &self,
+        asker: Asker<'_>,
+        name: &str,
+        v6: bool,
+    ) -> Result<Arc<[IpAddr]>, LookupError> {
+        let (first, second) = if v6 {
+            (RecordType::AAAA, RecordType::A)
+        } else {
+            (RecordType::A, RecordType::AAAA)
+        };
+        let found = self.lookup_type(asker, name, first).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        let found = self.lookup_type(asker, name, second).await?;
+        if found.is_empty() {
+            return Err(LookupError::NoAddress);
+        }
+        Ok(found)
+    }
+
+    async fn lookup_type(
+        &self,
+        asker: Asker<'_>,
+        name: &str,
+        kind: RecordType,
+    ) -> Result<Arc<[IpAddr]>, LookupError> {
+        let key = (Arc::<str>::from(name), kind);
+        let now = Instant::now();
+        if let Some(hit) = self.cache().get(&key).filter(|r| r.until > now) {
+            return Ok(hit.ips.clone());
+        }
+        let mut fqdn = Name::from_ascii(name).map_err(|_| LookupError::Name(name.to_owned()))?;
+        fqdn.set_fqdn(true);
+        let mut query = Message::new();
+        query
+            .set_id(rand::random())
+            .set_recursion_desired(true)
+            .add_query(Query::query(fqdn, kind));
+        let bytes = query
+            .to_vec()
+            .map_err(|e| LookupError::Answer(e.to_string()))?;
+        let mut answer = self.answer(asker, &bytes, false).await?;
+        if answer.truncated() {
+            answer = self.answer(asker, &bytes, true).await?;
+        }
+        match answer.response_code() {
+            ResponseCode::NoError => {}
+            // A name that does not exist has no address; it is not cached (nor is a failure).
+            ResponseCode::NXDomain => return Ok(Arc::from([])),
+            code => return Err(LookupError::Failed(code)),
+        }
+        // The chain of CNAMEs to the addresses comes in the same answer.
+        let mut ttl = MAX_TTL;
+        let ips: Arc<[IpAddr]> = (answer.answers().iter())
+            .filter_map(|r| {
+                let ip = match r.data() {
+                    RData::A(a) if kind == RecordType::A => IpAddr::V4(a.0),
+                    RData::AAAA(a) if kind == RecordType::AAAA => IpAddr::V6(a.0),
+                    _ => return None,
+                };
+                ttl = ttl.min(Duration::from_secs(r.ttl().into()));
+                Some(ip)
+            })
+            .collect();
+        // An empty answer is not kept: the name may have addresses the next time.
+        if !ips.is_empty() {
+            let until = now + ttl.max(MIN_TTL);
+            (self.cache()).insert(
+                key,
+                Resolved {
+                    ips: ips.clone(),
+                    until,
+                },
+            );
+        }
+        Ok(ips)
+    }
+
+    /// `query`'s answer, parsed.
+    async fn answer(
+        &self,
+        asker: Asker<'_>,
+        query: &[u8],
+        tcp: bool,
+    ) -> Result<Message, LookupError> {
+        let answer = self.forward(asker, query, tcp).await?;
+        Message::from_vec(&answer).map_err(|e| LookupError::Answer(e.to_string()))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, RecordType), Resolved>> {
+        self.resolved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

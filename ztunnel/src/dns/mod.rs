@@ -26,7 +26,7 @@ use rand::seq::SliceRandom;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-pub use forward::{Asker, ForwardError, Forwarder};
+pub use forward::{Asker, ForwardError, Forwarder, LookupError};
 use resolve::{Answer, Family, resolve};
 
 use crate::metrics::{DnsLabels, DnsProtocol};

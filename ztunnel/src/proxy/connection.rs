@@ -88,6 +88,11 @@ impl ConnectionGuard {
         }
     }
 
+    /// The destination's address, once known (a DNS name, resolved).
+    pub fn resolved(&mut self, addr: SocketAddr) {
+        self.ends.dst_addr = Some(addr);
+    }
+
     /// The connection reached the destination.
     pub fn established(&mut self) {
         self.established = true;

@@ -62,8 +62,11 @@ pub struct Ctx {
     pub live: Arc<LiveConnections>,
     /// HTTP/2 and TLS settings.
     pub hbone: hbone::Config,
-    /// The DNS proxy's upstream resolvers; `None` turns the proxy off (no DNS listeners).
-    pub dns: Option<Arc<crate::dns::Forwarder>>,
+    /// The resolvers ztunnel asks: for the DNS proxy's forwarded queries, and for the DNS names
+    /// of `resolution: DNS` ServiceEntry endpoints.
+    pub resolvers: Arc<crate::dns::Forwarder>,
+    /// Whether each workload gets a DNS proxy (its DNS listeners).
+    pub dns_proxy: bool,
 }
 
 /// The listeners of one local workload; dropping it stops them (use [`WorkloadProxy::drain`]
@@ -104,7 +107,7 @@ impl WorkloadProxy {
         } else {
             None
         };
-        let dns = match &ctx.dns {
+        let dns = match ctx.dns_proxy.then_some(&ctx.resolvers) {
             Some(upstream) => {
                 let udp = (ctx.sockets.udp(workload, ports::DNS)).map_err(|source| {
                     crate::Error::Bind {

@@ -9,12 +9,14 @@ use hbone::headers::{Forwarded, TraceParent};
 use hbone::{Authority, ChunkIo, ConnectHeaders, ConnectRequest, copy_bidirectional};
 use mesh::Snapshot;
 use mesh::telemetry::Peer;
+use rand::seq::IndexedRandom;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{ConnectionGuard, Direction, Ends};
 use super::route::{Destination, Refusal, Route, route};
 use super::socks5::{self, Reply, Target};
 use super::{Ctx, Local, accept_loop};
+use crate::dns::Asker;
 use crate::metrics::{Reporter, TcpLabels};
 
 pub(super) async fn serve_socks5(
@@ -110,12 +112,7 @@ async fn proxy(
     let source_ip = source.ips.first().copied();
 
     match decision {
-        Route::Refuse(why) => {
-            if socks {
-                let _ = socks5::reply(&mut client, refusal_reply(&why), None).await;
-            }
-            guard.failed("NR", why);
-        }
+        Route::Refuse(why) => refuse(&mut guard, &mut client, socks, why).await,
         Route::Direct {
             next_hop,
             authority,
@@ -172,26 +169,82 @@ async fn proxy(
                 }
             }
         }
-        Route::Passthrough { addr, .. } => match ctx.sockets.connect(source, addr).await {
-            Ok(mut upstream) => {
-                guard.established();
-                if socks
-                    && socks5::reply(&mut client, Reply::Succeeded, upstream.local_addr().ok())
-                        .await
-                        .is_err()
-                {
-                    return;
+        Route::Passthrough { addr, .. } => {
+            plain(ctx, source, addr, &mut guard, &mut client, socks).await;
+        }
+        Route::Resolve { host, port, v6, .. } => {
+            match resolve(ctx, source, &host, port, v6).await {
+                Ok(addr) => {
+                    guard.resolved(addr);
+                    plain(ctx, source, addr, &mut guard, &mut client, socks).await;
                 }
-                carry(&mut guard, &mut client, &mut upstream).await;
+                Err(why) => refuse(&mut guard, &mut client, socks, why).await,
             }
-            Err(e) => {
-                if socks {
-                    let _ = socks5::reply(&mut client, Reply::ConnectionRefused, None).await;
-                }
-                guard.failed("CONNECT", e);
-            }
-        },
+        }
     }
+}
+
+/// Refuses the connection (with a SOCKS5 reply that says why, for `socks`).
+async fn refuse(guard: &mut ConnectionGuard, client: &mut TcpStream, socks: bool, why: Refusal) {
+    if socks {
+        let _ = socks5::reply(client, refusal_reply(&why), None).await;
+    }
+    guard.failed("NR", why);
+}
+
+/// Carries the connection over plain TCP to `addr`, from `source`.
+async fn plain(
+    ctx: &Ctx,
+    source: &mesh::model::Workload,
+    addr: SocketAddr,
+    guard: &mut ConnectionGuard,
+    client: &mut TcpStream,
+    socks: bool,
+) {
+    match ctx.sockets.connect(source, addr).await {
+        Ok(mut upstream) => {
+            guard.established();
+            if socks
+                && socks5::reply(client, Reply::Succeeded, upstream.local_addr().ok())
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            carry(guard, client, &mut upstream).await;
+        }
+        Err(e) => {
+            if socks {
+                let _ = socks5::reply(client, Reply::ConnectionRefused, None).await;
+            }
+            guard.failed("CONNECT", e);
+        }
+    }
+}
+
+/// Where an endpoint that is a DNS name is reached: one of the addresses it resolves to (asked
+/// from where `source`'s own queries leave), chosen at random as each may serve, on `port`.
+async fn resolve(
+    ctx: &Ctx,
+    source: &mesh::model::Workload,
+    host: &str,
+    port: u16,
+    v6: bool,
+) -> Result<SocketAddr, Refusal> {
+    let asker = Asker {
+        workload: source,
+        sockets: &*ctx.sockets,
+    };
+    let unresolved = |reason: String| Refusal::Unresolved {
+        host: host.to_owned(),
+        reason,
+    };
+    let ips =
+        (ctx.resolvers.lookup(asker, host, v6).await).map_err(|e| unresolved(e.to_string()))?;
+    let ip = ips
+        .choose(&mut rand::rng())
+        .ok_or_else(|| unresolved("no address".to_owned()))?;
+    Ok(SocketAddr::new(*ip, port))
 }
 
 /// Where a connection redirected by the capture rules was going (`SO_ORIGINAL_DST`).
@@ -259,6 +312,10 @@ fn describe(snapshot: &Snapshot, decision: &Route) -> Described {
             workload,
             service,
         } => (*workload, *service, Some(*addr), None, None),
+        // The address is known once the name is resolved (`ConnectionGuard::resolved`).
+        Route::Resolve {
+            workload, service, ..
+        } => (Some(*workload), Some(*service), None, None, None),
         Route::Refuse(_) => (None, None, None, None, None),
     }
 }
@@ -266,7 +323,9 @@ fn describe(snapshot: &Snapshot, decision: &Route) -> Described {
 fn refusal_reply(why: &Refusal) -> Reply {
     match why {
         Refusal::SelfCall(_) => Reply::NotAllowed,
-        Refusal::UnknownHost(_) | Refusal::NoVip(_) => Reply::HostUnreachable,
+        Refusal::UnknownHost(_) | Refusal::NoVip(_) | Refusal::Unresolved { .. } => {
+            Reply::HostUnreachable
+        }
         Refusal::UnknownPort { .. } => Reply::ConnectionRefused,
         Refusal::NoHealthyUpstream(_) | Refusal::NoWaypointInstance(_) => Reply::HostUnreachable,
     }

@@ -15,6 +15,8 @@
 //! 4. A workload address with a workload waypoint goes to the waypoint, unless the caller is it.
 //! 5. A captured workload is reached with HBONE on its port 15008, `:authority` = `ip:port`;
 //!    an uncaptured one with plain TCP; an address the mesh does not know is passed through.
+//! 6. An endpoint that is a DNS name (a `resolution: DNS` ServiceEntry's) is reached with plain
+//!    TCP at what the name resolves to, which the proxy looks up when it acts on the decision.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -72,6 +74,19 @@ pub enum Route {
         /// The service, when the caller addressed one.
         service: Option<ServiceId>,
     },
+    /// Plain TCP to what a DNS name resolves to (resolving is I/O, so it is the caller's).
+    Resolve {
+        /// The name.
+        host: std::sync::Arc<str>,
+        /// The port on it.
+        port: u16,
+        /// The address family the caller used (that of the VIP it dialled), preferred.
+        v6: bool,
+        /// The endpoint.
+        workload: WorkloadId,
+        /// The service the caller addressed.
+        service: ServiceId,
+    },
     /// Refused, with the reason.
     Refuse(Refusal),
 }
@@ -99,6 +114,14 @@ pub enum Refusal {
     /// The waypoint has no ready instance.
     #[error("waypoint {0} has no ready instance")]
     NoWaypointInstance(String),
+    /// The endpoint is a DNS name that did not resolve.
+    #[error("{host} did not resolve: {reason}")]
+    Unresolved {
+        /// The name.
+        host: String,
+        /// Why.
+        reason: String,
+    },
     /// A hostname-only service (no VIP) behind a waypoint has no address to carry.
     #[error("service {0} has no VIP to send to its waypoint")]
     NoVip(String),
@@ -169,7 +192,8 @@ fn to_service(
             let w = snapshot.workload(e.workload);
             let target = e.target_port(index)?;
             let rank = rank(lb, source, w)?;
-            (w.ready && !w.ips.is_empty() && w.network == source.network).then_some((
+            let addressed = !w.ips.is_empty() || w.hostname.is_some();
+            (w.ready && addressed && w.network == source.network).then_some((
                 e.workload,
                 target,
                 w.weight.max(1),
@@ -181,7 +205,23 @@ fn to_service(
         return Route::Refuse(Refusal::NoHealthyUpstream(service.hostname.to_string()));
     };
     let w = snapshot.workload(workload);
-    let ip = w.ip_like(vip.unwrap_or(w.ips[0])).unwrap_or(w.ips[0]);
+    let first = match (w.ips.first(), &w.hostname) {
+        (Some(&ip), _) => ip,
+        (None, Some(host)) => {
+            return Route::Resolve {
+                host: host.clone(),
+                port: target,
+                v6: vip.is_some_and(|v| v.is_ipv6()),
+                workload,
+                service: id,
+            };
+        }
+        // Not a candidate: it has nothing to be reached at.
+        (None, None) => {
+            return Route::Refuse(Refusal::NoHealthyUpstream(service.hostname.to_string()));
+        }
+    };
+    let ip = w.ip_like(vip.unwrap_or(first)).unwrap_or(first);
     let mut identities = vec![w.identity.clone()];
     identities.extend(
         service

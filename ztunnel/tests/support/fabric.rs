@@ -168,10 +168,11 @@ pub async fn start_node(
         hbone: hbone::Config::default(),
         // The pods' DNS is captured: mesh names are answered, other names forwarded to the
         // test's resolvers (in its own namespaces).
-        dns: Some(Arc::new(Forwarder::new(
+        resolvers: Arc::new(Forwarder::new(
             mesh.dns_upstreams.clone(),
             std::time::Duration::from_secs(2),
-        ))),
+        )),
+        dns_proxy: true,
     });
     let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
     let uds = dir.join(format!("{node}.sock"));

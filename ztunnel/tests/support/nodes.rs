@@ -69,7 +69,9 @@ impl Nodes {
             sockets,
             live: self.live.clone(),
             hbone: hbone::Config::default(),
-            dns: self.dns.clone(),
+            resolvers: (self.dns.clone())
+                .unwrap_or_else(|| Arc::new(Forwarder::new(Vec::new(), Duration::from_secs(1)))),
+            dns_proxy: self.dns.is_some(),
         });
         Ztunnel::start(ctx, node).await.expect("the ztunnel starts")
     }

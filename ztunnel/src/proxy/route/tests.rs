@@ -107,6 +107,15 @@ spec:
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: STATIC
   endpoints: [{address: 10.9.0.1, network: west}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: bookinfo}
+spec:
+  hosts: [httpbin.org]
+  addresses: [240.0.2.1, "2001:db8::2:1"]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  resolution: DNS
 "#;
 
 fn snapshot() -> Snapshot {
@@ -153,6 +162,12 @@ fn decide(s: &Snapshot, from: &str, dst: Destination<'_>) -> (String, String, St
             "passthrough".into(),
             addr.to_string(),
             String::new(),
+            String::new(),
+        ),
+        Route::Resolve { host, port, v6, .. } => (
+            "resolve".into(),
+            format!("{host}:{port}"),
+            if v6 { "v6" } else { "v4" }.into(),
             String::new(),
         ),
         Route::Refuse(why) => (
@@ -289,6 +304,24 @@ fn decisions() {
                 "",
                 "",
             ),
+        ),
+        (
+            "a ServiceEntry resolved by DNS: its host, to be resolved, on the target port",
+            "10.0.0.1",
+            Destination::Addr(addr("240.0.2.1:80")),
+            t("resolve", "httpbin.org:8080", "v4", ""),
+        ),
+        (
+            "the same dialled on its IPv6 VIP: IPv6 addresses preferred",
+            "10.0.0.1",
+            Destination::Addr(addr("[2001:db8::2:1]:80")),
+            t("resolve", "httpbin.org:8080", "v6", ""),
+        ),
+        (
+            "the same by hostname through SOCKS5",
+            "10.0.0.1",
+            Destination::Host("httpbin.org", 80),
+            t("resolve", "httpbin.org:8080", "v4", ""),
         ),
         (
             "no endpoints",

@@ -1,0 +1,207 @@
+//! ServiceEntries resolved by DNS, end to end on loopback: a connection to such a service's VIP
+//! (or to its host by name, through SOCKS5) reaches what the host's name resolves to, asked of
+//! a resolver this test runs and kept for the answer's TTL; a name that does not resolve is
+//! refused and logged.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use ztunnel::dns::Forwarder;
+use ztunnel::socket::Loopback;
+
+#[path = "support/logs.rs"]
+mod logs;
+#[path = "support/nodes.rs"]
+mod nodes;
+#[path = "support/scratch.rs"]
+mod scratch;
+use nodes::Nodes;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 127.95.1.1}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: backend, namespace: shop}
+spec:
+  hosts: [backend.example.test]
+  addresses: [240.0.95.1]
+  ports: [{number: 80, name: tcp, protocol: TCP, targetPort: 7080}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: gone, namespace: shop}
+spec:
+  hosts: [gone.internal]
+  addresses: [240.0.95.2]
+  ports: [{number: 80, name: tcp, protocol: TCP}]
+  resolution: DNS
+  endpoints: [{address: gone.example.test}]
+"#;
+
+/// The resolver this test plays.
+const RESOLVER: &str = "127.95.9.53:5353";
+/// What `backend.example.test` resolves to.
+const BACKEND: &str = "127.95.5.1";
+
+/// A resolver: `backend.example.test` has one IPv4 address (for 30 s) and no IPv6 one; any
+/// other name does not exist. Notes each question's name and type.
+async fn resolver(asked: Arc<Mutex<Vec<(String, RecordType)>>>) {
+    let udp = UdpSocket::bind(RESOLVER).await.expect("bind the resolver");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+            let q = Message::from_vec(&buf[..n]).expect("a query");
+            let question = &q.queries()[0];
+            let name = question.name().to_ascii();
+            asked
+                .lock()
+                .expect("lock")
+                .push((name.clone(), question.query_type()));
+            let mut r = Message::new();
+            r.set_id(q.id())
+                .set_message_type(MessageType::Response)
+                .add_queries(q.queries().iter().cloned());
+            match (name.as_str(), question.query_type()) {
+                ("backend.example.test.", RecordType::A) => {
+                    let ip = BACKEND.parse().expect("ip");
+                    r.add_answer(Record::from_rdata(
+                        question.name().clone(),
+                        30,
+                        RData::A(A(ip)),
+                    ));
+                }
+                ("backend.example.test.", _) => {}
+                _ => {
+                    r.set_response_code(ResponseCode::NXDomain);
+                }
+            }
+            let _ = udp.send_to(&r.to_vec().expect("encode"), peer).await;
+        }
+    });
+}
+
+/// A SOCKS5 CONNECT from the client to `dst` (an address, or a name and port): the reply code,
+/// and the stream to use once it is 0.
+async fn socks(dst: Result<SocketAddr, (&str, u16)>) -> (u8, TcpStream) {
+    let mut s = TcpStream::connect("127.95.1.1:15080")
+        .await
+        .expect("socks port");
+    let mut req = vec![5, 1, 0, 5, 1, 0];
+    match dst {
+        Ok(SocketAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+            req.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Ok(SocketAddr::V6(_)) => unreachable!("the test mesh is IPv4"),
+        Err((name, port)) => {
+            req.push(3);
+            req.push(u8::try_from(name.len()).expect("short name"));
+            req.extend_from_slice(name.as_bytes());
+            req.extend_from_slice(&port.to_be_bytes());
+        }
+    }
+    s.write_all(&req).await.expect("write");
+    let mut reply = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut reply))
+        .await
+        .expect("a reply in time")
+        .expect("reply");
+    (reply[3], s)
+}
+
+async fn echo_through(mut s: TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.expect("write");
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_entry_resolved_by_dns_reaches_what_its_name_resolves_to() {
+    let log = logs::log();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    resolver(asked.clone()).await;
+    let backend = TcpListener::bind((BACKEND, 7080))
+        .await
+        .expect("bind the backend");
+    let sources = Arc::new(Mutex::new(Vec::<IpAddr>::new()));
+    let seen = sources.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = backend.accept().await {
+            seen.lock().expect("lock").push(peer.ip());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    let mut nodes = Nodes::new(MESH);
+    nodes.dns = Some(Arc::new(Forwarder::new(
+        vec![RESOLVER.parse().expect("addr")],
+        Duration::from_secs(2),
+    )));
+    let _a = nodes.start("node-a", Arc::new(Loopback)).await;
+
+    // The VIP, twice: the name is asked once (its address for IPv4, which the VIP is) and kept.
+    for msg in [&b"one"[..], b"two"] {
+        let (code, s) = socks(Ok("240.0.95.1:80".parse().expect("addr"))).await;
+        assert_eq!(code, 0, "SOCKS5 succeeded");
+        assert_eq!(echo_through(s, msg).await, msg);
+    }
+    assert_eq!(
+        *asked.lock().expect("lock"),
+        [("backend.example.test.".to_owned(), RecordType::A)]
+    );
+    // Plain TCP from the client's own address, as a passthrough is.
+    let client: IpAddr = "127.95.1.1".parse().expect("ip");
+    assert_eq!(*sources.lock().expect("lock"), [client; 2]);
+
+    // The host by name, through SOCKS5: the same endpoint.
+    let (code, s) = socks(Err(("backend.example.test", 80))).await;
+    assert_eq!(code, 0);
+    assert_eq!(echo_through(s, b"three").await, b"three");
+
+    // A name that does not exist: refused as unreachable (SOCKS5 4), after asking for both
+    // families, and logged with the reason.
+    let (code, _) = socks(Ok("240.0.95.2:80".parse().expect("addr"))).await;
+    assert_eq!(code, 4, "host unreachable");
+    let gone: Vec<_> = (asked.lock().expect("lock").iter())
+        .filter(|(name, _)| name == "gone.example.test.")
+        .map(|(_, kind)| *kind)
+        .collect();
+    assert_eq!(gone, [RecordType::A, RecordType::AAAA]);
+    log.line(&[
+        "gone.example.test did not resolve",
+        "response_flags=NR",
+        "dst.service=gone.internal",
+    ])
+    .await;
+    // A resolved connection's log names the address it reached.
+    log.line(&[
+        "dst.addr=127.95.5.1:7080",
+        "dst.service=backend.example.test",
+    ])
+    .await;
+}
