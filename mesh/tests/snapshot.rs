@@ -908,22 +908,36 @@ spec:
   ports: [{number: 80, name: http}]
   resolution: STATIC
   endpoints: [{address: backend.example.com}]
----
+"#,
+    );
+    let text = e.to_string();
+    let want = "ServiceEntry default/static: spec.endpoints[0].address: \"backend.example.com\" is \
+                not an IP address (a DNS name needs `resolution: DNS`)";
+    assert!(text.contains(want), "missing {want:?} in {text}");
+
+    // A wildcard host names nothing to resolve: no endpoints, and a warning. A host written as
+    // an address is that address. Hosts differing in case are one name.
+    let s = snapshot(
+        r#"
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: wild, namespace: default}
+metadata: {name: mixed, namespace: default}
 spec:
-  hosts: ["*.example.org"]
+  hosts: ["*.example.org", 10.9.0.7, db.example.net, DB.example.net]
   ports: [{number: 80, name: http}]
   resolution: DNS
 "#,
     );
-    let text = e.to_string();
-    for want in [
-        "ServiceEntry default/static: spec.endpoints[0].address: \"backend.example.com\" is not \
-         an IP address (a DNS name needs `resolution: DNS`)",
-        "ServiceEntry default/wild: spec.hosts[0]: \"*.example.org\" cannot be resolved",
-    ] {
-        assert!(text.contains(want), "missing {want:?} in {text}");
-    }
+    let count = |host: &str| s.service_by_host(host).expect(host).1.endpoints.len();
+    assert_eq!(count("*.example.org"), 0);
+    assert_eq!(count("10.9.0.7"), 1);
+    assert_eq!(count("db.example.net"), 1);
+    assert_eq!(count("DB.example.net"), 1);
+    let (_, by_ip) = s.service_by_host("10.9.0.7").expect("host");
+    assert_eq!(
+        s.workload(by_ip.endpoints[0].workload).ips.as_ref(),
+        [ip("10.9.0.7")]
+    );
+    let w = s.warnings().join("\n");
+    assert!(w.contains("host \"*.example.org\" has no endpoints"), "{w}");
 }

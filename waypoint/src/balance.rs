@@ -114,6 +114,9 @@ struct Slot {
     weight: u32,
     /// Its services, in `Balancer::memberships`.
     services: Span,
+    /// Whether it has an address to dial: an endpoint that is a DNS name (a `resolution: DNS`
+    /// ServiceEntry's), which this waypoint does not resolve, is never chosen.
+    addressed: bool,
     state: Arc<EndpointState>,
 }
 
@@ -205,6 +208,7 @@ impl Balancer {
                 key: hash_bytes(w.uid.as_bytes()),
                 weight: w.weight.max(1),
                 services: span(&mut memberships, w.services.iter().copied()),
+                addressed: !w.ips.is_empty(),
                 state: carried
                     .get(&*w.uid)
                     .map_or_else(Arc::default, |s| Arc::clone(s)),
@@ -639,6 +643,9 @@ impl<'a> Pool<'a> {
             return None;
         }
         let slot = self.balancer.workloads.get(endpoint.workload.index())?;
+        if !slot.addressed {
+            return None;
+        }
         if self
             .healthy_at
             .is_some_and(|now| slot.state.is_ejected(now))

@@ -66,7 +66,7 @@ spec:
 /// The client's DNS proxy.
 const PROXY: &str = "127.93.1.1:15053";
 /// The upstream resolver this test plays.
-const UPSTREAM: &str = "127.93.9.53:5353";
+const UPSTREAM: &str = "127.93.9.53:10053";
 
 fn query(id: u16, name: &str, kind: RecordType) -> Message {
     let mut m = Message::new();
@@ -352,7 +352,7 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
 }
 
 /// A resolver that takes queries and never answers.
-const SILENT: &str = "127.93.9.54:5353";
+const SILENT: &str = "127.93.9.54:10053";
 
 /// Overload and idleness are contained: with a resolver that never answers, at most 256 UDP
 /// queries of one workload wait for it (each answered `SERVFAIL` once the resolver's time is

@@ -732,9 +732,14 @@ impl<'o> Builder<'o> {
             .iter()
             .map(|(n, &p)| (self.interner.get(n), p))
             .collect();
+        let at = match (ips.first(), &hostname) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Some(name)) => name.to_string(),
+            (None, None) => String::new(),
+        };
         let uid = format!(
-            "{}/networking.istio.io/ServiceEntry/{namespace}/{}/{}",
-            self.options.cluster_id, meta.name, ep.address
+            "{}/networking.istio.io/ServiceEntry/{namespace}/{}/{at}",
+            self.options.cluster_id, meta.name
         );
         // A name is reached with plain TCP at what it resolves to: there is no pod address to
         // find its ztunnel by.
@@ -766,8 +771,9 @@ impl<'o> Builder<'o> {
     }
 
     /// A `resolution: DNS` ServiceEntry without endpoints or a selector: each host is its own
-    /// endpoint, resolved when chosen, as istiod describes it to ztunnel. A wildcard host names
-    /// no address to resolve and is an error.
+    /// endpoint, resolved when chosen (or, written as an address, that address), as istiod
+    /// describes it to ztunnel. A wildcard host names nothing to resolve: it is left without
+    /// endpoints, with a warning (Istio's admission webhook refuses it).
     fn service_entry_hosts(
         &mut self,
         origin: &Origin,
@@ -775,19 +781,13 @@ impl<'o> Builder<'o> {
     ) -> Vec<Workload> {
         let mut hosts = Vec::new();
         for (i, host) in se.spec.hosts.iter().enumerate() {
-            if !is_dns_name(host) {
-                self.invalid(
-                    origin,
-                    "ServiceEntry",
-                    se,
-                    FieldError::new(
-                        format!("spec.hosts[{i}]"),
-                        format!(
-                            "{host:?} cannot be resolved: with `resolution: DNS` and no \
-                             endpoints each host must be a DNS name (give endpoints for a wildcard)"
-                        ),
-                    ),
-                );
+            if !is_dns_name(host) && host.parse::<IpAddr>().is_err() {
+                self.warn(format!(
+                    "ServiceEntry {}/{}: host {host:?} has no endpoints: with `resolution: DNS` \
+                     and no endpoints each host must be a DNS name",
+                    se.metadata.namespace(),
+                    se.metadata.name
+                ));
                 continue;
             }
             let endpoint = crate::resource::ServiceEntryEndpoint {
@@ -1157,10 +1157,12 @@ impl<'o> Builder<'o> {
             if !by_host {
                 return endpoints.clone();
             }
+            let (name, ip) = (host.to_ascii_lowercase(), host.parse::<IpAddr>().ok());
             (endpoints.iter())
                 .filter(|e| {
                     let w = &self.workloads[e.workload.index()];
-                    w.hostname.as_deref() == Some(host.to_ascii_lowercase().as_str())
+                    w.hostname.as_deref() == Some(name.as_str())
+                        || ip.is_some_and(|ip| w.ips.first() == Some(&ip))
                 })
                 .cloned()
                 .collect()

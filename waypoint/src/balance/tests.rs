@@ -192,6 +192,45 @@ const ALL: [&str; 4] = ["web-a", "web-b", "web-c", "web-d"];
 
 // === load balancers ===
 
+/// A ServiceEntry mixing an address with a DNS name: the name, which the waypoint does not
+/// resolve, is never chosen, so the address serves every request.
+#[test]
+fn an_endpoint_that_is_a_dns_name_is_never_chosen() {
+    let s = snapshot(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mixed, namespace: shop}
+spec:
+  hosts: [mixed.example.com]
+  addresses: [240.0.0.9]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+  endpoints: [{address: 10.0.9.1}, {address: far.example.net}]
+"#,
+    );
+    let (id, mixed) = s.service_by_host("mixed.example.com").expect("service");
+    assert_eq!(mixed.endpoints.len(), 2, "both are endpoints");
+    let b = Balancer::new(&s, None);
+    for policy in [
+        LoadBalancer::RoundRobin,
+        LoadBalancer::Random,
+        LoadBalancer::LeastRequest,
+    ] {
+        let chosen = tally(20, || {
+            let c = (b.choose(&s, id, 0, None, &traffic(policy.clone()), None, &[], now()))
+                .expect("an endpoint");
+            s.workload(c.workload)
+                .ips
+                .first()
+                .map(|ip| ip.to_string())
+                .unwrap_or_default()
+        });
+        assert_eq!(names(&chosen), ["10.0.9.1"], "{policy:?}");
+    }
+}
+
 #[test]
 fn round_robin_cycles_over_all_endpoints() {
     let s = snapshot("");

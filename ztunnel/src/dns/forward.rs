@@ -34,17 +34,33 @@ pub struct Forwarder {
     resolved: Mutex<HashMap<(Arc<str>, RecordType), Resolved>>,
 }
 
-/// A name's addresses of one family, and until when they hold.
+/// What a name's lookup of one family found, and until when it holds.
 #[derive(Debug, Clone)]
 struct Resolved {
-    ips: Arc<[IpAddr]>,
+    found: Found,
     until: Instant,
+}
+
+/// What the resolvers said of a name, for one family.
+#[derive(Debug, Clone)]
+enum Found {
+    Addresses(Arc<[IpAddr]>),
+    /// The name exists without addresses of the family.
+    NoData,
+    /// The name does not exist (`NXDOMAIN`).
+    NoSuchName,
 }
 
 /// The shortest and longest a looked-up name is kept, whatever its TTL says: a zero TTL would
 /// cost a query per connection, a day-long one would outlive a moved endpoint.
 const MIN_TTL: Duration = Duration::from_secs(1);
 const MAX_TTL: Duration = Duration::from_secs(300);
+
+/// The longest a name without addresses is kept (and how long without the zone's word on it).
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
+/// Past this many names, expired ones are dropped before another is kept.
+const PRUNE_AT: usize = 256;
 
 /// The workload a query is forwarded for, and what makes its sockets.
 #[derive(Debug, Clone, Copy)]
@@ -134,11 +150,15 @@ pub enum LookupError {
     Failed(ResponseCode),
     #[error("no address")]
     NoAddress,
+    #[error("no such name")]
+    NoSuchName,
 }
 
 impl Forwarder {
-    /// The addresses `name` resolves to, for `asker` (from where its own queries would leave):
-    /// those of the preferred family (IPv6 with `v6`), else of the other. Kept for their TTL.
+    /// The addresses `name` resolves to, asked for `asker` (from where its own queries would
+    /// leave): those of the preferred family (IPv6 with `v6`), else of the other, as a resolver
+    /// library's combined lookup gives them. Answers, empty ones included, are kept for their
+    /// TTL and shared by every workload of this ztunnel.
     pub async fn lookup(
         &self,
         asker: Asker<'_>,
@@ -150,15 +170,19 @@ impl Forwarder {
         } else {
             (RecordType::A, RecordType::AAAA)
         };
-        let found = self.lookup_type(asker, name, first).await?;
-        if !found.is_empty() {
-            return Ok(found);
+        let failed = match self.lookup_type(asker, name, first).await {
+            Ok(Found::Addresses(ips)) => return Ok(ips),
+            Ok(Found::NoSuchName) => return Err(LookupError::NoSuchName),
+            Ok(Found::NoData) => None,
+            // The other family may still answer (a resolver that mishandles AAAA, say).
+            Err(e) => Some(e),
+        };
+        match self.lookup_type(asker, name, second).await {
+            Ok(Found::Addresses(ips)) => Ok(ips),
+            Ok(Found::NoSuchName) => Err(LookupError::NoSuchName),
+            Ok(Found::NoData) => Err(failed.unwrap_or(LookupError::NoAddress)),
+            Err(e) => Err(failed.unwrap_or(e)),
         }
-        let found = self.lookup_type(asker, name, second).await?;
-        if found.is_empty() {
-            return Err(LookupError::NoAddress);
-        }
-        Ok(found)
     }
 
     async fn lookup_type(
@@ -166,11 +190,11 @@ impl Forwarder {
         asker: Asker<'_>,
         name: &str,
         kind: RecordType,
-    ) -> Result<Arc<[IpAddr]>, LookupError> {
+    ) -> Result<Found, LookupError> {
         let key = (Arc::<str>::from(name), kind);
         let now = Instant::now();
         if let Some(hit) = self.cache().get(&key).filter(|r| r.until > now) {
-            return Ok(hit.ips.clone());
+            return Ok(hit.found.clone());
         }
         let mut fqdn = Name::from_ascii(name).map_err(|_| LookupError::Name(name.to_owned()))?;
         fqdn.set_fqdn(true);
@@ -186,37 +210,53 @@ impl Forwarder {
         if answer.truncated() {
             answer = self.answer(asker, &bytes, true).await?;
         }
-        match answer.response_code() {
-            ResponseCode::NoError => {}
-            // A name that does not exist has no address; it is not cached (nor is a failure).
-            ResponseCode::NXDomain => return Ok(Arc::from([])),
+        let found = match answer.response_code() {
+            ResponseCode::NoError => {
+                // The chain of CNAMEs to the addresses comes in the same answer.
+                let ips: Arc<[IpAddr]> = (answer.answers().iter())
+                    .filter_map(|r| match r.data() {
+                        RData::A(a) if kind == RecordType::A => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) if kind == RecordType::AAAA => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    })
+                    .collect();
+                if ips.is_empty() {
+                    Found::NoData
+                } else {
+                    Found::Addresses(ips)
+                }
+            }
+            ResponseCode::NXDomain => Found::NoSuchName,
+            // A failure is not kept: the next connection asks again.
             code => return Err(LookupError::Failed(code)),
+        };
+        let ttl = match found {
+            Found::Addresses(_) => (answer.answers().iter())
+                .map(|r| Duration::from_secs(r.ttl().into()))
+                .min()
+                .unwrap_or(MIN_TTL)
+                .clamp(MIN_TTL, MAX_TTL),
+            // As long as the zone says a negative answer holds (RFC 2308), within bounds.
+            Found::NoData | Found::NoSuchName => (answer.name_servers().iter())
+                .find_map(|r| match r.data() {
+                    RData::SOA(soa) => Some(r.ttl().min(soa.minimum())),
+                    _ => None,
+                })
+                .map_or(NEGATIVE_TTL, |secs| Duration::from_secs(secs.into()))
+                .clamp(MIN_TTL, NEGATIVE_TTL),
+        };
+        let mut cache = self.cache();
+        if cache.len() >= PRUNE_AT {
+            cache.retain(|_, r| r.until > now);
         }
-        // The chain of CNAMEs to the addresses comes in the same answer.
-        let mut ttl = MAX_TTL;
-        let ips: Arc<[IpAddr]> = (answer.answers().iter())
-            .filter_map(|r| {
-                let ip = match r.data() {
-                    RData::A(a) if kind == RecordType::A => IpAddr::V4(a.0),
-                    RData::AAAA(a) if kind == RecordType::AAAA => IpAddr::V6(a.0),
-                    _ => return None,
-                };
-                ttl = ttl.min(Duration::from_secs(r.ttl().into()));
-                Some(ip)
-            })
-            .collect();
-        // An empty answer is not kept: the name may have addresses the next time.
-        if !ips.is_empty() {
-            let until = now + ttl.max(MIN_TTL);
-            (self.cache()).insert(
-                key,
-                Resolved {
-                    ips: ips.clone(),
-                    until,
-                },
-            );
-        }
-        Ok(ips)
+        cache.insert(
+            key,
+            Resolved {
+                found: found.clone(),
+                until: now + ttl,
+            },
+        );
+        Ok(found)
     }
 
     /// `query`'s answer, parsed.

@@ -112,7 +112,7 @@ async fn proxy(
     let source_ip = source.ips.first().copied();
 
     match decision {
-        Route::Refuse(why) => refuse(&mut guard, &mut client, socks, why).await,
+        Route::Refuse(why) => refuse(&mut guard, &mut client, socks, "NR", why).await,
         Route::Direct {
             next_hop,
             authority,
@@ -178,18 +178,25 @@ async fn proxy(
                     guard.resolved(addr);
                     plain(ctx, source, addr, &mut guard, &mut client, socks).await;
                 }
-                Err(why) => refuse(&mut guard, &mut client, socks, why).await,
+                Err(why) => refuse(&mut guard, &mut client, socks, "DF", why).await,
             }
         }
     }
 }
 
-/// Refuses the connection (with a SOCKS5 reply that says why, for `socks`).
-async fn refuse(guard: &mut ConnectionGuard, client: &mut TcpStream, socks: bool, why: Refusal) {
+/// Refuses the connection (with a SOCKS5 reply that says why, for `socks`), with Envoy's
+/// response `flag` (`NR`: no route; `DF`: DNS resolution failed).
+async fn refuse(
+    guard: &mut ConnectionGuard,
+    client: &mut TcpStream,
+    socks: bool,
+    flag: &str,
+    why: Refusal,
+) {
     if socks {
         let _ = socks5::reply(client, refusal_reply(&why), None).await;
     }
-    guard.failed("NR", why);
+    guard.failed(flag, why);
 }
 
 /// Carries the connection over plain TCP to `addr`, from `source`.
@@ -222,6 +229,10 @@ async fn plain(
     }
 }
 
+/// The longest a connection waits for its destination's name to resolve, whatever the number
+/// of resolvers and families tried.
+const LOOKUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where an endpoint that is a DNS name is reached: one of the addresses it resolves to (asked
 /// from where `source`'s own queries leave), chosen at random as each may serve, on `port`.
 async fn resolve(
@@ -239,8 +250,11 @@ async fn resolve(
         host: host.to_owned(),
         reason,
     };
-    let ips =
-        (ctx.resolvers.lookup(asker, host, v6).await).map_err(|e| unresolved(e.to_string()))?;
+    let lookup = ctx.resolvers.lookup(asker, host, v6);
+    let ips = match tokio::time::timeout(LOOKUP_DEADLINE, lookup).await {
+        Ok(found) => found.map_err(|e| unresolved(e.to_string()))?,
+        Err(_) => return Err(unresolved("no answer in time".to_owned())),
+    };
     let ip = ips
         .choose(&mut rand::rng())
         .ok_or_else(|| unresolved("no address".to_owned()))?;

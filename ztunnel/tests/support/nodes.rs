@@ -28,8 +28,10 @@ pub(crate) struct Nodes {
     pub(crate) certs: Arc<CertManager>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) live: Arc<LiveConnections>,
-    /// The DNS proxy's upstream resolvers; none (no DNS proxy) unless a test sets them.
+    /// The resolvers ztunnel asks; none (and no DNS proxy) unless a test sets them.
     pub(crate) dns: Option<Arc<Forwarder>>,
+    /// Whether, with resolvers, each workload gets a DNS proxy (`ztunnel run --no-dns`: not).
+    pub(crate) dns_proxy: bool,
     registry: Registry,
     _watch: WatchHandle,
 }
@@ -55,6 +57,7 @@ impl Nodes {
             metrics,
             live: Arc::new(LiveConnections::default()),
             dns: None,
+            dns_proxy: true,
             registry,
             _watch: watch,
         }
@@ -71,7 +74,7 @@ impl Nodes {
             hbone: hbone::Config::default(),
             resolvers: (self.dns.clone())
                 .unwrap_or_else(|| Arc::new(Forwarder::new(Vec::new(), Duration::from_secs(1)))),
-            dns_proxy: self.dns.is_some(),
+            dns_proxy: self.dns.is_some() && self.dns_proxy,
         });
         Ztunnel::start(ctx, node).await.expect("the ztunnel starts")
     }
