@@ -4,6 +4,9 @@
 //! rules let it out instead of sending it back to the proxy), or its own address. So the
 //! resolver sees the pod's address, and the pod's egress NetworkPolicy applies, as without the
 //! proxy. The answer is relayed as the upstream resolver wrote it.
+//!
+//! The same resolvers answer what ztunnel itself must resolve: the ServiceEntry endpoints that
+//! are DNS names ([`Forwarder::lookup`]), asked the same way, on the connecting workload's behalf.
 
 use std::collections::HashMap;
 use std::io;
