@@ -126,7 +126,9 @@ impl Peer {
         peer
     }
 
-    fn encode(&self, side: &'static str, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+    /// Writes the labels as `side_workload`, `side_canonical_service` and so on, for label sets
+    /// that carry one end of the traffic among labels of their own.
+    pub fn encode(&self, side: &'static str, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
         for (name, value) in [
             ("workload", &self.workload),
             ("canonical_service", &self.canonical_service),

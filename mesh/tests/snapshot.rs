@@ -941,3 +941,136 @@ spec:
     let w = s.warnings().join("\n");
     assert!(w.contains("host \"*.example.org\" has no endpoints"), "{w}");
 }
+
+/// A ServiceEntry that declares no addresses gets, for each host it names, one from
+/// 240.240.0.0/16 and one from 2001:2::/48, as istiod's IP auto-allocation gives them: the
+/// same in every proxy that reads the same files, never one another service has, and those of
+/// `status.addresses` where a cluster already allocated them.
+#[test]
+fn service_entries_without_addresses_get_addresses_allocated() {
+    let entries = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: egress}
+spec:
+  hosts: [api.example.com, files.example.com, "*.example.org", 10.9.0.7]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: egress}
+spec:
+  hosts: [db.internal]
+  ports: [{number: 5432, name: tcp}]
+  resolution: STATIC
+  endpoints: [{address: 10.9.0.8}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: unresolved, namespace: egress}
+spec:
+  hosts: [none.example.com]
+  ports: [{number: 80, name: http}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: opted-out
+  namespace: egress
+  labels: {networking.istio.io/enable-autoallocate-ip: "False"}
+spec:
+  hosts: [out.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: exported, namespace: egress}
+spec:
+  hosts: [pinned.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+status:
+  addresses:
+  - {host: pinned.example.com, value: 240.240.9.9}
+  - {host: pinned.example.com, value: "2001:2::9:9"}
+  - {host: gone.example.com, value: 240.240.9.10}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: broken, namespace: egress}
+spec:
+  hosts: [broken.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+status:
+  addresses: [{host: broken.example.com, value: not-an-ip}]
+"#;
+    let s = snapshot(entries);
+    let vips = |s: &mesh::Snapshot, host: &str| -> Vec<IpAddr> {
+        s.service_by_host(host).expect(host).1.vips.to_vec()
+    };
+    // The slots FNV-1a of "namespace/name/host" picks.
+    assert_eq!(
+        vips(&s, "api.example.com"),
+        [ip("240.240.145.192"), ip("2001:2::91:c0")]
+    );
+    assert_eq!(
+        vips(&s, "files.example.com"),
+        [ip("240.240.13.69"), ip("2001:2::d:45")]
+    );
+    assert_eq!(
+        vips(&s, "db.internal"),
+        [ip("240.240.157.238"), ip("2001:2::9d:ee")]
+    );
+    assert_eq!(
+        vips(&s, "broken.example.com"),
+        [ip("240.240.194.34"), ip("2001:2::c2:22")]
+    );
+    for host in [
+        "*.example.org",
+        "10.9.0.7",
+        "none.example.com",
+        "out.example.com",
+    ] {
+        assert!(vips(&s, host).is_empty(), "{host}");
+    }
+    assert_eq!(
+        vips(&s, "pinned.example.com"),
+        [ip("240.240.9.9"), ip("2001:2::9:9")]
+    );
+    // They route: a lookup by address finds the host.
+    let (_, by_vip) = s.service_by_vip(ip("2001:2::91:c0")).expect("by vip");
+    assert_eq!(&*by_vip.hostname, "api.example.com");
+    let w = s.warnings().join("\n");
+    assert!(
+        w.contains("status.addresses[0].value: \"not-an-ip\" is not an IP address"),
+        "{w}"
+    );
+
+    // Another service holding the slot's address pushes the host to the next free slot.
+    let taken = format!(
+        "{entries}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: declared, namespace: default}}
+spec:
+  hosts: [declared.example.com]
+  addresses: [240.240.145.192]
+  ports: [{{number: 80, name: http}}]
+  resolution: DNS
+"
+    );
+    let s = snapshot(&taken);
+    assert_eq!(
+        vips(&s, "api.example.com"),
+        [ip("240.240.145.193"), ip("2001:2::91:c1")]
+    );
+    assert_eq!(vips(&s, "declared.example.com"), [ip("240.240.145.192")]);
+    assert_eq!(
+        vips(&s, "files.example.com"),
+        [ip("240.240.13.69"), ip("2001:2::d:45")],
+        "the others stay"
+    );
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use mesh::model::Service;
 use mesh::telemetry::{Peer, Traffic};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -73,6 +73,21 @@ pub struct DnsLabels {
     pub source_canonical_revision: String,
 }
 
+/// The labels of `istio_on_demand_dns_total`, as upstream's: the workload whose connection
+/// needed a name resolved, and the name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OnDemandDnsLabels {
+    pub source: Peer,
+    pub hostname: String,
+}
+
+impl EncodeLabelSet for OnDemandDnsLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        self.source.encode("source", encoder)?;
+        ("hostname", self.hostname.as_str()).encode(encoder.encode_label())
+    }
+}
+
 /// The ztunnel's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -101,6 +116,9 @@ pub struct Metrics {
     pub dns_upstream_failures: Family<DnsLabels, Counter>,
     /// `istio_dns_upstream_request_duration_seconds`.
     pub dns_upstream_duration: Family<DnsLabels, Histogram>,
+    /// `istio_on_demand_dns_total`: connections to an endpoint known by name, each of which
+    /// looked the name up (answered from the cache or not).
+    pub on_demand_dns: Family<OnDemandDnsLabels, Counter>,
     /// Queries that were not DNS messages (answered `FORMERR` when they had an id).
     pub dns_malformed: Counter,
     /// UDP queries dropped because too many were in flight for their workload.
@@ -125,6 +143,7 @@ impl Default for Metrics {
             dns_upstream_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 14))
             }),
+            on_demand_dns: Family::default(),
             dns_malformed: Counter::default(),
             dns_dropped: Counter::default(),
         }
@@ -179,6 +198,11 @@ impl Metrics {
             "dns_upstream_request_duration_seconds",
             "Time upstream resolvers took to answer",
             self.dns_upstream_duration.clone(),
+        );
+        istio.register(
+            "on_demand_dns",
+            "Connections whose endpoint's name was looked up",
+            self.on_demand_dns.clone(),
         );
         let z = registry.sub_registry_with_prefix("ztunnel");
         z.register(

@@ -56,6 +56,15 @@ kind: Pod
 metadata: {name: outsider, namespace: legacy}
 spec: {nodeName: node-a}
 status: {podIP: 198.19.7.9}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: legacy}
+spec:
+  hosts: [db.legacy.test]
+  ports: [{number: 5432, name: tcp, protocol: TCP, targetPort: 8080}]
+  resolution: STATIC
+  endpoints: [{address: 198.19.7.9}]
 "#;
 
 /// An echo server inside `netns` on port 8080 that prefixes its answer with `name`.
@@ -262,6 +271,7 @@ async fn captured_pods_talk_through_hbone() {
     let outsider = Arc::new(fabric.pod(9));
     echo_server(&echo_a, "echo-a");
     echo_server(&echo_b, "echo-b");
+    echo_server(&outsider, "outsider");
     let seen = resolver(&outsider);
 
     let dir = std::env::temp_dir().join(format!("ztunnel-capture-{}", std::process::id()));
@@ -327,6 +337,19 @@ async fn captured_pods_talk_through_hbone() {
         .map(|(tcp, a)| (*tcp, a.ip()))
         .collect();
     assert_eq!(sources, [(false, pod), (true, pod)]);
+
+    // A ServiceEntry that declares no address: the DNS proxy answers with the one allocated to
+    // its host, and a pod's connection to it is captured and reaches the entry's endpoint (out
+    // of the mesh, so as plain TCP).
+    let (answer, _) = dns_query(&client, "db.legacy.test.", false);
+    let [allocated] = &answer[..] else {
+        panic!("one address: {answer:?}");
+    };
+    assert!(allocated.starts_with("240.240."), "{allocated}");
+    let answer = exchange(client.clone(), &format!("{allocated}:5432"), "egress")
+        .await
+        .expect("egress");
+    assert_eq!(answer, "outsider:egress");
 
     // SOCKS5 opens connections as the pod: it listens on the pod's loopback only.
     let listening = std::process::Command::new("ip")

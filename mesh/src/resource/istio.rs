@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::authz::{PolicyTargetReference, WorkloadSelector};
 
+use super::Status;
+
 /// `WorkloadEntry.spec`: a workload that is not a pod (a VM, a process on the host).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -65,6 +67,34 @@ pub struct ServiceEntrySpec {
     /// Identities the endpoints may present, in addition to their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
+}
+
+/// `ServiceEntry.status`: only the addresses istiod's IP auto-allocation controller wrote, which
+/// pin a host's addresses when the configuration was exported from a cluster.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryStatus {
+    /// One address of one host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<ServiceEntryAddress>,
+}
+
+impl Status for ServiceEntryStatus {
+    fn is_absent(&self) -> bool {
+        self.addresses.is_empty()
+    }
+}
+
+/// One of `ServiceEntry.status.addresses`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryAddress {
+    /// The address.
+    #[serde(default)]
+    pub value: String,
+    /// The host it was allocated to.
+    #[serde(default)]
+    pub host: String,
 }
 
 /// `ServiceEntry.spec.workloadSelector` (the field is `labels`, unlike policies' `matchLabels`).

@@ -145,7 +145,7 @@ pub enum Resource {
     /// `networking.istio.io WorkloadEntry`.
     WorkloadEntry(Object<WorkloadEntrySpec>),
     /// `networking.istio.io ServiceEntry`.
-    ServiceEntry(Object<ServiceEntrySpec>),
+    ServiceEntry(Object<ServiceEntrySpec, ServiceEntryStatus>),
     /// `gateway.networking.k8s.io Gateway`; only waypoints matter to the mesh.
     Gateway(Object<GatewaySpec>),
     /// `gateway.networking.k8s.io GatewayClass` (cluster-scoped); only its annotations matter.

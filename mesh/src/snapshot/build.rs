@@ -23,7 +23,7 @@ use crate::model::{
 };
 use crate::resource::{
     GatewayClassSpec, GatewaySpec, Located, Object, ObjectMeta, PodSpec, PodStatus, Resource,
-    ServiceEntrySpec, ServiceSpec, TargetPort, WorkloadEntrySpec,
+    ServiceEntrySpec, ServiceEntryStatus, ServiceSpec, TargetPort, WorkloadEntrySpec,
 };
 
 /// Label enrolling a namespace or pod in ambient mode.
@@ -66,7 +66,7 @@ pub(super) struct Kinds<'r> {
     pub(super) services: Vec<(&'r Origin, &'r Object<ServiceSpec>)>,
     pub(super) pods: Vec<(&'r Origin, &'r Object<PodSpec, PodStatus>)>,
     pub(super) workload_entries: Vec<(&'r Origin, &'r Object<WorkloadEntrySpec>)>,
-    pub(super) service_entries: Vec<(&'r Origin, &'r Object<ServiceEntrySpec>)>,
+    pub(super) service_entries: Vec<(&'r Origin, &'r Object<ServiceEntrySpec, ServiceEntryStatus>)>,
     pub(super) gateways: Vec<(&'r Origin, &'r Object<GatewaySpec>)>,
     pub(super) gateway_classes: Vec<(&'r Origin, &'r Object<GatewayClassSpec>)>,
     pub(super) http_routes: Vec<(&'r Origin, &'r Object<crate::route::HttpRouteSpec>)>,
@@ -686,7 +686,7 @@ impl<'o> Builder<'o> {
     fn service_entry_endpoint(
         &mut self,
         origin: &Origin,
-        se: &Object<ServiceEntrySpec>,
+        se: &Object<ServiceEntrySpec, ServiceEntryStatus>,
         index: usize,
         ep: &crate::resource::ServiceEntryEndpoint,
     ) -> Option<Workload> {
@@ -777,7 +777,7 @@ impl<'o> Builder<'o> {
     fn service_entry_hosts(
         &mut self,
         origin: &Origin,
-        se: &Object<ServiceEntrySpec>,
+        se: &Object<ServiceEntrySpec, ServiceEntryStatus>,
     ) -> Vec<Workload> {
         let mut hosts = Vec::new();
         for (i, host) in se.spec.hosts.iter().enumerate() {
@@ -881,18 +881,25 @@ impl<'o> Builder<'o> {
     // === services ===
 
     fn services(&mut self, kinds: &Kinds<'_>) {
-        let mut services = Vec::new();
+        // Each with whether it wants addresses allocated.
+        let mut services: Vec<(Service, bool)> = Vec::new();
         for &(origin, svc) in &kinds.services {
             if let Some(s) = self.kube_service(origin, svc) {
-                services.push(s);
+                services.push((s, false));
             }
         }
         for &(origin, se) in &kinds.service_entries {
             services.extend(self.service_entry(origin, se));
         }
-        services.sort_by(|a, b| {
+        services.sort_by(|(a, _), (b, _)| {
             (&a.namespace, &a.name, &a.hostname).cmp(&(&b.namespace, &b.name, &b.hostname))
         });
+        for host in super::allocate::assign(&mut services) {
+            self.warnings.push(format!(
+                "{host}: every address of 240.240.0.0/16 is taken; it gets none"
+            ));
+        }
+        let services: Vec<Service> = services.into_iter().map(|(s, _)| s).collect();
         let mut memberships: Vec<Vec<ServiceId>> = vec![Vec::new(); self.workloads.len()];
         for (i, s) in services.iter().enumerate() {
             let id = ServiceId(i as u32);
@@ -1042,7 +1049,12 @@ impl<'o> Builder<'o> {
         })
     }
 
-    fn service_entry(&mut self, origin: &Origin, se: &Object<ServiceEntrySpec>) -> Vec<Service> {
+    /// The services of `se`, one per host, each with whether it wants addresses allocated.
+    fn service_entry(
+        &mut self,
+        origin: &Origin,
+        se: &Object<ServiceEntrySpec, ServiceEntryStatus>,
+    ) -> Vec<(Service, bool)> {
         let meta = &se.metadata;
         let namespace = meta.namespace();
         let internal = match se.spec.location.as_deref() {
@@ -1170,25 +1182,62 @@ impl<'o> Builder<'o> {
         let hosts: Vec<(&String, Box<[Endpoint]>)> = (se.spec.hosts.iter())
             .map(|h| (h, endpoints_of(h)))
             .collect();
+        let allocated = vips.is_empty() && allocates(se);
         hosts
             .into_iter()
-            .map(|(host, endpoints)| Service {
-                name: self.interner.get(&meta.name),
-                namespace: self.interner.get(namespace),
-                hostname: Arc::from(host.as_str()),
-                kind: ServiceKind::ServiceEntry { internal },
-                vips: vips.clone().into_boxed_slice(),
-                ports: ports.clone().into_boxed_slice(),
-                labels: labels.clone(),
-                endpoints,
-                subsets: Box::default(),
-                waypoint: None,
-                load_balancing: load_balancing.clone(),
-                subject_alt_names: sans.clone(),
-                policies: Box::default(),
-                plugins: Box::default(),
+            .map(|(host, endpoints)| {
+                let named = !host.starts_with('*') && host.parse::<IpAddr>().is_err();
+                let (vips, wanted) = match allocated && named {
+                    true => self.allocated(origin, se, host),
+                    false => (vips.clone(), false),
+                };
+                let service = Service {
+                    name: self.interner.get(&meta.name),
+                    namespace: self.interner.get(namespace),
+                    hostname: Arc::from(host.as_str()),
+                    kind: ServiceKind::ServiceEntry { internal },
+                    vips: vips.into_boxed_slice(),
+                    ports: ports.clone().into_boxed_slice(),
+                    labels: labels.clone(),
+                    endpoints,
+                    subsets: Box::default(),
+                    waypoint: None,
+                    load_balancing: load_balancing.clone(),
+                    subject_alt_names: sans.clone(),
+                    policies: Box::default(),
+                    plugins: Box::default(),
+                };
+                (service, wanted)
             })
             .collect()
+    }
+
+    /// The addresses `status.addresses` holds for `host` of `se`, which allocation wrote and
+    /// which stay; none: it wants them allocated.
+    fn allocated(
+        &mut self,
+        origin: &Origin,
+        se: &Object<ServiceEntrySpec, ServiceEntryStatus>,
+        host: &str,
+    ) -> (Vec<IpAddr>, bool) {
+        let mut kept = Vec::new();
+        for (i, a) in se.status.addresses.iter().enumerate() {
+            if !a.host.eq_ignore_ascii_case(host) {
+                continue;
+            }
+            match a.value.parse::<IpAddr>() {
+                Ok(ip) => kept.push(ip),
+                Err(_) => self.warn(format!(
+                    "{origin}: ServiceEntry {}/{}: status.addresses[{i}].value: {:?} is not an \
+                     IP address; {host} gets an address of its own",
+                    se.metadata.namespace(),
+                    se.metadata.name,
+                    a.value
+                )),
+            }
+        }
+        let wanted = kept.is_empty();
+        (kept, wanted)
     }
 
     // === waypoint bindings ===
@@ -1450,6 +1499,18 @@ pub(super) fn by_name<S, T>(
 /// (`resolution: DNS`, or `DNS_ROUND_ROBIN`, which differ only in Envoy's connection pooling).
 fn resolved_by_dns(se: &ServiceEntrySpec) -> bool {
     matches!(se.resolution.as_deref(), Some("DNS" | "DNS_ROUND_ROBIN"))
+}
+
+/// Whether `se`'s hosts get addresses allocated when it declares none: as istiod's, unless its
+/// resolution is `NONE` (the default: nothing routes by address then) or it opts out.
+fn allocates(se: &Object<ServiceEntrySpec, ServiceEntryStatus>) -> bool {
+    let resolved = matches!(
+        se.spec.resolution.as_deref(),
+        Some("STATIC" | "DNS" | "DNS_ROUND_ROBIN")
+    );
+    let opted_out = (se.metadata.labels.get(super::allocate::OPT_OUT))
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"));
+    resolved && !opted_out
 }
 
 /// Whether `se`'s hosts are its endpoints: resolved by DNS, with no endpoints and no selector.

@@ -6,6 +6,7 @@
 //! building, because a snapshot is built once per configuration change and read millions of
 //! times.
 
+mod allocate;
 mod attach;
 mod build;
 mod dump;

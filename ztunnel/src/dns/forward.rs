@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, Query, ResponseCode};
@@ -20,6 +20,7 @@ use hickory_proto::rr::{Name, RData, RecordType};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use mesh::model::Workload;
 
@@ -34,8 +35,17 @@ pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
     timeout: Duration,
     /// Addresses looked up by [`Forwarder::lookup`], by name and family, until their TTL ends.
-    resolved: Mutex<HashMap<(Arc<str>, RecordType), Resolved>>,
+    resolved: Mutex<HashMap<Key, Resolved>>,
+    /// Lookups being asked, by name and family: who needs the same waits for the first asker's
+    /// answer instead of asking again, so a burst of connections to one name sends one query.
+    asking: Mutex<HashMap<Key, watch::Receiver<Option<Looked>>>>,
 }
+
+/// A name and the family of addresses looked up.
+type Key = (Arc<str>, RecordType);
+
+/// What one lookup of one family came to, for everyone waiting on it.
+type Looked = Result<Found, Arc<LookupError>>;
 
 /// What a name's lookup of one family found, and until when it holds.
 #[derive(Debug, Clone)]
@@ -94,6 +104,7 @@ impl Forwarder {
             upstreams,
             timeout,
             resolved: Mutex::default(),
+            asking: Mutex::default(),
         }
     }
 
@@ -167,7 +178,7 @@ impl Forwarder {
         asker: Asker<'_>,
         name: &str,
         v6: bool,
-    ) -> Result<Arc<[IpAddr]>, LookupError> {
+    ) -> Result<Arc<[IpAddr]>, Arc<LookupError>> {
         let (first, second) = if v6 {
             (RecordType::AAAA, RecordType::A)
         } else {
@@ -175,30 +186,70 @@ impl Forwarder {
         };
         let failed = match self.lookup_type(asker, name, first).await {
             Ok(Found::Addresses(ips)) => return Ok(ips),
-            Ok(Found::NoSuchName) => return Err(LookupError::NoSuchName),
+            Ok(Found::NoSuchName) => return Err(Arc::new(LookupError::NoSuchName)),
             Ok(Found::NoData) => None,
             // The other family may still answer (a resolver that mishandles AAAA, say).
             Err(e) => Some(e),
         };
         match self.lookup_type(asker, name, second).await {
             Ok(Found::Addresses(ips)) => Ok(ips),
-            Ok(Found::NoSuchName) => Err(LookupError::NoSuchName),
-            Ok(Found::NoData) => Err(failed.unwrap_or(LookupError::NoAddress)),
+            Ok(Found::NoSuchName) => Err(Arc::new(LookupError::NoSuchName)),
+            Ok(Found::NoData) => Err(failed.unwrap_or_else(|| Arc::new(LookupError::NoAddress))),
             Err(e) => Err(failed.unwrap_or(e)),
         }
     }
 
-    async fn lookup_type(
+    /// One family of `name`'s addresses: from the cache, from a lookup already being asked, or
+    /// asked now.
+    async fn lookup_type(&self, asker: Asker<'_>, name: &str, kind: RecordType) -> Looked {
+        let key: Key = (Arc::from(name), kind);
+        loop {
+            let now = Instant::now();
+            if let Some(hit) = self.cache().get(&key).filter(|r| r.until > now) {
+                return Ok(hit.found.clone());
+            }
+            // Another asker's lookup to wait for, or this one's to answer.
+            let waiting = {
+                let mut asking = self.asking();
+                match asking.get(&key) {
+                    Some(answer) => Ok(answer.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        asking.insert(key.clone(), rx);
+                        Err(tx)
+                    }
+                }
+            };
+            match waiting {
+                Ok(mut answer) => {
+                    if let Ok(looked) = answer.wait_for(Option::is_some).await {
+                        return looked.clone().expect("waited for an answer");
+                    }
+                    // The first asker gave up (its connection went away): ask again.
+                }
+                Err(tx) => {
+                    let _asking = Asking {
+                        forwarder: self,
+                        key: key.clone(),
+                    };
+                    let looked = self.ask(asker, name, kind).await.map_err(Arc::new);
+                    // Answered (and cached): later askers find it in the cache.
+                    let _ = tx.send(Some(looked.clone()));
+                    return looked;
+                }
+            }
+        }
+    }
+
+    /// Asks the resolvers for one family of `name`'s addresses, and keeps the answer.
+    async fn ask(
         &self,
         asker: Asker<'_>,
         name: &str,
         kind: RecordType,
     ) -> Result<Found, LookupError> {
-        let key = (Arc::<str>::from(name), kind);
+        let key: Key = (Arc::from(name), kind);
         let now = Instant::now();
-        if let Some(hit) = self.cache().get(&key).filter(|r| r.until > now) {
-            return Ok(hit.found.clone());
-        }
         let mut fqdn = Name::from_ascii(name).map_err(|_| LookupError::Name(name.to_owned()))?;
         fqdn.set_fqdn(true);
         let mut query = Message::new();
@@ -273,10 +324,24 @@ impl Forwarder {
         Message::from_vec(&answer).map_err(|e| LookupError::Answer(e.to_string()))
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, RecordType), Resolved>> {
-        self.resolved
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn cache(&self) -> MutexGuard<'_, HashMap<Key, Resolved>> {
+        self.resolved.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn asking(&self) -> MutexGuard<'_, HashMap<Key, watch::Receiver<Option<Looked>>>> {
+        self.asking.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A lookup being asked: no longer listed once it is answered or given up.
+struct Asking<'f> {
+    forwarder: &'f Forwarder,
+    key: Key,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.forwarder.asking().remove(&self.key);
     }
 }
 

@@ -4,7 +4,8 @@
 //! As upstream ztunnel's proxy answers:
 //! - a service's hostname (a Kubernetes Service's `name.ns.svc.cluster.local`, a ServiceEntry's
 //!   host) gets its VIPs, or for a headless Kubernetes Service its ready endpoints' addresses
-//!   (a ServiceEntry without VIPs is the upstream resolver's);
+//!   (a ServiceEntry host's VIPs include those allocated to it; one with none, whose resolution
+//!   is `NONE` or which opted out of allocation, is the upstream resolver's);
 //! - the short forms a client in namespace `ns` may use (`name`, `name.ns`, `name.ns.svc`) get
 //!   the same;
 //! - a pod behind a headless Kubernetes Service, by the name a StatefulSet's pods have
@@ -166,8 +167,8 @@ fn wildcard<'s>(snapshot: &'s Snapshot, name: &str) -> Option<&'s Service> {
 }
 
 /// `service`'s addresses of `family`: its VIPs, or for a headless Kubernetes Service its ready
-/// endpoints'. `None` when it has none to give (a ServiceEntry without VIPs, resolved by DNS),
-/// which is the upstream resolver's to answer.
+/// endpoints'. `None` when it has none to give (a ServiceEntry without VIPs, allocated or
+/// declared), which is the upstream resolver's to answer.
 fn addresses(snapshot: &Snapshot, service: &Service, family: Family) -> Option<Vec<IpAddr>> {
     let all: Vec<IpAddr> = match (service.vips.is_empty(), service.kind) {
         (false, _) => service.vips.to_vec(),
@@ -249,7 +250,10 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: static-no-vip, namespace: shop}
+metadata:
+  name: static-no-vip
+  namespace: shop
+  labels: {networking.istio.io/enable-autoallocate-ip: "false"}
 spec:
   hosts: [db.example.net]
   ports: [{number: 5432, name: tcp, protocol: TCP}]
@@ -327,7 +331,9 @@ spec:
                 Family::V4,
                 Answer::Forward,
             ),
-            ("cdn.example.net", Family::V4, Answer::Forward),
+            // Allocated, as istiod allocates them.
+            ("cdn.example.net", Family::V4, mesh(&["240.240.244.152"])),
+            ("cdn.example.net", Family::V6, mesh(&["2001:2::f4:98"])),
             ("db.example.net", Family::V4, Answer::Forward),
             ("a.wild.example.com", Family::V4, mesh(&["240.0.2.7"])),
             ("a.b.wild.example.com", Family::V4, mesh(&["240.0.2.7"])),

@@ -17,7 +17,7 @@ use super::route::{Destination, Refusal, Route, route};
 use super::socks5::{self, Reply, Target};
 use super::{Ctx, Local, accept_loop};
 use crate::dns::Asker;
-use crate::metrics::{Reporter, TcpLabels};
+use crate::metrics::{OnDemandDnsLabels, Reporter, TcpLabels};
 
 pub(super) async fn serve_socks5(
     ctx: Arc<Ctx>,
@@ -173,7 +173,7 @@ async fn proxy(
             plain(ctx, source, addr, &mut guard, &mut client, socks).await;
         }
         Route::Resolve { host, port, v6, .. } => {
-            match resolve(ctx, source, &host, port, v6).await {
+            match resolve(ctx, source, cluster, &host, port, v6).await {
                 Ok(addr) => {
                     guard.resolved(addr);
                     plain(ctx, source, addr, &mut guard, &mut client, socks).await;
@@ -238,10 +238,16 @@ const LOOKUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 async fn resolve(
     ctx: &Ctx,
     source: &mesh::model::Workload,
+    cluster: &str,
     host: &str,
     port: u16,
     v6: bool,
 ) -> Result<SocketAddr, Refusal> {
+    let labels = OnDemandDnsLabels {
+        source: Peer::new(Some(source), cluster),
+        hostname: host.to_owned(),
+    };
+    ctx.metrics.on_demand_dns.get_or_create(&labels).inc();
     let asker = Asker {
         workload: source,
         sockets: &*ctx.sockets,
