@@ -114,8 +114,8 @@ struct Slot {
     weight: u32,
     /// Its services, in `Balancer::memberships`.
     services: Span,
-    /// Whether it has an address to dial: an endpoint that is a DNS name (a `resolution: DNS`
-    /// ServiceEntry's), which this waypoint does not resolve, is never chosen.
+    /// Whether it has an address to dial, or a name to resolve to one (a `resolution: DNS`
+    /// ServiceEntry's endpoint): a workload with neither is never chosen.
     addressed: bool,
     state: Arc<EndpointState>,
 }
@@ -208,7 +208,7 @@ impl Balancer {
                 key: hash_bytes(w.uid.as_bytes()),
                 weight: w.weight.max(1),
                 services: span(&mut memberships, w.services.iter().copied()),
-                addressed: !w.ips.is_empty(),
+                addressed: !w.ips.is_empty() || w.hostname.is_some(),
                 state: carried
                     .get(&*w.uid)
                     .map_or_else(Arc::default, |s| Arc::clone(s)),

@@ -1,17 +1,28 @@
 //! The TCP path: ports whose protocol is not HTTP are authorized on their L4 attributes and
 //! copied byte for byte to an endpoint, never parsed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use hbone::{Authority, ConnectRequest, H2Stream, HBONE_PORT};
 use mesh::authz::{self, Attributes};
+use mesh::model::Protocol;
 use mesh::route::TrafficPolicy;
+use tokio::net::TcpStream;
 
 use crate::balance::Outcome;
 use crate::metrics::{Labels, Parties};
 use crate::state::{Shared, Target, View};
 use crate::tunnel::Tunnel;
+
+/// The connection to the chosen endpoint.
+enum Upstream {
+    /// A CONNECT stream to the endpoint's ztunnel.
+    Tunnel(H2Stream),
+    /// Plain TCP to an endpoint out of the mesh.
+    Plain(TcpStream),
+}
 
 /// Serves one tunnel to a TCP port until both directions are done.
 pub(crate) async fn serve(
@@ -57,6 +68,7 @@ pub(crate) async fn serve(
 
     // Choose the endpoint: a service's, by its DestinationRule; or the addressed workload.
     let default_policy = TrafficPolicy::default();
+    let mut connect_timeout = default_policy.connection_pool.connect_timeout;
     let mut detection = None;
     let (chosen, workload, port) = match target {
         Target::Service { id, port_index, .. } => {
@@ -65,6 +77,7 @@ pub(crate) async fn serve(
                 .destination_policy(&service.hostname)
                 .map_or(&default_policy, |p| &p.traffic);
             detection = policy.outlier_detection;
+            connect_timeout = policy.connection_pool.connect_timeout;
             let Some(chosen) = view.balancer.choose(
                 snapshot,
                 id,
@@ -84,16 +97,18 @@ pub(crate) async fn serve(
         }
         Target::Workload { id, port } => (None, snapshot.workload(id), port),
     };
-    let Some(&ip) = workload.ips.first() else {
-        return;
+    let ip = match (workload.ips.first(), &workload.hostname) {
+        (Some(&ip), _) => ip,
+        (None, Some(name)) => match shared.names.resolve_within(name, connect_timeout).await {
+            Ok(ip) => ip,
+            Err(error) => {
+                tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, endpoint = %name, response_flags = "DF", %error, "endpoint name did not resolve");
+                return;
+            }
+        },
+        (None, None) => return,
     };
-    let request = ConnectRequest {
-        src: shared.identity.clone(),
-        dst_identities: vec![workload.identity.clone()],
-        next_hop: std::net::SocketAddr::new(ip, HBONE_PORT),
-        authority: Authority::Addr(std::net::SocketAddr::new(ip, port)),
-        headers: tunnel.onward(service.map(|s| s.hostname.to_string())),
-    };
+    let endpoint = SocketAddr::new(ip, port);
     let parties = Parties {
         snapshot,
         source,
@@ -103,7 +118,27 @@ pub(crate) async fn serve(
         service,
         destination: Some(workload),
     };
-    let mut upstream = match shared.pool.connect(request).await {
+    // In the mesh: a CONNECT to its ztunnel. Out of it (a ServiceEntry's endpoint outside the
+    // mesh): plain TCP, as Envoy reaches it.
+    let connected = if workload.protocol == Protocol::Tcp {
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint)).await {
+            Ok(Ok(s)) => Ok(Upstream::Plain(s)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no connection within {connect_timeout:?}")),
+        }
+    } else {
+        let request = ConnectRequest {
+            src: shared.identity.clone(),
+            dst_identities: vec![workload.identity.clone()],
+            next_hop: SocketAddr::new(ip, HBONE_PORT),
+            authority: Authority::Addr(endpoint),
+            headers: tunnel.onward(service.map(|s| s.hostname.to_string())),
+        };
+        (shared.pool.connect(request).await)
+            .map(Upstream::Tunnel)
+            .map_err(|e| e.to_string())
+    };
+    let upstream = match connected {
         Ok(s) => s,
         Err(error) => {
             if let Some(c) = &chosen {
@@ -124,7 +159,11 @@ pub(crate) async fn serve(
     let labels = Labels::new(&parties, "tcp", 0, "-");
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
     let started = Instant::now();
-    let (copied, error) = match hbone::copy_bidirectional(&mut downstream, &mut upstream).await {
+    let copied = match upstream {
+        Upstream::Tunnel(mut up) => hbone::copy_bidirectional(&mut downstream, &mut up).await,
+        Upstream::Plain(mut up) => hbone::copy_bidirectional(&mut downstream, &mut up).await,
+    };
+    let (copied, error) = match copied {
         Ok(c) => (c, None),
         Err(e) => (e.copied, Some(e.source)),
     };
@@ -147,7 +186,7 @@ pub(crate) async fn serve(
         src.addr = %tunnel.client_ip,
         dst.addr = %tunnel.destination,
         dst.workload = %workload.name,
-        upstream = %std::net::SocketAddr::new(ip, port),
+        upstream = %endpoint,
         bytes_sent = copied.a_to_b,
         bytes_received = copied.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -31,6 +31,7 @@ mod l4;
 mod limits;
 pub mod metrics;
 mod originate;
+mod resolve;
 mod server;
 mod sniff;
 mod state;

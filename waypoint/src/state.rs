@@ -13,6 +13,7 @@ use crate::balance::Balancer;
 use crate::keepalive::IdleTunnels;
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
+use crate::resolve::Names;
 use crate::wasm::{LoadedSet, Plugins};
 
 /// The Gateway this process serves.
@@ -151,6 +152,8 @@ pub(crate) struct Shared {
     pub(crate) pool: hbone::Pool,
     /// HTTP/1.1 tunnels to endpoints, parked between requests.
     pub(crate) idle: Arc<IdleTunnels>,
+    /// Endpoint names resolved, kept briefly.
+    pub(crate) names: Names,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) wasm: Plugins,
     view: ArcSwap<View>,
@@ -177,6 +180,7 @@ impl Shared {
             identity,
             pool,
             idle: Arc::default(),
+            names: Names::default(),
             metrics,
             wasm,
             view: ArcSwap::from_pointee(view),

@@ -192,10 +192,10 @@ const ALL: [&str; 4] = ["web-a", "web-b", "web-c", "web-d"];
 
 // === load balancers ===
 
-/// A ServiceEntry mixing an address with a DNS name: the name, which the waypoint does not
-/// resolve, is never chosen, so the address serves every request.
+/// A ServiceEntry mixing an address with a DNS name: both are chosen, the name to be resolved
+/// once it is.
 #[test]
-fn an_endpoint_that_is_a_dns_name_is_never_chosen() {
+fn an_endpoint_that_is_a_dns_name_is_chosen_like_any_other() {
     let s = snapshot(
         r#"
 ---
@@ -221,13 +221,16 @@ spec:
         let chosen = tally(20, || {
             let c = (b.choose(&s, id, 0, None, &traffic(policy.clone()), None, &[], now()))
                 .expect("an endpoint");
-            s.workload(c.workload)
-                .ips
-                .first()
-                .map(|ip| ip.to_string())
+            let w = s.workload(c.workload);
+            (w.ips.first().map(|ip| ip.to_string()))
+                .or_else(|| w.hostname.as_deref().map(str::to_owned))
                 .unwrap_or_default()
         });
-        assert_eq!(names(&chosen), ["10.0.9.1"], "{policy:?}");
+        assert_eq!(
+            names(&chosen),
+            ["10.0.9.1", "far.example.net"],
+            "{policy:?}"
+        );
     }
 }
 

@@ -29,7 +29,7 @@ use hbone::{Authority, ConnectRequest, HBONE_PORT};
 use http::{HeaderName, HeaderValue};
 use mesh::Snapshot;
 use mesh::authz::{self, Attributes, HttpAttributes};
-use mesh::model::{AppProtocol, ServiceId, WorkloadId};
+use mesh::model::{AppProtocol, Protocol, ServiceId, WorkloadId};
 use mesh::route::{HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -381,6 +381,31 @@ fn roll(percent: f64) -> bool {
 
 /// The DestinationRule policy for a service and subset (the subset's, merged over the
 /// host's), or the defaults.
+/// The peer for an endpoint out of the mesh (a ServiceEntry's, `MESH_EXTERNAL` or opted out of
+/// capture): plain TCP, as Envoy reaches it, pooled by Pingora itself. The attempt's deadline
+/// bounds the connect and each read and write, since no tunnel stream enforces it here.
+fn plain_peer(
+    addr: SocketAddr,
+    http2: bool,
+    traffic: &TrafficPolicy,
+    now: Instant,
+    deadline: Option<Instant>,
+) -> HttpPeer {
+    let pool = &traffic.connection_pool;
+    let left = deadline.map(|d| d.saturating_duration_since(now));
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout =
+        Some(left.map_or(pool.connect_timeout, |left| left.min(pool.connect_timeout)));
+    peer.options.read_timeout = left;
+    peer.options.write_timeout = left;
+    peer.options.idle_timeout = Some(pool.http_idle_timeout);
+    if http2 {
+        // HTTP/2 with prior knowledge (h2c): there is no TLS to negotiate it in.
+        peer.options.set_http_version(2, 2);
+    }
+    peer
+}
+
 fn traffic_policy<'v>(
     view: &'v View,
     service: ServiceId,
@@ -875,12 +900,30 @@ impl ProxyHttp for Waypoint {
         };
         ctx.tried.push(workload);
         let w = snapshot.workload(workload);
-        let Some(&ip) = w.ips.first() else {
-            ctx.flag("UH");
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(503),
-                "endpoint has no address",
-            ));
+        let ip = match (w.ips.first(), &w.hostname) {
+            (Some(&ip), _) => ip,
+            (None, Some(name)) => {
+                let limit = traffic.connection_pool.connect_timeout;
+                match self.shared.names.resolve_within(name, limit).await {
+                    Ok(ip) => ip,
+                    Err(e) => {
+                        ctx.flag("DF");
+                        ctx.details = "dns_resolution_failure";
+                        tracing::info!(endpoint = %name, error = %e, "endpoint name did not resolve");
+                        return Err(Error::explain(
+                            ErrorType::HTTPStatus(503),
+                            "endpoint name did not resolve",
+                        ));
+                    }
+                }
+            }
+            (None, None) => {
+                ctx.flag("UH");
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "endpoint has no address",
+                ));
+            }
         };
         let addr = SocketAddr::new(ip, port);
         ctx.last = Some((workload, addr));
@@ -899,6 +942,18 @@ impl ProxyHttp for Waypoint {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let http2 = matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc);
+        ctx.attempt = None;
+        ctx.upstream_answered = false;
+        if w.protocol == Protocol::Tcp {
+            return Ok(Box::new(plain_peer(
+                addr,
+                http2,
+                traffic,
+                now,
+                ctx.try_deadline,
+            )));
+        }
         let tunnel = ctx.tunnel.as_ref().expect("set with the view");
         let service = match &upstream {
             Upstream::Service { id, .. } => Some(snapshot.service(*id).hostname.to_string()),
@@ -918,9 +973,6 @@ impl ProxyHttp for Waypoint {
             keepalive: None,
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
-        let http2 = matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc);
-        ctx.attempt = None;
-        ctx.upstream_answered = false;
         let connector = if http2 {
             connector
         } else {

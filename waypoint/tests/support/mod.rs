@@ -481,7 +481,7 @@ pub async fn echo(listener: TcpListener, pod: &'static str, seen: Arc<Mutex<Vec<
 }
 
 /// A TCP backend that says who it is, then echoes.
-async fn tcp_echo(listener: TcpListener, pod: &'static str) {
+pub async fn tcp_echo(listener: TcpListener, pod: &'static str) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;

@@ -1,0 +1,133 @@
+//! Egress through the waypoint: a ServiceEntry bound to the waypoint whose endpoint is out of
+//! the mesh is reached with plain TCP, on its HTTP and its TCP port, at the address allocated
+//! to its host (it declares none), as an egress waypoint serves it in Istio's ambient mode; an
+//! endpoint that is a DNS name is resolved by the waypoint (through the system resolver, so the
+//! test's name is `localhost`), and one that does not resolve is answered 503.
+
+mod support;
+
+use std::net::IpAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use support::Mesh;
+
+const NET: u8 = 94;
+
+fn entry() -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.external.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 80, name: http, protocol: HTTP, targetPort: 8080}}
+  - {{number: 5432, name: tcp, protocol: TCP, targetPort: 9000}}
+  endpoints: [{{address: 127.{NET}.9.1, labels: {{istio.io/dataplane-mode: none}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: named, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.named.test]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {NAMED_PORT}}}]
+  endpoints: [{{address: localhost}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: nowhere, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.nowhere.test]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: nowhere.invalid}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: nowhere, namespace: app}}
+spec:
+  host: api.nowhere.test
+  trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: 1s}}}}}}
+"#
+    )
+}
+
+/// Where `localhost`'s backend listens (on 127.0.0.1, which other tests do not use).
+const NAMED_PORT: u16 = 18094;
+
+/// The address allocated to `host`.
+fn allocated(mesh: &Mesh, host: &str) -> String {
+    let snapshot = mesh.store.load();
+    let (_, service) = snapshot.service_by_host(host).expect("host");
+    service.vips[0].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_service_entry_is_reached_through_the_waypoint_with_plain_tcp() {
+    let mesh = Mesh::start(NET, &entry()).await;
+    let external: IpAddr = format!("127.{NET}.9.1").parse().expect("ip");
+    let http = TcpListener::bind((external, 8080)).await.expect("bind");
+    tokio::spawn(support::echo(http, "external", mesh.seen.clone()));
+    let tcp = TcpListener::bind((external, 9000)).await.expect("bind");
+    tokio::spawn(support::tcp_echo(tcp, "external"));
+    let vip = allocated(&mesh, "api.external.test");
+    assert!(vip.starts_with("240.240."), "allocated: {vip}");
+
+    // HTTP: routed by the waypoint, answered by the endpoint outside the mesh, twice over one
+    // pooled connection.
+    for _ in 0..2 {
+        let r = mesh
+            .request_to(
+                &vip,
+                80,
+                "GET",
+                "/v1/charges",
+                &[("host", "api.external.test")],
+                "",
+            )
+            .await
+            .expect("request");
+        assert_eq!((r.status, r.backend()), (200, "external"), "{}", r.body);
+        assert_eq!(r.header("x-connection"), Some("external/1"));
+    }
+    let seen = mesh.seen_by("external");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].path, "/v1/charges");
+
+    // TCP: copied byte for byte.
+    let mut s = mesh.socks(&vip, 5432).await.expect("socks");
+    s.write_all(b"ping").await.expect("write");
+    let mut got = vec![0u8; "external\nping".len()];
+    s.read_exact(&mut got).await.expect("read");
+    assert_eq!(got, b"external\nping");
+    drop(s);
+
+    // A name: resolved by the waypoint, then plain TCP to what it resolved to.
+    let named = TcpListener::bind(("127.0.0.1", NAMED_PORT))
+        .await
+        .expect("bind");
+    tokio::spawn(support::echo(named, "named", mesh.seen.clone()));
+    let vip = allocated(&mesh, "api.named.test");
+    let r = mesh
+        .request_to(&vip, 80, "GET", "/", &[("host", "api.named.test")], "")
+        .await
+        .expect("request");
+    assert_eq!((r.status, r.backend()), (200, "named"), "{}", r.body);
+
+    // A name that does not resolve (within the connect timeout): 503.
+    let vip = allocated(&mesh, "api.nowhere.test");
+    let r = mesh
+        .request_to(&vip, 80, "GET", "/", &[("host", "api.nowhere.test")], "")
+        .await
+        .expect("request");
+    assert_eq!(r.status, 503, "{}", r.body);
+    mesh.shutdown().await;
+}
