@@ -48,6 +48,7 @@ impl Names {
             .collect();
         let v4: Vec<IpAddr> = found.iter().copied().filter(IpAddr::is_ipv4).collect();
         let mut addresses = if v4.is_empty() { found } else { v4 };
+        addresses.sort_unstable();
         addresses.dedup();
         if addresses.is_empty() {
             return Err(io::Error::new(io::ErrorKind::NotFound, "no address"));

@@ -16,7 +16,7 @@ use hbone::headers::{Baggage, WorkloadType, name};
 use hbone::{CertManager, ConnectHeaders, Handler, Identity, InboundRequest};
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 use ztunnel::socket::Loopback;
 
@@ -26,6 +26,8 @@ mod logs;
 mod nodes;
 #[path = "support/scratch.rs"]
 mod scratch;
+#[path = "support/socks.rs"]
+mod socks;
 use logs::{log, trace_id};
 use nodes::Nodes;
 
@@ -194,14 +196,10 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
     let listener = TcpListener::bind("127.38.2.1:15008").await.expect("bind");
     let (_drain, watch) = hbone::drain::channel();
     tokio::spawn(remote.serve(listener, watch));
-    let mut socks = TcpStream::connect("127.38.1.1:15080").await.expect("socks");
-    socks
-        .write_all(&[5, 1, 0, 5, 1, 0, 1, 127, 38, 2, 1, 0x1f, 0x90])
-        .await
-        .expect("socks request");
-    let mut reply = [0u8; 12];
-    socks.read_exact(&mut reply).await.expect("socks reply");
-    assert_eq!(reply[3], 0, "the recording server accepted the tunnel");
+    let client = "127.38.1.1".parse().expect("ip");
+    let server: SocketAddr = "127.38.2.1:8080".parse().expect("addr");
+    let (code, tunnel) = socks::connect(client, server).await;
+    assert_eq!(code, 0, "the recording server accepted the tunnel");
     let headers = tokio::time::timeout(Duration::from_secs(10), seen.recv())
         .await
         .expect("the CONNECT arrived")
@@ -220,7 +218,7 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
         "the source's baggage"
     );
     let trace = headers.traceparent.expect("a traceparent");
-    drop(socks);
+    drop(tunnel);
     let line = log.line(&["dst.hbone_addr=127.38.2.1:8080"]).await;
     assert_eq!(
         trace_id(&line),

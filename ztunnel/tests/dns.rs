@@ -3,22 +3,24 @@
 //! forwarded to an upstream resolver this test runs, failures answered `SERVFAIL`, garbage
 //! answered `FORMERR`, and each counted; overload and idle connections contained.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::RecordType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 use ztunnel::dns::Forwarder;
 use ztunnel::socket::Loopback;
 
+#[path = "support/dns.rs"]
+mod dns;
 #[path = "support/nodes.rs"]
 mod nodes;
 #[path = "support/scratch.rs"]
 mod scratch;
+use dns::{Resolver, answers, over_tcp, over_udp, query};
 use nodes::Nodes;
 
 const MESH: &str = r#"
@@ -67,102 +69,8 @@ spec:
 const PROXY: &str = "127.93.1.1:15053";
 /// The upstream resolver this test plays.
 const UPSTREAM: &str = "127.93.9.53:10053";
-
-fn query(id: u16, name: &str, kind: RecordType) -> Message {
-    let mut m = Message::new();
-    m.set_id(id)
-        .set_message_type(MessageType::Query)
-        .set_op_code(OpCode::Query)
-        .set_recursion_desired(true)
-        .add_query(Query::query(Name::from_ascii(name).expect("name"), kind));
-    m
-}
-
-async fn over_udp(message: &Message) -> Message {
-    let socket = UdpSocket::bind("127.93.1.1:0").await.expect("bind");
-    socket
-        .send_to(&message.to_vec().expect("encode"), PROXY)
-        .await
-        .expect("send");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
-        .await
-        .expect("answered in time")
-        .expect("recv");
-    Message::from_vec(&buf[..n]).expect("a DNS answer")
-}
-
-async fn over_tcp(stream: &mut TcpStream, message: &Message) -> Message {
-    let bytes = message.to_vec().expect("encode");
-    let len = u16::try_from(bytes.len()).expect("short");
-    stream.write_all(&len.to_be_bytes()).await.expect("write");
-    stream.write_all(&bytes).await.expect("write");
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await.expect("length");
-    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut answer).await.expect("answer");
-    Message::from_vec(&answer).expect("a DNS answer")
-}
-
-/// The addresses and CNAME targets of an answer, as text.
-fn answers(m: &Message) -> Vec<String> {
-    m.answers()
-        .iter()
-        .map(|r| format!("{} {}", r.name(), r.data()))
-        .collect()
-}
-
-/// Where the questions an upstream resolver was asked came from.
-type Asked = Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>;
-
-/// An upstream resolver: `example.org` is 192.0.2.7, anything else NXDOMAIN; over UDP and
-/// TCP; notes where each question came from.
-async fn upstream(asked: Asked) -> tokio::task::JoinHandle<()> {
-    let reply = |query: &[u8]| {
-        let q = Message::from_vec(query).expect("a query");
-        let mut r = Message::new();
-        r.set_id(q.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(OpCode::Query)
-            .set_recursion_available(true)
-            .add_queries(q.queries().iter().cloned());
-        let asked = &q.queries()[0];
-        if asked.name().to_ascii() == "example.org." && asked.query_type() == RecordType::A {
-            let ip = "192.0.2.7".parse().expect("ip");
-            r.add_answer(Record::from_rdata(
-                asked.name().clone(),
-                60,
-                RData::A(A(ip)),
-            ));
-        } else {
-            r.set_response_code(ResponseCode::NXDomain);
-        }
-        r.to_vec().expect("encode")
-    };
-    let udp = UdpSocket::bind(UPSTREAM).await.expect("bind upstream");
-    let tcp = TcpListener::bind(UPSTREAM).await.expect("bind upstream");
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            tokio::select! {
-                Ok((n, peer)) = udp.recv_from(&mut buf) => {
-                    asked.lock().expect("lock").push(peer.ip());
-                    let _ = udp.send_to(&reply(&buf[..n]), peer).await;
-                }
-                Ok((mut s, peer)) = tcp.accept() => {
-                    asked.lock().expect("lock").push(peer.ip());
-                    let mut len = [0u8; 2];
-                    let _ = s.read_exact(&mut len).await;
-                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                    let _ = s.read_exact(&mut q).await;
-                    let answer = reply(&q);
-                    let _ = s.write_all(&(answer.len() as u16).to_be_bytes()).await;
-                    let _ = s.write_all(&answer).await;
-                }
-            }
-        }
-    })
-}
+/// The client workload, whose DNS proxy is [`PROXY`].
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 93, 1, 1));
 
 fn metric(nodes: &Nodes, line_start: &str) -> f64 {
     nodes
@@ -175,8 +83,7 @@ fn metric(nodes: &Nodes, line_start: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
-    let asked = Asked::default();
-    let resolver = upstream(asked.clone()).await;
+    let resolver = Resolver::start(UPSTREAM, &[("example.org", "192.0.2.7")], Duration::ZERO).await;
     let mut nodes = Nodes::new(MESH);
     let upstream_addr: SocketAddr = UPSTREAM.parse().expect("addr");
     nodes.dns = Some(Arc::new(Forwarder::new(
@@ -186,20 +93,25 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     let _a = nodes.start("node-a", Arc::new(Loopback)).await;
 
     // A service's hostname and its short name: its VIP, authoritative, for 30 s.
-    let a = over_udp(&query(1, "cart.shop.svc.cluster.local.", RecordType::A)).await;
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(1, "cart.shop.svc.cluster.local.", RecordType::A),
+    )
+    .await;
     assert_eq!((a.id(), a.response_code()), (1, ResponseCode::NoError));
     assert!(a.authoritative());
     assert_eq!(answers(&a), ["cart.shop.svc.cluster.local. 10.96.93.1"]);
     assert_eq!(a.answers()[0].ttl(), 30);
-    let a = over_udp(&query(2, "cart.", RecordType::A)).await;
+    let a = over_udp(CLIENT, PROXY, &query(2, "cart.", RecordType::A)).await;
     assert_eq!(answers(&a), ["cart. 10.96.93.1"]);
 
     // A ServiceEntry host with the pod's first search domain appended: a CNAME to the host.
-    let a = over_udp(&query(
-        3,
-        "api.example.com.shop.svc.cluster.local.",
-        RecordType::A,
-    ))
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(3, "api.example.com.shop.svc.cluster.local.", RecordType::A),
+    )
     .await;
     assert_eq!(
         answers(&a),
@@ -210,17 +122,22 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     );
 
     // A StatefulSet pod by its own name behind the headless service: that pod alone.
-    let a = over_udp(&query(31, "db-1.db.shop.svc.cluster.local.", RecordType::A)).await;
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(31, "db-1.db.shop.svc.cluster.local.", RecordType::A),
+    )
+    .await;
     assert_eq!(answers(&a), ["db-1.db.shop.svc.cluster.local. 127.93.2.2"]);
-    let a = over_udp(&query(32, "db-0.db.", RecordType::A)).await;
+    let a = over_udp(CLIENT, PROXY, &query(32, "db-0.db.", RecordType::A)).await;
     assert_eq!(answers(&a), ["db-0.db. 127.93.2.1"]);
 
     // A Kubernetes short name with the first search domain appended: a CNAME to the short name.
-    let a = over_udp(&query(
-        33,
-        "cart.shop.shop.svc.cluster.local.",
-        RecordType::A,
-    ))
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(33, "cart.shop.shop.svc.cluster.local.", RecordType::A),
+    )
     .await;
     assert_eq!(
         answers(&a),
@@ -231,24 +148,30 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     );
 
     // A mesh name without an IPv6 address: an empty answer, not a question for upstream.
-    let a = over_udp(&query(4, "cart.shop.svc.cluster.local.", RecordType::AAAA)).await;
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(4, "cart.shop.svc.cluster.local.", RecordType::AAAA),
+    )
+    .await;
     assert_eq!(
         (a.response_code(), a.answers().len()),
         (ResponseCode::NoError, 0)
     );
-    assert_eq!(
-        asked.lock().expect("lock").len(),
-        0,
-        "mesh names never reach upstream"
-    );
+    assert_eq!(resolver.asked().len(), 0, "mesh names never reach upstream");
 
     // Other names, and other record types of mesh names, are the upstream resolver's.
-    let a = over_udp(&query(5, "example.org.", RecordType::A)).await;
+    let a = over_udp(CLIENT, PROXY, &query(5, "example.org.", RecordType::A)).await;
     assert_eq!((a.id(), a.response_code()), (5, ResponseCode::NoError));
     assert_eq!(answers(&a), ["example.org. 192.0.2.7"]);
-    let a = over_udp(&query(6, "cart.shop.svc.cluster.local.", RecordType::MX)).await;
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(6, "cart.shop.svc.cluster.local.", RecordType::MX),
+    )
+    .await;
     assert_eq!(a.response_code(), ResponseCode::NXDomain);
-    assert_eq!(asked.lock().expect("lock").len(), 2);
+    assert_eq!(resolver.asked().len(), 2);
 
     // TCP: several queries on one connection, forwarded over TCP when forwarded.
     let mut tcp = TcpStream::connect(PROXY).await.expect("connect");
@@ -263,10 +186,12 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
         (a.id(), answers(&a)),
         (8, vec!["example.org. 192.0.2.7".to_owned()])
     );
-    assert_eq!(asked.lock().expect("lock").len(), 3);
-    // Forwarded from the asking workload's own address, as its own query would have left.
-    let client: std::net::IpAddr = "127.93.1.1".parse().expect("ip");
-    assert_eq!(*asked.lock().expect("lock"), [client; 3]);
+    // Forwarded from the asking workload's own address, as its own query would have left, and
+    // over the transport it came in.
+    let asked: Vec<(IpAddr, bool)> = (resolver.asked().into_iter())
+        .map(|q| (q.from, q.tcp))
+        .collect();
+    assert_eq!(asked, [(CLIENT, false), (CLIENT, false), (CLIENT, true)]);
 
     // Not DNS: FORMERR with the id it carried.
     let socket = UdpSocket::bind("127.93.1.1:0").await.expect("bind");
@@ -293,23 +218,28 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     assert!(ignored.is_err(), "no answer to an answer");
     let mut update = query(11, "cart.shop.svc.cluster.local.", RecordType::A);
     update.set_op_code(OpCode::Update);
-    let a = over_udp(&update).await;
+    let a = over_udp(CLIENT, PROXY, &update).await;
     assert_eq!((a.id(), a.response_code()), (11, ResponseCode::NotImp));
-    assert_eq!(
-        asked.lock().expect("lock").len(),
-        3,
-        "neither reached upstream"
-    );
+    assert_eq!(resolver.asked().len(), 3, "neither reached upstream");
 
     // The upstream resolver gone: SERVFAIL, and the proxy still answers mesh names.
-    resolver.abort();
-    let _ = resolver.await;
-    let a = over_udp(&query(9, "example.org.", RecordType::A)).await;
+    resolver.stop().await;
+    let a = over_udp(CLIENT, PROXY, &query(9, "example.org.", RecordType::A)).await;
     assert_eq!((a.id(), a.response_code()), (9, ResponseCode::ServFail));
-    let a = over_udp(&query(10, "cart.shop.svc.cluster.local.", RecordType::A)).await;
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(10, "cart.shop.svc.cluster.local.", RecordType::A),
+    )
+    .await;
     assert_eq!(answers(&a), ["cart.shop.svc.cluster.local. 10.96.93.1"]);
     // A record type the proxy does not know: forwarded, and labelled `other`.
-    let a = over_udp(&query(12, "example.org.", RecordType::Unknown(65280))).await;
+    let a = over_udp(
+        CLIENT,
+        PROXY,
+        &query(12, "example.org.", RecordType::Unknown(65280)),
+    )
+    .await;
     assert_eq!((a.id(), a.response_code()), (12, ResponseCode::ServFail));
 
     // Labelled as upstream's: the record type, the transport and the asking workload. Messages

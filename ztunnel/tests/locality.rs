@@ -4,17 +4,20 @@
 //! other zone; and under `internalTrafficPolicy: Local`, with no endpoint on the client's node,
 //! they are refused.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use ztunnel::socket::Loopback;
 
 #[path = "support/nodes.rs"]
 mod nodes;
 #[path = "support/scratch.rs"]
 mod scratch;
+#[path = "support/socks.rs"]
+mod socks;
 use nodes::Nodes;
 
 /// `{cart}` is the Service's extra spec; `{ready}` cart-b's readiness.
@@ -79,18 +82,14 @@ async fn answer_with_name(ip: &str, name: &'static str) {
 /// Who answers a connection from the client to the cart VIP (through the client's SOCKS5
 /// port), or the SOCKS5 reply code when it is refused.
 async fn call_cart() -> Result<String, u8> {
-    let mut socks = TcpStream::connect("127.91.1.1:15080").await.expect("socks");
-    socks
-        .write_all(&[5, 1, 0, 5, 1, 0, 1, 10, 96, 91, 1, 0, 80])
-        .await
-        .expect("socks request");
-    let mut reply = [0u8; 12];
-    socks.read_exact(&mut reply).await.expect("socks reply");
-    if reply[3] != 0 {
-        return Err(reply[3]);
+    let client = "127.91.1.1".parse().expect("ip");
+    let vip: SocketAddr = "10.96.91.1:80".parse().expect("addr");
+    let (code, mut stream) = socks::connect(client, vip).await;
+    if code != 0 {
+        return Err(code);
     }
     let mut name = String::new();
-    tokio::time::timeout(Duration::from_secs(10), socks.read_to_string(&mut name))
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut name))
         .await
         .expect("answered in time")
         .expect("read");

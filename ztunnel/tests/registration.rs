@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh::model::Workload;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use ztunnel::socket::{Connecting, Loopback, SocketFactory};
 
@@ -20,6 +20,8 @@ use ztunnel::socket::{Connecting, Loopback, SocketFactory};
 mod nodes;
 #[path = "support/scratch.rs"]
 mod scratch;
+#[path = "support/socks.rs"]
+mod socks;
 use nodes::Nodes;
 
 const MESH: &str = r#"
@@ -105,21 +107,6 @@ impl SocketFactory for HeldConnect {
     }
 }
 
-/// SOCKS5 CONNECT from the workload at `from` to `dst`; the reply code.
-async fn socks(from: IpAddr, dst: SocketAddr) -> u8 {
-    let mut s = TcpStream::connect((from, 15080)).await.expect("socks port");
-    let IpAddr::V4(ip) = dst.ip() else {
-        unreachable!("the mesh is IPv4")
-    };
-    let mut req = vec![5, 1, 0, 5, 1, 0, 1];
-    req.extend_from_slice(&ip.octets());
-    req.extend_from_slice(&dst.port().to_be_bytes());
-    s.write_all(&req).await.expect("write");
-    let mut reply = [0u8; 12];
-    s.read_exact(&mut reply).await.expect("reply");
-    reply[3]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_while_connecting_to_the_application_refuses_with_401() {
     let nodes = Nodes::new(MESH);
@@ -142,7 +129,8 @@ async fn a_change_while_connecting_to_the_application_refuses_with_401() {
         got.len()
     });
 
-    let caller = tokio::spawn(socks("127.36.1.1".parse().unwrap(), app));
+    let from = "127.36.1.1".parse().unwrap();
+    let caller = tokio::spawn(async move { socks::connect(from, app).await.0 });
     tokio::time::timeout(Duration::from_secs(10), started.notified())
         .await
         .expect("the inbound connection was admitted and connects to the application");

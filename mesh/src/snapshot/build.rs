@@ -1187,9 +1187,10 @@ impl<'o> Builder<'o> {
             .into_iter()
             .map(|(host, endpoints)| {
                 let named = !host.starts_with('*') && host.parse::<IpAddr>().is_err();
-                let (vips, wanted) = match allocated && named {
-                    true => self.allocated(origin, se, host),
-                    false => (vips.clone(), false),
+                let (vips, wanted) = if allocated && named {
+                    self.allocated(origin, se, host)
+                } else {
+                    (vips.clone(), false)
                 };
                 let service = Service {
                     name: self.interner.get(&meta.name),

@@ -379,8 +379,6 @@ fn roll(percent: f64) -> bool {
     percent >= 100.0 || (percent > 0.0 && rand::rng().random::<f64>() * 100.0 < percent)
 }
 
-/// The DestinationRule policy for a service and subset (the subset's, merged over the
-/// host's), or the defaults.
 /// The peer for an endpoint out of the mesh (a ServiceEntry's, `MESH_EXTERNAL` or opted out of
 /// capture): plain TCP, as Envoy reaches it, pooled by Pingora itself. The attempt's deadline
 /// bounds the connect and each read and write, since no tunnel stream enforces it here.
@@ -406,6 +404,8 @@ fn plain_peer(
     peer
 }
 
+/// The DestinationRule policy for a service and subset (the subset's, merged over the
+/// host's), or the defaults.
 fn traffic_policy<'v>(
     view: &'v View,
     service: ServiceId,
