@@ -133,6 +133,98 @@ status: {podIP: 10.1.0.3}
     );
 }
 
+/// An entry in an ambient namespace is still reached with plain TCP: its endpoints run outside
+/// the pods istio-cni captures. Only the entry's own annotation or tunnel label asks for HBONE.
+/// Its endpoints take their canonical names from the entry.
+#[test]
+fn entries_choose_their_tunnel_and_name_their_endpoints() {
+    let s = snapshot(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: a}
+spec: {address: 10.2.0.1, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: behind-ztunnel, namespace: a, annotations: {ambient.istio.io/redirection: enabled}}
+spec: {address: 10.2.0.2}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: native, namespace: a, labels: {networking.istio.io/tunnel: "tls,http"}}
+spec: {address: 10.2.0.3}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other-tunnel, namespace: a, labels: {networking.istio.io/tunnel: https}}
+spec: {address: 10.2.0.4}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: a}
+spec:
+  hosts: [db.example.com]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.2.0.5, labels: {networking.istio.io/tunnel: http}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: vms
+  namespace: a
+  annotations: {ambient.istio.io/redirection: enabled}
+  labels: {app: vms, version: v3}
+spec:
+  hosts: [vms.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.2.0.6, labels: {app: endpoint, version: v9}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: a, labels: {service.istio.io/canonical-name: payments}}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+"#,
+    );
+    let protocol = |addr: &str| s.workload_by_ip("", ip(addr)).expect("w").protocol;
+    for (addr, want, why) in [
+        ("10.2.0.1", Protocol::Tcp, "enrolment labels do not tunnel"),
+        ("10.2.0.2", Protocol::Hbone, "redirection annotation"),
+        ("10.2.0.3", Protocol::Hbone, "http among the tunnel types"),
+        ("10.2.0.4", Protocol::Tcp, "another tunnel type"),
+        (
+            "10.2.0.5",
+            Protocol::Tcp,
+            "an endpoint's labels do not decide",
+        ),
+        ("10.2.0.6", Protocol::Hbone, "the ServiceEntry's annotation"),
+    ] {
+        assert_eq!(protocol(addr), want, "{addr}: {why}");
+    }
+
+    // Every endpoint of an entry is named by the entry's labels, as istiod names it.
+    let named = |w: &mesh::model::Workload| {
+        (
+            w.canonical_name.to_string(),
+            w.canonical_revision.to_string(),
+        )
+    };
+    let vm = s.workload_by_ip("", ip("10.2.0.6")).expect("endpoint");
+    assert_eq!(named(vm), ("vms".into(), "v3".into()));
+    let host = (s.workloads().iter())
+        .find(|w| w.hostname.as_deref() == Some("api.example.com"))
+        .expect("the host is its own endpoint");
+    assert_eq!(named(host), ("payments".into(), "latest".into()));
+}
 #[test]
 fn services_resolve_ready_endpoints_and_named_ports() {
     let s = snapshot(BOOKINFO);

@@ -97,16 +97,12 @@ pub(crate) async fn serve(
         }
         Target::Workload { id, port } => (None, snapshot.workload(id), port),
     };
-    let ip = match (workload.ips.first(), &workload.hostname) {
-        (Some(&ip), _) => ip,
-        (None, Some(name)) => match shared.names.resolve_within(name, connect_timeout).await {
-            Ok(ip) => ip,
-            Err(error) => {
-                tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, endpoint = %name, response_flags = "DF", %error, "endpoint name did not resolve");
-                return;
-            }
-        },
-        (None, None) => return,
+    let ip = match shared.names.address_of(workload, connect_timeout).await {
+        Ok(ip) => ip,
+        Err(error) => {
+            tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = error.flag(), %error, "no address for the endpoint");
+            return;
+        }
     };
     let endpoint = SocketAddr::new(ip, port);
     let parties = Parties {

@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use mesh::model::Workload;
 use rand::seq::IndexedRandom;
 
 /// How long an answer is used.
@@ -21,6 +22,27 @@ const KEEP: Duration = Duration::from_secs(5);
 
 /// Names prune their expired answers once they hold this many.
 const PRUNE_AT: usize = 256;
+
+/// Why an endpoint chosen for an attempt has no address to connect to.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NoAddress {
+    /// The endpoint has neither an address nor a name.
+    #[error("endpoint has no address")]
+    Unaddressed,
+    /// Its name did not resolve in time, or to nothing.
+    #[error("endpoint name {name} did not resolve: {source}")]
+    Unresolved { name: Arc<str>, source: io::Error },
+}
+
+impl NoAddress {
+    /// Envoy's response flag for it: no healthy upstream, or a DNS resolution failure.
+    pub(crate) fn flag(&self) -> &'static str {
+        match self {
+            NoAddress::Unaddressed => "UH",
+            NoAddress::Unresolved { .. } => "DF",
+        }
+    }
+}
 
 /// Resolved endpoint names, shared by every request.
 #[derive(Debug, Default)]
@@ -68,15 +90,27 @@ impl Names {
         Ok(addresses)
     }
 
-    /// One of `name`'s addresses, at random, resolved within `limit`.
-    pub(crate) async fn resolve_within(
+    /// The address to connect to `endpoint` at, for the HTTP and the TCP path alike: its own,
+    /// or, for an endpoint known by name, one of the name's addresses at random, resolved
+    /// within `limit` (the attempt's connect timeout).
+    pub(crate) async fn address_of(
         &self,
-        name: &Arc<str>,
+        endpoint: &Workload,
         limit: Duration,
-    ) -> io::Result<IpAddr> {
+    ) -> Result<IpAddr, NoAddress> {
+        let name = match (endpoint.ips.first(), &endpoint.hostname) {
+            (Some(&ip), _) => return Ok(ip),
+            (None, Some(name)) => name,
+            (None, None) => return Err(NoAddress::Unaddressed),
+        };
+        let unresolved = |source| NoAddress::Unresolved {
+            name: name.clone(),
+            source,
+        };
         let addresses = tokio::time::timeout(limit, self.resolve(name))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))??;
+            .map_err(|_| unresolved(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")))?
+            .map_err(unresolved)?;
         let ip = addresses.choose(&mut rand::rng()).copied();
         Ok(ip.expect("never empty"))
     }

@@ -30,6 +30,11 @@ use crate::resource::{
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// Annotation of pods that already have a sidecar; ztunnel leaves them alone.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// Annotation istio-cni writes on a pod it captured (value `enabled`); written on a
+/// WorkloadEntry or ServiceEntry, it says the endpoints sit behind a ztunnel.
+const AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
+/// Label of a workload that terminates HBONE itself: `http` among its comma-separated values.
+const TUNNEL: &str = "networking.istio.io/tunnel";
 
 /// Builds a snapshot from resources, in order, or reports every invalid resource.
 pub(crate) fn build(
@@ -652,7 +657,7 @@ impl<'o> Builder<'o> {
         };
         let mut labels = meta.labels.clone();
         labels.extend(we.spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let captured = self.enrolled(namespace, &labels);
+        let captured = tunnelled(meta);
         let named_ports = we
             .spec
             .ports
@@ -743,7 +748,7 @@ impl<'o> Builder<'o> {
         );
         // A name is reached with plain TCP at what it resolves to: there is no pod address to
         // find its ztunnel by.
-        let captured = hostname.is_none() && self.enrolled(namespace, &ep.labels);
+        let captured = hostname.is_none() && tunnelled(meta);
         let locality = Locality::parse(&ep.locality, &mut self.interner);
         let w = self.workload(
             WorkloadKind::ServiceEntry,
@@ -818,9 +823,11 @@ impl<'o> Builder<'o> {
         (workload_name, workload_type): (&str, WorkloadType),
         waypoint_instance: Option<WaypointId>,
     ) -> Workload {
+        // Named by the object's own labels, as istiod names them: a ServiceEntry's endpoints,
+        // its implicit host endpoints included, by the entry's, not by their own.
         let first = |keys: [&str; 3], fallback: &str| {
             keys.iter()
-                .find_map(|k| labels.get(*k))
+                .find_map(|k| meta.labels.get(*k))
                 .map_or(fallback, String::as_str)
                 .to_owned()
         };
@@ -1542,6 +1549,22 @@ fn non_empty(s: &str) -> Option<&str> {
 /// `ambient.istio.io/waypoint-inbound-binding`, as istiod reads it: `PROXY/<port>` sandwiches
 /// the waypoint on that port, `PROXY` on each tunnel's own target port; `NONE` (or an empty
 /// value) leaves it as usual. PROXY is the only protocol ztunnel tunnels with.
+/// Whether a WorkloadEntry's or ServiceEntry's endpoints are reached over HBONE, decided as istiod
+/// decides it: only when the entry says so, by the redirection annotation or the tunnel label on
+/// its own metadata. The namespace's dataplane mode enrols pods, which istio-cni then captures;
+/// an entry's endpoints run wherever they run (a VM, a database outside the cluster) and mostly
+/// have no ztunnel to answer HBONE.
+fn tunnelled(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .get(AMBIENT_REDIRECTION)
+        .map(String::as_str)
+        == Some("enabled")
+        || meta
+            .labels
+            .get(TUNNEL)
+            .is_some_and(|v| v.split(',').any(|t| t == "http"))
+}
+
 fn parse_inbound_binding(value: &str) -> Result<Option<AppTunnel>, String> {
     if value.is_empty() || value.eq_ignore_ascii_case("NONE") {
         return Ok(None);

@@ -46,6 +46,7 @@ use crate::keepalive::Attempt;
 use crate::limits::{Admitted, Overflow, RetryOverflow, Retrying};
 use crate::metrics::{Labels, Parties};
 use crate::originate::{HboneConnector, KeepAlive};
+use crate::resolve::NoAddress;
 use crate::state::{Shared, Target, View};
 use crate::tunnel::{self, Tunnel};
 use crate::wasm::{self, Chain, Decision};
@@ -900,29 +901,16 @@ impl ProxyHttp for Waypoint {
         };
         ctx.tried.push(workload);
         let w = snapshot.workload(workload);
-        let ip = match (w.ips.first(), &w.hostname) {
-            (Some(&ip), _) => ip,
-            (None, Some(name)) => {
-                let limit = traffic.connection_pool.connect_timeout;
-                match self.shared.names.resolve_within(name, limit).await {
-                    Ok(ip) => ip,
-                    Err(e) => {
-                        ctx.flag("DF");
-                        ctx.details = "dns_resolution_failure";
-                        tracing::info!(endpoint = %name, error = %e, "endpoint name did not resolve");
-                        return Err(Error::explain(
-                            ErrorType::HTTPStatus(503),
-                            "endpoint name did not resolve",
-                        ));
-                    }
+        let limit = traffic.connection_pool.connect_timeout;
+        let ip = match self.shared.names.address_of(w, limit).await {
+            Ok(ip) => ip,
+            Err(e) => {
+                ctx.flag(e.flag());
+                if let NoAddress::Unresolved { name, source } = &e {
+                    ctx.details = "dns_resolution_failure";
+                    tracing::info!(endpoint = %name, error = %source, "endpoint name did not resolve");
                 }
-            }
-            (None, None) => {
-                ctx.flag("UH");
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(503),
-                    "endpoint has no address",
-                ));
+                return Err(Error::explain(ErrorType::HTTPStatus(503), e.to_string()));
             }
         };
         let addr = SocketAddr::new(ip, port);
