@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use ztunnel::Ztunnel;
 use ztunnel::dns::Forwarder;
 use ztunnel::inpod::zds::proto::WorkloadInfo;
-use ztunnel::inpod::{NetNs, PodRules, ZdsServer};
+use ztunnel::inpod::{NetNs, PodRules, ZdsConnection, ZdsError, ZdsServer};
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::Ctx;
 use ztunnel::proxy::live::LiveConnections;
@@ -194,7 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let follower = match (inpod_uds, inpod) {
                 (Some(uds), Some(inpod)) => {
-                    Some(tokio::spawn(follow_agent(uds, inpod, ztunnel.clone())))
+                    let ztunnel = ztunnel.clone();
+                    Some(tokio::spawn(async move {
+                        ztunnel::capture::follow_node_agent(&uds, &inpod, &ztunnel).await
+                    }))
                 }
                 _ => None,
             };
@@ -251,19 +254,6 @@ fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an IP address or IP:port"))
 }
 
-/// Follows the node agent, reconnecting when it goes away (istio-cni restarts replay every pod).
-async fn follow_agent(uds: PathBuf, inpod: Arc<InPod>, ztunnel: Arc<Ztunnel>) {
-    loop {
-        match ztunnel::capture::follow_node_agent(&uds, &inpod, &ztunnel).await {
-            Ok(()) => tracing::info!(uds = %uds.display(), "node agent disconnected; reconnecting"),
-            Err(e) => {
-                tracing::warn!(uds = %uds.display(), error = %e, "node agent unavailable; retrying")
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 /// The node agent's side: rules in, pods announced, replayed on every reconnect.
 async fn cni(uds: &std::path::Path, pods: &[String], dns: bool) -> anyhow::Result<()> {
     let mut announced = Vec::new();
@@ -285,26 +275,46 @@ async fn cni(uds: &std::path::Path, pods: &[String], dns: bool) -> anyhow::Resul
     let server = ZdsServer::bind(uds).with_context(|| format!("binding {}", uds.display()))?;
     println!("waiting for ztunnel on {}", uds.display());
     loop {
-        let mut conn = server.accept().await?;
-        conn.hello().await?;
-        for (namespace, name, ns) in &announced {
-            let info = WorkloadInfo {
-                name: name.clone(),
-                namespace: namespace.clone(),
-                service_account: String::new(),
-            };
-            match conn
-                .add(format!("{namespace}/{name}"), Some(info), ns)
-                .await
-            {
-                Ok(()) => println!("ztunnel serves {namespace}/{name}"),
-                Err(e) => println!("ztunnel refused {namespace}/{name}: {e}"),
+        // One connection that goes wrong must not stop the agent for the ztunnels after it.
+        let mut conn = match server.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                eprintln!("accepting a ztunnel: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
+        };
+        if let Err(e) = replay(&mut conn, &announced).await {
+            eprintln!("ztunnel connection failed: {e}");
+            continue;
         }
-        conn.snapshot_sent().await?;
         // Keep the connection until ztunnel goes away, then wait for the next one.
         let _ = conn.closed().await;
     }
+}
+
+/// Greets a ztunnel and announces every pod, then the end of the snapshot.
+async fn replay(
+    conn: &mut ZdsConnection,
+    announced: &[(String, String, NetNs)],
+) -> Result<(), ZdsError> {
+    conn.hello().await?;
+    for (namespace, name, ns) in announced {
+        let info = WorkloadInfo {
+            name: name.clone(),
+            namespace: namespace.clone(),
+            service_account: String::new(),
+        };
+        match conn
+            .add(format!("{namespace}/{name}"), Some(info), ns)
+            .await
+        {
+            Ok(()) => println!("ztunnel serves {namespace}/{name}"),
+            Err(ZdsError::Rejected(why)) => println!("ztunnel refused {namespace}/{name}: {why}"),
+            Err(e) => return Err(e),
+        }
+    }
+    conn.snapshot_sent().await
 }
 
 #[cfg(test)]

@@ -127,6 +127,15 @@ impl InPod {
             .is_some()
     }
 
+    /// The inode of the network namespace recorded for `uid`, if any.
+    pub fn inode(&self, uid: &str) -> Option<u64> {
+        self.pods
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(uid)
+            .map(|netns| netns.inode())
+    }
+
     fn netns(&self, uid: &str) -> io::Result<Arc<NetNs>> {
         self.pods
             .read()

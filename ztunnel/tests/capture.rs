@@ -657,6 +657,18 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
             .spawn()
             .expect("ztunnel cni"),
     );
+    // A client that connects and goes away without a word: the agent carries on for the next.
+    for _ in 0..100 {
+        if uds.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mute = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None)
+        .expect("socket");
+    mute.connect(&socket2::SockAddr::unix(&uds).expect("addr"))
+        .expect("the agent listens");
+    drop(mute);
     // One worker, as on a small node: the data plane on a current-thread runtime.
     let _ztunnel = Child(
         Command::new(binary)

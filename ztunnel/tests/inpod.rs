@@ -338,15 +338,16 @@ async fn zds_rejects_malformed_requests_and_carries_on() {
         let not_a_netns = std::fs::File::open("/proc/self/status").expect("open");
         let add_u = [0x0a, 0x03, 0x0a, 0x01, b'u'];
         let huge = vec![0u8; 2000];
+        let file = not_a_netns.as_raw_fd();
         let mut errors = Vec::new();
-        for (bytes, fd) in [
-            (&[0xff, 0xff, 0xff][..], None),             // not protobuf
-            (&add_u[..], None),                          // AddWorkload{uid: "u"} without its fd
-            (&add_u[..], Some(not_a_netns.as_raw_fd())), // ... with a regular file as the fd
-            (&huge[..], None),                           // over the 1 KiB limit
-            (&[0x1a, 0x00][..], None),                   // SnapshotSent: valid
+        for (bytes, fds) in [
+            (&[0xff, 0xff, 0xff][..], vec![]), // not protobuf
+            (&add_u[..], vec![]),              // AddWorkload{uid: "u"} without its fd
+            (&add_u[..], vec![file]),          // ... with a regular file as the fd
+            (&huge[..], vec![]),               // over the 1 KiB limit
+            (&add_u[..], vec![file; 6]),       // ... with six fds, each arriving as a new one
+            (&[0x1a, 0x00][..], vec![]),       // SnapshotSent: valid
         ] {
-            let fds: Vec<_> = fd.into_iter().collect();
             let cmsgs: Vec<_> = if fds.is_empty() {
                 vec![]
             } else {
@@ -398,6 +399,18 @@ async fn zds_rejects_malformed_requests_and_carries_on() {
         .expect("in time")
         .expect_err("oversized");
     assert!(matches!(huge, ZdsError::Oversized), "{huge:?}");
+    // Every fd that arrived is closed, however many came.
+    let open_fds = || std::fs::read_dir("/proc/self/fd").expect("fds").count();
+    let before = open_fds();
+    let many = timeout(WAIT, client.next())
+        .await
+        .expect("in time")
+        .expect_err("six fds");
+    assert!(
+        matches!(many, ZdsError::UnexpectedFds { count: 6 }),
+        "{many:?}"
+    );
+    assert_eq!(open_fds(), before, "the six fds are closed");
     let ok = timeout(WAIT, client.next())
         .await
         .expect("in time")
@@ -407,12 +420,13 @@ async fn zds_rejects_malformed_requests_and_carries_on() {
 
     let errors = agent.join().expect("agent");
     let _ = std::fs::remove_file(&path);
-    assert_eq!(errors.len(), 5);
+    assert_eq!(errors.len(), 6);
     assert!(errors[0].contains("undecodable"), "{errors:?}");
     assert!(errors[1].contains("no network namespace"), "{errors:?}");
     assert!(errors[2].contains("is not a namespace"), "{errors:?}");
     assert!(errors[3].contains("larger than 1024 bytes"), "{errors:?}");
-    assert_eq!(errors[4], "", "the valid request is acked without error");
+    assert!(errors[4].contains("6 unexpected file"), "{errors:?}");
+    assert_eq!(errors[5], "", "the valid request is acked without error");
 }
 
 // === (d) the iptables rules capture what ztunnel expects ===

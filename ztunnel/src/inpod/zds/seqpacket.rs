@@ -23,9 +23,11 @@ use crate::inpod::netns::ensure_netns;
 
 /// Largest message accepted. ZDS messages are a pod UID and three names, far below this.
 pub(super) const MAX_MESSAGE: usize = 1024;
-/// Room for this many fds per message. ZDS sends at most one; the slack lets a misbehaving peer's
-/// extra fds be received (and closed) instead of truncating the control data.
-pub(super) const MAX_FDS: usize = 4;
+/// Room for this many fds per message: as many as Linux passes in one (`SCM_MAX_FD`). ZDS sends
+/// at most one, but a peer sending more must not truncate the control data: the fds that did
+/// arrive could then not be listed, and each such message would leak them until ztunnel runs out.
+/// With room for all, the extra ones are received and closed.
+pub(super) const MAX_FDS: usize = 253;
 
 /// One received packet.
 #[derive(Debug)]
@@ -135,8 +137,7 @@ fn recv_once(fd: RawFd) -> io::Result<Option<Received>> {
                 }
             }
         }
-        // MSG_CTRUNC: more fds than room. nix then refuses to list the ones that did arrive, so
-        // they stay open; only a peer breaking the protocol gets here.
+        // MSG_CTRUNC, which the room for `SCM_MAX_FD` fds rules out for SCM_RIGHTS.
         Err(_) => truncated = true,
     }
     if len == 0 && raw_fds.is_empty() && !truncated {
