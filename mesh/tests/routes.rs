@@ -233,3 +233,47 @@ spec: {host: nowhere}
         );
     }
 }
+
+/// A DestinationRule for a wildcard host applies to every service it covers, unless a rule
+/// names the service or a more specific wildcard covers it; subsets it defines resolve too.
+#[test]
+fn wildcard_destination_rules_cover_their_hosts() {
+    let rules = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mesh-wide, namespace: istio-system}
+spec:
+  host: "*.svc.cluster.local"
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 10}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bookinfo-wide, namespace: bookinfo}
+spec:
+  host: "*.bookinfo.svc.cluster.local"
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 20}}}
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: productpage, namespace: bookinfo}
+spec:
+  host: productpage
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 30}}}
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{rules}"));
+    let limit = |host: &str| {
+        s.destination_policy(host)
+            .map(|p| p.traffic.connection_pool.max_connections)
+    };
+    assert_eq!(limit("productpage.bookinfo.svc.cluster.local"), Some(30));
+    assert_eq!(limit("reviews.bookinfo.svc.cluster.local"), Some(20));
+    assert_eq!(limit("details.other.svc.cluster.local"), Some(10));
+    assert_eq!(limit("api.example.com"), None);
+    let (_, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
+    let v1 = reviews
+        .subset_endpoints(Some("v1"))
+        .expect("the wildcard's subset");
+    assert_eq!(v1.len(), 1);
+}

@@ -169,7 +169,7 @@ kind: ServiceEntry
 metadata: {name: db, namespace: a}
 spec:
   hosts: [db.example.com]
-  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  ports: [{number: 5432, name: tcp, protocol: TCP, targetPort: 0}]
   resolution: STATIC
   endpoints: [{address: 10.2.0.5, labels: {networking.istio.io/tunnel: http}}]
 ---
@@ -210,6 +210,10 @@ spec:
     ] {
         assert_eq!(protocol(addr), want, "{addr}: {why}");
     }
+
+    // A target port of 0 is unset: the service port is the target.
+    let (_, db) = s.resolve_host("db.example.com", "a").expect("db");
+    assert_eq!(db.ports[0].target, mesh::model::Target::Number(5432));
 
     // Every endpoint of an entry is named by the entry's labels, as istiod names it.
     let named = |w: &mesh::model::Workload| {

@@ -447,8 +447,11 @@ fn connection_pool(
     let mut time = |text: &Option<String>, at: &str| {
         (text.as_deref()).and_then(|t| problems.check(duration(t, &format!("{field}.{at}"))))
     };
+    // A limit of 0 is unset, as Istio reads these fields (it applies only values above zero):
+    // taken literally it would refuse every request.
+    let or = |value: Option<u32>, default: u32| value.filter(|&n| n > 0).unwrap_or(default);
     if let Some(tcp) = &p.tcp {
-        out.max_connections = tcp.max_connections.unwrap_or(out.max_connections);
+        out.max_connections = or(tcp.max_connections, out.max_connections);
         out.connect_timeout =
             time(&tcp.connect_timeout, "tcp.connectTimeout").unwrap_or(out.connect_timeout);
         out.tcp_keepalive = tcp.tcp_keepalive.as_ref().map(|k| TcpKeepalive {
@@ -462,13 +465,12 @@ fn connection_pool(
             time(&tcp.idle_timeout, "tcp.idleTimeout").unwrap_or(out.tcp_idle_timeout);
     }
     if let Some(http) = &p.http {
-        let or = |value: Option<u32>, default: u32| value.unwrap_or(default);
         out.http1_max_pending_requests = or(
             http.http1_max_pending_requests,
             out.http1_max_pending_requests,
         );
         out.http2_max_requests = or(http.http2_max_requests, out.http2_max_requests);
-        out.max_requests_per_connection = or(http.max_requests_per_connection, 0);
+        out.max_requests_per_connection = http.max_requests_per_connection.unwrap_or(0);
         out.max_retries = or(http.max_retries, out.max_retries);
         out.http_idle_timeout =
             time(&http.idle_timeout, "http.idleTimeout").unwrap_or(out.http_idle_timeout);

@@ -122,6 +122,11 @@ trafficPolicy:
     assert_eq!(pool.h2_upgrade, H2Upgrade::Upgrade);
     assert!(pool.use_client_protocol);
     assert_eq!(pool.max_concurrent_streams, 2_147_483_647);
+    // Limits of 0 are unset, as Istio applies only those above zero.
+    let zeros = policy(
+        "host: reviews\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: 0}, http: {http1MaxPendingRequests: 0, http2MaxRequests: 0, maxRetries: 0, maxConcurrentStreams: 0}}}",
+    );
+    assert_eq!(zeros.traffic.connection_pool, ConnectionPool::default());
     // An empty section gets Istio's defaults.
     let outlier = p.traffic.outlier_detection.expect("outlier");
     assert_eq!(outlier.consecutive_5xx_errors, 5);

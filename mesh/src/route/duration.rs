@@ -19,6 +19,11 @@ pub struct InvalidDuration {
     pub reason: &'static str,
 }
 
+/// The longest duration protobuf can carry (10,000 years), which Istio's validation enforces.
+/// It also keeps every deadline the proxies compute from a duration (now + timeout, backoff
+/// times ten) far from overflowing an `Instant`.
+const MAX_SECONDS: u64 = 315_576_000_000;
+
 /// Reads `1.5s`, `300ms`, `2m`, `1h30m` or `0` into a [`Duration`].
 ///
 /// Public because every layer that reads durations from YAML (routes, destination rules,
@@ -56,7 +61,10 @@ pub fn parse_duration(input: &str) -> Result<Duration, InvalidDuration> {
             .ok_or_else(|| fail("too large"))?;
         rest = after;
     }
-    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| fail("too large"))?;
+    let secs = u64::try_from(total / 1_000_000_000)
+        .ok()
+        .filter(|&secs| secs <= MAX_SECONDS)
+        .ok_or_else(|| fail("too large (at most 315576000000s, as protobuf's)"))?;
     // The remainder of a division by 10^9 always fits in u32.
     let nanos = (total % 1_000_000_000) as u32;
     Ok(Duration::new(secs, nanos))
@@ -133,9 +141,24 @@ mod tests {
             ("-1s", "durations cannot be negative"),
             ("1..5s", "not a number"),
             (".s", "not a number"),
-            ("99999999999999999999999h", "too large"),
+            (
+                "99999999999999999999999h",
+                "too large (at most 315576000000s, as protobuf's)",
+            ),
             ("9999999999999999999999999999999999999999s", "too large"),
+            (
+                "9300000000000000000s",
+                "too large (at most 315576000000s, as protobuf's)",
+            ),
+            (
+                "315576000001s",
+                "too large (at most 315576000000s, as protobuf's)",
+            ),
         ];
+        assert_eq!(
+            parse_duration("315576000000s"),
+            Ok(Duration::from_secs(MAX_SECONDS))
+        );
         for (text, reason) in cases {
             let err = parse_duration(text).expect_err(text);
             assert_eq!(err.reason, reason, "{text}");

@@ -154,6 +154,10 @@ impl Lowering<'_> {
                 format!("{status} is not a redirect status; use 301, 302, 303, 307 or 308"),
             );
         }
+        if r.port == Some(0) {
+            self.problems
+                .push(format!("{field}.port"), "0 is not a port; use 1 to 65535");
+        }
         let port = match (r.port, &r.scheme) {
             (Some(port), _) => RedirectPort::Explicit(port),
             (None, Some(_)) => RedirectPort::SchemeDefault,

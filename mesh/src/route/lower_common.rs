@@ -42,6 +42,10 @@ impl Problems {
 
 /// Compiles a regex that must match the whole value, as Envoy's RE2 matchers do.
 pub(super) fn full_match_regex(pattern: &str, field: &str) -> Result<Regex, FieldError> {
+    // The pattern must stand on its own first: an unbalanced one (`/a)|(.*`) would otherwise
+    // close the group below early and leave an alternative outside the anchors, matching
+    // everything.
+    search_regex(pattern, field)?;
     // A non-capturing group keeps alternations (`a|b`) inside the anchors.
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| invalid_regex(pattern, field, &e))
 }

@@ -463,6 +463,13 @@ fn semantic_errors_name_the_field() {
         ),
         (
             format!(
+                "{PARENT}rules: [{{filters: [{{type: RequestRedirect, requestRedirect: {{port: 0}}}}]}}]"
+            ),
+            "spec.rules[0].filters[0].requestRedirect.port",
+            "0 is not a port",
+        ),
+        (
+            format!(
                 "{PARENT}rules: [{{matches: [{{path: {{type: Exact, value: /a}}}}], filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /b}}}}}}], {b}}}]"
             ),
             "spec.rules[0].filters[0].urlRewrite.path.replacePrefixMatch",

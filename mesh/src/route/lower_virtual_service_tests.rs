@@ -391,6 +391,12 @@ fn semantic_errors_name_the_field() {
             "invalid regular expression \"(\"",
         ),
         (
+            // Unbalanced: anchored as written it would be `^(?:/a)|(.*)$`, matching every path.
+            format!("hosts: [echo]\nhttp: [{{match: [{{uri: {{regex: \"/a)|(.*\"}}}}], {to}}}]"),
+            "spec.http[0].match[0].uri.regex",
+            "invalid regular expression \"/a)|(.*\"",
+        ),
+        (
             format!("hosts: [echo]\nhttp: [{{match: [{{headers: {{x: {{regex: \"[\"}}}}}}], {to}}}]"),
             "spec.http[0].match[0].headers.x.regex",
             "invalid regular expression",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::build::{Builder, Kinds, by_name};
-use super::{PeerAuthEntry, PolicyEntry, PolicyScope};
+use super::{PeerAuthEntry, PolicyEntry, PolicyScope, destination_rule_for};
 use crate::authz::{Action, AuthorizationPolicySpec, Policy, PolicyTargetReference};
 use crate::error::{FieldError, Origin};
 use crate::model::{self, PluginId, PolicyId, ServiceId, ServiceKind, WaypointId};
@@ -488,7 +488,8 @@ pub(super) fn destination_rules(
         b.destination_rules.insert(policy.host.clone(), policy);
     }
     for i in 0..b.services.len() {
-        let Some(policy) = b.destination_rules.get(&b.services[i].hostname) else {
+        let Some(policy) = destination_rule_for(&b.destination_rules, &b.services[i].hostname)
+        else {
             continue;
         };
         let service = &b.services[i];
@@ -551,8 +552,7 @@ pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
     let mut istio: Vec<Attachment> = Vec::new();
     for &(origin, vs) in &virtual_services {
         let subsets = |host: &str, subset: &str| {
-            b.destination_rules
-                .get(host)
+            destination_rule_for(&b.destination_rules, host)
                 .is_some_and(|p| p.subsets.iter().any(|s| &*s.name == subset))
         };
         let lowered = lower_virtual_service(

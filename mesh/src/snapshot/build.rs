@@ -1118,7 +1118,8 @@ impl<'o> Builder<'o> {
             .map(|p| ServicePort {
                 name: non_empty(&p.name).map(|n| self.interner.get(n)),
                 port: p.number,
-                target: Target::Number(p.target_port.unwrap_or(p.number)),
+                // 0 is unset, as istiod reads it: the service port is the target.
+                target: Target::Number(p.target_port.filter(|&t| t != 0).unwrap_or(p.number)),
                 protocol: model::app_protocol(p.protocol.as_deref(), non_empty(&p.name)),
             })
             .collect();
@@ -1152,7 +1153,7 @@ impl<'o> Builder<'o> {
                         .iter()
                         .map(|p| {
                             w.named_port(&p.name)
-                                .unwrap_or(p.target_port.unwrap_or(p.number))
+                                .unwrap_or(p.target_port.filter(|&t| t != 0).unwrap_or(p.number))
                         })
                         .collect(),
                 }

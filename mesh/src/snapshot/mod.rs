@@ -405,9 +405,9 @@ impl Snapshot {
         self.routes.get(&(service, port))
     }
 
-    /// The DestinationRule policy for a service hostname.
+    /// The DestinationRule policy for a service hostname (see [`destination_rule_for`]).
     pub fn destination_policy(&self, host: &str) -> Option<&DestinationPolicy> {
-        self.destination_rules.get(host)
+        destination_rule_for(&self.destination_rules, host)
     }
 
     /// A plugin by id.
@@ -429,4 +429,24 @@ impl Snapshot {
         };
         ids.iter().map(|&id| self.plugin(id))
     }
+}
+
+/// The DestinationRule for `host`, as Istio picks it: the rule naming the host, else the most
+/// specific wildcard rule covering it (`*.ns.svc.cluster.local` before `*.svc.cluster.local`,
+/// `*` last).
+pub(crate) fn destination_rule_for<'a>(
+    rules: &'a HashMap<Arc<str>, DestinationPolicy>,
+    host: &str,
+) -> Option<&'a DestinationPolicy> {
+    if let Some(rule) = rules.get(host) {
+        return Some(rule);
+    }
+    let mut rest = host;
+    while let Some((_, parent)) = rest.split_once('.') {
+        if let Some(rule) = rules.get(format!("*.{parent}").as_str()) {
+            return Some(rule);
+        }
+        rest = parent;
+    }
+    rules.get("*")
 }
