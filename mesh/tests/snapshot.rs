@@ -229,6 +229,7 @@ spec:
         .expect("the host is its own endpoint");
     assert_eq!(named(host), ("payments".into(), "latest".into()));
 }
+
 #[test]
 fn services_resolve_ready_endpoints_and_named_ports() {
     let s = snapshot(BOOKINFO);

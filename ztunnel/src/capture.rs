@@ -35,10 +35,22 @@ pub async fn follow_node_agent(path: &Path, sockets: &InPod, ztunnel: &Ztunnel) 
 /// The pods the node agent announced, kept across its connections: on every connection it
 /// replays the pods it still has (adding them again, or keeping those whose namespace it no
 /// longer holds) and then says the snapshot is sent; a pod it did not replay is gone.
+///
+/// Pods are named by their Kubernetes uid, workloads by namespace and name, so a pod recreated
+/// under its name (a StatefulSet's) is a second pod of the same workload until the first is
+/// deleted: the workload is served from the namespace announced last, and from another of its
+/// pods' once that one is deleted.
 #[derive(Debug, Default)]
 struct Pods {
-    /// Kubernetes pod uid (what ZDS names pods by) → our workload uid.
-    announced: HashMap<String, Arc<str>>,
+    /// Kubernetes pod uid → the pod.
+    announced: HashMap<String, Pod>,
+}
+
+#[derive(Debug)]
+struct Pod {
+    /// Our workload uid.
+    workload: Arc<str>,
+    netns: Arc<NetNs>,
 }
 
 impl Pods {
@@ -72,32 +84,39 @@ impl Pods {
                         if let Some(seen) = &mut replayed {
                             seen.insert(uid.clone());
                         }
-                        self.add(uid, workload.clone(), netns, sockets, ztunnel)
-                            .await;
+                        tracing::info!(pod = %uid, workload = %workload, netns = netns.inode(), "pod announced by the node agent");
+                        let netns = Arc::new(netns);
+                        serve(&workload, &netns, sockets, ztunnel).await;
+                        self.announced.insert(
+                            uid,
+                            Pod {
+                                workload: workload.clone(),
+                                netns,
+                            },
+                        );
                         served(ztunnel, &workload).await
                     }
                 },
-                WorkloadEvent::Keep { uid } => {
-                    match &mut replayed {
-                        Some(seen) if self.announced.contains_key(&uid) => {
+                // Only a replay keeps pods, as upstream insists.
+                WorkloadEvent::Keep { uid } => match &mut replayed {
+                    Some(seen) => {
+                        if self.announced.contains_key(&uid) {
                             seen.insert(uid);
+                        } else {
+                            tracing::debug!(pod = %uid, "node agent keeps a pod this ztunnel never had");
                         }
-                        Some(_) => {
-                            tracing::debug!(pod = %uid, "node agent keeps a pod this ztunnel never had")
-                        }
-                        None => {
-                            tracing::warn!(pod = %uid, "node agent keeps a pod after its snapshot; ignored")
-                        }
+                        Ok(())
                     }
-                    Ok(())
-                }
+                    None => Err(format!("pod {uid}: keep received after the snapshot")),
+                },
                 WorkloadEvent::Del { uid } => {
                     if let Some(seen) = &mut replayed {
                         seen.remove(&uid);
                     }
-                    if let Some(workload) = self.announced.remove(&uid) {
-                        sockets.remove(&workload);
-                        tracing::info!(pod = %uid, workload = %workload, "pod removed by the node agent");
+                    if self
+                        .remove(&uid, "removed by the node agent", sockets, ztunnel)
+                        .await
+                    {
                         let _ = ztunnel.reconcile().await;
                     }
                     Ok(())
@@ -113,32 +132,21 @@ impl Pods {
         }
     }
 
-    /// Records `uid`'s namespace as `workload`'s. The workload may already be served: replayed
-    /// after a reconnect (the same namespace), or a pod recreated under the same name (a
-    /// StatefulSet's; a new namespace). In a new namespace its proxy starts again there; and the
-    /// pod it replaces is forgotten, so that the agent deleting that pod later leaves this one
-    /// alone.
-    async fn add(
-        &mut self,
-        uid: String,
-        workload: Arc<str>,
-        netns: NetNs,
-        sockets: &InPod,
-        ztunnel: &Ztunnel,
-    ) {
-        tracing::info!(pod = %uid, workload = %workload, netns = netns.inode(), "pod announced by the node agent");
-        self.announced
-            .retain(|other, w| *other == uid || *w != workload);
-        let moved = sockets
-            .inode(&workload)
-            .is_some_and(|inode| inode != netns.inode());
-        if moved {
-            tracing::info!(pod = %uid, workload = %workload, "workload in a new network namespace; serving it there");
-            sockets.remove(&workload);
-            let _ = ztunnel.reconcile().await;
+    /// Forgets pod `uid`. Its workload stays served while another announced pod has its name,
+    /// from that pod's namespace. Returns whether anything changed, for the caller to reconcile.
+    async fn remove(&mut self, uid: &str, why: &str, sockets: &InPod, ztunnel: &Ztunnel) -> bool {
+        let Some(pod) = self.announced.remove(uid) else {
+            return false;
+        };
+        tracing::info!(pod = %uid, workload = %pod.workload, "pod {why}");
+        let other = (self.announced.values()).find(|other| other.workload == pod.workload);
+        match other {
+            Some(other) => serve(&pod.workload, &other.netns, sockets, ztunnel).await,
+            None => {
+                sockets.remove(&pod.workload);
+            }
         }
-        sockets.insert(workload.clone(), netns);
-        self.announced.insert(uid, workload);
+        true
     }
 
     /// Forgets the pods a reconnected agent did not replay.
@@ -152,17 +160,28 @@ impl Pods {
             .filter(|uid| !replayed.contains(*uid))
             .cloned()
             .collect();
-        if gone.is_empty() {
-            return;
-        }
+        let mut changed = false;
         for uid in gone {
-            if let Some(workload) = self.announced.remove(&uid) {
-                sockets.remove(&workload);
-                tracing::info!(pod = %uid, workload = %workload, "pod not replayed by the node agent; no longer served");
-            }
+            changed |=
+                (self.remove(&uid, "not replayed by the node agent", sockets, ztunnel)).await;
         }
+        if changed {
+            let _ = ztunnel.reconcile().await;
+        }
+    }
+}
+
+/// Serves `workload` from `netns`. A workload already served from another namespace (its pod
+/// recreated) has its proxy stopped there first, to be started in `netns` by the next reconcile;
+/// in the same namespace (a replay) it carries on undisturbed.
+async fn serve(workload: &Arc<str>, netns: &Arc<NetNs>, sockets: &InPod, ztunnel: &Ztunnel) {
+    let moved = (sockets.inode(workload)).is_some_and(|inode| inode != netns.inode());
+    if moved {
+        tracing::info!(workload = %workload, netns = netns.inode(), "workload in another network namespace; serving it there");
+        sockets.remove(workload);
         let _ = ztunnel.reconcile().await;
     }
+    sockets.insert(workload.clone(), netns.clone());
 }
 
 /// Reconciles and reports whether `workload` is now served. A pod the configuration does not

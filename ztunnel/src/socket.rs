@@ -111,11 +111,11 @@ pub struct InPod {
 
 impl InPod {
     /// Records the network namespace of the workload `uid`.
-    pub fn insert(&self, uid: Arc<str>, netns: NetNs) {
+    pub fn insert(&self, uid: Arc<str>, netns: impl Into<Arc<NetNs>>) {
         self.pods
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(uid, Arc::new(netns));
+            .insert(uid, netns.into());
     }
 
     /// Forgets the workload `uid`; returns whether it was known.

@@ -319,7 +319,13 @@ async fn zds_rejects_malformed_requests_and_carries_on() {
         .expect("bind");
     listener.listen(1).expect("listen");
 
+    // A regular file of this test's own, sent where a namespace belongs: the fds received for it
+    // can be told apart from those the other tests of this binary open meanwhile.
+    let marker = std::env::temp_dir().join(format!("zds-not-a-netns-{}", std::process::id()));
+    std::fs::write(&marker, "").expect("marker");
+    let sent = marker.clone();
     let agent = std::thread::spawn(move || -> Vec<String> {
+        let marker = sent;
         let (conn, _) = listener.accept().expect("accept");
         conn.set_read_timeout(Some(WAIT)).expect("timeout");
         let recv = || {
@@ -335,7 +341,7 @@ async fn zds_rejects_malformed_requests_and_carries_on() {
             Some(workload_response::Payload::Ack(ack)) => ack.error,
             None => panic!("response without an ack"),
         };
-        let not_a_netns = std::fs::File::open("/proc/self/status").expect("open");
+        let not_a_netns = std::fs::File::open(&marker).expect("open");
         let add_u = [0x0a, 0x03, 0x0a, 0x01, b'u'];
         let huge = vec![0u8; 2000];
         let file = not_a_netns.as_raw_fd();
@@ -400,7 +406,11 @@ async fn zds_rejects_malformed_requests_and_carries_on() {
         .expect_err("oversized");
     assert!(matches!(huge, ZdsError::Oversized), "{huge:?}");
     // Every fd that arrived is closed, however many came.
-    let open_fds = || std::fs::read_dir("/proc/self/fd").expect("fds").count();
+    let open_fds = || {
+        (std::fs::read_dir("/proc/self/fd").expect("fds").flatten())
+            .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to == marker))
+            .count()
+    };
     let before = open_fds();
     let many = timeout(WAIT, client.next())
         .await
@@ -420,6 +430,7 @@ async fn zds_rejects_malformed_requests_and_carries_on() {
 
     let errors = agent.join().expect("agent");
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&marker);
     assert_eq!(errors.len(), 6);
     assert!(errors[0].contains("undecodable"), "{errors:?}");
     assert!(errors[1].contains("no network namespace"), "{errors:?}");

@@ -1,7 +1,8 @@
 //! Following the node agent across its reconnects, as istio-cni drives ztunnel: on every
-//! connection the agent replays the pods it still has, adding them again or keeping them, and a
-//! pod it does not replay is no longer served; a pod recreated under the same name in a new
-//! network namespace is served there, and deleting the pod it replaced leaves it alone.
+//! connection the agent replays the pods it still has, adding them again (their proxies carry on
+//! undisturbed) or keeping them, and a pod it does not replay is no longer served; a pod
+//! recreated under the same name in a new network namespace is served there, and deleting the
+//! pod it replaced, even after a replay that named both, leaves it served there.
 //!
 //! Needs root (CI runs as root); without it the test fails and says so.
 
@@ -36,10 +37,17 @@ kind: Pod
 metadata: {name: b, namespace: app}
 spec: {nodeName: node-a}
 status: {podIP: 198.19.8.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: app}
+spec: {nodeName: node-a}
+status: {podIP: 198.19.8.3}
 "#;
 
 const A: &str = "Kubernetes//v1/Pod/app/a";
 const B: &str = "Kubernetes//v1/Pod/app/b";
+const C: &str = "Kubernetes//v1/Pod/app/c";
 
 /// Whether the workload's SOCKS5 listener answers on the loopback of `netns`.
 fn listening_in(netns: &NetNs) -> bool {
@@ -47,6 +55,22 @@ fn listening_in(netns: &NetNs) -> bool {
     netns
         .run_in(|| TcpStream::connect_timeout(&socks, Duration::from_secs(1)).is_ok())
         .expect("enter the namespace")
+}
+
+/// The socket inode of the SOCKS5 listener in `netns`, from the namespace's own TCP table: a
+/// proxy started again has a new one.
+fn listener_inode(netns: &NetNs) -> String {
+    let table = netns
+        .run_in(|| std::fs::read_to_string("/proc/thread-self/net/tcp"))
+        .expect("enter the namespace")
+        .expect("the TCP table");
+    // local_address 127.0.0.1:15080 (hex, little-endian address), state 0A (LISTEN).
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&"0100007F:3AE8") && f.get(3) == Some(&"0A"))
+        .and_then(|f| f.get(9).map(|inode| inode.to_string()))
+        .expect("a listener on 127.0.0.1:15080")
 }
 
 async fn served(ztunnel: &Ztunnel) -> Vec<String> {
@@ -59,12 +83,20 @@ async fn served(ztunnel: &Ztunnel) -> Vec<String> {
 async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     assert_root();
     let tag = std::process::id();
-    let (ns_a, ns_b, ns_a2) = (
+    let (ns_a, ns_b, ns_c, ns_b2) = (
         Ns::new(format!("zt-agent-a-{tag}")),
         Ns::new(format!("zt-agent-b-{tag}")),
-        Ns::new(format!("zt-agent-a2-{tag}")),
+        Ns::new(format!("zt-agent-c-{tag}")),
+        Ns::new(format!("zt-agent-b2-{tag}")),
     );
-    let (a, b, a2) = (ns_a.open(), ns_b.open(), ns_a2.open());
+    let (a, b, c, b2) = (ns_a.open(), ns_b.open(), ns_c.open(), ns_b2.open());
+    let info = |name: &str| {
+        Some(WorkloadInfo {
+            name: name.into(),
+            namespace: "app".into(),
+            service_account: String::new(),
+        })
+    };
 
     let dir = std::env::temp_dir().join(format!("ztunnel-agent-{tag}"));
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -76,41 +108,68 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
         metrics: Arc::new(Metrics::default()),
         dns_upstreams: Vec::new(),
     };
-    let (ztunnel, server, agent) = start_node(&dir, "node-a", &mesh, &[("a", &a), ("b", &b)]).await;
-    assert_eq!(served(&ztunnel).await, [A, B]);
-    assert!(listening_in(&a) && listening_in(&b));
+    let pods = [("a", &a), ("b", &b), ("c", &c)];
+    let (ztunnel, server, agent) = start_node(&dir, "node-a", &mesh, &pods).await;
+    assert_eq!(served(&ztunnel).await, [A, B, C]);
+    assert!(listening_in(&a) && listening_in(&b) && listening_in(&c));
+    let a_listener = listener_inode(&a);
 
-    // The agent restarts: ztunnel connects again, and the agent replays pod a only, keeping it
-    // (as istio-cni does for a pod whose namespace it no longer holds).
+    // The agent restarts: ztunnel connects again, and the agent replays pod a (added again) and
+    // pod b (kept, as istio-cni does for a pod whose namespace it no longer holds), not pod c.
     drop(agent);
     let mut agent = tokio::time::timeout(Duration::from_secs(10), server.accept())
         .await
         .expect("ztunnel reconnects in time")
         .expect("accept");
     agent.hello().await.expect("hello");
-    agent.keep("uid-a").await.expect("pod a kept");
-    assert_eq!(served(&ztunnel).await, [A, B], "nothing dropped mid-replay");
-    agent.snapshot_sent().await.expect("snapshot");
-    assert_eq!(served(&ztunnel).await, [A], "pod b was not replayed");
-    assert!(listening_in(&a), "pod a still served in its namespace");
-    eventually(|| !listening_in(&b), "pod b's listeners closed").await;
-
-    // Pod a is recreated under its name (a StatefulSet's pod): a new uid and a new namespace,
-    // announced before the old pod's deletion.
-    let info = WorkloadInfo {
-        name: "a".into(),
-        namespace: "app".into(),
-        service_account: String::new(),
-    };
     agent
-        .add("uid-a2", Some(info), &a2)
+        .add("uid-a", info("a"), &a)
         .await
-        .expect("the recreated pod is served");
-    assert!(listening_in(&a2), "served in the new namespace");
-    eventually(|| !listening_in(&a), "no longer in the old one").await;
-    agent.del("uid-a").await.expect("the old pod deleted");
-    assert_eq!(served(&ztunnel).await, [A], "the new pod stays served");
-    assert!(listening_in(&a2));
+        .expect("pod a again");
+    agent.keep("uid-b").await.expect("pod b kept");
+    assert_eq!(
+        served(&ztunnel).await,
+        [A, B, C],
+        "nothing dropped mid-replay"
+    );
+    agent.snapshot_sent().await.expect("snapshot");
+    assert_eq!(served(&ztunnel).await, [A, B], "pod c was not replayed");
+    eventually(|| !listening_in(&c), "pod c's listeners closed").await;
+    assert_eq!(listener_inode(&a), a_listener, "pod a's proxy undisturbed");
+    assert!(listening_in(&b), "pod b still served");
+    let refused = agent
+        .keep("uid-a")
+        .await
+        .expect_err("keep after the snapshot");
+    assert!(
+        refused.to_string().contains("after the snapshot"),
+        "{refused}"
+    );
+
+    // Pod b is recreated under its name (a StatefulSet's pod): a new uid and a new namespace,
+    // announced before the old pod's deletion.
+    agent
+        .add("uid-b2", info("b"), &b2)
+        .await
+        .expect("recreated");
+    assert!(listening_in(&b2), "served in the new namespace");
+    eventually(|| !listening_in(&b), "no longer in the old one").await;
+
+    // The agent restarts before deleting the old pod, and replays both, the old one last.
+    drop(agent);
+    let mut agent = tokio::time::timeout(Duration::from_secs(10), server.accept())
+        .await
+        .expect("ztunnel reconnects in time")
+        .expect("accept");
+    agent.hello().await.expect("hello");
+    agent.add("uid-a", info("a"), &a).await.expect("pod a");
+    agent.add("uid-b2", info("b"), &b2).await.expect("pod b2");
+    agent.add("uid-b", info("b"), &b).await.expect("old pod b");
+    agent.snapshot_sent().await.expect("snapshot");
+    agent.del("uid-b").await.expect("the old pod deleted");
+    assert_eq!(served(&ztunnel).await, [A, B], "the new pod stays served");
+    assert!(listening_in(&b2), "from its own namespace");
+    eventually(|| !listening_in(&b), "not from the old one").await;
 
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,6 +23,7 @@ pub struct InvalidDuration {
 /// It also keeps every deadline the proxies compute from a duration (now + timeout, backoff
 /// times ten) far from overflowing an `Instant`.
 const MAX_SECONDS: u64 = 315_576_000_000;
+const TOO_LARGE: &str = "too large (at most 315576000000s, as protobuf's)";
 
 /// Reads `1.5s`, `300ms`, `2m`, `1h30m` or `0` into a [`Duration`].
 ///
@@ -58,13 +59,13 @@ pub fn parse_duration(input: &str) -> Result<Duration, InvalidDuration> {
         let unit_nanos = unit_nanos(unit).ok_or_else(|| fail("unknown unit"))?;
         total = total
             .checked_add(scaled(number, unit_nanos).map_err(fail)?)
-            .ok_or_else(|| fail("too large"))?;
+            .ok_or_else(|| fail(TOO_LARGE))?;
         rest = after;
     }
     let secs = u64::try_from(total / 1_000_000_000)
         .ok()
         .filter(|&secs| secs <= MAX_SECONDS)
-        .ok_or_else(|| fail("too large (at most 315576000000s, as protobuf's)"))?;
+        .ok_or_else(|| fail(TOO_LARGE))?;
     // The remainder of a division by 10^9 always fits in u32.
     let nanos = (total % 1_000_000_000) as u32;
     Ok(Duration::new(secs, nanos))
@@ -85,7 +86,6 @@ fn unit_nanos(unit: &str) -> Option<u128> {
 /// `number` (decimal, optional fraction) times `unit` nanoseconds, truncated to whole nanoseconds.
 /// Integer arithmetic keeps `0.1s` exactly 100 ms, which floating point would not.
 fn scaled(number: &str, unit: u128) -> Result<u128, &'static str> {
-    const TOO_LARGE: &str = "too large";
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
         return Err("not a number");
@@ -141,19 +141,10 @@ mod tests {
             ("-1s", "durations cannot be negative"),
             ("1..5s", "not a number"),
             (".s", "not a number"),
-            (
-                "99999999999999999999999h",
-                "too large (at most 315576000000s, as protobuf's)",
-            ),
-            ("9999999999999999999999999999999999999999s", "too large"),
-            (
-                "9300000000000000000s",
-                "too large (at most 315576000000s, as protobuf's)",
-            ),
-            (
-                "315576000001s",
-                "too large (at most 315576000000s, as protobuf's)",
-            ),
+            ("99999999999999999999999h", TOO_LARGE),
+            ("9999999999999999999999999999999999999999s", TOO_LARGE),
+            ("9300000000000000000s", TOO_LARGE),
+            ("315576000001s", TOO_LARGE),
         ];
         assert_eq!(
             parse_duration("315576000000s"),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::build::{Builder, Kinds, by_name};
-use super::{PeerAuthEntry, PolicyEntry, PolicyScope, destination_rule_for};
+use super::{PeerAuthEntry, PolicyEntry, PolicyScope, destination_rule_for, destination_rule_key};
 use crate::authz::{Action, AuthorizationPolicySpec, Policy, PolicyTargetReference};
 use crate::error::{FieldError, Origin};
 use crate::model::{self, PluginId, PolicyId, ServiceId, ServiceKind, WaypointId};
@@ -477,7 +477,8 @@ pub(super) fn destination_rules(
                 continue;
             }
         };
-        if b.destination_rules.contains_key(&policy.host) {
+        let key: Arc<str> = destination_rule_key(&policy.host).into();
+        if b.destination_rules.contains_key(&key) {
             b.warn(format!(
                 "DestinationRule {namespace}/{name} is for {}, which another DestinationRule \
                  already configures; the first by namespace/name applies",
@@ -485,7 +486,7 @@ pub(super) fn destination_rules(
             ));
             continue;
         }
-        b.destination_rules.insert(policy.host.clone(), policy);
+        b.destination_rules.insert(key, policy);
     }
     for i in 0..b.services.len() {
         let Some(policy) = destination_rule_for(&b.destination_rules, &b.services[i].hostname)

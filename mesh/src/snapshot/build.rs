@@ -1118,8 +1118,7 @@ impl<'o> Builder<'o> {
             .map(|p| ServicePort {
                 name: non_empty(&p.name).map(|n| self.interner.get(n)),
                 port: p.number,
-                // 0 is unset, as istiod reads it: the service port is the target.
-                target: Target::Number(p.target_port.filter(|&t| t != 0).unwrap_or(p.number)),
+                target: Target::Number(entry_target_port(p)),
                 protocol: model::app_protocol(p.protocol.as_deref(), non_empty(&p.name)),
             })
             .collect();
@@ -1153,7 +1152,7 @@ impl<'o> Builder<'o> {
                         .iter()
                         .map(|p| {
                             w.named_port(&p.name)
-                                .unwrap_or(p.target_port.filter(|&t| t != 0).unwrap_or(p.number))
+                                .unwrap_or_else(|| entry_target_port(p))
                         })
                         .collect(),
                 }
@@ -1543,13 +1542,16 @@ fn is_dns_name(name: &str) -> bool {
         })
 }
 
+/// The port a ServiceEntry port reaches its endpoints on: its `targetPort`, where set and not
+/// 0 (unset, as istiod reads it), else its number.
+fn entry_target_port(p: &crate::resource::ServiceEntryPort) -> u16 {
+    p.target_port.filter(|&t| t != 0).unwrap_or(p.number)
+}
+
 fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-/// `ambient.istio.io/waypoint-inbound-binding`, as istiod reads it: `PROXY/<port>` sandwiches
-/// the waypoint on that port, `PROXY` on each tunnel's own target port; `NONE` (or an empty
-/// value) leaves it as usual. PROXY is the only protocol ztunnel tunnels with.
 /// Whether a WorkloadEntry's or ServiceEntry's endpoints are reached over HBONE, decided as istiod
 /// decides it: only when the entry says so, by the redirection annotation or the tunnel label on
 /// its own metadata. The namespace's dataplane mode enrols pods, which istio-cni then captures;
@@ -1566,6 +1568,9 @@ fn tunnelled(meta: &ObjectMeta) -> bool {
             .is_some_and(|v| v.split(',').any(|t| t == "http"))
 }
 
+/// `ambient.istio.io/waypoint-inbound-binding`, as istiod reads it: `PROXY/<port>` sandwiches
+/// the waypoint on that port, `PROXY` on each tunnel's own target port; `NONE` (or an empty
+/// value) leaves it as usual. PROXY is the only protocol ztunnel tunnels with.
 fn parse_inbound_binding(value: &str) -> Result<Option<AppTunnel>, String> {
     if value.is_empty() || value.eq_ignore_ascii_case("NONE") {
         return Ok(None);

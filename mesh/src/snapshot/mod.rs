@@ -431,9 +431,18 @@ impl Snapshot {
     }
 }
 
+/// The key a DestinationRule is kept under: its host, except that a wildcard host keeps only its
+/// suffix (`*.example.com` under `.example.com`; `*` as it is), so that [`destination_rule_for`]
+/// finds it by slicing the looked-up host rather than building a string per request.
+pub(crate) fn destination_rule_key(host: &str) -> &str {
+    host.strip_prefix('*')
+        .filter(|s| !s.is_empty())
+        .unwrap_or(host)
+}
+
 /// The DestinationRule for `host`, as Istio picks it: the rule naming the host, else the most
 /// specific wildcard rule covering it (`*.ns.svc.cluster.local` before `*.svc.cluster.local`,
-/// `*` last).
+/// `*` last). Per request, so it allocates nothing.
 pub(crate) fn destination_rule_for<'a>(
     rules: &'a HashMap<Arc<str>, DestinationPolicy>,
     host: &str,
@@ -441,12 +450,7 @@ pub(crate) fn destination_rule_for<'a>(
     if let Some(rule) = rules.get(host) {
         return Some(rule);
     }
-    let mut rest = host;
-    while let Some((_, parent)) = rest.split_once('.') {
-        if let Some(rule) = rules.get(format!("*.{parent}").as_str()) {
-            return Some(rule);
-        }
-        rest = parent;
-    }
-    rules.get("*")
+    (host.match_indices('.'))
+        .find_map(|(dot, _)| rules.get(&host[dot..]))
+        .or_else(|| rules.get("*"))
 }
