@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use hbone::MeshCa;
 use mesh::{ConfigDir, Options, Store};
 use ztunnel::Ztunnel;
-use ztunnel::inpod::NetNs;
 use ztunnel::inpod::zds::proto::WorkloadInfo;
+use ztunnel::inpod::{NetNs, ZdsConnection, ZdsServer};
 use ztunnel::metrics::Metrics;
 
 #[path = "support/fabric.rs"]
@@ -117,11 +117,7 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     // The agent restarts: ztunnel connects again, and the agent replays pod a (added again) and
     // pod b (kept, as istio-cni does for a pod whose namespace it no longer holds), not pod c.
     drop(agent);
-    let mut agent = tokio::time::timeout(Duration::from_secs(10), server.accept())
-        .await
-        .expect("ztunnel reconnects in time")
-        .expect("accept");
-    agent.hello().await.expect("hello");
+    let mut agent = reconnected(&server).await;
     agent
         .add("uid-a", info("a"), &a)
         .await
@@ -157,11 +153,7 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
 
     // The agent restarts before deleting the old pod, and replays both, the old one last.
     drop(agent);
-    let mut agent = tokio::time::timeout(Duration::from_secs(10), server.accept())
-        .await
-        .expect("ztunnel reconnects in time")
-        .expect("accept");
-    agent.hello().await.expect("hello");
+    let mut agent = reconnected(&server).await;
     agent.add("uid-a", info("a"), &a).await.expect("pod a");
     agent.add("uid-b2", info("b"), &b2).await.expect("pod b2");
     agent.add("uid-b", info("b"), &b).await.expect("old pod b");
@@ -172,6 +164,16 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     eventually(|| !listening_in(&b), "not from the old one").await;
 
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The agent's side of ztunnel's next connection, greeted.
+async fn reconnected(server: &ZdsServer) -> ZdsConnection {
+    let mut agent = tokio::time::timeout(Duration::from_secs(10), server.accept())
+        .await
+        .expect("ztunnel reconnects in time")
+        .expect("accept");
+    agent.hello().await.expect("hello");
+    agent
 }
 
 /// Waits up to 5 s for `check`, which a draining proxy satisfies once its listeners close.
