@@ -1044,6 +1044,71 @@ spec:
 /// same in every proxy that reads the same files, never one another service has, and those of
 /// `status.addresses` where a cluster already allocated them.
 #[test]
+fn service_entry_address_blocks_of_one_address_are_addresses_and_wider_ones_are_ignored() {
+    let s = snapshot(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mixed, namespace: egress}
+spec:
+  hosts: [mixed.example.com]
+  addresses: [10.0.0.0/8, 192.0.2.7/32, "2001:db8::1/128", 198.51.100.9]
+  ports: [{number: 5432, name: tcp}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.8}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ranged, namespace: egress}
+spec:
+  hosts: [ranged.example.com]
+  addresses: [10.0.0.0/8]
+  ports: [{number: 6379, name: tcp}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.9}]
+"#,
+    );
+    let vips = |host: &str| s.service_by_host(host).expect(host).1.vips.to_vec();
+    assert_eq!(
+        vips("mixed.example.com"),
+        [ip("192.0.2.7"), ip("2001:db8::1"), ip("198.51.100.9")]
+    );
+    // Its block's first address is no address of it.
+    assert!(s.service_by_vip(ip("10.0.0.0")).is_none());
+    // An entry whose only address is a block keeps none: it named addresses, so none is
+    // allocated in their place.
+    assert!(vips("ranged.example.com").is_empty());
+    let w = s.warnings().join("\n");
+    for (entry, block) in [("mixed", "10.0.0.0/8"), ("ranged", "10.0.0.0/8")] {
+        assert!(
+            w.contains(&format!(
+                "ServiceEntry egress/{entry}: spec.addresses[0]: {block:?} is a range"
+            )),
+            "{w}"
+        );
+    }
+
+    let e = problems(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad, namespace: egress}
+spec:
+  hosts: [bad.example.com]
+  addresses: [192.0.2.7, 10.0.0.0/33]
+  ports: [{number: 80, name: http}]
+"#,
+    )
+    .to_string();
+    assert!(
+        e.contains("ServiceEntry egress/bad")
+            && e.contains("spec.addresses[1]")
+            && e.contains("\"10.0.0.0/33\" is not an IP address or CIDR block"),
+        "{e}"
+    );
+}
+
+#[test]
 fn service_entries_without_addresses_get_addresses_allocated() {
     let entries = r#"
 apiVersion: networking.istio.io/v1

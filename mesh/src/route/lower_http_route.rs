@@ -163,17 +163,10 @@ impl Lowering<'_> {
                     ),
                     Some(named) => port = Some(named),
                 }
-            } else if let Some(p) = parent.port
-                && !service.ports.iter().any(|(_, sp)| *sp == p)
+            } else if let Some(missing) =
+                (parent.port).and_then(|p| service.missing_port(kind, &parent.name, p))
             {
-                self.problems.push(
-                    format!("{field}.port"),
-                    format!(
-                        "{kind} {:?} has no port {p}; its ports are {}",
-                        parent.name,
-                        service.describe_ports()
-                    ),
-                );
+                self.problems.push(format!("{field}.port"), missing);
             }
             let key = (service.hostname, port);
             if !out.contains(&key) {
@@ -407,11 +400,19 @@ impl Lowering<'_> {
                 return None;
             }
         };
-        if kind == "Service" && r.port.is_none() {
-            self.problems.push(
+        match r.port {
+            None if kind == "Service" => self.problems.push(
                 format!("{field}.port"),
                 "port is required when the backend is a Service (the Service port, not the target port)",
-            );
+            ),
+            // Requests to a port the service lacks would answer 500 (as in Envoy); the route is
+            // refused at load instead, as one naming a missing service is.
+            Some(p) => {
+                if let Some(missing) = service.missing_port(kind, r.name, p) {
+                    self.problems.push(format!("{field}.port"), missing);
+                }
+            }
+            None => {}
         }
         Some(Backend {
             service: service.hostname,

@@ -371,6 +371,11 @@ fn semantic_errors_name_the_field() {
             "unsupported backendRef kind \"Bucket\" in group \"example.com\"",
         ),
         (
+            format!("{PARENT}rules: [{{{b}}}, {{backendRefs: [{{name: echo, port: 8081}}]}}]"),
+            "spec.rules[1].backendRefs[0].port",
+            "Service \"echo\" has no port 8081; its ports are 80 (http), 8080 (admin)",
+        ),
+        (
             format!("{PARENT}rules: [{{backendRefs: [{{name: echo}}]}}]"),
             "spec.rules[0].backendRefs[0].port",
             "port is required when the backend is a Service",

@@ -84,6 +84,17 @@ impl ResolvedService {
             .map(|(_, p)| *p)
     }
 
+    /// Why `port` is not one of the service's ports (known to `kind` `name`), for a problem at
+    /// a `port` field; `None` when it is one.
+    fn missing_port(&self, kind: &str, name: &str, port: u16) -> Option<String> {
+        (!self.ports.iter().any(|(_, p)| *p == port)).then(|| {
+            format!(
+                "{kind} {name:?} has no port {port}; its ports are {}",
+                self.describe_ports()
+            )
+        })
+    }
+
     /// The ports, listed for error messages (`9080 (http), 9443`).
     fn describe_ports(&self) -> String {
         if self.ports.is_empty() {

@@ -1091,20 +1091,23 @@ impl<'o> Builder<'o> {
         }
         let mut vips = Vec::new();
         for (i, address) in se.spec.addresses.iter().enumerate() {
-            let ip = address
-                .split_once('/')
-                .map_or(address.as_str(), |(ip, _)| ip)
-                .parse::<IpAddr>();
-            match ip {
-                Ok(ip) => vips.push(ip),
-                Err(_) => {
+            match entry_vip(address) {
+                Some(Vip::Single(ip)) => vips.push(ip),
+                // istiod leaves ranges out of the services it sends ztunnel too; saying so
+                // spares the user wondering why traffic into the range is not captured.
+                Some(Vip::Range) => self.warn(format!(
+                    "{origin}: ServiceEntry {namespace}/{}: spec.addresses[{i}]: {address:?} is a \
+                     range; ambient mode gives a service single addresses only, so it is ignored",
+                    se.metadata.name
+                )),
+                None => {
                     self.invalid(
                         origin,
                         "ServiceEntry",
                         se,
                         FieldError::new(
                             format!("spec.addresses[{i}]"),
-                            format!("{address:?} is not an IP address"),
+                            format!("{address:?} is not an IP address or CIDR block"),
                         ),
                     );
                     return Vec::new();
@@ -1189,7 +1192,9 @@ impl<'o> Builder<'o> {
         let hosts: Vec<(&String, Box<[Endpoint]>)> = (se.spec.hosts.iter())
             .map(|h| (h, endpoints_of(h)))
             .collect();
-        let allocated = vips.is_empty() && allocates(se);
+        // Only an entry that names no address wants one allocated, as in istiod: one whose
+        // addresses were all ranges keeps none.
+        let allocated = se.spec.addresses.is_empty() && allocates(se);
         hosts
             .into_iter()
             .map(|(host, endpoints)| {
@@ -1511,6 +1516,27 @@ fn resolved_by_dns(se: &ServiceEntrySpec) -> bool {
 
 /// Whether `se`'s hosts get addresses allocated when it declares none: as istiod's, unless its
 /// resolution is `NONE` (the default: nothing routes by address then) or it opts out.
+/// What one of a ServiceEntry's `spec.addresses` gives its services.
+enum Vip {
+    /// An address, written alone or as a one-address block (`/32`, `/128`).
+    Single(IpAddr),
+    /// A block of more than one address.
+    Range,
+}
+
+/// `address` as a service address; `None`: neither an address nor a CIDR block.
+fn entry_vip(address: &str) -> Option<Vip> {
+    if let Ok(ip) = address.parse::<IpAddr>() {
+        return Some(Vip::Single(ip));
+    }
+    let block = address.parse::<ipnet::IpNet>().ok()?;
+    Some(if block.prefix_len() == block.max_prefix_len() {
+        Vip::Single(block.addr())
+    } else {
+        Vip::Range
+    })
+}
+
 fn allocates(se: &Object<ServiceEntrySpec, ServiceEntryStatus>) -> bool {
     let resolved = matches!(
         se.spec.resolution.as_deref(),
