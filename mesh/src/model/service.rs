@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
+use super::{DestinationRuleId, Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
 
 /// A service: a hostname, VIPs and ports in front of a set of endpoints.
 #[derive(Debug, Clone, Serialize)]
@@ -27,7 +27,9 @@ pub struct Service {
     pub labels: Labels,
     /// Ready endpoints, in a stable order (by workload uid).
     pub endpoints: Box<[Endpoint]>,
-    /// DestinationRule subsets, each with the endpoints its labels select.
+    /// The DestinationRule that applies to it (see `Snapshot::destination_policy`).
+    pub destination_rule: Option<DestinationRuleId>,
+    /// That DestinationRule's subsets, each with the endpoints its labels select.
     pub subsets: Box<[Subset]>,
     /// The waypoint traffic to this service must take (`waypoint-for: service|all`).
     pub waypoint: Option<WaypointId>,
