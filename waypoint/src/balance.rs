@@ -24,13 +24,16 @@
 //!   and consistent hashing ignore them.
 //! - Un-ejection happens lazily, when the ejection time is over, not at the next interval tick.
 //! - A service that prefers near endpoints (`trafficDistribution`, `internalTrafficPolicy:
-//!   Local`) is served by its nearest admitted endpoints, measured from this waypoint's own
+//!   Local`, or else its DestinationRule's outlier detection with locality balancing, which is
+//!   on by default: region, zone and subzone, or its `failoverPriority` topology labels) is
+//!   served by its nearest admitted endpoints, measured from this waypoint's own
 //!   instance by the rank ztunnel uses (how many leading scopes of the preference they share),
 //!   as istiod's locality failover priorities do for Envoy. Farther ones take traffic only
 //!   when every nearer one is ejected (or lacks the port), not in proportion to the nearer
 //!   ones' health; a retry stays at the nearest rank, taking a tried endpoint again before a
-//!   farther one, as Envoy's retry predicate does. DestinationRule `localityLbSetting` is not
-//!   read.
+//!   farther one, as Envoy's retry predicate does. `localityLbSetting.distribute` turns the
+//!   preference off, `failover` does not order farther regions, and the preference is the
+//!   service's DestinationRule's, not a subset's.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};
@@ -256,7 +259,12 @@ impl Balancer {
         };
         let nearness = (snapshot.services().iter())
             .map(|s| {
-                let lb = s.load_balancing.as_ref()?;
+                // The service's own preference first, as istiod sets the failover priority
+                // from it whatever the DestinationRule says.
+                let lb = (s.load_balancing.as_ref()).or_else(|| {
+                    let policy = snapshot.destination_policy(s)?;
+                    policy.traffic.locality.as_ref()
+                })?;
                 let ranks: Box<[Option<usize>]> = (s.endpoints.iter())
                     .map(|e| lb.rank(me, snapshot.workload(e.workload)))
                     .collect();

@@ -15,9 +15,11 @@ use super::ServiceResolver;
 use super::lower_common::{Problems, duration, header_name};
 use super::spec_destination::{
     ConnectionPoolSettings, ConsistentHashLb, DestinationRuleSpec, H2UpgradePolicy,
-    LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, TrafficPolicySpec,
+    LoadBalancerSettings, LocalityLbSetting, OutlierDetectionSettings, SimpleLb, TrafficPolicySpec,
 };
 use crate::FieldError;
+use crate::model::LoadBalancing;
+use crate::model::locality::{Mode, Scope};
 
 /// The lowered DestinationRule of one host.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +60,10 @@ pub struct TrafficPolicy {
     pub connection_pool: ConnectionPool,
     /// Ejection of failing endpoints; `None` = off (Istio's default).
     pub outlier_detection: Option<OutlierDetection>,
+    /// How endpoints near the waypoint are preferred (`localityLbSetting`): set only with
+    /// outlier detection, as istiod sets Envoy's locality priorities, since without ejections
+    /// traffic would never fail over to a farther endpoint.
+    pub locality: Option<LoadBalancing>,
 }
 
 /// How an endpoint is chosen.
@@ -301,7 +307,8 @@ pub fn lower_destination_rule(
 /// The sections a traffic policy sets; absent sections are inherited, then defaulted.
 #[derive(Debug, Clone, Default)]
 struct Sections {
-    load_balancer: Option<LoadBalancer>,
+    /// The algorithm and the locality setting, which Istio replaces together (one section).
+    load_balancer: Option<(LoadBalancer, Locality)>,
     connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierDetection>,
 }
@@ -312,8 +319,11 @@ impl Sections {
             return Self::default();
         };
         Self {
-            load_balancer: (spec.load_balancer.as_ref())
-                .map(|lb| load_balancer(lb, &format!("{field}.loadBalancer"), problems)),
+            load_balancer: (spec.load_balancer.as_ref()).map(|lb| {
+                let field = format!("{field}.loadBalancer");
+                let locality = Locality::lower(lb.locality_lb_setting.as_ref(), &field);
+                (load_balancer(lb, &field, problems), locality)
+            }),
             connection_pool: (spec.connection_pool.as_ref())
                 .map(|p| connection_pool(p, &format!("{field}.connectionPool"), problems)),
             outlier_detection: (spec.outlier_detection.as_ref())
@@ -332,12 +342,98 @@ impl Sections {
     }
 
     fn resolve(self) -> TrafficPolicy {
+        let (load_balancer, locality) = self.load_balancer.unwrap_or_default();
         TrafficPolicy {
-            load_balancer: self.load_balancer.unwrap_or_default(),
+            load_balancer,
             connection_pool: self.connection_pool.unwrap_or_default(),
+            locality: self.outlier_detection.and(locality.preference()),
             outlier_detection: self.outlier_detection,
         }
     }
+}
+
+/// What `localityLbSetting` asks for.
+#[derive(Debug, Clone, Default)]
+enum Locality {
+    /// Istio's default (the mesh's `localityLbSetting.enabled: true`): endpoints sharing the
+    /// waypoint's region, zone and subzone first, then its region and zone, then its region,
+    /// then the rest.
+    #[default]
+    Failover,
+    /// `failoverPriority`: ranked by these, most significant first.
+    Priority(Box<[Scope]>),
+    /// `enabled: false`, or `distribute`, which we do not apply: every endpoint alike.
+    Off,
+}
+
+impl Locality {
+    /// Reads the setting at `field` (`...loadBalancer`). What we do not apply is valid Istio
+    /// and accepted, with a warning saying what is done instead.
+    fn lower(setting: Option<&LocalityLbSetting>, field: &str) -> Self {
+        let Some(setting) = setting else {
+            return Self::Failover;
+        };
+        if setting.enabled == Some(false) {
+            return Self::Off;
+        }
+        if !setting.distribute.is_empty() {
+            tracing::warn!(
+                field,
+                "localityLbSetting.distribute is not supported; every endpoint is used alike"
+            );
+            return Self::Off;
+        }
+        if !setting.failover.is_empty() {
+            tracing::warn!(
+                field,
+                "localityLbSetting.failover is not supported; farther regions are not ordered"
+            );
+        }
+        if setting.failover_priority.is_empty() {
+            return Self::Failover;
+        }
+        // Endpoints rank by how many leading labels they share with the waypoint, so the
+        // list is cut at the first label that is not a topology one.
+        let scopes: Box<[Scope]> = (setting.failover_priority.iter())
+            .map_while(|label| {
+                let scope = topology_scope(label);
+                if scope.is_none() {
+                    tracing::warn!(
+                        field,
+                        label,
+                        "localityLbSetting.failoverPriority: only topology labels are supported; \
+                         this one and those after it are not used"
+                    );
+                }
+                scope
+            })
+            .collect();
+        Self::Priority(scopes)
+    }
+
+    fn preference(self) -> Option<LoadBalancing> {
+        let routing_preference = match self {
+            Self::Failover => Box::new([Scope::Region, Scope::Zone, Scope::Subzone]),
+            Self::Priority(scopes) if !scopes.is_empty() => scopes,
+            Self::Priority(_) | Self::Off => return None,
+        };
+        Some(LoadBalancing {
+            routing_preference,
+            mode: Mode::Failover,
+        })
+    }
+}
+
+/// The locality scope a `failoverPriority` label names (`label=value` overrides are not read).
+fn topology_scope(label: &str) -> Option<Scope> {
+    Some(match label {
+        "topology.istio.io/network" => Scope::Network,
+        "topology.kubernetes.io/region" => Scope::Region,
+        "topology.kubernetes.io/zone" => Scope::Zone,
+        "topology.istio.io/subzone" => Scope::Subzone,
+        "kubernetes.io/hostname" => Scope::Node,
+        _ => return None,
+    })
 }
 
 fn load_balancer(lb: &LoadBalancerSettings, field: &str, problems: &mut Problems) -> LoadBalancer {

@@ -286,3 +286,58 @@ fn typos_are_rejected_with_the_valid_fields() {
     .expect_err("bad enum");
     assert!(err.to_string().contains("ROUND_ROBIN"), "{err}");
 }
+
+#[test]
+fn locality_preference_follows_outlier_detection_and_the_setting() {
+    let scopes = |traffic: &str| {
+        let p = policy(&format!("host: reviews\ntrafficPolicy: {traffic}"));
+        (p.traffic.locality).map(|lb| {
+            assert_eq!(lb.mode, Mode::Failover);
+            lb.routing_preference.to_vec()
+        })
+    };
+    let detecting = "{outlierDetection: {consecutive5xxErrors: 3}";
+    let cases = [
+        ("{loadBalancer: {simple: RANDOM}}".to_owned(), None),
+        (
+            format!("{detecting}}}"),
+            Some(vec![Scope::Region, Scope::Zone, Scope::Subzone]),
+        ),
+        (
+            format!("{detecting}, loadBalancer: {{localityLbSetting: {{enabled: false}}}}}}"),
+            None,
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: \
+                 [topology.istio.io/network, topology.kubernetes.io/zone, version, \
+                 kubernetes.io/hostname]}}}}}}"
+            ),
+            Some(vec![Scope::Network, Scope::Zone]),
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: [version]}}}}}}"
+            ),
+            None,
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{failover: \
+                 [{{from: r1, to: r2}}]}}}}}}"
+            ),
+            Some(vec![Scope::Region, Scope::Zone, Scope::Subzone]),
+        ),
+    ];
+    for (traffic, expected) in cases {
+        assert_eq!(scopes(&traffic), expected, "{traffic}");
+    }
+    // A subset's own load balancer replaces the host's locality setting with it.
+    let p = policy(&format!(
+        "host: reviews\ntrafficPolicy: {detecting}, loadBalancer: {{localityLbSetting: \
+         {{enabled: false}}}}}}\nsubsets: [{{name: v1, labels: {{version: v1}}, trafficPolicy: \
+         {{loadBalancer: {{simple: RANDOM}}}}}}]"
+    ));
+    assert_eq!(p.traffic.locality, None);
+    assert!(p.subset("v1").expect("v1").traffic.locality.is_some());
+}

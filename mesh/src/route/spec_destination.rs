@@ -1,8 +1,9 @@
 //! Istio `DestinationRule.spec`, as users write it.
 //!
 //! Field names follow `networking/v1alpha3/destination_rule.proto` in its JSON form. Sections the
-//! waypoint does not act on (`tls`, `portLevelSettings`, `localityLbSetting`, `tunnel`,
-//! `proxyProtocol`) are kept as raw values so valid Istio YAML is accepted unchanged.
+//! waypoint does not act on (`tls`, `portLevelSettings`, `tunnel`, `proxyProtocol`, and
+//! `localityLbSetting`'s `distribute` and `failover`) are kept as raw values so valid Istio YAML
+//! is accepted unchanged.
 
 use std::collections::BTreeMap;
 
@@ -81,6 +82,24 @@ pub struct TrafficPolicySpec {
     pub retry_budget: Option<serde_json::Value>,
 }
 
+/// `loadBalancer.localityLbSetting`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    /// `false` turns locality-aware balancing off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Weights per locality. Accepted, not lowered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distribute: Vec<serde_json::Value>,
+    /// Region-to-region failover. Accepted, not lowered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<serde_json::Value>,
+    /// Labels endpoints are ranked by, most significant first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover_priority: Vec<String>,
+}
+
 /// Load balancing: `simple` or `consistentHash`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -91,9 +110,10 @@ pub struct LoadBalancerSettings {
     /// Affinity by request attribute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<ConsistentHashLb>,
-    /// Accepted, not lowered.
+    /// Locality-aware balancing: on by default (with outlier detection), as in Istio's mesh
+    /// config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub locality_lb_setting: Option<serde_json::Value>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     /// Accepted, not lowered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_duration_secs: Option<String>,

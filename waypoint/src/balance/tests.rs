@@ -960,6 +960,74 @@ fn near_endpoints_serve_first_and_farther_ones_when_they_are_ejected() {
     );
 }
 
+/// A DestinationRule with outlier detection makes the waypoint prefer endpoints in its own
+/// locality, as Istio's default `localityLbSetting` does, unless the setting says otherwise.
+#[test]
+fn outlier_detection_prefers_the_waypoints_locality_unless_told_otherwise() {
+    let rule = |traffic_policy: &str| {
+        format!(
+            "{ZONES}---
+apiVersion: v1
+kind: Service
+metadata: {{name: spread, namespace: shop}}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: spread, namespace: shop}}
+spec:
+  host: spread
+  trafficPolicy: {traffic_policy}
+"
+        )
+    };
+    let detecting = "{outlierDetection: {consecutive5xxErrors: 3}";
+    let cases = [
+        (format!("{detecting}}}"), &["web-a", "web-b"][..]),
+        (
+            "{connectionPool: {tcp: {maxConnections: 9}}}".to_owned(),
+            &ALL[..],
+        ),
+        (
+            format!("{detecting}, loadBalancer: {{localityLbSetting: {{enabled: false}}}}}}"),
+            &ALL[..],
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: \
+                 [topology.istio.io/network]}}}}}}"
+            ),
+            &ALL[..],
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{simple: ROUND_ROBIN, localityLbSetting: \
+                 {{failoverPriority: [kubernetes.io/hostname, version]}}}}}}"
+            ),
+            &["web-a", "web-b"][..],
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{distribute: \
+                 [{{from: r/z1/*, to: {{r/z2/*: 100}}}}]}}}}}}"
+            ),
+            &ALL[..],
+        ),
+    ];
+    let policy = traffic(LoadBalancer::Random);
+    for (traffic_policy, expected) in cases {
+        let s = snapshot(&rule(&traffic_policy));
+        let b = Balancer::new(&s, None).measured_from(&s, Some(workload(&s, "waypoint-1")));
+        let counts = tally(400, || {
+            pick_of(&b, &s, "spread", &policy, &[]).expect("endpoint")
+        });
+        assert_eq!(names(&counts), expected, "{traffic_policy}");
+    }
+}
+
 #[test]
 fn a_node_local_service_with_no_endpoint_on_the_waypoints_node_has_none() {
     let s = snapshot(ZONES);
