@@ -26,7 +26,7 @@ const MESH: &str = "mesh";
 
 /// Lowers one VirtualService (`namespace`/`name`) into one attachment per host.
 ///
-/// `subsets(host, subset)` says whether the DestinationRule applying to `host` (FQDN) defines `subset`;
+/// `subsets(host, subset)` says whether a DestinationRule for `host` (FQDN) defines `subset`;
 /// routing to an undefined subset fails at runtime (503), so it is reported here. A
 /// VirtualService bound only to other gateways yields no attachment. The attachment port is set
 /// when every match block names the same `port`; otherwise it is `None` and each match checks
@@ -362,7 +362,7 @@ impl Lowering<'_> {
             self.problems.push(
                 format!("{field}.subset"),
                 format!(
-                    "subset {subset:?} is not defined by the DestinationRule that applies to {} (one in the namespace of its waypoint, or exported to it from its own or the root namespace)",
+                    "subset {subset:?} is not defined by any DestinationRule for {}",
                     service.hostname
                 ),
             );

@@ -373,7 +373,7 @@ fn semantic_errors_name_the_field() {
         (
             "hosts: [echo]\nhttp: [{route: [{destination: {host: reviews, subset: v3}}]}]".to_owned(),
             "spec.http[0].route[0].destination.subset",
-            "subset \"v3\" is not defined by the DestinationRule that applies to reviews.default.svc.cluster.local",
+            "subset \"v3\" is not defined by any DestinationRule for reviews.default.svc.cluster.local",
         ),
         (
             "hosts: [echo]\nhttp: [{route: [{destination: {host: echo}}, {destination: {host: reviews}, weight: 0}]}]".to_owned(),
