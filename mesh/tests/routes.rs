@@ -82,7 +82,7 @@ fn virtual_service_and_subsets() {
     assert_eq!(names(Some("v1")), ["reviews-v1"]);
     assert!(names(Some("v3")).is_empty(), "v3's only pod is not ready");
     assert!(reviews.subset_endpoints(Some("v9")).is_none());
-    assert!(s.destination_policy(reviews).is_some());
+    assert!(s.destination_policy(&reviews.hostname).is_some());
 
     let table = s.routes(id, 9080).expect("routes attached");
     let mut jason = HeaderMap::new();
@@ -234,28 +234,10 @@ spec: {host: nowhere}
     }
 }
 
-/// A service gets the DestinationRule istiod would choose for the waypoint serving it: from the
-/// proxy's namespace (the waypoint's, or the service's without one), else exported from the
-/// service's namespace, else from the root namespace, the most specific host first in each;
-/// never one from another namespace. The chosen rule's subsets resolve.
+/// A DestinationRule for a wildcard host applies to every service it covers, unless a rule
+/// names the service or a more specific wildcard covers it; subsets it defines resolve too.
 #[test]
-fn destination_rules_are_chosen_by_namespace_then_host() {
-    let services = r#"
----
-apiVersion: v1
-kind: Service
-metadata: {name: details, namespace: legacy}
-spec:
-  clusterIP: 10.96.1.1
-  ports: [{name: http, port: 9080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: ratings, namespace: shop}
-spec:
-  clusterIP: 10.96.2.1
-  ports: [{name: http, port: 9080}]
-"#;
+fn wildcard_destination_rules_cover_their_hosts() {
     let rules = r#"
 ---
 apiVersion: networking.istio.io/v1
@@ -264,21 +246,6 @@ metadata: {name: mesh-wide, namespace: istio-system}
 spec:
   host: "*.svc.cluster.local"
   trafficPolicy: {connectionPool: {tcp: {maxConnections: 10}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews-default, namespace: istio-system}
-spec:
-  host: reviews.bookinfo.svc.cluster.local
-  trafficPolicy: {connectionPool: {tcp: {maxConnections: 50}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: details-for-legacy, namespace: istio-system}
-spec:
-  host: details.legacy.svc.cluster.local
-  exportTo: [legacy]
-  trafficPolicy: {connectionPool: {tcp: {maxConnections: 90}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -294,65 +261,16 @@ metadata: {name: productpage, namespace: bookinfo}
 spec:
   host: productpage
   trafficPolicy: {connectionPool: {tcp: {maxConnections: 30}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews-elsewhere, namespace: legacy}
-spec:
-  host: reviews.bookinfo.svc.cluster.local
-  trafficPolicy: {connectionPool: {tcp: {maxConnections: 40}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: ratings, namespace: shop}
-spec:
-  host: ratings
-  exportTo: ["."]
-  trafficPolicy: {connectionPool: {tcp: {maxConnections: 60}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: details-elsewhere, namespace: shop}
-spec:
-  host: details.legacy.svc.cluster.local
-  trafficPolicy: {connectionPool: {tcp: {maxConnections: 70}}}
 "#;
-    let limit = |yaml: &str, host: &str| {
-        let s = snapshot(yaml);
-        let (_, service) = s.service_by_host(host).expect(host);
-        s.destination_policy(service)
+    let s = snapshot(&format!("{BOOKINFO}{rules}"));
+    let limit = |host: &str| {
+        s.destination_policy(host)
             .map(|p| p.traffic.connection_pool.max_connections)
     };
-    let all = format!("{BOOKINFO}{services}{rules}");
-    // Named in the waypoint's namespace.
-    assert_eq!(
-        limit(&all, "productpage.bookinfo.svc.cluster.local"),
-        Some(30)
-    );
-    // A wildcard in the waypoint's namespace before a rule naming the host in the root
-    // namespace, and a rule in an unrelated namespace never.
-    assert_eq!(limit(&all, "reviews.bookinfo.svc.cluster.local"), Some(20));
-    // Private to the service's own namespace, where the proxy is.
-    assert_eq!(limit(&all, "ratings.shop.svc.cluster.local"), Some(60));
-    // Exported from the root namespace to the service's namespace; the rule in `shop` is not
-    // the proxy's, nor the service's.
-    assert_eq!(limit(&all, "details.legacy.svc.cluster.local"), Some(90));
-
-    // Without the namespaces' own rules, the root namespace's apply.
-    let root_only: String = rules
-        .split("---")
-        .filter(|doc| doc.contains("namespace: istio-system"))
-        .map(|doc| format!("---{doc}"))
-        .collect();
-    let yaml = format!("{BOOKINFO}{services}{root_only}");
-    assert_eq!(limit(&yaml, "reviews.bookinfo.svc.cluster.local"), Some(50));
-    assert_eq!(
-        limit(&yaml, "productpage.bookinfo.svc.cluster.local"),
-        Some(10)
-    );
-    assert_eq!(limit(&yaml, "ratings.shop.svc.cluster.local"), Some(10));
-
-    let s = snapshot(&all);
+    assert_eq!(limit("productpage.bookinfo.svc.cluster.local"), Some(30));
+    assert_eq!(limit("reviews.bookinfo.svc.cluster.local"), Some(20));
+    assert_eq!(limit("details.other.svc.cluster.local"), Some(10));
+    assert_eq!(limit("api.example.com"), None);
     let (_, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
     let v1 = reviews
         .subset_endpoints(Some("v1"))

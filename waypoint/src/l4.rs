@@ -74,7 +74,7 @@ pub(crate) async fn serve(
         Target::Service { id, port_index, .. } => {
             let service = snapshot.service(id);
             let policy = snapshot
-                .destination_policy(service)
+                .destination_policy(&service.hostname)
                 .map_or(&default_policy, |p| &p.traffic);
             detection = policy.outlier_detection;
             connect_timeout = policy.connection_pool.connect_timeout;

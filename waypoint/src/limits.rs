@@ -78,7 +78,7 @@ impl Breakers {
         let default = ConnectionPool::default();
         let mut out = HashMap::new();
         for service in snapshot.services() {
-            let Some(policy) = snapshot.destination_policy(service) else {
+            let Some(policy) = snapshot.destination_policy(&service.hostname) else {
                 continue;
             };
             let limits = &policy.traffic.connection_pool;

@@ -66,10 +66,6 @@ id!(
     /// A Wasm plugin's position in the snapshot.
     PluginId
 );
-id!(
-    /// A DestinationRule's position in the snapshot.
-    DestinationRuleId
-);
 
 /// Shares one allocation per distinct string while a snapshot is built.
 #[derive(Debug, Default)]

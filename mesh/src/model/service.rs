@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{DestinationRuleId, Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
+use super::{Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
 
 /// A service: a hostname, VIPs and ports in front of a set of endpoints.
 #[derive(Debug, Clone, Serialize)]
@@ -27,9 +27,7 @@ pub struct Service {
     pub labels: Labels,
     /// Ready endpoints, in a stable order (by workload uid).
     pub endpoints: Box<[Endpoint]>,
-    /// The DestinationRule that applies to it (see `Snapshot::destination_policy`).
-    pub destination_rule: Option<DestinationRuleId>,
-    /// That DestinationRule's subsets, each with the endpoints its labels select.
+    /// DestinationRule subsets, each with the endpoints its labels select.
     pub subsets: Box<[Subset]>,
     /// The waypoint traffic to this service must take (`waypoint-for: service|all`).
     pub waypoint: Option<WaypointId>,

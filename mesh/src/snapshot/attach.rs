@@ -6,12 +6,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::build::{Builder, Kinds, by_name};
-use super::{PeerAuthEntry, PolicyEntry, PolicyScope};
+use super::{PeerAuthEntry, PolicyEntry, PolicyScope, destination_rule_for, destination_rule_key};
 use crate::authz::{Action, AuthorizationPolicySpec, Policy, PolicyTargetReference};
 use crate::error::{FieldError, Origin};
-use crate::model::{
-    self, DestinationRuleId, PluginId, PolicyId, ServiceId, ServiceKind, WaypointId,
-};
+use crate::model::{self, PluginId, PolicyId, ServiceId, ServiceKind, WaypointId};
 use crate::resource::{
     MtlsMode, Object, PeerAuthenticationSpec, TrafficExtensionSpec, WasmPluginSpec,
     traffic_extension_field,
@@ -460,23 +458,12 @@ impl ServiceResolver for Services<'_, '_> {
     }
 }
 
-/// Lowers the DestinationRules and gives each service the one istiod would choose for the
-/// waypoint serving it, with that rule's subsets.
-///
-/// istiod looks in three namespaces, in order, and in each takes the rule naming the host or the
-/// most specific wildcard covering it: the proxy's own namespace (here the namespace of the
-/// service's waypoint, or of the service when it has none), then the service's namespace, then
-/// the root namespace, those two only for rules exported to the proxy's namespace. A rule in any
-/// other namespace never applies. Two rules for one host in one namespace: the first by name
-/// applies (istiod merges them; a warning says so).
 pub(super) fn destination_rules(
     b: &mut Builder<'_>,
     list: &[(&Origin, &Object<DestinationRuleSpec>)],
 ) {
     let mut list = list.to_vec();
     list.sort_by(by_name);
-    let mut scopes: HashMap<Arc<str>, RuleScope> = HashMap::new();
-    let mut exports: Vec<Export> = Vec::new();
     for (origin, dr) in list {
         let namespace = dr.metadata.namespace();
         let name = &dr.metadata.name;
@@ -490,47 +477,24 @@ pub(super) fn destination_rules(
                 continue;
             }
         };
-        let scope = scopes.entry(b.interner.get(namespace)).or_default();
         let key: Arc<str> = destination_rule_key(&policy.host).into();
-        if scope.all.contains_key(&key) {
+        if b.destination_rules.contains_key(&key) {
             b.warn(format!(
-                "DestinationRule {namespace}/{name} is for {}, which another DestinationRule in \
-                 its namespace already configures; the first by name applies",
+                "DestinationRule {namespace}/{name} is for {}, which another DestinationRule \
+                 already configures; the first by namespace/name applies",
                 policy.host
             ));
             continue;
         }
-        let index = b.destination_rules.len();
-        let export = Export::read(&dr.spec.export_to);
-        if export != Export::Private {
-            scope.exported.insert(key.clone(), index);
-        }
-        scope.all.insert(key, index);
-        exports.push(export);
-        b.destination_rules.push(policy);
+        b.destination_rules.insert(key, policy);
     }
-    let root = b.options.root_namespace.as_str();
     for i in 0..b.services.len() {
-        let service = &b.services[i];
-        let proxy_namespace = match service.waypoint {
-            Some(w) => &b.waypoints[w.index()].namespace,
-            None => &service.namespace,
-        };
-        let host = &*service.hostname;
-        let exported_from = |namespace: &str| {
-            let index = *destination_rule_for(&scopes.get(namespace)?.exported, host)?;
-            exports[index]
-                .reaches(namespace, proxy_namespace)
-                .then_some(index)
-        };
-        let chosen = (scopes.get(&**proxy_namespace))
-            .and_then(|scope| destination_rule_for(&scope.all, host).copied())
-            .or_else(|| exported_from(&service.namespace))
-            .or_else(|| exported_from(root));
-        let Some(index) = chosen else {
+        let Some(policy) = destination_rule_for(&b.destination_rules, &b.services[i].hostname)
+        else {
             continue;
         };
-        let subsets = b.destination_rules[index]
+        let service = &b.services[i];
+        let subsets = policy
             .subsets
             .iter()
             .map(|subset| model::Subset {
@@ -548,80 +512,8 @@ pub(super) fn destination_rules(
                     .collect(),
             })
             .collect();
-        let service = &mut b.services[i];
-        service.destination_rule = Some(DestinationRuleId(index as u32));
-        service.subsets = subsets;
+        b.services[i].subsets = subsets;
     }
-}
-
-/// One namespace's DestinationRules, by [`destination_rule_key`], as indices into the snapshot's.
-#[derive(Default)]
-struct RuleScope {
-    /// Every rule: what a proxy in this namespace sees.
-    all: HashMap<Arc<str>, usize>,
-    /// Those not private to the namespace (`exportTo: ["."]`), for proxies elsewhere.
-    exported: HashMap<Arc<str>, usize>,
-}
-
-/// Where a DestinationRule is visible (`exportTo`).
-#[derive(Debug, PartialEq, Eq)]
-enum Export {
-    /// Everywhere: `*`, or no `exportTo`.
-    Public,
-    /// Its own namespace only: `.`.
-    Private,
-    /// Its own namespace (with `.`) and the namespaces listed; none with `~`.
-    To { own: bool, namespaces: Vec<String> },
-}
-
-impl Export {
-    fn read(export_to: &[String]) -> Self {
-        if export_to.is_empty() || export_to.iter().any(|n| n == "*") {
-            return Export::Public;
-        }
-        if export_to.iter().all(|n| n == ".") {
-            return Export::Private;
-        }
-        Export::To {
-            own: export_to.iter().any(|n| n == "."),
-            namespaces: (export_to.iter())
-                .filter(|n| *n != "." && *n != "~")
-                .cloned()
-                .collect(),
-        }
-    }
-
-    /// Whether a rule in `namespace` exported so is seen by proxies in `client`.
-    fn reaches(&self, namespace: &str, client: &str) -> bool {
-        match self {
-            Export::Public => true,
-            Export::Private => namespace == client,
-            Export::To { own, namespaces } => {
-                (*own && namespace == client) || namespaces.iter().any(|n| n == client)
-            }
-        }
-    }
-}
-
-/// The key a DestinationRule is kept under: its host, except that a wildcard host keeps only its
-/// suffix (`*.example.com` under `.example.com`; `*` as it is), so that [`destination_rule_for`]
-/// finds it by slicing the looked-up host rather than building a string per candidate.
-fn destination_rule_key(host: &str) -> &str {
-    host.strip_prefix('*')
-        .filter(|s| !s.is_empty())
-        .unwrap_or(host)
-}
-
-/// Of `rules` (keyed by [`destination_rule_key`]), the one for `host`, as Istio picks it among a
-/// namespace's rules: the rule naming the host, else the most specific wildcard rule covering it
-/// (`*.ns.svc.cluster.local` before `*.svc.cluster.local`, `*` last).
-fn destination_rule_for<'a, V>(rules: &'a HashMap<Arc<str>, V>, host: &str) -> Option<&'a V> {
-    if let Some(rule) = rules.get(host) {
-        return Some(rule);
-    }
-    (host.match_indices('.'))
-        .find_map(|(dot, _)| rules.get(&host[dot..]))
-        .or_else(|| rules.get("*"))
 }
 
 /// Lowers HTTPRoutes and VirtualServices and builds one route table per service port. When both
@@ -661,12 +553,8 @@ pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
     let mut istio: Vec<Attachment> = Vec::new();
     for &(origin, vs) in &virtual_services {
         let subsets = |host: &str, subset: &str| {
-            (b.index.service_by_host.get(host)).is_some_and(|&id| {
-                b.services[id.index()]
-                    .subsets
-                    .iter()
-                    .any(|s| &*s.name == subset)
-            })
+            destination_rule_for(&b.destination_rules, host)
+                .is_some_and(|p| p.subsets.iter().any(|s| &*s.name == subset))
         };
         let lowered = lower_virtual_service(
             vs.metadata.namespace(),

@@ -102,7 +102,7 @@ pub struct Snapshot {
     pub(crate) policies: Vec<PolicyEntry>,
     pub(crate) peer_authentications: Vec<PeerAuthEntry>,
     pub(crate) plugins: Vec<Plugin>,
-    pub(crate) destination_rules: Vec<DestinationPolicy>,
+    pub(crate) destination_rules: HashMap<Arc<str>, DestinationPolicy>,
     pub(crate) routes: HashMap<(ServiceId, u16), RouteTable>,
     pub(crate) index: Index,
     /// The routing and policy resources as written, shared with the parse cache, for
@@ -405,12 +405,9 @@ impl Snapshot {
         self.routes.get(&(service, port))
     }
 
-    /// The DestinationRule that applies to `service`, chosen when the snapshot was built as
-    /// istiod chooses one for the waypoint serving it.
-    pub fn destination_policy(&self, service: &Service) -> Option<&DestinationPolicy> {
-        service
-            .destination_rule
-            .map(|id| &self.destination_rules[id.index()])
+    /// The DestinationRule policy for a service hostname (see [`destination_rule_for`]).
+    pub fn destination_policy(&self, host: &str) -> Option<&DestinationPolicy> {
+        destination_rule_for(&self.destination_rules, host)
     }
 
     /// A plugin by id.
@@ -432,4 +429,28 @@ impl Snapshot {
         };
         ids.iter().map(|&id| self.plugin(id))
     }
+}
+
+/// The key a DestinationRule is kept under: its host, except that a wildcard host keeps only its
+/// suffix (`*.example.com` under `.example.com`; `*` as it is), so that [`destination_rule_for`]
+/// finds it by slicing the looked-up host rather than building a string per request.
+pub(crate) fn destination_rule_key(host: &str) -> &str {
+    host.strip_prefix('*')
+        .filter(|s| !s.is_empty())
+        .unwrap_or(host)
+}
+
+/// The DestinationRule for `host`, as Istio picks it: the rule naming the host, else the most
+/// specific wildcard rule covering it (`*.ns.svc.cluster.local` before `*.svc.cluster.local`,
+/// `*` last). Per request, so it allocates nothing.
+pub(crate) fn destination_rule_for<'a>(
+    rules: &'a HashMap<Arc<str>, DestinationPolicy>,
+    host: &str,
+) -> Option<&'a DestinationPolicy> {
+    if let Some(rule) = rules.get(host) {
+        return Some(rule);
+    }
+    (host.match_indices('.'))
+        .find_map(|(dot, _)| rules.get(&host[dot..]))
+        .or_else(|| rules.get("*"))
 }

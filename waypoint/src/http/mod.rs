@@ -414,7 +414,7 @@ fn traffic_policy<'v>(
 ) -> Option<&'v TrafficPolicy> {
     let policy = view
         .snapshot
-        .destination_policy(view.snapshot.service(service))?;
+        .destination_policy(&view.snapshot.service(service).hostname)?;
     Some(match subset.and_then(|s| policy.subset(s)) {
         Some(s) => &s.traffic,
         None => &policy.traffic,
