@@ -1039,10 +1039,8 @@ spec:
     assert!(w.contains("host \"*.example.org\" has no endpoints"), "{w}");
 }
 
-/// A ServiceEntry that declares no addresses gets, for each host it names, one from
-/// 240.240.0.0/16 and one from 2001:2::/48, as istiod's IP auto-allocation gives them: the
-/// same in every proxy that reads the same files, never one another service has, and those of
-/// `status.addresses` where a cluster already allocated them.
+/// A ServiceEntry address written as a block of one address is that address; a wider block is
+/// no service address, and is said to be ignored.
 #[test]
 fn service_entry_address_blocks_of_one_address_are_addresses_and_wider_ones_are_ignored() {
     let s = snapshot(
@@ -1108,6 +1106,10 @@ spec:
     );
 }
 
+/// A ServiceEntry that declares no addresses gets, for each host it names, one from
+/// 240.240.0.0/16 and one from 2001:2::/48, as istiod's IP auto-allocation gives them: the
+/// same in every proxy that reads the same files, never one another service has, and those of
+/// `status.addresses` where a cluster already allocated them.
 #[test]
 fn service_entries_without_addresses_get_addresses_allocated() {
     let entries = r#"

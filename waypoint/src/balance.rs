@@ -262,7 +262,7 @@ impl Balancer {
                 // The service's own preference first, as istiod sets the failover priority
                 // from it whatever the DestinationRule says.
                 let lb = (s.load_balancing.as_ref()).or_else(|| {
-                    let policy = snapshot.destination_policy(s)?;
+                    let policy = snapshot.destination_policy(&s.hostname)?;
                     policy.traffic.locality.as_ref()
                 })?;
                 let ranks: Box<[Option<usize>]> = (s.endpoints.iter())

@@ -267,10 +267,13 @@ pub fn lower_destination_rule(
             "DestinationRule workloadSelector is not used by waypoints"
         );
     }
+    // What is accepted but not applied, said once per load with the rule's name.
+    let mut unapplied = Vec::new();
     let base = Sections::lower(
         spec.traffic_policy.as_ref(),
         "spec.trafficPolicy",
         &mut problems,
+        &mut unapplied,
     );
     let mut subsets: Vec<Subset> = Vec::new();
     for (k, subset) in spec.subsets.iter().enumerate() {
@@ -290,12 +293,16 @@ pub fn lower_destination_rule(
             subset.traffic_policy.as_ref(),
             &format!("{field}.trafficPolicy"),
             &mut problems,
+            &mut unapplied,
         );
         subsets.push(Subset {
             name: Arc::from(subset.name.as_str()),
             labels: subset.labels.clone(),
             traffic: own.over(&base).resolve(),
         });
+    }
+    for message in unapplied {
+        tracing::warn!(namespace, name, "DestinationRule: {message}");
     }
     problems.finish(DestinationPolicy {
         host,
@@ -314,14 +321,20 @@ struct Sections {
 }
 
 impl Sections {
-    fn lower(spec: Option<&TrafficPolicySpec>, field: &str, problems: &mut Problems) -> Self {
+    fn lower(
+        spec: Option<&TrafficPolicySpec>,
+        field: &str,
+        problems: &mut Problems,
+        unapplied: &mut Vec<String>,
+    ) -> Self {
         let Some(spec) = spec else {
             return Self::default();
         };
         Self {
             load_balancer: (spec.load_balancer.as_ref()).map(|lb| {
                 let field = format!("{field}.loadBalancer");
-                let locality = Locality::lower(lb.locality_lb_setting.as_ref(), &field);
+                let setting = lb.locality_lb_setting.as_ref();
+                let locality = Locality::lower(setting, &field, unapplied);
                 (load_balancer(lb, &field, problems), locality)
             }),
             connection_pool: (spec.connection_pool.as_ref())
@@ -368,47 +381,58 @@ enum Locality {
 
 impl Locality {
     /// Reads the setting at `field` (`...loadBalancer`). What we do not apply is valid Istio
-    /// and accepted, with a warning saying what is done instead.
-    fn lower(setting: Option<&LocalityLbSetting>, field: &str) -> Self {
+    /// and accepted; `unapplied` says what is done instead.
+    fn lower(
+        setting: Option<&LocalityLbSetting>,
+        field: &str,
+        unapplied: &mut Vec<String>,
+    ) -> Self {
         let Some(setting) = setting else {
             return Self::Failover;
         };
         if setting.enabled == Some(false) {
             return Self::Off;
         }
+        let field = format!("{field}.localityLbSetting");
         if !setting.distribute.is_empty() {
-            tracing::warn!(
-                field,
-                "localityLbSetting.distribute is not supported; every endpoint is used alike"
-            );
+            unapplied.push(format!(
+                "{field}.distribute is not supported; every endpoint is used alike"
+            ));
             return Self::Off;
         }
         if !setting.failover.is_empty() {
-            tracing::warn!(
-                field,
-                "localityLbSetting.failover is not supported; farther regions are not ordered"
-            );
+            unapplied.push(format!(
+                "{field}.failover is not supported; farther regions are not ordered"
+            ));
         }
         if setting.failover_priority.is_empty() {
             return Self::Failover;
         }
-        // Endpoints rank by how many leading labels they share with the waypoint, so the
-        // list is cut at the first label that is not a topology one.
-        let scopes: Box<[Scope]> = (setting.failover_priority.iter())
-            .map_while(|label| {
-                let scope = topology_scope(label);
-                if scope.is_none() {
-                    tracing::warn!(
-                        field,
-                        label,
-                        "localityLbSetting.failoverPriority: only topology labels are supported; \
-                         this one and those after it are not used"
-                    );
+        // Endpoints rank by how many leading labels they share with the waypoint, so the list
+        // is cut at the first label we cannot compare. The cluster is skipped: with one
+        // cluster, every endpoint shares it.
+        let mut scopes = Vec::new();
+        for (i, label) in setting.failover_priority.iter().enumerate() {
+            if label == CLUSTER {
+                continue;
+            }
+            match topology_scope(label) {
+                Some(scope) => scopes.push(scope),
+                None => {
+                    let why = if label.contains('=') {
+                        "a `label=value` override is not supported"
+                    } else {
+                        "only topology labels are supported"
+                    };
+                    unapplied.push(format!(
+                        "{field}.failoverPriority[{i}]: {label:?}: {why}; it and the labels \
+                         after it are not used"
+                    ));
+                    break;
                 }
-                scope
-            })
-            .collect();
-        Self::Priority(scopes)
+            }
+        }
+        Self::Priority(scopes.into_boxed_slice())
     }
 
     fn preference(self) -> Option<LoadBalancing> {
@@ -424,7 +448,10 @@ impl Locality {
     }
 }
 
-/// The locality scope a `failoverPriority` label names (`label=value` overrides are not read).
+/// The label of a workload's cluster, which every endpoint shares with a single-cluster waypoint.
+const CLUSTER: &str = "topology.istio.io/cluster";
+
+/// The locality scope a `failoverPriority` label names.
 fn topology_scope(label: &str) -> Option<Scope> {
     Some(match label {
         "topology.istio.io/network" => Scope::Network,

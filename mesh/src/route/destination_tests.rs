@@ -310,14 +310,21 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
         (
             format!(
                 "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: \
-                 [topology.istio.io/network, topology.kubernetes.io/zone, version, \
-                 kubernetes.io/hostname]}}}}}}"
+                 [topology.istio.io/cluster, topology.istio.io/network, \
+                 topology.kubernetes.io/zone, version, kubernetes.io/hostname]}}}}}}"
             ),
             Some(vec![Scope::Network, Scope::Zone]),
         ),
         (
             format!(
                 "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: [version]}}}}}}"
+            ),
+            None,
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: \
+                 [\"topology.kubernetes.io/region=r1\"]}}}}}}"
             ),
             None,
         ),

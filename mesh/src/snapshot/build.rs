@@ -1093,8 +1093,9 @@ impl<'o> Builder<'o> {
         for (i, address) in se.spec.addresses.iter().enumerate() {
             match entry_vip(address) {
                 Some(Vip::Single(ip)) => vips.push(ip),
-                // istiod leaves ranges out of the services it sends ztunnel too; saying so
-                // spares the user wondering why traffic into the range is not captured.
+                // A service address is one address: ztunnel matches them exactly, and istiod
+                // gives it no ranges either (such an entry is ignored, istio/istio#59173). We keep
+                // the entry and its single addresses, and say what is not captured.
                 Some(Vip::Range) => self.warn(format!(
                     "{origin}: ServiceEntry {namespace}/{}: spec.addresses[{i}]: {address:?} is a \
                      range; ambient mode gives a service single addresses only, so it is ignored",
@@ -1514,8 +1515,6 @@ fn resolved_by_dns(se: &ServiceEntrySpec) -> bool {
     matches!(se.resolution.as_deref(), Some("DNS" | "DNS_ROUND_ROBIN"))
 }
 
-/// Whether `se`'s hosts get addresses allocated when it declares none: as istiod's, unless its
-/// resolution is `NONE` (the default: nothing routes by address then) or it opts out.
 /// What one of a ServiceEntry's `spec.addresses` gives its services.
 enum Vip {
     /// An address, written alone or as a one-address block (`/32`, `/128`).
@@ -1537,6 +1536,8 @@ fn entry_vip(address: &str) -> Option<Vip> {
     })
 }
 
+/// Whether `se`'s hosts get addresses allocated when it declares none: as istiod's, unless its
+/// resolution is `NONE` (the default: nothing routes by address then) or it opts out.
 fn allocates(se: &Object<ServiceEntrySpec, ServiceEntryStatus>) -> bool {
     let resolved = matches!(
         se.spec.resolution.as_deref(),

@@ -968,6 +968,16 @@ fn outlier_detection_prefers_the_waypoints_locality_unless_told_otherwise() {
         format!(
             "{ZONES}---
 apiVersion: v1
+kind: Node
+metadata: {{name: node-c, labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: z1}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-e, namespace: shop, labels: {{app: web}}}}
+spec: {{nodeName: node-c}}
+status: {{podIP: 10.0.3.10, phase: Running}}
+---
+apiVersion: v1
 kind: Service
 metadata: {{name: spread, namespace: shop}}
 spec:
@@ -984,23 +994,26 @@ spec:
 "
         )
     };
+    // web-e shares the waypoint's zone (z1) on another node.
+    let zone = &["web-a", "web-b", "web-e"][..];
+    let everywhere = &["web-a", "web-b", "web-c", "web-d", "web-e"][..];
     let detecting = "{outlierDetection: {consecutive5xxErrors: 3}";
     let cases = [
-        (format!("{detecting}}}"), &["web-a", "web-b"][..]),
+        (format!("{detecting}}}"), zone),
         (
             "{connectionPool: {tcp: {maxConnections: 9}}}".to_owned(),
-            &ALL[..],
+            everywhere,
         ),
         (
             format!("{detecting}, loadBalancer: {{localityLbSetting: {{enabled: false}}}}}}"),
-            &ALL[..],
+            everywhere,
         ),
         (
             format!(
                 "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: \
                  [topology.istio.io/network]}}}}}}"
             ),
-            &ALL[..],
+            everywhere,
         ),
         (
             format!(
@@ -1014,7 +1027,7 @@ spec:
                 "{detecting}, loadBalancer: {{localityLbSetting: {{distribute: \
                  [{{from: r/z1/*, to: {{r/z2/*: 100}}}}]}}}}}}"
             ),
-            &ALL[..],
+            everywhere,
         ),
     ];
     let policy = traffic(LoadBalancer::Random);
