@@ -44,6 +44,16 @@ metadata: {name: waypoint, namespace: bookinfo}
 spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   rules: [{to: [{operation: {methods: [GET], hosts: ["reviews*"]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: productpage, namespace: bookinfo}
+spec: {host: productpage}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: external, namespace: istio-system}
+spec: {host: "*.example.com"}
 "#;
 
 #[test]
@@ -71,12 +81,9 @@ fn lookups_and_evaluation_do_not_allocate() {
     assert_eq!(n, 0, "resolve_host fqdn");
     let (_, n) = allocations(|| s.resolve_host("reviews", "bookinfo"));
     assert_eq!(n, 0, "resolve_host short");
-    // No rule names the host, so every wildcard it could match is tried.
-    let (found, n) = allocations(|| {
-        s.destination_policy("reviews.bookinfo.svc.cluster.local")
-            .is_some()
-    });
-    assert_eq!((found, n), (false, 0), "destination_policy");
+    // No rule names the host: all three steps, every wildcard it could match in each, are tried.
+    let (found, n) = allocations(|| s.destination_rule("bookinfo", s.service(id)).is_some());
+    assert_eq!((found, n), (false, 0), "destination_rule");
     let (_, n) = allocations(|| s.workload_by_uid("Kubernetes//v1/Pod/bookinfo/reviews-v1"));
     assert_eq!(n, 0, "workload_by_uid");
     let (count, n) = allocations(|| s.workloads_on_node("node-a").count());

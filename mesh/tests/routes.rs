@@ -70,9 +70,10 @@ fn backends(action: &RuleAction) -> Vec<(String, Option<String>, u32)> {
 fn virtual_service_and_subsets() {
     let s = snapshot(&format!("{BOOKINFO}{REVIEWS_SPLIT}"));
     let (id, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
-    let names = |subset| -> Vec<String> {
+    let (rule, _) = s.destination_rule("bookinfo", reviews).expect("a rule");
+    let names = |subset: Option<&str>| -> Vec<String> {
         reviews
-            .subset_endpoints(subset)
+            .subset_endpoints(subset.map(|name| (rule, name)))
             .expect("known subset")
             .iter()
             .map(|e| s.workload(e.workload).name.to_string())
@@ -81,8 +82,7 @@ fn virtual_service_and_subsets() {
     assert_eq!(names(Some("v2")), ["reviews-v2"]);
     assert_eq!(names(Some("v1")), ["reviews-v1"]);
     assert!(names(Some("v3")).is_empty(), "v3's only pod is not ready");
-    assert!(reviews.subset_endpoints(Some("v9")).is_none());
-    assert!(s.destination_policy(&reviews.hostname).is_some());
+    assert!(reviews.subset_endpoints(Some((rule, "v9"))).is_none());
 
     let table = s.routes(id, 9080).expect("routes attached");
     let mut jason = HeaderMap::new();
@@ -234,10 +234,12 @@ spec: {host: nowhere}
     }
 }
 
-/// A DestinationRule for a wildcard host applies to every service it covers, unless a rule
-/// names the service or a more specific wildcard covers it; subsets it defines resolve too.
+/// Which DestinationRule applies depends on the proxy's namespace, as in istiod: the proxy's own
+/// rules first (a wildcard covering every service it matches, unless a rule names the service),
+/// then those the service's namespace exports, then the root namespace's; rules of one
+/// namespace for one host merge; each proxy sees the subsets of the rule it applies.
 #[test]
-fn wildcard_destination_rules_cover_their_hosts() {
+fn destination_rules_are_chosen_per_proxy_namespace() {
     let rules = r#"
 ---
 apiVersion: networking.istio.io/v1
@@ -252,8 +254,8 @@ kind: DestinationRule
 metadata: {name: bookinfo-wide, namespace: bookinfo}
 spec:
   host: "*.bookinfo.svc.cluster.local"
+  exportTo: ["."]
   trafficPolicy: {connectionPool: {tcp: {maxConnections: 20}}}
-  subsets: [{name: v1, labels: {version: v1}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -261,19 +263,65 @@ metadata: {name: productpage, namespace: bookinfo}
 spec:
   host: productpage
   trafficPolicy: {connectionPool: {tcp: {maxConnections: 30}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-a, namespace: bookinfo}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-b, namespace: bookinfo}
+spec:
+  host: reviews.bookinfo.svc.cluster.local
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 50}}}
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: legacy}
+spec:
+  host: reviews.bookinfo.svc.cluster.local
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 40}}}
+  subsets: [{name: v3, labels: {version: v3}}]
 "#;
     let s = snapshot(&format!("{BOOKINFO}{rules}"));
-    let limit = |host: &str| {
-        s.destination_policy(host)
-            .map(|p| p.traffic.connection_pool.max_connections)
+    let id = |name: &str| {
+        let host = format!("{name}.bookinfo.svc.cluster.local");
+        s.service_by_host(&host).expect("service").0
     };
-    assert_eq!(limit("productpage.bookinfo.svc.cluster.local"), Some(30));
-    assert_eq!(limit("reviews.bookinfo.svc.cluster.local"), Some(20));
-    assert_eq!(limit("details.other.svc.cluster.local"), Some(10));
-    assert_eq!(limit("api.example.com"), None);
-    let (_, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
-    let v1 = reviews
-        .subset_endpoints(Some("v1"))
-        .expect("the wildcard's subset");
-    assert_eq!(v1.len(), 1);
+    let limit = |proxy: &str, service: &str| {
+        s.destination_rule(proxy, s.service(id(service)))
+            .map(|(_, p)| p.traffic.connection_pool.max_connections)
+    };
+    assert_eq!(limit("bookinfo", "productpage"), Some(30));
+    assert_eq!(limit("bookinfo", "waypoint"), Some(20));
+    assert_eq!(limit("bookinfo", "reviews"), Some(50), "merged");
+    assert_eq!(limit("legacy", "reviews"), Some(40), "the proxy's own");
+    assert_eq!(limit("legacy", "productpage"), Some(30), "exported");
+    assert_eq!(limit("legacy", "waypoint"), Some(10), "private elsewhere");
+    assert_eq!(limit("istio-system", "reviews"), Some(50));
+
+    let reviews = s.service(id("reviews"));
+    let subset = |proxy: &str, name: &str| {
+        let (rule, _) = s.destination_rule(proxy, reviews).expect("a rule");
+        let endpoints = reviews.subset_endpoints(Some((rule, name)))?;
+        Some(
+            endpoints
+                .iter()
+                .map(|e| &*s.workload(e.workload).name)
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(subset("bookinfo", "v1"), Some(vec!["reviews-v1"]));
+    assert_eq!(subset("bookinfo", "v2"), Some(vec!["reviews-v2"]));
+    assert_eq!(subset("bookinfo", "v3"), None);
+    assert_eq!(
+        subset("legacy", "v3"),
+        Some(vec![]),
+        "its only pod is not ready"
+    );
+    assert_eq!(subset("legacy", "v1"), None);
 }

@@ -48,7 +48,7 @@ use std::fmt::Write as _;
 use ::http::header::COOKIE;
 use ::http::{HeaderMap, HeaderValue};
 use mesh::Snapshot;
-use mesh::model::{ServiceId, SubsetEndpoints, WorkloadId};
+use mesh::model::{DestinationRuleId, ServiceId, SubsetEndpoints, WorkloadId};
 use mesh::route::{HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
 use rand::Rng;
 
@@ -253,7 +253,12 @@ impl Balancer {
     /// Measures how near `snapshot`'s endpoints are to `instance` (this waypoint's own
     /// workload), for the services that prefer near endpoints; without one, every endpoint is
     /// as near.
-    pub(crate) fn measured_from(self, snapshot: &Snapshot, instance: Option<WorkloadId>) -> Self {
+    pub(crate) fn measured_from(
+        self,
+        snapshot: &Snapshot,
+        namespace: &str,
+        instance: Option<WorkloadId>,
+    ) -> Self {
         let Some(me) = instance.and_then(|i| snapshot.workloads().get(i.index())) else {
             return self;
         };
@@ -262,7 +267,7 @@ impl Balancer {
                 // The service's own preference first, as istiod sets the failover priority
                 // from it whatever the DestinationRule says.
                 let lb = (s.load_balancing.as_ref()).or_else(|| {
-                    let policy = snapshot.destination_policy(&s.hostname)?;
+                    let (_, policy) = snapshot.destination_rule(namespace, s)?;
                     policy.traffic.locality.as_ref()
                 })?;
                 let ranks: Box<[Option<usize>]> = (s.endpoints.iter())
@@ -294,7 +299,7 @@ impl Balancer {
         snapshot: &Snapshot,
         service: ServiceId,
         port_index: usize,
-        subset: Option<&str>,
+        subset: Option<(DestinationRuleId, &str)>,
         policy: &TrafficPolicy,
         hash: Option<u64>,
         exclude: &[WorkloadId],
@@ -336,7 +341,7 @@ impl Balancer {
             LoadBalancer::RoundRobin => slot.and_then(|s| {
                 let subset = match subset {
                     None => 0,
-                    Some(name) => 1 + described.subsets.iter().position(|s| &*s.name == name)?,
+                    Some(subset) => 1 + described.subset_position(subset)?,
                 };
                 let turn = self.turns.get(s.turns + subset)?;
                 Some(turn.fetch_add(1, Relaxed))

@@ -98,16 +98,18 @@ impl Dispatcher for MeshCalls {
         let up = parse(upstream)?;
         let (id, port_index) = resolve(&view, &up)?;
         let snapshot = &view.snapshot;
-        let chosen = view.balancer.choose(
-            snapshot,
-            id,
-            port_index,
-            up.subset,
-            &mesh::route::TrafficPolicy::default(),
-            None,
-            &[],
-            Instant::now(),
-        );
+        let chosen = view.subset(id, up.subset).and_then(|subset| {
+            view.balancer.choose(
+                snapshot,
+                id,
+                port_index,
+                subset,
+                &mesh::route::TrafficPolicy::default(),
+                None,
+                &[],
+                Instant::now(),
+            )
+        });
         let service = snapshot.service(id);
         let Some(chosen) = chosen else {
             // A known service with no endpoint: the call fails like Envoy's "no healthy upstream".

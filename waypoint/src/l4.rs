@@ -72,10 +72,9 @@ pub(crate) async fn serve(
     let mut detection = None;
     let (chosen, workload, port) = match target {
         Target::Service { id, port_index, .. } => {
-            let service = snapshot.service(id);
-            let policy = snapshot
-                .destination_policy(&service.hostname)
-                .map_or(&default_policy, |p| &p.traffic);
+            let policy = view
+                .destination_rule(id)
+                .map_or(&default_policy, |(_, p)| &p.traffic);
             detection = policy.outlier_detection;
             connect_timeout = policy.connection_pool.connect_timeout;
             let Some(chosen) = view.balancer.choose(

@@ -74,11 +74,11 @@ pub(crate) enum Overflow {
 impl Breakers {
     /// Breakers for the services of `snapshot` with limits, reusing `previous` ones whose
     /// limits did not change.
-    pub(crate) fn new(snapshot: &Snapshot, previous: Option<&Breakers>) -> Self {
+    pub(crate) fn new(snapshot: &Snapshot, namespace: &str, previous: Option<&Breakers>) -> Self {
         let default = ConnectionPool::default();
         let mut out = HashMap::new();
         for service in snapshot.services() {
-            let Some(policy) = snapshot.destination_policy(&service.hostname) else {
+            let Some((_, policy)) = snapshot.destination_rule(namespace, service) else {
                 continue;
             };
             let limits = &policy.traffic.connection_pool;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hbone::Identity;
-use mesh::model::{AppProtocol, ServiceId, WaypointId, WorkloadId};
+use mesh::model::{AppProtocol, DestinationRuleId, ServiceId, WaypointId, WorkloadId};
+use mesh::route::DestinationPolicy;
 use mesh::{Snapshot, Store};
 
 use crate::balance::Balancer;
@@ -37,6 +38,9 @@ pub(crate) struct View {
     pub(crate) snapshot: Arc<Snapshot>,
     /// This waypoint in `snapshot`; `None` if the Gateway was removed (everything is refused).
     pub(crate) waypoint: Option<WaypointId>,
+    /// The waypoint's namespace: its proxy namespace, which decides the DestinationRules it
+    /// applies.
+    pub(crate) namespace: Arc<str>,
     pub(crate) balancer: Balancer,
     pub(crate) breakers: Breakers,
     /// The Wasm plugins this waypoint runs, started.
@@ -88,15 +92,40 @@ impl View {
         let plugins = wasm
             .load(&snapshot, waypoint, previous.map(|p| &p.plugins))
             .await;
+        let namespace = name.namespace.clone();
         let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer))
-            .measured_from(&snapshot, instance);
-        let breakers = Breakers::new(&snapshot, previous.map(|p| &p.breakers));
+            .measured_from(&snapshot, &namespace, instance);
+        let breakers = Breakers::new(&snapshot, &namespace, previous.map(|p| &p.breakers));
         Self {
             snapshot,
             waypoint,
+            namespace,
             balancer,
             breakers,
             plugins,
+        }
+    }
+
+    /// The DestinationRule this waypoint applies to `service`: istiod's choice for a proxy in
+    /// the waypoint's namespace.
+    pub(crate) fn destination_rule(
+        &self,
+        service: ServiceId,
+    ) -> Option<(DestinationRuleId, &DestinationPolicy)> {
+        let service = self.snapshot.service(service);
+        self.snapshot.destination_rule(&self.namespace, service)
+    }
+
+    /// The subset `name` of `service` as the balancer takes it (`Some(None)`: no subset, every
+    /// endpoint); `None` when a subset is named and no DestinationRule applies here.
+    pub(crate) fn subset<'n>(
+        &self,
+        service: ServiceId,
+        name: Option<&'n str>,
+    ) -> Option<Option<(DestinationRuleId, &'n str)>> {
+        match name {
+            None => Some(None),
+            Some(name) => Some(Some((self.destination_rule(service)?.0, name))),
         }
     }
 

@@ -220,3 +220,101 @@ async fn a_service_preferring_near_endpoints_is_served_from_the_waypoints_zone()
     );
     mesh.shutdown().await;
 }
+
+/// `billing` in namespace `other`, outside the mesh at two addresses labelled v1 and v2; its
+/// owner's rule (`other/billing`) defines subset v1 and pins subset v2 to the v1 endpoint,
+/// exported as `export_to` says; `own` adds the waypoint's namespace's own rule for it, whose
+/// v2 is the v2 endpoint. The echo service routes to subset v1 for `x-subset: v1`, else v2.
+fn cross_namespace(net: u8, export_to: &str, own: bool) -> String {
+    let own = if own {
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: billing, namespace: app}
+spec:
+  host: billing.other.test
+  subsets: [{name: v2, labels: {version: v2}}]
+"#
+    } else {
+        ""
+    };
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: other}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: billing, namespace: other}}
+spec:
+  hosts: [billing.other.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints:
+  - {{address: 127.{net}.9.1, labels: {{version: v1, istio.io/dataplane-mode: none}}}}
+  - {{address: 127.{net}.9.2, labels: {{version: v2, istio.io/dataplane-mode: none}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: billing, namespace: other}}
+spec:
+  host: billing.other.test
+  exportTo: {export_to}
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v1}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{{headers: {{x-subset: {{exact: v1}}}}}}]
+    route: [{{destination: {{host: billing.other.test, subset: v1, port: {{number: 80}}}}}}]
+  - route: [{{destination: {{host: billing.other.test, subset: v2, port: {{number: 80}}}}}}]
+{own}"#
+    )
+}
+
+/// The waypoint applies the DestinationRule istiod would give a proxy in its namespace: its
+/// namespace's own rule for a backend in another namespace first, else the rule the backend's
+/// namespace exports to it; a subset only a rule it does not apply defines is answered 503,
+/// and such a configuration still loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoints_namespace_decides_which_destination_rule_applies() {
+    let net = 96;
+    let mesh = Mesh::start(net, &cross_namespace(net, "['*']", true)).await;
+    for (last, name) in [("9.1", "billing-v1"), ("9.2", "billing-v2")] {
+        let l = tokio::net::TcpListener::bind((mesh.ip(last), 8080))
+            .await
+            .expect("bind");
+        tokio::spawn(support::echo(l, name, mesh.seen.clone()));
+    }
+    let answer = |subset: &'static str| {
+        let mesh = &mesh;
+        async move {
+            let r = mesh.request("GET", "/", &[("x-subset", subset)], "").await;
+            match r.status {
+                200 => r.backend().to_owned(),
+                status => status.to_string(),
+            }
+        }
+    };
+    // The waypoint's own rule: its v2 is the v2 endpoint, and it defines no v1.
+    assert_eq!(answer("v2").await, "billing-v2");
+    assert_eq!(answer("v1").await, "503");
+    // Without it, the rule `other` exports to every namespace applies.
+    mesh.set_routes(&cross_namespace(net, "['*']", false)).await;
+    assert_eq!(answer("v2").await, "billing-v1");
+    assert_eq!(answer("v1").await, "billing-v1");
+    // Exported to `app` by name, the same.
+    mesh.set_routes(&cross_namespace(net, "[app]", false)).await;
+    assert_eq!(answer("v2").await, "billing-v1");
+    // Kept to `other`: no rule applies here, so neither subset exists.
+    mesh.set_routes(&cross_namespace(net, "['.']", false)).await;
+    assert_eq!(answer("v2").await, "503");
+    assert_eq!(answer("v1").await, "503");
+    mesh.shutdown().await;
+}

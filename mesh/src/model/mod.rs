@@ -66,6 +66,11 @@ id!(
     /// A Wasm plugin's position in the snapshot.
     PluginId
 );
+id!(
+    /// A DestinationRule's position in the snapshot: one rule as written, or the rules of one
+    /// namespace for one host merged as istiod merges them.
+    DestinationRuleId
+);
 
 /// Shares one allocation per distinct string while a snapshot is built.
 #[derive(Debug, Default)]

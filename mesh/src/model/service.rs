@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
+use super::{DestinationRuleId, Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
 
 /// A service: a hostname, VIPs and ports in front of a set of endpoints.
 #[derive(Debug, Clone, Serialize)]
@@ -27,7 +27,8 @@ pub struct Service {
     pub labels: Labels,
     /// Ready endpoints, in a stable order (by workload uid).
     pub endpoints: Box<[Endpoint]>,
-    /// DestinationRule subsets, each with the endpoints its labels select.
+    /// The subsets of every DestinationRule some proxy applies to this service (which one
+    /// applies depends on the proxy's namespace), each with the endpoints its labels select.
     pub subsets: Box<[Subset]>,
     /// The waypoint traffic to this service must take (`waypoint-for: service|all`).
     pub waypoint: Option<WaypointId>,
@@ -50,22 +51,30 @@ impl Service {
         self.ports.iter().enumerate().find(|(_, p)| p.port == port)
     }
 
-    /// The endpoints of `subset`, or all endpoints for `None`. `None` when the subset is unknown.
-    pub fn subset_endpoints(&self, subset: Option<&str>) -> Option<SubsetEndpoints<'_>> {
-        match subset {
-            None => Some(SubsetEndpoints {
-                service: self,
-                members: None,
-            }),
-            Some(name) => self
-                .subsets
-                .iter()
-                .find(|s| &*s.name == name)
-                .map(|s| SubsetEndpoints {
-                    service: self,
-                    members: Some(&s.endpoints),
-                }),
-        }
+    /// The endpoints of `subset` (a DestinationRule and one of its subsets' names), or all
+    /// endpoints for `None`. `None` when that rule defines no such subset for this service.
+    pub fn subset_endpoints(
+        &self,
+        subset: Option<(DestinationRuleId, &str)>,
+    ) -> Option<SubsetEndpoints<'_>> {
+        let members = match subset {
+            None => None,
+            Some(subset) => Some(
+                &self
+                    .subset_position(subset)
+                    .map(|i| &self.subsets[i])?
+                    .endpoints[..],
+            ),
+        };
+        Some(SubsetEndpoints {
+            service: self,
+            members,
+        })
+    }
+
+    /// Where `subset` is in [`Service::subsets`].
+    pub fn subset_position(&self, (rule, name): (DestinationRuleId, &str)) -> Option<usize> {
+        (self.subsets.iter()).position(|s| s.rule == rule && &*s.name == name)
     }
 }
 
@@ -163,6 +172,8 @@ impl Endpoint {
 /// A DestinationRule subset's members.
 #[derive(Debug, Clone, Serialize)]
 pub struct Subset {
+    /// The DestinationRule defining it.
+    pub rule: DestinationRuleId,
     /// The subset name.
     pub name: Arc<str>,
     /// Indexes into the service's `endpoints`.

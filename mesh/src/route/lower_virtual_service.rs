@@ -26,8 +26,9 @@ const MESH: &str = "mesh";
 
 /// Lowers one VirtualService (`namespace`/`name`) into one attachment per host.
 ///
-/// `subsets(host, subset)` says whether a DestinationRule for `host` (FQDN) defines `subset`;
-/// routing to an undefined subset fails at runtime (503), so it is reported here. A
+/// `subsets(host, subset)` says whether any DestinationRule for `host` (FQDN) defines `subset`;
+/// routing to a subset no rule defines can only fail (503), so it is reported here (whether
+/// the rule a waypoint applies defines it, only the waypoint knows). A
 /// VirtualService bound only to other gateways yields no attachment. The attachment port is set
 /// when every match block names the same `port`; otherwise it is `None` and each match checks
 /// its own port.

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::build::{Builder, Kinds, by_name};
-use super::{PeerAuthEntry, PolicyEntry, PolicyScope, destination_rule_for, destination_rule_key};
+use super::destination_rules::{DestinationRules, Written};
+use super::{PeerAuthEntry, PolicyEntry, PolicyScope};
 use crate::authz::{Action, AuthorizationPolicySpec, Policy, PolicyTargetReference};
 use crate::error::{FieldError, Origin};
 use crate::model::{self, PluginId, PolicyId, ServiceId, ServiceKind, WaypointId};
@@ -464,56 +465,51 @@ pub(super) fn destination_rules(
 ) {
     let mut list = list.to_vec();
     list.sort_by(by_name);
+    let mut written = Vec::with_capacity(list.len());
     for (origin, dr) in list {
         let namespace = dr.metadata.namespace();
         let name = &dr.metadata.name;
-        let lowered = lower_destination_rule(namespace, name, &dr.spec, &Services(b));
-        let policy = match lowered {
-            Ok(p) => p,
+        match lower_destination_rule(namespace, name, &dr.spec, &Services(b)) {
+            Ok(policy) => written.push(Written {
+                namespace,
+                name,
+                spec: &dr.spec,
+                policy,
+            }),
             Err(errors) => {
                 for e in errors {
                     b.invalid(origin, "DestinationRule", dr, e);
                 }
-                continue;
             }
-        };
-        let key: Arc<str> = destination_rule_key(&policy.host).into();
-        if b.destination_rules.contains_key(&key) {
-            b.warn(format!(
-                "DestinationRule {namespace}/{name} is for {}, which another DestinationRule \
-                 already configures; the first by namespace/name applies",
-                policy.host
-            ));
-            continue;
         }
-        b.destination_rules.insert(key, policy);
     }
-    for i in 0..b.services.len() {
-        let Some(policy) = destination_rule_for(&b.destination_rules, &b.services[i].hostname)
-        else {
-            continue;
-        };
-        let service = &b.services[i];
-        let subsets = policy
-            .subsets
-            .iter()
-            .map(|subset| model::Subset {
-                name: subset.name.clone(),
-                endpoints: service
-                    .endpoints
-                    .iter()
-                    .enumerate()
+    let services = Services(b);
+    let (rules, warnings) =
+        DestinationRules::build(&b.options.root_namespace, &written, |first, merged| {
+            // Each rule was lowered alone, so the merged one lowers too.
+            lower_destination_rule(first.namespace, first.name, merged, &services).ok()
+        });
+    b.warnings.extend(warnings);
+    for service in &mut b.services {
+        let mut subsets = Vec::new();
+        for rule in rules.candidates(&service.hostname) {
+            for subset in &rules.get(rule).subsets {
+                let endpoints = (service.endpoints.iter().enumerate())
                     .filter(|(_, e)| {
-                        b.workloads[e.workload.index()]
-                            .labels
-                            .matches(&subset.labels)
+                        (b.workloads[e.workload.index()].labels).matches(&subset.labels)
                     })
                     .map(|(i, _)| i as u32)
-                    .collect(),
-            })
-            .collect();
-        b.services[i].subsets = subsets;
+                    .collect();
+                subsets.push(model::Subset {
+                    rule,
+                    name: subset.name.clone(),
+                    endpoints,
+                });
+            }
+        }
+        service.subsets = subsets.into();
     }
+    b.destination_rules = rules;
 }
 
 /// Lowers HTTPRoutes and VirtualServices and builds one route table per service port. When both
@@ -552,9 +548,11 @@ pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
     virtual_services.sort_by(by_name);
     let mut istio: Vec<Attachment> = Vec::new();
     for &(origin, vs) in &virtual_services {
+        // Defined by a rule that some proxy applies: whether the waypoint that routes with
+        // this VirtualService does is known only to it, which answers 503 if not.
         let subsets = |host: &str, subset: &str| {
-            destination_rule_for(&b.destination_rules, host)
-                .is_some_and(|p| p.subsets.iter().any(|s| &*s.name == subset))
+            (b.destination_rules.candidates(host).into_iter())
+                .any(|rule| b.destination_rules.get(rule).subset(subset).is_some())
         };
         let lowered = lower_virtual_service(
             vs.metadata.namespace(),

@@ -148,7 +148,7 @@ pub(super) struct Builder<'o> {
     pub(super) policies: Vec<super::PolicyEntry>,
     pub(super) peer_authentications: Vec<super::PeerAuthEntry>,
     pub(super) plugins: Vec<model::Plugin>,
-    pub(super) destination_rules: HashMap<Arc<str>, crate::route::DestinationPolicy>,
+    pub(super) destination_rules: super::destination_rules::DestinationRules,
     pub(super) routes: HashMap<(ServiceId, u16), crate::route::RouteTable>,
     /// `(label key, value)` → workloads carrying it, for selector lookups.
     label_index: HashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>,
@@ -172,7 +172,7 @@ impl<'o> Builder<'o> {
             policies: Vec::new(),
             peer_authentications: Vec::new(),
             plugins: Vec::new(),
-            destination_rules: HashMap::new(),
+            destination_rules: Default::default(),
             routes: HashMap::new(),
             label_index: HashMap::new(),
             by_namespace: HashMap::new(),

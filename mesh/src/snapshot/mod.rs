@@ -9,6 +9,7 @@
 mod allocate;
 mod attach;
 mod build;
+mod destination_rules;
 mod dump;
 
 use std::collections::HashMap;
@@ -17,7 +18,8 @@ use std::sync::Arc;
 
 use crate::authz::Policy;
 use crate::model::{
-    Plugin, PluginId, PolicyId, Service, ServiceId, Waypoint, WaypointId, Workload, WorkloadId,
+    DestinationRuleId, Plugin, PluginId, PolicyId, Service, ServiceId, Waypoint, WaypointId,
+    Workload, WorkloadId,
 };
 use crate::resource::MtlsMode;
 use crate::route::{DestinationPolicy, RouteTable};
@@ -102,7 +104,7 @@ pub struct Snapshot {
     pub(crate) policies: Vec<PolicyEntry>,
     pub(crate) peer_authentications: Vec<PeerAuthEntry>,
     pub(crate) plugins: Vec<Plugin>,
-    pub(crate) destination_rules: HashMap<Arc<str>, DestinationPolicy>,
+    pub(crate) destination_rules: destination_rules::DestinationRules,
     pub(crate) routes: HashMap<(ServiceId, u16), RouteTable>,
     pub(crate) index: Index,
     /// The routing and policy resources as written, shared with the parse cache, for
@@ -405,9 +407,19 @@ impl Snapshot {
         self.routes.get(&(service, port))
     }
 
-    /// The DestinationRule policy for a service hostname (see [`destination_rule_for`]).
-    pub fn destination_policy(&self, host: &str) -> Option<&DestinationPolicy> {
-        destination_rule_for(&self.destination_rules, host)
+    /// The DestinationRule a proxy in `proxy_namespace` applies to `service`, chosen as istiod
+    /// chooses it (see [`destination_rules`]); a waypoint's proxy namespace is its own.
+    pub fn destination_rule(
+        &self,
+        proxy_namespace: &str,
+        service: &Service,
+    ) -> Option<(DestinationRuleId, &DestinationPolicy)> {
+        let id = (self.destination_rules).choose(
+            proxy_namespace,
+            &service.namespace,
+            &service.hostname,
+        )?;
+        Some((id, self.destination_rules.get(id)))
     }
 
     /// A plugin by id.
@@ -429,28 +441,4 @@ impl Snapshot {
         };
         ids.iter().map(|&id| self.plugin(id))
     }
-}
-
-/// The key a DestinationRule is kept under: its host, except that a wildcard host keeps only its
-/// suffix (`*.example.com` under `.example.com`; `*` as it is), so that [`destination_rule_for`]
-/// finds it by slicing the looked-up host rather than building a string per request.
-pub(crate) fn destination_rule_key(host: &str) -> &str {
-    host.strip_prefix('*')
-        .filter(|s| !s.is_empty())
-        .unwrap_or(host)
-}
-
-/// The DestinationRule for `host`, as Istio picks it: the rule naming the host, else the most
-/// specific wildcard rule covering it (`*.ns.svc.cluster.local` before `*.svc.cluster.local`,
-/// `*` last). Per request, so it allocates nothing.
-pub(crate) fn destination_rule_for<'a>(
-    rules: &'a HashMap<Arc<str>, DestinationPolicy>,
-    host: &str,
-) -> Option<&'a DestinationPolicy> {
-    if let Some(rule) = rules.get(host) {
-        return Some(rule);
-    }
-    (host.match_indices('.'))
-        .find_map(|(dot, _)| rules.get(&host[dot..]))
-        .or_else(|| rules.get("*"))
 }

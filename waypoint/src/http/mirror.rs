@@ -62,11 +62,12 @@ pub(super) fn start(
     let port = backend.port.unwrap_or(request_port);
     let (port_index, _) = service.port(port)?;
     let default_policy = mesh::route::TrafficPolicy::default();
+    let subset = view.subset(id, backend.subset.as_deref())?;
     let chosen = view.balancer.choose(
         snapshot,
         id,
         port_index,
-        backend.subset.as_deref(),
+        subset,
         &default_policy,
         None,
         &[],

@@ -405,16 +405,14 @@ fn plain_peer(
     peer
 }
 
-/// The DestinationRule policy for a service and subset (the subset's, merged over the
-/// host's), or the defaults.
+/// The policy of the DestinationRule this waypoint applies to a service, for a subset (the
+/// subset's, merged over the host's); `None` without a rule.
 fn traffic_policy<'v>(
     view: &'v View,
     service: ServiceId,
     subset: Option<&str>,
 ) -> Option<&'v TrafficPolicy> {
-    let policy = view
-        .snapshot
-        .destination_policy(&view.snapshot.service(service).hostname)?;
+    let (_, policy) = view.destination_rule(service)?;
     Some(match subset.and_then(|s| policy.subset(s)) {
         Some(s) => &s.traffic,
         None => &policy.traffic,
@@ -640,11 +638,10 @@ impl Waypoint {
             ctx.details = "cluster_not_found";
             return Some(Local::text(500, ""));
         };
-        if backend_service
-            .subset_endpoints(backend.subset.as_deref())
-            .is_none()
-        {
-            // A VirtualService subset no DestinationRule defines: Envoy's unknown cluster.
+        let subset = view.subset(backend_id, backend.subset.as_deref());
+        if subset.is_none_or(|subset| backend_service.subset_endpoints(subset).is_none()) {
+            // A VirtualService subset the DestinationRule this waypoint applies does not
+            // define: Envoy's unknown cluster.
             ctx.flag("NR");
             ctx.details = "cluster_not_found";
             return Some(Local::text(503, ""));
@@ -871,16 +868,18 @@ impl ProxyHttp for Waypoint {
             } => {
                 let traffic =
                     traffic_policy(&view, *id, subset.as_deref()).unwrap_or(&DEFAULT_TRAFFIC);
-                let chosen = view.balancer.choose(
-                    snapshot,
-                    *id,
-                    *port_index,
-                    subset.as_deref(),
-                    traffic,
-                    ctx.hash,
-                    &ctx.tried,
-                    now.into_std(),
-                );
+                let chosen = view.subset(*id, subset.as_deref()).and_then(|subset| {
+                    view.balancer.choose(
+                        snapshot,
+                        *id,
+                        *port_index,
+                        subset,
+                        traffic,
+                        ctx.hash,
+                        &ctx.tried,
+                        now.into_std(),
+                    )
+                });
                 let Some(chosen) = chosen else {
                     ctx.flag("UH");
                     ctx.details = "no_healthy_upstream";

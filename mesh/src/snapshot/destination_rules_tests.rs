@@ -1,0 +1,171 @@
+use super::*;
+use crate::route::{Subset, SubsetSpec, TrafficPolicy, TrafficPolicySpec};
+
+const ROOT: &str = "istio-system";
+
+/// A valid rule, lowered.
+fn written<'a>(namespace: &'a str, name: &'a str, spec: &'a DestinationRuleSpec) -> Written<'a> {
+    Written {
+        namespace,
+        name,
+        spec,
+        policy: lowered(spec),
+    }
+}
+
+/// A rule for `host`, exported as written, with a subset named after the rule (which tells the
+/// chosen rule in assertions).
+fn spec(host: &str, name: &str, export_to: &[&str]) -> DestinationRuleSpec {
+    DestinationRuleSpec {
+        host: host.into(),
+        subsets: vec![SubsetSpec {
+            name: name.into(),
+            ..SubsetSpec::default()
+        }],
+        export_to: export_to.iter().map(|e| e.to_string()).collect(),
+        ..DestinationRuleSpec::default()
+    }
+}
+
+/// Lowering as far as these tests look: the host, the subsets' names, and whether a top-level
+/// policy was written (as a connection limit of 7).
+fn lowered(spec: &DestinationRuleSpec) -> DestinationPolicy {
+    let mut traffic = TrafficPolicy::default();
+    if spec.traffic_policy.is_some() {
+        traffic.connection_pool.max_connections = 7;
+    }
+    DestinationPolicy {
+        host: spec.host.as_str().into(),
+        subsets: (spec.subsets.iter())
+            .map(|s| Subset {
+                name: s.name.as_str().into(),
+                labels: s.labels.clone(),
+                traffic: traffic.clone(),
+            })
+            .collect(),
+        traffic,
+    }
+}
+
+fn svc(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.svc.cluster.local")
+}
+
+/// The name of the rule `rules` chooses, by its first subset.
+fn chosen(rules: &DestinationRules, proxy: &str, service_ns: &str, host: &str) -> Option<String> {
+    let id = rules.choose(proxy, service_ns, host)?;
+    Some(rules.get(id).subsets[0].name.to_string())
+}
+
+#[test]
+fn chosen_per_proxy_namespace_as_istiod_chooses() {
+    let (reviews, ratings) = (svc("reviews", "app"), svc("ratings", "app"));
+    let (details, productpage) = (svc("details", "app"), svc("productpage", "app"));
+    let specs = [
+        (
+            ROOT,
+            "mesh-default",
+            spec("*.svc.cluster.local", "mesh-default", &[]),
+        ),
+        (ROOT, "root-private", spec(&reviews, "root-private", &["."])),
+        (
+            "app",
+            "app-wide",
+            spec("*.app.svc.cluster.local", "app-wide", &[]),
+        ),
+        ("app", "details", spec(&details, "details", &["~"])),
+        ("app", "ratings", spec(&ratings, "ratings", &["shop"])),
+        ("app", "reviews", spec(&reviews, "reviews", &["."])),
+        ("shop", "shop-reviews", spec(&reviews, "shop-reviews", &[])),
+    ];
+    let written: Vec<_> = (specs.iter())
+        .map(|(ns, name, spec)| written(ns, name, spec))
+        .collect();
+    let (rules, warnings) = DestinationRules::build(ROOT, &written, |_, s| Some(lowered(s)));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let cases = [
+        // The proxy's own namespace first, private rules included.
+        ("app", &reviews, Some("reviews")),
+        // A proxy's own rule for a service in another namespace applies to it there.
+        ("shop", &reviews, Some("shop-reviews")),
+        // A private rule is not seen elsewhere: the service's namespace's wildcard applies.
+        ("other", &reviews, Some("app-wide")),
+        // The service's namespace's rule, exported to the proxy's.
+        ("shop", &ratings, Some("ratings")),
+        // Not exported here: the most specific rule hides the wildcard behind it in the same
+        // namespace, and the root namespace's applies.
+        ("other", &ratings, Some("mesh-default")),
+        ("other", &productpage, Some("app-wide")),
+        // `~` exports a rule nowhere, its own namespace included.
+        ("app", &details, Some("app-wide")),
+        ("other", &details, Some("mesh-default")),
+        // A proxy in the root namespace: its private rules first, then as anyone else.
+        (ROOT, &reviews, Some("root-private")),
+        (ROOT, &ratings, Some("mesh-default")),
+        (ROOT, &productpage, Some("app-wide")),
+    ];
+    for (proxy, host, want) in cases {
+        assert_eq!(
+            chosen(&rules, proxy, "app", host).as_deref(),
+            want,
+            "proxy in {proxy}, service {host}"
+        );
+    }
+    assert_eq!(chosen(&rules, "app", "web", "api.example.com"), None);
+    let mut candidates: Vec<String> = (rules.candidates(&reviews).into_iter())
+        .map(|id| rules.get(id).subsets[0].name.to_string())
+        .collect();
+    candidates.sort();
+    assert_eq!(
+        candidates,
+        [
+            "app-wide",
+            "mesh-default",
+            "reviews",
+            "root-private",
+            "shop-reviews"
+        ]
+    );
+}
+
+#[test]
+fn rules_of_one_namespace_for_one_host_merge() {
+    let reviews = svc("reviews", "app");
+    let mut first = spec(&reviews, "v1", &[]);
+    first.subsets.push(SubsetSpec {
+        name: "v2".into(),
+        ..SubsetSpec::default()
+    });
+    let mut second = spec(&reviews, "v2", &[]);
+    second.subsets.push(SubsetSpec {
+        name: "v3".into(),
+        ..SubsetSpec::default()
+    });
+    second.traffic_policy = Some(TrafficPolicySpec::default());
+    let private = spec(&reviews, "v4", &["."]);
+    let written = [
+        written("app", "a", &first),
+        written("app", "b", &second),
+        written("app", "c", &private),
+    ];
+    let (rules, warnings) = DestinationRules::build(ROOT, &written, |_, s| Some(lowered(s)));
+    let names = |proxy: &str| {
+        let id = rules.choose(proxy, "app", &reviews).expect("a rule");
+        let policy = rules.get(id);
+        let names: Vec<&str> = policy.subsets.iter().map(|s| &*s.name).collect();
+        (
+            names.join(","),
+            policy.traffic.connection_pool.max_connections,
+        )
+    };
+    // The later rule's subsets appended, its duplicate skipped; its top-level policy applies,
+    // as the first has none.
+    assert_eq!(names("app"), ("v1,v2,v3,v4".to_owned(), 7));
+    // Elsewhere, without the private rule.
+    assert_eq!(names("other"), ("v1,v2,v3".to_owned(), 7));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("app/b defines subset \"v2\"") && warnings[0].contains("app/a"),
+        "{warnings:?}"
+    );
+}
