@@ -221,13 +221,8 @@ async fn a_service_preferring_near_endpoints_is_served_from_the_waypoints_zone()
     mesh.shutdown().await;
 }
 
-/// `billing` in namespace `other`, outside the mesh at two addresses labelled v1 and v2; its
-/// owner's rule (`other/billing`) defines subset v1 and pins subset v2 to the v1 endpoint,
-/// exported as `export_to` says; `own` adds the waypoint's namespace's own rule for it, whose
-/// v2 is the v2 endpoint. The echo service routes to subset v1 for `x-subset: v1`, else v2.
-fn cross_namespace(net: u8, export_to: &str, own: bool) -> String {
-    let own = if own {
-        r#"
+/// The waypoint's namespace's own rule for `billing`: its v2 is the v2 endpoint.
+const OWN: &str = r#"
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -235,10 +230,30 @@ metadata: {name: billing, namespace: app}
 spec:
   host: billing.other.test
   subsets: [{name: v2, labels: {version: v2}}]
+"#;
+
+/// A rule in the waypoint's namespace for `billing`, for the workloads `selector` selects,
+/// whose v2 is the v1 endpoint.
+fn selecting(selector: &str) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: billing-selected, namespace: app}}
+spec:
+  host: billing.other.test
+  workloadSelector: {{matchLabels: {selector}}}
+  subsets: [{{name: v2, labels: {{version: v1}}}}]
 "#
-    } else {
-        ""
-    };
+    )
+}
+
+/// `billing` in namespace `other`, outside the mesh at two addresses labelled v1 and v2; its
+/// owner's rule (`other/billing`) defines subset v1 and pins subset v2 to the v1 endpoint,
+/// exported as `export_to` says; `extra` adds rules. The echo service routes to subset v1 for
+/// `x-subset: v1`, else v2.
+fn cross_namespace(net: u8, export_to: &str, extra: &str) -> String {
     format!(
         r#"
 apiVersion: v1
@@ -274,18 +289,19 @@ spec:
   - match: [{{headers: {{x-subset: {{exact: v1}}}}}}]
     route: [{{destination: {{host: billing.other.test, subset: v1, port: {{number: 80}}}}}}]
   - route: [{{destination: {{host: billing.other.test, subset: v2, port: {{number: 80}}}}}}]
-{own}"#
+{extra}"#
     )
 }
 
 /// The waypoint applies the DestinationRule istiod would give a proxy in its namespace: its
 /// namespace's own rule for a backend in another namespace first, else the rule the backend's
-/// namespace exports to it; a subset only a rule it does not apply defines is answered 503,
-/// and such a configuration still loads.
+/// namespace exports to it; a rule with a workloadSelector only if it selects the waypoint's
+/// pod; a subset only a rule it does not apply defines is answered 503, and such a
+/// configuration still loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waypoints_namespace_decides_which_destination_rule_applies() {
     let net = 96;
-    let mesh = Mesh::start(net, &cross_namespace(net, "['*']", true)).await;
+    let mesh = Mesh::start(net, &cross_namespace(net, "['*']", OWN)).await;
     for (last, name) in [("9.1", "billing-v1"), ("9.2", "billing-v2")] {
         let l = tokio::net::TcpListener::bind((mesh.ip(last), 8080))
             .await
@@ -305,15 +321,23 @@ async fn the_waypoints_namespace_decides_which_destination_rule_applies() {
     // The waypoint's own rule: its v2 is the v2 endpoint, and it defines no v1.
     assert_eq!(answer("v2").await, "billing-v2");
     assert_eq!(answer("v1").await, "503");
-    // Without it, the rule `other` exports to every namespace applies.
-    mesh.set_routes(&cross_namespace(net, "['*']", false)).await;
+    // A rule for other workloads is not the waypoint's; one selecting its pod comes first.
+    let clients = format!("{OWN}{}", selecting("{app: client}"));
+    mesh.set_routes(&cross_namespace(net, "['*']", &clients)).await;
+    assert_eq!(answer("v2").await, "billing-v2");
+    let waypoint = selecting("{gateway.networking.k8s.io/gateway-name: waypoint}");
+    let selected = format!("{OWN}{waypoint}");
+    mesh.set_routes(&cross_namespace(net, "['*']", &selected)).await;
+    assert_eq!(answer("v2").await, "billing-v1");
+    // Without them, the rule `other` exports to every namespace applies.
+    mesh.set_routes(&cross_namespace(net, "['*']", "")).await;
     assert_eq!(answer("v2").await, "billing-v1");
     assert_eq!(answer("v1").await, "billing-v1");
     // Exported to `app` by name, the same.
-    mesh.set_routes(&cross_namespace(net, "[app]", false)).await;
+    mesh.set_routes(&cross_namespace(net, "[app]", "")).await;
     assert_eq!(answer("v2").await, "billing-v1");
     // Kept to `other`: no rule applies here, so neither subset exists.
-    mesh.set_routes(&cross_namespace(net, "['.']", false)).await;
+    mesh.set_routes(&cross_namespace(net, "['.']", "")).await;
     assert_eq!(answer("v2").await, "503");
     assert_eq!(answer("v1").await, "503");
     mesh.shutdown().await;

@@ -27,8 +27,8 @@ pub struct Service {
     pub labels: Labels,
     /// Ready endpoints, in a stable order (by workload uid).
     pub endpoints: Box<[Endpoint]>,
-    /// The subsets of every DestinationRule some proxy applies to this service (which one
-    /// applies depends on the proxy's namespace), each with the endpoints its labels select.
+    /// The subsets of every DestinationRule a proxy may apply to this service (which one
+    /// applies depends on the proxy), each with the endpoints its labels select.
     pub subsets: Box<[Subset]>,
     /// The waypoint traffic to this service must take (`waypoint-for: service|all`).
     pub waypoint: Option<WaypointId>,

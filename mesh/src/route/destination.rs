@@ -260,13 +260,7 @@ pub fn lower_destination_rule(
         );
         Arc::from(spec.host.as_str())
     };
-    if spec.workload_selector.is_some() {
-        tracing::debug!(
-            namespace,
-            name,
-            "DestinationRule workloadSelector is not used by waypoints"
-        );
-    }
+    check_export_to(&spec.export_to, &mut problems);
     // What is accepted but not applied, said once per load with the rule's name.
     let mut unapplied = Vec::new();
     let base = Sections::lower(
@@ -309,6 +303,37 @@ pub fn lower_destination_rule(
         traffic: base.resolve(),
         subsets,
     })
+}
+
+/// Checks `exportTo` as istiod validates it: `.`, `*` or namespace names, each once; `*` alone;
+/// never `~`, which would hide the rule from its own namespace too.
+fn check_export_to(export_to: &[String], problems: &mut Problems) {
+    for (k, entry) in export_to.iter().enumerate() {
+        let field = format!("spec.exportTo[{k}]");
+        let message = if entry == "~" {
+            "a DestinationRule cannot be exported to no namespace (\"~\")".to_owned()
+        } else if entry == "*" && export_to.len() > 1 {
+            "\"*\" (every namespace) cannot be listed with other entries".to_owned()
+        } else if export_to[..k].contains(entry) {
+            format!("{entry:?} is listed twice")
+        } else if !(entry == "." || entry == "*" || is_namespace_name(entry)) {
+            format!("{entry:?} is not \".\", \"*\" or a namespace name")
+        } else {
+            continue;
+        };
+        problems.push(field, message);
+    }
+}
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+fn is_namespace_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
 }
 
 /// The sections a traffic policy sets; absent sections are inherited, then defaulted.

@@ -197,6 +197,26 @@ fn wildcard_hosts_are_kept() {
 fn semantic_errors_name_the_field() {
     let cases = [
         (
+            "host: reviews\nexportTo: [\"~\"]",
+            "spec.exportTo[0]",
+            "cannot be exported to no namespace",
+        ),
+        (
+            "host: reviews\nexportTo: [\".\", \"*\"]",
+            "spec.exportTo[1]",
+            "cannot be listed with other entries",
+        ),
+        (
+            "host: reviews\nexportTo: [shop, shop]",
+            "spec.exportTo[1]",
+            "\"shop\" is listed twice",
+        ),
+        (
+            "host: reviews\nexportTo: [Shop]",
+            "spec.exportTo[0]",
+            "is not \".\", \"*\" or a namespace name",
+        ),
+        (
             "host: ghost",
             "spec.host",
             "no Service or ServiceEntry has host \"ghost\"",

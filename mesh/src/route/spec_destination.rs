@@ -24,7 +24,8 @@ pub struct DestinationRuleSpec {
     /// Visibility; the snapshot applies it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
-    /// Restricts the rule to sidecars of these workloads; waypoints ignore such rules in Istio.
+    /// Restricts the rule to the proxies of these workloads (a waypoint's pod among them); such
+    /// a rule is private to its namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<WorkloadSelector>,
 }

@@ -463,8 +463,20 @@ pub(super) fn destination_rules(
     b: &mut Builder<'_>,
     list: &[(&Origin, &Object<DestinationRuleSpec>)],
 ) {
+    // istiod's order, which decides which rule of a merge or of a namespace comes first: rules
+    // with a workloadSelector, then by creation time, name and namespace.
     let mut list = list.to_vec();
-    list.sort_by(by_name);
+    list.sort_by(|a, b| {
+        let key = |o: &Object<DestinationRuleSpec>| {
+            (
+                o.spec.workload_selector.is_none(),
+                o.metadata.creation_timestamp.clone(),
+                o.metadata.name.clone(),
+                o.metadata.namespace().to_owned(),
+            )
+        };
+        key(a.1).cmp(&key(b.1))
+    });
     let mut written = Vec::with_capacity(list.len());
     for (origin, dr) in list {
         let namespace = dr.metadata.namespace();
@@ -492,7 +504,7 @@ pub(super) fn destination_rules(
     b.warnings.extend(warnings);
     for service in &mut b.services {
         let mut subsets = Vec::new();
-        for rule in rules.candidates(&service.hostname) {
+        for rule in rules.candidates(&service.namespace, &service.hostname) {
             for subset in &rules.get(rule).subsets {
                 let endpoints = (service.endpoints.iter().enumerate())
                     .filter(|(_, e)| {
@@ -551,8 +563,12 @@ pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
         // Defined by a rule that some proxy applies: whether the waypoint that routes with
         // this VirtualService does is known only to it, which answers 503 if not.
         let subsets = |host: &str, subset: &str| {
-            (b.destination_rules.candidates(host).into_iter())
-                .any(|rule| b.destination_rules.get(rule).subset(subset).is_some())
+            let service = b
+                .index
+                .service_by_host
+                .get(host)
+                .map(|id| &b.services[id.index()]);
+            service.is_some_and(|s| s.subsets.iter().any(|s| &*s.name == subset))
         };
         let lowered = lower_virtual_service(
             vs.metadata.namespace(),

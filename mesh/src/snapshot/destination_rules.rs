@@ -1,25 +1,32 @@
 //! Which DestinationRule a proxy applies to a service, chosen as istiod chooses it.
 //!
-//! istiod does not keep one rule per host: it chooses per proxy namespace and service
-//! (`PushContext.destinationRule`), so a waypoint's own rule for a backend in another
-//! namespace applies to that backend at that waypoint only. In order:
+//! istiod does not keep one rule per host: it chooses per proxy and service
+//! (`PushContext.destinationRule`, then `SidecarScope.DestinationRule`), so a waypoint's own
+//! rule for a backend in another namespace applies to that backend at that waypoint only. In
+//! order:
 //!
 //! 1. a rule visible in the proxy's namespace (for a proxy in the root namespace, only the root
 //!    namespace's private rules, so that its mesh-wide defaults do not shadow the services' own);
 //! 2. a rule in the service's namespace exported to the proxy's namespace;
 //! 3. a rule in the root namespace exported to the proxy's namespace.
 //!
-//! Each step takes the most specific host (the host itself, then the longest wildcard), and a
-//! step whose most specific rule is not exported to the proxy yields nothing rather than a
-//! less specific one. Rules of one namespace for the same host are merged, in namespace/name
-//! order: the first keeps its top-level policy (a later one's applies when the first has
-//! none), and later subsets are appended, a name already defined skipped. A waypoint's proxy
-//! namespace is its own.
+//! Each step takes the most specific host (the host itself, then the longest wildcard). In the
+//! first, a rule whose `workloadSelector` matches the proxy's labels comes first, else the
+//! last rule without one, and the step ends the search even when neither is there; in the
+//! others, the last rule exported to the proxy's namespace, and a step without one yields
+//! nothing rather than a less specific host's rule. "Last" is in istiod's order: rules with a
+//! selector first, then by creation time, name and namespace.
+//!
+//! Rules of one namespace for one host are merged when their `exportTo` is the same as written
+//! and their selectors are the same (istiod's enhanced merge, the default since 1.24): the
+//! first keeps its top-level policy (a later one's applies when the first has none), and later
+//! subsets are appended, a name already defined skipped. A rule with a selector is private to
+//! its namespace. A waypoint's proxy namespace is its own, its labels its pod's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::model::DestinationRuleId;
+use crate::model::{DestinationRuleId, Labels};
 use crate::route::{DestinationPolicy, DestinationRuleSpec};
 
 /// The chosen rules, merged and indexed for choosing per request without allocating.
@@ -36,23 +43,35 @@ pub(crate) struct DestinationRules {
     root: Arc<str>,
 }
 
-/// One namespace's rules of one kind, by [`key`].
-#[derive(Debug, Default)]
-struct Hosts(HashMap<Arc<str>, Entry>);
-
-#[derive(Debug)]
-struct Entry {
-    rule: DestinationRuleId,
-    export_to: ExportTo,
+/// The proxy a rule is chosen for.
+#[derive(Debug, Clone, Copy)]
+pub struct Proxy<'a> {
+    /// Its namespace (a waypoint's is its Gateway's).
+    pub namespace: &'a str,
+    /// Its pod's labels, which a rule's `workloadSelector` matches; `None` when not known.
+    pub labels: Option<&'a Labels>,
 }
 
-/// Who a rule is exported to; `.` is already its own namespace.
-#[derive(Debug, Clone, PartialEq)]
+/// One namespace's rules of one kind, by [`key`]: a host's groups in istiod's order.
+#[derive(Debug, Default)]
+struct Hosts(HashMap<Arc<str>, Box<[Group]>>);
+
+/// Rules merged into one.
+#[derive(Debug)]
+struct Group {
+    rule: DestinationRuleId,
+    export_to: ExportTo,
+    /// The `workloadSelector`, if the rule has one.
+    selector: Option<BTreeMap<String, String>>,
+}
+
+/// Who a rule is exported to, as written (`.` is its own namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum ExportTo {
     /// No `exportTo` (the mesh default is every namespace), or `*`.
     All,
-    /// These namespaces only (`~`, none, is kept and matches no namespace).
-    Namespaces(Vec<Arc<str>>),
+    /// These entries, sorted.
+    Only(Vec<Arc<str>>),
 }
 
 /// A valid DestinationRule as written, with its lowered policy.
@@ -67,39 +86,34 @@ pub(crate) struct Written<'a> {
 impl ExportTo {
     fn of(rule: &Written<'_>) -> Self {
         let export_to = &rule.spec.export_to;
+        if rule.spec.workload_selector.is_some() {
+            return Self::Only(vec![".".into()]);
+        }
         if export_to.is_empty() || export_to.iter().any(|e| e == "*") {
             return Self::All;
         }
-        let mut namespaces: Vec<Arc<str>> = (export_to.iter())
-            .map(|e| Arc::from(if e == "." { rule.namespace } else { e }))
-            .collect();
-        namespaces.sort();
-        namespaces.dedup();
-        Self::Namespaces(namespaces)
+        let mut entries: Vec<Arc<str>> = export_to.iter().map(|e| Arc::from(e.as_str())).collect();
+        entries.sort();
+        Self::Only(entries)
     }
 
+    /// Whether a proxy in `namespace` sees it when it is looked up from another namespace
+    /// (istiod compares the entries as written, so `.` matches none).
     fn includes(&self, namespace: &str) -> bool {
         match self {
             Self::All => true,
-            Self::Namespaces(list) => list.iter().any(|n| **n == *namespace),
+            Self::Only(list) => list.iter().any(|n| **n == *namespace),
         }
     }
 
-    /// Visible in `namespace` only, its own.
+    /// Whether a proxy in `namespace`, the rule's own, sees it.
+    fn visible_in_own(&self, namespace: &str) -> bool {
+        self.includes(".") || self.includes(namespace)
+    }
+
+    /// Visible in `namespace`, its own, only.
     fn private_to(&self, namespace: &str) -> bool {
-        matches!(self, Self::Namespaces(list) if list.len() == 1 && *list[0] == *namespace)
-    }
-
-    fn union(self, other: Self) -> Self {
-        match (self, other) {
-            (Self::Namespaces(mut a), Self::Namespaces(b)) => {
-                a.extend(b);
-                a.sort();
-                a.dedup();
-                Self::Namespaces(a)
-            }
-            _ => Self::All,
-        }
+        matches!(self, Self::Only(list) if list.len() == 1 && (*list[0] == *"." || *list[0] == *namespace))
     }
 }
 
@@ -113,26 +127,39 @@ fn key(host: &str) -> &str {
 }
 
 impl Hosts {
-    /// The rule for `host`, as Istio picks it: the rule naming the host, else the most specific
-    /// wildcard covering it (`*.ns.svc.cluster.local` before `*.svc.cluster.local`, `*` last).
-    fn most_specific(&self, host: &str) -> Option<&Entry> {
-        if let Some(entry) = self.0.get(host) {
-            return Some(entry);
+    /// The groups for `host`, as Istio picks them: those naming the host, else those of the
+    /// most specific wildcard covering it (`*.ns.svc.cluster.local` before
+    /// `*.svc.cluster.local`, `*` last).
+    fn most_specific(&self, host: &str) -> Option<&[Group]> {
+        if let Some(groups) = self.0.get(host) {
+            return Some(groups);
         }
         (host.match_indices('.'))
             .find_map(|(dot, _)| self.0.get(&host[dot..]))
             .or_else(|| self.0.get("*"))
+            .map(|groups| &groups[..])
     }
 }
 
-/// Rules of one namespace and kind grouped by host, in the order written (ordered maps, so
-/// that ids follow the configuration, not hashing).
-type Groups = BTreeMap<Arc<str>, Vec<usize>>;
+/// What rules merge on, besides namespace and host.
+type MergeKey = (ExportTo, Option<BTreeMap<String, String>>);
+
+/// Rules of one namespace and kind by host, then by what they merge on, in istiod's order
+/// (ordered maps for hosts, so that ids follow the configuration, not hashing).
+type Groups = BTreeMap<Arc<str>, Vec<(MergeKey, Vec<usize>)>>;
+
+fn add(groups: &mut Groups, host: &Arc<str>, key: &MergeKey, rule: usize) {
+    let host = groups.entry(host.clone()).or_default();
+    match host.iter_mut().find(|(k, _)| k == key) {
+        Some((_, members)) => members.push(rule),
+        None => host.push((key.clone(), vec![rule])),
+    }
+}
 
 impl DestinationRules {
-    /// Indexes `written` (sorted by namespace and name), merging rules of one namespace for the
-    /// same host; `lower` lowers a merged rule (a rule that needs no merging keeps its policy).
-    /// Returns the merges' warnings too.
+    /// Indexes `written`, which is in istiod's order (see the module documentation), merging
+    /// rules of one namespace for the same host; `lower` lowers a merged rule (a rule that
+    /// needs no merging keeps its policy). Returns the merges' warnings too.
     pub(crate) fn build(
         root: &str,
         written: &[Written<'_>],
@@ -143,17 +170,28 @@ impl DestinationRules {
         let mut root_local = Groups::new();
         for (i, rule) in written.iter().enumerate() {
             let export_to = ExportTo::of(rule);
-            let host: Arc<str> = key(&rule.policy.host).into();
-            let namespace: Arc<str> = rule.namespace.into();
-            if export_to.includes(rule.namespace) {
-                let hosts = local.entry(namespace.clone()).or_default();
-                hosts.entry(host.clone()).or_default().push(i);
+            let private = export_to.private_to(rule.namespace);
+            let own = export_to.visible_in_own(rule.namespace);
+            let selector = (rule.spec.workload_selector.as_ref()).map(|s| s.match_labels.clone());
+            let key = (export_to, selector);
+            let host: Arc<str> = self::key(&rule.policy.host).into();
+            if own {
+                add(
+                    local.entry(rule.namespace.into()).or_default(),
+                    &host,
+                    &key,
+                    i,
+                );
             }
-            if !export_to.private_to(rule.namespace) {
-                let hosts = exported.entry(namespace).or_default();
-                hosts.entry(host).or_default().push(i);
+            if !private {
+                add(
+                    exported.entry(rule.namespace.into()).or_default(),
+                    &host,
+                    &key,
+                    i,
+                );
             } else if rule.namespace == root {
-                root_local.entry(host).or_default().push(i);
+                add(&mut root_local, &host, &key, i);
             }
         }
         let mut merging = Merging {
@@ -178,39 +216,48 @@ impl DestinationRules {
         (merging.out, merging.warnings)
     }
 
-    /// The rule a proxy in `proxy_namespace` applies to the service `host` of namespace
-    /// `service_namespace`.
+    /// The rule `proxy` applies to the service `host` of namespace `service_namespace`.
     pub(crate) fn choose(
         &self,
-        proxy_namespace: &str,
+        proxy: Proxy<'_>,
         service_namespace: &str,
         host: &str,
     ) -> Option<DestinationRuleId> {
-        let own = if proxy_namespace == &*self.root {
+        let own = if proxy.namespace == &*self.root {
             Some(&self.root_local)
         } else {
-            self.local.get(proxy_namespace)
+            self.local.get(proxy.namespace)
         };
-        if let Some(entry) = own.and_then(|hosts| hosts.most_specific(host)) {
-            return Some(entry.rule);
+        if let Some(groups) = own.and_then(|hosts| hosts.most_specific(host)) {
+            let selecting = groups.iter().find(|g| {
+                (g.selector.as_ref()).is_some_and(|s| proxy.labels.is_some_and(|l| l.matches(s)))
+            });
+            let group = selecting.or_else(|| groups.iter().rfind(|g| g.selector.is_none()));
+            return group.map(|g| g.rule);
         }
         [service_namespace, &*self.root].into_iter().find_map(|ns| {
-            let entry = self.exported.get(ns)?.most_specific(host)?;
-            entry
-                .export_to
-                .includes(proxy_namespace)
-                .then_some(entry.rule)
+            let groups = self.exported.get(ns)?.most_specific(host)?;
+            let group = groups
+                .iter()
+                .rfind(|g| g.export_to.includes(proxy.namespace));
+            group.map(|g| g.rule)
         })
     }
 
-    /// Every rule some proxy may apply to `host`, whatever its namespace: the most specific
-    /// rule of each namespace, in id order.
-    pub(crate) fn candidates(&self, host: &str) -> Vec<DestinationRuleId> {
-        let scopes = (self.local.values())
-            .chain(self.exported.values())
+    /// Every rule some proxy may apply to the service `host` of namespace `service_namespace`,
+    /// in id order: the most specific of each namespace's own, and of those exported from the
+    /// service's namespace and from the root namespace.
+    pub(crate) fn candidates(&self, service_namespace: &str, host: &str) -> Vec<DestinationRuleId> {
+        let own = (self.local.iter())
+            .filter(|&(ns, _)| *ns != self.root)
+            .map(|(_, hosts)| hosts)
             .chain([&self.root_local]);
-        let mut ids: Vec<DestinationRuleId> = scopes
-            .filter_map(|hosts| Some(hosts.most_specific(host)?.rule))
+        let exported = [service_namespace, &*self.root]
+            .into_iter()
+            .filter_map(|ns| self.exported.get(ns));
+        let mut ids: Vec<DestinationRuleId> = (own.chain(exported))
+            .filter_map(|hosts| hosts.most_specific(host))
+            .flat_map(|groups| groups.iter().map(|g| g.rule))
             .collect();
         ids.sort();
         ids.dedup();
@@ -238,14 +285,17 @@ where
 {
     fn hosts(&mut self, groups: Groups) -> Hosts {
         let mut hosts = HashMap::with_capacity(groups.len());
-        for (host, members) in groups {
-            let export_to = (members.iter())
-                .map(|&i| ExportTo::of(&self.written[i]))
-                .reduce(ExportTo::union)
-                .unwrap_or(ExportTo::All);
-            if let Some(rule) = self.rule(members) {
-                hosts.insert(host, Entry { rule, export_to });
-            }
+        for (host, keyed) in groups {
+            let merged: Box<[Group]> = (keyed.into_iter())
+                .filter_map(|((export_to, selector), members)| {
+                    Some(Group {
+                        rule: self.rule(members)?,
+                        export_to,
+                        selector,
+                    })
+                })
+                .collect();
+            hosts.insert(host, merged);
         }
         Hosts(hosts)
     }

@@ -1,5 +1,6 @@
 use super::*;
-use crate::route::{Subset, SubsetSpec, TrafficPolicy, TrafficPolicySpec};
+use crate::model::Interner;
+use crate::route::{Subset, SubsetSpec, TrafficPolicy, TrafficPolicySpec, WorkloadSelector};
 
 const ROOT: &str = "istio-system";
 
@@ -51,16 +52,34 @@ fn svc(name: &str, namespace: &str) -> String {
     format!("{name}.{namespace}.svc.cluster.local")
 }
 
-/// The name of the rule `rules` chooses, by its first subset.
-fn chosen(rules: &DestinationRules, proxy: &str, service_ns: &str, host: &str) -> Option<String> {
+/// The name of the rule `rules` chooses for a proxy in `namespace`, by its first subset.
+fn chosen(
+    rules: &DestinationRules,
+    namespace: &str,
+    service_ns: &str,
+    host: &str,
+) -> Option<String> {
+    let proxy = Proxy {
+        namespace,
+        labels: None,
+    };
     let id = rules.choose(proxy, service_ns, host)?;
     Some(rules.get(id).subsets[0].name.to_string())
+}
+
+/// The names of the rules `ids` by their first subsets, sorted.
+fn names(rules: &DestinationRules, ids: Vec<DestinationRuleId>) -> Vec<String> {
+    let mut names: Vec<String> = (ids.into_iter())
+        .map(|id| rules.get(id).subsets[0].name.to_string())
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
 fn chosen_per_proxy_namespace_as_istiod_chooses() {
     let (reviews, ratings) = (svc("reviews", "app"), svc("ratings", "app"));
-    let (details, productpage) = (svc("details", "app"), svc("productpage", "app"));
+    let productpage = svc("productpage", "app");
     let specs = [
         (
             ROOT,
@@ -73,7 +92,7 @@ fn chosen_per_proxy_namespace_as_istiod_chooses() {
             "app-wide",
             spec("*.app.svc.cluster.local", "app-wide", &[]),
         ),
-        ("app", "details", spec(&details, "details", &["~"])),
+        ("elsewhere", "unseen", spec(&reviews, "unseen", &["other"])),
         ("app", "ratings", spec(&ratings, "ratings", &["shop"])),
         ("app", "reviews", spec(&reviews, "reviews", &["."])),
         ("shop", "shop-reviews", spec(&reviews, "shop-reviews", &[])),
@@ -88,7 +107,9 @@ fn chosen_per_proxy_namespace_as_istiod_chooses() {
         ("app", &reviews, Some("reviews")),
         // A proxy's own rule for a service in another namespace applies to it there.
         ("shop", &reviews, Some("shop-reviews")),
-        // A private rule is not seen elsewhere: the service's namespace's wildcard applies.
+        // A private rule is not seen elsewhere, nor one exported to the proxy's namespace from
+        // a namespace neither the service's nor the root: the service's namespace's wildcard
+        // applies.
         ("other", &reviews, Some("app-wide")),
         // The service's namespace's rule, exported to the proxy's.
         ("shop", &ratings, Some("ratings")),
@@ -96,9 +117,6 @@ fn chosen_per_proxy_namespace_as_istiod_chooses() {
         // namespace, and the root namespace's applies.
         ("other", &ratings, Some("mesh-default")),
         ("other", &productpage, Some("app-wide")),
-        // `~` exports a rule nowhere, its own namespace included.
-        ("app", &details, Some("app-wide")),
-        ("other", &details, Some("mesh-default")),
         // A proxy in the root namespace: its private rules first, then as anyone else.
         (ROOT, &reviews, Some("root-private")),
         (ROOT, &ratings, Some("mesh-default")),
@@ -112,12 +130,9 @@ fn chosen_per_proxy_namespace_as_istiod_chooses() {
         );
     }
     assert_eq!(chosen(&rules, "app", "web", "api.example.com"), None);
-    let mut candidates: Vec<String> = (rules.candidates(&reviews).into_iter())
-        .map(|id| rules.get(id).subsets[0].name.to_string())
-        .collect();
-    candidates.sort();
+    // What some proxy may apply: not `elsewhere`'s rule, which no proxy looks at for `app`.
     assert_eq!(
-        candidates,
+        names(&rules, rules.candidates("app", &reviews)),
         [
             "app-wide",
             "mesh-default",
@@ -129,14 +144,14 @@ fn chosen_per_proxy_namespace_as_istiod_chooses() {
 }
 
 #[test]
-fn rules_of_one_namespace_for_one_host_merge() {
+fn rules_of_one_namespace_for_one_host_merge_when_exported_alike() {
     let reviews = svc("reviews", "app");
     let mut first = spec(&reviews, "v1", &[]);
     first.subsets.push(SubsetSpec {
         name: "v2".into(),
         ..SubsetSpec::default()
     });
-    let mut second = spec(&reviews, "v2", &[]);
+    let mut second = spec(&reviews, "v2", &["*"]);
     second.subsets.push(SubsetSpec {
         name: "v3".into(),
         ..SubsetSpec::default()
@@ -149,7 +164,11 @@ fn rules_of_one_namespace_for_one_host_merge() {
         written("app", "c", &private),
     ];
     let (rules, warnings) = DestinationRules::build(ROOT, &written, |_, s| Some(lowered(s)));
-    let names = |proxy: &str| {
+    let names = |namespace: &str| {
+        let proxy = Proxy {
+            namespace,
+            labels: None,
+        };
         let id = rules.choose(proxy, "app", &reviews).expect("a rule");
         let policy = rules.get(id);
         let names: Vec<&str> = policy.subsets.iter().map(|s| &*s.name).collect();
@@ -158,14 +177,56 @@ fn rules_of_one_namespace_for_one_host_merge() {
             policy.traffic.connection_pool.max_connections,
         )
     };
-    // The later rule's subsets appended, its duplicate skipped; its top-level policy applies,
-    // as the first has none.
-    assert_eq!(names("app"), ("v1,v2,v3,v4".to_owned(), 7));
-    // Elsewhere, without the private rule.
+    // Exported alike (no exportTo is every namespace, as `*` is): merged, the later rule's
+    // subsets appended, its duplicate skipped; its top-level policy applies, as the first has
+    // none.
     assert_eq!(names("other"), ("v1,v2,v3".to_owned(), 7));
+    // In the namespace, the last rule applies: the private one, not merged with the others.
+    assert_eq!(names("app"), ("v4".to_owned(), u32::MAX));
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
         warnings[0].contains("app/b defines subset \"v2\"") && warnings[0].contains("app/a"),
         "{warnings:?}"
+    );
+}
+
+#[test]
+fn a_rule_with_a_workload_selector_applies_to_the_proxies_it_selects_in_its_namespace() {
+    let reviews = svc("reviews", "app");
+    let mut selecting = spec(&reviews, "selected", &[]);
+    selecting.workload_selector = Some(WorkloadSelector {
+        match_labels: [(
+            "gateway.networking.k8s.io/gateway-name".to_owned(),
+            "waypoint".to_owned(),
+        )]
+        .into(),
+    });
+    let others = spec(&reviews, "everyone", &[]);
+    let written = [
+        written("app", "selecting", &selecting),
+        written("app", "others", &others),
+    ];
+    let (rules, _) = DestinationRules::build(ROOT, &written, |_, s| Some(lowered(s)));
+    let mut interner = Interner::default();
+    let waypoint = Labels::new(
+        [
+            ("gateway.networking.k8s.io/gateway-name", "waypoint"),
+            ("app", "w"),
+        ],
+        &mut interner,
+    );
+    let other = Labels::new([("app", "client")], &mut interner);
+    let chosen = |namespace: &str, labels: Option<&Labels>| {
+        let id = rules.choose(Proxy { namespace, labels }, "app", &reviews)?;
+        Some(rules.get(id).subsets[0].name.to_string())
+    };
+    assert_eq!(chosen("app", Some(&waypoint)).as_deref(), Some("selected"));
+    assert_eq!(chosen("app", Some(&other)).as_deref(), Some("everyone"));
+    assert_eq!(chosen("app", None).as_deref(), Some("everyone"));
+    // Kept to its namespace, whatever it says.
+    assert_eq!(chosen("shop", Some(&waypoint)).as_deref(), Some("everyone"));
+    assert_eq!(
+        names(&rules, rules.candidates("app", &reviews)),
+        ["everyone", "selected"]
     );
 }

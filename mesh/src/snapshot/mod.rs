@@ -25,6 +25,7 @@ use crate::resource::MtlsMode;
 use crate::route::{DestinationPolicy, RouteTable};
 
 pub(crate) use build::build;
+pub use destination_rules::Proxy;
 
 /// Mesh-wide settings that are not in any resource, with Istio's defaults.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -407,18 +408,15 @@ impl Snapshot {
         self.routes.get(&(service, port))
     }
 
-    /// The DestinationRule a proxy in `proxy_namespace` applies to `service`, chosen as istiod
-    /// chooses it (see [`destination_rules`]); a waypoint's proxy namespace is its own.
+    /// The DestinationRule `proxy` applies to `service`, chosen as istiod chooses it: the
+    /// proxy's namespace first, then rules the service's namespace exports to it, then the
+    /// root namespace's.
     pub fn destination_rule(
         &self,
-        proxy_namespace: &str,
+        proxy: Proxy<'_>,
         service: &Service,
     ) -> Option<(DestinationRuleId, &DestinationPolicy)> {
-        let id = (self.destination_rules).choose(
-            proxy_namespace,
-            &service.namespace,
-            &service.hostname,
-        )?;
+        let id = (self.destination_rules).choose(proxy, &service.namespace, &service.hostname)?;
         Some((id, self.destination_rules.get(id)))
     }
 
