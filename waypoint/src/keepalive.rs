@@ -11,6 +11,10 @@
 //! A parked tunnel that the far side has closed or written to since is dropped when it is
 //! taken, not reused; one idle longer than the DestinationRule's `idleTimeout`, or that has
 //! served `maxRequestsPerConnection` requests, is not kept.
+//!
+//! Plain TCP connections to endpoints out of the mesh are Pingora's to pool; [`PlainServed`]
+//! counts their requests so that the one reaching `maxRequestsPerConnection` asks for the
+//! connection to close after it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -144,5 +148,28 @@ impl Parking {
         }
         self.idle.park(self.endpoint, stream, self.served);
         None
+    }
+}
+
+/// Requests served per pooled plain TCP upstream connection (HTTP/1.1), by socket descriptor:
+/// Pingora tells whether an attempt's connection is new or reused, and a descriptor is only
+/// reused by the kernel after its connection closed, which a new connection's count resets.
+#[derive(Debug, Default)]
+pub(crate) struct PlainServed(Mutex<HashMap<i32, u32>>);
+
+impl PlainServed {
+    /// Counts a request on connection `fd` (`reused` as Pingora says) and returns how many the
+    /// connection has carried with it.
+    pub(crate) fn count(&self, fd: i32, reused: bool) -> u32 {
+        let mut served = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = served.entry(fd).or_default();
+        *n = if reused { n.saturating_add(1) } else { 1 };
+        *n
+    }
+
+    /// Forgets connection `fd`, which is closed after this request.
+    pub(crate) fn forget(&self, fd: i32) {
+        let mut served = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        served.remove(&fd);
     }
 }

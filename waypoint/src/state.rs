@@ -11,7 +11,7 @@ use mesh::route::DestinationPolicy;
 use mesh::{Proxy, Snapshot, Store};
 
 use crate::balance::Balancer;
-use crate::keepalive::IdleTunnels;
+use crate::keepalive::{IdleTunnels, PlainServed};
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
 use crate::resolve::Names;
@@ -193,6 +193,8 @@ pub(crate) struct Shared {
     pub(crate) pool: hbone::Pool,
     /// HTTP/1.1 tunnels to endpoints, parked between requests.
     pub(crate) idle: Arc<IdleTunnels>,
+    /// Requests carried by Pingora's plain TCP connections to endpoints out of the mesh.
+    pub(crate) plain_served: PlainServed,
     /// Endpoint names resolved, kept briefly.
     pub(crate) names: Names,
     pub(crate) metrics: Arc<Metrics>,
@@ -221,6 +223,7 @@ impl Shared {
             identity,
             pool,
             idle: Arc::default(),
+            plain_served: PlainServed::default(),
             names: Names::default(),
             metrics,
             wasm,

@@ -323,11 +323,13 @@ async fn the_waypoints_namespace_decides_which_destination_rule_applies() {
     assert_eq!(answer("v1").await, "503");
     // A rule for other workloads is not the waypoint's; one selecting its pod comes first.
     let clients = format!("{OWN}{}", selecting("{app: client}"));
-    mesh.set_routes(&cross_namespace(net, "['*']", &clients)).await;
+    mesh.set_routes(&cross_namespace(net, "['*']", &clients))
+        .await;
     assert_eq!(answer("v2").await, "billing-v2");
     let waypoint = selecting("{gateway.networking.k8s.io/gateway-name: waypoint}");
     let selected = format!("{OWN}{waypoint}");
-    mesh.set_routes(&cross_namespace(net, "['*']", &selected)).await;
+    mesh.set_routes(&cross_namespace(net, "['*']", &selected))
+        .await;
     assert_eq!(answer("v2").await, "billing-v1");
     // Without them, the rule `other` exports to every namespace applies.
     mesh.set_routes(&cross_namespace(net, "['*']", "")).await;

@@ -131,3 +131,57 @@ async fn an_external_service_entry_is_reached_through_the_waypoint_with_plain_tc
     assert_eq!(r.status, 503, "{}", r.body);
     mesh.shutdown().await;
 }
+
+/// A plain HTTP/1.1 connection to an endpoint out of the mesh carries at most the
+/// DestinationRule's `maxRequestsPerConnection`, then closes: Envoy's limit, on the
+/// connections Pingora pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_connections_close_after_max_requests_per_connection() {
+    let net = 97;
+    let entry = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.external.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: [{{address: 127.{net}.9.1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: external, namespace: app}}
+spec:
+  host: api.external.test
+  trafficPolicy: {{connectionPool: {{http: {{maxRequestsPerConnection: 2}}}}}}
+"#
+    );
+    let mesh = Mesh::start(net, &entry).await;
+    let http = TcpListener::bind((mesh.ip("9.1"), 8080))
+        .await
+        .expect("bind");
+    tokio::spawn(support::echo(http, "external", mesh.seen.clone()));
+    let vip = allocated(&mesh, "api.external.test");
+    let mut connections = Vec::new();
+    for _ in 0..5 {
+        let r = mesh
+            .request_to(&vip, 80, "GET", "/", &[("host", "api.external.test")], "")
+            .await
+            .expect("request");
+        assert_eq!((r.status, r.backend()), (200, "external"), "{}", r.body);
+        connections.push(r.header("x-connection").expect("counted").to_owned());
+    }
+    assert_eq!(
+        connections,
+        [
+            "external/1",
+            "external/1",
+            "external/2",
+            "external/2",
+            "external/3"
+        ]
+    );
+    mesh.shutdown().await;
+}

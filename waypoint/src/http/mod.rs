@@ -122,6 +122,12 @@ pub struct RequestCtx {
     stale_retried: bool,
     /// The current attempt's upstream sent its response head.
     upstream_answered: bool,
+    /// `maxRequestsPerConnection` of the current attempt's plain HTTP/1.1 connection (0: none
+    /// applies).
+    plain_max_requests: u32,
+    /// The current attempt's plain connection has carried its last request: ask for it to
+    /// close after this one.
+    close_upstream: bool,
     mirrors: Vec<mirror::Sender>,
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
@@ -772,6 +778,8 @@ impl ProxyHttp for Waypoint {
             attempt: None,
             stale_retried: false,
             upstream_answered: false,
+            plain_max_requests: 0,
+            close_upstream: false,
             mirrors: Vec::new(),
             wasm: None,
             wasm_answer: None,
@@ -932,7 +940,11 @@ impl ProxyHttp for Waypoint {
         let http2 = matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc);
         ctx.attempt = None;
         ctx.upstream_answered = false;
+        ctx.plain_max_requests = 0;
         if w.protocol == Protocol::Tcp {
+            if !http2 {
+                ctx.plain_max_requests = traffic.connection_pool.max_requests_per_connection;
+            }
             return Ok(Box::new(plain_peer(
                 addr,
                 http2,
@@ -988,12 +1000,38 @@ impl ProxyHttp for Waypoint {
         Ok(Box::new(peer))
     }
 
+    /// Counts the request on a plain HTTP/1.1 connection with a `maxRequestsPerConnection`,
+    /// which Pingora pools itself (a tunnel's count is kept where it is parked).
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.close_upstream = false;
+        if ctx.plain_max_requests != 0 {
+            let served = &self.shared.plain_served;
+            if served.count(fd, reused) >= ctx.plain_max_requests {
+                served.forget(fd);
+                ctx.close_upstream = true;
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.close_upstream {
+            // Pingora then closes the connection once the response is read.
+            upstream_request.insert_header(http::header::CONNECTION, "close")?;
+        }
         let Some(view) = ctx.view.clone() else {
             return Ok(());
         };
