@@ -18,5 +18,5 @@ mod store;
 pub mod telemetry;
 
 pub use error::{ConfigError, FieldError, Invalid, Origin};
-pub use snapshot::{Options, PeerAuthEntry, PolicyEntry, PolicyScope, Proxy, Snapshot};
+pub use snapshot::{Options, PeerAuthEntry, PolicyEntry, PolicyScope, Snapshot};
 pub use store::{ConfigDir, DEFAULT_DEBOUNCE, ReloadStats, Store, WatchHandle};

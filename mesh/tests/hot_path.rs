@@ -82,11 +82,7 @@ fn lookups_and_evaluation_do_not_allocate() {
     let (_, n) = allocations(|| s.resolve_host("reviews", "bookinfo"));
     assert_eq!(n, 0, "resolve_host short");
     // No rule names the host: all three steps, every wildcard it could match in each, are tried.
-    let proxy = mesh::Proxy {
-        namespace: "bookinfo",
-        labels: None,
-    };
-    let (found, n) = allocations(|| s.destination_rule(proxy, s.service(id)).is_some());
+    let (found, n) = allocations(|| s.destination_rule("bookinfo", s.service(id)).is_some());
     assert_eq!((found, n), (false, 0), "destination_rule");
     let (_, n) = allocations(|| s.workload_by_uid("Kubernetes//v1/Pod/bookinfo/reviews-v1"));
     assert_eq!(n, 0, "workload_by_uid");

@@ -6,7 +6,6 @@ mod support;
 use std::net::IpAddr;
 
 use http::{HeaderMap, Method};
-use mesh::Proxy;
 use mesh::route::{RequestView, RuleAction};
 use support::{BOOKINFO, problems, snapshot};
 
@@ -67,19 +66,11 @@ fn backends(action: &RuleAction) -> Vec<(String, Option<String>, u32)> {
     }
 }
 
-/// A proxy in `namespace` whose labels are not known.
-fn in_namespace(namespace: &str) -> Proxy<'_> {
-    Proxy {
-        namespace,
-        labels: None,
-    }
-}
-
 #[test]
 fn virtual_service_and_subsets() {
     let s = snapshot(&format!("{BOOKINFO}{REVIEWS_SPLIT}"));
     let (id, reviews) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
-    let (rule, _) = (s.destination_rule(in_namespace("bookinfo"), reviews)).expect("a rule");
+    let (rule, _) = (s.destination_rule("bookinfo", reviews)).expect("a rule");
     let names = |subset: Option<&str>| -> Vec<String> {
         reviews
             .subset_endpoints(subset.map(|name| (rule, name)))
@@ -302,7 +293,7 @@ spec:
         s.service_by_host(&host).expect("service").0
     };
     let limit = |proxy: &str, service: &str| {
-        s.destination_rule(in_namespace(proxy), s.service(id(service)))
+        s.destination_rule(proxy, s.service(id(service)))
             .map(|(_, p)| p.traffic.connection_pool.max_connections)
     };
     assert_eq!(limit("bookinfo", "productpage"), Some(30));
@@ -315,7 +306,7 @@ spec:
 
     let reviews = s.service(id("reviews"));
     let subset = |proxy: &str, name: &str| {
-        let (rule, _) = (s.destination_rule(in_namespace(proxy), reviews)).expect("a rule");
+        let (rule, _) = (s.destination_rule(proxy, reviews)).expect("a rule");
         let endpoints = reviews.subset_endpoints(Some((rule, name)))?;
         Some(
             endpoints

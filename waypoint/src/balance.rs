@@ -47,9 +47,9 @@ use std::fmt::Write as _;
 
 use ::http::header::COOKIE;
 use ::http::{HeaderMap, HeaderValue};
+use mesh::Snapshot;
 use mesh::model::{DestinationRuleId, ServiceId, SubsetEndpoints, WorkloadId};
 use mesh::route::{HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
-use mesh::{Proxy, Snapshot};
 use rand::Rng;
 
 /// Envoy's default `max_ejection_time`, which Istio does not set: no ejection lasts longer
@@ -256,7 +256,7 @@ impl Balancer {
     pub(crate) fn measured_from(
         self,
         snapshot: &Snapshot,
-        proxy: Proxy<'_>,
+        namespace: &str,
         instance: Option<WorkloadId>,
     ) -> Self {
         let Some(me) = instance.and_then(|i| snapshot.workloads().get(i.index())) else {
@@ -267,7 +267,7 @@ impl Balancer {
                 // The service's own preference first, as istiod sets the failover priority
                 // from it whatever the DestinationRule says.
                 let lb = (s.load_balancing.as_ref()).or_else(|| {
-                    let (_, policy) = snapshot.destination_rule(proxy, s)?;
+                    let (_, policy) = snapshot.destination_rule(namespace, s)?;
                     policy.traffic.locality.as_ref()
                 })?;
                 let ranks: Box<[Option<usize>]> = (s.endpoints.iter())

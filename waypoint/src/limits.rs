@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use mesh::Snapshot;
 use mesh::route::ConnectionPool;
-use mesh::{Proxy, Snapshot};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -74,11 +74,11 @@ pub(crate) enum Overflow {
 impl Breakers {
     /// Breakers for the services of `snapshot` with limits, reusing `previous` ones whose
     /// limits did not change.
-    pub(crate) fn new(snapshot: &Snapshot, proxy: Proxy<'_>, previous: Option<&Breakers>) -> Self {
+    pub(crate) fn new(snapshot: &Snapshot, namespace: &str, previous: Option<&Breakers>) -> Self {
         let default = ConnectionPool::default();
         let mut out = HashMap::new();
         for service in snapshot.services() {
-            let Some((_, policy)) = snapshot.destination_rule(proxy, service) else {
+            let Some((_, policy)) = snapshot.destination_rule(namespace, service) else {
                 continue;
             };
             let limits = &policy.traffic.connection_pool;

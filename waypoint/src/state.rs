@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use hbone::Identity;
 use mesh::model::{AppProtocol, DestinationRuleId, ServiceId, WaypointId, WorkloadId};
 use mesh::route::DestinationPolicy;
-use mesh::{Proxy, Snapshot, Store};
+use mesh::{Snapshot, Store};
 
 use crate::balance::Balancer;
 use crate::keepalive::{IdleTunnels, PlainServed};
@@ -38,10 +38,9 @@ pub(crate) struct View {
     pub(crate) snapshot: Arc<Snapshot>,
     /// This waypoint in `snapshot`; `None` if the Gateway was removed (everything is refused).
     pub(crate) waypoint: Option<WaypointId>,
-    /// The waypoint's namespace and the instance serving this address: what decides the
-    /// DestinationRules it applies (its namespace's, and those selecting its pod's labels).
+    /// The waypoint's namespace: its proxy namespace, which decides the DestinationRules it
+    /// applies.
     pub(crate) namespace: Arc<str>,
-    pub(crate) instance: Option<WorkloadId>,
     pub(crate) balancer: Balancer,
     pub(crate) breakers: Breakers,
     /// The Wasm plugins this waypoint runs, started.
@@ -93,16 +92,12 @@ impl View {
         let plugins = wasm
             .load(&snapshot, waypoint, previous.map(|p| &p.plugins))
             .await;
-        let proxy = Proxy {
-            namespace: &name.namespace,
-            labels: instance.map(|i| &snapshot.workload(i).labels),
-        };
+        let namespace = name.namespace.clone();
         let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer))
-            .measured_from(&snapshot, proxy, instance);
-        let breakers = Breakers::new(&snapshot, proxy, previous.map(|p| &p.breakers));
+            .measured_from(&snapshot, &namespace, instance);
+        let breakers = Breakers::new(&snapshot, &namespace, previous.map(|p| &p.breakers));
         Self {
-            namespace: name.namespace.clone(),
-            instance,
+            namespace,
             snapshot,
             waypoint,
             balancer,
@@ -111,21 +106,14 @@ impl View {
         }
     }
 
-    /// This waypoint as the proxy DestinationRules are chosen for.
-    pub(crate) fn proxy(&self) -> Proxy<'_> {
-        Proxy {
-            namespace: &self.namespace,
-            labels: self.instance.map(|i| &self.snapshot.workload(i).labels),
-        }
-    }
-
-    /// The DestinationRule this waypoint applies to `service`: istiod's choice for it.
+    /// The DestinationRule this waypoint applies to `service`: istiod's choice for a proxy in
+    /// the waypoint's namespace.
     pub(crate) fn destination_rule(
         &self,
         service: ServiceId,
     ) -> Option<(DestinationRuleId, &DestinationPolicy)> {
         let service = self.snapshot.service(service);
-        self.snapshot.destination_rule(self.proxy(), service)
+        self.snapshot.destination_rule(&self.namespace, service)
     }
 
     /// The subset `name` of `service` as the balancer takes it (`Some(None)`: no subset, every

@@ -17,6 +17,7 @@ use super::spec_destination::{
     ConnectionPoolSettings, ConsistentHashLb, DestinationRuleSpec, H2UpgradePolicy,
     LoadBalancerSettings, LocalityLbSetting, OutlierDetectionSettings, SimpleLb, TrafficPolicySpec,
 };
+use super::upstream_tls::{self, UpstreamTls};
 use crate::FieldError;
 use crate::model::LoadBalancing;
 use crate::model::locality::{Mode, Scope};
@@ -64,6 +65,8 @@ pub struct TrafficPolicy {
     /// outlier detection, as istiod sets Envoy's locality priorities, since without ejections
     /// traffic would never fail over to a farther endpoint.
     pub locality: Option<LoadBalancing>,
+    /// TLS to originate to endpoints out of the mesh; `None`: plain.
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 /// How an endpoint is chosen.
@@ -260,7 +263,7 @@ pub fn lower_destination_rule(
         );
         Arc::from(spec.host.as_str())
     };
-    check_export_to(&spec.export_to, &mut problems);
+    check_export_to(spec, namespace, &mut problems);
     // What is accepted but not applied, said once per load with the rule's name.
     let mut unapplied = Vec::new();
     let base = Sections::lower(
@@ -305,17 +308,33 @@ pub fn lower_destination_rule(
     })
 }
 
-/// Checks `exportTo` as istiod validates it: `.`, `*` or namespace names, each once; `*` alone;
-/// never `~`, which would hide the rule from its own namespace too.
-fn check_export_to(export_to: &[String], problems: &mut Problems) {
+/// Checks `exportTo` as istiod validates it: `.`, `*` or namespace names, each once (`.` and
+/// the rule's own namespace are the same); `*` alone; never `~`, which would hide the rule from
+/// its own namespace too; only its own namespace for a rule with a `workloadSelector`.
+fn check_export_to(spec: &DestinationRuleSpec, namespace: &str, problems: &mut Problems) {
+    let export_to = &spec.export_to;
+    let own = |e: &str| e == "." || e == namespace;
+    if export_to.len() > 1 && export_to.iter().any(|e| e == "*") {
+        problems.push(
+            "spec.exportTo",
+            "\"*\" (every namespace) cannot be listed with other entries",
+        );
+    }
+    if spec.workload_selector.is_some() && !export_to.iter().all(|e| own(e)) {
+        problems.push(
+            "spec.exportTo",
+            "a DestinationRule with a workloadSelector cannot be exported beyond its namespace",
+        );
+    }
     for (k, entry) in export_to.iter().enumerate() {
         let field = format!("spec.exportTo[{k}]");
+        let earlier = &export_to[..k];
         let message = if entry == "~" {
             "a DestinationRule cannot be exported to no namespace (\"~\")".to_owned()
-        } else if entry == "*" && export_to.len() > 1 {
-            "\"*\" (every namespace) cannot be listed with other entries".to_owned()
-        } else if export_to[..k].contains(entry) {
+        } else if earlier.contains(entry) {
             format!("{entry:?} is listed twice")
+        } else if own(entry) && earlier.iter().any(|e| own(e)) {
+            format!("\".\" and {namespace:?}, the rule's own namespace, are the same")
         } else if !(entry == "." || entry == "*" || is_namespace_name(entry)) {
             format!("{entry:?} is not \".\", \"*\" or a namespace name")
         } else {
@@ -343,6 +362,7 @@ struct Sections {
     load_balancer: Option<(LoadBalancer, Locality)>,
     connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierDetection>,
+    tls: Option<Option<Arc<UpstreamTls>>>,
 }
 
 impl Sections {
@@ -366,6 +386,8 @@ impl Sections {
                 .map(|p| connection_pool(p, &format!("{field}.connectionPool"), problems)),
             outlier_detection: (spec.outlier_detection.as_ref())
                 .map(|o| outlier_detection(o, &format!("{field}.outlierDetection"), problems)),
+            tls: (spec.tls.as_ref())
+                .map(|t| upstream_tls::lower(t, &format!("{field}.tls"), problems, unapplied)),
         }
     }
 
@@ -376,6 +398,7 @@ impl Sections {
                 .connection_pool
                 .or_else(|| base.connection_pool.clone()),
             outlier_detection: self.outlier_detection.or(base.outlier_detection),
+            tls: self.tls.or_else(|| base.tls.clone()),
         }
     }
 
@@ -386,6 +409,7 @@ impl Sections {
             connection_pool: self.connection_pool.unwrap_or_default(),
             locality: self.outlier_detection.and(locality.preference()),
             outlier_detection: self.outlier_detection,
+            tls: self.tls.flatten(),
         }
     }
 }

@@ -203,8 +203,18 @@ fn semantic_errors_name_the_field() {
         ),
         (
             "host: reviews\nexportTo: [\".\", \"*\"]",
-            "spec.exportTo[1]",
+            "spec.exportTo",
             "cannot be listed with other entries",
+        ),
+        (
+            "host: reviews\nexportTo: [\".\", default]",
+            "spec.exportTo[1]",
+            "the rule's own namespace, are the same",
+        ),
+        (
+            "host: reviews\nworkloadSelector: {matchLabels: {app: a}}\nexportTo: [\".\", shop]",
+            "spec.exportTo",
+            "cannot be exported beyond its namespace",
         ),
         (
             "host: reviews\nexportTo: [shop, shop]",
@@ -367,4 +377,101 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
     ));
     assert_eq!(p.traffic.locality, None);
     assert!(p.subset("v1").expect("v1").traffic.locality.is_some());
+}
+
+/// A directory of PEM files for TLS settings: a CA certificate and its key.
+fn tls_files(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mesh-tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = hbone::MeshCa::generate("cluster.local").expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.root_pem()).expect("write");
+    std::fs::write(dir.join("key.pem"), ca.key_pem()).expect("write");
+    std::fs::write(dir.join("garbage.pem"), "not pem").expect("write");
+    dir
+}
+
+#[test]
+fn tls_to_endpoints_out_of_the_mesh() {
+    let dir = tls_files("lower");
+    let file = |name: &str| dir.join(name).display().to_string();
+    let p = policy(&format!(
+        "host: reviews\ntrafficPolicy: {{tls: {{mode: SIMPLE, sni: api.example.com, \
+         caCertificates: {}}}}}\nsubsets: [{{name: plain, labels: {{version: v1}}, \
+         trafficPolicy: {{tls: {{mode: DISABLE}}}}}}, {{name: same, labels: {{version: v2}}}}]",
+        file("ca.pem")
+    ));
+    let tls = p.traffic.tls.as_deref().expect("tls");
+    assert_eq!(tls.sni.as_deref(), Some("api.example.com"));
+    assert_eq!(tls.ca.as_ref().map(|c| c.len()), Some(1));
+    assert!(tls.verify && tls.client.is_none());
+    // A subset's own `tls` replaces the host's; without one it inherits it.
+    assert_eq!(p.subset("plain").expect("plain").traffic.tls, None);
+    assert_eq!(p.subset("same").expect("same").traffic.tls, p.traffic.tls);
+
+    // MUTUAL with a client certificate; no SNI (the request's host) and no CA (the system's).
+    let p = policy(&format!(
+        "host: reviews\ntrafficPolicy: {{tls: {{mode: MUTUAL, clientCertificate: {}, \
+         privateKey: {}, insecureSkipVerify: true}}}}",
+        file("ca.pem"),
+        file("key.pem")
+    ));
+    let tls = p.traffic.tls.as_deref().expect("tls");
+    assert_eq!(
+        (tls.sni.clone(), tls.ca.clone(), tls.verify),
+        (None, None, false)
+    );
+    let client = tls.client.as_ref().expect("client certificate");
+    assert_eq!(client.chain.len(), 1);
+    assert!(!client.key.is_empty());
+
+    // Mesh traffic is HBONE: nothing to originate.
+    for mode in ["DISABLE", "ISTIO_MUTUAL"] {
+        let p = policy(&format!(
+            "host: reviews\ntrafficPolicy: {{tls: {{mode: {mode}}}}}"
+        ));
+        assert_eq!(p.traffic.tls, None, "{mode}");
+    }
+
+    let cases = [
+        (
+            format!("{{mode: SIMPLE, caCertificates: {}}}", file("missing.pem")),
+            "spec.trafficPolicy.tls.caCertificates",
+            "cannot read certificates from",
+        ),
+        (
+            format!("{{mode: SIMPLE, caCertificates: {}}}", file("garbage.pem")),
+            "spec.trafficPolicy.tls.caCertificates",
+            "no certificate in the file",
+        ),
+        (
+            format!("{{mode: MUTUAL, clientCertificate: {}}}", file("ca.pem")),
+            "spec.trafficPolicy.tls",
+            "MUTUAL needs clientCertificate and privateKey",
+        ),
+        (
+            format!(
+                "{{mode: MUTUAL, clientCertificate: {}, privateKey: {}}}",
+                file("ca.pem"),
+                file("ca.pem")
+            ),
+            "spec.trafficPolicy.tls.privateKey",
+            "cannot read a private key from",
+        ),
+        (
+            "{mode: STRICT}".to_owned(),
+            "spec.trafficPolicy.tls.mode",
+            "is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL",
+        ),
+    ];
+    for (tls, field, message) in cases {
+        let errors =
+            lower(&format!("host: reviews\ntrafficPolicy: {{tls: {tls}}}")).expect_err("refused");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == field && e.message.contains(message)),
+            "{tls}: {errors:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("clean up");
 }

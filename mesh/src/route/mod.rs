@@ -29,6 +29,7 @@ mod spec_gateway;
 mod spec_istio;
 #[cfg(test)]
 mod test_support;
+mod upstream_tls;
 mod virtual_service_actions;
 
 use std::sync::Arc;
@@ -50,6 +51,7 @@ pub use select::{Precedence, RequestView, RouteTable, pick};
 pub use spec_destination::*;
 pub use spec_gateway::*;
 pub use spec_istio::*;
+pub use upstream_tls::{ClientCertificate, UpstreamTls};
 
 /// Looks up services while lowering, so lowering stays a pure function of its inputs and the
 /// caller decides where services come from (the snapshot being built, or a test table).

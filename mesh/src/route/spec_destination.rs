@@ -1,7 +1,7 @@
 //! Istio `DestinationRule.spec`, as users write it.
 //!
 //! Field names follow `networking/v1alpha3/destination_rule.proto` in its JSON form. Sections the
-//! waypoint does not act on (`tls`, `portLevelSettings`, `tunnel`, `proxyProtocol`, and
+//! waypoint does not act on (`portLevelSettings`, `tunnel`, `proxyProtocol`, and
 //! `localityLbSetting`'s `distribute` and `failover`) are kept as raw values so valid Istio YAML
 //! is accepted unchanged.
 
@@ -24,8 +24,9 @@ pub struct DestinationRuleSpec {
     /// Visibility; the snapshot applies it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
-    /// Restricts the rule to the proxies of these workloads (a waypoint's pod among them); such
-    /// a rule is private to its namespace.
+    /// Restricts the rule to these workloads' sidecars, in its namespace: waypoints never apply
+    /// it (istiod builds their clusters as inbound ones), though it counts among its
+    /// namespace's rules for the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<WorkloadSelector>,
 }
@@ -66,9 +67,9 @@ pub struct TrafficPolicySpec {
     /// Ejection of failing endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSettings>,
-    /// Accepted, not lowered: mesh traffic is always HBONE mTLS.
+    /// TLS to endpoints out of the mesh (mesh traffic is always HBONE mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<ClientTlsSettings>,
     /// Accepted, not lowered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_level_settings: Vec<serde_json::Value>,
@@ -81,6 +82,39 @@ pub struct TrafficPolicySpec {
     /// Accepted, not lowered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<serde_json::Value>,
+}
+
+/// `trafficPolicy.tls`: TLS the proxy originates.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    /// `DISABLE` (the default), `SIMPLE`, `MUTUAL` or `ISTIO_MUTUAL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// PEM file of the client certificate chain (`MUTUAL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    /// PEM file of the client key (`MUTUAL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// PEM file of the CAs the server's certificate must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    /// A Kubernetes Secret holding the above. Accepted, not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+    /// Names the server's certificate may carry instead of the SNI. Accepted, not applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// The server name sent and verified; unset, the request's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// Accept any server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
+    /// PEM file of revoked certificates. Accepted, not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
 }
 
 /// `loadBalancer.localityLbSetting`.

@@ -10,23 +10,24 @@
 //! 2. a rule in the service's namespace exported to the proxy's namespace;
 //! 3. a rule in the root namespace exported to the proxy's namespace.
 //!
-//! Each step takes the most specific host (the host itself, then the longest wildcard). In the
-//! first, a rule whose `workloadSelector` matches the proxy's labels comes first, else the
-//! last rule without one, and the step ends the search even when neither is there; in the
-//! others, the last rule exported to the proxy's namespace, and a step without one yields
-//! nothing rather than a less specific host's rule. "Last" is in istiod's order: rules with a
-//! selector first, then by creation time, name and namespace.
+//! Each step takes the most specific host (the host itself, then the longest wildcard), and in
+//! it the last rule (in istiod's order: rules with a `workloadSelector` first, then by
+//! creation time, name and namespace) that is visible to the proxy. A step whose most specific
+//! host has no such rule yields nothing rather than a less specific host's rule; in the first
+//! step it ends the search. A rule with a `workloadSelector` is never a waypoint's: istiod
+//! builds a waypoint's clusters as inbound ones, for which it skips them, so they only take
+//! their place in the order.
 //!
 //! Rules of one namespace for one host are merged when their `exportTo` is the same as written
 //! and their selectors are the same (istiod's enhanced merge, the default since 1.24): the
 //! first keeps its top-level policy (a later one's applies when the first has none), and later
-//! subsets are appended, a name already defined skipped. A rule with a selector is private to
-//! its namespace. A waypoint's proxy namespace is its own, its labels its pod's.
+//! subsets are appended, a name already defined skipped. A waypoint's proxy namespace is its
+//! own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::model::{DestinationRuleId, Labels};
+use crate::model::DestinationRuleId;
 use crate::route::{DestinationPolicy, DestinationRuleSpec};
 
 /// The chosen rules, merged and indexed for choosing per request without allocating.
@@ -43,15 +44,6 @@ pub(crate) struct DestinationRules {
     root: Arc<str>,
 }
 
-/// The proxy a rule is chosen for.
-#[derive(Debug, Clone, Copy)]
-pub struct Proxy<'a> {
-    /// Its namespace (a waypoint's is its Gateway's).
-    pub namespace: &'a str,
-    /// Its pod's labels, which a rule's `workloadSelector` matches; `None` when not known.
-    pub labels: Option<&'a Labels>,
-}
-
 /// One namespace's rules of one kind, by [`key`]: a host's groups in istiod's order.
 #[derive(Debug, Default)]
 struct Hosts(HashMap<Arc<str>, Box<[Group]>>);
@@ -65,14 +57,10 @@ struct Group {
     selector: Option<BTreeMap<String, String>>,
 }
 
-/// Who a rule is exported to, as written (`.` is its own namespace).
+/// Who a rule is exported to, as written and sorted (empty: the mesh default, every
+/// namespace; `.`: its own).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum ExportTo {
-    /// No `exportTo` (the mesh default is every namespace), or `*`.
-    All,
-    /// These entries, sorted.
-    Only(Vec<Arc<str>>),
-}
+struct ExportTo(Vec<Arc<str>>);
 
 /// A valid DestinationRule as written, with its lowered policy.
 #[derive(Debug)]
@@ -85,25 +73,21 @@ pub(crate) struct Written<'a> {
 
 impl ExportTo {
     fn of(rule: &Written<'_>) -> Self {
-        let export_to = &rule.spec.export_to;
         if rule.spec.workload_selector.is_some() {
-            return Self::Only(vec![".".into()]);
+            // Such a rule is its namespace's only.
+            return Self(vec![".".into()]);
         }
-        if export_to.is_empty() || export_to.iter().any(|e| e == "*") {
-            return Self::All;
-        }
-        let mut entries: Vec<Arc<str>> = export_to.iter().map(|e| Arc::from(e.as_str())).collect();
+        let mut entries: Vec<Arc<str>> = (rule.spec.export_to.iter())
+            .map(|e| Arc::from(e.as_str()))
+            .collect();
         entries.sort();
-        Self::Only(entries)
+        Self(entries)
     }
 
     /// Whether a proxy in `namespace` sees it when it is looked up from another namespace
     /// (istiod compares the entries as written, so `.` matches none).
     fn includes(&self, namespace: &str) -> bool {
-        match self {
-            Self::All => true,
-            Self::Only(list) => list.iter().any(|n| **n == *namespace),
-        }
+        self.0.is_empty() || self.0.iter().any(|e| **e == *"*" || **e == *namespace)
     }
 
     /// Whether a proxy in `namespace`, the rule's own, sees it.
@@ -113,7 +97,7 @@ impl ExportTo {
 
     /// Visible in `namespace`, its own, only.
     fn private_to(&self, namespace: &str) -> bool {
-        matches!(self, Self::Only(list) if list.len() == 1 && (*list[0] == *"." || *list[0] == *namespace))
+        matches!(&self.0[..], [only] if **only == *"." || **only == *namespace)
     }
 }
 
@@ -216,37 +200,36 @@ impl DestinationRules {
         (merging.out, merging.warnings)
     }
 
-    /// The rule `proxy` applies to the service `host` of namespace `service_namespace`.
+    /// The rule a proxy in `proxy_namespace` applies to the service `host` of namespace
+    /// `service_namespace`.
     pub(crate) fn choose(
         &self,
-        proxy: Proxy<'_>,
+        proxy_namespace: &str,
         service_namespace: &str,
         host: &str,
     ) -> Option<DestinationRuleId> {
-        let own = if proxy.namespace == &*self.root {
+        let own = if proxy_namespace == &*self.root {
             Some(&self.root_local)
         } else {
-            self.local.get(proxy.namespace)
+            self.local.get(proxy_namespace)
         };
         if let Some(groups) = own.and_then(|hosts| hosts.most_specific(host)) {
-            let selecting = groups.iter().find(|g| {
-                (g.selector.as_ref()).is_some_and(|s| proxy.labels.is_some_and(|l| l.matches(s)))
-            });
-            let group = selecting.or_else(|| groups.iter().rfind(|g| g.selector.is_none()));
+            let group = groups.iter().rfind(|g| g.selector.is_none());
             return group.map(|g| g.rule);
         }
         [service_namespace, &*self.root].into_iter().find_map(|ns| {
             let groups = self.exported.get(ns)?.most_specific(host)?;
             let group = groups
                 .iter()
-                .rfind(|g| g.export_to.includes(proxy.namespace));
+                .rfind(|g| g.export_to.includes(proxy_namespace));
             group.map(|g| g.rule)
         })
     }
 
-    /// Every rule some proxy may apply to the service `host` of namespace `service_namespace`,
-    /// in id order: the most specific of each namespace's own, and of those exported from the
-    /// service's namespace and from the root namespace.
+    /// Every rule some waypoint may apply to the service `host` of namespace
+    /// `service_namespace`, in id order: those without a selector for the most specific host
+    /// among each namespace's own, and among those exported from the service's namespace and
+    /// from the root namespace.
     pub(crate) fn candidates(&self, service_namespace: &str, host: &str) -> Vec<DestinationRuleId> {
         let own = (self.local.iter())
             .filter(|&(ns, _)| *ns != self.root)
@@ -257,7 +240,8 @@ impl DestinationRules {
             .filter_map(|ns| self.exported.get(ns));
         let mut ids: Vec<DestinationRuleId> = (own.chain(exported))
             .filter_map(|hosts| hosts.most_specific(host))
-            .flat_map(|groups| groups.iter().map(|g| g.rule))
+            .flat_map(|groups| groups.iter().filter(|g| g.selector.is_none()))
+            .map(|g| g.rule)
             .collect();
         ids.sort();
         ids.dedup();

@@ -1,5 +1,4 @@
 use super::*;
-use crate::model::Interner;
 use crate::route::{Subset, SubsetSpec, TrafficPolicy, TrafficPolicySpec, WorkloadSelector};
 
 const ROOT: &str = "istio-system";
@@ -59,11 +58,7 @@ fn chosen(
     service_ns: &str,
     host: &str,
 ) -> Option<String> {
-    let proxy = Proxy {
-        namespace,
-        labels: None,
-    };
-    let id = rules.choose(proxy, service_ns, host)?;
+    let id = rules.choose(namespace, service_ns, host)?;
     Some(rules.get(id).subsets[0].name.to_string())
 }
 
@@ -146,30 +141,26 @@ fn chosen_per_proxy_namespace_as_istiod_chooses() {
 #[test]
 fn rules_of_one_namespace_for_one_host_merge_when_exported_alike() {
     let reviews = svc("reviews", "app");
+    let subset = |name: &str| SubsetSpec {
+        name: name.into(),
+        ..SubsetSpec::default()
+    };
+    let star = spec(&reviews, "star", &["*"]);
     let mut first = spec(&reviews, "v1", &[]);
-    first.subsets.push(SubsetSpec {
-        name: "v2".into(),
-        ..SubsetSpec::default()
-    });
-    let mut second = spec(&reviews, "v2", &["*"]);
-    second.subsets.push(SubsetSpec {
-        name: "v3".into(),
-        ..SubsetSpec::default()
-    });
+    first.subsets.push(subset("v2"));
+    let mut second = spec(&reviews, "v2", &[]);
+    second.subsets.push(subset("v3"));
     second.traffic_policy = Some(TrafficPolicySpec::default());
     let private = spec(&reviews, "v4", &["."]);
     let written = [
-        written("app", "a", &first),
-        written("app", "b", &second),
-        written("app", "c", &private),
+        written("app", "a", &star),
+        written("app", "b", &first),
+        written("app", "c", &second),
+        written("app", "d", &private),
     ];
     let (rules, warnings) = DestinationRules::build(ROOT, &written, |_, s| Some(lowered(s)));
     let names = |namespace: &str| {
-        let proxy = Proxy {
-            namespace,
-            labels: None,
-        };
-        let id = rules.choose(proxy, "app", &reviews).expect("a rule");
+        let id = rules.choose(namespace, "app", &reviews).expect("a rule");
         let policy = rules.get(id);
         let names: Vec<&str> = policy.subsets.iter().map(|s| &*s.name).collect();
         (
@@ -177,21 +168,25 @@ fn rules_of_one_namespace_for_one_host_merge_when_exported_alike() {
             policy.traffic.connection_pool.max_connections,
         )
     };
-    // Exported alike (no exportTo is every namespace, as `*` is): merged, the later rule's
-    // subsets appended, its duplicate skipped; its top-level policy applies, as the first has
-    // none.
+    // `b` and `c` are exported alike (no exportTo, which `*` is not as written): merged, the
+    // later one's subsets appended, its duplicate skipped, its top-level policy applying as the
+    // first has none; the last rule visible elsewhere.
     assert_eq!(names("other"), ("v1,v2,v3".to_owned(), 7));
-    // In the namespace, the last rule applies: the private one, not merged with the others.
+    // In the namespace, the last rule applies: the private one.
     assert_eq!(names("app"), ("v4".to_owned(), u32::MAX));
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
-        warnings[0].contains("app/b defines subset \"v2\"") && warnings[0].contains("app/a"),
+        warnings[0].contains("app/c defines subset \"v2\"") && warnings[0].contains("app/b"),
         "{warnings:?}"
+    );
+    assert_eq!(
+        self::names(&rules, rules.candidates("app", &reviews)),
+        ["star", "v1", "v4"]
     );
 }
 
 #[test]
-fn a_rule_with_a_workload_selector_applies_to_the_proxies_it_selects_in_its_namespace() {
+fn a_rule_with_a_workload_selector_is_never_a_waypoints() {
     let reviews = svc("reviews", "app");
     let mut selecting = spec(&reviews, "selected", &[]);
     selecting.workload_selector = Some(WorkloadSelector {
@@ -201,32 +196,21 @@ fn a_rule_with_a_workload_selector_applies_to_the_proxies_it_selects_in_its_name
         )]
         .into(),
     });
-    let others = spec(&reviews, "everyone", &[]);
+    let mesh_default = spec("*.svc.cluster.local", "mesh-default", &[]);
     let written = [
         written("app", "selecting", &selecting),
-        written("app", "others", &others),
+        written(ROOT, "mesh-default", &mesh_default),
     ];
     let (rules, _) = DestinationRules::build(ROOT, &written, |_, s| Some(lowered(s)));
-    let mut interner = Interner::default();
-    let waypoint = Labels::new(
-        [
-            ("gateway.networking.k8s.io/gateway-name", "waypoint"),
-            ("app", "w"),
-        ],
-        &mut interner,
+    // In its namespace it hides the rules of later steps, as in istiod.
+    assert_eq!(chosen(&rules, "app", "app", &reviews), None);
+    // Elsewhere it is not seen at all.
+    assert_eq!(
+        chosen(&rules, "other", "app", &reviews).as_deref(),
+        Some("mesh-default")
     );
-    let other = Labels::new([("app", "client")], &mut interner);
-    let chosen = |namespace: &str, labels: Option<&Labels>| {
-        let id = rules.choose(Proxy { namespace, labels }, "app", &reviews)?;
-        Some(rules.get(id).subsets[0].name.to_string())
-    };
-    assert_eq!(chosen("app", Some(&waypoint)).as_deref(), Some("selected"));
-    assert_eq!(chosen("app", Some(&other)).as_deref(), Some("everyone"));
-    assert_eq!(chosen("app", None).as_deref(), Some("everyone"));
-    // Kept to its namespace, whatever it says.
-    assert_eq!(chosen("shop", Some(&waypoint)).as_deref(), Some("everyone"));
     assert_eq!(
         names(&rules, rules.candidates("app", &reviews)),
-        ["everyone", "selected"]
+        ["mesh-default"]
     );
 }

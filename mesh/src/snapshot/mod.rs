@@ -25,7 +25,6 @@ use crate::resource::MtlsMode;
 use crate::route::{DestinationPolicy, RouteTable};
 
 pub(crate) use build::build;
-pub use destination_rules::Proxy;
 
 /// Mesh-wide settings that are not in any resource, with Istio's defaults.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -408,15 +407,16 @@ impl Snapshot {
         self.routes.get(&(service, port))
     }
 
-    /// The DestinationRule `proxy` applies to `service`, chosen as istiod chooses it: the
-    /// proxy's namespace first, then rules the service's namespace exports to it, then the
-    /// root namespace's.
+    /// The DestinationRule a waypoint in `proxy_namespace` applies to `service`, chosen as
+    /// istiod chooses it: the waypoint's namespace first, then rules the service's namespace
+    /// exports to it, then the root namespace's.
     pub fn destination_rule(
         &self,
-        proxy: Proxy<'_>,
+        proxy_namespace: &str,
         service: &Service,
     ) -> Option<(DestinationRuleId, &DestinationPolicy)> {
-        let id = (self.destination_rules).choose(proxy, &service.namespace, &service.hostname)?;
+        let (namespace, host) = (&service.namespace, &service.hostname);
+        let id = (self.destination_rules).choose(proxy_namespace, namespace, host)?;
         Some((id, self.destination_rules.get(id)))
     }
 

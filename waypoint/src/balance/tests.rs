@@ -100,16 +100,10 @@ fn service(s: &Snapshot, name: &str) -> ServiceId {
     s.service_by_name("shop", name).expect("service").0
 }
 
-/// A waypoint in `shop`, whose labels DestinationRules do not select.
-const IN_SHOP: Proxy<'static> = Proxy {
-    namespace: "shop",
-    labels: None,
-};
-
 /// Subset `name` of the DestinationRule a waypoint in `shop` applies to `web`.
 fn subset<'n>(s: &Snapshot, name: &'n str) -> (DestinationRuleId, &'n str) {
     let web = s.service(service(s, "web"));
-    let (rule, _) = s.destination_rule(IN_SHOP, web).expect("web's rule");
+    let (rule, _) = s.destination_rule("shop", web).expect("web's rule");
     (rule, name)
 }
 
@@ -926,7 +920,7 @@ fn pick_of(
 #[test]
 fn near_endpoints_serve_first_and_farther_ones_when_they_are_ejected() {
     let s = snapshot(ZONES);
-    let b = Balancer::new(&s, None).measured_from(&s, IN_SHOP, Some(workload(&s, "waypoint-1")));
+    let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "waypoint-1")));
     for lb in [
         LoadBalancer::Random,
         LoadBalancer::RoundRobin,
@@ -1056,8 +1050,7 @@ spec:
     let policy = traffic(LoadBalancer::Random);
     for (traffic_policy, expected) in cases {
         let s = snapshot(&rule(&traffic_policy));
-        let b =
-            Balancer::new(&s, None).measured_from(&s, IN_SHOP, Some(workload(&s, "waypoint-1")));
+        let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "waypoint-1")));
         let counts = tally(400, || {
             pick_of(&b, &s, "spread", &policy, &[]).expect("endpoint")
         });
@@ -1068,11 +1061,11 @@ spec:
 #[test]
 fn a_node_local_service_with_no_endpoint_on_the_waypoints_node_has_none() {
     let s = snapshot(ZONES);
-    let b = Balancer::new(&s, None).measured_from(&s, IN_SHOP, Some(workload(&s, "waypoint-1")));
+    let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "waypoint-1")));
     let policy = traffic(LoadBalancer::Random);
     assert_eq!(pick_of(&b, &s, "local", &policy, &[]), None);
     // From node-b it has two.
-    let b = Balancer::new(&s, None).measured_from(&s, IN_SHOP, Some(workload(&s, "web-c")));
+    let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "web-c")));
     let counts = tally(200, || {
         pick_of(&b, &s, "local", &policy, &[]).expect("endpoint")
     });
@@ -1083,7 +1076,7 @@ fn a_node_local_service_with_no_endpoint_on_the_waypoints_node_has_none() {
 fn round_robin_takes_the_near_endpoints_in_turn_whatever_lies_between_them() {
     // From node-b (zone z2), web-c and web-d are near; web-a and web-b, listed first, are not.
     let s = snapshot(ZONES);
-    let b = Balancer::new(&s, None).measured_from(&s, IN_SHOP, Some(workload(&s, "web-c")));
+    let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "web-c")));
     let policy = traffic(LoadBalancer::RoundRobin);
     let picks: Vec<String> = (0..8)
         .map(|_| pick_of(&b, &s, "near", &policy, &[]).expect("endpoint"))

@@ -30,9 +30,12 @@ use http::{HeaderName, HeaderValue};
 use mesh::Snapshot;
 use mesh::authz::{self, Attributes, HttpAttributes};
 use mesh::model::{AppProtocol, Protocol, ServiceId, WorkloadId};
-use mesh::route::{HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy};
+use mesh::route::{
+    HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy, UpstreamTls,
+};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::utils::tls::{CertKey, WrappedX509, parse_x509};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -122,9 +125,9 @@ pub struct RequestCtx {
     stale_retried: bool,
     /// The current attempt's upstream sent its response head.
     upstream_answered: bool,
-    /// `maxRequestsPerConnection` of the current attempt's plain HTTP/1.1 connection (0: none
-    /// applies).
-    plain_max_requests: u32,
+    /// For an attempt on a plain HTTP/1.1 connection: its `maxRequestsPerConnection` (0: no
+    /// limit).
+    plain_max_requests: Option<u32>,
     /// The current attempt's plain connection has carried its last request: ask for it to
     /// close after this one.
     close_upstream: bool,
@@ -387,28 +390,67 @@ fn roll(percent: f64) -> bool {
 }
 
 /// The peer for an endpoint out of the mesh (a ServiceEntry's, `MESH_EXTERNAL` or opted out of
-/// capture): plain TCP, as Envoy reaches it, pooled by Pingora itself. The attempt's deadline
-/// bounds the connect and each read and write, since no tunnel stream enforces it here.
+/// capture): TCP, as Envoy reaches it, pooled by Pingora itself, with the DestinationRule's TLS
+/// if it has one (its SNI, or else `host`, the request's, which the certificate must name). The
+/// attempt's deadline bounds the connect and each read and write, since no tunnel stream
+/// enforces it here.
 fn plain_peer(
     addr: SocketAddr,
     http2: bool,
     traffic: &TrafficPolicy,
+    host: &str,
     now: Instant,
     deadline: Option<Instant>,
 ) -> HttpPeer {
     let pool = &traffic.connection_pool;
     let left = deadline.map(|d| d.saturating_duration_since(now));
-    let mut peer = HttpPeer::new(addr, false, String::new());
+    let mut peer = match &traffic.tls {
+        None => HttpPeer::new(addr, false, String::new()),
+        Some(tls) => tls_peer(addr, tls, host),
+    };
     peer.options.connection_timeout =
         Some(left.map_or(pool.connect_timeout, |left| left.min(pool.connect_timeout)));
     peer.options.read_timeout = left;
     peer.options.write_timeout = left;
     peer.options.idle_timeout = Some(pool.http_idle_timeout);
     if http2 {
-        // HTTP/2 with prior knowledge (h2c): there is no TLS to negotiate it in.
+        // Over TLS negotiated by ALPN; else with prior knowledge (h2c).
         peer.options.set_http_version(2, 2);
     }
     peer
+}
+
+/// A peer that originates `tls`.
+fn tls_peer(addr: SocketAddr, tls: &UpstreamTls, host: &str) -> HttpPeer {
+    let sni = match &tls.sni {
+        Some(sni) => sni.to_string(),
+        None => host_name(host).to_owned(),
+    };
+    let mut peer = HttpPeer::new(addr, true, sni);
+    // Pingora pools by a hash that leaves the CA out.
+    peer.group_key = tls.digest;
+    peer.options.verify_cert = tls.verify;
+    peer.options.verify_hostname = tls.verify;
+    // Certificates were parsed when the configuration loaded, so Pingora's parsing holds.
+    peer.options.ca = (tls.ca.as_ref()).map(|ca| {
+        let ca: Vec<WrappedX509> = (ca.iter())
+            .map(|der| WrappedX509::new(der.clone(), parse_x509))
+            .collect();
+        Arc::from(ca)
+    });
+    peer.client_cert_key =
+        (tls.client.as_ref()).map(|c| Arc::new(CertKey::new(c.chain.clone(), c.key.clone())));
+    peer
+}
+
+/// The host of an authority (`host[:port]`, `[v6]:port`), without the port.
+fn host_name(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+            host.trim_start_matches('[').trim_end_matches(']')
+        }
+        _ => authority,
+    }
 }
 
 /// The policy of the DestinationRule this waypoint applies to a service, for a subset (the
@@ -778,7 +820,7 @@ impl ProxyHttp for Waypoint {
             attempt: None,
             stale_retried: false,
             upstream_answered: false,
-            plain_max_requests: 0,
+            plain_max_requests: None,
             close_upstream: false,
             mirrors: Vec::new(),
             wasm: None,
@@ -828,7 +870,7 @@ impl ProxyHttp for Waypoint {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let (Some(view), Some(upstream)) = (ctx.view.clone(), ctx.upstream.clone()) else {
@@ -940,15 +982,22 @@ impl ProxyHttp for Waypoint {
         let http2 = matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc);
         ctx.attempt = None;
         ctx.upstream_answered = false;
-        ctx.plain_max_requests = 0;
+        ctx.plain_max_requests = None;
         if w.protocol == Protocol::Tcp {
             if !http2 {
-                ctx.plain_max_requests = traffic.connection_pool.max_requests_per_connection;
+                ctx.plain_max_requests = Some(traffic.connection_pool.max_requests_per_connection);
             }
+            // The name TLS is verified against, unless the rule sets one: never empty, which
+            // Pingora would take for no verification at all.
+            let host = match (authority(session.req_header()), &upstream) {
+                ("", Upstream::Service { id, .. }) => &*snapshot.service(*id).hostname,
+                (host, _) => host,
+            };
             return Ok(Box::new(plain_peer(
                 addr,
                 http2,
                 traffic,
+                host,
                 now,
                 ctx.try_deadline,
             )));
@@ -1000,8 +1049,10 @@ impl ProxyHttp for Waypoint {
         Ok(Box::new(peer))
     }
 
-    /// Counts the request on a plain HTTP/1.1 connection with a `maxRequestsPerConnection`,
-    /// which Pingora pools itself (a tunnel's count is kept where it is parked).
+    /// Counts the request on a plain HTTP/1.1 connection, which Pingora pools itself (a
+    /// tunnel's count is kept where it is parked), for its `maxRequestsPerConnection`: every
+    /// such connection is counted, so that a new one resets its descriptor's count whatever
+    /// its limit.
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
@@ -1012,9 +1063,9 @@ impl ProxyHttp for Waypoint {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.close_upstream = false;
-        if ctx.plain_max_requests != 0 {
+        if let Some(limit) = ctx.plain_max_requests {
             let served = &self.shared.plain_served;
-            if served.count(fd, reused) >= ctx.plain_max_requests {
+            if served.count(fd, reused) >= limit && limit != 0 {
                 served.forget(fd);
                 ctx.close_upstream = true;
             }
