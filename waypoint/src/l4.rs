@@ -70,13 +70,19 @@ pub(crate) async fn serve(
     let default_policy = TrafficPolicy::default();
     let mut connect_timeout = default_policy.connection_pool.connect_timeout;
     let mut detection = None;
+    let mut tls = false;
     let (chosen, workload, port) = match target {
-        Target::Service { id, port_index, .. } => {
-            let policy = view
-                .destination_rule(id)
-                .map_or(&default_policy, |(_, p)| &p.traffic);
+        Target::Service {
+            id,
+            port,
+            port_index,
+        } => {
+            let policy = (view.destination_rule(id))
+                .and_then(|(_, p)| p.traffic(None, port))
+                .unwrap_or(&default_policy);
             detection = policy.outlier_detection;
             connect_timeout = policy.connection_pool.connect_timeout;
+            tls = policy.tls.is_some();
             let Some(chosen) = view.balancer.choose(
                 snapshot,
                 id,
@@ -114,8 +120,11 @@ pub(crate) async fn serve(
         destination: Some(workload),
     };
     // In the mesh: a CONNECT to its ztunnel. Out of it (a ServiceEntry's endpoint outside the
-    // mesh): plain TCP, as Envoy reaches it.
-    let connected = if workload.protocol == Protocol::Tcp {
+    // mesh): plain TCP, as Envoy reaches it, unless its DestinationRule asks for TLS, which
+    // this waypoint originates on HTTP ports only: refused rather than sent in the clear.
+    let connected = if workload.protocol == Protocol::Tcp && tls {
+        Err("the DestinationRule asks for TLS, which is originated on HTTP ports only".to_owned())
+    } else if workload.protocol == Protocol::Tcp {
         match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint)).await {
             Ok(Ok(s)) => Ok(Upstream::Plain(s)),
             Ok(Err(e)) => Err(e.to_string()),

@@ -30,6 +30,7 @@ mod keepalive;
 mod l4;
 mod limits;
 pub mod metrics;
+mod origin_tls;
 mod originate;
 mod resolve;
 mod server;

@@ -14,6 +14,7 @@ use crate::balance::Balancer;
 use crate::keepalive::{IdleTunnels, PlainServed};
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
+use crate::origin_tls::TlsPeers;
 use crate::resolve::Names;
 use crate::wasm::{LoadedSet, Plugins};
 
@@ -43,6 +44,8 @@ pub(crate) struct View {
     pub(crate) namespace: Arc<str>,
     pub(crate) balancer: Balancer,
     pub(crate) breakers: Breakers,
+    /// Upstream TLS settings in Pingora's form, built as first used.
+    pub(crate) tls_peers: TlsPeers,
     /// The Wasm plugins this waypoint runs, started.
     pub(crate) plugins: LoadedSet,
 }
@@ -102,6 +105,7 @@ impl View {
             waypoint,
             balancer,
             breakers,
+            tls_peers: TlsPeers::default(),
             plugins,
         }
     }

@@ -8,10 +8,12 @@ mod support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rcgen::{BasicConstraints, Certificate, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -101,9 +103,9 @@ async fn tls_front(
     }
 }
 
-/// `api.secure.test` (TLS at 127.98.9.2:8443) and `api.mutual.test` (TLS with client
-/// certificates at 127.98.9.3:9443), both out of the mesh and bound to the waypoint, with the
-/// rules `secure` and `mutual`.
+/// `api.secure.test` (TLS at 127.98.9.2:8443, and a TCP port) and `api.mutual.test` (TLS with
+/// client certificates at 127.98.9.3:9443), both out of the mesh and bound to the waypoint,
+/// with the rules `secure` (`secure` its traffic policy) and `mutual`.
 fn config(dir: &std::path::Path, secure: &str) -> String {
     let file = |name: &str| dir.join(name).display().to_string();
     let (ca, client, key) = (file("ca.pem"), file("client.pem"), file("client-key.pem"));
@@ -116,7 +118,9 @@ spec:
   hosts: [api.secure.test]
   location: MESH_EXTERNAL
   resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  ports:
+  - {{number: 80, name: http, protocol: HTTP, targetPort: 8443}}
+  - {{number: 5432, name: tcp, protocol: TCP, targetPort: 9000}}
   endpoints: [{{address: 127.{NET}.9.2}}]
 ---
 apiVersion: networking.istio.io/v1
@@ -134,7 +138,7 @@ kind: DestinationRule
 metadata: {{name: secure, namespace: app}}
 spec:
   host: api.secure.test
-  trafficPolicy: {{tls: {secure}}}
+  trafficPolicy: {secure}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -168,7 +172,11 @@ async fn tls_is_originated_to_an_external_service_as_its_destination_rule_asks()
     std::fs::write(dir.0.join("client-key.pem"), client_key.serialize_pem()).expect("write");
 
     let ca_file = dir.0.join("ca.pem").display().to_string();
-    let simple = format!("{{mode: SIMPLE, caCertificates: {ca_file}}}");
+    // As Istio's egress TLS origination task writes it: for port 80.
+    let simple = format!(
+        "{{portLevelSettings: [{{port: {{number: 80}}, tls: {{mode: SIMPLE, caCertificates: \
+         {ca_file}}}}}]}}"
+    );
     let mesh = Mesh::start(NET, &config(&dir.0, &simple)).await;
     let backend = TcpListener::bind((mesh.ip("9.1"), 8080))
         .await
@@ -240,16 +248,33 @@ async fn tls_is_originated_to_an_external_service_as_its_destination_rule_asks()
     let other = dir.0.join("other-ca.pem").display().to_string();
     mesh.set_routes(&config(
         &dir.0,
-        &format!("{{mode: SIMPLE, caCertificates: {other}}}"),
+        &format!("{{tls: {{mode: SIMPLE, caCertificates: {other}}}}}"),
     ))
     .await;
     assert_eq!(get("api.secure.test").await.0, 503);
     // The rule's SNI, which the certificate does not name: refused, unless verification is
     // off.
-    let named = format!("{{mode: SIMPLE, caCertificates: {ca_file}, sni: other.test}}");
+    let named = format!("{{tls: {{mode: SIMPLE, caCertificates: {ca_file}, sni: other.test}}}}");
     mesh.set_routes(&config(&dir.0, &named)).await;
     assert_eq!(get("api.secure.test").await.0, 503);
-    let unverified = "{mode: SIMPLE, sni: other.test, insecureSkipVerify: true}";
+    // A TCP port of a host whose rule asks for TLS: refused, not sent in the clear.
+    let tcp = TcpListener::bind((mesh.ip("9.2"), 9000))
+        .await
+        .expect("bind");
+    tokio::spawn(support::tcp_echo(tcp, "plain"));
+    let vip = {
+        let snapshot = mesh.store.load();
+        let (_, service) = snapshot.service_by_host("api.secure.test").expect("host");
+        service.vips[0].to_string()
+    };
+    let mut s = mesh.socks(&vip, 5432).await.expect("socks");
+    let _ = s.write_all(b"ping").await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+
+    let unverified = "{tls: {mode: SIMPLE, sni: other.test, insecureSkipVerify: true}}";
     mesh.set_routes(&config(&dir.0, unverified)).await;
     assert_eq!(get("api.secure.test").await.0, 200);
     assert_eq!(last(&seen), Some(("other.test".to_owned(), false)));

@@ -5,7 +5,7 @@
 //! A subset's `trafficPolicy` overrides the host's section by section (`loadBalancer`,
 //! `connectionPool`, `outlierDetection` each replaced whole), which is how Istio merges them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,12 +31,29 @@ pub struct DestinationPolicy {
     pub traffic: TrafficPolicy,
     /// Subsets, in declaration order.
     pub subsets: Vec<Subset>,
+    /// The policy for destination ports with `portLevelSettings` (the host's or a subset's).
+    pub ports: Vec<(u16, TrafficPolicy)>,
 }
 
 impl DestinationPolicy {
     /// The subset named `name`, which routes refer to.
     pub fn subset(&self, name: &str) -> Option<&Subset> {
         self.subsets.iter().find(|s| &*s.name == name)
+    }
+
+    /// The policy for traffic to destination port `port` of `subset` (or of no subset), as
+    /// Istio merges it: the host's, its port-level settings, the subset's, and the subset's
+    /// port-level settings, each replacing the sections it sets. `None` for an unknown subset.
+    pub fn traffic(&self, subset: Option<&str>, port: u16) -> Option<&TrafficPolicy> {
+        let (ports, traffic) = match subset {
+            Some(name) => {
+                let s = self.subset(name)?;
+                (&s.ports, &s.traffic)
+            }
+            None => (&self.ports, &self.traffic),
+        };
+        let at_port = ports.iter().find(|(p, _)| *p == port);
+        Some(at_port.map_or(traffic, |(_, t)| t))
     }
 }
 
@@ -49,6 +66,8 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
     /// The subset's policy, already merged over the host's.
     pub traffic: TrafficPolicy,
+    /// The subset's policy for destination ports with `portLevelSettings`.
+    pub ports: Vec<(u16, TrafficPolicy)>,
 }
 
 /// Load balancing, connection limits and outlier detection for one host or subset.
@@ -272,6 +291,18 @@ pub fn lower_destination_rule(
         &mut problems,
         &mut unapplied,
     );
+    let base_ports = port_sections(
+        spec.traffic_policy.as_ref(),
+        "spec.trafficPolicy",
+        &mut problems,
+        &mut unapplied,
+    );
+    // The host's policy at a port: its port-level sections over its own.
+    let host_at = |port: u16| match base_ports.iter().find(|(p, _)| *p == port) {
+        Some((_, sections)) => sections.clone().over(&base),
+        None => base.clone(),
+    };
+    let mut ports: Vec<u16> = base_ports.iter().map(|(p, _)| *p).collect();
     let mut subsets: Vec<Subset> = Vec::new();
     for (k, subset) in spec.subsets.iter().enumerate() {
         let field = format!("spec.subsets[{k}]");
@@ -286,25 +317,44 @@ pub fn lower_destination_rule(
                 ),
             );
         }
-        let own = Sections::lower(
-            subset.traffic_policy.as_ref(),
-            &format!("{field}.trafficPolicy"),
-            &mut problems,
-            &mut unapplied,
-        );
+        let field = format!("{field}.trafficPolicy");
+        let policy = subset.traffic_policy.as_ref();
+        let own = Sections::lower(policy, &field, &mut problems, &mut unapplied);
+        let own_ports = port_sections(policy, &field, &mut problems, &mut unapplied);
+        let at_ports = (base_ports.iter().chain(&own_ports))
+            .map(|(p, _)| *p)
+            .collect::<BTreeSet<u16>>()
+            .into_iter()
+            .map(|port| {
+                let merged = own.clone().over(&host_at(port));
+                let merged = match own_ports.iter().find(|(p, _)| *p == port) {
+                    Some((_, sections)) => sections.clone().over(&merged),
+                    None => merged,
+                };
+                (port, merged.resolve())
+            })
+            .collect();
+        ports.extend(own_ports.iter().map(|(p, _)| *p));
         subsets.push(Subset {
             name: Arc::from(subset.name.as_str()),
             labels: subset.labels.clone(),
             traffic: own.over(&base).resolve(),
+            ports: at_ports,
         });
     }
+    ports.sort_unstable();
+    ports.dedup();
     for message in unapplied {
         tracing::warn!(namespace, name, "DestinationRule: {message}");
     }
+    let ports = (ports.into_iter())
+        .map(|port| (port, host_at(port).resolve()))
+        .collect();
     problems.finish(DestinationPolicy {
         host,
         traffic: base.resolve(),
         subsets,
+        ports,
     })
 }
 
@@ -355,6 +405,43 @@ fn is_namespace_name(name: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
+/// The sections each of `spec`'s `portLevelSettings` sets, by port.
+fn port_sections(
+    spec: Option<&TrafficPolicySpec>,
+    field: &str,
+    problems: &mut Problems,
+    unapplied: &mut Vec<String>,
+) -> Vec<(u16, Sections)> {
+    let mut out: Vec<(u16, Sections)> = Vec::new();
+    for (k, settings) in spec.iter().flat_map(|s| &s.port_level_settings).enumerate() {
+        let field = format!("{field}.portLevelSettings[{k}]");
+        let port = settings.port.as_ref().map(|p| p.number);
+        let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0) else {
+            problems.push(
+                format!("{field}.port"),
+                "needs a port number from 1 to 65535",
+            );
+            continue;
+        };
+        if out.iter().any(|(p, _)| *p == port) {
+            problems.push(format!("{field}.port"), format!("port {port} is set twice"));
+            continue;
+        }
+        let sections = TrafficPolicySpec {
+            load_balancer: settings.load_balancer.clone(),
+            connection_pool: settings.connection_pool.clone(),
+            outlier_detection: settings.outlier_detection.clone(),
+            tls: settings.tls.clone(),
+            ..TrafficPolicySpec::default()
+        };
+        out.push((
+            port,
+            Sections::lower(Some(&sections), &field, problems, unapplied),
+        ));
+    }
+    out
+}
+
 /// The sections a traffic policy sets; absent sections are inherited, then defaulted.
 #[derive(Debug, Clone, Default)]
 struct Sections {
@@ -387,7 +474,7 @@ impl Sections {
             outlier_detection: (spec.outlier_detection.as_ref())
                 .map(|o| outlier_detection(o, &format!("{field}.outlierDetection"), problems)),
             tls: (spec.tls.as_ref())
-                .map(|t| upstream_tls::lower(t, &format!("{field}.tls"), problems, unapplied)),
+                .map(|t| upstream_tls::lower(t, &format!("{field}.tls"), problems)),
         }
     }
 

@@ -458,6 +458,16 @@ fn tls_to_endpoints_out_of_the_mesh() {
             "cannot read a private key from",
         ),
         (
+            "{mode: SIMPLE, subjectAltNames: [api.example.com]}".to_owned(),
+            "spec.trafficPolicy.tls.subjectAltNames",
+            "is not supported by this waypoint",
+        ),
+        (
+            "{mode: SIMPLE, credentialName: api-cacert}".to_owned(),
+            "spec.trafficPolicy.tls.credentialName",
+            "is not supported by this waypoint",
+        ),
+        (
             "{mode: STRICT}".to_owned(),
             "spec.trafficPolicy.tls.mode",
             "is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL",
@@ -474,4 +484,49 @@ fn tls_to_endpoints_out_of_the_mesh() {
         );
     }
     std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+#[test]
+fn port_level_settings_override_section_by_section() {
+    let p = policy(
+        "host: reviews\ntrafficPolicy:\n  connectionPool: {tcp: {maxConnections: 10}}\n  \
+         portLevelSettings:\n  - port: {number: 9080}\n    connectionPool: {tcp: {maxConnections: 20}}\n\
+         subsets:\n- name: v1\n  labels: {version: v1}\n  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    \
+         portLevelSettings:\n    - port: {number: 9081}\n      loadBalancer: {simple: ROUND_ROBIN}",
+    );
+    let at = |subset: Option<&str>, port| {
+        let t = p.traffic(subset, port).expect("known subset");
+        (t.load_balancer.clone(), t.connection_pool.max_connections)
+    };
+    assert_eq!(at(None, 9080), (LoadBalancer::LeastRequest, 20));
+    assert_eq!(at(None, 9081), (LoadBalancer::LeastRequest, 10));
+    // The subset's sections over the host's at that port, then the subset's own port's.
+    assert_eq!(at(Some("v1"), 9080), (LoadBalancer::Random, 20));
+    assert_eq!(at(Some("v1"), 9081), (LoadBalancer::RoundRobin, 10));
+    assert_eq!(at(Some("v1"), 1), (LoadBalancer::Random, 10));
+    assert!(p.traffic(Some("v9"), 9080).is_none());
+
+    for (settings, message) in [
+        (
+            "[{connectionPool: {tcp: {maxConnections: 1}}}]",
+            "needs a port number",
+        ),
+        (
+            "[{port: {number: 80}}, {port: {number: 80}}]",
+            "port 80 is set twice",
+        ),
+    ] {
+        let errors = lower(&format!(
+            "host: reviews\ntrafficPolicy: {{portLevelSettings: {settings}}}"
+        ))
+        .expect_err("refused");
+        assert!(
+            errors.iter().any(
+                |e| e.field.starts_with("spec.trafficPolicy.portLevelSettings[")
+                    && e.field.ends_with("].port")
+                    && e.message.contains(message)
+            ),
+            "{settings}: {errors:?}"
+        );
+    }
 }

@@ -1,13 +1,15 @@
 //! Istio `DestinationRule.spec`, as users write it.
 //!
 //! Field names follow `networking/v1alpha3/destination_rule.proto` in its JSON form. Sections the
-//! waypoint does not act on (`portLevelSettings`, `tunnel`, `proxyProtocol`, and
+//! waypoint does not act on (`tunnel`, `proxyProtocol`, and
 //! `localityLbSetting`'s `distribute` and `failover`) are kept as raw values so valid Istio YAML
 //! is accepted unchanged.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use super::spec_istio::PortSelector;
 
 /// `DestinationRule.spec`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -70,9 +72,9 @@ pub struct TrafficPolicySpec {
     /// TLS to endpoints out of the mesh (mesh traffic is always HBONE mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClientTlsSettings>,
-    /// Accepted, not lowered.
+    /// Overrides for one destination port, section by section.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub port_level_settings: Vec<serde_json::Value>,
+    pub port_level_settings: Vec<PortTrafficPolicySpec>,
     /// Accepted, not lowered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<serde_json::Value>,
@@ -82,6 +84,27 @@ pub struct TrafficPolicySpec {
     /// Accepted, not lowered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<serde_json::Value>,
+}
+
+/// `trafficPolicy.portLevelSettings[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicySpec {
+    /// The destination port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortSelector>,
+    /// Endpoint choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Ejection of failing endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSettings>,
+    /// TLS to endpoints out of the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTlsSettings>,
 }
 
 /// `trafficPolicy.tls`: TLS the proxy originates.
@@ -100,10 +123,10 @@ pub struct ClientTlsSettings {
     /// PEM file of the CAs the server's certificate must chain to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificates: Option<String>,
-    /// A Kubernetes Secret holding the above. Accepted, not read.
+    /// A Kubernetes Secret holding the above. Refused: not read here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
-    /// Names the server's certificate may carry instead of the SNI. Accepted, not applied.
+    /// Names the server's certificate may carry instead of the SNI. Refused: not applied here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
     /// The server name sent and verified; unset, the request's host.
@@ -112,7 +135,7 @@ pub struct ClientTlsSettings {
     /// Accept any server certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insecure_skip_verify: Option<bool>,
-    /// PEM file of revoked certificates. Accepted, not applied.
+    /// PEM file of revoked certificates. Refused: not applied here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_crl: Option<String>,
 }

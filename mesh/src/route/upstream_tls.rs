@@ -69,7 +69,6 @@ pub(super) fn lower(
     tls: &ClientTlsSettings,
     field: &str,
     problems: &mut Problems,
-    unapplied: &mut Vec<String>,
 ) -> Option<Arc<UpstreamTls>> {
     let mutual = match tls.mode.as_deref().unwrap_or("DISABLE") {
         "DISABLE" | "ISTIO_MUTUAL" => return None,
@@ -83,21 +82,26 @@ pub(super) fn lower(
             return None;
         }
     };
-    let mut note = |what: &str, why: &str| unapplied.push(format!("{field}.{what} {why}"));
+    // Settings that would make verification stricter than what is applied are refused, not
+    // dropped: the rule would otherwise be weaker than written.
+    let mut unsupported = |what: &str, instead: &str| {
+        let message = format!("is not supported by this waypoint; {instead}");
+        problems.push(format!("{field}.{what}"), message);
+    };
     if tls.credential_name.is_some() {
-        note(
+        unsupported(
             "credentialName",
-            "is not read (no Secrets here); name the files instead",
+            "name the files (caCertificates, clientCertificate, privateKey) instead",
         );
     }
     if !tls.subject_alt_names.is_empty() {
-        note(
+        unsupported(
             "subjectAltNames",
-            "is not applied: the certificate is verified against the SNI",
+            "the certificate is verified against the SNI, which `sni` sets",
         );
     }
     if tls.ca_crl.is_some() {
-        note("caCrl", "is not applied");
+        unsupported("caCrl", "revocation is not checked");
     }
     let ca = (tls.ca_certificates.as_deref()).and_then(|path| {
         let field = format!("{field}.caCertificates");
@@ -135,7 +139,8 @@ pub(super) fn lower(
     }))
 }
 
-/// The certificates of the PEM file at `path`, each checked to parse.
+/// The certificates of the PEM file at `path`, each checked to parse as the waypoint's TLS
+/// connector will parse it.
 fn certificates(path: &str, field: &str, problems: &mut Problems) -> Option<Vec<Vec<u8>>> {
     let read = |e: &dyn fmt::Display| format!("cannot read certificates from {path:?}: {e}");
     let certs: Result<Vec<CertificateDer<'static>>, _> = match CertificateDer::pem_file_iter(path) {

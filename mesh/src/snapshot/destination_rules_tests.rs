@@ -41,9 +41,11 @@ fn lowered(spec: &DestinationRuleSpec) -> DestinationPolicy {
                 name: s.name.as_str().into(),
                 labels: s.labels.clone(),
                 traffic: traffic.clone(),
+                ports: Vec::new(),
             })
             .collect(),
         traffic,
+        ports: Vec::new(),
     }
 }
 

@@ -30,12 +30,9 @@ use http::{HeaderName, HeaderValue};
 use mesh::Snapshot;
 use mesh::authz::{self, Attributes, HttpAttributes};
 use mesh::model::{AppProtocol, Protocol, ServiceId, WorkloadId};
-use mesh::route::{
-    HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy, UpstreamTls,
-};
+use mesh::route::{HeaderModifier, RequestView, RetryPolicy, RouteRule, RuleAction, TrafficPolicy};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::utils::tls::{CertKey, WrappedX509, parse_x509};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -48,6 +45,7 @@ use crate::callout;
 use crate::keepalive::Attempt;
 use crate::limits::{Admitted, Overflow, RetryOverflow, Retrying};
 use crate::metrics::{Labels, Parties};
+use crate::origin_tls::{self, TlsPeers};
 use crate::originate::{HboneConnector, KeepAlive};
 use crate::resolve::NoAddress;
 use crate::state::{Shared, Target, View};
@@ -398,7 +396,7 @@ fn plain_peer(
     addr: SocketAddr,
     http2: bool,
     traffic: &TrafficPolicy,
-    host: &str,
+    (host, tls_peers): (&str, &TlsPeers),
     now: Instant,
     deadline: Option<Instant>,
 ) -> HttpPeer {
@@ -406,7 +404,7 @@ fn plain_peer(
     let left = deadline.map(|d| d.saturating_duration_since(now));
     let mut peer = match &traffic.tls {
         None => HttpPeer::new(addr, false, String::new()),
-        Some(tls) => tls_peer(addr, tls, host),
+        Some(tls) => origin_tls::peer(addr, tls, host, tls_peers),
     };
     peer.options.connection_timeout =
         Some(left.map_or(pool.connect_timeout, |left| left.min(pool.connect_timeout)));
@@ -420,51 +418,44 @@ fn plain_peer(
     peer
 }
 
-/// A peer that originates `tls`.
-fn tls_peer(addr: SocketAddr, tls: &UpstreamTls, host: &str) -> HttpPeer {
-    let sni = match &tls.sni {
-        Some(sni) => sni.to_string(),
-        None => host_name(host).to_owned(),
+/// The authority the request goes upstream with: the route's rewrite, else a `Host` its
+/// header changes set, else the client's.
+fn upstream_authority<'a>(ctx: &RequestCtx, view: &'a View, req: &'a RequestHeader) -> &'a str {
+    let Some(rule) = ctx.rule(view) else {
+        return authority(req);
     };
-    let mut peer = HttpPeer::new(addr, true, sni);
-    // Pingora pools by a hash that leaves the CA out.
-    peer.group_key = tls.digest;
-    peer.options.verify_cert = tls.verify;
-    peer.options.verify_hostname = tls.verify;
-    // Certificates were parsed when the configuration loaded, so Pingora's parsing holds.
-    peer.options.ca = (tls.ca.as_ref()).map(|ca| {
-        let ca: Vec<WrappedX509> = (ca.iter())
-            .map(|der| WrappedX509::new(der.clone(), parse_x509))
-            .collect();
-        Arc::from(ca)
-    });
-    peer.client_cert_key =
-        (tls.client.as_ref()).map(|c| Arc::new(CertKey::new(c.chain.clone(), c.key.clone())));
-    peer
+    let backend = match (&ctx.upstream, &rule.action) {
+        (
+            Some(Upstream::Service {
+                backend: Some(b), ..
+            }),
+            RuleAction::Forward(backends),
+        ) => backends.get(*b),
+        _ => None,
+    };
+    let set = |m: &'a HeaderModifier| {
+        let host = m.set.iter().rfind(|(name, _)| name == http::header::HOST);
+        host.and_then(|(_, value)| value.to_str().ok())
+    };
+    let rewritten = (rule.rewrite.as_ref()).and_then(|r| r.authority.as_ref());
+    (rewritten.and_then(|v| v.to_str().ok()))
+        .or_else(|| set(&rule.request_headers))
+        .or_else(|| backend.and_then(|b| set(&b.request_headers)))
+        .unwrap_or_else(|| authority(req))
 }
 
-/// The host of an authority (`host[:port]`, `[v6]:port`), without the port.
-fn host_name(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
-            host.trim_start_matches('[').trim_end_matches(']')
-        }
-        _ => authority,
-    }
-}
-
-/// The policy of the DestinationRule this waypoint applies to a service, for a subset (the
-/// subset's, merged over the host's); `None` without a rule.
+/// The policy of the DestinationRule this waypoint applies to a service, for the service port
+/// at `port_index` and a subset (merged as Istio merges them; the host's for a subset the rule
+/// does not define); `None` without a rule.
 fn traffic_policy<'v>(
     view: &'v View,
     service: ServiceId,
+    port_index: usize,
     subset: Option<&str>,
 ) -> Option<&'v TrafficPolicy> {
     let (_, policy) = view.destination_rule(service)?;
-    Some(match subset.and_then(|s| policy.subset(s)) {
-        Some(s) => &s.traffic,
-        None => &policy.traffic,
-    })
+    let port = view.snapshot.service(service).ports.get(port_index)?.port;
+    (policy.traffic(subset, port)).or_else(|| policy.traffic(None, port))
 }
 
 static DEFAULT_TRAFFIC: std::sync::LazyLock<TrafficPolicy> =
@@ -606,7 +597,7 @@ impl Waypoint {
                 },
             );
             ctx.retry = Some(RetryPolicy::mesh_default());
-            self.prepare_hash(session, ctx, &view, id, None);
+            self.prepare_hash(session, ctx, &view, id, port_index, None);
             return None;
         };
         let matched = &rule.matches[matched];
@@ -703,7 +694,8 @@ impl Waypoint {
                 backend: Some(backend_index),
             },
         );
-        self.prepare_hash(session, ctx, &view, backend_id, backend.subset.as_deref());
+        let subset = backend.subset.as_deref();
+        self.prepare_hash(session, ctx, &view, backend_id, backend_port_index, subset);
 
         for m in &rule.mirrors {
             if roll(m.percent) {
@@ -745,9 +737,10 @@ impl Waypoint {
         ctx: &mut RequestCtx,
         view: &View,
         service: ServiceId,
+        port_index: usize,
         subset: Option<&str>,
     ) {
-        let Some(policy) = traffic_policy(view, service, subset) else {
+        let Some(policy) = traffic_policy(view, service, port_index, subset) else {
             return;
         };
         if let mesh::route::LoadBalancer::ConsistentHash(ch) = &policy.load_balancer {
@@ -916,8 +909,8 @@ impl ProxyHttp for Waypoint {
                 subset,
                 ..
             } => {
-                let traffic =
-                    traffic_policy(&view, *id, subset.as_deref()).unwrap_or(&DEFAULT_TRAFFIC);
+                let traffic = traffic_policy(&view, *id, *port_index, subset.as_deref())
+                    .unwrap_or(&DEFAULT_TRAFFIC);
                 let chosen = view.subset(*id, subset.as_deref()).and_then(|subset| {
                     view.balancer.choose(
                         snapshot,
@@ -987,9 +980,10 @@ impl ProxyHttp for Waypoint {
             if !http2 {
                 ctx.plain_max_requests = Some(traffic.connection_pool.max_requests_per_connection);
             }
-            // The name TLS is verified against, unless the rule sets one: never empty, which
-            // Pingora would take for no verification at all.
-            let host = match (authority(session.req_header()), &upstream) {
+            // The name TLS is verified against, unless the rule sets one: the authority the
+            // request goes upstream with, as Envoy's automatic SNI takes it; never empty.
+            let sent = upstream_authority(ctx, &view, session.req_header());
+            let host = match (sent, &upstream) {
                 ("", Upstream::Service { id, .. }) => &*snapshot.service(*id).hostname,
                 (host, _) => host,
             };
@@ -997,7 +991,7 @@ impl ProxyHttp for Waypoint {
                 addr,
                 http2,
                 traffic,
-                host,
+                (host, &view.tls_peers),
                 now,
                 ctx.try_deadline,
             )));
@@ -1129,10 +1123,13 @@ impl ProxyHttp for Waypoint {
                 Outcome::Success
             };
             let detection = match &ctx.upstream {
-                Some(Upstream::Service { id, subset, .. }) => {
-                    traffic_policy(view, *id, subset.as_deref())
-                        .and_then(|t| t.outlier_detection.as_ref())
-                }
+                Some(Upstream::Service {
+                    id,
+                    port_index,
+                    subset,
+                    ..
+                }) => traffic_policy(view, *id, *port_index, subset.as_deref())
+                    .and_then(|t| t.outlier_detection.as_ref()),
                 _ => None,
             };
             view.balancer.report(
@@ -1257,10 +1254,13 @@ impl ProxyHttp for Waypoint {
     ) -> Box<Error> {
         if let (Some(view), Some(chosen)) = (&ctx.view, ctx.endpoint.take()) {
             let detection = match &ctx.upstream {
-                Some(Upstream::Service { id, subset, .. }) => {
-                    traffic_policy(view, *id, subset.as_deref())
-                        .and_then(|t| t.outlier_detection.as_ref())
-                }
+                Some(Upstream::Service {
+                    id,
+                    port_index,
+                    subset,
+                    ..
+                }) => traffic_policy(view, *id, *port_index, subset.as_deref())
+                    .and_then(|t| t.outlier_detection.as_ref()),
                 _ => None,
             };
             view.balancer.report(
