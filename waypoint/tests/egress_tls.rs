@@ -278,5 +278,20 @@ async fn tls_is_originated_to_an_external_service_as_its_destination_rule_asks()
     mesh.set_routes(&config(&dir.0, unverified)).await;
     assert_eq!(get("api.secure.test").await.0, 200);
     assert_eq!(last(&seen), Some(("other.test".to_owned(), false)));
+    // Without a rule SNI: the authority the request goes upstream with, after a rewrite.
+    let rewrite = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure, namespace: app}
+spec:
+  hosts: [api.secure.test]
+  http: [{rewrite: {authority: api.mutual.test}, route: [{destination: {host: api.secure.test}}]}]
+"#;
+    let verified = format!("{{tls: {{mode: SIMPLE, caCertificates: {ca_file}}}}}");
+    let rewritten = format!("{}{rewrite}", config(&dir.0, &verified));
+    mesh.set_routes(&rewritten).await;
+    assert_eq!(get("api.secure.test").await.0, 200);
+    assert_eq!(last(&seen), Some(("api.mutual.test".to_owned(), false)));
     mesh.shutdown().await;
 }

@@ -297,9 +297,10 @@ pub fn lower_destination_rule(
         &mut problems,
         &mut unapplied,
     );
-    // The host's policy at a port: its port-level sections over its own.
+    // The host's policy at a port: its port-level settings, whole (what they leave unset is
+    // the default, not the host's, as istiod reads them), else its own.
     let host_at = |port: u16| match base_ports.iter().find(|(p, _)| *p == port) {
-        Some((_, sections)) => sections.clone().over(&base),
+        Some((_, sections)) => sections.clone(),
         None => base.clone(),
     };
     let mut ports: Vec<u16> = base_ports.iter().map(|(p, _)| *p).collect();
@@ -326,10 +327,11 @@ pub fn lower_destination_rule(
             .collect::<BTreeSet<u16>>()
             .into_iter()
             .map(|port| {
-                let merged = own.clone().over(&host_at(port));
+                // The subset's own port-level settings whole, else its sections over the
+                // host's policy at that port.
                 let merged = match own_ports.iter().find(|(p, _)| *p == port) {
-                    Some((_, sections)) => sections.clone().over(&merged),
-                    None => merged,
+                    Some((_, sections)) => sections.clone(),
+                    None => own.clone().over(&host_at(port)),
                 };
                 (port, merged.resolve())
             })
@@ -424,8 +426,23 @@ fn port_sections(
             continue;
         };
         if out.iter().any(|(p, _)| *p == port) {
-            problems.push(format!("{field}.port"), format!("port {port} is set twice"));
+            unapplied.push(format!(
+                "{field}: port {port} is set before; the first applies"
+            ));
             continue;
+        }
+        if settings.connection_pool.is_some() {
+            unapplied.push(format!(
+                "{field}.connectionPool: its timeouts apply to the port, its connection and \
+                 request limits do not (the host's do)"
+            ));
+        }
+        let locality =
+            (settings.load_balancer.as_ref()).is_some_and(|lb| lb.locality_lb_setting.is_some());
+        if locality || settings.outlier_detection.is_some() {
+            unapplied.push(format!(
+                "{field}: the preference for near endpoints is the host's, not the port's"
+            ));
         }
         let sections = TrafficPolicySpec {
             load_balancer: settings.load_balancer.clone(),

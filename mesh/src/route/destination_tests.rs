@@ -500,21 +500,28 @@ fn port_level_settings_override_section_by_section() {
     };
     assert_eq!(at(None, 9080), (LoadBalancer::LeastRequest, 20));
     assert_eq!(at(None, 9081), (LoadBalancer::LeastRequest, 10));
-    // The subset's sections over the host's at that port, then the subset's own port's.
+    // The subset's sections over the host's at that port; a port's own settings whole, what
+    // they leave unset the default rather than inherited.
     assert_eq!(at(Some("v1"), 9080), (LoadBalancer::Random, 20));
-    assert_eq!(at(Some("v1"), 9081), (LoadBalancer::RoundRobin, 10));
+    assert_eq!(at(Some("v1"), 9081), (LoadBalancer::RoundRobin, u32::MAX));
     assert_eq!(at(Some("v1"), 1), (LoadBalancer::Random, 10));
     assert!(p.traffic(Some("v9"), 9080).is_none());
+    let p = policy(
+        "host: reviews\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: 10}}, \
+         portLevelSettings: [{port: {number: 9080}, loadBalancer: {simple: RANDOM}}]}",
+    );
+    let t = p.traffic(None, 9080).expect("host");
+    assert_eq!(
+        (t.load_balancer.clone(), t.connection_pool.max_connections),
+        (LoadBalancer::Random, u32::MAX)
+    );
 
     for (settings, message) in [
         (
             "[{connectionPool: {tcp: {maxConnections: 1}}}]",
             "needs a port number",
         ),
-        (
-            "[{port: {number: 80}}, {port: {number: 80}}]",
-            "port 80 is set twice",
-        ),
+        ("[{port: {number: 70000}}]", "needs a port number"),
     ] {
         let errors = lower(&format!(
             "host: reviews\ntrafficPolicy: {{portLevelSettings: {settings}}}"

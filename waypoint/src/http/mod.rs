@@ -418,8 +418,9 @@ fn plain_peer(
     peer
 }
 
-/// The authority the request goes upstream with: the route's rewrite, else a `Host` its
-/// header changes set, else the client's.
+/// The authority the request goes upstream with: the client's, changed by the backend's and
+/// then the route's header changes, then by the route's rewrite, as `upstream_request_filter`
+/// applies them.
 fn upstream_authority<'a>(ctx: &RequestCtx, view: &'a View, req: &'a RequestHeader) -> &'a str {
     let Some(rule) = ctx.rule(view) else {
         return authority(req);
@@ -433,15 +434,29 @@ fn upstream_authority<'a>(ctx: &RequestCtx, view: &'a View, req: &'a RequestHead
         ) => backends.get(*b),
         _ => None,
     };
-    let set = |m: &'a HeaderModifier| {
-        let host = m.set.iter().rfind(|(name, _)| name == http::header::HOST);
-        host.and_then(|(_, value)| value.to_str().ok())
-    };
-    let rewritten = (rule.rewrite.as_ref()).and_then(|r| r.authority.as_ref());
-    (rewritten.and_then(|v| v.to_str().ok()))
-        .or_else(|| set(&rule.request_headers))
-        .or_else(|| backend.and_then(|b| set(&b.request_headers)))
-        .unwrap_or_else(|| authority(req))
+    let host = http::header::HOST;
+    let mut sent = authority(req);
+    for m in backend
+        .map(|b| &b.request_headers)
+        .into_iter()
+        .chain([&rule.request_headers])
+    {
+        if m.remove.contains(&host) {
+            sent = "";
+        }
+        if let Some((_, value)) = m.set.iter().rfind(|(name, _)| *name == host) {
+            sent = value.to_str().unwrap_or_default();
+        }
+        if sent.is_empty()
+            && let Some((_, value)) = m.add.iter().find(|(name, _)| *name == host)
+        {
+            sent = value.to_str().unwrap_or_default();
+        }
+    }
+    match rule.rewrite.as_ref().and_then(|r| r.authority.as_ref()) {
+        Some(rewritten) => rewritten.to_str().unwrap_or_default(),
+        None => sent,
+    }
 }
 
 /// The policy of the DestinationRule this waypoint applies to a service, for the service port
