@@ -217,3 +217,83 @@ fn services_prefer_near_endpoints_as_istiod_tells_ztunnel() {
         .expect("an unknown distribution is a warning");
     assert!(warning.contains("Service shop/typo"), "{warning}");
 }
+
+/// A proxy in eu/eu-a/rack-1 and the endpoints of `geo`, one per distance from it; `{lb}` is
+/// the rule's `localityLbSetting`.
+fn regions(lb: &str) -> String {
+    let entry = |name: &str, ip: &str, locality: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, \
+             namespace: shop}}\nspec: {{address: {ip}, locality: {locality}, labels: {{app: geo}}}}\n"
+        )
+    };
+    let mut yaml = String::from(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: geo, namespace: shop}
+spec: {clusterIP: 10.96.0.20, selector: {app: geo}, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: geo, namespace: shop}
+spec:
+  host: geo.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3}
+"#,
+    );
+    yaml.push_str(&format!("    loadBalancer: {{localityLbSetting: {lb}}}\n"));
+    for (name, ip, locality) in [
+        ("proxy", "10.2.0.1", "eu/eu-a/rack-1"),
+        ("subzone", "10.2.0.2", "eu/eu-a/rack-1"),
+        ("zone", "10.2.0.3", "eu/eu-a/rack-2"),
+        ("region", "10.2.0.4", "eu/eu-b/rack-1"),
+        ("us", "10.2.0.5", "us/us-a/rack-1"),
+        ("ap", "10.2.0.6", "ap/ap-a/rack-1"),
+    ] {
+        yaml.push_str(&entry(name, ip, locality));
+    }
+    yaml
+}
+
+#[test]
+fn a_destination_rules_failover_orders_regions_as_istiods_priorities_do() {
+    // Each endpoint's rank, nearest first, for the proxy at 10.2.0.1.
+    let ranks = |lb: &str| {
+        let s = snapshot(&regions(lb));
+        let (_, geo) = s
+            .service_by_host("geo.shop.svc.cluster.local")
+            .expect("geo");
+        let (_, rule) = s.destination_rule("shop", geo).expect("rule");
+        let preference = rule.traffic.locality.preference().expect("a preference");
+        let me = at(&s, "10.2.0.1");
+        ["10.2.0.2", "10.2.0.3", "10.2.0.4", "10.2.0.5", "10.2.0.6"]
+            .map(|ip| preference.rank(me, at(&s, ip)))
+    };
+    // Region, zone, subzone; every other region alike.
+    let [subzone, zone, region, us, ap] = ranks("{enabled: true}");
+    assert!(
+        subzone > zone && zone > region && region > us,
+        "{subzone} {zone} {region} {us}"
+    );
+    assert_eq!(us, ap);
+
+    // From eu, us next; the entry for another region does not apply.
+    let [subzone, zone, region, us, ap] =
+        ranks("{failover: [{from: ap, to: eu}, {from: eu, to: us}]}");
+    assert!(subzone > zone && zone > region && region > us && us > ap);
+
+    // No entry from eu: every other region alike.
+    let [.., us, ap] = ranks("{failover: [{from: ap, to: us}]}");
+    assert_eq!(us, ap);
+
+    // With failoverPriority, its labels rank first (here the network, which all share); with
+    // failover beside it, region, zone, subzone and failover then order each of its ranks.
+    let [subzone, zone, region, us, ap] =
+        ranks("{failoverPriority: [topology.istio.io/network], failover: [{from: eu, to: us}]}");
+    assert!(subzone > zone && zone > region && region > us && us > ap);
+    // Without failover, failoverPriority alone: all share the network, so all rank alike.
+    let ranked = ranks("{failoverPriority: [topology.istio.io/network]}");
+    assert!(ranked.iter().all(|r| *r == ranked[0]), "{ranked:?}");
+}

@@ -23,17 +23,20 @@
 //! - Workload weights count for `RANDOM` and for the two draws of `LEAST_REQUEST`; round robin
 //!   and consistent hashing ignore them.
 //! - Un-ejection happens lazily, when the ejection time is over, not at the next interval tick.
-//! - A service that prefers near endpoints (`trafficDistribution`, `internalTrafficPolicy:
-//!   Local`, or else its DestinationRule's outlier detection with locality balancing, which is
-//!   on by default: region, zone and subzone, or its `failoverPriority` topology labels) is
-//!   served by its nearest admitted endpoints, measured from this waypoint's own
-//!   instance by the rank ztunnel uses (how many leading scopes of the preference they share),
-//!   as istiod's locality failover priorities do for Envoy. Farther ones take traffic only
-//!   when every nearer one is ejected (or lacks the port), not in proportion to the nearer
-//!   ones' health; a retry stays at the nearest rank, taking a tried endpoint again before a
-//!   farther one, as Envoy's retry predicate does. `localityLbSetting.distribute` turns the
-//!   preference off, `failover` does not order farther regions, and the preference is the
-//!   service's DestinationRule's, not a subset's.
+//! - A service that prefers near endpoints is served by its nearest admitted endpoints,
+//!   measured from this waypoint's own instance, as istiod's locality failover priorities do for
+//!   Envoy. The preference is chosen as istiod's `GetLocalityLbSetting` chooses it:
+//!   `internalTrafficPolicy: Local` always; else the DestinationRule's own `localityLbSetting`
+//!   when it sets one (even `enabled: false`, which turns the service's preference off too);
+//!   else the service's `trafficDistribution`; else, with outlier detection, Istio's default of
+//!   region, zone and subzone. A service's preference ranks endpoints as ztunnel does (how many
+//!   leading scopes they share); a rule's as istiod does ([`LocalityPreference::rank`]:
+//!   `failoverPriority` topology labels, region, zone and subzone, and `failover`'s next
+//!   region). Farther ones take traffic only when every nearer one is ejected (or lacks the
+//!   port), not in proportion to the nearer ones' health; a retry stays at the nearest rank,
+//!   taking a tried endpoint again before a farther one, as Envoy's retry predicate does.
+//!   `localityLbSetting.distribute` turns the preference off, and the preference is the
+//!   service's DestinationRule's, not a subset's or a port's.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};
@@ -48,8 +51,13 @@ use std::fmt::Write as _;
 use ::http::header::COOKIE;
 use ::http::{HeaderMap, HeaderValue};
 use mesh::Snapshot;
-use mesh::model::{DestinationRuleId, ServiceId, SubsetEndpoints, WorkloadId};
-use mesh::route::{HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
+use mesh::model::locality::Mode;
+use mesh::model::{
+    DestinationRuleId, LoadBalancing, Service, ServiceId, SubsetEndpoints, Workload, WorkloadId,
+};
+use mesh::route::{
+    HashKey, LoadBalancer, LocalityLb, LocalityPreference, OutlierDetection, TrafficPolicy,
+};
 use rand::Rng;
 
 /// Envoy's default `max_ejection_time`, which Istio does not set: no ejection lasts longer
@@ -92,6 +100,38 @@ struct Nearness {
     ranks: Box<[Option<usize>]>,
     /// The best rank any endpoint has; `None` when none is eligible.
     best: Option<usize>,
+}
+
+/// Which order of a service's endpoints by nearness applies at this waypoint, as istiod's
+/// `GetLocalityLbSetting` chooses it.
+enum Preference<'a> {
+    /// The service's (`trafficDistribution`, or `internalTrafficPolicy: Local`).
+    Service(&'a LoadBalancing),
+    /// The DestinationRule's `localityLbSetting`, or Istio's default.
+    Rule(&'a LocalityPreference),
+}
+
+impl<'a> Preference<'a> {
+    /// `None`: every endpoint is as near.
+    fn of(service: &'a Service, rule: Option<&'a LocalityLb>) -> Option<Self> {
+        match (&service.load_balancing, rule) {
+            // Keeping traffic on the node is a filter istiod applies whatever the rule says.
+            (Some(lb), _) if lb.mode == Mode::Strict => Some(Self::Service(lb)),
+            // A rule's own setting wins over the service's traffic distribution, even `off`.
+            (_, Some(LocalityLb::Set(p))) => p.as_ref().map(Self::Rule),
+            (Some(lb), _) => Some(Self::Service(lb)),
+            (None, Some(LocalityLb::Unset(p))) => p.as_ref().map(Self::Rule),
+            (None, None) => None,
+        }
+    }
+
+    /// Higher is nearer; `None` rules the endpoint out.
+    fn rank(&self, me: &Workload, endpoint: &Workload) -> Option<usize> {
+        match self {
+            Self::Service(lb) => lb.rank(me, endpoint),
+            Self::Rule(p) => Some(p.rank(me, endpoint)),
+        }
+    }
 }
 
 /// What all balancers of one waypoint share, from the first snapshot on.
@@ -264,16 +304,20 @@ impl Balancer {
         };
         let nearness = (snapshot.services().iter())
             .map(|s| {
-                // The service's own preference first, as istiod sets the failover priority
-                // from it whatever the DestinationRule says.
-                let lb = (s.load_balancing.as_ref()).or_else(|| {
-                    let (_, policy) = snapshot.destination_rule(namespace, s)?;
-                    policy.traffic.locality.as_ref()
-                })?;
-                let ranks: Box<[Option<usize>]> = (s.endpoints.iter())
-                    .map(|e| lb.rank(me, snapshot.workload(e.workload)))
+                let rule = snapshot.destination_rule(namespace, s);
+                let preference = Preference::of(s, rule.map(|(_, p)| &p.traffic.locality))?;
+                let mut ranks: Box<[Option<usize>]> = (s.endpoints.iter())
+                    .map(|e| preference.rank(me, snapshot.workload(e.workload)))
                     .collect();
-                let best = ranks.iter().flatten().copied().max();
+                // Consecutive from 0, as istiod renumbers priorities, so that falling back
+                // from one rank to the next never walks ranks no endpoint has.
+                let mut present: Vec<usize> = ranks.iter().flatten().copied().collect();
+                present.sort_unstable();
+                present.dedup();
+                for rank in ranks.iter_mut().flatten() {
+                    *rank = present.binary_search(rank).unwrap_or_default();
+                }
+                let best = present.len().checked_sub(1);
                 Some(Nearness { ranks, best })
             })
             .collect();

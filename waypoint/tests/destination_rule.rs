@@ -197,27 +197,100 @@ async fn a_service_preferring_near_endpoints_is_served_from_the_waypoints_zone()
     let net = 92;
     let mesh = Mesh::start(net, &zoned(net, "z2")).await;
     let vip = format!("10.{net}.0.30");
-    let backends = |n| {
-        let mesh = &mesh;
-        let vip = &vip;
-        async move {
-            let mut seen = BTreeSet::new();
-            for _ in 0..n {
-                let r = mesh.request_to(vip, 80, "GET", "/", &[], "").await;
-                seen.insert(r.expect("request").backend().to_owned());
-            }
-            seen
-        }
-    };
     // echo-v2's node shares the waypoint's zone; echo-v1's does not.
-    assert_eq!(backends(20).await, BTreeSet::from(["echo-v2".to_owned()]));
+    assert_eq!(backends(&mesh, &vip, 20).await, only("echo-v2"));
 
     // node-b moves to a third zone: neither endpoint is near, and both serve.
     mesh.set_routes(&zoned(net, "z3")).await;
-    assert_eq!(
-        backends(40).await,
-        BTreeSet::from(["echo-v1".to_owned(), "echo-v2".to_owned()])
+    assert_eq!(backends(&mesh, &vip, 40).await, both());
+    mesh.shutdown().await;
+}
+
+/// The backends that answer `n` requests to `vip`:80.
+async fn backends(mesh: &Mesh, vip: &str, n: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let r = mesh.request_to(vip, 80, "GET", "/", &[], "").await;
+        seen.insert(r.expect("request").backend().to_owned());
+    }
+    seen
+}
+
+fn only(backend: &str) -> BTreeSet<String> {
+    BTreeSet::from([backend.to_owned()])
+}
+
+fn both() -> BTreeSet<String> {
+    BTreeSet::from(["echo-v1".to_owned(), "echo-v2".to_owned()])
+}
+
+/// Nodes in regions: the waypoint's `r1`, echo-v1's `r2` and echo-v2's `r3`; `rule` follows.
+fn regions(rule: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Node
+metadata: {{name: node-w, labels: {{topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: z1}}}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-a, labels: {{topology.kubernetes.io/region: r2, topology.kubernetes.io/zone: z1}}}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-b, labels: {{topology.kubernetes.io/region: r3, topology.kubernetes.io/zone: z1}}}}
+---
+{rule}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_failover_and_a_rules_setting_over_the_services_distribution() {
+    let net = 99;
+    let detecting =
+        "{outlierDetection: {consecutive5xxErrors: 3}, loadBalancer: {localityLbSetting:";
+    let failover_to = |region: &str| {
+        regions(&rule(&format!(
+            "{detecting} {{failover: [{{from: r0, to: r2}}, {{from: r1, to: {region}}}]}}}}}}"
+        )))
+    };
+    let mesh = Mesh::start(net, &failover_to("r3")).await;
+    let echo = format!("10.{net}.0.1");
+    // Neither endpoint shares the waypoint's region; failover from r1 names r3, echo-v2's.
+    assert_eq!(backends(&mesh, &echo, 20).await, only("echo-v2"));
+    mesh.set_routes(&failover_to("r2")).await;
+    assert_eq!(backends(&mesh, &echo, 20).await, only("echo-v1"));
+    // Without an entry from r1, every other region is alike.
+    mesh.set_routes(&regions(&rule(&format!(
+        "{detecting} {{enabled: true}}}}}}"
+    ))))
+    .await;
+    assert_eq!(backends(&mesh, &echo, 40).await, both());
+
+    // A service preferring the waypoint's zone is served from it, unless a rule of its own
+    // sets localityLbSetting, which istiod takes over the service's traffic distribution.
+    let near = format!("10.{net}.0.30");
+    mesh.set_routes(&zoned(net, "z2")).await;
+    assert_eq!(backends(&mesh, &near, 20).await, only("echo-v2"));
+    let off = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: near, namespace: app}
+spec:
+  host: near.app.svc.cluster.local
+  trafficPolicy: {loadBalancer: {localityLbSetting: {enabled: false}}}
+"#;
+    mesh.set_routes(&format!("{}{off}", zoned(net, "z2"))).await;
+    assert_eq!(backends(&mesh, &near, 40).await, both());
+    // A rule without the setting leaves the service's preference.
+    let silent = off.replace(
+        "{loadBalancer: {localityLbSetting: {enabled: false}}}",
+        "{loadBalancer: {simple: RANDOM}}",
     );
+    mesh.set_routes(&format!("{}{silent}", zoned(net, "z2")))
+        .await;
+    assert_eq!(backends(&mesh, &near, 20).await, only("echo-v2"));
     mesh.shutdown().await;
 }
 

@@ -144,19 +144,26 @@ impl LoadBalancing {
     /// How near `endpoint` is to `source`: the number of leading scopes they share; `None` when
     /// the mode is strict and they do not share them all.
     pub fn rank(&self, source: &Workload, endpoint: &Workload) -> Option<usize> {
-        let shares = |scope: &Scope| match scope {
-            Scope::Network => source.network == endpoint.network,
-            Scope::Region => source.locality.region == endpoint.locality.region,
-            Scope::Zone => source.locality.zone == endpoint.locality.zone,
-            Scope::Subzone => source.locality.subzone == endpoint.locality.subzone,
-            Scope::Node => source.node == endpoint.node,
-        };
-        let rank = self
-            .routing_preference
-            .iter()
-            .take_while(|s| shares(s))
-            .count();
+        let rank = Scope::shared(&self.routing_preference, source, endpoint);
         (self.mode == Mode::Failover || rank == self.routing_preference.len()).then_some(rank)
+    }
+}
+
+impl Scope {
+    /// Whether `a` and `b` are in the same scope of this kind (unknowns match unknowns).
+    pub fn shares(self, a: &Workload, b: &Workload) -> bool {
+        match self {
+            Scope::Network => a.network == b.network,
+            Scope::Region => a.locality.region == b.locality.region,
+            Scope::Zone => a.locality.zone == b.locality.zone,
+            Scope::Subzone => a.locality.subzone == b.locality.subzone,
+            Scope::Node => a.node == b.node,
+        }
+    }
+
+    /// How many of `scopes`, from the first, `a` and `b` share.
+    pub fn shared(scopes: &[Scope], a: &Workload, b: &Workload) -> usize {
+        scopes.iter().take_while(|s| s.shares(a, b)).count()
     }
 }
 

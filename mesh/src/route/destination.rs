@@ -12,15 +12,14 @@ use std::time::Duration;
 use http::HeaderName;
 
 use super::ServiceResolver;
+use super::locality_lb::{self, LocalityLb};
 use super::lower_common::{Problems, duration, header_name};
 use super::spec_destination::{
     ConnectionPoolSettings, ConsistentHashLb, DestinationRuleSpec, H2UpgradePolicy,
-    LoadBalancerSettings, LocalityLbSetting, OutlierDetectionSettings, SimpleLb, TrafficPolicySpec,
+    LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, TrafficPolicySpec,
 };
 use super::upstream_tls::{self, UpstreamTls};
 use crate::FieldError;
-use crate::model::LoadBalancing;
-use crate::model::locality::{Mode, Scope};
 
 /// The lowered DestinationRule of one host.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,10 +79,10 @@ pub struct TrafficPolicy {
     pub connection_pool: ConnectionPool,
     /// Ejection of failing endpoints; `None` = off (Istio's default).
     pub outlier_detection: Option<OutlierDetection>,
-    /// How endpoints near the waypoint are preferred (`localityLbSetting`): set only with
-    /// outlier detection, as istiod sets Envoy's locality priorities, since without ejections
-    /// traffic would never fail over to a farther endpoint.
-    pub locality: Option<LoadBalancing>,
+    /// How endpoints near the waypoint are preferred (`localityLbSetting`); a preference is
+    /// kept only with outlier detection, as istiod sets Envoy's locality priorities only then,
+    /// since without ejections traffic would never fail over to a farther endpoint.
+    pub locality: LocalityLb,
     /// TLS to originate to endpoints out of the mesh; `None`: plain.
     pub tls: Option<Arc<UpstreamTls>>,
 }
@@ -463,7 +462,7 @@ fn port_sections(
 #[derive(Debug, Clone, Default)]
 struct Sections {
     /// The algorithm and the locality setting, which Istio replaces together (one section).
-    load_balancer: Option<(LoadBalancer, Locality)>,
+    load_balancer: Option<(LoadBalancer, LocalityLb)>,
     connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierDetection>,
     tls: Option<Option<Arc<UpstreamTls>>>,
@@ -483,7 +482,12 @@ impl Sections {
             load_balancer: (spec.load_balancer.as_ref()).map(|lb| {
                 let field = format!("{field}.loadBalancer");
                 let setting = lb.locality_lb_setting.as_ref();
-                let locality = Locality::lower(setting, &field, unapplied);
+                let locality = locality_lb::lower(
+                    setting,
+                    &format!("{field}.localityLbSetting"),
+                    problems,
+                    unapplied,
+                );
                 (load_balancer(lb, &field, problems), locality)
             }),
             connection_pool: (spec.connection_pool.as_ref())
@@ -507,113 +511,16 @@ impl Sections {
     }
 
     fn resolve(self) -> TrafficPolicy {
-        let (load_balancer, locality) = self.load_balancer.unwrap_or_default();
+        let (load_balancer, locality) = (self.load_balancer)
+            .unwrap_or_else(|| (LoadBalancer::default(), LocalityLb::mesh_default()));
         TrafficPolicy {
             load_balancer,
             connection_pool: self.connection_pool.unwrap_or_default(),
-            locality: self.outlier_detection.and(locality.preference()),
+            locality: locality.needing_ejections(self.outlier_detection.is_some()),
             outlier_detection: self.outlier_detection,
             tls: self.tls.flatten(),
         }
     }
-}
-
-/// What `localityLbSetting` asks for.
-#[derive(Debug, Clone, Default)]
-enum Locality {
-    /// Istio's default (the mesh's `localityLbSetting.enabled: true`): endpoints sharing the
-    /// waypoint's region, zone and subzone first, then its region and zone, then its region,
-    /// then the rest.
-    #[default]
-    Failover,
-    /// `failoverPriority`: ranked by these, most significant first.
-    Priority(Box<[Scope]>),
-    /// `enabled: false`, or `distribute`, which we do not apply: every endpoint alike.
-    Off,
-}
-
-impl Locality {
-    /// Reads the setting at `field` (`...loadBalancer`). What we do not apply is valid Istio
-    /// and accepted; `unapplied` says what is done instead.
-    fn lower(
-        setting: Option<&LocalityLbSetting>,
-        field: &str,
-        unapplied: &mut Vec<String>,
-    ) -> Self {
-        let Some(setting) = setting else {
-            return Self::Failover;
-        };
-        if setting.enabled == Some(false) {
-            return Self::Off;
-        }
-        let field = format!("{field}.localityLbSetting");
-        if !setting.distribute.is_empty() {
-            unapplied.push(format!(
-                "{field}.distribute is not supported; every endpoint is used alike"
-            ));
-            return Self::Off;
-        }
-        if !setting.failover.is_empty() {
-            unapplied.push(format!(
-                "{field}.failover is not supported; farther regions are not ordered"
-            ));
-        }
-        if setting.failover_priority.is_empty() {
-            return Self::Failover;
-        }
-        // Endpoints rank by how many leading labels they share with the waypoint, so the list
-        // is cut at the first label we cannot compare. The cluster is skipped: with one
-        // cluster, every endpoint shares it.
-        let mut scopes = Vec::new();
-        for (i, label) in setting.failover_priority.iter().enumerate() {
-            if label == CLUSTER {
-                continue;
-            }
-            match topology_scope(label) {
-                Some(scope) => scopes.push(scope),
-                None => {
-                    let why = if label.contains('=') {
-                        "a `label=value` override is not supported"
-                    } else {
-                        "only topology labels are supported"
-                    };
-                    unapplied.push(format!(
-                        "{field}.failoverPriority[{i}]: {label:?}: {why}; it and the labels \
-                         after it are not used"
-                    ));
-                    break;
-                }
-            }
-        }
-        Self::Priority(scopes.into_boxed_slice())
-    }
-
-    fn preference(self) -> Option<LoadBalancing> {
-        let routing_preference = match self {
-            Self::Failover => Box::new([Scope::Region, Scope::Zone, Scope::Subzone]),
-            Self::Priority(scopes) if !scopes.is_empty() => scopes,
-            Self::Priority(_) | Self::Off => return None,
-        };
-        Some(LoadBalancing {
-            routing_preference,
-            mode: Mode::Failover,
-        })
-    }
-}
-
-/// The label of a workload's cluster, which every endpoint shares with a single-cluster waypoint.
-const CLUSTER: &str = "topology.istio.io/cluster";
-
-/// The locality scope a `failoverPriority` label names.
-fn topology_scope(label: &str) -> Option<Scope> {
-    Some(match label {
-        "topology.istio.io/network" => Scope::Network,
-        "topology.kubernetes.io/region" => Scope::Region,
-        "topology.kubernetes.io/zone" => Scope::Zone,
-        "topology.istio.io/subzone" => Scope::Subzone,
-        "kubernetes.io/hostname" => Scope::Node,
-        _ => return None,
-    })
 }
 
 fn load_balancer(lb: &LoadBalancerSettings, field: &str, problems: &mut Problems) -> LoadBalancer {

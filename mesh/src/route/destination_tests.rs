@@ -315,27 +315,53 @@ fn typos_are_rejected_with_the_valid_fields() {
     )
     .expect_err("bad enum");
     assert!(err.to_string().contains("ROUND_ROBIN"), "{err}");
+    let err = serde_yaml::from_str::<DestinationRuleSpec>(
+        "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {failover: [{from: r1, too: r2}]}}}",
+    )
+    .expect_err("typo");
+    assert!(err.to_string().contains("unknown field `too`"), "{err}");
 }
 
 #[test]
 fn locality_preference_follows_outlier_detection_and_the_setting() {
-    let scopes = |traffic: &str| {
+    use crate::model::locality::Scope::{self, *};
+    // (set by the rule, failoverPriority scopes, by locality, failover regions); None: off.
+    type Seen = (bool, Option<(Vec<Scope>, bool, Vec<(String, String)>)>);
+    let seen = |traffic: &str| -> Seen {
         let p = policy(&format!("host: reviews\ntrafficPolicy: {traffic}"));
-        (p.traffic.locality).map(|lb| {
-            assert_eq!(lb.mode, Mode::Failover);
-            lb.routing_preference.to_vec()
-        })
+        let set = matches!(p.traffic.locality, LocalityLb::Set(_));
+        let preference = p.traffic.locality.preference().map(|lb| {
+            let failover = (lb.failover.iter())
+                .map(|f| (f.from.to_string(), f.to.to_string()))
+                .collect();
+            (lb.priority.to_vec(), lb.by_locality, failover)
+        });
+        (set, preference)
     };
     let detecting = "{outlierDetection: {consecutive5xxErrors: 3}";
-    let cases = [
-        ("{loadBalancer: {simple: RANDOM}}".to_owned(), None),
+    let regions = |pairs: &[(&str, &str)]| {
+        (pairs.iter())
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let cases: [(String, Seen); 10] = [
+        // Without outlier detection, no preference: Envoy would never fail over.
+        ("{loadBalancer: {simple: RANDOM}}".to_owned(), (false, None)),
+        (
+            "{loadBalancer: {localityLbSetting: {enabled: true}}}".to_owned(),
+            (true, None),
+        ),
         (
             format!("{detecting}}}"),
-            Some(vec![Scope::Region, Scope::Zone, Scope::Subzone]),
+            (false, Some((vec![], true, vec![]))),
+        ),
+        (
+            format!("{detecting}, loadBalancer: {{localityLbSetting: {{enabled: true}}}}}}"),
+            (true, Some((vec![], true, vec![]))),
         ),
         (
             format!("{detecting}, loadBalancer: {{localityLbSetting: {{enabled: false}}}}}}"),
-            None,
+            (true, None),
         ),
         (
             format!(
@@ -343,31 +369,42 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
                  [topology.istio.io/cluster, topology.istio.io/network, \
                  topology.kubernetes.io/zone, version, kubernetes.io/hostname]}}}}}}"
             ),
-            Some(vec![Scope::Network, Scope::Zone]),
+            (true, Some((vec![Network, Zone], false, vec![]))),
         ),
         (
             format!(
                 "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: [version]}}}}}}"
             ),
-            None,
-        ),
-        (
-            format!(
-                "{detecting}, loadBalancer: {{localityLbSetting: {{failoverPriority: \
-                 [\"topology.kubernetes.io/region=r1\"]}}}}}}"
-            ),
-            None,
+            (true, None),
         ),
         (
             format!(
                 "{detecting}, loadBalancer: {{localityLbSetting: {{failover: \
-                 [{{from: r1, to: r2}}]}}}}}}"
+                 [{{from: r1, to: r2}}, {{from: r2, to: r1}}]}}}}}}"
             ),
-            Some(vec![Scope::Region, Scope::Zone, Scope::Subzone]),
+            (
+                true,
+                Some((vec![], true, regions(&[("r1", "r2"), ("r2", "r1")]))),
+            ),
+        ),
+        // failoverPriority with failover: both order, the priority first.
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{failover: \
+                 [{{from: r1, to: r2}}], failoverPriority: [kubernetes.io/hostname]}}}}}}"
+            ),
+            (true, Some((vec![Node], true, regions(&[("r1", "r2")])))),
+        ),
+        (
+            format!(
+                "{detecting}, loadBalancer: {{localityLbSetting: {{distribute: \
+                 [{{from: r1/*, to: {{r1/*: 80, r2/*: 20}}}}]}}}}}}"
+            ),
+            (true, None),
         ),
     ];
     for (traffic, expected) in cases {
-        assert_eq!(scopes(&traffic), expected, "{traffic}");
+        assert_eq!(seen(&traffic), expected, "{traffic}");
     }
     // A subset's own load balancer replaces the host's locality setting with it.
     let p = policy(&format!(
@@ -375,8 +412,57 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
          {{enabled: false}}}}}}\nsubsets: [{{name: v1, labels: {{version: v1}}, trafficPolicy: \
          {{loadBalancer: {{simple: RANDOM}}}}}}]"
     ));
-    assert_eq!(p.traffic.locality, None);
-    assert!(p.subset("v1").expect("v1").traffic.locality.is_some());
+    assert_eq!(p.traffic.locality, LocalityLb::Set(None));
+    let v1 = &p.subset("v1").expect("v1").traffic.locality;
+    assert!(matches!(v1, LocalityLb::Unset(Some(_))), "{v1:?}");
+}
+
+#[test]
+fn locality_settings_istiod_refuses_are_refused() {
+    let lb = "host: reviews\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}, \
+              loadBalancer: {localityLbSetting: ";
+    let field = "spec.trafficPolicy.loadBalancer.localityLbSetting";
+    let cases = [
+        (
+            "{failover: [{from: r1, to: r1}]}",
+            format!("{field}.failover[0]"),
+            "different regions",
+        ),
+        (
+            "{failover: [{from: r1, to: r2}, {from: r1/z1, to: r2}]}",
+            format!("{field}.failover[1]"),
+            "without zones",
+        ),
+        (
+            "{failover: [{from: r1, to: \"r*\"}]}",
+            format!("{field}.failover[0]"),
+            "without wildcards",
+        ),
+        (
+            "{failover: [{to: r2}]}",
+            format!("{field}.failover[0]"),
+            "both from and to",
+        ),
+        (
+            "{failover: [{from: r1, to: r2}], distribute: [{from: r1/*, to: {r2/*: 100}}]}",
+            field.to_owned(),
+            "distribute or failover",
+        ),
+        (
+            "{failover: [{from: r1, to: r2}], failoverPriority: [version, topology.kubernetes.io/zone]}",
+            format!("{field}.failoverPriority[1]"),
+            "together with failover",
+        ),
+    ];
+    for (setting, at, says) in cases {
+        let errors = lower(&format!("{lb}{setting}}}}}")).expect_err(setting);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == at && e.message.contains(says)),
+            "{setting}: {errors:?}"
+        );
+    }
 }
 
 /// A directory of PEM files for TLS settings: a CA certificate and its key.

@@ -17,6 +17,7 @@
 mod destination;
 mod duration;
 mod http_route_filters;
+mod locality_lb;
 mod lower_common;
 mod lower_http_route;
 mod lower_virtual_service;
@@ -39,6 +40,7 @@ pub use destination::{
     OutlierDetection, Subset, TcpKeepalive, TrafficPolicy, lower_destination_rule,
 };
 pub use duration::{InvalidDuration, parse_duration};
+pub use locality_lb::{LocalityLb, LocalityPreference, RegionFailover};
 pub use lower_http_route::lower_http_route;
 pub use lower_virtual_service::lower_virtual_service;
 pub use model::{

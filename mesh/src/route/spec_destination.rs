@@ -1,8 +1,8 @@
 //! Istio `DestinationRule.spec`, as users write it.
 //!
 //! Field names follow `networking/v1alpha3/destination_rule.proto` in its JSON form. Sections the
-//! waypoint does not act on (`tunnel`, `proxyProtocol`, and
-//! `localityLbSetting`'s `distribute` and `failover`) are kept as raw values so valid Istio YAML
+//! waypoint does not act on (`tunnel`, `proxyProtocol`, `retryBudget` and
+//! `localityLbSetting`'s `distribute`) are kept as raw values so valid Istio YAML
 //! is accepted unchanged.
 
 use std::collections::BTreeMap;
@@ -150,12 +150,25 @@ pub struct LocalityLbSetting {
     /// Weights per locality. Accepted, not lowered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub distribute: Vec<serde_json::Value>,
-    /// Region-to-region failover. Accepted, not lowered.
+    /// Region-to-region failover.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub failover: Vec<serde_json::Value>,
+    pub failover: Vec<LocalityFailover>,
     /// Labels endpoints are ranked by, most significant first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failover_priority: Vec<String>,
+}
+
+/// `localityLbSetting.failover[]`: where a proxy of region `from` sends traffic once its own
+/// region has no healthy endpoint.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityFailover {
+    /// The proxy's region.
+    #[serde(default)]
+    pub from: String,
+    /// The region tried next.
+    #[serde(default)]
+    pub to: String,
 }
 
 /// Load balancing: `simple` or `consistentHash`.

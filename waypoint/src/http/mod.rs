@@ -145,6 +145,24 @@ impl RequestCtx {
         view.snapshot.routes(id, port)?.rules().get(r)
     }
 
+    /// Tells the balancer how an attempt on `chosen` went, judged by the outlier detection of
+    /// the policy the attempt went out under (its service, port and subset).
+    fn report(&self, chosen: &Chosen, outcome: Outcome) {
+        let Some(view) = &self.view else { return };
+        let detection = match &self.upstream {
+            Some(Upstream::Service {
+                id,
+                port_index,
+                subset,
+                ..
+            }) => traffic_policy(view, *id, *port_index, subset.as_deref())
+                .and_then(|t| t.outlier_detection.as_ref()),
+            _ => None,
+        };
+        let now = std::time::Instant::now();
+        (view.balancer).report(chosen.workload, outcome, detection, now);
+    }
+
     /// Where the request goes; plugins see it as the Envoy cluster an Istio waypoint would name.
     fn set_upstream(&mut self, snapshot: &Snapshot, upstream: Upstream) {
         if let (
@@ -1131,28 +1149,13 @@ impl ProxyHttp for Waypoint {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.upstream_answered = true;
-        if let (Some(view), Some(chosen)) = (&ctx.view, &ctx.endpoint) {
+        if let Some(chosen) = &ctx.endpoint {
             let outcome = if status >= 500 {
                 Outcome::ServerError(status)
             } else {
                 Outcome::Success
             };
-            let detection = match &ctx.upstream {
-                Some(Upstream::Service {
-                    id,
-                    port_index,
-                    subset,
-                    ..
-                }) => traffic_policy(view, *id, *port_index, subset.as_deref())
-                    .and_then(|t| t.outlier_detection.as_ref()),
-                _ => None,
-            };
-            view.balancer.report(
-                chosen.workload,
-                outcome,
-                detection,
-                std::time::Instant::now(),
-            );
+            ctx.report(chosen, outcome);
         }
         if let Some(attempt) = &ctx.attempt {
             match keeps_alive(session.req_header(), upstream_response) {
@@ -1267,23 +1270,8 @@ impl ProxyHttp for Waypoint {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let (Some(view), Some(chosen)) = (&ctx.view, ctx.endpoint.take()) {
-            let detection = match &ctx.upstream {
-                Some(Upstream::Service {
-                    id,
-                    port_index,
-                    subset,
-                    ..
-                }) => traffic_policy(view, *id, *port_index, subset.as_deref())
-                    .and_then(|t| t.outlier_detection.as_ref()),
-                _ => None,
-            };
-            view.balancer.report(
-                chosen.workload,
-                Outcome::LocalOriginFailure,
-                detection,
-                std::time::Instant::now(),
-            );
+        if let Some(chosen) = ctx.endpoint.take() {
+            ctx.report(&chosen, Outcome::LocalOriginFailure);
         }
         let retry = retry::retries_connect_failure(ctx, session);
         tracing::debug!(error = %e, attempt = ctx.attempts, retry, "upstream connect failed");
