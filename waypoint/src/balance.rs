@@ -35,8 +35,11 @@
 //!   region). Farther ones take traffic only when every nearer one is ejected (or lacks the
 //!   port), not in proportion to the nearer ones' health; a retry stays at the nearest rank,
 //!   taking a tried endpoint again before a farther one, as Envoy's retry predicate does.
-//!   `localityLbSetting.distribute` turns the preference off, and the preference is the
-//!   service's DestinationRule's, not a subset's or a port's.
+//!   With `localityLbSetting.distribute` each locality takes its share instead, drawn per
+//!   request by weight among the localities with an endpoint to take (Envoy schedules them by
+//!   weight and scales a locality's weight down as its endpoints are ejected; here a locality
+//!   counts whole until its last endpoint is ejected). The preference is the service's
+//!   DestinationRule's, not a subset's or a port's.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};
@@ -51,14 +54,11 @@ use std::fmt::Write as _;
 use ::http::header::COOKIE;
 use ::http::{HeaderMap, HeaderValue};
 use mesh::Snapshot;
-use mesh::model::locality::Mode;
-use mesh::model::{
-    DestinationRuleId, LoadBalancing, Service, ServiceId, SubsetEndpoints, Workload, WorkloadId,
-};
-use mesh::route::{
-    HashKey, LoadBalancer, LocalityLb, LocalityPreference, OutlierDetection, TrafficPolicy,
-};
+use mesh::model::{DestinationRuleId, ServiceId, SubsetEndpoints, WorkloadId};
+use mesh::route::{HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
 use rand::Rng;
+
+use self::nearness::{Nearness, Tiers};
 
 /// Envoy's default `max_ejection_time`, which Istio does not set: no ejection lasts longer
 /// (unless the base ejection time itself is longer).
@@ -90,48 +90,6 @@ pub(crate) struct Balancer {
     /// By [`ServiceId::index`]: how near each endpoint is to this waypoint's own instance, for
     /// the services that prefer near endpoints (none: every endpoint is as near).
     nearness: Box<[Option<Nearness>]>,
-}
-
-/// How near a service's endpoints are, measured once per snapshot.
-#[derive(Debug)]
-struct Nearness {
-    /// By endpoint position in the service: its rank, `None` when a strict preference rules it
-    /// out.
-    ranks: Box<[Option<usize>]>,
-    /// The best rank any endpoint has; `None` when none is eligible.
-    best: Option<usize>,
-}
-
-/// Which order of a service's endpoints by nearness applies at this waypoint, as istiod's
-/// `GetLocalityLbSetting` chooses it.
-enum Preference<'a> {
-    /// The service's (`trafficDistribution`, or `internalTrafficPolicy: Local`).
-    Service(&'a LoadBalancing),
-    /// The DestinationRule's `localityLbSetting`, or Istio's default.
-    Rule(&'a LocalityPreference),
-}
-
-impl<'a> Preference<'a> {
-    /// `None`: every endpoint is as near.
-    fn of(service: &'a Service, rule: Option<&'a LocalityLb>) -> Option<Self> {
-        match (&service.load_balancing, rule) {
-            // Keeping traffic on the node is a filter istiod applies whatever the rule says.
-            (Some(lb), _) if lb.mode == Mode::Strict => Some(Self::Service(lb)),
-            // A rule's own setting wins over the service's traffic distribution, even `off`.
-            (_, Some(LocalityLb::Set(p))) => p.as_ref().map(Self::Rule),
-            (Some(lb), _) => Some(Self::Service(lb)),
-            (None, Some(LocalityLb::Unset(p))) => p.as_ref().map(Self::Rule),
-            (None, None) => None,
-        }
-    }
-
-    /// Higher is nearer; `None` rules the endpoint out.
-    fn rank(&self, me: &Workload, endpoint: &Workload) -> Option<usize> {
-        match self {
-            Self::Service(lb) => lb.rank(me, endpoint),
-            Self::Rule(p) => Some(p.rank(me, endpoint)),
-        }
-    }
 }
 
 /// What all balancers of one waypoint share, from the first snapshot on.
@@ -305,20 +263,7 @@ impl Balancer {
         let nearness = (snapshot.services().iter())
             .map(|s| {
                 let rule = snapshot.destination_rule(namespace, s);
-                let preference = Preference::of(s, rule.map(|(_, p)| &p.traffic.locality))?;
-                let mut ranks: Box<[Option<usize>]> = (s.endpoints.iter())
-                    .map(|e| preference.rank(me, snapshot.workload(e.workload)))
-                    .collect();
-                // Consecutive from 0, as istiod renumbers priorities, so that falling back
-                // from one rank to the next never walks ranks no endpoint has.
-                let mut present: Vec<usize> = ranks.iter().flatten().copied().collect();
-                present.sort_unstable();
-                present.dedup();
-                for rank in ranks.iter_mut().flatten() {
-                    *rank = present.binary_search(rank).unwrap_or_default();
-                }
-                let best = present.len().checked_sub(1);
-                Some(Nearness { ranks, best })
+                Nearness::measure(snapshot, s, rule.map(|(_, p)| &p.traffic.locality), me)
             })
             .collect();
         Self { nearness, ..self }
@@ -356,12 +301,8 @@ impl Balancer {
         }
         let slot = self.services.get(service.index());
         let nearness = self.nearness.get(service.index()).and_then(Option::as_ref);
-        // Ranks run from the best any endpoint has down to 0; without a preference, one pass
-        // ignores them. A strict preference no endpoint meets leaves none.
-        let ranks = match nearness {
-            Some(n) => Some(n.best?),
-            None => None,
-        };
+        // A strict preference no endpoint meets leaves none.
+        let tiers = Tiers::of(nearness)?;
         let mut pool = Pool {
             balancer: self,
             endpoints,
@@ -403,8 +344,9 @@ impl Balancer {
                     continue;
                 }
                 pool.healthy_at = healthy_at.filter(|_| skip_ejected);
-                for rank in (0..ranks.map_or(1, |n| n + 1)).rev() {
-                    pool.rank = ranks.map(|_| rank);
+                let mut tiers = tiers.clone();
+                while let Some(rank) = tiers.next(&mut rng) {
+                    pool.rank = rank;
                     for skip_tried in [true, false] {
                         if skip_tried && exclude.is_empty() {
                             continue;
@@ -711,7 +653,7 @@ impl<'a> Pool<'a> {
         }
         if let (Some(rank), Some(nearness)) = (self.rank, self.nearness) {
             let position = self.endpoints.position(i)?;
-            if nearness.ranks.get(position).copied().flatten() != Some(rank) {
+            if nearness.rank(position) != Some(rank) {
                 return None;
             }
         }
@@ -915,6 +857,8 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+#[path = "balance/nearness.rs"]
+mod nearness;
 #[cfg(test)]
 #[path = "balance/tests.rs"]
 mod tests;

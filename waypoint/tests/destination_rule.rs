@@ -245,7 +245,7 @@ metadata: {{name: node-b, labels: {{topology.kubernetes.io/region: r3, topology.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn locality_failover_and_a_rules_setting_over_the_services_distribution() {
+async fn locality_failover_distribute_and_a_rules_setting_over_the_services_distribution() {
     let net = 99;
     let detecting =
         "{outlierDetection: {consecutive5xxErrors: 3}, loadBalancer: {localityLbSetting:";
@@ -265,6 +265,16 @@ async fn locality_failover_and_a_rules_setting_over_the_services_distribution() 
         "{detecting} {{enabled: true}}}}}}"
     ))))
     .await;
+    assert_eq!(backends(&mesh, &echo, 40).await, both());
+    // distribute, without outlier detection: r2 takes all of r1's traffic, then half of it.
+    let distribute = |to: &str| {
+        regions(&rule(&format!(
+            "{{loadBalancer: {{localityLbSetting: {{distribute: [{{from: r1, to: {to}}}]}}}}}}"
+        )))
+    };
+    mesh.set_routes(&distribute("{r2: 100}")).await;
+    assert_eq!(backends(&mesh, &echo, 20).await, only("echo-v1"));
+    mesh.set_routes(&distribute("{r2: 50, r3: 50}")).await;
     assert_eq!(backends(&mesh, &echo, 40).await, both());
 
     // A service preferring the waypoint's zone is served from it, unless a rule of its own

@@ -344,7 +344,7 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect::<Vec<_>>()
     };
-    let cases: [(String, Seen); 10] = [
+    let cases: [(String, Seen); 9] = [
         // Without outlier detection, no preference: Envoy would never fail over.
         ("{loadBalancer: {simple: RANDOM}}".to_owned(), (false, None)),
         (
@@ -395,13 +395,6 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
             ),
             (true, Some((vec![Node], true, regions(&[("r1", "r2")])))),
         ),
-        (
-            format!(
-                "{detecting}, loadBalancer: {{localityLbSetting: {{distribute: \
-                 [{{from: r1/*, to: {{r1/*: 80, r2/*: 20}}}}]}}}}}}"
-            ),
-            (true, None),
-        ),
     ];
     for (traffic, expected) in cases {
         assert_eq!(seen(&traffic), expected, "{traffic}");
@@ -415,6 +408,34 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
     assert_eq!(p.traffic.locality, LocalityLb::Set(None));
     let v1 = &p.subset("v1").expect("v1").traffic.locality;
     assert!(matches!(v1, LocalityLb::Unset(Some(_))), "{v1:?}");
+}
+
+#[test]
+fn distribute_keeps_its_shares_most_specific_first_without_outlier_detection() {
+    let p = policy(
+        "host: reviews\ntrafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [\
+         {from: r1/z1/*, to: {\"r1/*\": 60, r2/z2/s2: 30, r3: 10}}, {from: \"r2/*\", to: {r2: 100}}]}}}",
+    );
+    let LocalityLb::Distribute(entries) = &p.traffic.locality else {
+        panic!("{:?}", p.traffic.locality);
+    };
+    assert_eq!(entries.len(), 2);
+    let at = |l: &str| {
+        let mut parts = l.split('/').map(Arc::<str>::from);
+        let mut next = || parts.next().unwrap_or_else(|| Arc::from(""));
+        crate::model::Locality {
+            region: next(),
+            zone: next(),
+            subzone: next(),
+        }
+    };
+    let first = &entries[0];
+    assert!(first.from.matches(&at("r1/z1/s9")) && first.from.matches(&at("r1/z1")));
+    assert!(!first.from.matches(&at("r1/z2/s1")));
+    let weights: Vec<u32> = first.to.iter().map(|(_, w)| *w).collect();
+    assert_eq!(weights, [30, 60, 10], "the subzone first, then r1/* and r3");
+    let (r1, _) = &first.to[1];
+    assert!(r1.matches(&at("r1/z7/s7")) && !r1.matches(&at("r2/z1/s1")));
 }
 
 #[test]
@@ -452,6 +473,36 @@ fn locality_settings_istiod_refuses_are_refused() {
             "{failover: [{from: r1, to: r2}], failoverPriority: [version, topology.kubernetes.io/zone]}",
             format!("{field}.failoverPriority[1]"),
             "together with failover",
+        ),
+        (
+            "{distribute: [{from: r1, to: {r1: 60, r2: 30}}]}",
+            format!("{field}.distribute[0].to"),
+            "add up to 100",
+        ),
+        (
+            "{distribute: [{from: r1, to: {r1: 0, r2: 100}}]}",
+            format!("{field}.distribute[0].to"),
+            "from 1 to 100",
+        ),
+        (
+            "{distribute: [{from: \"r1/*/z1\", to: {r1: 100}}]}",
+            format!("{field}.distribute[0].from"),
+            "at its end",
+        ),
+        (
+            "{distribute: [{from: r1//z1, to: {r1: 100}}]}",
+            format!("{field}.distribute[0].from"),
+            "no empty",
+        ),
+        (
+            "{distribute: [{from: r1, to: {r1: 50, r1/z1: 50}}]}",
+            format!("{field}.distribute[0].to"),
+            "overlaps",
+        ),
+        (
+            "{distribute: [{from: r1/z1, to: {r1: 100}}, {from: r1/z1/s1, to: {r1: 100}}]}",
+            format!("{field}.distribute"),
+            "overlaps",
         ),
     ];
     for (setting, at, says) in cases {

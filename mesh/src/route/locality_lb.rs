@@ -12,15 +12,20 @@
 //!   and `failover` then order the endpoints of each of those ranks, as istiod multiplies the
 //!   two priorities.
 //!
+//! `distribute` is not an order but shares: a proxy in a `from` locality sends each `to`
+//! locality its percentage of the traffic, split among the endpoint localities it matches by
+//! their endpoints' weights, and nothing to endpoints no `to` matches ([`LocalityShares`]).
+//!
 //! Whether the rule sets `localityLbSetting` at all matters too: istiod takes a rule's setting
 //! over the service's `trafficDistribution`, and the service's over the mesh default.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::lower_common::Problems;
-use super::spec_destination::LocalityLbSetting;
-use crate::model::Workload;
+use super::spec_destination::{LocalityDistribute, LocalityLbSetting};
 use crate::model::locality::Scope;
+use crate::model::{Locality, Workload};
 
 /// What a traffic policy's `localityLbSetting` makes of locality balancing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +35,9 @@ pub enum LocalityLb {
     Unset(Option<LocalityPreference>),
     /// Set by the rule: this, whatever the service's traffic distribution says (`None`: off).
     Set(Option<LocalityPreference>),
+    /// Set by the rule, with `distribute`: the first entry whose `from` matches the proxy's
+    /// locality applies; none matching, every endpoint alike. Envoy needs no ejections for it.
+    Distribute(Box<[LocalityShares]>),
 }
 
 impl Default for LocalityLb {
@@ -50,6 +58,7 @@ impl LocalityLb {
     pub fn preference(&self) -> Option<&LocalityPreference> {
         match self {
             Self::Unset(p) | Self::Set(p) => p.as_ref(),
+            Self::Distribute(_) => None,
         }
     }
 
@@ -59,6 +68,7 @@ impl LocalityLb {
         match self {
             Self::Unset(p) => Self::Unset(p.filter(|_| outlier_detection)),
             Self::Set(p) => Self::Set(p.filter(|_| outlier_detection)),
+            Self::Distribute(shares) => Self::Distribute(shares),
         }
     }
 }
@@ -115,6 +125,134 @@ impl LocalityPreference {
     }
 }
 
+/// One `distribute` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalityShares {
+    /// The proxy localities it applies to.
+    pub from: LocalityPattern,
+    /// Endpoint localities and their percentages, the most specific pattern first: an
+    /// endpoint locality is the first matching pattern's. (istiod walks a Go map, in no
+    /// stable order; its validation refuses most overlaps.)
+    pub to: Box<[(LocalityPattern, u32)]>,
+}
+
+/// `region/zone/subzone` as `distribute` writes it: a `*` part, or one left out, matches any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalityPattern {
+    parts: [Option<Arc<str>>; 3],
+}
+
+impl LocalityPattern {
+    /// Parses what istiod's validation accepts: no empty part, at most one `*`, last.
+    fn parse(s: &str) -> Result<Self, String> {
+        let stars = s.matches('*').count();
+        if stars > 1 || (stars == 1 && !s.ends_with('*')) {
+            return Err(format!(
+                "{s:?}: a locality takes at most one '*', at its end"
+            ));
+        }
+        let mut parts: [Option<Arc<str>>; 3] = Default::default();
+        for (i, part) in s.splitn(3, '/').enumerate() {
+            if part.is_empty() {
+                return Err(format!(
+                    "{s:?}: a locality has no empty region, zone or subzone"
+                ));
+            }
+            parts[i] = (part != "*").then(|| Arc::from(part));
+        }
+        Ok(Self { parts })
+    }
+
+    /// Whether `locality` is one this pattern names.
+    pub fn matches(&self, locality: &Locality) -> bool {
+        let [region, zone, subzone] = &self.parts;
+        let part = |p: &Option<Arc<str>>, value: &Arc<str>| p.as_ref().is_none_or(|p| p == value);
+        part(region, &locality.region)
+            && part(zone, &locality.zone)
+            && part(subzone, &locality.subzone)
+    }
+
+    /// How many parts it fixes.
+    fn specificity(&self) -> usize {
+        self.parts.iter().flatten().count()
+    }
+}
+
+/// istiod's overlap check of a list of localities, in its order: a locality may not fall
+/// within one listed before it, nor a region or zone given whole contain one listed before.
+fn check_overlaps<'a>(localities: impl IntoIterator<Item = &'a str>) -> Result<(), String> {
+    // region → zone → subzones; "*" for the whole of a region or zone, or for every region.
+    let mut seen: BTreeMap<&str, BTreeMap<&str, BTreeSet<&str>>> = BTreeMap::new();
+    for locality in localities {
+        let overlap = || Err(format!("{locality:?} overlaps a locality listed before it"));
+        if seen.contains_key("*") {
+            return overlap();
+        }
+        let mut parts = locality.splitn(3, '/');
+        let (region, zone, subzone) = (parts.next().unwrap_or(""), parts.next(), parts.next());
+        let Some(zones) = seen.get_mut(region) else {
+            let subzones = BTreeSet::from([subzone.unwrap_or("*")]);
+            seen.insert(region, BTreeMap::from([(zone.unwrap_or("*"), subzones)]));
+            continue;
+        };
+        let (Some(zone), false) = (zone, zones.contains_key("*")) else {
+            return overlap();
+        };
+        let Some(subzones) = zones.get_mut(zone) else {
+            zones.insert(zone, BTreeSet::from([subzone.unwrap_or("*")]));
+            continue;
+        };
+        match subzone {
+            Some(subzone) if !subzones.contains("*") && subzones.insert(subzone) => {}
+            _ => return overlap(),
+        }
+    }
+    Ok(())
+}
+
+/// Reads `distribute` at `field`, refusing what istiod's validation refuses.
+fn distribute(
+    entries: &[LocalityDistribute],
+    field: &str,
+    problems: &mut Problems,
+) -> Box<[LocalityShares]> {
+    let field = format!("{field}.distribute");
+    if let Err(e) = check_overlaps(entries.iter().map(|e| e.from.as_str())) {
+        problems.push(&field, e);
+    }
+    let mut out = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        let from = LocalityPattern::parse(&entry.from);
+        if let Err(e) = &from {
+            problems.push(format!("{field}.from"), e.clone());
+        }
+        if entry.to.values().any(|w| !(1..=100).contains(w)) {
+            problems.push(format!("{field}.to"), "each weight is from 1 to 100");
+        } else if entry.to.values().sum::<u32>() != 100 {
+            problems.push(format!("{field}.to"), "the weights add up to 100");
+        }
+        if let Err(e) = check_overlaps(entry.to.keys().map(String::as_str)) {
+            problems.push(format!("{field}.to"), e);
+        }
+        let mut to = Vec::new();
+        for (locality, weight) in &entry.to {
+            match LocalityPattern::parse(locality) {
+                Ok(pattern) => to.push((pattern, *weight)),
+                Err(e) => problems.push(format!("{field}.to"), e),
+            }
+        }
+        to.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.specificity()));
+        if let Ok(from) = from {
+            out.push(LocalityShares {
+                from,
+                to: to.into(),
+            });
+        }
+    }
+    out.into()
+}
+
 /// The label of a workload's cluster, which every endpoint shares with a single-cluster waypoint.
 const CLUSTER: &str = "topology.istio.io/cluster";
 
@@ -159,10 +297,7 @@ pub(super) fn lower(
         }
     }
     if !setting.distribute.is_empty() {
-        unapplied.push(format!(
-            "{field}.distribute is not supported; every endpoint is used alike"
-        ));
-        return LocalityLb::Set(None);
+        return LocalityLb::Distribute(distribute(&setting.distribute, field, problems));
     }
     if setting.failover_priority.is_empty() {
         return LocalityLb::Set(Some(LocalityPreference {

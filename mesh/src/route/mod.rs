@@ -40,7 +40,9 @@ pub use destination::{
     OutlierDetection, Subset, TcpKeepalive, TrafficPolicy, lower_destination_rule,
 };
 pub use duration::{InvalidDuration, parse_duration};
-pub use locality_lb::{LocalityLb, LocalityPreference, RegionFailover};
+pub use locality_lb::{
+    LocalityLb, LocalityPattern, LocalityPreference, LocalityShares, RegionFailover,
+};
 pub use lower_http_route::lower_http_route;
 pub use lower_virtual_service::lower_virtual_service;
 pub use model::{

@@ -1,9 +1,8 @@
 //! Istio `DestinationRule.spec`, as users write it.
 //!
 //! Field names follow `networking/v1alpha3/destination_rule.proto` in its JSON form. Sections the
-//! waypoint does not act on (`tunnel`, `proxyProtocol`, `retryBudget` and
-//! `localityLbSetting`'s `distribute`) are kept as raw values so valid Istio YAML
-//! is accepted unchanged.
+//! waypoint does not act on (`tunnel`, `proxyProtocol` and `retryBudget`) are kept as raw
+//! values so valid Istio YAML is accepted unchanged.
 
 use std::collections::BTreeMap;
 
@@ -147,15 +146,28 @@ pub struct LocalityLbSetting {
     /// `false` turns locality-aware balancing off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
-    /// Weights per locality. Accepted, not lowered.
+    /// Shares of traffic per locality.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub distribute: Vec<serde_json::Value>,
+    pub distribute: Vec<LocalityDistribute>,
     /// Region-to-region failover.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failover: Vec<LocalityFailover>,
     /// Labels endpoints are ranked by, most significant first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failover_priority: Vec<String>,
+}
+
+/// `localityLbSetting.distribute[]`: how a proxy in the `from` locality spreads traffic over
+/// localities.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityDistribute {
+    /// The proxy's locality: `region/zone/subzone`, ending in `*` to match any below.
+    #[serde(default)]
+    pub from: String,
+    /// Localities and their percentages of the traffic (summing to 100).
+    #[serde(default)]
+    pub to: BTreeMap<String, u32>,
 }
 
 /// `localityLbSetting.failover[]`: where a proxy of region `from` sends traffic once its own

@@ -977,13 +977,11 @@ fn near_endpoints_serve_first_and_farther_ones_when_they_are_ejected() {
     );
 }
 
-/// A DestinationRule with outlier detection makes the waypoint prefer endpoints in its own
-/// locality, as Istio's default `localityLbSetting` does, unless the setting says otherwise.
-#[test]
-fn outlier_detection_prefers_the_waypoints_locality_unless_told_otherwise() {
-    let rule = |traffic_policy: &str| {
-        format!(
-            "{ZONES}---
+/// ZONES with web-e in the waypoint's zone (z1) on another node, and service `spread` over
+/// all five web pods, with a DestinationRule of `traffic_policy`.
+fn spread(traffic_policy: &str) -> String {
+    format!(
+        "{ZONES}---
 apiVersion: v1
 kind: Node
 metadata: {{name: node-c, labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: z1}}}}
@@ -1009,8 +1007,13 @@ spec:
   host: spread
   trafficPolicy: {traffic_policy}
 "
-        )
-    };
+    )
+}
+
+/// A DestinationRule with outlier detection makes the waypoint prefer endpoints in its own
+/// locality, as Istio's default `localityLbSetting` does, unless the setting says otherwise.
+#[test]
+fn outlier_detection_prefers_the_waypoints_locality_unless_told_otherwise() {
     // web-e shares the waypoint's zone (z1) on another node.
     let zone = &["web-a", "web-b", "web-e"][..];
     let everywhere = &["web-a", "web-b", "web-c", "web-d", "web-e"][..];
@@ -1044,18 +1047,70 @@ spec:
                 "{detecting}, loadBalancer: {{localityLbSetting: {{distribute: \
                  [{{from: r/z1/*, to: {{r/z2/*: 100}}}}]}}}}}}"
             ),
-            everywhere,
+            &["web-c", "web-d"][..],
         ),
     ];
     let policy = traffic(LoadBalancer::Random);
     for (traffic_policy, expected) in cases {
-        let s = snapshot(&rule(&traffic_policy));
+        let s = snapshot(&spread(&traffic_policy));
         let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "waypoint-1")));
         let counts = tally(400, || {
             pick_of(&b, &s, "spread", &policy, &[]).expect("endpoint")
         });
         assert_eq!(names(&counts), expected, "{traffic_policy}");
     }
+}
+
+/// `distribute` splits the traffic between localities by their percentages, whatever the
+/// number of endpoints in each, and a locality whose endpoints are all ejected leaves its share
+/// to the others, as Envoy's locality-weighted balancing does.
+#[test]
+fn distribute_shares_traffic_between_localities() {
+    let s = snapshot(&spread(
+        "{loadBalancer: {simple: ROUND_ROBIN, localityLbSetting: {distribute: [\
+         {from: r/z2/*, to: {r/z2: 100}}, {from: \"r/*\", to: {r/z1: 25, \"r/z2/*\": 75}}]}}}",
+    ));
+    let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "waypoint-1")));
+    // The waypoint is in z1: the first entry is not its, the second is. Three endpoints in z1
+    // take a quarter, two in z2 three quarters.
+    let policy = traffic(LoadBalancer::RoundRobin);
+    let counts = tally(4000, || {
+        pick_of(&b, &s, "spread", &policy, &[]).expect("endpoint")
+    });
+    let z2 = counts["web-c"] + counts["web-d"];
+    assert!((2800..3200).contains(&z2), "{counts:?}");
+    assert_eq!(
+        names(&counts),
+        ["web-a", "web-b", "web-c", "web-d", "web-e"]
+    );
+
+    // z2's endpoints ejected: z1 takes everything.
+    let detection = OutlierDetection {
+        consecutive_5xx_errors: 1,
+        max_ejection_percent: 100,
+        ..OutlierDetection::default()
+    };
+    for name in ["web-c", "web-d"] {
+        fail(
+            &b,
+            workload(&s, name),
+            1,
+            Outcome::ServerError(503),
+            &detection,
+        );
+    }
+    let detecting = detecting(LoadBalancer::RoundRobin, detection);
+    let counts = tally(300, || {
+        pick_of(&b, &s, "spread", &detecting, &[]).expect("endpoint")
+    });
+    assert_eq!(names(&counts), ["web-a", "web-b", "web-e"]);
+
+    // A locality no `to` names takes nothing, even when it is all that is left.
+    let s = snapshot(&spread(
+        "{loadBalancer: {localityLbSetting: {distribute: [{from: r/z1, to: {r/z3: 100}}]}}}",
+    ));
+    let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "waypoint-1")));
+    assert_eq!(pick_of(&b, &s, "spread", &policy, &[]), None);
 }
 
 #[test]
