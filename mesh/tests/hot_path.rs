@@ -93,7 +93,7 @@ fn lookups_and_evaluation_do_not_allocate() {
     assert_eq!((count, n), (Some(2), 0), "endpoints");
     let (_, n) = allocations(|| s.service_waypoint(service).map(|w| w.instances.len()));
     assert_eq!(n, 0, "service_waypoint");
-    let (_, n) = allocations(|| s.routes(id, 9080).is_some());
+    let (_, n) = allocations(|| s.routes("bookinfo", id, 9080).is_some());
     assert_eq!(n, 0, "routes");
 
     let attrs = Attributes {

@@ -221,10 +221,11 @@ fn services_prefer_near_endpoints_as_istiod_tells_ztunnel() {
 /// A proxy in eu/eu-a/rack-1 and the endpoints of `geo`, one per distance from it; `{lb}` is
 /// the rule's `localityLbSetting`.
 fn regions(lb: &str) -> String {
-    let entry = |name: &str, ip: &str, locality: &str| {
+    let entry = |name: &str, ip: &str, locality: &str, network: &str| {
         format!(
             "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, \
-             namespace: shop}}\nspec: {{address: {ip}, locality: {locality}, labels: {{app: geo}}}}\n"
+             namespace: shop}}\nspec: {{address: {ip}, locality: {locality}, network: {network}, \
+             labels: {{app: geo}}}}\n"
         )
     };
     let mut yaml = String::from(
@@ -244,15 +245,16 @@ spec:
 "#,
     );
     yaml.push_str(&format!("    loadBalancer: {{localityLbSetting: {lb}}}\n"));
-    for (name, ip, locality) in [
-        ("proxy", "10.2.0.1", "eu/eu-a/rack-1"),
-        ("subzone", "10.2.0.2", "eu/eu-a/rack-1"),
-        ("zone", "10.2.0.3", "eu/eu-a/rack-2"),
-        ("region", "10.2.0.4", "eu/eu-b/rack-1"),
-        ("us", "10.2.0.5", "us/us-a/rack-1"),
-        ("ap", "10.2.0.6", "ap/ap-a/rack-1"),
+    // Every endpoint but `subzone` shares the proxy's network.
+    for (name, ip, locality, network) in [
+        ("proxy", "10.2.0.1", "eu/eu-a/rack-1", "n1"),
+        ("subzone", "10.2.0.2", "eu/eu-a/rack-1", "n2"),
+        ("zone", "10.2.0.3", "eu/eu-a/rack-2", "n1"),
+        ("region", "10.2.0.4", "eu/eu-b/rack-1", "n1"),
+        ("us", "10.2.0.5", "us/us-a/rack-1", "n1"),
+        ("ap", "10.2.0.6", "ap/ap-a/rack-1", "n1"),
     ] {
-        yaml.push_str(&entry(name, ip, locality));
+        yaml.push_str(&entry(name, ip, locality, network));
     }
     yaml
 }
@@ -267,9 +269,19 @@ fn a_destination_rules_failover_orders_regions_as_istiods_priorities_do() {
             .expect("geo");
         let (_, rule) = s.destination_rule("shop", geo).expect("rule");
         let preference = rule.traffic.locality.preference().expect("a preference");
-        let me = at(&s, "10.2.0.1");
-        ["10.2.0.2", "10.2.0.3", "10.2.0.4", "10.2.0.5", "10.2.0.6"]
-            .map(|ip| preference.rank(me, at(&s, ip)))
+        let on = |network: &str, ip: &str| {
+            let ip = ip.parse::<IpAddr>().expect("ip");
+            s.workload_by_ip(network, ip).expect("workload")
+        };
+        let me = on("n1", "10.2.0.1");
+        [
+            ("n2", "10.2.0.2"),
+            ("n1", "10.2.0.3"),
+            ("n1", "10.2.0.4"),
+            ("n1", "10.2.0.5"),
+            ("n1", "10.2.0.6"),
+        ]
+        .map(|(network, ip)| preference.rank(me, on(network, ip)))
     };
     // Region, zone, subzone; every other region alike.
     let [subzone, zone, region, us, ap] = ranks("{enabled: true}");
@@ -288,12 +300,16 @@ fn a_destination_rules_failover_orders_regions_as_istiods_priorities_do() {
     let [.., us, ap] = ranks("{failover: [{from: ap, to: us}]}");
     assert_eq!(us, ap);
 
-    // With failoverPriority, its labels rank first (here the network, which all share); with
-    // failover beside it, region, zone, subzone and failover then order each of its ranks.
+    // With failoverPriority, its labels rank first: every endpoint of the proxy's network,
+    // however far, before `subzone`, on another; with failover beside it, region, zone,
+    // subzone and failover then order the endpoints of each of its ranks.
     let [subzone, zone, region, us, ap] =
         ranks("{failoverPriority: [topology.istio.io/network], failover: [{from: eu, to: us}]}");
-    assert!(subzone > zone && zone > region && region > us && us > ap);
-    // Without failover, failoverPriority alone: all share the network, so all rank alike.
-    let ranked = ranks("{failoverPriority: [topology.istio.io/network]}");
-    assert!(ranked.iter().all(|r| *r == ranked[0]), "{ranked:?}");
+    assert!(zone > region && region > us && us > ap && ap > subzone);
+    // Without failover, failoverPriority alone: the network is all that ranks.
+    let [subzone, ranked @ ..] = ranks("{failoverPriority: [topology.istio.io/network]}");
+    assert!(
+        ranked.iter().all(|r| *r == ranked[0] && *r > subzone),
+        "{ranked:?}"
+    );
 }

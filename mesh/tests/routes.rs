@@ -84,7 +84,7 @@ fn virtual_service_and_subsets() {
     assert!(names(Some("v3")).is_empty(), "v3's only pod is not ready");
     assert!(reviews.subset_endpoints(Some((rule, "v9"))).is_none());
 
-    let table = s.routes(id, 9080).expect("routes attached");
+    let table = s.routes("bookinfo", id, 9080).expect("routes attached");
     let mut jason = HeaderMap::new();
     jason.insert("end-user", "jason".parse().expect("value"));
     let (rule, _) = table.select(&request("/reviews/1", &jason)).expect("match");
@@ -107,7 +107,10 @@ fn virtual_service_and_subsets() {
         [(Some("v1".to_owned()), 80), (Some("v2".to_owned()), 20)]
     );
     let (product, _) = s.service_by_vip(ip("10.96.0.10")).expect("productpage");
-    assert!(s.routes(product, 9080).is_none(), "no route attached");
+    assert!(
+        s.routes("bookinfo", product, 9080).is_none(),
+        "no route attached"
+    );
 }
 
 #[test]
@@ -125,12 +128,107 @@ spec:
 "#;
     let s = snapshot(&format!("{BOOKINFO}{REVIEWS_SPLIT}{route}"));
     let (id, _) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
-    let table = s.routes(id, 9080).expect("attached");
+    let table = s.routes("bookinfo", id, 9080).expect("attached");
     let headers = HeaderMap::new();
     assert!(table.select(&request("/v2/x", &headers)).is_some());
     assert!(
         table.select(&request("/other", &headers)).is_none(),
         "the HTTPRoute owns the port: no VirtualService catch-all, so the waypoint answers 404"
+    );
+}
+
+/// A VirtualService for `reviews` in `namespace`, exported to `export_to`, sending everything
+/// to `subset`.
+fn to_subset(name: &str, namespace: &str, export_to: &str, subset: &str) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  hosts: [reviews.bookinfo.svc.cluster.local]
+  exportTo: {export_to}
+  http: [{{route: [{{destination: {{host: reviews.bookinfo.svc.cluster.local, subset: {subset}}}}}]}}]
+"#
+    )
+}
+
+#[test]
+fn a_waypoint_applies_the_routes_of_its_services_namespace_and_its_own_as_exported() {
+    let reviews_rule = REVIEWS_SPLIT
+        .split("---\napiVersion: networking.istio.io/v1\nkind: VirtualService")
+        .next()
+        .expect("the DestinationRule");
+    // Each namespace's waypoint: which subset the routes it applies send a request to.
+    let subset_at = |yaml: &str, proxy: &str| {
+        let s = snapshot(&format!("{BOOKINFO}{reviews_rule}{yaml}"));
+        let (id, _) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
+        let table = s.routes(proxy, id, 9080)?;
+        let headers = HeaderMap::new();
+        let (rule, _) = table.select(&request("/", &headers))?;
+        backends(&rule.action)[0].1.clone()
+    };
+    let v = |s: &str| Some(s.to_owned());
+
+    // The service's namespace's, exported everywhere (the default): every waypoint's.
+    let own = to_subset("own", "bookinfo", "[]", "v1");
+    for proxy in ["bookinfo", "legacy", "elsewhere"] {
+        assert_eq!(subset_at(&own, proxy), v("v1"), "{proxy}");
+    }
+    // Kept to its namespace: only the waypoint there applies it.
+    let private = to_subset("private", "bookinfo", "[\".\"]", "v1");
+    assert_eq!(subset_at(&private, "bookinfo"), v("v1"));
+    assert_eq!(subset_at(&private, "legacy"), None);
+    // Exported by name.
+    let named = to_subset("named", "bookinfo", "[legacy]", "v2");
+    assert_eq!(subset_at(&named, "legacy"), v("v2"));
+    assert_eq!(
+        subset_at(&named, "bookinfo"),
+        None,
+        "not exported to its own namespace"
+    );
+    assert_eq!(subset_at(&named, "elsewhere"), None);
+    // Another namespace's applies only at that namespace's waypoint, after the service's own
+    // (whose catch-all then wins), however widely it is exported.
+    let third = to_subset("third", "legacy", "[\"*\"]", "v3");
+    assert_eq!(subset_at(&third, "legacy"), v("v3"));
+    assert_eq!(
+        subset_at(&third, "bookinfo"),
+        None,
+        "cannot reroute another namespace"
+    );
+    assert_eq!(subset_at(&third, "elsewhere"), None);
+    assert_eq!(subset_at(&format!("{own}{third}"), "legacy"), v("v1"));
+
+    // An HTTPRoute in another namespace than its Service's (a consumer route) applies only at
+    // its own namespace's waypoint.
+    let consumer = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: legacy}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, namespace: bookinfo, port: 9080}]
+  rules: [{backendRefs: [{name: reviews, namespace: bookinfo, port: 9080}]}]
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{reviews_rule}{consumer}{own}"));
+    let (id, _) = s.service_by_vip(ip("10.96.0.20")).expect("reviews");
+    let headers = HeaderMap::new();
+    let at = |proxy| {
+        let table = s.routes(proxy, id, 9080).expect("a table");
+        let (rule, _) = table.select(&request("/", &headers)).expect("a rule");
+        backends(&rule.action)[0].1.clone()
+    };
+    assert_eq!(
+        at("legacy"),
+        None,
+        "the HTTPRoute, with no subset, wins at its own waypoint"
+    );
+    assert_eq!(
+        at("bookinfo"),
+        v("v1"),
+        "the service's own waypoint keeps the VirtualService"
     );
 }
 

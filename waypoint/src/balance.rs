@@ -336,25 +336,35 @@ impl Balancer {
         let mut rng = rand::rng();
         // Relax the filters until an endpoint is admitted, as Envoy's priorities and retry
         // predicate do: a healthy endpoint, the nearest first, and one not tried yet before a
-        // tried one of the same rank; ejected endpoints only when none is healthy. Passes that
-        // would repeat the previous one are skipped.
+        // tried one of the same rank; ejected endpoints only when none is healthy. Under
+        // shares, where Envoy draws the locality again for a retry, an untried endpoint of any
+        // locality comes before a tried one. Passes that would repeat the previous one are
+        // skipped.
+        let tried_last: &[Option<bool>] = match tiers {
+            Tiers::Shares { .. } => &[Some(true), Some(false)],
+            _ => &[None],
+        };
         let found = 'found: {
             for skip_ejected in [true, false] {
                 if skip_ejected && healthy_at.is_none() {
                     continue;
                 }
                 pool.healthy_at = healthy_at.filter(|_| skip_ejected);
-                let mut tiers = tiers.clone();
-                while let Some(rank) = tiers.next(&mut rng) {
-                    pool.rank = rank;
-                    for skip_tried in [true, false] {
-                        if skip_tried && exclude.is_empty() {
-                            continue;
-                        }
-                        pool.exclude = if skip_tried { exclude } else { &[] };
-                        let found = pool.pick(&policy.load_balancer, hash, turn, &mut rng);
-                        if found.is_some() {
-                            break 'found found;
+                for &only in tried_last {
+                    let mut tiers = tiers.clone();
+                    while let Some(rank) = tiers.next(&mut rng, hash) {
+                        pool.rank = rank;
+                        for skip_tried in [true, false] {
+                            if (skip_tried && exclude.is_empty())
+                                || only.is_some_and(|o| o != skip_tried)
+                            {
+                                continue;
+                            }
+                            pool.exclude = if skip_tried { exclude } else { &[] };
+                            let found = pool.pick(&policy.load_balancer, hash, turn, &mut rng);
+                            if found.is_some() {
+                                break 'found found;
+                            }
                         }
                     }
                 }
@@ -846,7 +856,7 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
 }
 
 /// SplitMix64's finalizer: turns a key ⊕ endpoint hash into an independent-looking score.
-fn mix(mut z: u64) -> u64 {
+pub(super) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

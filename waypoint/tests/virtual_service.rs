@@ -291,3 +291,35 @@ async fn match_conditions() {
     }
     mesh.shutdown().await;
 }
+
+/// A VirtualService for `echo` in `namespace`, exported to `export_to`, answering 418 itself.
+fn teapot(namespace: &str, export_to: &str) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: teapot, namespace: {namespace}}}
+spec:
+  hosts: [echo.app.svc.cluster.local]
+  exportTo: {export_to}
+  http: [{{directResponse: {{status: 418}}}}]
+"#
+    )
+}
+
+/// The waypoint (in `app`) applies the VirtualServices of its service's namespace and of its
+/// own, where they are exported to it; one in another namespace cannot reroute `app`'s service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_virtual_services_exported_to_the_waypoints_namespace_apply() {
+    let mesh = Mesh::start(76, &teapot("app", "[]")).await;
+    assert_eq!(mesh.request("GET", "/", &[], "").await.status, 418);
+    for (namespace, export_to) in [("other", "[\"*\"]"), ("app", "[other]")] {
+        mesh.set_routes(&teapot(namespace, export_to)).await;
+        let r = mesh.request("GET", "/", &[], "").await;
+        assert_eq!(r.status, 200, "{namespace} {export_to}");
+    }
+    mesh.set_routes(&teapot("app", "[\".\"]")).await;
+    assert_eq!(mesh.request("GET", "/", &[], "").await.status, 418);
+    mesh.shutdown().await;
+}

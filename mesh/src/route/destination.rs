@@ -13,7 +13,7 @@ use http::HeaderName;
 
 use super::ServiceResolver;
 use super::locality_lb::{self, LocalityLb};
-use super::lower_common::{Problems, duration, header_name};
+use super::lower_common::{Problems, check_export_to, duration, header_name};
 use super::spec_destination::{
     ConnectionPoolSettings, ConsistentHashLb, DestinationRuleSpec, H2UpgradePolicy,
     LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, TrafficPolicySpec,
@@ -281,7 +281,14 @@ pub fn lower_destination_rule(
         );
         Arc::from(spec.host.as_str())
     };
-    check_export_to(spec, namespace, &mut problems);
+    check_export_to(&spec.export_to, "DestinationRule", namespace, &mut problems);
+    let own = |e: &String| e == "." || e == namespace;
+    if spec.workload_selector.is_some() && !spec.export_to.iter().all(own) {
+        problems.push(
+            "spec.exportTo",
+            "a DestinationRule with a workloadSelector cannot be exported beyond its namespace",
+        );
+    }
     // What is accepted but not applied, said once per load with the rule's name.
     let mut unapplied = Vec::new();
     let base = Sections::lower(
@@ -357,53 +364,6 @@ pub fn lower_destination_rule(
         subsets,
         ports,
     })
-}
-
-/// Checks `exportTo` as istiod validates it: `.`, `*` or namespace names, each once (`.` and
-/// the rule's own namespace are the same); `*` alone; never `~`, which would hide the rule from
-/// its own namespace too; only its own namespace for a rule with a `workloadSelector`.
-fn check_export_to(spec: &DestinationRuleSpec, namespace: &str, problems: &mut Problems) {
-    let export_to = &spec.export_to;
-    let own = |e: &str| e == "." || e == namespace;
-    if export_to.len() > 1 && export_to.iter().any(|e| e == "*") {
-        problems.push(
-            "spec.exportTo",
-            "\"*\" (every namespace) cannot be listed with other entries",
-        );
-    }
-    if spec.workload_selector.is_some() && !export_to.iter().all(|e| own(e)) {
-        problems.push(
-            "spec.exportTo",
-            "a DestinationRule with a workloadSelector cannot be exported beyond its namespace",
-        );
-    }
-    for (k, entry) in export_to.iter().enumerate() {
-        let field = format!("spec.exportTo[{k}]");
-        let earlier = &export_to[..k];
-        let message = if entry == "~" {
-            "a DestinationRule cannot be exported to no namespace (\"~\")".to_owned()
-        } else if earlier.contains(entry) {
-            format!("{entry:?} is listed twice")
-        } else if own(entry) && earlier.iter().any(|e| own(e)) {
-            format!("\".\" and {namespace:?}, the rule's own namespace, are the same")
-        } else if !(entry == "." || entry == "*" || is_namespace_name(entry)) {
-            format!("{entry:?} is not \".\", \"*\" or a namespace name")
-        } else {
-            continue;
-        };
-        problems.push(field, message);
-    }
-}
-
-/// A Kubernetes namespace name: an RFC 1123 label.
-fn is_namespace_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (1..=63).contains(&bytes.len())
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }
 
 /// The sections each of `spec`'s `portLevelSettings` sets, by port.

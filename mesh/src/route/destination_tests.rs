@@ -209,7 +209,7 @@ fn semantic_errors_name_the_field() {
         (
             "host: reviews\nexportTo: [\".\", default]",
             "spec.exportTo[1]",
-            "the rule's own namespace, are the same",
+            "its own namespace, are the same",
         ),
         (
             "host: reviews\nworkloadSelector: {matchLabels: {app: a}}\nexportTo: [\".\", shop]",
@@ -411,7 +411,7 @@ fn locality_preference_follows_outlier_detection_and_the_setting() {
 }
 
 #[test]
-fn distribute_keeps_its_shares_most_specific_first_without_outlier_detection() {
+fn distribute_keeps_its_shares_without_outlier_detection() {
     let p = policy(
         "host: reviews\ntrafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [\
          {from: r1/z1/*, to: {\"r1/*\": 60, r2/z2/s2: 30, r3: 10}}, {from: \"r2/*\", to: {r2: 100}}]}}}",
@@ -433,8 +433,8 @@ fn distribute_keeps_its_shares_most_specific_first_without_outlier_detection() {
     assert!(first.from.matches(&at("r1/z1/s9")) && first.from.matches(&at("r1/z1")));
     assert!(!first.from.matches(&at("r1/z2/s1")));
     let weights: Vec<u32> = first.to.iter().map(|(_, w)| *w).collect();
-    assert_eq!(weights, [30, 60, 10], "the subzone first, then r1/* and r3");
-    let (r1, _) = &first.to[1];
+    assert_eq!(weights, [60, 30, 10]);
+    let (r1, _) = &first.to[0];
     assert!(r1.matches(&at("r1/z7/s7")) && !r1.matches(&at("r2/z1/s1")));
 }
 
@@ -460,9 +460,9 @@ fn locality_settings_istiod_refuses_are_refused() {
             "without wildcards",
         ),
         (
-            "{failover: [{to: r2}]}",
+            "{enabled: false, failover: [{from: r1, to: r1}]}",
             format!("{field}.failover[0]"),
-            "both from and to",
+            "different regions",
         ),
         (
             "{failover: [{from: r1, to: r2}], distribute: [{from: r1/*, to: {r2/*: 100}}]}",
@@ -492,7 +492,7 @@ fn locality_settings_istiod_refuses_are_refused() {
         (
             "{distribute: [{from: r1//z1, to: {r1: 100}}]}",
             format!("{field}.distribute[0].from"),
-            "no empty",
+            "empty region",
         ),
         (
             "{distribute: [{from: r1, to: {r1: 50, r1/z1: 50}}]}",

@@ -130,9 +130,8 @@ impl LocalityPreference {
 pub struct LocalityShares {
     /// The proxy localities it applies to.
     pub from: LocalityPattern,
-    /// Endpoint localities and their percentages, the most specific pattern first: an
-    /// endpoint locality is the first matching pattern's. (istiod walks a Go map, in no
-    /// stable order; its validation refuses most overlaps.)
+    /// Endpoint localities and their percentages. No two overlap (the load refuses it, as
+    /// istiod does), so an endpoint locality is at most one pattern's.
     pub to: Box<[(LocalityPattern, u32)]>,
 }
 
@@ -147,9 +146,7 @@ impl LocalityPattern {
     fn parse(s: &str) -> Result<Self, String> {
         let stars = s.matches('*').count();
         if stars > 1 || (stars == 1 && !s.ends_with('*')) {
-            return Err(format!(
-                "{s:?}: a locality takes at most one '*', at its end"
-            ));
+            return Err(format!("{s:?}: a locality may have one '*', at its end"));
         }
         let mut parts: [Option<Arc<str>>; 3] = Default::default();
         for (i, part) in s.splitn(3, '/').enumerate() {
@@ -171,11 +168,6 @@ impl LocalityPattern {
             && part(zone, &locality.zone)
             && part(subzone, &locality.subzone)
     }
-
-    /// How many parts it fixes.
-    fn specificity(&self) -> usize {
-        self.parts.iter().flatten().count()
-    }
 }
 
 /// istiod's overlap check of a list of localities, in its order: a locality may not fall
@@ -195,7 +187,8 @@ fn check_overlaps<'a>(localities: impl IntoIterator<Item = &'a str>) -> Result<(
             seen.insert(region, BTreeMap::from([(zone.unwrap_or("*"), subzones)]));
             continue;
         };
-        let (Some(zone), false) = (zone, zones.contains_key("*")) else {
+        // A region listed whole, or given again whole, overlaps.
+        let Some(zone) = zone.filter(|_| !zones.contains_key("*")) else {
             return overlap();
         };
         let Some(subzones) = zones.get_mut(zone) else {
@@ -227,10 +220,14 @@ fn distribute(
         if let Err(e) = &from {
             problems.push(format!("{field}.from"), e.clone());
         }
+        let total: u64 = entry.to.values().map(|&w| u64::from(w)).sum();
         if entry.to.values().any(|w| !(1..=100).contains(w)) {
-            problems.push(format!("{field}.to"), "each weight is from 1 to 100");
-        } else if entry.to.values().sum::<u32>() != 100 {
-            problems.push(format!("{field}.to"), "the weights add up to 100");
+            problems.push(format!("{field}.to"), "each weight must be from 1 to 100");
+        } else if total != 100 {
+            problems.push(
+                format!("{field}.to"),
+                format!("the weights must add up to 100, not {total}"),
+            );
         }
         if let Err(e) = check_overlaps(entry.to.keys().map(String::as_str)) {
             problems.push(format!("{field}.to"), e);
@@ -242,7 +239,6 @@ fn distribute(
                 Err(e) => problems.push(format!("{field}.to"), e),
             }
         }
-        to.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.specificity()));
         if let Ok(from) = from {
             out.push(LocalityShares {
                 from,
@@ -268,23 +264,18 @@ pub(super) fn lower(
     let Some(setting) = setting else {
         return LocalityLb::mesh_default();
     };
-    if setting.enabled == Some(false) {
-        return LocalityLb::Set(None);
-    }
     if !setting.distribute.is_empty() && !setting.failover.is_empty() {
         problems.push(field, "set distribute or failover, not both");
     }
     let mut failover = Vec::new();
     for (i, f) in setting.failover.iter().enumerate() {
         let field = format!("{field}.failover[{i}]");
-        let problem = if f.from.is_empty() || f.to.is_empty() {
-            Some("needs both from and to")
-        } else if f.from == f.to {
+        let problem = if f.from == f.to {
             Some("from and to must be different regions")
         } else if f.from.contains('/') || f.to.contains('/') {
-            Some("from and to are regions, without zones")
+            Some("from and to must be regions, without zones")
         } else if f.from.contains('*') || f.to.contains('*') {
-            Some("from and to are regions, without wildcards")
+            Some("from and to must be regions, without wildcards")
         } else {
             None
         };
@@ -296,16 +287,7 @@ pub(super) fn lower(
             }),
         }
     }
-    if !setting.distribute.is_empty() {
-        return LocalityLb::Distribute(distribute(&setting.distribute, field, problems));
-    }
-    if setting.failover_priority.is_empty() {
-        return LocalityLb::Set(Some(LocalityPreference {
-            failover: failover.into(),
-            ..LocalityPreference::default()
-        }));
-    }
-    if !failover.is_empty() {
+    if !setting.failover.is_empty() {
         let locality = |l: &&String| {
             matches!(
                 topology_scope(l),
@@ -323,6 +305,20 @@ pub(super) fn lower(
                 format!("{label:?} cannot be set together with failover"),
             );
         }
+    }
+    let distribute = distribute(&setting.distribute, field, problems);
+    // istiod checks the setting whole before reading `enabled`.
+    if setting.enabled == Some(false) {
+        return LocalityLb::Set(None);
+    }
+    if !distribute.is_empty() {
+        return LocalityLb::Distribute(distribute);
+    }
+    if setting.failover_priority.is_empty() {
+        return LocalityLb::Set(Some(LocalityPreference {
+            failover: failover.into(),
+            ..LocalityPreference::default()
+        }));
     }
     // Endpoints rank by how many leading labels they share with the waypoint, so the list is
     // cut at the first label we cannot compare. The cluster is skipped: with one cluster,

@@ -1,5 +1,5 @@
-//! Pieces of lowering both route kinds share: collecting problems, regexes, header names and
-//! values, durations.
+//! Pieces of lowering the resource kinds share: collecting problems, regexes, header names and
+//! values, durations, `exportTo`.
 
 use std::time::Duration;
 
@@ -190,6 +190,51 @@ pub(super) fn base64(text: &str, field: &str) -> Result<Vec<u8>, FieldError> {
         return Err(fail());
     }
     Ok(out)
+}
+
+/// Checks an Istio resource's `exportTo` as istiod validates it: `.`, `*` or namespace names,
+/// each once (`.` and the resource's own namespace are the same); `*` alone; never `~`, which
+/// would hide the resource from its own namespace too.
+pub(super) fn check_export_to(
+    export_to: &[String],
+    kind: &str,
+    namespace: &str,
+    problems: &mut Problems,
+) {
+    let own = |e: &str| e == "." || e == namespace;
+    if export_to.len() > 1 && export_to.iter().any(|e| e == "*") {
+        problems.push(
+            "spec.exportTo",
+            "\"*\" (every namespace) cannot be listed with other entries",
+        );
+    }
+    for (k, entry) in export_to.iter().enumerate() {
+        let field = format!("spec.exportTo[{k}]");
+        let earlier = &export_to[..k];
+        let message = if entry == "~" {
+            format!("a {kind} cannot be exported to no namespace (\"~\")")
+        } else if earlier.contains(entry) {
+            format!("{entry:?} is listed twice")
+        } else if own(entry) && earlier.iter().any(|e| own(e)) {
+            format!("\".\" and {namespace:?}, its own namespace, are the same")
+        } else if !(entry == "." || entry == "*" || is_namespace_name(entry)) {
+            format!("{entry:?} is not \".\", \"*\" or a namespace name")
+        } else {
+            continue;
+        };
+        problems.push(field, message);
+    }
+}
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+fn is_namespace_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
 }
 
 #[cfg(test)]

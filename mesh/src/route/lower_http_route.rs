@@ -68,6 +68,8 @@ pub fn lower_http_route(
         .into_iter()
         .map(|(service, port)| Attachment {
             service,
+            namespace: cx.source_namespace.clone(),
+            export_to: Box::default(),
             port,
             rules: rules.clone(),
         })

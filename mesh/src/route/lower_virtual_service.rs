@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::lower_common::{
-    HeaderEntry, Problems, base64, full_match_regex, header_modifier, header_name, percent, timeout,
+    HeaderEntry, Problems, base64, check_export_to, full_match_regex, header_modifier, header_name,
+    percent, timeout,
 };
 use super::model::{
     Backend, HeaderMatch, HeaderModifier, PathMatch, QueryMatch, RequestMatch, RouteKind,
@@ -66,14 +67,28 @@ pub fn lower_virtual_service(
             "VirtualService tcp/tls routes are not applied by waypoints"
         );
     }
+    check_export_to(
+        &spec.export_to,
+        "VirtualService",
+        namespace,
+        &mut cx.problems,
+    );
+    let export_to: Box<[Arc<str>]> = spec
+        .export_to
+        .iter()
+        .map(|e| Arc::from(e.as_str()))
+        .collect();
     let port = shared_port(&rules);
     let attachments = if rules.is_empty() {
         Vec::new()
     } else {
+        let namespace = Arc::<str>::from(namespace);
         hosts
             .into_iter()
             .map(|service| Attachment {
                 service,
+                namespace: namespace.clone(),
+                export_to: export_to.clone(),
                 port,
                 rules: rules.clone(),
             })

@@ -366,6 +366,16 @@ fn semantic_errors_name_the_field() {
         (format!("hosts: [\"*.example.com\"]\nhttp: [{{{to}}}]"), "spec.hosts[0]", "wildcard host"),
         (format!("http: [{{{to}}}]"), "spec.hosts", "at least one host is required"),
         (
+            format!("hosts: [echo]\nexportTo: [\"~\"]\nhttp: [{{{to}}}]"),
+            "spec.exportTo[0]",
+            "a VirtualService cannot be exported to no namespace",
+        ),
+        (
+            format!("hosts: [echo]\nexportTo: [\".\", default]\nhttp: [{{{to}}}]"),
+            "spec.exportTo[1]",
+            "its own namespace, are the same",
+        ),
+        (
             "hosts: [echo]\nhttp: [{route: [{destination: {host: nope}}]}]".to_owned(),
             "spec.http[0].route[0].destination.host",
             "no Service or ServiceEntry has host \"nope\"",

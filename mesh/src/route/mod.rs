@@ -129,6 +129,12 @@ impl ResolvedService {
 pub struct Attachment {
     /// The service FQDN.
     pub service: Arc<str>,
+    /// The route's own namespace: a waypoint applies the routes of its service's namespace and
+    /// of its own, as istiod's `getVirtualServiceForWaypoint` selects them.
+    pub namespace: Arc<str>,
+    /// A VirtualService's `exportTo` as written (empty: every namespace); an HTTPRoute's is
+    /// empty, its namespace alone deciding where it applies.
+    pub export_to: Box<[Arc<str>]>,
     /// The Service port; `None` = all ports.
     pub port: Option<u16>,
     /// The rules, in declaration order.

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::RouteTables;
 use super::build::{Builder, Kinds, by_name};
 use super::destination_rules::{DestinationRules, Written};
 use super::{PeerAuthEntry, PolicyEntry, PolicyScope};
@@ -16,8 +17,8 @@ use crate::resource::{
     traffic_extension_field,
 };
 use crate::route::{
-    Attachment, DestinationRuleSpec, HttpRouteSpec, Precedence, ResolvedService, RouteTable,
-    ServiceResolver, lower_destination_rule, lower_http_route, lower_virtual_service,
+    Attachment, DestinationRuleSpec, HttpRouteSpec, ResolvedService, ServiceResolver,
+    lower_destination_rule, lower_http_route, lower_virtual_service,
 };
 
 /// Annotation that makes a policy log its decisions without enforcing them.
@@ -524,9 +525,10 @@ pub(super) fn destination_rules(
     b.destination_rules = rules;
 }
 
-/// Lowers HTTPRoutes and VirtualServices and builds one route table per service port. When both
-/// kinds attach to the same service, HTTPRoute wins: Istio leaves mixing them undefined, and
-/// Gateway API is the API it recommends for waypoints.
+/// Lowers HTTPRoutes and VirtualServices and builds the route tables of each service port, by
+/// the namespace of the waypoint applying them ([`RouteTables`]). When both kinds attach to the
+/// same service port, HTTPRoute wins: Istio leaves mixing them undefined, and Gateway API is the
+/// API it recommends for waypoints.
 pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
     let mut http_routes = kinds.http_routes.clone();
     http_routes.sort_by(|a, b| {
@@ -586,47 +588,21 @@ pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
             }
         }
     }
-    let mut tables = HashMap::new();
-    for (attachments, precedence) in [
-        (gateway_api, Precedence::GatewayApi),
-        (istio, Precedence::FirstMatch),
-    ] {
-        let mut by_service: HashMap<Arc<str>, Vec<Attachment>> = HashMap::new();
+    let mut by_service: HashMap<Arc<str>, [Vec<Attachment>; 2]> = HashMap::new();
+    for (k, attachments) in [gateway_api, istio].into_iter().enumerate() {
         for a in attachments {
-            by_service.entry(a.service.clone()).or_default().push(a);
+            by_service.entry(a.service.clone()).or_default()[k].push(a);
         }
-        for (host, mut attachments) in by_service {
-            let Some(&id) = b.index.service_by_host.get(&host) else {
-                continue;
-            };
-            // Ports an HTTPRoute already owns are not the VirtualServices' to route.
-            let ports: Vec<u16> = b.services[id.index()]
-                .ports
-                .iter()
-                .map(|p| p.port)
-                .filter(|&port| !tables.contains_key(&(id, port)))
-                .collect();
-            for (i, &port) in ports.iter().enumerate() {
-                let mut rules = Vec::new();
-                for a in attachments
-                    .iter_mut()
-                    .filter(|a| a.port.is_none_or(|p| p == port))
-                {
-                    // The last port to use an attachment takes its rules instead of a copy:
-                    // most routes name one port, and a reload lowers every route.
-                    if ports[i + 1..]
-                        .iter()
-                        .any(|&q| a.port.is_none_or(|p| p == q))
-                    {
-                        rules.extend(a.rules.iter().cloned());
-                    } else {
-                        rules.append(&mut a.rules);
-                    }
-                }
-                if !rules.is_empty() {
-                    tables.insert((id, port), RouteTable::new(rules, precedence));
-                }
-            }
+    }
+    let mut tables = HashMap::new();
+    for (host, [gateway_api, istio]) in by_service {
+        let Some(&id) = b.index.service_by_host.get(&host) else {
+            continue;
+        };
+        let service = &b.services[id.index()];
+        let ports = service.ports.iter().map(|p| p.port);
+        for (port, built) in RouteTables::build(&service.namespace, ports, gateway_api, istio) {
+            tables.insert((id, port), built);
         }
     }
     b.routes = tables;

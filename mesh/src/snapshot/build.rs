@@ -149,7 +149,7 @@ pub(super) struct Builder<'o> {
     pub(super) peer_authentications: Vec<super::PeerAuthEntry>,
     pub(super) plugins: Vec<model::Plugin>,
     pub(super) destination_rules: super::destination_rules::DestinationRules,
-    pub(super) routes: HashMap<(ServiceId, u16), crate::route::RouteTable>,
+    pub(super) routes: HashMap<(ServiceId, u16), super::RouteTables>,
     /// `(label key, value)` → workloads carrying it, for selector lookups.
     label_index: HashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>,
     /// Namespace → its workloads, for empty selectors.

@@ -11,6 +11,7 @@ mod attach;
 mod build;
 mod destination_rules;
 mod dump;
+mod route_tables;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,6 +24,7 @@ use crate::model::{
 };
 use crate::resource::MtlsMode;
 use crate::route::{DestinationPolicy, RouteTable};
+use route_tables::RouteTables;
 
 pub(crate) use build::build;
 
@@ -105,7 +107,7 @@ pub struct Snapshot {
     pub(crate) peer_authentications: Vec<PeerAuthEntry>,
     pub(crate) plugins: Vec<Plugin>,
     pub(crate) destination_rules: destination_rules::DestinationRules,
-    pub(crate) routes: HashMap<(ServiceId, u16), RouteTable>,
+    pub(crate) routes: HashMap<(ServiceId, u16), RouteTables>,
     pub(crate) index: Index,
     /// The routing and policy resources as written, shared with the parse cache, for
     /// `/config_dump`.
@@ -401,10 +403,16 @@ impl Snapshot {
 
     // === routing and plugins ===
 
-    /// The routes attached to `service` port `port`; `None` means no route is attached and
+    /// The routes a waypoint in `proxy_namespace` applies to `service` port `port` (those of
+    /// the service's namespace and its own, as exported to it); `None` means none applies and
     /// requests go to the service's endpoints.
-    pub fn routes(&self, service: ServiceId, port: u16) -> Option<&RouteTable> {
-        self.routes.get(&(service, port))
+    pub fn routes(
+        &self,
+        proxy_namespace: &str,
+        service: ServiceId,
+        port: u16,
+    ) -> Option<&RouteTable> {
+        self.routes.get(&(service, port))?.get(proxy_namespace)
     }
 
     /// The DestinationRule a waypoint in `proxy_namespace` applies to `service`, chosen as

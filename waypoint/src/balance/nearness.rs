@@ -36,7 +36,8 @@ impl Nearness {
     ) -> Option<Self> {
         let workload = |e: &Endpoint| snapshot.workload(e.workload);
         let preference = match (&service.load_balancing, rule) {
-            // Keeping traffic on the node is a filter istiod applies whatever the rule says.
+            // Keeping traffic on the node is a filter istiod applies whatever the rule says
+            // (with `distribute`, istiod then weighs the node's endpoints; here they are alike).
             (Some(lb), _) if lb.mode == Mode::Strict => Preference::Service(lb),
             // A rule's own setting wins over the service's traffic distribution, even `off`.
             (_, Some(LocalityLb::Set(p))) => Preference::Rule(p.as_ref()?),
@@ -68,10 +69,11 @@ impl Nearness {
     }
 
     /// `distribute` for `endpoints` (in service order): the first entry whose `from` matches
-    /// `me` applies, and each endpoint locality the first (most specific) `to` pattern matching
-    /// it claims takes the pattern's percentage in proportion to its endpoints' weights,
-    /// rounded up, as istiod's `applyLocalityWeights` computes it; localities no pattern
-    /// matches take nothing. No entry for `me`: every endpoint alike.
+    /// `me` applies, and each endpoint locality the `to` pattern matching it claims takes the
+    /// pattern's percentage in proportion to its endpoints' weights, rounded up, as istiod's
+    /// `applyLocalityWeights` computes it; localities no pattern matches take nothing. No entry
+    /// for `me`: every endpoint alike. The split is the service's: istiod splits a wildcard's
+    /// percentage per subset, by the subset's endpoints.
     fn shared(entries: &[LocalityShares], endpoints: &[&Workload], me: &Workload) -> Option<Self> {
         let entry = entries.iter().find(|e| e.from.matches(&me.locality))?;
         // Each locality: its pattern and its endpoints' weight.
@@ -98,10 +100,10 @@ impl Nearness {
         };
         let mut shares = vec![0u32; localities.len().min(MAX_LOCALITIES)];
         for (i, &(_, pattern, weight)) in localities.iter().enumerate() {
-            let percent = u64::from(entry.to[pattern].1);
-            let share = (weight * percent).div_ceil(pattern_weight(pattern));
-            let slot = &mut shares[i.min(MAX_LOCALITIES - 1)];
-            *slot = slot.saturating_add(u32::try_from(share).unwrap_or(u32::MAX));
+            let percent = entry.to[pattern].1;
+            // At most `percent` (at most 100): a locality's weight is part of its pattern's.
+            let share = (weight * u64::from(percent)).div_ceil(pattern_weight(pattern));
+            shares[i.min(MAX_LOCALITIES - 1)] += u32::try_from(share).unwrap_or(percent);
         }
         Some(Self {
             best: ranks.iter().flatten().max().copied(),
@@ -147,6 +149,11 @@ pub(super) enum Tiers<'a> {
     Shares { shares: &'a [u32], drawn: u64 },
 }
 
+/// Draws by a request's consistent-hash key, so that a key keeps its locality as long as the
+/// localities it could draw keep theirs (Envoy's hash rings weigh hosts by their locality's
+/// share, which keeps a key on its host the same way).
+const KEYED_DRAW: u64 = 0x5bd1_e995_9e37_79b9;
+
 impl<'a> Tiers<'a> {
     /// `None`: the preference leaves no endpoint.
     pub(super) fn of(nearness: Option<&'a Nearness>) -> Option<Self> {
@@ -162,7 +169,8 @@ impl<'a> Tiers<'a> {
         })
     }
 
-    pub(super) fn next(&mut self, rng: &mut impl Rng) -> Option<Option<usize>> {
+    /// The next rank to try; `hash` is the request's consistent-hash key, if it has one.
+    pub(super) fn next(&mut self, rng: &mut impl Rng, hash: Option<u64>) -> Option<Option<usize>> {
         match self {
             Self::All { done } => (!std::mem::replace(done, true)).then_some(None),
             Self::Nearest { next } => {
@@ -177,7 +185,10 @@ impl<'a> Tiers<'a> {
                 if total == 0 {
                     return None;
                 }
-                let mut point = rng.random_range(0..total);
+                let mut point = match hash {
+                    Some(key) => super::mix(key ^ KEYED_DRAW ^ *drawn) % total,
+                    None => rng.random_range(0..total),
+                };
                 for (i, w) in weights {
                     let w = u64::from(*w);
                     if point < w {

@@ -1105,6 +1105,44 @@ fn distribute_shares_traffic_between_localities() {
     });
     assert_eq!(names(&counts), ["web-a", "web-b", "web-e"]);
 
+    // A retry takes an untried endpoint of any locality before a tried one: z2 draws 99 in
+    // 100, yet with both its endpoints tried, z1 answers.
+    let s = snapshot(&spread(
+        "{loadBalancer: {localityLbSetting: {distribute: [{from: r/z1, to: {r/z1: 1, r/z2: 99}}]}}}",
+    ));
+    let b = Balancer::new(&s, None).measured_from(&s, "shop", Some(workload(&s, "waypoint-1")));
+    let tried = [workload(&s, "web-c"), workload(&s, "web-d")];
+    let counts = tally(200, || {
+        pick_of(&b, &s, "spread", &policy, &tried).expect("endpoint")
+    });
+    assert_eq!(names(&counts), ["web-a", "web-b", "web-e"]);
+
+    // A consistent-hash key keeps its endpoint, locality included.
+    let hashed = traffic(hashing(HashKey::SourceIp));
+    let by_key = |key: u64| {
+        let chosen = b.choose(
+            &s,
+            service(&s, "spread"),
+            0,
+            None,
+            &hashed,
+            Some(key),
+            &[],
+            now(),
+        );
+        s.workload(chosen.expect("endpoint").workload)
+            .name
+            .to_string()
+    };
+    let mut seen = BTreeSet::new();
+    for key in 0..200u64 {
+        let key = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let first = by_key(key);
+        assert!((0..10).all(|_| by_key(key) == first), "key {key} moved");
+        seen.insert(first);
+    }
+    assert!(seen.len() > 2, "keys spread over endpoints: {seen:?}");
+
     // A locality no `to` names takes nothing, even when it is all that is left.
     let s = snapshot(&spread(
         "{loadBalancer: {localityLbSetting: {distribute: [{from: r/z1, to: {r/z3: 100}}]}}}",

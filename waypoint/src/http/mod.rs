@@ -142,7 +142,10 @@ impl RequestCtx {
         else {
             return None;
         };
-        view.snapshot.routes(id, port)?.rules().get(r)
+        view.snapshot
+            .routes(&view.namespace, id, port)?
+            .rules()
+            .get(r)
     }
 
     /// Tells the balancer how an attempt on `chosen` went, judged by the outlier detection of
@@ -587,7 +590,7 @@ impl Waypoint {
         };
 
         // Routing.
-        let table = snapshot.routes(id, port);
+        let table = snapshot.routes(&view.namespace, id, port);
         let rule = match table {
             None => None,
             Some(table) => {
