@@ -22,6 +22,14 @@ fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 const POLICIES: &str = r#"
 ---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  exportTo: [bookinfo, legacy]
+  http: [{route: [{destination: {host: reviews}}]}]
+---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-admin, namespace: bookinfo}
@@ -93,8 +101,10 @@ fn lookups_and_evaluation_do_not_allocate() {
     assert_eq!((count, n), (Some(2), 0), "endpoints");
     let (_, n) = allocations(|| s.service_waypoint(service).map(|w| w.instances.len()));
     assert_eq!(n, 0, "service_waypoint");
-    let (_, n) = allocations(|| s.routes("bookinfo", id, 9080).is_some());
-    assert_eq!(n, 0, "routes");
+    for proxy in ["bookinfo", "legacy", "elsewhere"] {
+        let (found, n) = allocations(|| s.routes(proxy, id, 9080).is_some());
+        assert_eq!((found, n), (proxy != "elsewhere", 0), "routes at {proxy}");
+    }
 
     let attrs = Attributes {
         source: Some(&source),

@@ -189,8 +189,8 @@ fn a_waypoint_applies_the_routes_of_its_services_namespace_and_its_own_as_export
         "not exported to its own namespace"
     );
     assert_eq!(subset_at(&named, "elsewhere"), None);
-    // Another namespace's applies only at that namespace's waypoint, after the service's own
-    // (whose catch-all then wins), however widely it is exported.
+    // Another namespace's applies only at that namespace's waypoint, however widely it is
+    // exported.
     let third = to_subset("third", "legacy", "[\"*\"]", "v3");
     assert_eq!(subset_at(&third, "legacy"), v("v3"));
     assert_eq!(
@@ -199,7 +199,17 @@ fn a_waypoint_applies_the_routes_of_its_services_namespace_and_its_own_as_export
         "cannot reroute another namespace"
     );
     assert_eq!(subset_at(&third, "elsewhere"), None);
-    assert_eq!(subset_at(&format!("{own}{third}"), "legacy"), v("v1"));
+    // Where both apply, public ones keep their order (bookinfo's sorts first, and its catch-all
+    // wins); one private to the waypoint's namespace comes before them.
+    let both = format!("{own}{third}");
+    for proxy in ["legacy", "bookinfo", "elsewhere"] {
+        assert_eq!(subset_at(&both, proxy), v("v1"), "{proxy}");
+    }
+    let kept = to_subset("third", "legacy", "[\".\"]", "v3");
+    let both = format!("{own}{kept}");
+    for (proxy, subset) in [("legacy", "v3"), ("bookinfo", "v1"), ("elsewhere", "v1")] {
+        assert_eq!(subset_at(&both, proxy), v(subset), "{proxy}");
+    }
 
     // An HTTPRoute in another namespace than its Service's (a consumer route) applies only at
     // its own namespace's waypoint.
@@ -230,6 +240,26 @@ spec:
         v("v1"),
         "the service's own waypoint keeps the VirtualService"
     );
+
+    // A consumer HTTPRoute comes before the producer's at the consumer's waypoint, however
+    // specific the producer's match.
+    let producer = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: producer, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules: [{matches: [{path: {type: Exact, value: /}}], backendRefs: [{name: productpage, port: 9080}]}]
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{reviews_rule}{consumer}{producer}"));
+    let backend = |proxy| {
+        let table = s.routes(proxy, id, 9080).expect("a table");
+        let (rule, _) = table.select(&request("/", &headers)).expect("a rule");
+        backends(&rule.action)[0].0.clone()
+    };
+    assert_eq!(backend("legacy"), "reviews.bookinfo.svc.cluster.local");
+    assert_eq!(backend("bookinfo"), "productpage.bookinfo.svc.cluster.local");
 }
 
 #[test]

@@ -36,9 +36,10 @@
 //!   port), not in proportion to the nearer ones' health; a retry stays at the nearest rank,
 //!   taking a tried endpoint again before a farther one, as Envoy's retry predicate does.
 //!   With `localityLbSetting.distribute` each locality takes its share instead, drawn per
-//!   request by weight among the localities with an endpoint to take (Envoy schedules them by
-//!   weight and scales a locality's weight down as its endpoints are ejected; here a locality
-//!   counts whole until its last endpoint is ejected). The preference is the service's
+//!   request by weight among the localities with an endpoint to take, from the consistent-hash
+//!   key when there is one (Envoy schedules them by weight and scales a locality's weight down
+//!   as its endpoints are ejected; here a locality counts whole until its last endpoint is
+//!   ejected). The preference is the service's
 //!   DestinationRule's, not a subset's or a port's.
 
 use std::collections::HashMap;
@@ -341,7 +342,7 @@ impl Balancer {
         // locality comes before a tried one. Passes that would repeat the previous one are
         // skipped.
         let tried_last: &[Option<bool>] = match tiers {
-            Tiers::Shares { .. } => &[Some(true), Some(false)],
+            Tiers::Shares { .. } if !exclude.is_empty() => &[Some(true), Some(false)],
             _ => &[None],
         };
         let found = 'found: {

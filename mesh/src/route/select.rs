@@ -57,15 +57,28 @@ impl RouteTable {
     /// oldest route first (then by `namespace/name`), each route's rules in declaration order:
     /// this input order breaks ties, as the Gateway API requires.
     pub fn new(rules: Vec<RouteRule>, precedence: Precedence) -> Self {
+        Self::in_tiers(rules, &[], precedence)
+    }
+
+    /// Like [`RouteTable::new`], with rule `r` in tier `tiers[r]` (0 when missing): every match
+    /// of a lower tier is tried before any of a higher one, whatever their specificity, as
+    /// istiod puts the routes private to a waypoint's namespace before the others.
+    pub fn in_tiers(rules: Vec<RouteRule>, tiers: &[u8], precedence: Precedence) -> Self {
+        let tier = |r: usize| tiers.get(r).copied().unwrap_or(0);
         let mut order: Vec<(usize, usize)> = rules
             .iter()
             .enumerate()
             .flat_map(|(r, rule)| (0..rule.matches.len()).map(move |m| (r, m)))
             .collect();
-        if precedence == Precedence::GatewayApi {
-            // Stable sort, most specific first; equal keys keep input order.
-            order
-                .sort_by_cached_key(|&(r, m)| std::cmp::Reverse(specificity(&rules[r].matches[m])));
+        // Stable sorts: equal keys keep input order.
+        match precedence {
+            Precedence::GatewayApi => order.sort_by_cached_key(|&(r, m)| {
+                (
+                    tier(r),
+                    std::cmp::Reverse(specificity(&rules[r].matches[m])),
+                )
+            }),
+            Precedence::FirstMatch => order.sort_by_key(|&(r, _)| tier(r)),
         }
         Self { rules, order }
     }

@@ -4,9 +4,11 @@
 //! visible to the waypoint's namespace (`getVirtualServiceForWaypoint` over the routes its
 //! namespace sees): a route in a third namespace never applies, a VirtualService applies only
 //! where its `exportTo` reaches, and an HTTPRoute in another namespace than its Service's (a
-//! consumer route) only at waypoints of its own namespace. So a table is built for each
-//! namespace that sees something different: the service's, each route's own, each named in an
-//! `exportTo`, and one for every other namespace.
+//! consumer route) only at waypoints of its own namespace. The routes a waypoint sees are tried
+//! in istiod's order for its namespace: those private to it first, so that a consumer's own
+//! route wins at its waypoint, then those exported to it by name, then the public ones. So a
+//! table is built for each namespace that sees something different: the service's, each
+//! route's own, each named in an `exportTo`, and one for every other namespace.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -47,7 +49,7 @@ impl RouteTables {
     ) -> Vec<(u16, Self)> {
         // What each namespace sees at each port, as (kind, attachments) keys into `distinct`,
         // so that namespaces and ports seeing the same routes share one table.
-        let mut distinct: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut distinct: Vec<(usize, Vec<(u8, usize)>)> = Vec::new();
         let mut plans = Vec::new();
         for port in ports {
             let kinds = [&gateway_api, &istio];
@@ -61,9 +63,9 @@ impl RouteTables {
             }
             let mut table_for = |proxy: Option<&str>| -> Option<usize> {
                 let key = kinds.iter().enumerate().find_map(|(k, kind)| {
-                    let seen: Vec<usize> = (kind.iter().enumerate())
+                    let seen: Vec<(u8, usize)> = (kind.iter().enumerate())
                         .filter(|(_, a)| on_port(a) && sees(proxy, service_namespace, a))
-                        .map(|(i, _)| i)
+                        .map(|(i, a)| (class(proxy, service_namespace, k == 0, a), i))
                         .collect();
                     (!seen.is_empty()).then_some((k, seen))
                 })?;
@@ -90,7 +92,7 @@ impl RouteTables {
         // route.
         let mut uses = [vec![0usize; gateway_api.len()], vec![0usize; istio.len()]];
         for (k, seen) in &distinct {
-            for &i in seen {
+            for &(_, i) in seen {
                 uses[*k][i] += 1;
             }
         }
@@ -100,16 +102,18 @@ impl RouteTables {
                     0 => (&mut gateway_api, Precedence::GatewayApi),
                     _ => (&mut istio, Precedence::FirstMatch),
                 };
-                let mut rules = Vec::new();
-                for &i in seen {
+                let (mut rules, mut tiers) = (Vec::new(), Vec::new());
+                for &(class, i) in seen {
                     uses[*k][i] -= 1;
+                    let taken = kind[i].rules.len();
                     if uses[*k][i] == 0 {
                         rules.append(&mut kind[i].rules);
                     } else {
                         rules.extend(kind[i].rules.iter().cloned());
                     }
+                    tiers.extend(std::iter::repeat_n(class, taken));
                 }
-                Arc::new(RouteTable::new(rules, precedence))
+                Arc::new(RouteTable::in_tiers(rules, &tiers, precedence))
             })
             .collect();
         let table = |t: Option<usize>| t.map(|t| tables[t].clone());
@@ -120,6 +124,22 @@ impl RouteTables {
                 (port, Self { named, elsewhere })
             })
             .collect()
+    }
+}
+
+/// Where `route` stands among the routes a waypoint in `proxy` applies, as istiod orders the
+/// routes its namespace sees: those private to it first (a VirtualService kept to it, or an
+/// HTTPRoute of it for another namespace's service, which istiod keeps to it), then those
+/// exported to it by name, then those exported everywhere.
+fn class(proxy: Option<&str>, service_namespace: &str, http_route: bool, route: &Attachment) -> u8 {
+    let own = proxy == Some(&*route.namespace);
+    let private = (route.export_to.iter()).any(|e| **e == *"." || *e == route.namespace);
+    if own && (private || (http_route && *route.namespace != *service_namespace)) {
+        0
+    } else if (route.export_to.iter()).any(|e| proxy == Some(&**e)) {
+        1
+    } else {
+        2
     }
 }
 
