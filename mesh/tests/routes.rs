@@ -201,15 +201,20 @@ fn a_waypoint_applies_the_routes_of_its_services_namespace_and_its_own_as_export
     assert_eq!(subset_at(&third, "elsewhere"), None);
     // Where both apply, public ones keep their order (bookinfo's sorts first, and its catch-all
     // wins); one private to the waypoint's namespace comes before them.
-    let both = format!("{own}{third}");
-    for proxy in ["legacy", "bookinfo", "elsewhere"] {
-        assert_eq!(subset_at(&both, proxy), v("v1"), "{proxy}");
-    }
+    assert_eq!(subset_at(&format!("{own}{third}"), "legacy"), v("v1"));
     let kept = to_subset("third", "legacy", "[\".\"]", "v3");
-    let both = format!("{own}{kept}");
-    for (proxy, subset) in [("legacy", "v3"), ("bookinfo", "v1"), ("elsewhere", "v1")] {
-        assert_eq!(subset_at(&both, proxy), v(subset), "{proxy}");
-    }
+    assert_eq!(subset_at(&format!("{own}{kept}"), "legacy"), v("v3"));
+    // Exported by name comes before public, whatever the names; kept to its namespace by
+    // naming it, before public there.
+    let first = to_subset("a", "bookinfo", "[]", "v1");
+    let named = to_subset("z", "bookinfo", "[legacy]", "v2");
+    let both = format!("{first}{named}");
+    assert_eq!(subset_at(&both, "legacy"), v("v2"));
+    assert_eq!(subset_at(&both, "elsewhere"), v("v1"));
+    let private = to_subset("z", "bookinfo", "[bookinfo]", "v2");
+    let both = format!("{first}{private}");
+    assert_eq!(subset_at(&both, "bookinfo"), v("v2"));
+    assert_eq!(subset_at(&both, "elsewhere"), v("v1"));
 
     // An HTTPRoute in another namespace than its Service's (a consumer route) applies only at
     // its own namespace's waypoint.
@@ -259,7 +264,10 @@ spec:
         backends(&rule.action)[0].0.clone()
     };
     assert_eq!(backend("legacy"), "reviews.bookinfo.svc.cluster.local");
-    assert_eq!(backend("bookinfo"), "productpage.bookinfo.svc.cluster.local");
+    assert_eq!(
+        backend("bookinfo"),
+        "productpage.bookinfo.svc.cluster.local"
+    );
 }
 
 #[test]

@@ -122,9 +122,10 @@ impl ResolvedService {
 ///
 /// For a request to service S on port p at a waypoint, the applicable rules are those of every
 /// attachment for S whose `port` is `None` or `Some(p)` and that the waypoint's namespace sees
-/// (its `namespace` and `export_to`; the snapshot decides). HTTPRoute rules from several attachments are pooled
-/// and ordered by [`Precedence::GatewayApi`]; pass them to [`RouteTable::new`] route by route,
-/// oldest route first (then by `namespace/name`), because that order breaks precedence ties.
+/// (its `namespace` and `export_to`; the snapshot decides). HTTPRoute rules from several
+/// attachments are pooled and ordered by [`Precedence::GatewayApi`]; pass them to
+/// [`RouteTable::new`] (or [`RouteTable::in_tiers`]) route by route, oldest route first (then
+/// by `namespace/name`), because that order breaks precedence ties.
 /// VirtualService rules keep declaration order ([`Precedence::FirstMatch`]).
 #[derive(Debug, Clone)]
 pub struct Attachment {

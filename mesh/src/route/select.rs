@@ -64,6 +64,7 @@ impl RouteTable {
     /// of a lower tier is tried before any of a higher one, whatever their specificity, as
     /// istiod puts the routes private to a waypoint's namespace before the others.
     pub fn in_tiers(rules: Vec<RouteRule>, tiers: &[u8], precedence: Precedence) -> Self {
+        debug_assert!(tiers.is_empty() || tiers.len() == rules.len());
         let tier = |r: usize| tiers.get(r).copied().unwrap_or(0);
         let mut order: Vec<(usize, usize)> = rules
             .iter()

@@ -527,8 +527,9 @@ pub(super) fn destination_rules(
 
 /// Lowers HTTPRoutes and VirtualServices and builds the route tables of each service port, by
 /// the namespace of the waypoint applying them ([`RouteTables`]). When a waypoint sees both
-/// kinds for a service port, HTTPRoute wins: Istio leaves mixing them undefined, and Gateway API
-/// is the API it recommends for waypoints.
+/// kinds for a service port, HTTPRoute wins, even over a VirtualService private to the
+/// waypoint's namespace: Istio leaves mixing them undefined, and Gateway API is the API it
+/// recommends for waypoints.
 pub(super) fn routes(b: &mut Builder<'_>, kinds: &Kinds<'_>) {
     let mut http_routes = kinds.http_routes.clone();
     http_routes.sort_by(|a, b| {

@@ -47,8 +47,9 @@ impl RouteTables {
         mut gateway_api: Vec<Attachment>,
         mut istio: Vec<Attachment>,
     ) -> Vec<(u16, Self)> {
-        // What each namespace sees at each port, as (kind, attachments) keys into `distinct`,
-        // so that namespaces and ports seeing the same routes share one table.
+        // What each namespace sees at each port, as (kind, [(tier, attachment)]) keys into
+        // `distinct`, in the order tried, so that namespaces and ports seeing the same routes
+        // in the same order share one table.
         let mut distinct: Vec<(usize, Vec<(u8, usize)>)> = Vec::new();
         let mut plans = Vec::new();
         for port in ports {
@@ -63,10 +64,12 @@ impl RouteTables {
             }
             let mut table_for = |proxy: Option<&str>| -> Option<usize> {
                 let key = kinds.iter().enumerate().find_map(|(k, kind)| {
-                    let seen: Vec<(u8, usize)> = (kind.iter().enumerate())
+                    let mut seen: Vec<(u8, usize)> = (kind.iter().enumerate())
                         .filter(|(_, a)| on_port(a) && sees(proxy, service_namespace, a))
                         .map(|(i, a)| (class(proxy, service_namespace, k == 0, a), i))
                         .collect();
+                    seen.sort_unstable();
+                    canonical_tiers(&mut seen, k == 0);
                     (!seen.is_empty()).then_some((k, seen))
                 })?;
                 Some(match distinct.iter().position(|d| *d == key) {
@@ -124,6 +127,21 @@ impl RouteTables {
                 (port, Self { named, elsewhere })
             })
             .collect()
+    }
+}
+
+/// Renumbers the classes of `seen` (sorted) as consecutive tiers from 0, or, for VirtualServices,
+/// whose rules are simply tried in the order given, drops them: the key then says only what is
+/// tried in which order.
+fn canonical_tiers(seen: &mut [(u8, usize)], tiered: bool) {
+    let mut previous = None;
+    let mut tier = 0;
+    for (class, _) in seen.iter_mut() {
+        if previous.is_some_and(|p| p != *class) {
+            tier += 1;
+        }
+        previous = Some(*class);
+        *class = if tiered { tier } else { 0 };
     }
 }
 
