@@ -131,6 +131,11 @@ async fn service_traffic_goes_through_hbone_and_is_counted() {
         received += response.len();
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(response.contains("you asked for GET /hello"), "{response}");
+        // The backend sees the client's address, not its own ztunnel's or workload's.
+        assert!(
+            response.contains("(connection from 127.31.1.1:"),
+            "{response}"
+        );
         let who = response
             .lines()
             .find(|l| l.starts_with("hello from"))

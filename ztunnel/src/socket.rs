@@ -30,8 +30,18 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// An unconnected UDP socket on an ephemeral port for `workload`'s datagrams to `dst` (its
     /// DNS queries the proxy forwards), made where its own would leave from.
     fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket>;
-    /// A connection from `workload` to `dst` (the application, or a plain-TCP destination).
+    /// A connection from `workload` to `dst` (a plain-TCP destination, a resolver, or the
+    /// application when the caller is not to be seen).
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting;
+    /// A connection to `workload`'s application at `dst` on behalf of a caller at `client`,
+    /// made so that the application sees the caller's address as its peer where the mode can
+    /// (upstream's original source: the application's logs, allowlists and rate limits see who
+    /// called, not ztunnel). By default it is [`SocketFactory::connect`]: the application sees
+    /// its own workload's address.
+    fn connect_app(&self, workload: &Workload, client: IpAddr, dst: SocketAddr) -> Connecting {
+        let _ = client;
+        self.connect(workload, dst)
+    }
     /// The dialer of `workload`'s HBONE pool.
     fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial>;
     /// Where a sandwiched waypoint, reached on `local` (the address its tunnel came to), takes
@@ -82,6 +92,15 @@ impl SocketFactory for Loopback {
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting {
         let src = workload.ip_like(dst.ip());
         Box::pin(connect_from(src, dst))
+    }
+
+    /// From the caller's own address when it is a loopback one (every one of 127/8 is this
+    /// host's, so binding it needs no privilege), as in a pod; otherwise from the workload's.
+    fn connect_app(&self, workload: &Workload, client: IpAddr, dst: SocketAddr) -> Connecting {
+        if client.is_loopback() && dst.ip().is_loopback() && client.is_ipv4() == dst.is_ipv4() {
+            return Box::pin(connect_from(Some(client), dst));
+        }
+        self.connect(workload, dst)
     }
 
     fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
@@ -191,7 +210,20 @@ impl SocketFactory for InPod {
         let netns = self.netns(&workload.uid);
         Box::pin(async move {
             let netns = netns?;
-            connect_in(&netns, dst).await
+            connect_in(&netns, None, dst).await
+        })
+    }
+
+    /// From the caller's address, which is not one of the pod's: `IP_TRANSPARENT` lets the
+    /// socket bind it, and the pod's capture rules route the application's replies back to it
+    /// (ztunnel's mark sets connmark 0x111 on the connection; its replies take that mark back,
+    /// and marked packets are delivered locally by routing table 100).
+    fn connect_app(&self, workload: &Workload, client: IpAddr, dst: SocketAddr) -> Connecting {
+        let netns = self.netns(&workload.uid);
+        let src = (client.is_ipv4() == dst.is_ipv4()).then_some(SocketAddr::new(client, 0));
+        Box::pin(async move {
+            let netns = netns?;
+            connect_in(&netns, src, dst).await
         })
     }
 
@@ -219,8 +251,12 @@ impl SocketFactory for InPod {
     }
 }
 
-async fn connect_in(netns: &NetNs, dst: SocketAddr) -> io::Result<TcpStream> {
-    let socket = crate::inpod::connect_socket(netns, dst, None)?;
+async fn connect_in(
+    netns: &NetNs,
+    src: Option<SocketAddr>,
+    dst: SocketAddr,
+) -> io::Result<TcpStream> {
+    let socket = crate::inpod::connect_socket(netns, dst, src)?;
     let stream = TcpSocket::from_std_stream(socket.into())
         .connect(dst)
         .await?;
@@ -239,7 +275,7 @@ impl hbone::Dial for InPodDial {
             let netns = netns.ok_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, "workload has no network namespace")
             })?;
-            connect_in(&netns, addr).await
+            connect_in(&netns, None, addr).await
         })
     }
 }

@@ -67,14 +67,21 @@ spec:
   endpoints: [{address: 198.19.7.9}]
 "#;
 
-/// An echo server inside `netns` on port 8080 that prefixes its answer with `name`.
-fn echo_server(netns: &NetNs, name: &'static str) {
+/// The addresses an echo server's connections came from, in order.
+type Peers = Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>;
+
+/// An echo server inside `netns` on port 8080 that prefixes its answer with `name`; it notes
+/// each connection's peer address.
+fn echo_server(netns: &NetNs, name: &'static str) -> Peers {
     let listener = netns
         .run_in(|| std::net::TcpListener::bind("0.0.0.0:8080"))
         .expect("enter netns")
         .expect("bind echo");
+    let peers = Peers::default();
+    let noted = peers.clone();
     std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
+        for (stream, peer) in std::iter::from_fn(|| Some(listener.accept())).flatten() {
+            noted.lock().expect("lock").push(peer.ip());
             std::thread::spawn(move || {
                 let mut s = stream;
                 let mut buf = [0u8; 4096];
@@ -91,6 +98,13 @@ fn echo_server(netns: &NetNs, name: &'static str) {
             });
         }
     });
+    peers
+}
+
+/// The peers `peers` has seen since the last call, which forgets them.
+fn taken(peers: &Peers) -> Vec<String> {
+    let mut seen = peers.lock().expect("lock");
+    seen.drain(..).map(|ip| ip.to_string()).collect()
 }
 
 /// Connects from inside `netns` (an ordinary, unmarked socket), sends `msg` and returns the
@@ -269,8 +283,8 @@ async fn captured_pods_talk_through_hbone() {
     let echo_a = fabric.pod(2);
     let echo_b = fabric.pod(3);
     let outsider = Arc::new(fabric.pod(9));
-    echo_server(&echo_a, "echo-a");
-    echo_server(&echo_b, "echo-b");
+    let peers_a = echo_server(&echo_a, "echo-a");
+    let peers_b = echo_server(&echo_b, "echo-b");
     echo_server(&outsider, "outsider");
     let seen = resolver(&outsider);
 
@@ -370,6 +384,8 @@ async fn captured_pods_talk_through_hbone() {
     );
 
     // Pod → service VIP: captured by 15001, carried over HBONE, reaches both endpoints.
+    taken(&peers_a);
+    taken(&peers_b);
     let mut seen = std::collections::BTreeSet::new();
     let mut sent = 0;
     let mut received = 0;
@@ -383,11 +399,17 @@ async fn captured_pods_talk_through_hbone() {
         seen.insert(answer.split(':').next().unwrap_or_default().to_owned());
     }
     assert_eq!(seen.len(), 2, "both endpoints, on both nodes: {seen:?}");
+    // Each application sees the client pod as its peer, as upstream's original source makes it
+    // (the connection from ztunnel in the destination pod binds the caller's address).
+    let mut callers = taken(&peers_a);
+    callers.extend(taken(&peers_b));
+    assert_eq!(callers, ["198.19.7.1"; 20], "the applications' peers");
     // Pod → pod IP on the other node.
     let answer = exchange(client.clone(), "198.19.7.3:8080", "direct")
         .await
         .expect("pod IP");
     assert_eq!(answer, "echo-b:direct");
+    assert_eq!(taken(&peers_b), ["198.19.7.1"], "the application's peer");
     // The destination's ztunnel labels pod-IP traffic with the service whose target port it
     // hit (as Istio does); the source's cannot know a service was involved.
     let direct = ("direct".len(), answer.len());
@@ -396,6 +418,11 @@ async fn captured_pods_talk_through_hbone() {
         .await
         .expect("plaintext");
     assert_eq!(answer, "echo-a:plain");
+    assert_eq!(
+        taken(&peers_a),
+        ["198.19.7.9"],
+        "the plaintext caller, as the peer"
+    );
 
     // Each ztunnel counts a connection when it closes, after the client has its answer: wait for
     // both reporters (the 20 VIP connections, and at the destination the pod-IP one too).
@@ -743,7 +770,7 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
     let echo = fabric.pod(2);
     let waypoint = Arc::new(fabric.pod(4));
     let outsider = Arc::new(fabric.pod(9));
-    echo_server(&echo, "echo-a");
+    let peers = echo_server(&echo, "echo-a");
 
     let dir = std::env::temp_dir().join(format!("ztunnel-sandwich-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -816,6 +843,11 @@ async fn a_sandwiched_waypoint_in_a_captured_pod_gets_proxy_headers() {
         .await
         .expect("through the sandwiched waypoint");
     assert_eq!(answer, "echo-a:ping");
+    assert_eq!(
+        taken(&peers),
+        ["198.19.7.4"],
+        "the application's peer is the waypoint, whose connection it is"
+    );
     let (from, (src, dst, tlvs)) = headers.try_recv().expect("the waypoint saw a PROXY header");
     assert_eq!(
         from.ip().to_string(),

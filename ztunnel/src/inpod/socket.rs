@@ -125,6 +125,16 @@ pub fn connect_socket(
         let socket = new_tcp_socket(dst)?;
         if let Some(src) = bind_src {
             set_transparent(&socket, src)?;
+            if src.port() == 0 {
+                // The port is chosen at connect time, by the whole 4-tuple: one caller (a
+                // waypoint, say) opening many connections to the pod would otherwise need a
+                // port of its address free of every socket, TIME_WAIT ones included.
+                nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                )?;
+            }
             socket.bind(&SockAddr::from(src)).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -200,6 +210,11 @@ mod tests {
         let spoofed: SocketAddr = "198.18.255.77:0".parse().expect("addr");
         let bound = connect_socket(&ns, dst, Some(spoofed)).expect("spoofed bind");
         assert!(bound.ip_transparent_v4().expect("transparent"));
+        assert!(
+            nix::sys::socket::getsockopt(&bound, nix::sys::socket::sockopt::IpBindAddressNoPort)
+                .expect("getsockopt"),
+            "the port is left to connect"
+        );
         let local = bound
             .local_addr()
             .expect("local")

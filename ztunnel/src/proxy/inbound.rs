@@ -174,7 +174,13 @@ impl Handler for Inbound {
             return;
         }
         let connected = match tunnel_port {
-            None => self.ctx.sockets.connect(workload, target).await,
+            // The application sees the caller as its peer; a sandwiched waypoint learns it
+            // from the PROXY header instead.
+            None => {
+                (self.ctx.sockets)
+                    .connect_app(workload, peer.ip(), target)
+                    .await
+            }
             Some(port) => {
                 let at = self.ctx.sockets.app_tunnel_addr(local, port);
                 let service_host = match request.target() {

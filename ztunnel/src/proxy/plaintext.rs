@@ -75,7 +75,7 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         guard.failed(why.response_flag(), why);
         return;
     }
-    let mut app = match ctx.sockets.connect(workload, target).await {
+    let mut app = match ctx.sockets.connect_app(workload, peer.ip(), target).await {
         Ok(app) => app,
         Err(e) => {
             guard.failed(
