@@ -133,7 +133,9 @@ impl LocalMesh {
             waypoints.push((format!("{}/{}", w.namespace, w.name), server));
         }
         let mut backends = Vec::new();
-        for w in snapshot.workloads().iter().filter(|w| w.ready) {
+        // Every running workload's process answers, ready or not: a Service that publishes
+        // not-ready addresses sends it traffic all the same.
+        for w in snapshot.workloads().iter().filter(|w| w.running) {
             for port in backend_ports(&snapshot, w) {
                 let Some(&ip) = w.ips.first() else { continue };
                 let addr = SocketAddr::new(ip, port);

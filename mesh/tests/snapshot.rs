@@ -267,6 +267,52 @@ fn services_resolve_ready_endpoints_and_named_ports() {
     assert_eq!(v1.services.as_ref(), [id]);
 }
 
+/// A Service that publishes not-ready addresses takes every running pod as an endpoint, as
+/// Kubernetes marks them ready for it: a StatefulSet's peers find each other through its
+/// headless Service before they are ready. A pod that has ended is no endpoint of it either.
+#[test]
+fn a_service_publishing_not_ready_addresses_takes_running_pods() {
+    let extra = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-peers, namespace: bookinfo}
+spec:
+  clusterIP: None
+  publishNotReadyAddresses: true
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v4, namespace: bookinfo, labels: {app: reviews, version: v4}}
+spec: {nodeName: node-b, serviceAccountName: reviews}
+status:
+  podIP: 10.0.2.4
+  phase: Failed
+  conditions: [{type: Ready, status: "False"}]
+"#;
+    let s = snapshot(&format!("{BOOKINFO}{extra}"));
+    let names = |host: &str| -> Vec<String> {
+        let (_, service) = s.service_by_host(host).expect("service");
+        (service.endpoints.iter())
+            .map(|e| s.workload(e.workload).name.to_string())
+            .collect()
+    };
+    assert_eq!(
+        names("reviews-peers.bookinfo.svc.cluster.local"),
+        ["reviews-v1", "reviews-v2", "reviews-v3"],
+        "the running pods, ready or not"
+    );
+    assert_eq!(
+        names("reviews.bookinfo.svc.cluster.local"),
+        ["reviews-v1", "reviews-v2"],
+        "the same pods' ready ones, for a Service that does not publish the others"
+    );
+    let v3 = s.workload_by_ip("", ip("10.0.2.3")).expect("v3");
+    assert!(v3.running && !v3.ready, "running, not ready");
+}
+
 #[test]
 fn waypoint_binding_follows_labels_and_waypoint_for() {
     let s = snapshot(BOOKINFO);

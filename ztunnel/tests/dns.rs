@@ -56,6 +56,17 @@ metadata: {name: db-1, namespace: shop, labels: {app: db}}
 spec: {nodeName: node-b, hostname: db-1, subdomain: db}
 status: {podIP: 127.93.2.2}
 ---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-2, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-b, hostname: db-2, subdomain: db}
+status: {podIP: 127.93.2.3, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peers, namespace: shop}
+spec: {clusterIP: None, publishNotReadyAddresses: true, selector: {app: db}, ports: [{port: 5432}]}
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: api, namespace: shop}
@@ -131,6 +142,25 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
     assert_eq!(answers(&a), ["db-1.db.shop.svc.cluster.local. 127.93.2.2"]);
     let a = over_udp(CLIENT, PROXY, &query(32, "db-0.db.", RecordType::A)).await;
     assert_eq!(answers(&a), ["db-0.db. 127.93.2.1"]);
+    // A pod that is not ready yet: only a headless service that publishes not-ready addresses
+    // names it, as a StatefulSet's peers need to find each other before they are ready.
+    let sorted = |mut answers: Vec<String>| {
+        answers.sort();
+        answers
+    };
+    let a = over_udp(CLIENT, PROXY, &query(34, "db.", RecordType::A)).await;
+    assert_eq!(sorted(answers(&a)), ["db. 127.93.2.1", "db. 127.93.2.2"]);
+    let a = over_udp(CLIENT, PROXY, &query(35, "peers.", RecordType::A)).await;
+    assert_eq!(
+        sorted(answers(&a)),
+        [
+            "peers. 127.93.2.1",
+            "peers. 127.93.2.2",
+            "peers. 127.93.2.3"
+        ]
+    );
+    let a = over_udp(CLIENT, PROXY, &query(36, "db-2.peers.", RecordType::A)).await;
+    assert_eq!(answers(&a), ["db-2.peers. 127.93.2.3"]);
 
     // A Kubernetes short name with the first search domain appended: a CNAME to the short name.
     let a = over_udp(
@@ -254,12 +284,12 @@ async fn mesh_names_answered_others_forwarded_failures_and_garbage_answered() {
         let line = format!("istio_dns_requests_total{}", labels(kind, protocol));
         metric(&nodes, &line)
     };
-    assert_eq!(requests("a", "udp"), 9.0);
+    assert_eq!(requests("a", "udp"), 12.0);
     assert_eq!(requests("aaaa", "udp"), 1.0);
     assert_eq!(requests("mx", "udp"), 1.0);
     assert_eq!(requests("a", "tcp"), 2.0);
     assert_eq!(requests("other", "udp"), 1.0);
-    assert_eq!(metric(&nodes, "istio_dns_requests_total{"), 14.0);
+    assert_eq!(metric(&nodes, "istio_dns_requests_total{"), 17.0);
     let forwarded = |kind, protocol| {
         let line = format!(
             "istio_dns_upstream_requests_total{}",

@@ -25,7 +25,8 @@ pub struct Service {
     pub ports: Box<[ServicePort]>,
     /// Labels of the Service resource.
     pub labels: Labels,
-    /// Ready endpoints, in a stable order (by workload uid).
+    /// Endpoints that take traffic, in a stable order (by workload uid): the ready ones, or for a
+    /// Service that publishes not-ready addresses every running one.
     pub endpoints: Box<[Endpoint]>,
     /// The subsets of every DestinationRule a proxy may apply to this service (which one
     /// applies depends on the proxy), each with the endpoints its labels select.

@@ -34,6 +34,9 @@ pub struct ServiceSpec {
     /// `Local` keeps traffic on the caller's node; `Cluster` (default) does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_traffic_policy: Option<String>,
+    /// Endpoints that run but are not ready are endpoints all the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_not_ready_addresses: bool,
 }
 
 /// One `Service.spec.ports[]` entry.

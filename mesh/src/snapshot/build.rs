@@ -608,7 +608,7 @@ impl<'o> Builder<'o> {
             pod.spec.node_name.as_deref(),
             locality,
             captured,
-            running && not_unready,
+            (running, not_unready),
             named_ports,
             1,
             workload,
@@ -680,7 +680,7 @@ impl<'o> Builder<'o> {
             None,
             locality,
             captured,
-            true,
+            (true, true),
             named_ports,
             we.spec.weight.unwrap_or(1),
             (&meta.name, WorkloadType::Pod),
@@ -761,7 +761,7 @@ impl<'o> Builder<'o> {
             None,
             locality,
             captured,
-            true,
+            (true, true),
             named_ports,
             ep.weight.unwrap_or(1),
             (&meta.name, WorkloadType::Pod),
@@ -770,6 +770,7 @@ impl<'o> Builder<'o> {
         // A name has no address and is ready all the same: it is resolved when chosen.
         Some(Workload {
             ready: w.ready || hostname.is_some(),
+            running: w.running || hostname.is_some(),
             hostname,
             ..w
         })
@@ -817,7 +818,8 @@ impl<'o> Builder<'o> {
         node: Option<&str>,
         locality: Locality,
         captured: bool,
-        ready: bool,
+        // Whether it runs, and whether it is ready when it does.
+        (running, ready): (bool, bool),
         named_ports: Vec<(Arc<str>, u16)>,
         weight: u32,
         (workload_name, workload_type): (&str, WorkloadType),
@@ -842,7 +844,8 @@ impl<'o> Builder<'o> {
                 "{uid}: istio.io/for-service-account is obsolete since Istio 1.22 and is ignored"
             ));
         }
-        let ready = ready && !ips.is_empty();
+        let running = running && !ips.is_empty();
+        let ready = running && ready;
         Workload {
             id: WorkloadId(0),
             uid: uid.into(),
@@ -870,6 +873,7 @@ impl<'o> Builder<'o> {
                 Protocol::Tcp
             },
             ready,
+            running,
             named_ports: named_ports.into_boxed_slice(),
             weight,
             workload_name: self.interner.get(workload_name),
@@ -991,12 +995,19 @@ impl<'o> Builder<'o> {
         let local = svc.spec.internal_traffic_policy.as_deref() == Some("Local");
         let distribution =
             self.distribution("Service", meta, svc.spec.traffic_distribution.as_deref());
+        // As Kubernetes marks them for such a Service, and istiod's `ALLOW_ALL` health policy
+        // tells ztunnel: its running endpoints count as ready (a StatefulSet's peers find each
+        // other through its headless Service before any of them is ready).
+        let publish_not_ready = svc.spec.publish_not_ready_addresses;
         let endpoints = if svc.spec.selector.is_empty() {
             Vec::new()
         } else {
             self.select(Some(namespace), &svc.spec.selector)
                 .into_iter()
-                .filter(|id| self.workloads[id.index()].ready)
+                .filter(|id| {
+                    let w = &self.workloads[id.index()];
+                    w.ready || (publish_not_ready && w.running)
+                })
                 .map(|id| {
                     let w = &self.workloads[id.index()];
                     Endpoint {

@@ -193,7 +193,7 @@ fn to_service(
             let target = e.target_port(index)?;
             let rank = rank(lb, source, w)?;
             let addressed = !w.ips.is_empty() || w.hostname.is_some();
-            (w.ready && addressed && w.network == source.network).then_some((
+            (addressed && w.network == source.network).then_some((
                 e.workload,
                 target,
                 w.weight.max(1),

@@ -51,6 +51,22 @@ metadata: {name: empty, namespace: bookinfo}
 spec: {clusterIP: 10.96.0.40, selector: {app: nothing}, ports: [{port: 80}]}
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: warming, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.50, selector: {app: warming}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: warming-peers, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.51, publishNotReadyAddresses: true, selector: {app: warming}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: warming, namespace: bookinfo, labels: {app: warming}}
+spec: {serviceAccountName: warming}
+status: {podIP: 10.0.0.6, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: bookinfo, labels: {app: client}}
 spec: {serviceAccountName: client}
@@ -333,6 +349,23 @@ fn decisions() {
                 "",
                 "",
             ),
+        ),
+        (
+            "only endpoint not ready",
+            "10.0.0.1",
+            Destination::Addr(addr("10.96.0.50:80")),
+            t(
+                "refuse",
+                "service warming.bookinfo.svc.cluster.local has no healthy endpoint",
+                "",
+                "",
+            ),
+        ),
+        (
+            "the same endpoint, of a service publishing not-ready addresses",
+            "10.0.0.1",
+            Destination::Addr(addr("10.96.0.51:80")),
+            t("direct", "10.0.0.6:15008", "10.0.0.6:80", "warming"),
         ),
     ];
     for (what, from, dst, want) in cases {
