@@ -103,11 +103,24 @@ pub struct AdminAddrs {
     pub readiness: SocketAddr,
 }
 
+/// Binds `addr`; the IPv6 wildcard (`[::]`, which takes IPv4 too) falls back to IPv4's on a
+/// host without IPv6, as upstream's dual-stack listeners do.
+fn bind_or_ipv4(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    match std::net::TcpListener::bind(addr) {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            tracing::debug!(%addr, error = %e, "no IPv6 wildcard; binding IPv4's");
+            std::net::TcpListener::bind(v4)
+        }
+        bound => bound,
+    }
+}
+
 /// Binds the endpoints and serves them on a dedicated thread. Returns the bound addresses
 /// (useful with port 0).
 pub fn spawn(admin: Admin, addrs: AdminAddrs) -> std::io::Result<AdminAddrs> {
     let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let l = std::net::TcpListener::bind(addr)?;
+        let l = bind_or_ipv4(addr)?;
         l.set_nonblocking(true)?;
         Ok(l)
     };
@@ -263,5 +276,19 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain",
             "endpoints: /config_dump /logging?level= /stats/prometheus /healthz/ready\n",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default `[::]` endpoints answer over IPv4 too, where the kubelet and Prometheus of
+    /// an IPv4 cluster reach them.
+    #[test]
+    fn the_ipv6_wildcard_takes_ipv4_connections() {
+        let listener = bind_or_ipv4("[::]:0".parse().expect("addr")).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("an IPv4 connection");
     }
 }

@@ -36,11 +36,13 @@ struct Cli {
     /// Admin endpoint (`/config_dump`, `/logging`).
     #[arg(long, global = true, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// Prometheus endpoint (`/stats/prometheus`).
-    #[arg(long, global = true, default_value = "127.0.0.1:15020")]
+    /// Prometheus endpoint (`/stats/prometheus`). On every address by default, as upstream's,
+    /// where Prometheus scrapes the pod's IP.
+    #[arg(long, global = true, default_value = "[::]:15020")]
     metrics: SocketAddr,
-    /// Readiness endpoint (`/healthz/ready`).
-    #[arg(long, global = true, default_value = "127.0.0.1:15021")]
+    /// Readiness endpoint (`/healthz/ready`). On every address by default, as upstream's, where
+    /// the kubelet probes the pod's IP.
+    #[arg(long, global = true, default_value = "[::]:15021")]
     readiness: SocketAddr,
     /// How long connections may take to finish after SIGTERM.
     #[arg(long, global = true, default_value = "30", value_name = "SECONDS")]
