@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::Ztunnel;
@@ -17,10 +18,22 @@ const RECONNECT: Duration = Duration::from_secs(1);
 /// Follows the node agent at `path` for as long as ztunnel runs, connecting again whenever it
 /// goes away (istio-cni restarts, or is not up yet). Every request is acknowledged; a pod that
 /// cannot be served is acknowledged with the reason, as istio-cni expects.
-pub async fn follow_node_agent(path: &Path, sockets: &InPod, ztunnel: &Ztunnel) {
+///
+/// `synced` says whether this ztunnel holds the node's pods as the agent has them, which is
+/// when upstream's ztunnel is ready: from the end of the agent's snapshot on a connection until
+/// that connection ends. Before, a pod being replayed may not be served yet; after, the agent
+/// cannot announce new pods, whose start then waits on a ztunnel that looks healthy.
+pub async fn follow_node_agent(
+    path: &Path,
+    sockets: &InPod,
+    ztunnel: &Ztunnel,
+    synced: &AtomicBool,
+) {
     let mut pods = Pods::default();
     loop {
-        match pods.follow(path, sockets, ztunnel).await {
+        let followed = pods.follow(path, sockets, ztunnel, synced).await;
+        synced.store(false, Ordering::Release);
+        match followed {
             Ok(()) => {
                 tracing::info!(uds = %path.display(), "node agent disconnected; reconnecting")
             }
@@ -60,6 +73,7 @@ impl Pods {
         path: &Path,
         sockets: &InPod,
         ztunnel: &Ztunnel,
+        synced: &AtomicBool,
     ) -> Result<(), ZdsError> {
         let mut client = ZdsClient::connect(path).await?;
         // The pods replayed on this connection, until its snapshot is sent.
@@ -124,6 +138,8 @@ impl Pods {
                 WorkloadEvent::SnapshotSent => {
                     if let Some(seen) = replayed.take() {
                         self.forget_unless(&seen, sockets, ztunnel).await;
+                        tracing::info!(pods = self.announced.len(), "node agent's pods synced");
+                        synced.store(true, Ordering::Release);
                     }
                     Ok(())
                 }

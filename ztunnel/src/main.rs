@@ -194,23 +194,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .context("starting the ztunnel")?,
             );
+            // In pods, ready while the node agent's pods are synced, as upstream is; on
+            // loopback, once started.
             let follower = match (inpod_uds, inpod) {
                 (Some(uds), Some(inpod)) => {
                     let ztunnel = ztunnel.clone();
+                    let synced = ready.clone();
+                    tracing::info!(node = %node, uds = %uds.display(), "ztunnel started; ready once the node agent's pods are synced");
                     Some(tokio::spawn(async move {
-                        ztunnel::capture::follow_node_agent(&uds, &inpod, &ztunnel).await
+                        ztunnel::capture::follow_node_agent(&uds, &inpod, &ztunnel, &synced).await
                     }))
                 }
-                _ => None,
+                _ => {
+                    ready.store(true, Ordering::Release);
+                    tracing::info!(node = %node, workloads = ?ztunnel.workloads().await, "ztunnel ready");
+                    None
+                }
             };
-            ready.store(true, Ordering::Release);
-            tracing::info!(node = %node, workloads = ?ztunnel.workloads().await, "ztunnel ready");
             admin::shutdown_signal().await;
-            ready.store(false, Ordering::Release);
             if let Some(follower) = follower {
                 follower.abort();
                 let _ = follower.await;
             }
+            ready.store(false, Ordering::Release);
             match Arc::try_unwrap(ztunnel) {
                 Ok(z) => z.drain(deadline).await,
                 Err(_) => {

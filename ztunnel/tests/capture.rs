@@ -676,7 +676,7 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     let path = |p: &std::path::Path| p.display().to_string();
 
     let binary = env!("CARGO_BIN_EXE_ztunnel");
-    let _cni = Child(
+    let cni = Child(
         Command::new(binary)
             .args(["cni", "--uds", &path(&uds)])
             .args(["--pod", &format!("app/client={client_ns}")])
@@ -753,6 +753,18 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         2.0,
         "{text}"
     );
+
+    // The node agent gone, no new pod could be announced: ztunnel is no longer ready.
+    drop(cni);
+    let mut readiness = String::new();
+    for _ in 0..100 {
+        readiness = http_get("127.77.0.1:15021", "/healthz/ready").expect("readiness");
+        if readiness != "ready\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(readiness, "not ready\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

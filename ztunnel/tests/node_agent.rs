@@ -8,6 +8,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hbone::MeshCa;
@@ -109,7 +110,9 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
         dns_upstreams: Vec::new(),
     };
     let pods = [("a", &a), ("b", &b), ("c", &c)];
-    let (ztunnel, server, agent) = start_node(&dir, "node-a", &mesh, &pods).await;
+    let (ztunnel, server, agent, synced) = start_node(&dir, "node-a", &mesh, &pods).await;
+    let synced = move || synced.load(Ordering::Acquire);
+    assert!(synced(), "ready once the agent's snapshot is in");
     assert_eq!(served(&ztunnel).await, [A, B, C]);
     assert!(listening_in(&a) && listening_in(&b) && listening_in(&c));
     let a_listener = listener_inode(&a);
@@ -118,6 +121,10 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     // pod b (kept, as istio-cni does for a pod whose namespace it no longer holds), not pod c.
     drop(agent);
     let mut agent = reconnected(&server).await;
+    assert!(
+        !synced(),
+        "not ready while the agent is away, nor while it replays"
+    );
     agent
         .add("uid-a", info("a"), &a)
         .await
@@ -129,6 +136,7 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
         "nothing dropped mid-replay"
     );
     agent.snapshot_sent().await.expect("snapshot");
+    assert!(synced(), "ready again");
     assert_eq!(served(&ztunnel).await, [A, B], "pod c was not replayed");
     eventually(|| !listening_in(&c), "pod c's listeners closed").await;
     assert_eq!(listener_inode(&a), a_listener, "pod a's proxy undisturbed");

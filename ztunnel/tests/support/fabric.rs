@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use hbone::{CertManager, MeshCa};
 use mesh::Store;
@@ -157,7 +158,7 @@ pub async fn start_node(
     node: &str,
     mesh: &Mesh,
     pods: &[(&str, &NetNs)],
-) -> (Arc<Ztunnel>, ZdsServer, ZdsConnection) {
+) -> (Arc<Ztunnel>, ZdsServer, ZdsConnection, Arc<AtomicBool>) {
     let sockets = Arc::new(InPod::default());
     let ctx = Arc::new(Ctx {
         store: mesh.store.clone(),
@@ -177,11 +178,12 @@ pub async fn start_node(
     let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
     let uds = dir.join(format!("{node}.sock"));
     let server = ZdsServer::bind(&uds).expect("zds bind");
+    let synced = Arc::new(AtomicBool::new(false));
     {
-        let ztunnel = ztunnel.clone();
-        tokio::spawn(
-            async move { ztunnel::capture::follow_node_agent(&uds, &sockets, &ztunnel).await },
-        );
+        let (ztunnel, synced) = (ztunnel.clone(), synced.clone());
+        tokio::spawn(async move {
+            ztunnel::capture::follow_node_agent(&uds, &sockets, &ztunnel, &synced).await
+        });
     }
     let mut agent = server.accept().await.expect("ztunnel connects");
     agent.hello().await.expect("hello");
@@ -201,7 +203,7 @@ pub async fn start_node(
             .expect("ztunnel accepts the pod");
     }
     agent.snapshot_sent().await.expect("snapshot");
-    (ztunnel, server, agent)
+    (ztunnel, server, agent, synced)
 }
 
 /// Sums the samples of `metric` whose labels include all of `labels`.
