@@ -46,7 +46,7 @@ async fn one_trace_id_follows_a_request_through_both_ztunnels_and_the_waypoint()
             "direction=\"inbound\"",
             "src.identity=spiffe://cluster.local/ns/app/sa/waypoint",
             "dst.addr=127.39.",
-            &format!("dst.workload=app/{backend}"),
+            &format!("dst.workload={backend} dst.namespace=app"),
         ])
         .await;
     assert_eq!(trace_id(&inbound), trace, "the server's ztunnel: {inbound}");

@@ -631,6 +631,19 @@ spec: {mtls: {mode: STRICT}}
             && l.contains("dst.hbone_addr=198.19.7.3:8080")),
         "{log}"
     );
+    // Identities are logged for mTLS only: the client's plain TCP out of the mesh has none.
+    let egress = (log.lines())
+        .find(|l| {
+            l.contains("connection complete")
+                && l.contains("direction=\"outbound\"")
+                && l.contains("dst.addr=198.19.7.9:8080")
+        })
+        .unwrap_or_else(|| panic!("the egress connection's log line:\n{log}"));
+    assert!(
+        egress
+            .contains("src.workload=client src.namespace=app src.identity= src.cluster=Kubernetes"),
+        "{egress}"
+    );
     drop((node_a, node_b));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -225,6 +225,15 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
         trace.trace_id().to_string(),
         "the outbound access log shows the trace it sent: {line}"
     );
+    // Each end as upstream logs it: the pod's name, its namespace and cluster apart.
+    for field in [
+        "src.workload=client-7c9d8-x2x4z src.namespace=app",
+        "src.identity=spiffe://cluster.local/ns/app/sa/client src.cluster=Kubernetes",
+        "dst.workload=remote dst.namespace=app",
+        "dst.identity=spiffe://cluster.local/ns/app/sa/remote dst.cluster=Kubernetes",
+    ] {
+        assert!(line.contains(field), "{field}: {line}");
+    }
 
     // 2. Inbound: a caller the mesh does not know by address (127.0.0.1) is labelled from its
     // baggage, except for what its certificate proves; the 200 names the destination; the
@@ -283,6 +292,13 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
         "4bf92f3577b34da6a3ce929d0e0e4736",
         "the inbound access log shows the caller's trace: {line}"
     );
+    // A caller no workload has the address of: only what its certificate proves.
+    for field in [
+        "src.workload= src.namespace= src.identity=spiffe://cluster.local/ns/batch/sa/cron src.cluster= ",
+        "dst.workload=server-0 dst.namespace=app",
+    ] {
+        assert!(line.contains(field), "{field}: {line}");
+    }
 
     // 3. A caller known by its address is labelled from the configuration, whatever it claims.
     let send = dial_server(certs, "127.38.1.1", id("app", "client")).await;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use hbone::Copied;
 use hbone::headers::TraceParent;
+use mesh::model::Workload;
 
 use crate::metrics::{Metrics, TcpLabels};
 
@@ -28,13 +29,33 @@ impl Direction {
     }
 }
 
+/// A workload as the access log names it: its name, namespace and cluster in fields of their
+/// own (`src.workload`, `src.namespace`, `src.cluster`), as upstream logs them.
+#[derive(Debug, Clone)]
+pub struct LoggedWorkload {
+    name: Arc<str>,
+    namespace: Arc<str>,
+    cluster: Arc<str>,
+}
+
+impl LoggedWorkload {
+    /// `workload`, of the cluster `cluster`.
+    pub fn new(workload: &Workload, cluster: &Arc<str>) -> Self {
+        Self {
+            name: workload.name.clone(),
+            namespace: workload.namespace.clone(),
+            cluster: cluster.clone(),
+        }
+    }
+}
+
 /// What the access log says about the two ends.
 #[derive(Debug, Clone, Default)]
 pub struct Ends {
     /// Client address.
     pub src_addr: Option<SocketAddr>,
-    /// Client workload (`namespace/name`) and identity.
-    pub src_workload: Option<String>,
+    /// Client workload, when one has the client's address.
+    pub src_workload: Option<LoggedWorkload>,
     /// Client identity (only with mTLS).
     pub src_identity: Option<String>,
     /// Where the bytes went: outbound the next hop, inbound the address they arrived on (for
@@ -46,8 +67,8 @@ pub struct Ends {
     /// Destination service hostname.
     pub dst_service: Option<String>,
     /// Destination workload.
-    pub dst_workload: Option<String>,
-    /// Destination identity.
+    pub dst_workload: Option<LoggedWorkload>,
+    /// Destination identity (only with mTLS).
     pub dst_identity: Option<String>,
     /// The connection's trace context: made by the client's ztunnel and sent as `traceparent`,
     /// taken up by the server's, so one connection is found in both logs by its trace id.
@@ -125,6 +146,9 @@ impl Drop for ConnectionGuard {
             .inc_by(self.copied.b_to_a);
         let e = &self.ends;
         let show = |v: &Option<String>| v.clone().unwrap_or_default();
+        let name = |w: &Option<LoggedWorkload>| w.as_ref().map(|w| w.name.clone());
+        let namespace = |w: &Option<LoggedWorkload>| w.as_ref().map(|w| w.namespace.clone());
+        let cluster = |w: &Option<LoggedWorkload>| w.as_ref().map(|w| w.cluster.clone());
         let addr = |v: &Option<SocketAddr>| v.map(|a| a.to_string()).unwrap_or_default();
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let failure = self.error.as_deref().unwrap_or_default();
@@ -136,13 +160,17 @@ impl Drop for ConnectionGuard {
                 target: "access",
                 direction = self.direction.as_str(),
                 src.addr = %addr(&e.src_addr),
-                src.workload = %show(&e.src_workload),
+                src.workload = %name(&e.src_workload).unwrap_or_default(),
+                src.namespace = %namespace(&e.src_workload).unwrap_or_default(),
                 src.identity = %show(&e.src_identity),
+                src.cluster = %cluster(&e.src_workload).unwrap_or_default(),
                 dst.addr = %addr(&e.dst_addr),
                 dst.hbone_addr = %show(&e.dst_hbone_addr),
                 dst.service = %show(&e.dst_service),
-                dst.workload = %show(&e.dst_workload),
+                dst.workload = %name(&e.dst_workload).unwrap_or_default(),
+                dst.namespace = %namespace(&e.dst_workload).unwrap_or_default(),
                 dst.identity = %show(&e.dst_identity),
+                dst.cluster = %cluster(&e.dst_workload).unwrap_or_default(),
                 trace_id = trace_id.map(tracing::field::display),
                 bytes_sent = self.copied.a_to_b,
                 bytes_recv = self.copied.b_to_a,
@@ -156,13 +184,17 @@ impl Drop for ConnectionGuard {
                 target: "access",
                 direction = self.direction.as_str(),
                 src.addr = %addr(&e.src_addr),
-                src.workload = %show(&e.src_workload),
+                src.workload = %name(&e.src_workload).unwrap_or_default(),
+                src.namespace = %namespace(&e.src_workload).unwrap_or_default(),
                 src.identity = %show(&e.src_identity),
+                src.cluster = %cluster(&e.src_workload).unwrap_or_default(),
                 dst.addr = %addr(&e.dst_addr),
                 dst.hbone_addr = %show(&e.dst_hbone_addr),
                 dst.service = %show(&e.dst_service),
-                dst.workload = %show(&e.dst_workload),
+                dst.workload = %name(&e.dst_workload).unwrap_or_default(),
+                dst.namespace = %namespace(&e.dst_workload).unwrap_or_default(),
                 dst.identity = %show(&e.dst_identity),
+                dst.cluster = %cluster(&e.dst_workload).unwrap_or_default(),
                 trace_id = trace_id.map(tracing::field::display),
                 bytes_sent = self.copied.a_to_b,
                 bytes_recv = self.copied.b_to_a,

@@ -12,7 +12,7 @@ use mesh::telemetry::Peer;
 use rand::seq::IndexedRandom;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::connection::{ConnectionGuard, Direction, Ends};
+use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
 use super::route::{Destination, Refusal, Route, route};
 use super::socks5::{self, Reply, Target};
 use super::{Ctx, Local, accept_loop};
@@ -85,25 +85,25 @@ async fn proxy(
     let decision = route(&snapshot, source, dst, &mut rand::rng());
     let (workload, service, dst_addr, hbone_addr, identity) = describe(&snapshot, &decision);
     let cluster = &snapshot.options().cluster_id;
+    let mtls = matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. });
     let labels = TcpLabels::new(
         Reporter::source,
         Peer::new(Some(source), cluster),
         service.map(|s| snapshot.service(s)),
         Peer::new(workload.map(|w| snapshot.workload(w)), cluster),
-        matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. }),
+        mtls,
     );
     let trace = TraceParent::random();
+    let logged_cluster: Arc<str> = cluster.as_str().into();
     let ends = Ends {
         src_addr: Some(peer),
-        src_workload: Some(format!("{}/{}", source.namespace, source.name)),
-        src_identity: Some(source.identity.to_string()),
+        src_workload: Some(LoggedWorkload::new(source, &logged_cluster)),
+        // Identities are logged for mTLS only, as upstream logs them.
+        src_identity: mtls.then(|| source.identity.to_string()),
         dst_addr,
         dst_hbone_addr: hbone_addr.map(|a| a.to_string()),
         dst_service: service.map(|s| snapshot.service(s).hostname.to_string()),
-        dst_workload: workload.map(|w| {
-            let w = snapshot.workload(w);
-            format!("{}/{}", w.namespace, w.name)
-        }),
+        dst_workload: workload.map(|w| LoggedWorkload::new(snapshot.workload(w), &logged_cluster)),
         dst_identity: identity,
         trace: Some(trace),
     };

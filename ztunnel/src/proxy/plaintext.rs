@@ -14,7 +14,7 @@ use mesh::telemetry::Peer;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::admission;
-use super::connection::{ConnectionGuard, Direction, Ends};
+use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
 use super::{Ctx, accept_loop, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
@@ -47,11 +47,12 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         Peer::new(Some(workload), cluster),
         false,
     );
+    let logged_cluster: Arc<str> = cluster.as_str().into();
     let ends = Ends {
         src_addr: Some(peer),
-        src_workload: source.map(|w| format!("{}/{}", w.namespace, w.name)),
+        src_workload: source.map(|w| LoggedWorkload::new(w, &logged_cluster)),
         dst_addr: Some(target),
-        dst_workload: Some(format!("{}/{}", workload.namespace, workload.name)),
+        dst_workload: Some(LoggedWorkload::new(workload, &logged_cluster)),
         trace: Some(TraceParent::random()),
         ..Ends::default()
     };
