@@ -19,6 +19,22 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 /// A connection being opened.
 pub type Connecting = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
+/// TCP keepalive as upstream sets it (`KEEPALIVE_TIME`, `KEEPALIVE_INTERVAL`,
+/// `KEEPALIVE_RETRIES`): a connection ztunnel holds for an application, whose own keepalive
+/// probes end at ztunnel, is still found dead when its far end vanishes, and its idle flow
+/// keeps the NAT and load-balancer state on the way alive.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(std::time::Duration::from_secs(180))
+    .with_interval(std::time::Duration::from_secs(180))
+    .with_retries(9);
+
+/// The options of every TCP connection ztunnel accepts or opens: no Nagle delay (each write is
+/// a whole message the peer waits for), and [`KEEPALIVE`].
+pub fn configure(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    socket2::SockRef::from(stream).set_tcp_keepalive(&KEEPALIVE)
+}
+
 /// Makes the sockets of one mode.
 pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// A listener for `workload` on `port` (on its own address, or on every address of its
@@ -260,7 +276,7 @@ async fn connect_in(
     let stream = TcpSocket::from_std_stream(socket.into())
         .connect(dst)
         .await?;
-    stream.set_nodelay(true)?;
+    configure(&stream)?;
     Ok(stream)
 }
 
@@ -312,7 +328,7 @@ async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> io::Res
         socket.bind(SocketAddr::new(src, 0))?;
     }
     let stream = socket.connect(dst).await?;
-    stream.set_nodelay(true)?;
+    configure(&stream)?;
     Ok(stream)
 }
 
@@ -348,6 +364,29 @@ mod tests {
                 want.map(ip),
                 "{src:?} -> {dst}"
             );
+        }
+    }
+
+    /// Both ends ztunnel holds keep alive as upstream's do: the connection it opens, and the
+    /// one it accepts (configured by the accept loop).
+    #[tokio::test]
+    async fn connections_keep_alive_as_upstream() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let opened = connect_from(None, listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        configure(&accepted).expect("configure");
+        for stream in [&opened, &accepted] {
+            let s = socket2::SockRef::from(stream);
+            assert!(s.tcp_nodelay().expect("nodelay"));
+            assert!(s.keepalive().expect("keepalive"));
+            let secs = std::time::Duration::from_secs(180);
+            assert_eq!(s.tcp_keepalive_time().expect("time"), secs);
+            assert_eq!(s.tcp_keepalive_interval().expect("interval"), secs);
+            assert_eq!(s.tcp_keepalive_retries().expect("retries"), 9);
         }
     }
 }

@@ -216,7 +216,9 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
+                if let Err(e) = crate::socket::configure(&stream) {
+                    tracing::debug!(%peer, error = %e, "socket options not set");
+                }
                 tokio::spawn(handle(stream, peer, drain.clone()));
             }
             Err(e) => {
