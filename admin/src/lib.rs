@@ -2,6 +2,10 @@
 //! (`/stats/prometheus`) and readiness (`/healthz/ready`), on their own thread and runtime so a
 //! busy data plane never delays a scrape or a probe, and a stuck scrape never takes a
 //! data-plane worker.
+//!
+//! Metrics and readiness listen on every address, where Prometheus and the kubelet reach the
+//! pod, and answer only their own paths; the configuration and the log level stay on the admin
+//! port, on localhost.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -78,7 +82,7 @@ pub struct Admin {
     pub certs: Arc<hbone::CertManager>,
     /// Prometheus metrics.
     pub registry: Arc<Registry>,
-    /// Set once every local workload is served.
+    /// Whether the proxy is ready (`/healthz/ready`): what that takes is the proxy's to say.
     pub ready: Arc<AtomicBool>,
     /// Log filter control.
     pub set_log_level: Option<SetLogLevel>,
@@ -103,17 +107,69 @@ pub struct AdminAddrs {
     pub readiness: SocketAddr,
 }
 
-/// Binds `addr`; the IPv6 wildcard (`[::]`, which takes IPv4 too) falls back to IPv4's on a
-/// host without IPv6, as upstream's dual-stack listeners do.
+/// Which endpoint a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    /// Everything, metrics and readiness included.
+    Admin,
+    /// `/stats/prometheus` (and `/metrics`, as upstream) only.
+    Metrics,
+    /// `/healthz/ready` only.
+    Readiness,
+}
+
+impl Endpoint {
+    /// Whether this endpoint answers `path`.
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Endpoint::Admin => true,
+            Endpoint::Metrics => matches!(path, "/stats/prometheus" | "/metrics"),
+            Endpoint::Readiness => path == "/healthz/ready",
+        }
+    }
+
+    /// The paths it answers, for a 404.
+    fn paths(self) -> &'static str {
+        match self {
+            Endpoint::Admin => {
+                "endpoints: /config_dump /logging?level= /stats/prometheus /healthz/ready\n"
+            }
+            Endpoint::Metrics => "endpoints: /stats/prometheus /metrics\n",
+            Endpoint::Readiness => "endpoints: /healthz/ready\n",
+        }
+    }
+}
+
+/// Binds `addr`. The IPv6 wildcard takes IPv4 too, whatever `net.ipv6.bindv6only` says, and
+/// falls back to IPv4's on a host without IPv6, as upstream's dual-stack listeners do; any
+/// other failure (the port taken) is the caller's.
 fn bind_or_ipv4(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    match std::net::TcpListener::bind(addr) {
-        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+    match bind(addr) {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && no_ipv6(&e) => {
             let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
-            tracing::debug!(%addr, error = %e, "no IPv6 wildcard; binding IPv4's");
-            std::net::TcpListener::bind(v4)
+            tracing::info!(%addr, error = %e, "no IPv6 on this host; listening on IPv4 only");
+            bind(v4)
         }
         bound => bound,
     }
+}
+
+/// Whether `e` says the host has no IPv6 (the family unsupported, or no address of it).
+fn no_ipv6(e: &std::io::Error) -> bool {
+    const EAFNOSUPPORT: i32 = 97;
+    e.kind() == std::io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(EAFNOSUPPORT)
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Binds the endpoints and serves them on a dedicated thread. Returns the bound addresses
@@ -150,11 +206,12 @@ pub fn spawn(admin: Admin, addrs: AdminAddrs) -> std::io::Result<AdminAddrs> {
             };
             runtime.block_on(async move {
                 let mut tasks = Vec::new();
-                for listener in listeners {
+                let endpoints = [Endpoint::Admin, Endpoint::Metrics, Endpoint::Readiness];
+                for (listener, endpoint) in listeners.into_iter().zip(endpoints) {
                     let admin = admin.clone();
                     tasks.push(tokio::spawn(async move {
                         match TcpListener::from_std(listener) {
-                            Ok(l) => serve(l, admin).await,
+                            Ok(l) => serve(l, admin, endpoint).await,
                             Err(e) => tracing::error!(error = %e, "admin listener failed"),
                         }
                     }));
@@ -165,7 +222,7 @@ pub fn spawn(admin: Admin, addrs: AdminAddrs) -> std::io::Result<AdminAddrs> {
     Ok(bound)
 }
 
-async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+async fn serve(listener: TcpListener, admin: Arc<Admin>, endpoint: Endpoint) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -174,7 +231,7 @@ async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, &req)) }
+                async move { Ok::<_, Infallible>(route(&admin, endpoint, &req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -196,8 +253,12 @@ fn respond(
     response
 }
 
-fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !endpoint.serves(path) {
+        return respond(StatusCode::NOT_FOUND, "text/plain", endpoint.paths());
+    }
+    match path {
         "/stats/prometheus" | "/metrics" => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, &admin.registry) {
@@ -271,11 +332,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "endpoints: /config_dump /logging?level= /stats/prometheus /healthz/ready\n",
-        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", endpoint.paths()),
     }
 }
 
@@ -290,5 +347,54 @@ mod tests {
         let listener = bind_or_ipv4("[::]:0".parse().expect("addr")).expect("bind");
         let port = listener.local_addr().expect("addr").port();
         std::net::TcpStream::connect(("127.0.0.1", port)).expect("an IPv4 connection");
+    }
+
+    /// A port taken is an error, not a quiet fallback to IPv4's wildcard.
+    #[test]
+    fn a_port_taken_is_reported() {
+        let taken = bind_or_ipv4("[::]:0".parse().expect("addr")).expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let again = bind_or_ipv4(SocketAddr::new(
+            std::net::Ipv6Addr::UNSPECIFIED.into(),
+            port,
+        ));
+        let err = again.expect_err("the port is taken");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    }
+
+    /// The ports open to the pod network answer only their own paths: the configuration and
+    /// the log level are the admin port's alone.
+    #[test]
+    fn each_endpoint_answers_its_own_paths() {
+        let cases = [
+            (
+                Endpoint::Admin,
+                [
+                    "/config_dump",
+                    "/logging",
+                    "/stats/prometheus",
+                    "/healthz/ready",
+                ]
+                .as_slice(),
+                true,
+            ),
+            (Endpoint::Metrics, &["/stats/prometheus", "/metrics"], true),
+            (
+                Endpoint::Metrics,
+                &["/config_dump", "/logging", "/healthz/ready"],
+                false,
+            ),
+            (Endpoint::Readiness, &["/healthz/ready"], true),
+            (
+                Endpoint::Readiness,
+                &["/config_dump", "/logging", "/stats/prometheus"],
+                false,
+            ),
+        ];
+        for (endpoint, paths, served) in cases {
+            for path in paths {
+                assert_eq!(endpoint.serves(path), served, "{endpoint:?} {path}");
+            }
+        }
     }
 }

@@ -133,7 +133,7 @@ impl LocalMesh {
             waypoints.push((format!("{}/{}", w.namespace, w.name), server));
         }
         let mut backends = Vec::new();
-        // Every running workload's process answers, ready or not: a Service that publishes
+        // Every workload that has not ended answers, ready or not: a Service that publishes
         // not-ready addresses sends it traffic all the same.
         for w in snapshot.workloads().iter().filter(|w| w.running) {
             for port in backend_ports(&snapshot, w) {

@@ -267,9 +267,10 @@ fn services_resolve_ready_endpoints_and_named_ports() {
     assert_eq!(v1.services.as_ref(), [id]);
 }
 
-/// A Service that publishes not-ready addresses takes every running pod as an endpoint, as
-/// Kubernetes marks them ready for it: a StatefulSet's peers find each other through its
-/// headless Service before they are ready. A pod that has ended is no endpoint of it either.
+/// A Service that publishes not-ready addresses takes every pod that has not ended as an
+/// endpoint, as Kubernetes marks them ready for it: a StatefulSet's peers find each other
+/// through its headless Service before they are ready. A pod that has ended is no endpoint of
+/// it either.
 #[test]
 fn a_service_publishing_not_ready_addresses_takes_running_pods() {
     let extra = r#"
@@ -291,6 +292,12 @@ status:
   podIP: 10.0.2.4
   phase: Failed
   conditions: [{type: Ready, status: "False"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v5, namespace: bookinfo, labels: {app: reviews, version: v5}}
+spec: {nodeName: node-b, serviceAccountName: reviews}
+status: {podIP: 10.0.2.5, phase: Pending}
 "#;
     let s = snapshot(&format!("{BOOKINFO}{extra}"));
     let names = |host: &str| -> Vec<String> {
@@ -301,8 +308,8 @@ status:
     };
     assert_eq!(
         names("reviews-peers.bookinfo.svc.cluster.local"),
-        ["reviews-v1", "reviews-v2", "reviews-v3"],
-        "the running pods, ready or not"
+        ["reviews-v1", "reviews-v2", "reviews-v3", "reviews-v5"],
+        "the pods that have not ended, ready or not, Pending with an address included"
     );
     assert_eq!(
         names("reviews.bookinfo.svc.cluster.local"),

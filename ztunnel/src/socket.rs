@@ -46,16 +46,15 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// An unconnected UDP socket on an ephemeral port for `workload`'s datagrams to `dst` (its
     /// DNS queries the proxy forwards), made where its own would leave from.
     fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket>;
-    /// A connection from `workload` to `dst` (a plain-TCP destination, a resolver, or the
-    /// application when the caller is not to be seen).
+    /// A connection from `workload` to `dst`: a plain-TCP destination, a resolver, or a
+    /// sandwiched waypoint's tunnel port (whose PROXY header names the caller).
     fn connect(&self, workload: &Workload, dst: SocketAddr) -> Connecting;
     /// A connection to `workload`'s application at `dst` on behalf of a caller at `client`,
     /// made so that the application sees the caller's address as its peer where the mode can
     /// (upstream's original source: the application's logs, allowlists and rate limits see who
     /// called, not ztunnel). By default it is [`SocketFactory::connect`]: the application sees
     /// its own workload's address.
-    fn connect_app(&self, workload: &Workload, client: IpAddr, dst: SocketAddr) -> Connecting {
-        let _ = client;
+    fn connect_app(&self, workload: &Workload, _client: IpAddr, dst: SocketAddr) -> Connecting {
         self.connect(workload, dst)
     }
     /// The dialer of `workload`'s HBONE pool.
@@ -234,6 +233,11 @@ impl SocketFactory for InPod {
     /// socket bind it, and the pod's capture rules route the application's replies back to it
     /// (ztunnel's mark sets connmark 0x111 on the connection; its replies take that mark back,
     /// and marked packets are delivered locally by routing table 100).
+    ///
+    /// The kernel picks the source port. For a plaintext caller it may, about once in the
+    /// ephemeral range's size (1 in 28,000 by default), pick the caller's own port, and then
+    /// the connection is the captured one's twin and fails; upstream's has the same odds.
+    /// Excluding that port needs `IP_LOCAL_PORT_RANGE`, which neither `nix` nor `socket2` sets.
     fn connect_app(&self, workload: &Workload, client: IpAddr, dst: SocketAddr) -> Connecting {
         let netns = self.netns(&workload.uid);
         let src = (client.is_ipv4() == dst.is_ipv4()).then_some(SocketAddr::new(client, 0));
@@ -304,7 +308,6 @@ fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
     }
 }
 
-/// Connects from `src` (port chosen by the kernel) when given and of the same family.
 /// The address a workload's socket to `dst` binds: its own `src`, of `dst`'s family, except a
 /// loopback one (the local mesh's) towards an address off this host, which the kernel refuses
 /// to route (a DNS resolver or plain-TCP destination elsewhere): that socket takes the host's.
@@ -313,6 +316,7 @@ fn source_for(src: Option<IpAddr>, dst: SocketAddr) -> Option<IpAddr> {
         .filter(|s| !s.is_loopback() || dst.ip().is_loopback())
 }
 
+/// Connects to `dst` from `src` (the port chosen by the kernel), where [`source_for`] allows it.
 async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = socket_for(dst)?;
     if let Some(src) = source_for(src, dst) {
@@ -367,8 +371,8 @@ mod tests {
         }
     }
 
-    /// Both ends ztunnel holds keep alive as upstream's do: the connection it opens, and the
-    /// one it accepts (configured by the accept loop).
+    /// Both ends ztunnel holds keep alive as upstream's do: the connection it opens, and one it
+    /// accepts once configured.
     #[tokio::test]
     async fn connections_keep_alive_as_upstream() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

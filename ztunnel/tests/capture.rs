@@ -742,10 +742,21 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         .expect("pod IP");
     assert_eq!(answer, "echo:direct");
 
-    // The operator's view: readiness, and Istio's metrics on the Prometheus endpoint.
+    // The operator's view: readiness once the agent's snapshot is in, and Istio's metrics on
+    // the Prometheus endpoint, which answers nothing else.
+    let mut readiness = String::new();
+    for _ in 0..100 {
+        readiness = http_get("127.77.0.1:15021", "/healthz/ready").expect("readiness");
+        if readiness == "ready\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(readiness, "ready\n");
     assert_eq!(
-        http_get("127.77.0.1:15021", "/healthz/ready").expect("readiness"),
-        "ready\n"
+        http_get("127.77.0.1:15020", "/config_dump").expect("metrics port"),
+        "endpoints: /stats/prometheus /metrics\n",
+        "the configuration stays on the admin port"
     );
     let labels = [
         "reporter=\"source\"",

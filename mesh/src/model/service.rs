@@ -26,7 +26,7 @@ pub struct Service {
     /// Labels of the Service resource.
     pub labels: Labels,
     /// Endpoints that take traffic, in a stable order (by workload uid): the ready ones, or for a
-    /// Service that publishes not-ready addresses every running one.
+    /// Service that publishes not-ready addresses every one that has not ended.
     pub endpoints: Box<[Endpoint]>,
     /// The subsets of every DestinationRule a proxy may apply to this service (which one
     /// applies depends on the proxy), each with the endpoints its labels select.

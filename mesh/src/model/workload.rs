@@ -49,8 +49,8 @@ pub struct Workload {
     pub protocol: Protocol,
     /// Whether it may receive traffic as an endpoint.
     pub ready: bool,
-    /// Whether it runs with an address, ready or not: a Service that publishes not-ready
-    /// addresses takes it as an endpoint all the same.
+    /// Whether it has an address and has not ended (running or still starting), ready or not:
+    /// a Service that publishes not-ready addresses takes it as an endpoint all the same.
     pub running: bool,
     /// Named ports (`http → 8080`) for named target ports.
     pub named_ports: Box<[(Arc<str>, u16)]>,

@@ -562,7 +562,13 @@ impl<'o> Builder<'o> {
                 return None;
             }
         };
-        let running = matches!(pod.status.phase.as_deref(), None | Some("Running"));
+        // A pod that has not ended is running for a Service that publishes not-ready addresses
+        // (Kubernetes' `ShouldPodBeInEndpoints`, istiod's terminal-pod check): a Pending pod
+        // with an address too, such as a StatefulSet's whose init container looks for its peers.
+        // Ready it is only once Running.
+        let phase = pod.status.phase.as_deref();
+        let running = !matches!(phase, Some("Succeeded" | "Failed"));
+        let started = matches!(phase, None | Some("Running"));
         let not_unready = !pod
             .status
             .conditions
@@ -608,7 +614,7 @@ impl<'o> Builder<'o> {
             pod.spec.node_name.as_deref(),
             locality,
             captured,
-            (running, not_unready),
+            (running, started && not_unready),
             named_ports,
             1,
             workload,

@@ -3,9 +3,10 @@
 //!
 //! As upstream ztunnel's proxy answers:
 //! - a service's hostname (a Kubernetes Service's `name.ns.svc.cluster.local`, a ServiceEntry's
-//!   host) gets its VIPs, or for a headless Kubernetes Service its ready endpoints' addresses
-//!   (a ServiceEntry host's VIPs include those allocated to it; one with none, whose resolution
-//!   is `NONE` or which opted out of allocation, is the upstream resolver's);
+//!   host) gets its VIPs, or for a headless Kubernetes Service its endpoints' addresses, the
+//!   not-ready ones too where it publishes them (a ServiceEntry host's VIPs include those
+//!   allocated to it; one with none, whose resolution is `NONE` or which opted out of
+//!   allocation, is the upstream resolver's);
 //! - the short forms a client in namespace `ns` may use (`name`, `name.ns`, `name.ns.svc`) get
 //!   the same;
 //! - a pod behind a headless Kubernetes Service, by the name a StatefulSet's pods have
@@ -166,7 +167,7 @@ fn wildcard<'s>(snapshot: &'s Snapshot, name: &str) -> Option<&'s Service> {
     None
 }
 
-/// `service`'s addresses of `family`: its VIPs, or for a headless Kubernetes Service its ready
+/// `service`'s addresses of `family`: its VIPs, or for a headless Kubernetes Service its
 /// endpoints'. `None` when it has none to give (a ServiceEntry without VIPs, allocated or
 /// declared), which is the upstream resolver's to answer.
 fn addresses(snapshot: &Snapshot, service: &Service, family: Family) -> Option<Vec<IpAddr>> {
