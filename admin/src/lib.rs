@@ -288,6 +288,9 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
                     serde_json::json!({
                         "identity": c.identity().to_string(),
                         "serialNumber": c.serial(),
+                        "validFrom": rfc3339(c.not_before()),
+                        "expirationTime": rfc3339(c.not_after()),
+                        "refreshAt": rfc3339(c.refresh_at()),
                     })
                 })
                 .collect();
@@ -336,6 +339,19 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
     }
 }
 
+/// `t` as RFC 3339 in UTC (`2026-12-06T13:44:42Z`), as upstream's dump shows certificate times;
+/// empty if it cannot be shown.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +363,12 @@ mod tests {
         let listener = bind_or_ipv4("[::]:0".parse().expect("addr")).expect("bind");
         let port = listener.local_addr().expect("addr").port();
         std::net::TcpStream::connect(("127.0.0.1", port)).expect("an IPv4 connection");
+    }
+
+    #[test]
+    fn certificate_times_are_rfc3339_in_utc() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_564_682_250);
+        assert_eq!(rfc3339(t), "2026-12-06T13:44:42Z");
     }
 
     /// A port taken is an error, not a quiet fallback to IPv4's wildcard.

@@ -758,6 +758,16 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         "endpoints: /stats/prometheus /metrics\n",
         "the configuration stays on the admin port"
     );
+    // There it shows the pods' certificates, and when each was issued, expires and renews.
+    let dump = http_get("127.77.0.1:15000", "/config_dump").expect("admin port");
+    for field in [
+        "\"identity\": \"spiffe://cluster.local/ns/app/sa/echo\"",
+        "\"validFrom\": \"20",
+        "\"expirationTime\": \"20",
+        "\"refreshAt\": \"20",
+    ] {
+        assert!(dump.contains(field), "{field} in {dump}");
+    }
     let labels = [
         "reporter=\"source\"",
         "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
