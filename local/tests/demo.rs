@@ -29,6 +29,8 @@ async fn the_embedded_default_routes_and_authorizes_through_its_waypoint() {
         .await
         .unwrap();
     assert!(l4.contains("hello from default/productpage-v1"), "{l4}");
+    // Each backend sees its caller's address, as in a pod: the client here, the waypoint below.
+    assert!(l4.contains("(connection from 127.0.1.1:"), "{l4}");
     assert!(
         !l4.contains("x-wasm-plugin"),
         "no waypoint, no plugin: {l4}"
@@ -37,6 +39,7 @@ async fn the_embedded_default_routes_and_authorizes_through_its_waypoint() {
     let v1 = mesh.get(sleep, reviews, 9080, "/r", &[]).await.unwrap();
     assert!(v1.contains("hello from default/reviews-v1"), "{v1}");
     assert!(v1.contains("x-wasm-plugin: add_header"), "{v1}");
+    assert!(v1.contains("(connection from 127.0.3.1:"), "{v1}");
     let v2 = mesh
         .get(sleep, reviews, 9080, "/r", &[("end-user", "jason")])
         .await

@@ -24,6 +24,7 @@
 
 mod balance;
 mod callout;
+mod dial;
 mod error;
 mod http;
 mod keepalive;

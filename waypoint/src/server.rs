@@ -86,7 +86,10 @@ impl WaypointServer {
         drop(snapshot);
 
         let cert = certs.fetch(&identity).await?;
-        let pool = Pool::new(certs, spec.hbone.clone());
+        let pool = match crate::dial::from(ip) {
+            Some(dialer) => Pool::with_dialer(certs, spec.hbone.clone(), dialer),
+            None => Pool::new(certs, spec.hbone.clone()),
+        };
         let node = plugins::NodeInfo {
             id: format!(
                 "waypoint~{ip}~{}.{}~{}.svc.cluster.local",
