@@ -280,19 +280,8 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
         "/config_dump" => {
             let snapshot = admin.store.load();
             let mut dump = snapshot.dump();
-            let certificates: Vec<serde_json::Value> = admin
-                .certs
-                .certificates()
-                .iter()
-                .map(|c| {
-                    serde_json::json!({
-                        "identity": c.identity().to_string(),
-                        "serialNumber": c.serial(),
-                        "validFrom": rfc3339(c.not_before()),
-                        "expirationTime": rfc3339(c.not_after()),
-                        "refreshAt": rfc3339(c.refresh_at()),
-                    })
-                })
+            let certificates: Vec<serde_json::Value> = (admin.certs.certificates().iter())
+                .map(|c| certificate(c))
                 .collect();
             dump["certificates"] = serde_json::Value::Array(certificates);
             if let Some(state) = admin.state.get() {
@@ -339,6 +328,31 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
     }
 }
 
+/// A workload certificate in upstream ztunnel's dump form (`istioctl ztunnel-config
+/// certificates` reads it), with when it renews.
+fn certificate(c: &hbone::WorkloadCert) -> serde_json::Value {
+    let show = |ders: &[rustls_pki_types::CertificateDer<'static>]| -> Vec<serde_json::Value> {
+        ders.iter()
+            .map(|der| match hbone::summarize(der) {
+                Ok(s) => serde_json::json!({
+                    "pem": s.pem,
+                    "serialNumber": s.serial_number,
+                    "validFrom": rfc3339(s.valid_from),
+                    "expirationTime": rfc3339(s.expiration_time),
+                }),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            })
+            .collect()
+    };
+    serde_json::json!({
+        "identity": c.identity().to_string(),
+        "state": "Available",
+        "certChain": show(c.chain()),
+        "rootCerts": show(c.root_ders()),
+        "refreshAt": rfc3339(c.refresh_at()),
+    })
+}
+
 /// `t` as RFC 3339 in UTC (`2026-12-06T13:44:42Z`), as upstream's dump shows certificate times;
 /// empty if it cannot be shown.
 fn rfc3339(t: std::time::SystemTime) -> String {
@@ -369,6 +383,35 @@ mod tests {
     fn certificate_times_are_rfc3339_in_utc() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_564_682_250);
         assert_eq!(rfc3339(t), "2026-12-06T13:44:42Z");
+    }
+
+    /// Each certificate as upstream's dump shows it: the chain and the roots, each in PEM with
+    /// its serial number in decimal and its validity in RFC 3339.
+    #[test]
+    fn certificates_are_dumped_in_upstream_form() {
+        let ca = hbone::MeshCa::generate("cluster.local").expect("ca");
+        let identity: hbone::Identity =
+            "spiffe://cluster.local/ns/app/sa/echo".parse().expect("id");
+        let cert = ca.issue(&identity).expect("issued");
+        let dump = certificate(&cert);
+        assert_eq!(dump["identity"], "spiffe://cluster.local/ns/app/sa/echo");
+        assert_eq!(dump["state"], "Available");
+        let leaf = &dump["certChain"][0];
+        let pem = leaf["pem"].as_str().expect("pem");
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+        let serial = leaf["serialNumber"].as_str().expect("serial");
+        assert_eq!(
+            u128::from_str_radix(cert.serial(), 16)
+                .map(|n| n.to_string())
+                .as_deref(),
+            Ok(serial),
+            "the hex serial in decimal"
+        );
+        assert_eq!(leaf["validFrom"], rfc3339(cert.not_before()));
+        assert_eq!(leaf["expirationTime"], rfc3339(cert.not_after()));
+        let roots = dump["rootCerts"].as_array().expect("roots");
+        assert_eq!(roots.len(), 1);
+        assert_eq!(roots[0]["pem"], ca.root_pem());
     }
 
     /// A port taken is an error, not a quiet fallback to IPv4's wildcard.

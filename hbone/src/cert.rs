@@ -108,6 +108,11 @@ impl WorkloadCert {
         &self.certified
     }
 
+    /// The chain it presents, leaf first (DER).
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.certified.cert
+    }
+
     /// The leaf certificate (DER).
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.certified.cert[0]
@@ -194,21 +199,49 @@ impl LeafFacts {
             }
         }
         let validity = cert.validity();
-        let to_system = |t: x509_parser::time::ASN1Time| {
-            let secs = t.timestamp();
-            if secs >= 0 {
-                SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-            } else {
-                SystemTime::UNIX_EPOCH
-            }
-        };
         Ok(LeafFacts {
             identities,
-            not_before: to_system(validity.not_before),
-            not_after: to_system(validity.not_after),
+            not_before: system_time(validity.not_before),
+            not_after: system_time(validity.not_after),
             serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
         })
     }
+}
+
+/// An ASN.1 time as a `SystemTime` (the epoch for anything before it).
+fn system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+    u64::try_from(t.timestamp()).map_or(SystemTime::UNIX_EPOCH, |secs| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    })
+}
+
+/// One certificate of a chain as operators read it, and as upstream ztunnel's `/config_dump`
+/// shows it.
+#[derive(Debug, Clone)]
+pub struct CertSummary {
+    /// The certificate in PEM.
+    pub pem: String,
+    /// Its serial number in decimal.
+    pub serial_number: String,
+    /// Start of validity.
+    pub valid_from: SystemTime,
+    /// End of validity.
+    pub expiration_time: SystemTime,
+}
+
+/// Reads `der` for a dump.
+pub fn summarize(der: &CertificateDer<'_>) -> Result<CertSummary, CertError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::Parse(e.to_string()))?;
+    let validity = cert.validity();
+    Ok(CertSummary {
+        pem: pem::encode_config(
+            &pem::Pem::new("CERTIFICATE", der.to_vec()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        ),
+        serial_number: cert.tbs_certificate.serial.to_string(),
+        valid_from: system_time(validity.not_before),
+        expiration_time: system_time(validity.not_after),
+    })
 }
 
 /// The SPIFFE identities in a peer's leaf certificate (URI SANs only; DNS names are never used).

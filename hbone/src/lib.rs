@@ -28,7 +28,7 @@ pub mod tls;
 
 pub use authority::{Authority, AuthorityError};
 pub use ca::{DEFAULT_TTL, MeshCa};
-pub use cert::{CertError, WorkloadCert, identities_of};
+pub use cert::{CertError, CertSummary, WorkloadCert, identities_of, summarize};
 pub use config::Config;
 pub use copy::{ChunkIo, Copied, CopyError, copy_bidirectional};
 pub use error::Error;

@@ -6,6 +6,7 @@ mod support;
 use std::net::IpAddr;
 
 use hbone::headers::WorkloadType;
+use serde_json::json;
 
 use mesh::model::{AppTunnel, Protocol, WaypointFor};
 use mesh::resource::MtlsMode;
@@ -752,16 +753,100 @@ fn dump_is_complete_json() {
     assert_eq!(resources.len(), 1, "{resources:?}");
     let gateway = resources[0].to_string();
     assert!(gateway.contains("istio-waypoint"), "{gateway}");
-    let reviews = dump["services"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == "reviews"))
-        .expect("reviews in dump");
-    assert_eq!(reviews["endpoints"].as_array().map(Vec::len), Some(2));
+}
+
+/// The workloads, services, policies of the dump in upstream ztunnel's form, whose field names
+/// and types `istioctl ztunnel-config` decodes (a wrong type fails the whole command).
+#[test]
+fn dump_is_in_upstream_form() {
+    let s = snapshot(&format!(
+        "{BOOKINFO}{}",
+        r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-callers, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/bookinfo/sa/waypoint]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-the-waypoint, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#
+    ));
+    let dump = s.dump();
+    let find = |list: &str, name: &str| {
+        (dump[list].as_array().into_iter().flatten())
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {list}: {dump}"))
+            .clone()
+    };
+
+    let reviews_v1 = find("workloads", "reviews-v1");
+    for (field, want) in [
+        ("uid", json!("Kubernetes//v1/Pod/bookinfo/reviews-v1")),
+        ("workloadIps", json!(["10.0.1.2"])),
+        ("protocol", json!("HBONE")),
+        ("namespace", json!("bookinfo")),
+        ("serviceAccount", json!("reviews")),
+        ("trustDomain", json!("cluster.local")),
+        ("workloadType", json!("pod")),
+        ("canonicalName", json!("reviews")),
+        ("canonicalRevision", json!("v1")),
+        ("clusterId", json!("Kubernetes")),
+        ("status", json!("Healthy")),
+        ("capacity", json!(1)),
+        ("authorizationPolicies", json!(["bookinfo/reviews-callers"])),
+    ] {
+        assert_eq!(reviews_v1[field], want, "{field} of {reviews_v1}");
+    }
+    assert_eq!(find("workloads", "client")["protocol"], "TCP");
+
+    // The namespace's waypoint serves its services; `istioctl` names it by finding the
+    // destination among the services' VIPs.
+    let waypoint = find("services", "waypoint");
+    assert_eq!(waypoint["vips"], json!(["/10.96.0.2"]));
+    let reviews = find("services", "reviews");
     assert_eq!(
-        dump["workloads"][0]["identity"]
-            .as_str()
-            .map(|s| s.starts_with("spiffe://")),
-        Some(true)
+        reviews["waypoint"],
+        json!({"destination": "/10.96.0.2", "hboneMtlsPort": 15008})
+    );
+    assert_eq!(reviews["hostname"], "reviews.bookinfo.svc.cluster.local");
+    assert_eq!(reviews["ipFamilies"], "IPv4");
+    // A named target port is resolved per endpoint: 0 service-wide, as upstream shows it.
+    assert_eq!(reviews["ports"], json!({"9080": 0}));
+    let endpoints = reviews["endpoints"].as_object().expect("a map by uid");
+    assert_eq!(endpoints.len(), 2, "{reviews}");
+    assert_eq!(
+        endpoints["Kubernetes//v1/Pod/bookinfo/reviews-v2"],
+        json!({
+            "workloadUid": "Kubernetes//v1/Pod/bookinfo/reviews-v2",
+            "service": "bookinfo/reviews.bookinfo.svc.cluster.local",
+            "address": "/10.0.2.2",
+            "port": {"9080": 8081},
+            "status": "Healthy",
+        })
+    );
+
+    // Only what ztunnel enforces: the selector policy, not the waypoint's.
+    assert_eq!(
+        dump["policies"],
+        json!([{
+            "name": "reviews-callers",
+            "namespace": "bookinfo",
+            "scope": "WorkloadSelector",
+            "action": "Allow",
+            "dryRun": false,
+            "rules": [[[{"principals": [{"Exact": "cluster.local/ns/bookinfo/sa/waypoint"}]}]]],
+        }])
+    );
+    assert_eq!(
+        dump["authorizationPolicies"].as_array().map(Vec::len),
+        Some(2)
     );
 }
 

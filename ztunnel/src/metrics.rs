@@ -123,6 +123,15 @@ pub struct Metrics {
     pub dns_malformed: Counter,
     /// UDP queries dropped because too many were in flight for their workload.
     pub dns_dropped: Counter,
+    /// `workload_manager_active_proxy_count`: workloads served (a proxy each).
+    pub proxies_active: Gauge,
+    /// `workload_manager_pending_proxy_count`: pods the node agent announced that are not
+    /// served yet (the configuration does not name them, or their proxy failed to start).
+    pub proxies_pending: Gauge,
+    /// `workload_manager_proxies_started_total`.
+    pub proxies_started: Counter,
+    /// `workload_manager_proxies_stopped_total`.
+    pub proxies_stopped: Counter,
 }
 
 impl Default for Metrics {
@@ -146,6 +155,10 @@ impl Default for Metrics {
             on_demand_dns: Family::default(),
             dns_malformed: Counter::default(),
             dns_dropped: Counter::default(),
+            proxies_active: Gauge::default(),
+            proxies_pending: Gauge::default(),
+            proxies_started: Counter::default(),
+            proxies_stopped: Counter::default(),
         }
     }
 }
@@ -204,6 +217,33 @@ impl Metrics {
             "Connections whose endpoint's name was looked up",
             self.on_demand_dns.clone(),
         );
+        // Upstream's build info: `istio_build{component="ztunnel",tag="<version>"} 1`.
+        let build = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+        build
+            .get_or_create(&[("component", "ztunnel"), ("tag", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        istio.register("build", "Istio component build info", build);
+        let manager = registry.sub_registry_with_prefix("workload_manager");
+        manager.register(
+            "active_proxy_count",
+            "Workloads served, a proxy each",
+            self.proxies_active.clone(),
+        );
+        manager.register(
+            "pending_proxy_count",
+            "Pods announced by the node agent and not served yet",
+            self.proxies_pending.clone(),
+        );
+        manager.register(
+            "proxies_started",
+            "Workload proxies started",
+            self.proxies_started.clone(),
+        );
+        manager.register(
+            "proxies_stopped",
+            "Workload proxies stopped",
+            self.proxies_stopped.clone(),
+        );
         let z = registry.sub_registry_with_prefix("ztunnel");
         z.register(
             "dns_malformed_requests",
@@ -230,5 +270,34 @@ impl Metrics {
             "Configuration changes rejected as invalid",
             self.config_rejected.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The series upstream's dashboards read besides the traffic ones, under upstream's names.
+    #[test]
+    fn build_info_and_workload_manager_series_have_upstream_names() {
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        metrics.proxies_started.inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let build = format!(
+            "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        for series in [
+            build.as_str(),
+            "workload_manager_active_proxy_count 0\n",
+            "workload_manager_pending_proxy_count 0\n",
+            "workload_manager_proxies_started_total 1\n",
+            "workload_manager_proxies_stopped_total 0\n",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
     }
 }

@@ -18,15 +18,25 @@ use crate::proxy::{Ctx, WorkloadProxy};
 pub struct Ztunnel {
     ctx: Arc<Ctx>,
     node: Arc<str>,
-    proxies: Arc<tokio::sync::Mutex<HashMap<Arc<str>, WorkloadProxy>>>,
+    proxies: Arc<tokio::sync::Mutex<Proxies>>,
     follower: Option<JoinHandle<()>>,
+}
+
+/// The workload proxies running, by workload uid, and how many announced pods wait for one.
+///
+/// The metrics move by what changes here rather than being set to these counts, so several
+/// ztunnels sharing one registry (the local mesh) add up.
+#[derive(Debug, Default)]
+struct Proxies {
+    running: HashMap<Arc<str>, WorkloadProxy>,
+    pending: usize,
 }
 
 impl Ztunnel {
     /// Starts serving the captured workloads of `node` and follows configuration changes.
     pub async fn start(ctx: Arc<Ctx>, node: &str) -> Result<Self, crate::Error> {
         let node: Arc<str> = node.into();
-        let proxies = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
+        let proxies = Arc::new(tokio::sync::Mutex::new(Proxies::default()));
         reconcile(&ctx, &node, &proxies).await?;
         let follower = tokio::spawn(follow(ctx.clone(), node.clone(), proxies.clone()));
         Ok(Self {
@@ -49,7 +59,7 @@ impl Ztunnel {
 
     /// The uids of the workloads being served.
     pub async fn workloads(&self) -> Vec<Arc<str>> {
-        let mut uids: Vec<_> = self.proxies.lock().await.keys().cloned().collect();
+        let mut uids: Vec<_> = self.proxies.lock().await.running.keys().cloned().collect();
         uids.sort();
         uids
     }
@@ -65,8 +75,15 @@ impl Ztunnel {
         if let Some(f) = self.follower.take() {
             f.abort();
         }
-        let proxies: Vec<WorkloadProxy> =
-            self.proxies.lock().await.drain().map(|(_, p)| p).collect();
+        let proxies: Vec<WorkloadProxy> = {
+            let mut proxies = self.proxies.lock().await;
+            let metrics = &self.ctx.metrics;
+            metrics.proxies_pending.dec_by(proxies.pending as i64);
+            proxies.pending = 0;
+            metrics.proxies_active.dec_by(proxies.running.len() as i64);
+            metrics.proxies_stopped.inc_by(proxies.running.len() as u64);
+            proxies.running.drain().map(|(_, p)| p).collect()
+        };
         let all = futures_util::future::join_all(proxies.into_iter().map(WorkloadProxy::drain));
         if tokio::time::timeout(deadline, all).await.is_err() {
             tracing::warn!(node = %self.node, ?deadline, "drain deadline passed; closing the remaining connections");
@@ -86,7 +103,7 @@ impl Drop for Ztunnel {
 async fn reconcile(
     ctx: &Arc<Ctx>,
     node: &str,
-    proxies: &tokio::sync::Mutex<HashMap<Arc<str>, WorkloadProxy>>,
+    proxies: &tokio::sync::Mutex<Proxies>,
 ) -> Result<(), crate::Error> {
     let snapshot = ctx.store.load();
     let wanted: HashMap<Arc<str>, &mesh::model::Workload> = snapshot
@@ -95,24 +112,27 @@ async fn reconcile(
         .map(|w| (w.uid.clone(), w))
         .collect();
     let mut proxies = proxies.lock().await;
-    let gone: Vec<Arc<str>> = proxies
-        .keys()
+    let gone: Vec<Arc<str>> = (proxies.running.keys())
         .filter(|uid| !wanted.contains_key(*uid))
         .cloned()
         .collect();
     for uid in gone {
-        if let Some(proxy) = proxies.remove(&uid) {
+        if let Some(proxy) = proxies.running.remove(&uid) {
+            ctx.metrics.proxies_active.dec();
+            ctx.metrics.proxies_stopped.inc();
             tokio::spawn(proxy.drain());
         }
     }
     let mut first_error = None;
     for (uid, workload) in wanted {
-        if proxies.contains_key(&uid) {
+        if proxies.running.contains_key(&uid) {
             continue;
         }
         match WorkloadProxy::start(ctx.clone(), workload).await {
             Ok(proxy) => {
-                proxies.insert(uid, proxy);
+                ctx.metrics.proxies_active.inc();
+                ctx.metrics.proxies_started.inc();
+                proxies.running.insert(uid, proxy);
             }
             Err(e) => {
                 tracing::error!(workload = %uid, error = %e, "cannot serve workload");
@@ -120,14 +140,18 @@ async fn reconcile(
             }
         }
     }
+    let announced = ctx.sockets.announced();
+    let pending = (announced.iter())
+        .filter(|uid| !proxies.running.contains_key(*uid))
+        .count();
+    ctx.metrics
+        .proxies_pending
+        .inc_by(pending as i64 - proxies.pending as i64);
+    proxies.pending = pending;
     first_error.map_or(Ok(()), Err)
 }
 
-async fn follow(
-    ctx: Arc<Ctx>,
-    node: Arc<str>,
-    proxies: Arc<tokio::sync::Mutex<HashMap<Arc<str>, WorkloadProxy>>>,
-) {
+async fn follow(ctx: Arc<Ctx>, node: Arc<str>, proxies: Arc<tokio::sync::Mutex<Proxies>>) {
     let mut changes = ctx.store.subscribe();
     while changes.changed().await.is_ok() {
         let snapshot = ctx.store.load();

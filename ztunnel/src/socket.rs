@@ -66,6 +66,12 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     fn captures(&self) -> bool;
     /// Whether sockets can be made for `workload` yet (in-pod: its namespace has arrived).
     fn serves(&self, workload: &Workload) -> bool;
+    /// The workloads whose sockets it was given, served or not (in-pod: the pods the node
+    /// agent announced); those not served are the proxies pending. None by default: the other
+    /// modes serve every workload of the node the configuration names.
+    fn announced(&self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
 }
 
 /// Sockets on the workloads' own loopback addresses.
@@ -268,6 +274,14 @@ impl SocketFactory for InPod {
 
     fn serves(&self, workload: &Workload) -> bool {
         self.netns(&workload.uid).is_ok()
+    }
+
+    fn announced(&self) -> Vec<Arc<str>> {
+        (self.pods.read())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
     }
 }
 

@@ -116,6 +116,16 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     assert_eq!(served(&ztunnel).await, [A, B, C]);
     assert!(listening_in(&a) && listening_in(&b) && listening_in(&c));
     let a_listener = listener_inode(&a);
+    let m = &mesh.metrics;
+    let proxies = || {
+        (
+            m.proxies_active.get(),
+            m.proxies_pending.get(),
+            m.proxies_started.get(),
+            m.proxies_stopped.get(),
+        )
+    };
+    assert_eq!(proxies(), (3, 0, 3, 0), "active, pending, started, stopped");
 
     // The agent restarts: ztunnel connects again, and the agent replays pod a (added again) and
     // pod b (kept, as istio-cni does for a pod whose namespace it no longer holds), not pod c.
@@ -141,6 +151,11 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     eventually(|| !listening_in(&c), "pod c's listeners closed").await;
     assert_eq!(listener_inode(&a), a_listener, "pod a's proxy undisturbed");
     assert!(listening_in(&b), "pod b still served");
+    assert_eq!(
+        proxies(),
+        (2, 0, 3, 1),
+        "pod c's proxy stopped, none restarted"
+    );
     let refused = agent
         .keep("uid-a")
         .await
@@ -170,6 +185,21 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     assert_eq!(served(&ztunnel).await, [A, B], "the new pod stays served");
     assert!(listening_in(&b2), "from its own namespace");
     eventually(|| !listening_in(&b), "not from the old one").await;
+
+    // A pod the configuration does not name yet is accepted and pending until it does.
+    agent.add("uid-d", info("d"), &c).await.expect("pod d");
+    assert_eq!((proxies().0, proxies().1), (2, 1), "active, pending");
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        format!(
+            "{MESH}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: d, namespace: app}}\n\
+             spec: {{nodeName: node-a}}\nstatus: {{podIP: 198.19.8.4}}\n"
+        ),
+    )
+    .expect("write");
+    mesh.store.reload(&mut config).expect("reload");
+    eventually(|| listening_in(&c), "pod d served once named").await;
+    assert_eq!((proxies().0, proxies().1), (3, 0), "active, pending");
 
     let _ = std::fs::remove_dir_all(&dir);
 }

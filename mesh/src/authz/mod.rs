@@ -17,6 +17,7 @@
 
 mod compile;
 mod condition;
+mod dump;
 mod matcher;
 mod policy;
 mod spec;

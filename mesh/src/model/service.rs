@@ -8,8 +8,7 @@ use serde::Serialize;
 use super::{DestinationRuleId, Labels, LoadBalancing, PluginId, PolicyId, WaypointId, WorkloadId};
 
 /// A service: a hostname, VIPs and ports in front of a set of endpoints.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Service {
     /// Resource name.
     pub name: Arc<str>,
@@ -35,7 +34,6 @@ pub struct Service {
     pub waypoint: Option<WaypointId>,
     /// How endpoints near the caller are preferred (`trafficDistribution`,
     /// `internalTrafficPolicy: Local`); none: any endpoint.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancing: Option<LoadBalancing>,
     /// Extra identities its endpoints may present (ServiceEntry `subjectAltNames`).
     pub subject_alt_names: Box<[Arc<str>]>,
@@ -130,8 +128,7 @@ pub enum ServiceKind {
 }
 
 /// One service port.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct ServicePort {
     /// Port name, if any.
     pub name: Option<Arc<str>>,
@@ -144,7 +141,7 @@ pub struct ServicePort {
 }
 
 /// A target port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A number.
     Number(u16),
@@ -153,8 +150,7 @@ pub enum Target {
 }
 
 /// An endpoint of a service.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Endpoint {
     /// The workload.
     pub workload: WorkloadId,
@@ -182,7 +178,7 @@ pub struct Subset {
 }
 
 /// The application protocol of a port: decides HTTP handling versus a byte copy in the waypoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppProtocol {
     /// HTTP/1.1 (or h2c upgrade).
     Http,

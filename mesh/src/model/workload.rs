@@ -12,8 +12,7 @@ use crate::resource::ObjectMeta;
 use super::{Labels, Locality, PolicyId, ServiceId, WaypointId, WorkloadId};
 
 /// Something with an address that can send and receive traffic.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Workload {
     /// Its position in the snapshot.
     pub id: WorkloadId,
@@ -26,14 +25,12 @@ pub struct Workload {
     /// Namespace.
     pub namespace: Arc<str>,
     /// The SPIFFE identity it presents (its service account's).
-    #[serde(serialize_with = "display")]
     pub identity: Identity,
     /// Addresses; empty while a pod has no IP yet, and for a DNS name.
     pub ips: Box<[IpAddr]>,
     /// The DNS name a `resolution: DNS` ServiceEntry endpoint (or host) is: it has no address
     /// of its own, and whoever sends it traffic resolves the name at the time, as upstream
     /// ztunnel resolves a workload's hostname.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<Arc<str>>,
     /// Network (empty = the default network).
     pub network: Arc<str>,
@@ -41,7 +38,6 @@ pub struct Workload {
     pub node: Option<Arc<str>>,
     /// Where it runs (its node's region, zone and subzone), for services that prefer near
     /// endpoints.
-    #[serde(skip_serializing_if = "Locality::is_empty")]
     pub locality: Locality,
     /// Labels (for selectors and subsets).
     pub labels: Labels,
@@ -59,7 +55,6 @@ pub struct Workload {
     /// Telemetry's workload name (the Deployment's name for ReplicaSet pods).
     pub workload_name: Arc<str>,
     /// The type of that workload, which baggage names it by.
-    #[serde(serialize_with = "display")]
     pub workload_type: WorkloadType,
     /// Telemetry's canonical service name.
     pub canonical_name: Arc<str>,
@@ -83,10 +78,6 @@ pub struct Workload {
 
 fn known(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
-}
-
-fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
 }
 
 impl Workload {
@@ -150,13 +141,11 @@ pub enum WorkloadKind {
 }
 
 /// How a workload receives mesh traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// Captured by ztunnel: reach it with HBONE on port 15008.
-    #[serde(rename = "HBONE")]
     Hbone,
     /// Not in the mesh: reach it with plain TCP.
-    #[serde(rename = "TCP")]
     Tcp,
 }
 

@@ -3,6 +3,7 @@
 
 mod conditions;
 mod decision;
+mod dump;
 mod lowering;
 mod operation;
 mod source;
