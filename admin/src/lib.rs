@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -24,6 +24,40 @@ use tokio::net::TcpListener;
 /// The proxy's live state beyond the mesh snapshot (a waypoint's endpoints), for
 /// `/config_dump`.
 pub type StateDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Whether the proxy is ready (`/healthz/ready`): `Ok`, or what it still waits on, which the
+/// failing answer names (`not ready: <what>`), as upstream's names its pending tasks, so a
+/// probe's failure says why.
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// A proxy's life as readiness sees it: starting, then serving, then draining on shutdown.
+#[derive(Debug, Default)]
+pub struct Lifecycle(AtomicU8);
+
+impl Lifecycle {
+    const STARTING: u8 = 0;
+    const SERVING: u8 = 1;
+    const DRAINING: u8 = 2;
+
+    /// The proxy serves.
+    pub fn serving(&self) {
+        self.0.store(Self::SERVING, Ordering::Release);
+    }
+
+    /// The proxy drains: the kubelet takes it out of its Service before connections end.
+    pub fn draining(&self) {
+        self.0.store(Self::DRAINING, Ordering::Release);
+    }
+
+    /// `Ok` while serving, else what it is doing instead.
+    pub fn check(&self) -> Result<(), String> {
+        match self.0.load(Ordering::Acquire) {
+            Self::SERVING => Ok(()),
+            Self::STARTING => Err("starting".to_owned()),
+            _ => Err("draining".to_owned()),
+        }
+    }
+}
 
 /// Changes the log filter (`/logging?level=debug`); returns the new filter or why not.
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
@@ -55,20 +89,25 @@ pub fn logging(filter: Option<&str>, default: &str) -> SetLogLevel {
     })
 }
 
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C, when the process drains.
-pub async fn shutdown_signal() {
+/// Resolves on SIGTERM (Kubernetes stopping the pod), Ctrl-C or `POST /quitquitquit` (`quit`
+/// notified), when the process drains.
+pub async fn shutdown_signal(quit: &tokio::sync::Notify) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the process");
-            let _ = tokio::signal::ctrl_c().await;
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C and /quitquitquit stop the process");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = quit.notified() => {}
+            }
             return;
         }
     };
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        _ = quit.notified() => tracing::info!("asked to quit on the admin endpoint"),
     }
 }
 
@@ -83,11 +122,14 @@ pub struct Admin {
     /// Prometheus metrics.
     pub registry: Arc<Registry>,
     /// Whether the proxy is ready (`/healthz/ready`): what that takes is the proxy's to say.
-    pub ready: Arc<AtomicBool>,
+    pub ready: Readiness,
     /// Log filter control.
     pub set_log_level: Option<SetLogLevel>,
     /// Live proxy state, set once the proxy runs (the endpoints serve before it does).
     pub state: Arc<std::sync::OnceLock<StateDump>>,
+    /// Notified by `POST /quitquitquit`, for [`shutdown_signal`]: a graceful stop asked over
+    /// HTTP, as upstream's admin offers.
+    pub quit: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -99,7 +141,7 @@ impl std::fmt::Debug for Admin {
 /// Addresses of the three endpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct AdminAddrs {
-    /// `/config_dump`, `/logging` (Istio: 127.0.0.1:15000).
+    /// `/config_dump`, `/logging`, `/quitquitquit` (Istio: 127.0.0.1:15000).
     pub admin: SocketAddr,
     /// `/stats/prometheus` (Istio: 15020).
     pub metrics: SocketAddr,
@@ -132,7 +174,8 @@ impl Endpoint {
     fn paths(self) -> &'static str {
         match self {
             Endpoint::Admin => {
-                "endpoints: /config_dump /logging?level= /stats/prometheus /healthz/ready\n"
+                "endpoints: /config_dump /logging?level= /quitquitquit (POST) /stats/prometheus \
+                 /healthz/ready\n"
             }
             Endpoint::Metrics => "endpoints: /stats/prometheus /metrics\n",
             Endpoint::Readiness => "endpoints: /healthz/ready\n",
@@ -270,13 +313,14 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
                 ),
             }
         }
-        "/healthz/ready" => {
-            if admin.ready.load(Ordering::Acquire) {
-                respond(StatusCode::OK, "text/plain", "ready\n")
-            } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
-            }
-        }
+        "/healthz/ready" => match (admin.ready)() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
+            Err(waiting) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("not ready: {waiting}\n"),
+            ),
+        },
         "/config_dump" => {
             let snapshot = admin.store.load();
             let mut dump = snapshot.dump();
@@ -300,6 +344,14 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
                     "text/plain",
                     e.to_string(),
                 ),
+            }
+        }
+        "/quitquitquit" => {
+            if req.method() == http::Method::POST {
+                admin.quit.notify_one();
+                respond(StatusCode::OK, "text/plain", "draining\n")
+            } else {
+                respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n")
             }
         }
         "/logging" => {
@@ -412,6 +464,92 @@ mod tests {
         let roots = dump["rootCerts"].as_array().expect("roots");
         assert_eq!(roots.len(), 1);
         assert_eq!(roots[0]["pem"], ca.root_pem());
+    }
+
+    /// Serves an admin with `ready` on ephemeral loopback ports.
+    fn serve_test_admin(ready: Readiness, quit: Arc<tokio::sync::Notify>) -> AdminAddrs {
+        let snapshot =
+            mesh::Snapshot::from_yaml("mesh.yaml", "", &mesh::Options::default()).expect("mesh");
+        let ca = hbone::MeshCa::generate("cluster.local").expect("ca");
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        spawn(
+            Admin {
+                name: "admin-test",
+                store: mesh::Store::new(snapshot),
+                certs: Arc::new(hbone::CertManager::new(Arc::new(ca))),
+                registry: Arc::new(Registry::default()),
+                ready,
+                set_log_level: None,
+                state: Arc::default(),
+                quit,
+            },
+            AdminAddrs {
+                admin: local,
+                metrics: local,
+                readiness: local,
+            },
+        )
+        .expect("spawn")
+    }
+
+    /// The status code and body of `method path` on `addr`.
+    fn request(addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read");
+        let status = answer.split(' ').nth(1).unwrap_or_default().to_owned();
+        let body = answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        (status, body)
+    }
+
+    /// `/healthz/ready` answers 200 while the proxy serves, and otherwise 500 naming what it
+    /// waits on, as upstream's does: starting, then serving, then draining.
+    #[test]
+    fn readiness_names_what_the_proxy_waits_on() {
+        let lifecycle = Arc::new(Lifecycle::default());
+        let ready = lifecycle.clone();
+        let bound = serve_test_admin(Arc::new(move || ready.check()), Arc::default());
+        let probe = || request(bound.readiness, "GET", "/healthz/ready");
+        assert_eq!(probe(), ("500".into(), "not ready: starting\n".into()));
+        lifecycle.serving();
+        assert_eq!(probe(), ("200".into(), "ready\n".into()));
+        lifecycle.draining();
+        assert_eq!(probe(), ("500".into(), "not ready: draining\n".into()));
+    }
+
+    /// `POST /quitquitquit` on the admin port asks the process to drain; nothing else does.
+    #[tokio::test]
+    async fn quitquitquit_takes_a_post_on_the_admin_port() {
+        let quit = Arc::new(tokio::sync::Notify::new());
+        let bound = serve_test_admin(Arc::new(|| Ok(())), quit.clone());
+        let asked = async |method: &'static str, addr: SocketAddr| {
+            let answer =
+                tokio::task::spawn_blocking(move || request(addr, method, "/quitquitquit"))
+                    .await
+                    .expect("request");
+            let notified =
+                tokio::time::timeout(std::time::Duration::from_millis(200), quit.notified());
+            (answer, notified.await.is_ok())
+        };
+        assert_eq!(
+            asked("GET", bound.admin).await,
+            (("405".into(), "use POST\n".into()), false)
+        );
+        assert!(!asked("POST", bound.metrics).await.1, "not on metrics");
+        assert_eq!(
+            asked("POST", bound.admin).await,
+            (("200".into(), "draining\n".into()), true)
+        );
     }
 
     /// A port taken is an error, not a quiet fallback to IPv4's wildcard.

@@ -96,15 +96,18 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         serde_json::json!({ "waypoints": waypoints })
     });
+    let quit = Arc::new(tokio::sync::Notify::new());
     let bound = admin::spawn(
         Admin {
             name: "local-admin",
             store: mesh.store.clone(),
             certs: Arc::new(CertManager::new(mesh.ca.clone())),
             registry: mesh.registry.clone(),
-            ready: mesh.ready(),
+            // Everything is served once `start` returns.
+            ready: Arc::new(|| Ok(())),
             set_log_level: Some(set_log_level),
             state: Arc::new(state.into()),
+            quit: quit.clone(),
         },
         AdminAddrs {
             admin: cli.admin,
@@ -148,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
         mesh.shutdown(deadline).await;
         return Ok(());
     }
-    admin::shutdown_signal().await;
+    admin::shutdown_signal(&quit).await;
     mesh.shutdown(deadline).await;
     Ok(())
 }

@@ -13,7 +13,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -155,11 +154,6 @@ impl LocalMesh {
             backends,
             _watch: watch,
         })
-    }
-
-    /// A readiness flag that is already set (everything is served once `start` returns).
-    pub fn ready(&self) -> Arc<AtomicBool> {
-        Arc::new(AtomicBool::new(true))
     }
 
     /// Sends `GET path` with `headers` to `host:port` through the SOCKS5 port of the workload

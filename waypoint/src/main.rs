@@ -3,7 +3,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use admin::{Admin, AdminAddrs};
@@ -101,17 +100,20 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let certs = Arc::new(CertManager::new(ca));
-    let ready = Arc::new(AtomicBool::new(false));
+    let lifecycle = Arc::new(admin::Lifecycle::default());
+    let ready = lifecycle.clone();
     let state = Arc::new(std::sync::OnceLock::new());
+    let quit = Arc::new(tokio::sync::Notify::new());
     admin::spawn(
         Admin {
             name: "waypoint-admin",
             store: store.clone(),
             certs: certs.clone(),
             registry: Arc::new(registry),
-            ready: ready.clone(),
+            ready: Arc::new(move || ready.check()),
             set_log_level: Some(set_log_level),
             state: state.clone(),
+            quit: quit.clone(),
         },
         addrs,
     )
@@ -123,9 +125,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the waypoint")?;
     let _ = state.set(server.live_state());
-    ready.store(true, Ordering::Release);
-    admin::shutdown_signal().await;
-    ready.store(false, Ordering::Release);
+    lifecycle.serving();
+    admin::shutdown_signal(&quit).await;
+    lifecycle.draining();
     server.drain(deadline).await;
     Ok(())
 }

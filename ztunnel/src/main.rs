@@ -159,16 +159,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut registry = Registry::default();
             metrics.register(&mut registry);
             let certs = Arc::new(CertManager::new(ca));
-            let ready = Arc::new(AtomicBool::new(false));
+            // Ready once serving and, in pods, while the node agent's pods are synced, as
+            // upstream is.
+            let lifecycle = Arc::new(admin::Lifecycle::default());
+            let synced = Arc::new(AtomicBool::new(inpod_uds.is_none()));
+            let ready: admin::Readiness = {
+                let (lifecycle, synced) = (lifecycle.clone(), synced.clone());
+                Arc::new(move || {
+                    lifecycle.check()?;
+                    if synced.load(Ordering::Acquire) {
+                        Ok(())
+                    } else {
+                        Err("the node agent's pods are not synced".to_owned())
+                    }
+                })
+            };
+            let quit = Arc::new(tokio::sync::Notify::new());
             admin::spawn(
                 Admin {
                     name: "ztunnel-admin",
                     store: store.clone(),
                     certs: certs.clone(),
                     registry: Arc::new(registry),
-                    ready: ready.clone(),
+                    ready,
                     set_log_level: Some(set_log_level),
                     state: Arc::default(),
+                    quit: quit.clone(),
                 },
                 addrs,
             )
@@ -194,29 +210,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .context("starting the ztunnel")?,
             );
-            // In pods, ready while the node agent's pods are synced, as upstream is; on
-            // loopback, once started.
+            lifecycle.serving();
             let follower = match (inpod_uds, inpod) {
                 (Some(uds), Some(inpod)) => {
                     let ztunnel = ztunnel.clone();
-                    let synced = ready.clone();
                     tracing::info!(node = %node, uds = %uds.display(), "ztunnel started; ready once the node agent's pods are synced");
                     Some(tokio::spawn(async move {
                         ztunnel::capture::follow_node_agent(&uds, &inpod, &ztunnel, &synced).await
                     }))
                 }
                 _ => {
-                    ready.store(true, Ordering::Release);
                     tracing::info!(node = %node, workloads = ?ztunnel.workloads().await, "ztunnel ready");
                     None
                 }
             };
-            admin::shutdown_signal().await;
+            admin::shutdown_signal(&quit).await;
             if let Some(follower) = follower {
                 follower.abort();
                 let _ = follower.await;
             }
-            ready.store(false, Ordering::Release);
+            lifecycle.draining();
             match Arc::try_unwrap(ztunnel) {
                 Ok(z) => z.drain(deadline).await,
                 Err(_) => {

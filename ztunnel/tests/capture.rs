@@ -650,9 +650,17 @@ spec: {mtls: {mode: STRICT}}
 
 /// The body of `GET path` from `addr` (HTTP/1.0, so the server closes).
 fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    http(addr, "GET", path)
+}
+
+/// The body of the answer to `method path` on `addr`.
+fn http(addr: &str, method: &str, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nhost: {addr}\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nhost: {addr}\r\ncontent-length: 0\r\n\r\n"
+    )?;
     let mut response = String::new();
     s.read_to_string(&mut response)?;
     Ok(response
@@ -710,7 +718,7 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         .expect("the agent listens");
     drop(mute);
     // One worker, as on a small node: the data plane on a current-thread runtime.
-    let _ztunnel = Child(
+    let mut ztunnel = Child(
         Command::new(binary)
             .env("ZTUNNEL_WORKER_THREADS", "1")
             .args(["--log", "info"])
@@ -798,7 +806,28 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(readiness, "not ready\n");
+    assert_eq!(
+        readiness,
+        "not ready: the node agent's pods are not synced\n"
+    );
+
+    // An operator's graceful stop over HTTP: the process drains and exits cleanly.
+    assert_eq!(
+        http("127.77.0.1:15000", "POST", "/quitquitquit").expect("admin port"),
+        "draining\n"
+    );
+    let mut exited = None;
+    for _ in 0..200 {
+        exited = ztunnel.0.try_wait().expect("wait");
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        exited.is_some_and(|status| status.success()),
+        "exited cleanly within 10 s: {exited:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
