@@ -12,10 +12,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
@@ -31,6 +28,7 @@ use tracing::{debug, warn};
 
 use crate::authority::Authority;
 use crate::config::{Config, keepalive};
+use crate::dial::{Dial, DirectDial};
 use crate::error::Error;
 use crate::headers::ConnectHeaders;
 use crate::identity::Identity;
@@ -53,28 +51,6 @@ pub struct ConnectRequest {
     pub authority: Authority,
     /// `forwarded`, `baggage`, `traceparent`.
     pub headers: ConnectHeaders,
-}
-
-/// Opens the TCP connection under an HBONE connection. Where a socket is made is the one thing
-/// that differs between ztunnel's modes: from the workload's own address on loopback, or inside
-/// the pod's network namespace with ztunnel's mark so the pod's capture rules let it through.
-pub trait Dial: Send + Sync + 'static {
-    /// Connects to `addr`.
-    fn dial(&self, addr: SocketAddr)
-    -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
-}
-
-/// Dials from wherever the process runs, with the kernel's choice of source address.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DirectDial;
-
-impl Dial for DirectDial {
-    fn dial(
-        &self,
-        addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> {
-        Box::pin(TcpStream::connect(addr))
-    }
 }
 
 /// A pool of HBONE client connections.

@@ -64,7 +64,7 @@ fn a_caller_known_by_address_is_named_by_the_configuration_whatever_its_baggage(
     );
     assert_eq!(peer, Peer::new(Some(reviews), cluster));
     assert_eq!(peer.workload, "reviews-v1");
-    assert_eq!(peer.cluster, *cluster);
+    assert_eq!(peer.cluster, &**cluster);
 
     let service = s.services().iter().find(|svc| &*svc.name == "reviews");
     let traffic = Traffic::new(Peer::new(None, cluster), service, peer);

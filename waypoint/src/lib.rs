@@ -24,7 +24,6 @@
 
 mod balance;
 mod callout;
-mod dial;
 mod error;
 mod http;
 mod keepalive;

@@ -86,9 +86,14 @@ impl WaypointServer {
         drop(snapshot);
 
         let cert = certs.fetch(&identity).await?;
-        let pool = match crate::dial::from(ip) {
-            Some(dialer) => Pool::with_dialer(certs, spec.hbone.clone(), dialer),
-            None => Pool::new(certs, spec.hbone.clone()),
+        // In a pod, the kernel's choice of source is the pod's address, which the endpoint's
+        // ztunnel knows as the waypoint's; on loopback (the local mesh, tests) it would be
+        // 127.0.0.1, nobody's, so the tunnels leave from the waypoint's own address.
+        let pool = if ip.is_loopback() {
+            let dialer = Arc::new(hbone::SourceDial(ip));
+            Pool::with_dialer(certs, spec.hbone.clone(), dialer)
+        } else {
+            Pool::new(certs, spec.hbone.clone())
         };
         let node = plugins::NodeInfo {
             id: format!(

@@ -99,9 +99,9 @@ impl SocketFactory for Loopback {
         UdpSocket::from_std(socket)
     }
 
-    /// From the workload's address (see [`source_for`]).
+    /// From the workload's address (see [`hbone::source_for`]).
     fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket> {
-        let src = source_for(workload.ip_like(dst.ip()), dst).unwrap_or(match dst {
+        let src = hbone::source_for(workload.ip_like(dst.ip()), dst).unwrap_or(match dst {
             SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
             SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
         });
@@ -322,37 +322,17 @@ fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
     }
 }
 
-/// The address a workload's socket to `dst` binds: its own `src`, of `dst`'s family, except a
-/// loopback one (the local mesh's) towards an address off this host, which the kernel refuses
-/// to route (a DNS resolver or plain-TCP destination elsewhere): that socket takes the host's.
-fn source_for(src: Option<IpAddr>, dst: SocketAddr) -> Option<IpAddr> {
-    src.filter(|s| s.is_ipv4() == dst.is_ipv4())
-        .filter(|s| !s.is_loopback() || dst.ip().is_loopback())
-}
-
-/// Connects to `dst` from `src` (the port chosen by the kernel), where [`source_for`] allows it.
-async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
-    let socket = socket_for(dst)?;
-    if let Some(src) = source_for(src, dst) {
-        // Choose the port at connect time, by the whole 4-tuple: a port bound at bind time
-        // must be unused by every socket on `src`, TIME_WAIT ones included, and a busy
-        // workload (a waypoint opening a connection per request) exhausts the range and
-        // pays milliseconds per connect searching it.
-        let _ = nix::sys::socket::setsockopt(
-            &socket,
-            nix::sys::socket::sockopt::IpBindAddressNoPort,
-            &true,
-        );
-        socket.bind(SocketAddr::new(src, 0))?;
-    }
-    let stream = socket.connect(dst).await?;
+/// Connects to `dst` from `src` where [`hbone::source_for`] allows it, configured as every
+/// connection ztunnel opens.
+async fn connect_from(src: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
+    let stream = hbone::connect_from(src, dst).await?;
     configure(&stream)?;
     Ok(stream)
 }
 
 /// Dials HBONE next hops from a workload's address.
 #[derive(Debug)]
-struct FromAddress(Option<std::net::IpAddr>);
+struct FromAddress(Option<IpAddr>);
 
 impl hbone::Dial for FromAddress {
     fn dial(&self, addr: SocketAddr) -> Connecting {
@@ -363,27 +343,6 @@ impl hbone::Dial for FromAddress {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_workload_binds_its_own_address_unless_the_kernel_would_refuse_the_route() {
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        let cases = [
-            (Some("127.0.1.1"), "127.0.0.53:53", Some("127.0.1.1")),
-            (Some("127.0.1.1"), "10.96.0.10:53", None),
-            (Some("10.1.0.5"), "10.96.0.10:53", Some("10.1.0.5")),
-            (Some("10.1.0.5"), "127.0.0.1:53", Some("10.1.0.5")),
-            (Some("10.1.0.5"), "[fd00::a]:53", None),
-            (None, "10.96.0.10:53", None),
-        ];
-        for (src, dst, want) in cases {
-            assert_eq!(
-                source_for(src.map(ip), addr(dst)),
-                want.map(ip),
-                "{src:?} -> {dst}"
-            );
-        }
-    }
 
     /// Both ends ztunnel holds keep alive as upstream's do: the connection it opens, and one it
     /// accepts once configured.

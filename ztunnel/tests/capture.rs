@@ -436,12 +436,11 @@ async fn captured_pods_talk_through_hbone() {
             ],
         )
     };
-    for _ in 0..100 {
-        if closed("reporter=\"source\"") >= 20.0 && closed("reporter=\"destination\"") >= 21.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll(
+        || closed("reporter=\"source\"") >= 20.0 && closed("reporter=\"destination\"") >= 21.0,
+        |done| *done,
+    )
+    .await;
     let t = metrics_text(&registry);
     let vip = [
         "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
@@ -470,18 +469,17 @@ async fn captured_pods_talk_through_hbone() {
         "connection_security_policy=\"unknown\"",
         "destination_workload=\"echo-a\"",
     ];
-    let mut counted = 0.0;
-    for _ in 0..100 {
-        counted = sum(
-            &metrics_text(&registry),
-            "istio_tcp_connections_closed_total",
-            &plaintext,
-        );
-        if counted >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let counted = poll(
+        || {
+            sum(
+                &metrics_text(&registry),
+                "istio_tcp_connections_closed_total",
+                &plaintext,
+            )
+        },
+        |counted| *counted >= 1.0,
+    )
+    .await;
     assert_eq!(
         counted,
         1.0,
@@ -549,12 +547,7 @@ spec: {mtls: {mode: STRICT}}
     )
     .expect("write policy");
     std::fs::rename(dir.join(".policy.yaml.tmp"), dir.join("policy.yaml")).expect("rename");
-    for _ in 0..100 {
-        if store.snapshot().version() > version {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll(|| store.snapshot().version(), |now| *now > version).await;
     assert!(
         exchange(client.clone(), "198.19.7.3:8080", "denied")
             .await
@@ -591,12 +584,11 @@ spec: {mtls: {mode: STRICT}}
             &["reporter=\"destination\"", "response_flags=\"DENY\""],
         )
     };
-    for _ in 0..100 {
-        if metrics.late_rejections.get() >= 1 && denied() >= 2.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll(
+        || metrics.late_rejections.get() >= 1 && denied() >= 2.0,
+        |done| *done,
+    )
+    .await;
     assert!(
         metrics.late_rejections.get() >= 1,
         "counted as a late rejection"
@@ -649,6 +641,20 @@ spec: {mtls: {mode: STRICT}}
 }
 
 /// The body of `GET path` from `addr` (HTTP/1.0, so the server closes).
+/// Reads `get` every 50 ms until `done` holds of it, for up to 5 s, and returns the last
+/// reading for the caller to assert on.
+async fn poll<T>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let mut value = get();
+    for _ in 0..100 {
+        if done(&value) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        value = get();
+    }
+    value
+}
+
 fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     http(addr, "GET", path)
 }
@@ -706,12 +712,7 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
             .expect("ztunnel cni"),
     );
     // A client that connects and goes away without a word: the agent carries on for the next.
-    for _ in 0..100 {
-        if uds.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll(|| uds.exists(), |exists| *exists).await;
     let mute = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None)
         .expect("socket");
     mute.connect(&socket2::SockAddr::unix(&uds).expect("addr"))
@@ -752,15 +753,8 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
 
     // The operator's view: readiness once the agent's snapshot is in, and Istio's metrics on
     // the Prometheus endpoint, which answers nothing else.
-    let mut readiness = String::new();
-    for _ in 0..100 {
-        readiness = http_get("127.77.0.1:15021", "/healthz/ready").expect("readiness");
-        if readiness == "ready\n" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(readiness, "ready\n");
+    let readiness = || http_get("127.77.0.1:15021", "/healthz/ready").expect("readiness");
+    assert_eq!(poll(readiness, |r| r == "ready\n").await, "ready\n");
     assert_eq!(
         http_get("127.77.0.1:15020", "/config_dump").expect("metrics port"),
         "endpoints: /stats/prometheus /metrics\n",
@@ -782,14 +776,11 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         "destination_workload=\"echo\"",
         "connection_security_policy=\"mutual_tls\"",
     ];
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = http_get("127.77.0.1:15020", "/stats/prometheus").expect("metrics");
-        if sum(&text, "istio_tcp_connections_closed_total", &labels) >= 2.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let text = poll(
+        || http_get("127.77.0.1:15020", "/stats/prometheus").expect("metrics"),
+        |text| sum(text, "istio_tcp_connections_closed_total", &labels) >= 2.0,
+    )
+    .await;
     assert_eq!(
         sum(&text, "istio_tcp_connections_closed_total", &labels),
         2.0,
@@ -798,16 +789,8 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
 
     // The node agent gone, no new pod could be announced: ztunnel is no longer ready.
     drop(cni);
-    let mut readiness = String::new();
-    for _ in 0..100 {
-        readiness = http_get("127.77.0.1:15021", "/healthz/ready").expect("readiness");
-        if readiness != "ready\n" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(
-        readiness,
+        poll(readiness, |r| r != "ready\n").await,
         "not ready: the node agent's pods are not synced\n"
     );
 
@@ -816,17 +799,10 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         http("127.77.0.1:15000", "POST", "/quitquitquit").expect("admin port"),
         "draining\n"
     );
-    let mut exited = None;
-    for _ in 0..200 {
-        exited = ztunnel.0.try_wait().expect("wait");
-        if exited.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let exited = poll(|| ztunnel.0.try_wait().expect("wait"), Option::is_some).await;
     assert!(
         exited.is_some_and(|status| status.success()),
-        "exited cleanly within 10 s: {exited:?}"
+        "exited cleanly within 5 s: {exited:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,8 +36,9 @@ pub struct Options {
     pub trust_domain: String,
     /// Namespace whose policies apply mesh-wide (`istio-system`).
     pub root_namespace: String,
-    /// Cluster id used in workload uids (`Kubernetes`).
-    pub cluster_id: String,
+    /// Cluster id used in workload uids (`Kubernetes`); shared, since every connection's
+    /// access-log line carries it.
+    pub cluster_id: Arc<str>,
     /// This proxy's network; workloads on other networks are indexed separately (empty).
     pub network: String,
     /// DNS suffix of Kubernetes service hostnames (`cluster.local`).
@@ -49,7 +50,7 @@ impl Default for Options {
         Self {
             trust_domain: "cluster.local".to_owned(),
             root_namespace: "istio-system".to_owned(),
-            cluster_id: "Kubernetes".to_owned(),
+            cluster_id: "Kubernetes".into(),
             network: String::new(),
             domain_suffix: "cluster.local".to_owned(),
         }

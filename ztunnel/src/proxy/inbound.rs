@@ -98,15 +98,14 @@ impl Handler for Inbound {
             Peer::new(Some(workload), cluster),
             true,
         );
-        let logged_cluster: Arc<str> = cluster.as_str().into();
         let ends = Ends {
             src_addr: Some(peer),
-            src_workload: source.map(|w| LoggedWorkload::new(w, &logged_cluster)),
+            src_workload: source.map(|w| LoggedWorkload::new(w, cluster)),
             src_identity: Some(principal),
             dst_addr: Some(request.local_addr()),
             dst_hbone_addr: Some(request.target().to_string()),
             dst_service: service.map(|s| s.hostname.to_string()),
-            dst_workload: Some(LoggedWorkload::new(workload, &logged_cluster)),
+            dst_workload: Some(LoggedWorkload::new(workload, cluster)),
             dst_identity: Some(workload.identity.to_string()),
             trace: Some(
                 request

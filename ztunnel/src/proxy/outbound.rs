@@ -94,16 +94,15 @@ async fn proxy(
         mtls,
     );
     let trace = TraceParent::random();
-    let logged_cluster: Arc<str> = cluster.as_str().into();
     let ends = Ends {
         src_addr: Some(peer),
-        src_workload: Some(LoggedWorkload::new(source, &logged_cluster)),
+        src_workload: Some(LoggedWorkload::new(source, cluster)),
         // Identities are logged for mTLS only, as upstream logs them.
         src_identity: mtls.then(|| source.identity.to_string()),
         dst_addr,
         dst_hbone_addr: hbone_addr.map(|a| a.to_string()),
         dst_service: service.map(|s| snapshot.service(s).hostname.to_string()),
-        dst_workload: workload.map(|w| LoggedWorkload::new(snapshot.workload(w), &logged_cluster)),
+        dst_workload: workload.map(|w| LoggedWorkload::new(snapshot.workload(w), cluster)),
         dst_identity: identity,
         trace: Some(trace),
     };

@@ -47,12 +47,11 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         Peer::new(Some(workload), cluster),
         false,
     );
-    let logged_cluster: Arc<str> = cluster.as_str().into();
     let ends = Ends {
         src_addr: Some(peer),
-        src_workload: source.map(|w| LoggedWorkload::new(w, &logged_cluster)),
+        src_workload: source.map(|w| LoggedWorkload::new(w, cluster)),
         dst_addr: Some(target),
-        dst_workload: Some(LoggedWorkload::new(workload, &logged_cluster)),
+        dst_workload: Some(LoggedWorkload::new(workload, cluster)),
         trace: Some(TraceParent::random()),
         ..Ends::default()
     };
