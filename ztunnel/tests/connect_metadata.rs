@@ -137,7 +137,7 @@ async fn connect_with(
         .expect("answered in time")
         .expect("response");
     stream
-        .send_data(Bytes::from_static(b"ping"), true)
+        .send_data(Bytes::from_static(b"ping, please"), true)
         .expect("data");
     response
 }
@@ -292,10 +292,12 @@ async fn connect_metadata_names_both_ends_and_follows_one_trace() {
         "4bf92f3577b34da6a3ce929d0e0e4736",
         "the inbound access log shows the caller's trace: {line}"
     );
-    // A caller no workload has the address of: only what its certificate proves.
+    // A caller no workload has the address of: only what its certificate proves. The bytes as
+    // upstream's inbound log counts them: sent back to the caller (`pong`), received from it.
     for field in [
         "src.workload= src.namespace= src.identity=spiffe://cluster.local/ns/batch/sa/cron src.cluster= ",
         "dst.workload=server-0 dst.namespace=app",
+        "bytes_sent=4 bytes_recv=12 ",
     ] {
         assert!(line.contains(field), "{field}: {line}");
     }

@@ -154,6 +154,12 @@ impl Drop for ConnectionGuard {
         let failure = self.error.as_deref().unwrap_or_default();
         let flags = &self.labels.response_flags;
         let trace_id = e.trace.map(|t| t.trace_id());
+        // As upstream logs them, from the logging ztunnel's side of the application: outbound,
+        // sent is what the client sent; inbound, what went back to the caller.
+        let (bytes_sent, bytes_recv) = match self.direction {
+            Direction::Outbound => (self.copied.a_to_b, self.copied.b_to_a),
+            Direction::Inbound => (self.copied.b_to_a, self.copied.a_to_b),
+        };
         // Two call sites because a tracing event's level is part of its static metadata.
         if self.error.is_none() {
             tracing::info!(
@@ -172,8 +178,8 @@ impl Drop for ConnectionGuard {
                 dst.identity = %show(&e.dst_identity),
                 dst.cluster = %cluster(&e.dst_workload).unwrap_or_default(),
                 trace_id = trace_id.map(tracing::field::display),
-                bytes_sent = self.copied.a_to_b,
-                bytes_recv = self.copied.b_to_a,
+                bytes_sent,
+                bytes_recv,
                 duration = %duration,
                 response_flags = %flags,
                 error = %failure,
@@ -196,8 +202,8 @@ impl Drop for ConnectionGuard {
                 dst.identity = %show(&e.dst_identity),
                 dst.cluster = %cluster(&e.dst_workload).unwrap_or_default(),
                 trace_id = trace_id.map(tracing::field::display),
-                bytes_sent = self.copied.a_to_b,
-                bytes_recv = self.copied.b_to_a,
+                bytes_sent,
+                bytes_recv,
                 duration = %duration,
                 response_flags = %flags,
                 error = %failure,
