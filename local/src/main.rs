@@ -8,7 +8,6 @@ use std::time::Duration;
 use admin::{Admin, AdminAddrs};
 use anyhow::Context;
 use clap::Parser;
-use hbone::CertManager;
 use local::LocalMesh;
 
 #[global_allocator]
@@ -101,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         Admin {
             name: "local-admin",
             store: mesh.store.clone(),
-            certs: Arc::new(CertManager::new(mesh.ca.clone())),
+            certs: mesh.certs.clone(),
             registry: mesh.registry.clone(),
             // Everything is served once `start` returns.
             ready: Arc::new(|| Ok(())),

@@ -73,6 +73,9 @@ pub struct LocalMesh {
     pub registry: Arc<Registry>,
     /// The mesh CA.
     pub ca: Arc<MeshCa>,
+    /// The workload certificates of every ztunnel and waypoint, issued by `ca`: one cache,
+    /// as the registry is one, so the admin endpoint shows them all.
+    pub certs: Arc<CertManager>,
     backends: Vec<JoinHandle<()>>,
     _watch: WatchHandle,
 }
@@ -92,6 +95,7 @@ impl LocalMesh {
         metrics.register(&mut registry);
         waypoint_metrics.register(&mut registry);
         let live = Arc::new(LiveConnections::default());
+        let certs = Arc::new(CertManager::new(ca.clone()));
         let nodes: BTreeSet<&str> = snapshot
             .workloads()
             .iter()
@@ -102,7 +106,7 @@ impl LocalMesh {
         for node in nodes {
             let ctx = Arc::new(Ctx {
                 store: store.clone(),
-                certs: Arc::new(CertManager::new(ca.clone())),
+                certs: certs.clone(),
                 metrics: metrics.clone(),
                 sockets: Arc::new(Loopback),
                 live: live.clone(),
@@ -124,7 +128,7 @@ impl LocalMesh {
             }
             let server = WaypointServer::start(
                 store.clone(),
-                Arc::new(CertManager::new(ca.clone())),
+                certs.clone(),
                 WaypointSpec::new(&w.namespace, &w.name),
                 waypoint_metrics.clone(),
             )
@@ -151,6 +155,7 @@ impl LocalMesh {
             waypoints,
             registry: Arc::new(registry),
             ca,
+            certs,
             backends,
             _watch: watch,
         })

@@ -52,5 +52,15 @@ async fn the_embedded_default_routes_and_authorizes_through_its_waypoint() {
     // still passes the plugin's response callback, as Envoy's local replies do.
     assert!(denied.contains("x-wasm-plugin: add_header"), "{denied}");
 
+    // One certificate cache for the whole mesh, which the admin endpoint shows: the client's,
+    // the waypoint's and the endpoints' certificates all issued by now.
+    let identities: Vec<String> = (mesh.certs.certificates().iter())
+        .map(|c| c.identity().to_string())
+        .collect();
+    for sa in ["sleep", "waypoint", "reviews"] {
+        let want = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+        assert!(identities.contains(&want), "{want} in {identities:?}");
+    }
+
     mesh.shutdown(Duration::from_secs(1)).await;
 }
