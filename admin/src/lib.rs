@@ -1,4 +1,5 @@
-//! The operator endpoints both proxies serve: admin (`/config_dump`, `/logging`), metrics
+//! The operator endpoints both proxies serve: admin (`/config_dump`, `/logging`,
+//! `/quitquitquit`), metrics
 //! (`/stats/prometheus`) and readiness (`/healthz/ready`), on their own thread and runtime so a
 //! busy data plane never delays a scrape or a probe, and a stuck scrape never takes a
 //! data-plane worker.
@@ -347,11 +348,19 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
             }
         }
         "/quitquitquit" => {
-            if req.method() == http::Method::POST {
+            if req.method() != http::Method::POST {
+                let mut refused =
+                    respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n");
+                (refused.headers_mut())
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+                refused
+            } else if req.headers().contains_key(http::header::ORIGIN) {
+                // A web page's form may POST to localhost without a preflight; an operator's
+                // curl sends no Origin.
+                respond(StatusCode::FORBIDDEN, "text/plain", "not from a browser\n")
+            } else {
                 admin.quit.notify_one();
                 respond(StatusCode::OK, "text/plain", "draining\n")
-            } else {
-                respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n")
             }
         }
         "/logging" => {
@@ -396,9 +405,16 @@ fn certificate(c: &hbone::WorkloadCert) -> serde_json::Value {
             })
             .collect()
     };
+    // A certificate past its end is still held when renewing it failed; upstream shows such
+    // an identity as unavailable.
+    let state = if c.not_after() > std::time::SystemTime::now() {
+        "Available"
+    } else {
+        "Unavailable: expired"
+    };
     serde_json::json!({
         "identity": c.identity().to_string(),
-        "state": "Available",
+        "state": state,
         "certChain": show(c.chain()),
         "rootCerts": show(c.root_ders()),
         "refreshAt": rfc3339(c.refresh_at()),
@@ -464,6 +480,13 @@ mod tests {
         let roots = dump["rootCerts"].as_array().expect("roots");
         assert_eq!(roots.len(), 1);
         assert_eq!(roots[0]["pem"], ca.root_pem());
+
+        // One whose renewal failed, held past its end, is shown as unavailable.
+        let day = std::time::Duration::from_secs(86_400);
+        let now = std::time::SystemTime::now();
+        let expired =
+            (ca.issue_with_validity(&identity, now - 2 * day, now - day)).expect("issued");
+        assert_eq!(certificate(&expired)["state"], "Unavailable: expired");
     }
 
     /// Serves an admin with `ready` on ephemeral loopback ports.
@@ -494,11 +517,16 @@ mod tests {
 
     /// The status code and body of `method path` on `addr`.
     fn request(addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+        request_with(addr, method, path, "")
+    }
+
+    /// The same, with extra header lines (each ending in CRLF).
+    fn request_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (String, String) {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(addr).expect("connect");
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )
         .expect("send");
         let mut answer = String::new();
@@ -546,6 +574,17 @@ mod tests {
             (("405".into(), "use POST\n".into()), false)
         );
         assert!(!asked("POST", bound.metrics).await.1, "not on metrics");
+        let from_a_page = tokio::task::spawn_blocking(move || {
+            request_with(
+                bound.admin,
+                "POST",
+                "/quitquitquit",
+                "Origin: http://example.com\r\n",
+            )
+        })
+        .await
+        .expect("request");
+        assert_eq!(from_a_page, ("403".into(), "not from a browser\n".into()));
         assert_eq!(
             asked("POST", bound.admin).await,
             (("200".into(), "draining\n".into()), true)

@@ -48,8 +48,9 @@ impl Dial for SourceDial {
 }
 
 /// The address a socket to `dst` binds: `src`, when of `dst`'s family, except a loopback one
-/// towards an address off this host, which the kernel refuses to route (a resolver or a
-/// plain-TCP destination elsewhere): that socket takes the kernel's choice.
+/// towards a destination that is not a loopback address, which the kernel refuses to route
+/// from it (a resolver or a plain-TCP destination elsewhere): that socket takes the kernel's
+/// choice.
 pub fn source_for(src: Option<IpAddr>, dst: SocketAddr) -> Option<IpAddr> {
     src.filter(|s| s.is_ipv4() == dst.is_ipv4())
         .filter(|s| !s.is_loopback() || dst.ip().is_loopback())

@@ -30,7 +30,7 @@ struct Cli {
     /// Log filter (`info`, `access=info,waypoint=debug`, ...); also `RUST_LOG`.
     #[arg(long)]
     log: Option<String>,
-    /// Admin endpoint (`/config_dump`, `/logging`).
+    /// Admin endpoint (`/config_dump`, `/logging`, `POST /quitquitquit`).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// Prometheus endpoint (`/stats/prometheus`).
@@ -95,6 +95,10 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         serde_json::json!({ "waypoints": waypoints })
     });
+    // Everything is served once `start` returns.
+    let lifecycle = Arc::new(admin::Lifecycle::default());
+    lifecycle.serving();
+    let ready = lifecycle.clone();
     let quit = Arc::new(tokio::sync::Notify::new());
     let bound = admin::spawn(
         Admin {
@@ -102,8 +106,7 @@ async fn main() -> anyhow::Result<()> {
             store: mesh.store.clone(),
             certs: mesh.certs.clone(),
             registry: mesh.registry.clone(),
-            // Everything is served once `start` returns.
-            ready: Arc::new(|| Ok(())),
+            ready: Arc::new(move || ready.check()),
             set_log_level: Some(set_log_level),
             state: Arc::new(state.into()),
             quit: quit.clone(),
@@ -151,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     admin::shutdown_signal(&quit).await;
+    lifecycle.draining();
     mesh.shutdown(deadline).await;
     Ok(())
 }

@@ -746,7 +746,17 @@ fn dump_is_complete_json() {
     assert_eq!(dump["version"], 1);
     assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(6));
     assert_eq!(dump["services"].as_array().map(Vec::len), Some(3));
-    assert_eq!(dump["waypoints"][0]["name"], "waypoint");
+    // Waypoints name what they serve rather than number it.
+    let waypoint = &dump["waypoints"][0];
+    assert_eq!(waypoint["name"], "waypoint");
+    assert_eq!(
+        waypoint["instances"],
+        json!(["Kubernetes//v1/Pod/bookinfo/waypoint-6f8c9-abcde"])
+    );
+    assert_eq!(
+        waypoint["service"],
+        "bookinfo/waypoint.bookinfo.svc.cluster.local"
+    );
     // Routing and policy resources as written (here the Gateway); not pods, services or
     // namespaces, which the model above already shows.
     let resources = dump["resources"].as_array().expect("resources");
@@ -817,8 +827,13 @@ spec:
     );
     assert_eq!(reviews["hostname"], "reviews.bookinfo.svc.cluster.local");
     assert_eq!(reviews["ipFamilies"], "IPv4");
-    // A named target port is resolved per endpoint: 0 service-wide, as upstream shows it.
+    // A named target port is resolved per endpoint: 0 service-wide, as upstream shows it; the
+    // port's name and protocol are ours to show.
     assert_eq!(reviews["ports"], json!({"9080": 0}));
+    assert_eq!(
+        reviews["servicePorts"],
+        json!([{"port": 9080, "name": "http", "targetPort": "http", "appProtocol": "Http"}])
+    );
     let endpoints = reviews["endpoints"].as_object().expect("a map by uid");
     assert_eq!(endpoints.len(), 2, "{reviews}");
     assert_eq!(

@@ -25,7 +25,7 @@ struct Cli {
     /// Log filter (`info`, `access=info,waypoint=debug`, ...); also `RUST_LOG`.
     #[arg(long, global = true)]
     log: Option<String>,
-    /// Admin endpoint (`/config_dump`, `/logging`).
+    /// Admin endpoint (`/config_dump`, `/logging`, `POST /quitquitquit`).
     #[arg(long, global = true, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// Prometheus endpoint (`/stats/prometheus`). On every address by default, as upstream's,
@@ -36,7 +36,7 @@ struct Cli {
     /// the kubelet probes the pod's IP.
     #[arg(long, global = true, default_value = "[::]:15021")]
     readiness: SocketAddr,
-    /// How long requests may take to finish after SIGTERM.
+    /// How long requests may take to finish after SIGTERM (or `POST /quitquitquit`).
     #[arg(long, global = true, default_value = "30", value_name = "SECONDS")]
     drain_deadline: u64,
 }

@@ -33,7 +33,7 @@ struct Cli {
     /// Log filter (`info`, `access=info,ztunnel=debug`, ...); also `RUST_LOG`.
     #[arg(long, global = true)]
     log: Option<String>,
-    /// Admin endpoint (`/config_dump`, `/logging`).
+    /// Admin endpoint (`/config_dump`, `/logging`, `POST /quitquitquit`).
     #[arg(long, global = true, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// Prometheus endpoint (`/stats/prometheus`). On every address by default, as upstream's,
@@ -44,7 +44,7 @@ struct Cli {
     /// the kubelet probes the pod's IP.
     #[arg(long, global = true, default_value = "[::]:15021")]
     readiness: SocketAddr,
-    /// How long connections may take to finish after SIGTERM.
+    /// How long connections may take to finish after SIGTERM (or `POST /quitquitquit`).
     #[arg(long, global = true, default_value = "30", value_name = "SECONDS")]
     drain_deadline: u64,
     /// Data-plane worker threads. Two by default whatever the node's size, as upstream; with one,
@@ -225,11 +225,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             admin::shutdown_signal(&quit).await;
+            lifecycle.draining();
             if let Some(follower) = follower {
                 follower.abort();
                 let _ = follower.await;
             }
-            lifecycle.draining();
             match Arc::try_unwrap(ztunnel) {
                 Ok(z) => z.drain(deadline).await,
                 Err(_) => {

@@ -37,7 +37,11 @@ impl Ztunnel {
     pub async fn start(ctx: Arc<Ctx>, node: &str) -> Result<Self, crate::Error> {
         let node: Arc<str> = node.into();
         let proxies = Arc::new(tokio::sync::Mutex::new(Proxies::default()));
-        reconcile(&ctx, &node, &proxies).await?;
+        if let Err(e) = reconcile(&ctx, &node, &proxies).await {
+            // The proxies that did start stop with it: count them out.
+            proxies.lock().await.forget(&ctx.metrics);
+            return Err(e);
+        }
         let follower = tokio::spawn(follow(ctx.clone(), node.clone(), proxies.clone()));
         Ok(Self {
             ctx,
@@ -75,15 +79,7 @@ impl Ztunnel {
         if let Some(f) = self.follower.take() {
             f.abort();
         }
-        let proxies: Vec<WorkloadProxy> = {
-            let mut proxies = self.proxies.lock().await;
-            let metrics = &self.ctx.metrics;
-            metrics.proxies_pending.dec_by(proxies.pending as i64);
-            proxies.pending = 0;
-            metrics.proxies_active.dec_by(proxies.running.len() as i64);
-            metrics.proxies_stopped.inc_by(proxies.running.len() as u64);
-            proxies.running.drain().map(|(_, p)| p).collect()
-        };
+        let proxies = self.proxies.lock().await.forget(&self.ctx.metrics);
         let all = futures_util::future::join_all(proxies.into_iter().map(WorkloadProxy::drain));
         if tokio::time::timeout(deadline, all).await.is_err() {
             tracing::warn!(node = %self.node, ?deadline, "drain deadline passed; closing the remaining connections");
@@ -96,6 +92,21 @@ impl Drop for Ztunnel {
         if let Some(f) = self.follower.take() {
             f.abort();
         }
+        // Dropped without draining (after `drain`, nothing is left to count).
+        if let Ok(mut proxies) = self.proxies.try_lock() {
+            proxies.forget(&self.ctx.metrics);
+        }
+    }
+}
+
+impl Proxies {
+    /// Takes every proxy out, counted as stopped, and no pod as pending any more.
+    fn forget(&mut self, metrics: &crate::metrics::Metrics) -> Vec<WorkloadProxy> {
+        metrics.proxies_pending.dec_by(self.pending as i64);
+        self.pending = 0;
+        metrics.proxies_active.dec_by(self.running.len() as i64);
+        metrics.proxies_stopped.inc_by(self.running.len() as u64);
+        self.running.drain().map(|(_, p)| p).collect()
     }
 }
 

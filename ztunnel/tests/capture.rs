@@ -640,7 +640,6 @@ spec: {mtls: {mode: STRICT}}
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The body of `GET path` from `addr` (HTTP/1.0, so the server closes).
 /// Reads `get` every 50 ms until `done` holds of it, for up to 5 s, and returns the last
 /// reading for the caller to assert on.
 async fn poll<T>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
@@ -655,6 +654,7 @@ async fn poll<T>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
     value
 }
 
+/// The body of `GET path` from `addr` (HTTP/1.0, so the server closes).
 fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     http(addr, "GET", path)
 }

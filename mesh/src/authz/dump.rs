@@ -5,15 +5,17 @@
 use serde_json::{Map, Value, json};
 
 use super::matcher::{Set, StrMatch};
-use super::policy::{Alternative, Check, Policy};
+use super::policy::{Action, Alternative, Check, Policy};
 
 impl Policy {
     /// The policy in upstream's dump form; `scope` is upstream's name for where it applies
     /// (`Global`, `Namespace`, `WorkloadSelector`).
     ///
-    /// Meant for the policy ztunnel enforces ([`Policy::for_l4`]), whose checks all have an
-    /// upstream field. A check on an HTTP attribute is named under `httpAttributes` rather
-    /// than dropped, so a dump never shows a match broader than the one evaluated.
+    /// Meant for the policy ztunnel enforces ([`Policy::for_l4`]), whose checks have upstream's
+    /// fields, but for `trustDomains`, which istiod folds into principals. A check on an HTTP
+    /// attribute is named under `httpAttributes` rather than dropped, so a dump never shows a
+    /// match broader than the one evaluated. Ztunnel enforces CUSTOM as a deny (no external
+    /// authorizer is wired up), so it shows as `Deny`.
     pub fn dump(&self, scope: &str) -> Value {
         let rules: Vec<Value> = (self.rules.iter())
             .map(|rule| {
@@ -27,7 +29,11 @@ impl Policy {
             "name": self.name(),
             "namespace": self.namespace(),
             "scope": scope,
-            "action": format!("{:?}", self.action()),
+            "action": match self.action() {
+                Action::Allow => "Allow",
+                Action::Deny | Action::Custom => "Deny",
+                Action::Audit => "Audit",
+            },
             "dryRun": self.dry_run(),
             "rules": rules,
         })

@@ -27,6 +27,18 @@ pub enum Action {
     Custom,
 }
 
+impl Action {
+    /// The action as written (`ALLOW`, `DENY`, `AUDIT`, `CUSTOM`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+            Action::Custom => "CUSTOM",
+        }
+    }
+}
+
 /// An `AuthorizationPolicy` compiled for evaluation: matchers pre-parsed, nothing left to
 /// allocate on the request path. Build one with [`Policy::compile`].
 #[derive(Debug, Clone)]

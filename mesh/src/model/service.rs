@@ -167,7 +167,7 @@ impl Endpoint {
 }
 
 /// A DestinationRule subset's members.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Subset {
     /// The DestinationRule defining it.
     pub rule: DestinationRuleId,

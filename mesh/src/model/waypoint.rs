@@ -33,8 +33,7 @@ pub(crate) const PROXY_LISTENER: &str = "istio.io/PROXY";
 pub(crate) const WAYPOINT_CLASS: &str = "istio-waypoint";
 
 /// A waypoint and what it serves.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Waypoint {
     /// The Gateway's namespace.
     pub namespace: Arc<str>,
@@ -51,7 +50,6 @@ pub struct Waypoint {
     /// described, else what Istio generates for it, `PreferClose` unless the Gateway's
     /// `infrastructure.annotations` say otherwise, so each client uses a waypoint instance in its
     /// own zone when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancing: Option<LoadBalancing>,
     /// Its pods (labelled `gateway.networking.k8s.io/gateway-name: <name>`).
     pub instances: Box<[WorkloadId]>,
@@ -64,7 +62,6 @@ pub struct Waypoint {
     /// Wasm plugins targeting its Gateway.
     pub plugins: Box<[PluginId]>,
     /// Namespaces whose resources may bind to it from outside its own namespace.
-    #[serde(skip)]
     pub(crate) admits: Admission,
 }
 

@@ -11,7 +11,9 @@ use std::net::IpAddr;
 use serde_json::{Map, Value, json};
 
 use super::{PolicyScope, Snapshot};
-use crate::model::{Protocol, Service, Target, WaypointId, Workload};
+use crate::model::{
+    PluginId, PolicyId, Protocol, Service, Target, Waypoint, WaypointId, Workload, WorkloadId,
+};
 use crate::resource::Resource;
 
 /// The HBONE port upstream's dump names for a waypoint.
@@ -46,7 +48,7 @@ impl Snapshot {
                 json!({
                     "namespace": p.policy.namespace(),
                     "name": p.policy.name(),
-                    "action": format!("{:?}", p.policy.action()),
+                    "action": p.policy.action().as_str(),
                     "dryRun": p.policy.dry_run(),
                     "scope": p.scope,
                     "enforcedByZtunnel": p.l4.is_some() && p.scope != PolicyScope::Targets,
@@ -62,7 +64,7 @@ impl Snapshot {
             "workloads": workloads,
             "services": services,
             "policies": policies,
-            "waypoints": self.waypoints,
+            "waypoints": self.waypoints.iter().map(|w| self.dump_waypoint(w)).collect::<Vec<_>>(),
             "authorizationPolicies": authorization_policies,
             "peerAuthentications": self.peer_authentications,
             "plugins": self.plugins,
@@ -92,11 +94,16 @@ impl Snapshot {
             "status": status(w.ready),
             "capacity": w.weight,
             // Ours beyond upstream's fields (named apart from its, so a reader of its form is
-            // not misled): the resource it came from, the identity in full, labels, and the
-            // services it is an endpoint of.
+            // not misled): the resource it came from, the identity in full, labels, named
+            // ports, whether it runs (an endpoint of a Service that publishes not-ready
+            // addresses), the services it is an endpoint of.
             "kind": w.kind,
             "identity": w.identity.to_string(),
             "labels": w.labels,
+            "namedPorts": w.named_ports.iter()
+                .map(|(name, port)| (name.to_string(), json!(port)))
+                .collect::<Map<_, _>>(),
+            "running": w.running,
             "endpointOf": w.services.iter()
                 .map(|&s| self.namespaced_hostname(self.service(s)))
                 .collect::<Vec<_>>(),
@@ -121,6 +128,16 @@ impl Snapshot {
             }
             fields.insert("locality".into(), Value::Object(locality));
         }
+        if let Some(id) = w.waypoint_instance {
+            let waypoint = self.waypoint(id);
+            let name = format!("{}/{}", waypoint.namespace, waypoint.name);
+            fields.insert("waypointInstance".into(), json!(name));
+        }
+        if let Some(i) = w.peer_authentication {
+            let pa = &self.peer_authentications[i];
+            let name = format!("{}/{}", pa.namespace, pa.name);
+            fields.insert("peerAuthentication".into(), json!(name));
+        }
         if let Some(hostname) = &w.hostname {
             fields.insert("hostname".into(), json!(&**hostname));
         }
@@ -131,13 +148,13 @@ impl Snapshot {
             }
             fields.insert("applicationTunnel".into(), t);
         }
-        if !w.selected_policies.is_empty() {
-            let names: Vec<String> = (w.selected_policies.iter())
-                .map(|&p| {
-                    let p = &self.policy(p).policy;
-                    format!("{}/{}", p.namespace(), p.name())
-                })
-                .collect();
+        // Those ztunnel enforces, as upstream lists them (not AUDIT ones).
+        let names: Vec<String> = (w.selected_policies.iter())
+            .map(|&p| self.policy(p))
+            .filter(|p| p.l4.is_some())
+            .map(|p| format!("{}/{}", p.policy.namespace(), p.policy.name()))
+            .collect();
+        if !names.is_empty() {
             fields.insert("authorizationPolicies".into(), json!(names));
         }
         out
@@ -175,8 +192,6 @@ impl Snapshot {
                 (w.uid.to_string(), endpoint)
             })
             .collect();
-        let v4 = s.vips.iter().any(IpAddr::is_ipv4);
-        let v6 = s.vips.iter().any(IpAddr::is_ipv6);
         let mut out = json!({
             "name": &*s.name,
             "namespace": &*s.namespace,
@@ -185,15 +200,22 @@ impl Snapshot {
             "ports": ports,
             "endpoints": endpoints,
             "subjectAltNames": s.subject_alt_names.iter().map(|n| &**n).collect::<Vec<_>>(),
-            "ipFamilies": match (v4, v6) {
-                (true, true) => "Dual",
-                (false, true) => "IPv6",
-                _ => "IPv4",
-            },
-            // Ours beyond upstream's fields: where it was declared, its labels, and the
-            // DestinationRule subsets with their members.
+            // Ours beyond upstream's fields: where it was declared, its labels, its ports with
+            // their names and protocols (how the waypoint treats them), the policies and
+            // plugins that target it, and the DestinationRule subsets with their members.
             "kind": s.kind,
             "labels": s.labels,
+            "servicePorts": s.ports.iter().map(|p| json!({
+                "port": p.port,
+                "name": p.name.as_deref(),
+                "targetPort": match &p.target {
+                    Target::Number(n) => json!(n),
+                    Target::Named(name) => json!(&**name),
+                },
+                "appProtocol": format!("{:?}", p.protocol),
+            })).collect::<Vec<_>>(),
+            "targetedBy": self.policy_names(&s.policies),
+            "plugins": self.plugin_names(&s.plugins),
             "subsets": s.subsets.iter().map(|subset| json!({
                 "name": &*subset.name,
                 "endpoints": subset.endpoints.iter()
@@ -202,6 +224,17 @@ impl Snapshot {
             })).collect::<Vec<_>>(),
         });
         let fields = out.as_object_mut().expect("a JSON object");
+        let v4 = s.vips.iter().any(IpAddr::is_ipv4);
+        let v6 = s.vips.iter().any(IpAddr::is_ipv6);
+        let families = match (v4, v6) {
+            (true, true) => Some("Dual"),
+            (true, false) => Some("IPv4"),
+            (false, true) => Some("IPv6"),
+            (false, false) => None,
+        };
+        if let Some(families) = families {
+            fields.insert("ipFamilies".into(), json!(families));
+        }
         if let Some(waypoint) = s.waypoint {
             fields.insert("waypoint".into(), self.gateway_address(waypoint));
         }
@@ -215,6 +248,50 @@ impl Snapshot {
             );
         }
         out
+    }
+
+    /// A waypoint with what it serves, named rather than numbered.
+    fn dump_waypoint(&self, w: &Waypoint) -> Value {
+        let uids = |ids: &[WorkloadId]| -> Vec<String> {
+            ids.iter()
+                .map(|&i| self.workload(i).uid.to_string())
+                .collect()
+        };
+        json!({
+            "namespace": &*w.namespace,
+            "name": &*w.name,
+            "waypointFor": w.waypoint_for,
+            "inboundBinding": w.inbound_binding,
+            "service": w.service.map(|s| self.namespaced_hostname(self.service(s))),
+            "loadBalancing": w.load_balancing,
+            "instances": uids(&w.instances),
+            "services": w.services.iter()
+                .map(|&s| self.namespaced_hostname(self.service(s)))
+                .collect::<Vec<_>>(),
+            "workloads": uids(&w.workloads),
+            "targetedBy": self.policy_names(&w.policies),
+            "plugins": self.plugin_names(&w.plugins),
+        })
+    }
+
+    /// The policies' `namespace/name`s.
+    fn policy_names(&self, ids: &[PolicyId]) -> Vec<String> {
+        (ids.iter())
+            .map(|&p| {
+                let p = &self.policy(p).policy;
+                format!("{}/{}", p.namespace(), p.name())
+            })
+            .collect()
+    }
+
+    /// The plugins' `namespace/name`s.
+    fn plugin_names(&self, ids: &[PluginId]) -> Vec<String> {
+        (ids.iter())
+            .map(|&p| {
+                let p = self.plugin(p);
+                format!("{}/{}", p.namespace, p.name)
+            })
+            .collect()
     }
 
     /// `namespace/hostname`, upstream's name for a service.
