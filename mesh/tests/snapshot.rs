@@ -68,6 +68,14 @@ spec:
     }
     assert!(s.workload_by_ip("east", ip("10.0.0.3")).is_none());
     assert!(s.workload_by_ip("west", ip("10.0.0.3")).is_some());
+    // The dump names addresses with their networks, the service's VIP on the proxy's.
+    let dump = s.dump();
+    let service = &dump["services"][0];
+    assert_eq!(service["vips"], json!(["east/240.0.0.1"]));
+    let addresses: Vec<&str> = (service["endpoints"].as_object().into_iter().flatten())
+        .filter_map(|(_, e)| e["address"].as_str())
+        .collect();
+    assert_eq!(addresses, ["east/10.0.0.2", "west/10.0.0.3"], "{service}");
 }
 
 #[test]

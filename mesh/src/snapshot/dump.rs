@@ -196,7 +196,7 @@ impl Snapshot {
             "name": &*s.name,
             "namespace": &*s.namespace,
             "hostname": &*s.hostname,
-            "vips": s.vips.iter().map(|&ip| network_address("", ip)).collect::<Vec<_>>(),
+            "vips": s.vips.iter().map(|&ip| network_address(&self.options.network, ip)).collect::<Vec<_>>(),
             "ports": ports,
             "endpoints": endpoints,
             "subjectAltNames": s.subject_alt_names.iter().map(|n| &**n).collect::<Vec<_>>(),
@@ -307,7 +307,7 @@ impl Snapshot {
         let service = waypoint.service.map(|s| self.service(s));
         let destination = match service {
             Some(s) => match s.vips.first() {
-                Some(&vip) => network_address("", vip),
+                Some(&vip) => network_address(&self.options.network, vip),
                 None => self.namespaced_hostname(s),
             },
             None => format!("{}/{}", waypoint.namespace, waypoint.name),
