@@ -22,9 +22,10 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-/// The proxy's live state beyond the mesh snapshot (a waypoint's endpoints), for
-/// `/config_dump`.
-pub type StateDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// The proxy's live state beyond the mesh snapshot, as sections `/config_dump` adds at its top
+/// level: a waypoint's endpoints (`proxyState`), a ztunnel's workloads and their connections
+/// (`workloadState`).
+pub type StateDump = Arc<dyn Fn() -> serde_json::Map<String, serde_json::Value> + Send + Sync>;
 
 /// Whether the proxy is ready (`/healthz/ready`): `Ok`, or what it still waits on, which the
 /// failing answer names (`not ready: <what>`), as upstream's names its pending tasks, so a
@@ -330,7 +331,9 @@ fn route(admin: &Admin, endpoint: Endpoint, req: &Request<Incoming>) -> Response
                 .collect();
             dump["certificates"] = serde_json::Value::Array(certificates);
             if let Some(state) = admin.state.get() {
-                dump["proxyState"] = state();
+                for (section, value) in state() {
+                    dump[section] = value;
+                }
             }
             let stats = admin.store.stats();
             dump["configStatus"] = serde_json::json!({

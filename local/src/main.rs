@@ -86,14 +86,26 @@ async fn main() -> anyhow::Result<()> {
     let mesh = LocalMesh::start(&cli.config)
         .await
         .with_context(|| format!("starting the local mesh from {}", cli.config.display()))?;
-    let waypoints: Vec<(String, admin::StateDump)> = (mesh.waypoints.iter())
+    let waypoints: Vec<_> = (mesh.waypoints.iter())
         .map(|(name, w)| (name.clone(), w.live_state()))
         .collect();
+    let mut nodes = Vec::new();
+    for node in &mesh.nodes {
+        nodes.push(node.workload_state().await);
+    }
     let state: admin::StateDump = Arc::new(move || {
         let waypoints: serde_json::Map<String, serde_json::Value> = (waypoints.iter())
             .map(|(name, dump)| (name.clone(), dump()))
             .collect();
-        serde_json::json!({ "waypoints": waypoints })
+        let workloads: serde_json::Map<String, serde_json::Value> =
+            nodes.iter().flat_map(|node| node.dump()).collect();
+        serde_json::Map::from_iter([
+            (
+                "proxyState".to_owned(),
+                serde_json::json!({ "waypoints": waypoints }),
+            ),
+            ("workloadState".to_owned(), workloads.into()),
+        ])
     });
     // Everything is served once `start` returns.
     let lifecycle = Arc::new(admin::Lifecycle::default());

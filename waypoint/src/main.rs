@@ -124,7 +124,10 @@ async fn main() -> anyhow::Result<()> {
     let server = WaypointServer::start(store, certs, spec, metrics)
         .await
         .context("starting the waypoint")?;
-    let _ = state.set(server.live_state());
+    let live = server.live_state();
+    let _ = state.set(Arc::new(move || {
+        serde_json::Map::from_iter([("proxyState".to_owned(), live())])
+    }));
     lifecycle.serving();
     admin::shutdown_signal(&quit).await;
     lifecycle.draining();

@@ -170,16 +170,17 @@ impl WaypointServer {
         self.addr
     }
 
-    /// The waypoint's live state for `/config_dump` (what the mesh's snapshot does not show):
-    /// each endpoint's requests in flight, failures in a row and ejection.
-    pub fn live_state(&self) -> admin::StateDump {
+    /// The waypoint's live state for `/config_dump`'s `proxyState` (what the mesh's snapshot
+    /// does not show): each endpoint's requests in flight, failures in a row and ejection.
+    /// It holds no reference that keeps the waypoint's state alive once it stops.
+    pub fn live_state(&self) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
         let shared = Arc::downgrade(&self.shared);
-        Arc::new(move || match shared.upgrade() {
+        move || match shared.upgrade() {
             Some(shared) => serde_json::json!({
                 "endpoints": shared.view().balancer.dump(std::time::Instant::now()),
             }),
             None => serde_json::Value::Null,
-        })
+        }
     }
 
     /// Stops accepting, lets tunnels and requests finish for up to `deadline`, then stops.

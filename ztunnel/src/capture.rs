@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::Ztunnel;
+use crate::inpod::zds::proto::WorkloadInfo;
 use crate::inpod::{NetNs, WorkloadEvent, ZdsClient, ZdsError};
 use crate::socket::InPod;
 
@@ -64,6 +65,8 @@ struct Pod {
     /// Our workload uid.
     workload: Arc<str>,
     netns: Arc<NetNs>,
+    /// As the agent named it.
+    info: WorkloadInfo,
 }
 
 impl Pods {
@@ -99,15 +102,13 @@ impl Pods {
                             seen.insert(uid.clone());
                         }
                         tracing::info!(pod = %uid, workload = %workload, netns = netns.inode(), "pod announced by the node agent");
-                        let netns = Arc::new(netns);
-                        serve(&workload, &netns, sockets, ztunnel).await;
-                        self.announced.insert(
-                            uid,
-                            Pod {
-                                workload: workload.clone(),
-                                netns,
-                            },
-                        );
+                        let pod = Pod {
+                            workload: workload.clone(),
+                            netns: Arc::new(netns),
+                            info,
+                        };
+                        serve(&pod, sockets, ztunnel).await;
+                        self.announced.insert(uid, pod);
                         served(ztunnel, &workload).await
                     }
                 },
@@ -157,7 +158,7 @@ impl Pods {
         tracing::info!(pod = %uid, workload = %pod.workload, "pod {why}");
         let other = (self.announced.values()).find(|other| other.workload == pod.workload);
         match other {
-            Some(other) => serve(&pod.workload, &other.netns, sockets, ztunnel).await,
+            Some(other) => serve(other, sockets, ztunnel).await,
             None => {
                 sockets.remove(&pod.workload);
             }
@@ -187,17 +188,18 @@ impl Pods {
     }
 }
 
-/// Serves `workload` from `netns`. A workload already served from another namespace (its pod
-/// recreated) has its proxy stopped there first, to be started in `netns` by the next reconcile;
-/// in the same namespace (a replay) it carries on undisturbed.
-async fn serve(workload: &Arc<str>, netns: &Arc<NetNs>, sockets: &InPod, ztunnel: &Ztunnel) {
-    let moved = (sockets.inode(workload)).is_some_and(|inode| inode != netns.inode());
+/// Serves `pod`'s workload from its namespace. A workload already served from another
+/// namespace (its pod recreated) has its proxy stopped there first, to be started in this one by
+/// the next reconcile; in the same namespace (a replay) it carries on undisturbed.
+async fn serve(pod: &Pod, sockets: &InPod, ztunnel: &Ztunnel) {
+    let workload = &pod.workload;
+    let moved = (sockets.inode(workload)).is_some_and(|inode| inode != pod.netns.inode());
     if moved {
-        tracing::info!(workload = %workload, netns = netns.inode(), "workload in another network namespace; serving it there");
+        tracing::info!(workload = %workload, netns = pod.netns.inode(), "workload in another network namespace; serving it there");
         sockets.remove(workload);
         let _ = ztunnel.reconcile().await;
     }
-    sockets.insert(workload.clone(), netns.clone());
+    sockets.insert(workload.clone(), pod.netns.clone(), pod.info.clone());
 }
 
 /// Reconciles and reports whether `workload` is now served. A pod the configuration does not

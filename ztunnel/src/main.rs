@@ -44,9 +44,28 @@ struct Cli {
     /// the kubelet probes the pod's IP.
     #[arg(long, global = true, default_value = "[::]:15021")]
     readiness: SocketAddr,
-    /// How long connections may take to finish after SIGTERM (or `POST /quitquitquit`).
-    #[arg(long, global = true, default_value = "30", value_name = "SECONDS")]
-    drain_deadline: u64,
+    /// How long connections may take to finish after SIGTERM (or `POST /quitquitquit`), as a
+    /// duration (`10s`, `1m30s`); then the rest are closed. Default: derived from
+    /// `--termination-grace-period`, as upstream derives it.
+    #[arg(
+        long,
+        global = true,
+        env = "CONNECTION_TERMINATION_DEADLINE",
+        value_parser = parse_deadline,
+        value_name = "DURATION"
+    )]
+    drain_deadline: Option<Duration>,
+    /// The pod's `terminationGracePeriodSeconds`, after which Kubernetes kills the process:
+    /// the drain ends a little before it (5 s, or 1 s for a period of 10 s or less), so the
+    /// connections left are closed by ztunnel rather than cut by the kill. Without it, and
+    /// without `--drain-deadline`, the drain lasts 5 s.
+    #[arg(
+        long,
+        global = true,
+        env = "TERMINATION_GRACE_PERIOD_SECONDS",
+        value_name = "SECONDS"
+    )]
+    termination_grace_period: Option<u64>,
     /// Data-plane worker threads. Two by default whatever the node's size, as upstream; with one,
     /// the data plane runs on a single thread without work stealing.
     #[arg(
@@ -132,7 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         metrics: cli.metrics,
         readiness: cli.readiness,
     };
-    let deadline = Duration::from_secs(cli.drain_deadline);
+    let deadline = drain_deadline(cli.drain_deadline, cli.termination_grace_period);
     match cli.command {
         Command::Cni { uds, pods, no_dns } => cni(&uds, &pods, !no_dns).await?,
         Command::Run {
@@ -175,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
             };
             let quit = Arc::new(tokio::sync::Notify::new());
+            let state = Arc::new(std::sync::OnceLock::new());
             admin::spawn(
                 Admin {
                     name: "ztunnel-admin",
@@ -183,7 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     registry: Arc::new(registry),
                     ready,
                     set_log_level: Some(set_log_level),
-                    state: Arc::default(),
+                    state: state.clone(),
                     quit: quit.clone(),
                 },
                 addrs,
@@ -210,6 +230,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .context("starting the ztunnel")?,
             );
+            let workloads = ztunnel.workload_state().await;
+            let _ = state.set(Arc::new(move || {
+                serde_json::Map::from_iter([("workloadState".to_owned(), workloads.dump().into())])
+            }) as admin::StateDump);
             lifecycle.serving();
             let follower = match (inpod_uds, inpod) {
                 (Some(uds), Some(inpod)) => {
@@ -239,6 +263,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long the drain lasts: as given, else ending ahead of the kill that follows the grace
+/// period (a clean close of each connection rather than the kill's reset), else 5 s, as
+/// upstream's.
+fn drain_deadline(given: Option<Duration>, grace_period: Option<u64>) -> Duration {
+    match (given, grace_period) {
+        (Some(deadline), _) => deadline,
+        (None, Some(secs)) => {
+            let ahead = if secs > 10 { 5 } else { 1 };
+            Duration::from_secs(secs.saturating_sub(ahead).max(1))
+        }
+        (None, None) => Duration::from_secs(5),
+    }
+}
+
+/// A drain deadline: a duration as upstream's `CONNECTION_TERMINATION_DEADLINE` (`10s`).
+fn parse_deadline(s: &str) -> Result<Duration, String> {
+    mesh::route::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// How long an upstream resolver has to answer a query.
@@ -351,6 +394,20 @@ mod tests {
         assert_eq!(parsed("10.96.0.10:5353"), Ok("10.96.0.10:5353".to_owned()));
         assert_eq!(parsed("fd00::a"), Ok("[fd00::a]:53".to_owned()));
         assert!(parsed("kube-dns").is_err());
+    }
+
+    #[test]
+    fn the_drain_ends_ahead_of_the_grace_periods_kill() {
+        let secs = Duration::from_secs;
+        assert_eq!(drain_deadline(None, None), secs(5));
+        assert_eq!(drain_deadline(None, Some(30)), secs(25));
+        assert_eq!(drain_deadline(None, Some(11)), secs(6));
+        assert_eq!(drain_deadline(None, Some(10)), secs(9));
+        assert_eq!(drain_deadline(None, Some(1)), secs(1));
+        assert_eq!(drain_deadline(None, Some(0)), secs(1));
+        assert_eq!(drain_deadline(Some(secs(90)), Some(30)), secs(90));
+        assert_eq!(parse_deadline("1m30s"), Ok(secs(90)));
+        assert!(parse_deadline("30").is_err(), "a unit is required");
     }
 
     #[test]

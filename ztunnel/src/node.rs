@@ -4,8 +4,8 @@
 //! those of workloads that left, and re-checks live inbound connections against the new
 //! policies.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use mesh::model::Protocol;
@@ -30,6 +30,16 @@ pub struct Ztunnel {
 struct Proxies {
     running: HashMap<Arc<str>, WorkloadProxy>,
     pending: usize,
+    /// The uids of `running`, which `/config_dump` reads without waiting for a reconcile to
+    /// finish.
+    up: Arc<RwLock<BTreeSet<Arc<str>>>>,
+}
+
+/// What `/config_dump` shows of a ztunnel's workloads (see [`WorkloadState::dump`]).
+#[derive(Debug, Clone)]
+pub struct WorkloadState {
+    ctx: Arc<Ctx>,
+    up: Arc<RwLock<BTreeSet<Arc<str>>>>,
 }
 
 impl Ztunnel {
@@ -49,6 +59,14 @@ impl Ztunnel {
             proxies,
             follower: Some(follower),
         })
+    }
+
+    /// The state of its workloads, for `/config_dump`.
+    pub async fn workload_state(&self) -> WorkloadState {
+        WorkloadState {
+            ctx: self.ctx.clone(),
+            up: self.proxies.lock().await.up.clone(),
+        }
     }
 
     /// The shared context (store, metrics, certificates).
@@ -100,13 +118,79 @@ impl Drop for Ztunnel {
 }
 
 impl Proxies {
+    /// Records a proxy started, counted as such.
+    fn started(&mut self, proxy: WorkloadProxy, metrics: &crate::metrics::Metrics) {
+        metrics.proxies_active.inc();
+        metrics.proxies_started.inc();
+        let uid: Arc<str> = proxy.uid().into();
+        self.up_mut().insert(uid.clone());
+        self.running.insert(uid, proxy);
+    }
+
+    /// Takes the proxy of `uid` out, counted as stopped.
+    fn stopped(&mut self, uid: &str, metrics: &crate::metrics::Metrics) -> Option<WorkloadProxy> {
+        let proxy = self.running.remove(uid)?;
+        self.up_mut().remove(uid);
+        metrics.proxies_active.dec();
+        metrics.proxies_stopped.inc();
+        Some(proxy)
+    }
+
     /// Takes every proxy out, counted as stopped, and no pod as pending any more.
     fn forget(&mut self, metrics: &crate::metrics::Metrics) -> Vec<WorkloadProxy> {
         metrics.proxies_pending.dec_by(self.pending as i64);
         self.pending = 0;
         metrics.proxies_active.dec_by(self.running.len() as i64);
         metrics.proxies_stopped.inc_by(self.running.len() as u64);
+        self.up_mut().clear();
         self.running.drain().map(|(_, p)| p).collect()
+    }
+
+    fn up_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<Arc<str>>> {
+        self.up.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl WorkloadState {
+    /// Upstream's `workloadState`, by workload uid: each workload served (`Up`), with its
+    /// live `connections`, and each pod the node agent announced that is not served yet
+    /// (`Pending`: the configuration does not name it yet, or its proxy failed to start), with
+    /// `info` naming it (`name`, `namespace`, `serviceAccount`) as the configuration does, or
+    /// else as the agent did.
+    pub fn dump(&self) -> serde_json::Map<String, serde_json::Value> {
+        let snapshot = self.ctx.store.load();
+        let mut connections = self.ctx.live.dump();
+        let up = self.up.read().unwrap_or_else(PoisonError::into_inner);
+        let mut state = serde_json::Map::new();
+        for uid in up.iter() {
+            let Some(w) = snapshot.workload_by_uid(uid) else {
+                continue;
+            };
+            let info = serde_json::json!({
+                "name": &*w.name,
+                "namespace": &*w.namespace,
+                "serviceAccount": w.identity.service_account(),
+            });
+            let connections = connections
+                .remove(uid)
+                .unwrap_or_else(|| serde_json::json!({ "inbound": [], "outbound": [] }));
+            let entry =
+                serde_json::json!({ "state": "Up", "info": info, "connections": connections });
+            state.insert(uid.to_string(), entry);
+        }
+        for (uid, info) in self.ctx.sockets.announced() {
+            if up.contains(&uid) {
+                continue;
+            }
+            let info = serde_json::json!({
+                "name": info.name,
+                "namespace": info.namespace,
+                "serviceAccount": info.service_account,
+            });
+            let entry = serde_json::json!({ "state": "Pending", "info": info });
+            state.insert(uid.to_string(), entry);
+        }
+        state
     }
 }
 
@@ -128,9 +212,7 @@ async fn reconcile(
         .cloned()
         .collect();
     for uid in gone {
-        if let Some(proxy) = proxies.running.remove(&uid) {
-            ctx.metrics.proxies_active.dec();
-            ctx.metrics.proxies_stopped.inc();
+        if let Some(proxy) = proxies.stopped(&uid, &ctx.metrics) {
             tokio::spawn(proxy.drain());
         }
     }
@@ -140,11 +222,7 @@ async fn reconcile(
             continue;
         }
         match WorkloadProxy::start(ctx.clone(), workload).await {
-            Ok(proxy) => {
-                ctx.metrics.proxies_active.inc();
-                ctx.metrics.proxies_started.inc();
-                proxies.running.insert(uid, proxy);
-            }
+            Ok(proxy) => proxies.started(proxy, &ctx.metrics),
             Err(e) => {
                 tracing::error!(workload = %uid, error = %e, "cannot serve workload");
                 first_error.get_or_insert(e);
@@ -153,7 +231,7 @@ async fn reconcile(
     }
     let announced = ctx.sockets.announced();
     let pending = (announced.iter())
-        .filter(|uid| !proxies.running.contains_key(*uid))
+        .filter(|(uid, _)| !proxies.running.contains_key(uid))
         .count();
     ctx.metrics
         .proxies_pending

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use mesh::model::Workload;
 
 use crate::inpod::NetNs;
+use crate::inpod::zds::proto::WorkloadInfo;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 /// A connection being opened.
@@ -66,10 +67,10 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     fn captures(&self) -> bool;
     /// Whether sockets can be made for `workload` yet (in-pod: its namespace has arrived).
     fn serves(&self, workload: &Workload) -> bool;
-    /// The workloads whose sockets it was given, served or not (in-pod: the pods the node
-    /// agent announced); those not served are the proxies pending. None by default: the other
-    /// modes serve every workload of the node the configuration names.
-    fn announced(&self) -> Vec<Arc<str>> {
+    /// The workloads whose sockets it was given, served or not, as the node agent named them
+    /// (in-pod: the pods it announced); those not served are the proxies pending. None by
+    /// default: the other modes serve every workload of the node the configuration names.
+    fn announced(&self) -> Vec<(Arc<str>, WorkloadInfo)> {
         Vec::new()
     }
 }
@@ -146,16 +147,28 @@ impl SocketFactory for Loopback {
 /// through; the namespaces arrive over ZDS from the node agent.
 #[derive(Debug, Default)]
 pub struct InPod {
-    pods: std::sync::RwLock<std::collections::HashMap<Arc<str>, Arc<NetNs>>>,
+    pods: std::sync::RwLock<std::collections::HashMap<Arc<str>, Pod>>,
+}
+
+/// A pod's namespace and how the node agent named it.
+#[derive(Debug)]
+struct Pod {
+    netns: Arc<NetNs>,
+    info: WorkloadInfo,
 }
 
 impl InPod {
-    /// Records the network namespace of the workload `uid`.
-    pub fn insert(&self, uid: Arc<str>, netns: impl Into<Arc<NetNs>>) {
+    /// Records the network namespace of the workload `uid`, a pod the node agent announced
+    /// as `info`.
+    pub fn insert(&self, uid: Arc<str>, netns: impl Into<Arc<NetNs>>, info: WorkloadInfo) {
+        let pod = Pod {
+            netns: netns.into(),
+            info,
+        };
         self.pods
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(uid, netns.into());
+            .insert(uid, pod);
     }
 
     /// Forgets the workload `uid`; returns whether it was known.
@@ -173,7 +186,7 @@ impl InPod {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(uid)
-            .map(|netns| netns.inode())
+            .map(|pod| pod.netns.inode())
     }
 
     fn netns(&self, uid: &str) -> io::Result<Arc<NetNs>> {
@@ -181,7 +194,7 @@ impl InPod {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(uid)
-            .cloned()
+            .map(|pod| pod.netns.clone())
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
@@ -276,11 +289,11 @@ impl SocketFactory for InPod {
         self.netns(&workload.uid).is_ok()
     }
 
-    fn announced(&self) -> Vec<Arc<str>> {
+    fn announced(&self) -> Vec<(Arc<str>, WorkloadInfo)> {
         (self.pods.read())
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .keys()
-            .cloned()
+            .iter()
+            .map(|(uid, pod)| (uid.clone(), pod.info.clone()))
             .collect()
     }
 }

@@ -654,6 +654,26 @@ async fn poll<T>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
     value
 }
 
+/// A connection from the pod `client` to the echo service's VIP that has had its answer and
+/// stays open.
+async fn hold(client: Arc<NetNs>) -> TcpStream {
+    tokio::task::spawn_blocking(move || {
+        let vip: SocketAddr = "198.18.250.1:80".parse().unwrap();
+        let mut s = client
+            .run_in(|| TcpStream::connect_timeout(&vip, Duration::from_secs(3)))
+            .expect("in the pod")
+            .expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"held").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"echo:held");
+        s
+    })
+    .await
+    .expect("held open")
+}
+
 /// The body of `GET path` from `addr` (HTTP/1.0, so the server closes).
 fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     http(addr, "GET", path)
@@ -722,6 +742,7 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     let mut ztunnel = Child(
         Command::new(binary)
             .env("ZTUNNEL_WORKER_THREADS", "1")
+            .env("TERMINATION_GRACE_PERIOD_SECONDS", "2")
             .args(["--log", "info"])
             .args(["--admin", "127.77.0.1:15000"])
             .args(["--metrics", "127.77.0.1:15020"])
@@ -770,6 +791,45 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     ] {
         assert!(dump.contains(field), "{field} in {dump}");
     }
+    // And each pod's connections, as `istioctl ztunnel-config connections` reads them: one
+    // held open through the VIP is the client's outbound and the echo pod's inbound.
+    let held = hold(client.clone()).await;
+    let app = held.local_addr().expect("addr").to_string();
+    let dump: serde_json::Value =
+        serde_json::from_str(&http_get("127.77.0.1:15000", "/config_dump").expect("admin port"))
+            .expect("JSON");
+    let state = &dump["workloadState"];
+    let pod = |name: &str| {
+        let found = state.as_object().and_then(|pods| {
+            (pods.values()).find(|p| p["info"]["name"] == name && p["state"] == "Up")
+        });
+        found
+            .unwrap_or_else(|| panic!("{name} up in {state}"))
+            .clone()
+    };
+    let outbound = pod("client")["connections"]["outbound"].clone();
+    assert_eq!(
+        outbound,
+        serde_json::json!([{
+            "src": app,
+            "originalDst": "198.18.250.1:80",
+            "actualDst": "198.19.7.2:15008",
+            "protocol": "HBONE",
+        }]),
+        "{state}"
+    );
+    let inbound = pod("echo")["connections"]["inbound"].clone();
+    let inbound = inbound.as_array().expect("a list");
+    assert_eq!(inbound.len(), 1, "{state}");
+    assert_eq!(inbound[0]["actualDst"], "198.19.7.2:8080", "{state}");
+    assert_eq!(
+        inbound[0]["originalDst"], "echo.app.svc.cluster.local",
+        "{state}"
+    );
+    assert_eq!(inbound[0]["protocol"], "HBONE", "{state}");
+    let caller = inbound[0]["src"].as_str().unwrap_or_default();
+    assert!(caller.starts_with("198.19.7.1:"), "{state}");
+    drop(held);
     let labels = [
         "reporter=\"source\"",
         "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
@@ -778,12 +838,12 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     ];
     let text = poll(
         || http_get("127.77.0.1:15020", "/stats/prometheus").expect("metrics"),
-        |text| sum(text, "istio_tcp_connections_closed_total", &labels) >= 2.0,
+        |text| sum(text, "istio_tcp_connections_closed_total", &labels) >= 3.0,
     )
     .await;
     assert_eq!(
         sum(&text, "istio_tcp_connections_closed_total", &labels),
-        2.0,
+        3.0,
         "{text}"
     );
 
@@ -794,7 +854,9 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         "not ready: the node agent's pods are not synced\n"
     );
 
-    // An operator's graceful stop over HTTP: the process drains and exits cleanly.
+    // An operator's graceful stop over HTTP: the process drains and exits cleanly, closing a
+    // connection still open once the drain deadline passes (1 s, ahead of a 2 s grace period).
+    let mut held = hold(client.clone()).await;
     assert_eq!(
         http("127.77.0.1:15000", "POST", "/quitquitquit").expect("admin port"),
         "draining\n"
@@ -803,6 +865,15 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     assert!(
         exited.is_some_and(|status| status.success()),
         "exited cleanly within 5 s: {exited:?}"
+    );
+    let mut rest = Vec::new();
+    let closed = held.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0))
+            || closed
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the held connection is closed: {closed:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

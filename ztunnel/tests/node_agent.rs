@@ -189,6 +189,17 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     // A pod the configuration does not name yet is accepted and pending until it does.
     agent.add("uid-d", info("d"), &c).await.expect("pod d");
     assert_eq!((proxies().0, proxies().1), (2, 1), "active, pending");
+    // `/config_dump` shows it as upstream's does, named as the agent named it, beside those up.
+    let state = ztunnel.workload_state().await;
+    let dump = state.dump();
+    let d = &dump["Kubernetes//v1/Pod/app/d"];
+    assert_eq!(d["state"], "Pending", "{d}");
+    assert_eq!(d["info"]["name"], "d", "{d}");
+    assert!(d.get("connections").is_none(), "{d}");
+    assert_eq!(dump[A]["state"], "Up");
+    assert_eq!(dump[A]["info"]["serviceAccount"], "default", "{}", dump[A]);
+    assert_eq!(dump[A]["connections"]["inbound"], serde_json::json!([]));
+    assert_eq!(dump.len(), 3, "{dump:?}");
     std::fs::write(
         dir.join("mesh.yaml"),
         format!(

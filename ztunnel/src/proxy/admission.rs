@@ -405,7 +405,8 @@ spec:
             source_ip: "10.0.0.50".parse().unwrap(),
             destination: "10.0.0.3:8080".parse().unwrap(),
         };
-        let register = || live.register(uid("open").into(), None, conn.source_ip, conn.destination);
+        let source = SocketAddr::new(conn.source_ip, 40000);
+        let register = || live.register(uid("open").into(), None, source, conn.destination, None);
         let first = store.load();
 
         let before = register();

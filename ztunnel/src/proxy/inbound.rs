@@ -161,8 +161,9 @@ impl Handler for Inbound {
         let registration = self.ctx.live.register(
             self.uid.clone(),
             Some(peer_identity.clone()),
-            peer.ip(),
+            peer,
             destination,
+            service.map(|s| s.hostname.clone()),
         );
         let conn = admission::Conn {
             source: Some(&peer_identity),

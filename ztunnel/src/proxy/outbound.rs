@@ -13,6 +13,7 @@ use rand::seq::IndexedRandom;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
+use super::live::Outbound;
 use super::route::{Destination, Refusal, Route, route};
 use super::socks5::{self, Reply, Target};
 use super::{Ctx, Local, accept_loop};
@@ -82,7 +83,18 @@ async fn proxy(
         tracing::warn!(workload = %local.uid, "outbound connection from a workload that is gone");
         return;
     };
+    let original_dst = dst.to_string();
     let decision = route(&snapshot, source, dst, &mut rand::rng());
+    // Listed for `/config_dump` once ztunnel knows where it sends the connection.
+    let list = |actual_dst, hbone| {
+        ctx.live.list(Outbound {
+            workload: local.uid.clone(),
+            src: peer,
+            original_dst: original_dst.clone(),
+            actual_dst,
+            hbone,
+        })
+    };
     let (workload, service, dst_addr, hbone_addr, identity) = describe(&snapshot, &decision);
     let cluster = &snapshot.options().cluster_id;
     let mtls = matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. });
@@ -142,6 +154,7 @@ async fn proxy(
                     traceparent: Some(trace),
                 },
             };
+            let _listed = list(next_hop, true);
             match local.pool.connect(request).await {
                 Ok(mut tunnel) => {
                     guard.established();
@@ -169,12 +182,14 @@ async fn proxy(
             }
         }
         Route::Passthrough { addr, .. } => {
+            let _listed = list(addr, false);
             plain(ctx, source, addr, &mut guard, &mut client, socks).await;
         }
         Route::Resolve { host, port, v6, .. } => {
             match resolve(ctx, source, cluster, &host, port, v6).await {
                 Ok(addr) => {
                     guard.resolved(addr);
+                    let _listed = list(addr, false);
                     plain(ctx, source, addr, &mut guard, &mut client, socks).await;
                 }
                 Err(why) => refuse(&mut guard, &mut client, socks, "DF", why).await,

@@ -65,7 +65,7 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         return;
     }
     // Registered first, then admitted by the configuration current now (see `admission`).
-    let registration = ctx.live.register(uid.into(), None, peer.ip(), target);
+    let registration = ctx.live.register(uid.into(), None, peer, target, None);
     let conn = admission::Conn {
         source: None,
         source_ip: peer.ip(),

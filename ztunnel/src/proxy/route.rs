@@ -34,6 +34,15 @@ pub enum Destination<'a> {
     Host(&'a str, u16),
 }
 
+impl std::fmt::Display for Destination<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Addr(addr) => addr.fmt(f),
+            Destination::Host(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
 /// The decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
