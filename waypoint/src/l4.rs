@@ -191,8 +191,9 @@ pub(crate) async fn serve(
         dst.addr = %tunnel.destination,
         dst.workload = %workload.name,
         upstream = %endpoint,
-        bytes_sent = copied.a_to_b,
-        bytes_received = copied.b_to_a,
+        // As Envoy's access log counts them: received from the caller, sent back to it.
+        bytes_received = copied.a_to_b,
+        bytes_sent = copied.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,
         error = error.as_ref().map(tracing::field::display),
         "connection complete"

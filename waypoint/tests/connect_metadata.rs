@@ -1,7 +1,8 @@
 //! What the tunnels around the waypoint say of a request: one trace id in the access logs of
 //! the client's ztunnel, the waypoint and the server's ztunnel (the waypoint carries on the
 //! trace each tunnel to it brings), and a client the configuration does not know by address
-//! labelled in the waypoint's metrics from the `baggage` its tunnel brought.
+//! labelled in the waypoint's metrics from the `baggage` its tunnel brought; and the bytes of
+//! an opaque TCP connection in the waypoint's line, counted from the caller's side.
 
 #[path = "../../ztunnel/tests/support/logs.rs"]
 mod logs;
@@ -117,5 +118,39 @@ async fn a_client_unknown_by_address_is_labelled_from_its_baggage() {
     ] {
         assert!(line.contains(label), "{label} in {line}");
     }
+    mesh.shutdown().await;
+}
+
+/// As Envoy's access log counts them: `bytes_received` from the caller, `bytes_sent` back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connections_bytes_are_counted_from_the_callers_side() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let log = log();
+    let mesh = Mesh::start(58, "").await;
+    let stream = mesh
+        .socks("10.58.0.3", 90)
+        .await
+        .expect("through the waypoint");
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut greeting = String::new();
+    stream.read_line(&mut greeting).await.expect("greeting");
+    let request = b"0123456789abcdef\n";
+    stream.get_mut().write_all(request).await.expect("write");
+    let mut echoed = vec![0; request.len()];
+    stream.read_exact(&mut echoed).await.expect("echo");
+    assert_eq!(echoed, request);
+    drop(stream);
+
+    let line = log
+        .line(&[
+            "protocol=\"tcp\"",
+            "dst.addr=10.58.0.3:90",
+            "connection complete",
+        ])
+        .await;
+    let received = format!("bytes_received={}", request.len());
+    let sent = format!("bytes_sent={}", greeting.len() + request.len());
+    assert!(line.contains(&received), "{received} in {line}");
+    assert!(line.contains(&sent), "{sent} in {line}");
     mesh.shutdown().await;
 }
