@@ -108,12 +108,11 @@ impl Snapshot {
                 .map(|&s| self.namespaced_hostname(self.service(s)))
                 .collect::<Vec<_>>(),
         });
-        let fields = out.as_object_mut().expect("a JSON object");
         if let Some(waypoint) = w.waypoint {
-            fields.insert("waypoint".into(), self.gateway_address(waypoint));
+            out["waypoint"] = self.gateway_address(waypoint);
         }
         if !w.network.is_empty() {
-            fields.insert("network".into(), json!(&*w.network));
+            out["network"] = json!(&*w.network);
         }
         if !w.locality.is_empty() {
             let mut locality = Map::new();
@@ -126,27 +125,27 @@ impl Snapshot {
                     locality.insert(key.into(), json!(&**value));
                 }
             }
-            fields.insert("locality".into(), Value::Object(locality));
+            out["locality"] = Value::Object(locality);
         }
         if let Some(id) = w.waypoint_instance {
             let waypoint = self.waypoint(id);
             let name = format!("{}/{}", waypoint.namespace, waypoint.name);
-            fields.insert("waypointInstance".into(), json!(name));
+            out["waypointInstance"] = json!(name);
         }
         if let Some(i) = w.peer_authentication {
             let pa = &self.peer_authentications[i];
             let name = format!("{}/{}", pa.namespace, pa.name);
-            fields.insert("peerAuthentication".into(), json!(name));
+            out["peerAuthentication"] = json!(name);
         }
         if let Some(hostname) = &w.hostname {
-            fields.insert("hostname".into(), json!(&**hostname));
+            out["hostname"] = json!(&**hostname);
         }
         if let Some(tunnel) = w.app_tunnel {
             let mut t = json!({"protocol": "PROXY"});
             if let Some(port) = tunnel.port {
                 t["port"] = json!(port);
             }
-            fields.insert("applicationTunnel".into(), t);
+            out["applicationTunnel"] = t;
         }
         // Those ztunnel enforces, as upstream lists them (not AUDIT ones).
         let names: Vec<String> = (w.selected_policies.iter())
@@ -155,7 +154,7 @@ impl Snapshot {
             .map(|p| format!("{}/{}", p.policy.namespace(), p.policy.name()))
             .collect();
         if !names.is_empty() {
-            fields.insert("authorizationPolicies".into(), json!(names));
+            out["authorizationPolicies"] = json!(names);
         }
         out
     }
@@ -223,7 +222,6 @@ impl Snapshot {
                     .collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
-        let fields = out.as_object_mut().expect("a JSON object");
         let v4 = s.vips.iter().any(IpAddr::is_ipv4);
         let v6 = s.vips.iter().any(IpAddr::is_ipv6);
         let families = match (v4, v6) {
@@ -233,19 +231,16 @@ impl Snapshot {
             (false, false) => None,
         };
         if let Some(families) = families {
-            fields.insert("ipFamilies".into(), json!(families));
+            out["ipFamilies"] = json!(families);
         }
         if let Some(waypoint) = s.waypoint {
-            fields.insert("waypoint".into(), self.gateway_address(waypoint));
+            out["waypoint"] = self.gateway_address(waypoint);
         }
         if let Some(lb) = &s.load_balancing {
-            fields.insert(
-                "loadBalancer".into(),
-                json!({
-                    "mode": lb.mode,
-                    "routingPreferences": lb.routing_preference,
-                }),
-            );
+            out["loadBalancer"] = json!({
+                "mode": lb.mode,
+                "routingPreferences": lb.routing_preference,
+            });
         }
         out
     }
