@@ -19,6 +19,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -31,6 +33,32 @@ pub type StateDump = Arc<dyn Fn() -> serde_json::Map<String, serde_json::Value> 
 /// failing answer names (`not ready: <what>`), as upstream's names its pending tasks, so a
 /// probe's failure says why.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Upstream's build info, `istio_build{component="<component>",tag="<version>"} 1`: one family
+/// per registry, a series per component, so the local mesh's ztunnels and waypoints, which share
+/// a registry, export it once (a family registered twice would be exported twice, which
+/// Prometheus refuses).
+#[derive(Debug, Clone, Default)]
+pub struct BuildInfo(Family<[(&'static str, &'static str); 2], Gauge>);
+
+impl BuildInfo {
+    /// Registers the family in `registry`, under upstream's name.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.sub_registry_with_prefix("istio").register(
+            "build",
+            "Istio component build info",
+            self.0.clone(),
+        );
+    }
+
+    /// Adds `component`'s series: `ztunnel`, or `proxy` for a waypoint, as Istio's proxies
+    /// name theirs.
+    pub fn component(&self, component: &'static str) {
+        self.0
+            .get_or_create(&[("component", component), ("tag", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+    }
+}
 
 /// A proxy's life as readiness sees it: starting, then serving, then draining on shutdown.
 #[derive(Debug, Default)]
@@ -443,6 +471,30 @@ mod tests {
 
     /// The default `[::]` endpoints answer over IPv4 too, where the kubelet and Prometheus of
     /// an IPv4 cluster reach them.
+    /// Two components sharing a registry export one family with a series each.
+    #[test]
+    fn build_info_is_one_family_with_a_series_per_component() {
+        let build = BuildInfo::default();
+        let mut registry = Registry::default();
+        build.register(&mut registry);
+        build.component("ztunnel");
+        build.component("proxy");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let version = env!("CARGO_PKG_VERSION");
+        for series in [
+            format!("istio_build{{component=\"ztunnel\",tag=\"{version}\"}} 1\n"),
+            format!("istio_build{{component=\"proxy\",tag=\"{version}\"}} 1\n"),
+        ] {
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+        assert_eq!(
+            text.matches("# TYPE istio_build gauge").count(),
+            1,
+            "{text}"
+        );
+    }
+
     #[test]
     fn the_ipv6_wildcard_takes_ipv4_connections() {
         let listener = bind_or_ipv4("[::]:0".parse().expect("addr")).expect("bind");

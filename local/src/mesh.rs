@@ -94,6 +94,10 @@ impl LocalMesh {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         waypoint_metrics.register(&mut registry);
+        let build = admin::BuildInfo::default();
+        build.register(&mut registry);
+        build.component("ztunnel");
+        build.component("proxy");
         let live = Arc::new(LiveConnections::default());
         let certs = Arc::new(CertManager::new(ca.clone()));
         let nodes: BTreeSet<&str> = snapshot

@@ -99,6 +99,9 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    let build = admin::BuildInfo::default();
+    build.register(&mut registry);
+    build.component("proxy");
     let certs = Arc::new(CertManager::new(ca));
     let lifecycle = Arc::new(admin::Lifecycle::default());
     let ready = lifecycle.clone();

@@ -177,6 +177,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let metrics = Arc::new(Metrics::default());
             let mut registry = Registry::default();
             metrics.register(&mut registry);
+            let build = admin::BuildInfo::default();
+            build.register(&mut registry);
+            build.component("ztunnel");
             let certs = Arc::new(CertManager::new(ca));
             // Ready once serving and, in pods, while the node agent's pods are synced, as
             // upstream is.

@@ -218,12 +218,6 @@ impl Metrics {
             "Connections whose endpoint's name was looked up",
             self.on_demand_dns.clone(),
         );
-        // Upstream's build info: `istio_build{component="ztunnel",tag="<version>"} 1`.
-        let build = Family::<[(&'static str, &'static str); 2], Gauge>::default();
-        build
-            .get_or_create(&[("component", "ztunnel"), ("tag", env!("CARGO_PKG_VERSION"))])
-            .set(1);
-        istio.register("build", "Istio component build info", build);
         let manager = registry.sub_registry_with_prefix("workload_manager");
         manager.register(
             "active_proxy_count",
@@ -280,19 +274,14 @@ mod tests {
 
     /// The series upstream's dashboards read besides the traffic ones, under upstream's names.
     #[test]
-    fn build_info_and_workload_manager_series_have_upstream_names() {
+    fn workload_manager_series_have_upstream_names() {
         let metrics = Arc::new(Metrics::default());
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         metrics.proxies_started.inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        let build = format!(
-            "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1\n",
-            env!("CARGO_PKG_VERSION")
-        );
         for series in [
-            build.as_str(),
             "workload_manager_active_proxy_count 0\n",
             "workload_manager_pending_proxy_count 0\n",
             "workload_manager_proxies_started_total 1\n",
