@@ -182,17 +182,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             build.component("ztunnel");
             let certs = Arc::new(CertManager::new(ca));
             // Ready once serving and, in pods, while the node agent's pods are synced, as
-            // upstream is.
+            // upstream is; every reason that holds is named, as upstream names its pending
+            // tasks.
             let lifecycle = Arc::new(admin::Lifecycle::default());
             let synced = Arc::new(AtomicBool::new(inpod_uds.is_none()));
             let ready: admin::Readiness = {
                 let (lifecycle, synced) = (lifecycle.clone(), synced.clone());
                 Arc::new(move || {
-                    lifecycle.check()?;
-                    if synced.load(Ordering::Acquire) {
+                    let agent = (!synced.load(Ordering::Acquire))
+                        .then(|| "the node agent's pods are not synced".to_owned());
+                    let waiting: Vec<String> =
+                        lifecycle.check().err().into_iter().chain(agent).collect();
+                    if waiting.is_empty() {
                         Ok(())
                     } else {
-                        Err("the node agent's pods are not synced".to_owned())
+                        Err(waiting.join(", "))
                     }
                 })
             };

@@ -861,6 +861,11 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
         http("127.77.0.1:15000", "POST", "/quitquitquit").expect("admin port"),
         "draining\n"
     );
+    // Draining, while the held connection finishes; and still without the agent: both said.
+    assert_eq!(
+        readiness(),
+        "not ready: draining, the node agent's pods are not synced\n"
+    );
     let exited = poll(|| ztunnel.0.try_wait().expect("wait"), Option::is_some).await;
     assert!(
         exited.is_some_and(|status| status.success()),
