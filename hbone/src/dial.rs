@@ -47,6 +47,12 @@ impl Dial for SourceDial {
     }
 }
 
+/// `addr` as the mesh knows it: an IPv4 peer of a dual-stack (`[::]`) socket shows as an
+/// IPv4-mapped IPv6 address (`::ffff:10.0.0.1`), which no workload has.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// The address a socket to `dst` binds: `src`, when of `dst`'s family, except a loopback one
 /// towards a destination that is not a loopback address, which the kernel refuses to route
 /// from it (a resolver or a plain-TCP destination elsewhere): that socket takes the kernel's

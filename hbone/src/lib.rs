@@ -32,7 +32,7 @@ pub use ca::{DEFAULT_TTL, MeshCa};
 pub use cert::{CertError, CertSummary, WorkloadCert, identities_of, summarize};
 pub use config::Config;
 pub use copy::{ChunkIo, Copied, CopyError, copy_bidirectional};
-pub use dial::{Dial, DirectDial, SourceDial, connect_from, source_for};
+pub use dial::{Dial, DirectDial, SourceDial, canonical, connect_from, source_for};
 pub use error::Error;
 pub use headers::ConnectHeaders;
 pub use identity::{Identity, IdentityError};

@@ -80,6 +80,7 @@ impl<H: Handler> Server<H> {
                     }
                 },
             };
+            let peer = crate::canonical(peer);
             let this = this.clone();
             let drain = drain.clone();
             let span = info_span!("hbone_inbound", peer.addr = %peer);
@@ -95,7 +96,9 @@ impl<H: Handler> Server<H> {
     ) {
         let _live = self.stats.connections.track();
         let _ = tcp.set_nodelay(true);
-        let Ok(local) = tcp.local_addr() else { return };
+        let Ok(local) = tcp.local_addr().map(crate::canonical) else {
+            return;
+        };
         let handshake =
             tokio::time::timeout(self.config.connect_timeout, self.acceptor.accept(tcp));
         let tls = match handshake.await {

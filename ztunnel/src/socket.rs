@@ -214,14 +214,21 @@ impl SocketFactory for InPod {
             crate::proxy::ports::INBOUND | crate::proxy::ports::INBOUND_PLAINTEXT
         );
         // SOCKS5 opens connections as the pod: only the pod itself may reach it, as upstream
-        // binds it; so is the DNS proxy, which capture reaches there (the others take whatever
-        // capture sends them).
-        let ip = match port {
-            crate::proxy::ports::SOCKS5 | crate::proxy::ports::DNS => Ipv4Addr::LOCALHOST,
-            _ => Ipv4Addr::UNSPECIFIED,
+        // binds it; so is the DNS proxy, which capture reaches there. The others take whatever
+        // capture sends them, of either family: on `[::]`, which takes IPv4 too, as upstream
+        // binds them, or on IPv4's wildcard in a pod without IPv6.
+        let listener = match port {
+            crate::proxy::ports::SOCKS5 | crate::proxy::ports::DNS => {
+                let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+                crate::inpod::bind_listener(&netns, addr, transparent)?
+            }
+            _ => {
+                let dual = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+                let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+                crate::inpod::bind_listener(&netns, dual, transparent)
+                    .or_else(|_| crate::inpod::bind_listener(&netns, v4, transparent))?
+            }
         };
-        let listener =
-            crate::inpod::bind_listener(&netns, SocketAddr::new(ip.into(), port), transparent)?;
         listener.set_nonblocking(true)?;
         TcpListener::from_std(listener)
     }

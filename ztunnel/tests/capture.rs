@@ -70,18 +70,18 @@ spec:
 /// The addresses an echo server's connections came from, in order.
 type Peers = Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>;
 
-/// An echo server inside `netns` on port 8080 that prefixes its answer with `name`; it notes
-/// each connection's peer address.
+/// An echo server inside `netns` on port 8080 (IPv4 and IPv6) that prefixes its answer with
+/// `name`; it notes each connection's peer address.
 fn echo_server(netns: &NetNs, name: &'static str) -> Peers {
     let listener = netns
-        .run_in(|| std::net::TcpListener::bind("0.0.0.0:8080"))
+        .run_in(|| std::net::TcpListener::bind("[::]:8080"))
         .expect("enter netns")
         .expect("bind echo");
     let peers = Peers::default();
     let noted = peers.clone();
     std::thread::spawn(move || {
         for (stream, peer) in std::iter::from_fn(|| Some(listener.accept())).flatten() {
-            noted.lock().expect("lock").push(peer.ip());
+            noted.lock().expect("lock").push(peer.ip().to_canonical());
             std::thread::spawn(move || {
                 let mut s = stream;
                 let mut buf = [0u8; 4096];
@@ -882,6 +882,107 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Dual-stack pods: IPv6 is captured as IPv4 is. The client's connection to the service's IPv6
+/// VIP and to the server pod's IPv6 address go over HBONE between the two nodes' ztunnels, and
+/// an uncaptured pod's plaintext reaches the server over IPv6 too; the application sees each
+/// caller's own IPv6 address. IPv4 keeps working beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_is_captured_as_ipv4_is() {
+    assert_root();
+    let mut fabric = Fabric::new(std::process::id() % 10_000 + 40_000);
+    let client = Arc::new(fabric.pod(1));
+    let echo = fabric.pod(3);
+    let outsider = Arc::new(fabric.pod(9));
+    let peers = echo_server(&echo, "echo");
+
+    let dir = std::env::temp_dir().join(format!("ztunnel-ipv6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("mesh.yaml"), DUAL_STACK).expect("write");
+    let mut config = ConfigDir::new(&dir, Options::default());
+    let shared = Mesh {
+        store: Store::open(&mut config).expect("config"),
+        ca: Arc::new(MeshCa::generate("cluster.local").expect("ca")),
+        metrics: Arc::new(Metrics::default()),
+        dns_upstreams: Vec::new(),
+    };
+    let _node_a = start_node(&dir, "node-a", &shared, &[("client", &client)]).await;
+    let _node_b = start_node(&dir, "node-b", &shared, &[("echo", &echo)]).await;
+
+    for (dst, what) in [
+        ("[fd18::250:1]:80", "the service's IPv6 VIP"),
+        ("[fd19:7::3]:8080", "the pod's IPv6 address"),
+        ("198.18.250.1:80", "the service's IPv4 VIP"),
+    ] {
+        let answer = exchange(client.clone(), dst, "ping").await;
+        assert_eq!(answer.expect(what), "echo:ping", "{what}");
+    }
+    assert_eq!(
+        taken(&peers),
+        ["fd19:7::1", "fd19:7::1", "198.19.7.1"],
+        "the client, as itself"
+    );
+    let plaintext = exchange(outsider.clone(), "[fd19:7::3]:8080", "plain").await;
+    assert_eq!(plaintext.expect("plaintext over IPv6"), "echo:plain");
+    assert_eq!(taken(&peers), ["fd19:7::9"], "the uncaptured caller");
+
+    // Each went through a ztunnel: the server's reported them all, HBONE ones as mTLS, and the
+    // plaintext caller known by its IPv6 address.
+    let mut registry = Registry::default();
+    shared.metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    let server = |security: &str| {
+        let labels = [
+            "reporter=\"destination\"",
+            "destination_workload=\"echo\"",
+            security,
+        ];
+        sum(&text, "istio_tcp_connections_opened_total", &labels)
+    };
+    assert_eq!(
+        server("connection_security_policy=\"mutual_tls\""),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(server("source_workload=\"outsider\""), 1.0, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Dual-stack pods on two nodes, a dual-stack service, and a dual-stack pod outside the mesh.
+const DUAL_STACK: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: app}
+spec:
+  clusterIP: 198.18.250.1
+  clusterIPs: [198.18.250.1, "fd18::250:1"]
+  ipFamilies: [IPv4, IPv6]
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: app, labels: {app: client}}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 198.19.7.1, podIPs: [{ip: 198.19.7.1}, {ip: "fd19:7::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: app, labels: {app: echo}}
+spec: {nodeName: node-b, serviceAccountName: echo}
+status: {podIP: 198.19.7.3, podIPs: [{ip: 198.19.7.3}, {ip: "fd19:7::3"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: legacy}
+spec: {nodeName: node-a}
+status: {podIP: 198.19.7.9, podIPs: [{ip: 198.19.7.9}, {ip: "fd19:7::9"}]}
+"#;
 
 /// A sandwiched waypoint (one that takes its tunnels over PROXY protocol) in a captured pod, bound
 /// as kgateway's are: its GatewayClass says `PROXY` with no port, so each tunnel comes to the

@@ -490,6 +490,28 @@ async fn check_capture(pod: &TestNetns, veth: &Veth, backend: IptablesBackend) {
         1,
         "{ip_rules}"
     );
+    // The same for IPv6, DNS aside (no raw table): istio-cni's ip6tables twin.
+    let save6 = save.replacen("iptables", "ip6tables", 1);
+    let saved6 = output_in(pod, &save6, &[]);
+    for (jump, expected) in [
+        ("-A PREROUTING -j ISTIO_PRERT", 1),
+        ("-A OUTPUT -j ISTIO_OUTPUT", 2),
+    ] {
+        let count = saved6.lines().filter(|l| *l == jump).count();
+        assert_eq!(count, expected, "{backend:?}: `{jump}` in\n{saved6}");
+    }
+    assert!(
+        saved6.contains("--on-ip :: ") && saved6.contains("! -d ::1/128"),
+        "{backend:?}: IPv6's addresses:\n{saved6}"
+    );
+    let ip6_rules = output_in(pod, "ip", &["-6", "rule", "show"]);
+    assert_eq!(
+        ip6_rules.matches("fwmark 0x111/0xfff lookup 100").count(),
+        1,
+        "{ip6_rules}"
+    );
+    let ip6_route = output_in(pod, "ip", &["-6", "route", "show", "table", "100"]);
+    assert!(ip6_route.contains("local default dev lo"), "{ip6_route}");
 
     let dst = SocketAddr::V4(SocketAddrV4::new(veth.host, 80));
     let upstream = TcpListener::bind(dst)
@@ -593,4 +615,11 @@ async fn check_capture(pod: &TestNetns, veth: &Veth, backend: IptablesBackend) {
     );
     let ip_rules = output_in(pod, "ip", &["rule", "show"]);
     assert!(!ip_rules.contains("0x111"), "{ip_rules}");
+    let saved6 = output_in(pod, &save6, &[]);
+    assert!(
+        !saved6.contains("ISTIO"),
+        "{backend:?}: IPv6 rules left behind:\n{saved6}"
+    );
+    let ip6_rules = output_in(pod, "ip", &["-6", "rule", "show"]);
+    assert!(!ip6_rules.contains("0x111"), "{ip6_rules}");
 }

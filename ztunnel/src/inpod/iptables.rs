@@ -22,7 +22,10 @@
 //!   reuse the un-redirected conntrack entry of a pod query on the same source port (or the
 //!   reverse), and the pod's query would skip the proxy or the proxy's come back to it.
 //!
-//! IPv4 only: the ip6tables twin istio-cni adds on dual-stack clusters is not installed.
+//! The same rules are installed with ip6tables wherever the namespace has IPv6 on, as istio-cni
+//! does on dual-stack clusters (with the IPv6 probe source and loopback), and the policy route
+//! with `ip -6`. DNS is captured over IPv4 only: the DNS proxy listens on the pod's IPv4
+//! loopback, so IPv6 DNS is left to go out as it is.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -43,8 +46,47 @@ const MARK_MASK: u32 = 0xfff;
 const ROUTE_TABLE: &str = "100";
 /// `ip rule` priority istio-cni uses for the TPROXY rule.
 const RULE_PREF: &str = "32764";
-/// Source the node SNATs kubelet health probes to, so the pod rules can let them through.
-const PROBE_SNAT_IP: &str = "169.254.7.127";
+/// An address family the rules are written for: the same rules, with each family's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The pod's loopback.
+    fn loopback(self) -> &'static str {
+        match self {
+            Self::V4 => "127.0.0.1/32",
+            Self::V6 => "::1/128",
+        }
+    }
+
+    /// The source the node SNATs kubelet health probes to, so the pod rules can let them
+    /// through (istio-cni's, for each family).
+    fn probe_source(self) -> &'static str {
+        match self {
+            Self::V4 => "169.254.7.127/32",
+            Self::V6 => "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128",
+        }
+    }
+
+    /// TPROXY's `--on-ip` for "the packet's own destination".
+    fn any(self) -> &'static str {
+        match self {
+            Self::V4 => "0.0.0.0",
+            Self::V6 => "::",
+        }
+    }
+
+    /// `ip`'s family option.
+    fn ip(self) -> &'static str {
+        match self {
+            Self::V4 => "-4",
+            Self::V6 => "-6",
+        }
+    }
+}
 /// How long iptables may wait for the xtables lock another program holds (legacy backend).
 const LOCK_WAIT_SECS: &str = "5";
 
@@ -89,25 +131,33 @@ pub enum IptablesBackend {
 // === impl IptablesBackend ===
 
 impl IptablesBackend {
-    fn save_program(self) -> &'static str {
-        match self {
-            Self::Nft => "iptables-nft-save",
-            Self::Legacy => "iptables-legacy-save",
+    fn save_program(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Self::Nft, Family::V4) => "iptables-nft-save",
+            (Self::Legacy, Family::V4) => "iptables-legacy-save",
+            (Self::Nft, Family::V6) => "ip6tables-nft-save",
+            (Self::Legacy, Family::V6) => "ip6tables-legacy-save",
         }
     }
 
-    fn restore_program(self) -> &'static str {
-        match self {
-            Self::Nft => "iptables-nft-restore",
-            Self::Legacy => "iptables-legacy-restore",
+    fn restore_program(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Self::Nft, Family::V4) => "iptables-nft-restore",
+            (Self::Legacy, Family::V4) => "iptables-legacy-restore",
+            (Self::Nft, Family::V6) => "ip6tables-nft-restore",
+            (Self::Legacy, Family::V6) => "ip6tables-legacy-restore",
         }
     }
 
-    /// The backends whose programs are on `PATH`, nft first.
+    /// The backends whose programs are on `PATH`, IPv4 and IPv6 both, nft first.
     pub fn installed() -> Vec<Self> {
         [Self::Nft, Self::Legacy]
             .into_iter()
-            .filter(|b| on_path(b.save_program()) && on_path(b.restore_program()))
+            .filter(|b| {
+                [Family::V4, Family::V6].into_iter().all(|family| {
+                    on_path(b.save_program(family)) && on_path(b.restore_program(family))
+                })
+            })
             .collect()
     }
 
@@ -128,7 +178,7 @@ impl IptablesBackend {
             .run_in(|| -> Result<Vec<Self>, RulesError> {
                 let mut in_use = Vec::new();
                 for backend in &installed {
-                    let saved = run(Command::new(backend.save_program()), None)?;
+                    let saved = run(Command::new(backend.save_program(Family::V4)), None)?;
                     if saved.lines().any(|l| l.starts_with("-A ")) {
                         in_use.push(*backend);
                     }
@@ -162,9 +212,9 @@ pub struct PodRules {
 /// Why installing or removing the pod rules failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    /// Neither `iptables-nft-restore` nor `iptables-legacy-restore` is on `PATH`.
+    /// Neither the nft nor the legacy iptables and ip6tables programs are on `PATH`.
     #[error(
-        "no iptables found on PATH (need iptables-nft-save/-restore or iptables-legacy-save/-restore); install the iptables package"
+        "no iptables found on PATH (need iptables-nft-save/-restore and ip6tables-nft-save/-restore, or their -legacy twins); install the iptables package"
     )]
     NotInstalled,
     /// A command could not be started at all.
@@ -236,39 +286,56 @@ impl PodRules {
     }
 
     fn install_here(&self) -> Result<(), RulesError> {
-        let current = Saved::parse(&run(Command::new(self.backend.save_program()), None)?);
-        let script = install_script(&current, self.dns);
-        debug!(backend = ?self.backend, %script, "iptables-restore input");
-        run(self.restore(), Some(&script))?;
+        for family in families_here() {
+            self.install_family(family)?;
+        }
+        Ok(())
+    }
+
+    fn install_family(&self, family: Family) -> Result<(), RulesError> {
+        let saved = run(Command::new(self.backend.save_program(family)), None)?;
+        let current = Saved::parse(&saved);
+        let script = install_script(&current, family, self.dns && family == Family::V4);
+        debug!(backend = ?self.backend, ?family, %script, "iptables-restore input");
+        run(self.restore(family), Some(&script))?;
 
         let rule = rule_args();
-        if tproxy_rules()? == 0 {
+        if tproxy_rules(family)? == 0 {
             let mut add = Command::new("ip");
-            add.args(["rule", "add"]).args(&rule);
+            add.args([family.ip(), "rule", "add"]).args(&rule);
             run(add, None)?;
         }
         let mut route = Command::new("ip");
-        route.args(["route", "replace"]).args(route_args());
+        route
+            .args([family.ip(), "route", "replace"])
+            .args(route_args(family));
         run(route, None)?;
         Ok(())
     }
 
     fn remove_here(&self) -> Result<(), RulesError> {
-        let current = Saved::parse(&run(Command::new(self.backend.save_program()), None)?);
-        if let Some(script) = remove_script(&current) {
-            debug!(backend = ?self.backend, %script, "iptables-restore input");
-            run(self.restore(), Some(&script))?;
+        for family in families_here() {
+            self.remove_family(family)?;
+        }
+        Ok(())
+    }
+
+    fn remove_family(&self, family: Family) -> Result<(), RulesError> {
+        let saved = run(Command::new(self.backend.save_program(family)), None)?;
+        if let Some(script) = remove_script(&Saved::parse(&saved)) {
+            debug!(backend = ?self.backend, ?family, %script, "iptables-restore input");
+            run(self.restore(family), Some(&script))?;
         }
 
         let rule = rule_args();
         // A rule added twice by hand shows twice; delete every copy.
-        for _ in 0..tproxy_rules()? {
+        for _ in 0..tproxy_rules(family)? {
             let mut del = Command::new("ip");
-            del.args(["rule", "del"]).args(&rule);
+            del.args([family.ip(), "rule", "del"]).args(&rule);
             run(del, None)?;
         }
         let mut show = Command::new("ip");
-        show.args(["route", "show", "table", ROUTE_TABLE]);
+        show.args([family.ip(), "route", "show", "table", ROUTE_TABLE]);
         // On recent kernels a table that never existed is an error, not an empty listing.
         let present = run(show, None).is_ok_and(|out| {
             out.lines()
@@ -276,17 +343,30 @@ impl PodRules {
         });
         if present {
             let mut del = Command::new("ip");
-            del.args(["route", "del"]).args(route_args());
+            del.args([family.ip(), "route", "del"])
+                .args(route_args(family));
             run(del, None)?;
         }
         Ok(())
     }
 
-    fn restore(&self) -> Command {
-        let mut cmd = Command::new(self.backend.restore_program());
+    fn restore(&self, family: Family) -> Command {
+        let mut cmd = Command::new(self.backend.restore_program(family));
         cmd.args(["--noflush", "--wait", LOCK_WAIT_SECS]);
         cmd
     }
+}
+
+/// The families of the calling thread's namespace: IPv4, and IPv6 unless it is turned off there
+/// (`net.ipv6.conf.all.disable_ipv6`, or no IPv6 at all), as istio-cni programs both.
+fn families_here() -> Vec<Family> {
+    let v6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|off| off.trim() == "0");
+    let mut families = vec![Family::V4];
+    if v6 {
+        families.push(Family::V6);
+    }
+    families
 }
 
 /// `ip rule` selector and action for TPROXYed packets.
@@ -301,11 +381,11 @@ fn rule_args() -> [String; 6] {
     ]
 }
 
-/// How many copies of our `ip rule` exist. Parsed from the full listing rather than with
-/// `ip rule show <selector>`: older iproute2 ignores the selector and lists everything.
-fn tproxy_rules() -> Result<usize, RulesError> {
+/// How many copies of our `ip rule` exist for `family`. Parsed from the full listing rather than
+/// with `ip rule show <selector>`: older iproute2 ignores the selector and lists everything.
+fn tproxy_rules(family: Family) -> Result<usize, RulesError> {
     let mut show = Command::new("ip");
-    show.args(["rule", "show"]);
+    show.args([family.ip(), "rule", "show"]);
     Ok(count_tproxy_rules(&run(show, None)?))
 }
 
@@ -318,19 +398,25 @@ fn count_tproxy_rules(listing: &str) -> usize {
         .count()
 }
 
-/// The route that makes every TPROXYed packet local.
-fn route_args() -> [&'static str; 6] {
-    ["local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE]
+/// The route that makes every TPROXYed packet of `family` local.
+fn route_args(family: Family) -> [&'static str; 6] {
+    let all = match family {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    };
+    ["local", all, "dev", "lo", "table", ROUTE_TABLE]
 }
 
 fn mark(value: u32) -> String {
     format!("{value:#x}/{MARK_MASK:#x}")
 }
 
-/// The rules of our chains, in order, as `iptables-save` would print them (without `-A CHAIN`).
-fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
+/// The rules of our chains for `family`, in order, as `iptables-save` would print them (without
+/// `-A CHAIN`).
+fn chain_rules(family: Family, dns: bool) -> Vec<(&'static str, &'static str, String)> {
     let ours = mark(ZTUNNEL_MARK);
     let tproxy = mark(TPROXY_MARK);
+    let (lo, probe, any) = (family.loopback(), family.probe_source(), family.any());
     let dns_rules = [
         (
             "nat",
@@ -344,7 +430,7 @@ fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
             "nat",
             "ISTIO_OUTPUT",
             format!(
-                "! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark {ours} \
+                "! -d {lo} -p tcp -m tcp --dport 53 -m mark ! --mark {ours} \
                  -j REDIRECT --to-ports {DNS_PORT}"
             ),
         ),
@@ -369,20 +455,20 @@ fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
         (
             "mangle",
             "ISTIO_PRERT",
-            format!("-s {PROBE_SNAT_IP}/32 -p tcp -m tcp -j ACCEPT"),
+            format!("-s {probe} -p tcp -m tcp -j ACCEPT"),
         ),
         // Locally generated traffic already went through nat OUTPUT; do not TPROXY it again.
         (
             "mangle",
             "ISTIO_PRERT",
-            "! -d 127.0.0.1/32 -i lo -p tcp -j ACCEPT".to_owned(),
+            format!("! -d {lo} -i lo -p tcp -j ACCEPT"),
         ),
         (
             "mangle",
             "ISTIO_PRERT",
             format!(
                 "-p tcp -m tcp --dport {INBOUND_HBONE_PORT} -m mark ! --mark {ours} \
-                 -j TPROXY --on-port {INBOUND_HBONE_PORT} --on-ip 0.0.0.0 --tproxy-mark {tproxy}"
+                 -j TPROXY --on-port {INBOUND_HBONE_PORT} --on-ip {any} --tproxy-mark {tproxy}"
             ),
         ),
         // Flows that existed before capture started are not taken over mid-stream.
@@ -395,8 +481,8 @@ fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
             "mangle",
             "ISTIO_PRERT",
             format!(
-                "! -d 127.0.0.1/32 -p tcp -m mark ! --mark {ours} \
-                 -j TPROXY --on-port {INBOUND_PLAINTEXT_PORT} --on-ip 0.0.0.0 --tproxy-mark {tproxy}"
+                "! -d {lo} -p tcp -m mark ! --mark {ours} \
+                 -j TPROXY --on-port {INBOUND_PLAINTEXT_PORT} --on-ip {any} --tproxy-mark {tproxy}"
             ),
         ),
         (
@@ -410,7 +496,7 @@ fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
         (
             "nat",
             "ISTIO_OUTPUT",
-            format!("-d {PROBE_SNAT_IP}/32 -p tcp -m tcp -j ACCEPT"),
+            format!("-d {probe} -p tcp -m tcp -j ACCEPT"),
         ),
     ];
     if dns {
@@ -422,16 +508,12 @@ fn chain_rules(dns: bool) -> Vec<(&'static str, &'static str, String)> {
             "ISTIO_OUTPUT",
             format!("-p tcp -m mark --mark {tproxy} -j ACCEPT"),
         ),
-        (
-            "nat",
-            "ISTIO_OUTPUT",
-            "! -d 127.0.0.1/32 -o lo -j ACCEPT".to_owned(),
-        ),
+        ("nat", "ISTIO_OUTPUT", format!("! -d {lo} -o lo -j ACCEPT")),
         (
             "nat",
             "ISTIO_OUTPUT",
             format!(
-                "! -d 127.0.0.1/32 -p tcp -m mark ! --mark {ours} \
+                "! -d {lo} -p tcp -m mark ! --mark {ours} \
                  -j REDIRECT --to-ports {OUTBOUND_PORT}"
             ),
         ),
@@ -481,11 +563,11 @@ fn jump_rule(from: &str, to: &str) -> String {
     format!("-A {from} -j {to}")
 }
 
-/// `iptables-restore --noflush` input that (re)creates our chains and adds missing jumps; the
-/// raw table's chains only with `dns`, and without it any left from an earlier install are
-/// removed.
-fn install_script(current: &Saved, dns: bool) -> String {
-    let rules = chain_rules(dns);
+/// `iptables-restore --noflush` input for `family` that (re)creates our chains and adds missing
+/// jumps; the raw table's chains only with `dns`, and without it any left from an earlier
+/// install are removed.
+fn install_script(current: &Saved, family: Family, dns: bool) -> String {
+    let rules = chain_rules(family, dns);
     let mut script = String::new();
     for table in TABLES {
         if table == "raw" && !dns {
@@ -640,7 +722,21 @@ COMMIT
 
     #[test]
     fn fresh_install_matches_golden() {
-        assert_eq!(install_script(&Saved::default(), false), GOLDEN);
+        assert_eq!(install_script(&Saved::default(), Family::V4, false), GOLDEN);
+    }
+
+    /// IPv6's rules are IPv4's with IPv6's loopback, probe source and wildcard, as istio-cni's
+    /// ip6tables goldens print them.
+    #[test]
+    fn ipv6_rules_are_ipv4_s_with_ipv6_addresses() {
+        let want = GOLDEN
+            .replace("127.0.0.1/32", "::1/128")
+            .replace(
+                "169.254.7.127/32",
+                "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128",
+            )
+            .replace("--on-ip 0.0.0.0", "--on-ip ::");
+        assert_eq!(install_script(&Saved::default(), Family::V6, false), want);
     }
 
     #[test]
@@ -661,7 +757,7 @@ COMMIT
 COMMIT
 ";
         let want = GOLDEN.replace(probe, &format!("{probe}{dns}")) + raw;
-        assert_eq!(install_script(&Saved::default(), true), want);
+        assert_eq!(install_script(&Saved::default(), Family::V4, true), want);
     }
 
     #[test]
@@ -677,7 +773,7 @@ COMMIT
 -A ISTIO_OUTPUT -p udp -m mark --mark 0x539/0xfff -m udp --dport 53 -j CT --zone 1
 COMMIT
 ";
-        let script = install_script(&Saved::parse(save), false);
+        let script = install_script(&Saved::parse(save), Family::V4, false);
         let removal = "\
 *raw
 -D PREROUTING -j ISTIO_PRERT
@@ -707,7 +803,7 @@ COMMIT
 -A ISTIO_OUTPUT -j ACCEPT
 COMMIT
 ";
-        let script = install_script(&Saved::parse(save), false);
+        let script = install_script(&Saved::parse(save), Family::V4, false);
         assert!(!script.contains("-A PREROUTING"), "{script}");
         assert!(
             !script.contains("-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n*nat"),
@@ -757,7 +853,14 @@ COMMIT
             rule_args().join(" "),
             "fwmark 0x111/0xfff pref 32764 lookup 100"
         );
-        assert_eq!(route_args().join(" "), "local 0.0.0.0/0 dev lo table 100");
+        assert_eq!(
+            route_args(Family::V4).join(" "),
+            "local 0.0.0.0/0 dev lo table 100"
+        );
+        assert_eq!(
+            route_args(Family::V6).join(" "),
+            "local ::/0 dev lo table 100"
+        );
     }
 
     #[test]

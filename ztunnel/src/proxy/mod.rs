@@ -216,6 +216,7 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
+                let peer = hbone::canonical(peer);
                 if let Err(e) = crate::socket::configure(&stream) {
                     tracing::debug!(%peer, error = %e, "socket options not set");
                 }

@@ -284,13 +284,12 @@ async fn resolve(
 /// Where a connection redirected by the capture rules was going (`SO_ORIGINAL_DST`).
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr().ok()?;
-    let original = if local.is_ipv4() {
-        sock.original_dst_v4()
-    } else {
-        sock.original_dst_v6()
-    };
-    original.ok().and_then(|a| a.as_socket())
+    // A dual-stack listener's connection is of either family: IPv4's conntrack entry first.
+    let original = (sock.original_dst_v4()).or_else(|_| sock.original_dst_v6());
+    original
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(hbone::canonical)
 }
 
 async fn carry<A: ChunkIo, B: ChunkIo>(guard: &mut ConnectionGuard, a: &mut A, b: &mut B) {

@@ -23,7 +23,7 @@ pub(super) async fn serve(ctx: Arc<Ctx>, uid: Arc<str>, listener: TcpListener, d
         let (ctx, uid) = (ctx.clone(), uid.clone());
         async move {
             // TPROXY keeps the original destination as the socket's local address.
-            match stream.local_addr() {
+            match stream.local_addr().map(hbone::canonical) {
                 Ok(target) => handle(&ctx, &uid, stream, peer, target).await,
                 Err(e) => tracing::warn!(src.addr = %peer, error = %e, "plaintext connection without a local address"),
             }

@@ -25,6 +25,10 @@ use ztunnel::socket::InPod;
 pub const SUBNET: &str = "198.19.7";
 /// The bridge's own address, the pods' default route.
 pub const GATEWAY: &str = "198.19.7.254";
+/// The pods' IPv6 subnet: pod `n` is also `fd19:7::<n in hex>`.
+pub const SUBNET6: &str = "fd19:7:";
+/// The bridge's own IPv6 address, the pods' IPv6 default route.
+pub const GATEWAY6: &str = "fd19:7::fe";
 
 /// Runs a command, panicking with its stderr if it fails.
 pub fn sh(args: &[&str]) {
@@ -93,6 +97,11 @@ impl Fabric {
         sh(&["ip", "-n", br, "link", "add", "br0", "type", "bridge"]);
         let gateway = format!("{GATEWAY}/24");
         sh(&["ip", "-n", br, "addr", "add", &gateway, "dev", "br0"]);
+        // `nodad`: usable at once, without duplicate address detection's wait.
+        let gateway6 = format!("{GATEWAY6}/64");
+        sh(&[
+            "ip", "-n", br, "addr", "add", &gateway6, "dev", "br0", "nodad",
+        ]);
         sh(&["ip", "-n", br, "link", "set", "br0", "up"]);
         Fabric {
             bridge,
@@ -101,7 +110,7 @@ impl Fabric {
         }
     }
 
-    /// A pod namespace with address `198.19.7.<host>`.
+    /// A pod namespace with addresses `198.19.7.<host>` and `fd19:7::<host in hex>`.
     pub fn pod(&mut self, host: u8) -> NetNs {
         let ns = Ns::new(format!("zt-pod{host}-{}", self.tag));
         let outer = format!("zv{host}-{}", self.tag);
@@ -115,6 +124,13 @@ impl Fabric {
         sh(&["ip", "-n", pod, "addr", "add", &address, "dev", "eth0"]);
         sh(&["ip", "-n", pod, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", pod, "route", "add", "default", "via", GATEWAY]);
+        let address6 = format!("{SUBNET6}:{host:x}/64");
+        sh(&[
+            "ip", "-n", pod, "addr", "add", &address6, "dev", "eth0", "nodad",
+        ]);
+        sh(&[
+            "ip", "-n", pod, "-6", "route", "add", "default", "via", GATEWAY6,
+        ]);
         let netns = ns.open();
         self.pods.push(ns);
         netns
