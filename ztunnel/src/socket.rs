@@ -41,9 +41,10 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// A listener for `workload` on `port` (on its own address, or on every address of its
     /// network namespace).
     fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener>;
-    /// A UDP socket for `workload` on `port` (the DNS proxy's): on its own address, or on the
-    /// loopback of its network namespace, where captured DNS is redirected.
-    fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket>;
+    /// The DNS proxy's sockets for `workload` on `port`, UDP and TCP, on each address its
+    /// queries come to: its own address, or in its network namespace the loopback of each
+    /// family, where captured DNS is redirected.
+    fn dns(&self, workload: &Workload, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>>;
     /// An unconnected UDP socket on an ephemeral port for `workload`'s datagrams to `dst` (its
     /// DNS queries the proxy forwards), made where its own would leave from.
     fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket>;
@@ -91,13 +92,16 @@ impl SocketFactory for Loopback {
         socket.listen(1024)
     }
 
-    fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket> {
+    fn dns(&self, workload: &Workload, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
         let ip = workload.ips.first().copied().ok_or_else(|| {
             io::Error::new(io::ErrorKind::AddrNotAvailable, "workload has no address")
         })?;
         let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, port))?;
         socket.set_nonblocking(true)?;
-        UdpSocket::from_std(socket)
+        Ok(vec![(
+            UdpSocket::from_std(socket)?,
+            self.listen(workload, port)?,
+        )])
     }
 
     /// From the workload's address (see [`hbone::source_for`]).
@@ -214,11 +218,11 @@ impl SocketFactory for InPod {
             crate::proxy::ports::INBOUND | crate::proxy::ports::INBOUND_PLAINTEXT
         );
         // SOCKS5 opens connections as the pod: only the pod itself may reach it, as upstream
-        // binds it; so is the DNS proxy, which capture reaches there. The others take whatever
-        // capture sends them, of either family: on `[::]`, which takes IPv4 too, as upstream
-        // binds them, or on IPv4's wildcard in a pod without IPv6.
+        // binds it. The others take whatever capture sends them, of either family: on `[::]`,
+        // which takes IPv4 too, as upstream binds them, or on IPv4's wildcard in a pod without
+        // IPv6.
         let listener = match port {
-            crate::proxy::ports::SOCKS5 | crate::proxy::ports::DNS => {
+            crate::proxy::ports::SOCKS5 => {
                 let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
                 crate::inpod::bind_listener(&netns, addr, transparent)?
             }
@@ -233,12 +237,26 @@ impl SocketFactory for InPod {
         TcpListener::from_std(listener)
     }
 
-    /// On the pod's loopback only: UDP is not captured inbound, so a wildcard address would
-    /// answer other pods too.
-    fn udp(&self, workload: &Workload, port: u16) -> io::Result<UdpSocket> {
+    /// On the pod's loopbacks only: UDP is not captured inbound, so a wildcard address would
+    /// answer other pods too. IPv6's as well as IPv4's, where the capture rules send the pod's
+    /// IPv6 queries; not in a pod without IPv6.
+    fn dns(&self, workload: &Workload, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
         let netns = self.netns(&workload.uid)?;
-        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-        UdpSocket::from_std(crate::inpod::bind_udp(&netns, addr)?)
+        let pair = |ip: IpAddr| -> io::Result<(UdpSocket, TcpListener)> {
+            let addr = SocketAddr::new(ip, port);
+            let udp = UdpSocket::from_std(crate::inpod::bind_udp(&netns, addr)?)?;
+            let tcp = crate::inpod::bind_listener(&netns, addr, false)?;
+            tcp.set_nonblocking(true)?;
+            Ok((udp, TcpListener::from_std(tcp)?))
+        };
+        let mut sockets = vec![pair(Ipv4Addr::LOCALHOST.into())?];
+        match pair(Ipv6Addr::LOCALHOST.into()) {
+            Ok(v6) => sockets.push(v6),
+            Err(e) => {
+                tracing::debug!(workload = %workload.uid, error = %e, "no IPv6 DNS proxy in the pod")
+            }
+        }
+        Ok(sockets)
     }
 
     /// In the pod's namespace, marked so that its capture rules let it out.

@@ -137,15 +137,27 @@ async fn exchange(
 /// 198.18.0.53 (which does not exist: only capture can answer); the addresses and where the
 /// answer came from.
 fn dns_query(netns: &NetNs, name: &str, tcp: bool) -> (Vec<String>, SocketAddr) {
+    let resolver = "198.18.0.53:53".parse().unwrap();
+    dns_ask(netns, resolver, name, hickory_proto::rr::RecordType::A, tcp)
+}
+
+/// Asks `name`'s records of type `kind` of `resolver` from inside `netns`, over UDP or TCP; the
+/// answers and where they came from.
+fn dns_ask(
+    netns: &NetNs,
+    resolver: SocketAddr,
+    name: &str,
+    kind: hickory_proto::rr::RecordType,
+    tcp: bool,
+) -> (Vec<String>, SocketAddr) {
     use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::{Name, RecordType};
+    use hickory_proto::rr::Name;
     let mut query = Message::new();
     query
         .set_id(0x5353)
         .set_recursion_desired(true)
-        .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        .add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
     let query = query.to_vec().expect("encode");
-    let resolver: SocketAddr = "198.18.0.53:53".parse().unwrap();
     let (answer, from) = netns
         .run_in(|| {
             if tcp {
@@ -160,7 +172,11 @@ fn dns_query(netns: &NetNs, name: &str, tcp: bool) -> (Vec<String>, SocketAddr) 
                 s.read_exact(&mut answer)?;
                 return Ok((answer, s.peer_addr()?));
             }
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            let any: SocketAddr = match resolver {
+                SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+                SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+            };
+            let socket = std::net::UdpSocket::bind(any)?;
             socket.set_read_timeout(Some(Duration::from_secs(5)))?;
             socket.send_to(&query, resolver)?;
             let mut buf = [0u8; 512];
@@ -922,6 +938,21 @@ async fn ipv6_is_captured_as_ipv4_is() {
         ["fd19:7::1", "fd19:7::1", "198.19.7.1"],
         "the client, as itself"
     );
+    // The pod's IPv6 DNS is answered by the DNS proxy too, over UDP and TCP: a resolver that
+    // does not exist answers the service's IPv6 VIP.
+    for tcp in [false, true] {
+        let resolver = "[fd18::53]:53".parse().unwrap();
+        let name = "echo.app.svc.cluster.local.";
+        let kind = hickory_proto::rr::RecordType::AAAA;
+        let (answer, from) = dns_ask(&client, resolver, name, kind, tcp);
+        assert_eq!(
+            answer,
+            ["fd18::250:1"],
+            "over {}",
+            ["UDP", "TCP"][tcp as usize]
+        );
+        assert_eq!(from, resolver);
+    }
     let plaintext = exchange(outsider.clone(), "[fd19:7::3]:8080", "plain").await;
     assert_eq!(plaintext.expect("plaintext over IPv6"), "echo:plain");
     assert_eq!(taken(&peers), ["fd19:7::9"], "the uncaptured caller");

@@ -490,12 +490,12 @@ async fn check_capture(pod: &TestNetns, veth: &Veth, backend: IptablesBackend) {
         1,
         "{ip_rules}"
     );
-    // The same for IPv6, DNS aside (no raw table): istio-cni's ip6tables twin.
+    // The same for IPv6: istio-cni's ip6tables twin.
     let save6 = save.replacen("iptables", "ip6tables", 1);
     let saved6 = output_in(pod, &save6, &[]);
     for (jump, expected) in [
-        ("-A PREROUTING -j ISTIO_PRERT", 1),
-        ("-A OUTPUT -j ISTIO_OUTPUT", 2),
+        ("-A PREROUTING -j ISTIO_PRERT", 2),
+        ("-A OUTPUT -j ISTIO_OUTPUT", 3),
     ] {
         let count = saved6.lines().filter(|l| *l == jump).count();
         assert_eq!(count, expected, "{backend:?}: `{jump}` in\n{saved6}");

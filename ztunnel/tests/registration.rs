@@ -65,8 +65,12 @@ impl SocketFactory for HeldConnect {
         Loopback.listen(workload, port)
     }
 
-    fn udp(&self, workload: &Workload, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
-        Loopback.udp(workload, port)
+    fn dns(
+        &self,
+        workload: &Workload,
+        port: u16,
+    ) -> std::io::Result<Vec<(tokio::net::UdpSocket, tokio::net::TcpListener)>> {
+        Loopback.dns(workload, port)
     }
 
     fn udp_to(

@@ -57,15 +57,28 @@ const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// resolvers for what the mesh does not know.
 #[derive(Debug, Clone)]
 pub(crate) struct Served {
-    pub(crate) ctx: Arc<Ctx>,
-    pub(crate) uid: Arc<str>,
-    pub(crate) upstream: Arc<Forwarder>,
+    ctx: Arc<Ctx>,
+    uid: Arc<str>,
+    upstream: Arc<Forwarder>,
+    /// The workload's UDP queries in flight, on all its sockets (one per address family in a
+    /// pod).
+    in_flight: Arc<Semaphore>,
+}
+
+impl Served {
+    pub(crate) fn new(ctx: Arc<Ctx>, uid: Arc<str>, upstream: Arc<Forwarder>) -> Self {
+        Self {
+            ctx,
+            uid,
+            upstream,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
 }
 
 /// Serves DNS over UDP on `socket` until the drain starts.
 pub(crate) async fn serve_udp(served: Served, socket: UdpSocket, mut drain: DrainWatch) {
     let socket = Arc::new(socket);
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut buf = vec![0u8; MAX_QUERY];
     loop {
         let received = tokio::select! {
@@ -79,7 +92,7 @@ pub(crate) async fn serve_udp(served: Served, socket: UdpSocket, mut drain: Drai
                 continue;
             }
         };
-        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+        let Ok(permit) = served.in_flight.clone().try_acquire_owned() else {
             served.ctx.metrics.dns_dropped.inc();
             tracing::debug!(workload = %served.uid, %peer, "DNS query dropped: too many in flight");
             continue;
@@ -145,7 +158,9 @@ async fn answer(
     protocol: DnsProtocol,
     peer: SocketAddr,
 ) -> Option<Vec<u8>> {
-    let Served { ctx, uid, upstream } = served;
+    let Served {
+        ctx, uid, upstream, ..
+    } = served;
     let metrics = &ctx.metrics;
     let message = match Message::from_vec(query) {
         // An answer sent to a resolver is nobody's question: ignored, never reflected.

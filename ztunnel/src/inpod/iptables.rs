@@ -24,8 +24,7 @@
 //!
 //! The same rules are installed with ip6tables wherever the namespace has IPv6 on, as istio-cni
 //! does on dual-stack clusters (with the IPv6 probe source and loopback), and the policy route
-//! with `ip -6`. DNS is captured over IPv4 only: the DNS proxy listens on the pod's IPv4
-//! loopback, so IPv6 DNS is left to go out as it is.
+//! with `ip -6`; IPv6 DNS goes to the DNS proxy on the pod's IPv6 loopback.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -295,7 +294,7 @@ impl PodRules {
     fn install_family(&self, family: Family) -> Result<(), RulesError> {
         let saved = run(Command::new(self.backend.save_program(family)), None)?;
         let current = Saved::parse(&saved);
-        let script = install_script(&current, family, self.dns && family == Family::V4);
+        let script = install_script(&current, family, self.dns);
         debug!(backend = ?self.backend, ?family, %script, "iptables-restore input");
         run(self.restore(family), Some(&script))?;
 
@@ -737,6 +736,19 @@ COMMIT
             )
             .replace("--on-ip 0.0.0.0", "--on-ip ::");
         assert_eq!(install_script(&Saved::default(), Family::V6, false), want);
+        let v4_dns = install_script(&Saved::default(), Family::V4, true);
+        let v6_dns = install_script(&Saved::default(), Family::V6, true);
+        assert_eq!(
+            v6_dns,
+            v4_dns
+                .replace("127.0.0.1/32", "::1/128")
+                .replace(
+                    "169.254.7.127/32",
+                    "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128"
+                )
+                .replace("--on-ip 0.0.0.0", "--on-ip ::"),
+            "DNS capture the same for IPv6"
+        );
     }
 
     #[test]

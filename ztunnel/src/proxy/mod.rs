@@ -109,13 +109,13 @@ impl WorkloadProxy {
         };
         let dns = match ctx.dns_proxy.then_some(&ctx.resolvers) {
             Some(upstream) => {
-                let udp = (ctx.sockets.udp(workload, ports::DNS)).map_err(|source| {
+                let sockets = (ctx.sockets.dns(workload, ports::DNS)).map_err(|source| {
                     crate::Error::Bind {
                         addr: SocketAddr::new(ip, ports::DNS),
                         source,
                     }
                 })?;
-                Some((upstream.clone(), udp, bind(ports::DNS)?))
+                Some((upstream.clone(), sockets))
             }
             None => None,
         };
@@ -142,22 +142,20 @@ impl WorkloadProxy {
             socks,
             watch.clone(),
         )));
-        if let Some((upstream, udp, tcp)) = dns {
-            let served = crate::dns::Served {
-                ctx: ctx.clone(),
-                uid: uid.clone(),
-                upstream,
-            };
-            tasks.push(tokio::spawn(crate::dns::serve_udp(
-                served.clone(),
-                udp,
-                watch.clone(),
-            )));
-            tasks.push(tokio::spawn(crate::dns::serve_tcp(
-                served,
-                tcp,
-                watch.clone(),
-            )));
+        if let Some((upstream, sockets)) = dns {
+            let served = crate::dns::Served::new(ctx.clone(), uid.clone(), upstream);
+            for (udp, tcp) in sockets {
+                tasks.push(tokio::spawn(crate::dns::serve_udp(
+                    served.clone(),
+                    udp,
+                    watch.clone(),
+                )));
+                tasks.push(tokio::spawn(crate::dns::serve_tcp(
+                    served.clone(),
+                    tcp,
+                    watch.clone(),
+                )));
+            }
         }
         if let Some((outbound, plaintext)) = captured {
             tasks.push(tokio::spawn(outbound::serve_captured(
