@@ -52,10 +52,10 @@ impl BuildInfo {
     }
 
     /// Adds `component`'s series: `ztunnel`, or `proxy` for a waypoint, as Istio's proxies
-    /// name theirs.
-    pub fn component(&self, component: &'static str) {
+    /// name theirs, with its version as the `tag`.
+    pub fn component(&self, component: &'static str, tag: &'static str) {
         self.0
-            .get_or_create(&[("component", component), ("tag", env!("CARGO_PKG_VERSION"))])
+            .get_or_create(&[("component", component), ("tag", tag)])
             .set(1);
     }
 }
@@ -469,24 +469,21 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 mod tests {
     use super::*;
 
-    /// The default `[::]` endpoints answer over IPv4 too, where the kubelet and Prometheus of
-    /// an IPv4 cluster reach them.
     /// Two components sharing a registry export one family with a series each.
     #[test]
     fn build_info_is_one_family_with_a_series_per_component() {
         let build = BuildInfo::default();
         let mut registry = Registry::default();
         build.register(&mut registry);
-        build.component("ztunnel");
-        build.component("proxy");
+        build.component("ztunnel", "1.2.3");
+        build.component("proxy", "1.2.4");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        let version = env!("CARGO_PKG_VERSION");
         for series in [
-            format!("istio_build{{component=\"ztunnel\",tag=\"{version}\"}} 1\n"),
-            format!("istio_build{{component=\"proxy\",tag=\"{version}\"}} 1\n"),
+            "istio_build{component=\"ztunnel\",tag=\"1.2.3\"} 1\n",
+            "istio_build{component=\"proxy\",tag=\"1.2.4\"} 1\n",
         ] {
-            assert!(text.contains(&series), "{series} in {text}");
+            assert!(text.contains(series), "{series} in {text}");
         }
         assert_eq!(
             text.matches("# TYPE istio_build gauge").count(),
@@ -495,6 +492,8 @@ mod tests {
         );
     }
 
+    /// The default `[::]` endpoints answer over IPv4 too, where the kubelet and Prometheus of
+    /// an IPv4 cluster reach them.
     #[test]
     fn the_ipv6_wildcard_takes_ipv4_connections() {
         let listener = bind_or_ipv4("[::]:0".parse().expect("addr")).expect("bind");

@@ -96,8 +96,8 @@ impl LocalMesh {
         waypoint_metrics.register(&mut registry);
         let build = admin::BuildInfo::default();
         build.register(&mut registry);
-        build.component("ztunnel");
-        build.component("proxy");
+        build.component("ztunnel", env!("CARGO_PKG_VERSION"));
+        build.component("proxy", env!("CARGO_PKG_VERSION"));
         let live = Arc::new(LiveConnections::default());
         let certs = Arc::new(CertManager::new(ca.clone()));
         let nodes: BTreeSet<&str> = snapshot

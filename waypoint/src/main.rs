@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
     metrics.register(&mut registry);
     let build = admin::BuildInfo::default();
     build.register(&mut registry);
-    build.component("proxy");
+    build.component("proxy", env!("CARGO_PKG_VERSION"));
     let certs = Arc::new(CertManager::new(ca));
     let lifecycle = Arc::new(admin::Lifecycle::default());
     let ready = lifecycle.clone();

@@ -120,6 +120,9 @@ enum Command {
         /// Leave the pods' DNS alone (for a ztunnel run with `--no-dns`).
         #[arg(long)]
         no_dns: bool,
+        /// Capture IPv4 only, as istio-cni with `ENABLE_INBOUND_IPV6=false`: no ip6tables rules.
+        #[arg(long)]
+        no_ipv6: bool,
     },
 }
 
@@ -153,7 +156,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let deadline = drain_deadline(cli.drain_deadline, cli.termination_grace_period);
     match cli.command {
-        Command::Cni { uds, pods, no_dns } => cni(&uds, &pods, !no_dns).await?,
+        Command::Cni {
+            uds,
+            pods,
+            no_dns,
+            no_ipv6,
+        } => cni(&uds, &pods, !no_dns, !no_ipv6).await?,
         Command::Run {
             config,
             node,
@@ -179,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             metrics.register(&mut registry);
             let build = admin::BuildInfo::default();
             build.register(&mut registry);
-            build.component("ztunnel");
+            build.component("ztunnel", env!("CARGO_PKG_VERSION"));
             let certs = Arc::new(CertManager::new(ca));
             // Ready once serving and, in pods, while the node agent's pods are synced, as
             // upstream is; every reason that holds is named, as upstream names its pending
@@ -326,7 +334,7 @@ fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// The node agent's side: rules in, pods announced, replayed on every reconnect.
-async fn cni(uds: &std::path::Path, pods: &[String], dns: bool) -> anyhow::Result<()> {
+async fn cni(uds: &std::path::Path, pods: &[String], dns: bool, ipv6: bool) -> anyhow::Result<()> {
     let mut announced = Vec::new();
     for pod in pods {
         let (workload, netns) = pod
@@ -337,7 +345,7 @@ async fn cni(uds: &std::path::Path, pods: &[String], dns: bool) -> anyhow::Resul
             .context("--pod must be namespace/name=/path/to/netns")?;
         let ns = NetNs::open(netns).with_context(|| format!("opening {netns}"))?;
         PodRules::detect(&ns)
-            .map(|rules| rules.capturing_dns(dns))
+            .map(|rules| rules.capturing_dns(dns).capturing_ipv6(ipv6))
             .and_then(|rules| rules.install(&ns))
             .with_context(|| format!("installing capture rules in {netns}"))?;
         println!("capture rules installed for {workload} ({netns})");

@@ -218,19 +218,24 @@ impl SocketFactory for InPod {
             crate::proxy::ports::INBOUND | crate::proxy::ports::INBOUND_PLAINTEXT
         );
         // SOCKS5 opens connections as the pod: only the pod itself may reach it, as upstream
-        // binds it. The others take whatever capture sends them, of either family: on `[::]`,
-        // which takes IPv4 too, as upstream binds them, or on IPv4's wildcard in a pod without
-        // IPv6.
+        // binds it; the DNS proxy's are the pod's loopbacks too (see `dns`). The others take
+        // whatever capture sends them, of either family: on `[::]`, which takes IPv4 too, as
+        // upstream binds them, or on IPv4's wildcard where the kernel has no IPv6 at all.
         let listener = match port {
-            crate::proxy::ports::SOCKS5 => {
+            crate::proxy::ports::SOCKS5 | crate::proxy::ports::DNS => {
                 let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
                 crate::inpod::bind_listener(&netns, addr, transparent)?
             }
             _ => {
                 let dual = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
-                let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-                crate::inpod::bind_listener(&netns, dual, transparent)
-                    .or_else(|_| crate::inpod::bind_listener(&netns, v4, transparent))?
+                match crate::inpod::bind_listener(&netns, dual, transparent) {
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+                        tracing::debug!(workload = %workload.uid, port, "no IPv6: listening on IPv4 only");
+                        let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+                        crate::inpod::bind_listener(&netns, v4, transparent)?
+                    }
+                    bound => bound?,
+                }
             }
         };
         listener.set_nonblocking(true)?;
@@ -252,8 +257,16 @@ impl SocketFactory for InPod {
         let mut sockets = vec![pair(Ipv4Addr::LOCALHOST.into())?];
         match pair(Ipv6Addr::LOCALHOST.into()) {
             Ok(v6) => sockets.push(v6),
+            // No IPv6 in the pod (none in the kernel, or turned off: no `::1`), so none of its
+            // DNS is redirected there either.
+            Err(e)
+                if e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT)
+                    || e.kind() == io::ErrorKind::AddrNotAvailable =>
+            {
+                tracing::debug!(workload = %workload.uid, error = %e, "no IPv6 DNS proxy: the pod has no IPv6")
+            }
             Err(e) => {
-                tracing::debug!(workload = %workload.uid, error = %e, "no IPv6 DNS proxy in the pod")
+                tracing::warn!(workload = %workload.uid, error = %e, "no IPv6 DNS proxy: the pod's IPv6 DNS queries go unanswered")
             }
         }
         Ok(sockets)

@@ -811,9 +811,22 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     // held open through the VIP is the client's outbound and the echo pod's inbound.
     let held = hold(client.clone()).await;
     let app = held.local_addr().expect("addr").to_string();
-    let dump: serde_json::Value =
+    // Read once the earlier exchanges' connections have left the lists, as each hop closes.
+    let dump = || -> serde_json::Value {
         serde_json::from_str(&http_get("127.77.0.1:15000", "/config_dump").expect("admin port"))
-            .expect("JSON");
+            .expect("JSON")
+    };
+    let settled = |d: &serde_json::Value| {
+        let pods = d["workloadState"].as_object().cloned().unwrap_or_default();
+        let count = |direction: &str| -> usize {
+            (pods.values())
+                .filter_map(|p| p["connections"][direction].as_array())
+                .map(Vec::len)
+                .sum()
+        };
+        count("outbound") == 1 && count("inbound") == 1
+    };
+    let dump = poll(dump, settled).await;
     let state = &dump["workloadState"];
     let pod = |name: &str| {
         let found = state.as_object().and_then(|pods| {
@@ -879,7 +892,7 @@ async fn the_binaries_capture_pods_announced_by_the_cni_tool() {
     );
     // Draining, while the held connection finishes; and still without the agent: both said.
     assert_eq!(
-        readiness(),
+        poll(readiness, |r| r.contains("draining")).await,
         "not ready: draining, the node agent's pods are not synced\n"
     );
     let exited = poll(|| ztunnel.0.try_wait().expect("wait"), Option::is_some).await;

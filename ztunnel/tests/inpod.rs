@@ -622,4 +622,21 @@ async fn check_capture(pod: &TestNetns, veth: &Veth, backend: IptablesBackend) {
     );
     let ip6_rules = output_in(pod, "ip", &["-6", "rule", "show"]);
     assert!(!ip6_rules.contains("0x111"), "{ip6_rules}");
+
+    // IPv4 only, as istio-cni without `ENABLE_INBOUND_IPV6`: no ip6tables rules, no IPv6 route.
+    let v4_only = PodRules::new(backend).capturing_ipv6(false);
+    v4_only
+        .install(&pod.ns)
+        .unwrap_or_else(|e| panic!("{backend:?}: install IPv4 only: {e}"));
+    assert!(output_in(pod, save, &[]).contains("ISTIO_OUTPUT"));
+    let saved6 = output_in(pod, &save6, &[]);
+    assert!(
+        !saved6.contains("ISTIO"),
+        "{backend:?}: IPv6 rules:\n{saved6}"
+    );
+    let ip6_rules = output_in(pod, "ip", &["-6", "rule", "show"]);
+    assert!(!ip6_rules.contains("0x111"), "{ip6_rules}");
+    v4_only
+        .remove(&pod.ns)
+        .unwrap_or_else(|e| panic!("{backend:?}: remove IPv4 only: {e}"));
 }

@@ -8,9 +8,9 @@
 //! - outgoing TCP from the app → `REDIRECT` to 15001 (nat `OUTPUT`);
 //! - incoming TCP to 15008 → `TPROXY` to the in-pod 15008 listener, any other incoming TCP →
 //!   `TPROXY` to 15006 (mangle `PREROUTING`); TPROXY marks them 0x111 and policy routing
-//!   (`fwmark 0x111 → table 100: local 0.0.0.0/0 dev lo`) delivers them locally;
+//!   (`fwmark 0x111 → table 100: local 0.0.0.0/0 dev lo`, and `::/0`) delivers them locally;
 //! - anything marked [`ZTUNNEL_MARK`] (ztunnel's own sockets) and kubelet probes (SNATed to
-//!   169.254.7.127 on the node) pass untouched; replies to TPROXYed connections get their mark
+//!   169.254.7.127, or fd16:9254:7127:1337:ffff:ffff:ffff:ffff, on the node) pass untouched; replies to TPROXYed connections get their mark
 //!   back from the connmark so they route the same way.
 //!
 //! - DNS queries (UDP and TCP port 53, not to the pod's loopback) → `REDIRECT` to ztunnel's DNS
@@ -32,7 +32,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::socket::ZTUNNEL_MARK;
 use super::{DNS_PORT, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, NetNs, OUTBOUND_PORT};
@@ -148,16 +148,17 @@ impl IptablesBackend {
         }
     }
 
-    /// The backends whose programs are on `PATH`, IPv4 and IPv6 both, nft first.
+    /// The backends whose IPv4 programs are on `PATH`, nft first.
     pub fn installed() -> Vec<Self> {
         [Self::Nft, Self::Legacy]
             .into_iter()
-            .filter(|b| {
-                [Family::V4, Family::V6].into_iter().all(|family| {
-                    on_path(b.save_program(family)) && on_path(b.restore_program(family))
-                })
-            })
+            .filter(|b| b.has(Family::V4))
             .collect()
+    }
+
+    /// Whether this backend's programs for `family` are on `PATH`.
+    fn has(self, family: Family) -> bool {
+        on_path(self.save_program(family)) && on_path(self.restore_program(family))
     }
 
     /// Picks the backend for `netns`, in this order:
@@ -206,14 +207,15 @@ impl IptablesBackend {
 pub struct PodRules {
     backend: IptablesBackend,
     dns: bool,
+    ipv6: bool,
 }
 
 /// Why installing or removing the pod rules failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    /// Neither the nft nor the legacy iptables and ip6tables programs are on `PATH`.
+    /// Neither `iptables-nft-restore` nor `iptables-legacy-restore` is on `PATH`.
     #[error(
-        "no iptables found on PATH (need iptables-nft-save/-restore and ip6tables-nft-save/-restore, or their -legacy twins); install the iptables package"
+        "no iptables found on PATH (need iptables-nft-save/-restore or iptables-legacy-save/-restore); install the iptables package"
     )]
     NotInstalled,
     /// A command could not be started at all.
@@ -243,9 +245,22 @@ pub enum RulesError {
 // === impl PodRules ===
 
 impl PodRules {
-    /// Rules programmed with `backend`, DNS capture included.
+    /// Rules programmed with `backend`, DNS capture included, IPv6 too where the namespace has
+    /// it.
     pub fn new(backend: IptablesBackend) -> Self {
-        Self { backend, dns: true }
+        Self {
+            backend,
+            dns: true,
+            ipv6: true,
+        }
+    }
+
+    /// The same rules, for IPv6 as well where the namespace has it, or IPv4 only (istio-cni's
+    /// `ENABLE_INBOUND_IPV6`, Helm's `ambient.ipv6`). An IPv4-only cluster may turn it off; with
+    /// it on, a namespace whose kernel cannot take IPv6 rules still gets IPv4's unless the pod
+    /// has an IPv6 address of its own, which would then escape capture.
+    pub fn capturing_ipv6(self, ipv6: bool) -> Self {
+        Self { ipv6, ..self }
     }
 
     /// The same rules, redirecting the pod's DNS to ztunnel's DNS proxy or not.
@@ -265,11 +280,18 @@ impl PodRules {
 
     /// Installs (or refreshes) the capture rules and the TPROXY policy route in `netns`.
     ///
-    /// Blocking: it runs `iptables-*-save`, `iptables-*-restore` and `ip` inside the namespace.
-    /// On error the namespace may be partly programmed; [`PodRules::remove`] cleans up either way.
+    /// Blocking: it runs `iptables-*-save`, `iptables-*-restore`, their ip6tables twins and
+    /// `ip` inside the namespace. On error what was installed is removed again, so a pod is
+    /// never left half captured (its outbound redirected to a port nothing serves yet).
     pub fn install(&self, netns: &NetNs) -> Result<(), RulesError> {
         netns
-            .run_in(|| self.install_here())
+            .run_in(|| {
+                self.install_here().inspect_err(|_| {
+                    if let Err(e) = self.remove_here() {
+                        warn!(error = %e, "pod capture rules not cleaned up after a failed install");
+                    }
+                })
+            })
             .map_err(RulesError::Netns)??;
         info!(netns = netns.inode(), backend = ?self.backend, "pod capture rules installed");
         Ok(())
@@ -285,10 +307,24 @@ impl PodRules {
     }
 
     fn install_here(&self) -> Result<(), RulesError> {
-        for family in families_here() {
-            self.install_family(family)?;
+        self.install_family(Family::V4)?;
+        if !self.ipv6 || !ipv6_here() {
+            return Ok(());
         }
-        Ok(())
+        let installed = if self.backend.has(Family::V6) {
+            self.install_family(Family::V6)
+        } else {
+            Err(RulesError::NotInstalled)
+        };
+        match installed {
+            Err(e) if !global_ipv6_here() => {
+                // Nothing of the pod's own would escape: its IPv4 capture is whole.
+                warn!(error = %e, "IPv6 capture rules not installed; the pod has no IPv6 address");
+                let _ = self.remove_family(Family::V6);
+                Ok(())
+            }
+            installed => installed,
+        }
     }
 
     fn install_family(&self, family: Family) -> Result<(), RulesError> {
@@ -313,8 +349,9 @@ impl PodRules {
     }
 
     fn remove_here(&self) -> Result<(), RulesError> {
-        for family in families_here() {
-            self.remove_family(family)?;
+        self.remove_family(Family::V4)?;
+        if ipv6_here() && self.backend.has(Family::V6) {
+            self.remove_family(Family::V6)?;
         }
         Ok(())
     }
@@ -356,16 +393,22 @@ impl PodRules {
     }
 }
 
-/// The families of the calling thread's namespace: IPv4, and IPv6 unless it is turned off there
-/// (`net.ipv6.conf.all.disable_ipv6`, or no IPv6 at all), as istio-cni programs both.
-fn families_here() -> Vec<Family> {
-    let v6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
-        .is_ok_and(|off| off.trim() == "0");
-    let mut families = vec![Family::V4];
-    if v6 {
-        families.push(Family::V6);
-    }
-    families
+/// Whether the calling thread's namespace has IPv6 on (not turned off with
+/// `net.ipv6.conf.all.disable_ipv6`, nor absent from the kernel).
+fn ipv6_here() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|off| off.trim() == "0")
+}
+
+/// Whether an interface of the calling thread's namespace has a global IPv6 address (scope 0 in
+/// `if_inet6`, read through `thread-self`: `/proc/net` is the process's namespace, not the
+/// thread's).
+fn global_ipv6_here() -> bool {
+    std::fs::read_to_string("/proc/thread-self/net/if_inet6").is_ok_and(|table| {
+        table
+            .lines()
+            .any(|l| l.split_whitespace().nth(3) == Some("00"))
+    })
 }
 
 /// `ip rule` selector and action for TPROXYed packets.

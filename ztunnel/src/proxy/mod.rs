@@ -58,7 +58,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// How sockets are made.
     pub sockets: Arc<dyn SocketFactory>,
-    /// Inbound connections to re-check on configuration changes.
+    /// The connections open now: inbound ones re-checked on configuration changes, every one
+    /// listed for `/config_dump`.
     pub live: Arc<LiveConnections>,
     /// HTTP/2 and TLS settings.
     pub hbone: hbone::Config,

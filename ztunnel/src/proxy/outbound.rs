@@ -37,7 +37,8 @@ pub(super) async fn serve_socks5(
                 }
             };
             let dst = match &target {
-                Target::Addr(a) => Destination::Addr(*a),
+                // `::ffff:<VIP>` is the VIP: routed as it, never dialled around the mesh.
+                Target::Addr(a) => Destination::Addr(hbone::canonical(*a)),
                 Target::Host(h, p) => Destination::Host(h, *p),
             };
             proxy(&ctx, &local, stream, peer, dst, true).await;
@@ -120,7 +121,9 @@ async fn proxy(
     };
     let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Outbound, ends);
     let source_identity = source.identity.clone();
-    let source_ip = source.ips.first().copied();
+    // The caller's address of the family it connected with, for `forwarded; for=` (its peer
+    // may be the pod's loopback, for SOCKS5).
+    let source_ip = source.ip_like(peer.ip());
 
     match decision {
         Route::Refuse(why) => refuse(&mut guard, &mut client, socks, "NR", why).await,
