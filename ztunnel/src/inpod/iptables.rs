@@ -10,8 +10,9 @@
 //!   `TPROXY` to 15006 (mangle `PREROUTING`); TPROXY marks them 0x111 and policy routing
 //!   (`fwmark 0x111 → table 100: local 0.0.0.0/0 dev lo`, and `::/0`) delivers them locally;
 //! - anything marked [`ZTUNNEL_MARK`] (ztunnel's own sockets) and kubelet probes (SNATed to
-//!   169.254.7.127, or fd16:9254:7127:1337:ffff:ffff:ffff:ffff, on the node) pass untouched; replies to TPROXYed connections get their mark
-//!   back from the connmark so they route the same way.
+//!   169.254.7.127, or fd16:9254:7127:1337:ffff:ffff:ffff:ffff, on the node) pass untouched;
+//!   replies to TPROXYed connections get their mark back from the connmark so they route the
+//!   same way.
 //!
 //! - DNS queries (UDP and TCP port 53, not to the pod's loopback) → `REDIRECT` to ztunnel's DNS
 //!   proxy on 15053 (nat `OUTPUT`), unless DNS capture is off ([`PodRules::capturing_dns`]), as
@@ -218,6 +219,11 @@ pub enum RulesError {
         "no iptables found on PATH (need iptables-nft-save/-restore or iptables-legacy-save/-restore); install the iptables package"
     )]
     NotInstalled,
+    /// The backend's ip6tables programs are not on `PATH`, for a namespace with IPv6.
+    #[error(
+        "no ip6tables found on PATH for the pod's IPv6 (need {0}); install the iptables package"
+    )]
+    NoIpv6Programs(&'static str),
     /// A command could not be started at all.
     #[error("could not run `{command}`: {source}")]
     Spawn {
@@ -314,7 +320,8 @@ impl PodRules {
         let installed = if self.backend.has(Family::V6) {
             self.install_family(Family::V6)
         } else {
-            Err(RulesError::NotInstalled)
+            let programs = self.backend.restore_program(Family::V6);
+            Err(RulesError::NoIpv6Programs(programs))
         };
         match installed {
             Err(e) if !global_ipv6_here() => {
