@@ -44,7 +44,8 @@ pub(crate) struct Tunnel {
 
 impl Tunnel {
     /// The facts of the tunnel `request` opens for `destination`. The client is the one
-    /// `forwarded: for=` names (set by its ztunnel), else the tunnel's peer.
+    /// `forwarded: for=` names (set by its ztunnel; an IPv4-mapped address read as the IPv4
+    /// one, which policies and workloads are written with), else the tunnel's peer.
     pub(crate) fn new(
         request: &hbone::InboundRequest,
         principal: Arc<str>,
@@ -58,7 +59,7 @@ impl Tunnel {
                 .forwarded
                 .as_ref()
                 .and_then(|f| f.client)
-                .map_or(request.peer_addr().ip(), |c| c.ip()),
+                .map_or(request.peer_addr().ip(), |c| c.ip().to_canonical()),
             peer: request.peer_addr(),
             destination,
             id: next_id(),
