@@ -87,11 +87,12 @@ async fn proxy(
     let original_dst = dst.to_string();
     let decision = route(&snapshot, source, dst, &mut rand::rng());
     // Listed for `/config_dump` once ztunnel knows where it sends the connection.
-    let list = |actual_dst, hbone| {
+    // Called once, on the one path the connection takes: the destination's text moves in.
+    let list = move |actual_dst, hbone| {
         ctx.live.list(Outbound {
             workload: local.uid.clone(),
             src: peer,
-            original_dst: original_dst.clone(),
+            original_dst,
             actual_dst,
             hbone,
         })
