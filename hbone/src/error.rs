@@ -7,6 +7,9 @@ use http::StatusCode;
 
 use crate::cert::CertError;
 
+/// What [`Error::Timeout`] names for a TLS handshake that did not finish in time.
+pub(crate) const HANDSHAKE: &str = "HBONE TLS handshake";
+
 /// Why an HBONE connection or stream failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -57,5 +60,17 @@ impl Error {
     /// Whether the failure was a timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout(_))
+    }
+
+    /// Whether the mTLS handshake failed: the peer's certificate was refused (or ours), or
+    /// the handshake did not finish in time.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Error::Tls { .. } | Error::Timeout(HANDSHAKE))
+    }
+
+    /// Whether the peer presented a valid certificate for an identity other than the expected
+    /// ones: the destination is not who the mesh says serves that address.
+    pub fn is_identity_mismatch(&self) -> bool {
+        matches!(self, Error::Tls { source, .. } if crate::tls::is_identity_mismatch(source))
     }
 }

@@ -251,7 +251,7 @@ impl Inner {
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(timeout, connector.connect(tls::server_name(addr), tcp))
             .await
-            .map_err(|_| Error::Timeout("HBONE TLS handshake"))
+            .map_err(|_| Error::Timeout(crate::error::HANDSHAKE))
             .and_then(|r| r.map_err(|source| Error::Tls { addr, source }))
             .inspect_err(|_| self.stats.handshake_failed())?;
         let (send, conn) = self.config.client_builder().handshake(tls).await?;

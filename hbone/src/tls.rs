@@ -147,6 +147,18 @@ enum IdentityMismatch {
     },
 }
 
+/// Whether `err` is a handshake that failed because the peer's certificate, valid as it was,
+/// named an identity other than the expected ones.
+pub(crate) fn is_identity_mismatch(err: &std::io::Error) -> bool {
+    let Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return false;
+    };
+    inner.is::<IdentityMismatch>()
+}
+
 fn refuse(err: IdentityMismatch) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
 }

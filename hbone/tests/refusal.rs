@@ -165,6 +165,12 @@ async fn client_refuses_bad_server_certificates() {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Tls { .. }), "{what}: {err}");
+        assert!(err.is_tls(), "{what}: {err}");
+        assert_eq!(
+            err.is_identity_mismatch(),
+            what == "wrong identity",
+            "{what}: {err}"
+        );
         assert!(err.to_string().contains(message), "{what}: {err}");
         assert_eq!(pool.stats().connections.get(), 0);
     }

@@ -794,6 +794,19 @@ metadata: {name: at-the-waypoint, namespace: bookinfo}
 spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partner, namespace: bookinfo}
+spec:
+  hosts: [partner.example.com]
+  addresses: [192.0.2.44]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peers, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.77, publishNotReadyAddresses: true, selector: {app: reviews}, ports: [{port: 80}]}
 "#
     ));
     let dump = s.dump();
@@ -834,6 +847,20 @@ spec:
         json!({"destination": "/10.96.0.2", "hboneMtlsPort": 15008})
     );
     assert_eq!(reviews["hostname"], "reviews.bookinfo.svc.cluster.local");
+    assert_eq!(
+        reviews.get("loadBalancer"),
+        None,
+        "the defaults are left out"
+    );
+    // What istiod sends for a ServiceEntry resolved NONE, and for not-ready addresses.
+    assert_eq!(
+        find("services", "partner")["loadBalancer"],
+        json!({"mode": "Passthrough", "routingPreferences": [], "healthPolicy": "AllowAll"})
+    );
+    assert_eq!(
+        find("services", "peers")["loadBalancer"],
+        json!({"mode": "Standard", "routingPreferences": [], "healthPolicy": "AllowAll"})
+    );
     assert_eq!(reviews["ipFamilies"], "IPv4");
     // A named target port is resolved per endpoint: 0 service-wide, as upstream shows it; the
     // port's name and protocol are ours to show.

@@ -484,6 +484,8 @@ async fn captured_pods_talk_through_hbone() {
         "reporter=\"destination\"",
         "connection_security_policy=\"unknown\"",
         "destination_workload=\"echo-a\"",
+        // Guessed from the port, as for the pod-IP connection over HBONE.
+        "destination_service=\"echo.app.svc.cluster.local\"",
     ];
     let counted = poll(
         || {
@@ -924,6 +926,12 @@ async fn ipv6_is_captured_as_ipv4_is() {
     let echo = fabric.pod(3);
     let outsider = Arc::new(fabric.pod(9));
     let peers = echo_server(&echo, "echo");
+    // The server pod's application holds port 15080 itself: the pod is served all the same,
+    // without a SOCKS5 port.
+    let _own_15080 = echo
+        .run_in(|| std::net::TcpListener::bind("127.0.0.1:15080"))
+        .expect("enter netns")
+        .expect("bind 15080");
 
     let dir = std::env::temp_dir().join(format!("ztunnel-ipv6-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");

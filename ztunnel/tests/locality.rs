@@ -110,19 +110,6 @@ async fn answers() -> Vec<Result<String, u8>> {
     seen
 }
 
-/// Rewrites the mesh and waits until the ztunnels use it.
-async fn reconfigure(nodes: &Nodes, yaml: &str) {
-    let before = nodes.store.load().version();
-    nodes.dir.write("mesh.yaml", yaml);
-    for _ in 0..400 {
-        if nodes.store.load().version() > before {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the new mesh was never loaded");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_endpoints_first_then_failover_and_strict_local() {
     let nodes = Nodes::new(&mesh("trafficDistribution: PreferClose", true));
@@ -138,21 +125,27 @@ async fn near_endpoints_first_then_failover_and_strict_local() {
         "every call stays in the client's zone"
     );
 
-    reconfigure(&nodes, &mesh("trafficDistribution: PreferClose", false)).await;
+    nodes
+        .reconfigure(&mesh("trafficDistribution: PreferClose", false))
+        .await;
     assert_eq!(
         answers().await,
         [Ok("cart-c".to_owned())],
         "with no ready endpoint in its zone, the client fails over to the other"
     );
 
-    reconfigure(&nodes, &mesh("trafficDistribution: Bogus", true)).await;
+    nodes
+        .reconfigure(&mesh("trafficDistribution: Bogus", true))
+        .await;
     assert_eq!(
         answers().await,
         [Ok("cart-b".to_owned()), Ok("cart-c".to_owned())],
         "an unknown distribution spreads over every endpoint"
     );
 
-    reconfigure(&nodes, &mesh("internalTrafficPolicy: Local", true)).await;
+    nodes
+        .reconfigure(&mesh("internalTrafficPolicy: Local", true))
+        .await;
     let refused = answers().await;
     assert!(
         matches!(refused[..], [Err(code)] if code != 0),

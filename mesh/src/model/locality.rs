@@ -7,7 +7,9 @@
 //! Istio's `networking.istio.io/traffic-distribution` annotation, for clusters older than the
 //! field) and keeps traffic on the caller's node with `internalTrafficPolicy: Local`. Istio hands
 //! ztunnel both as one [`LoadBalancing`]: an ordered list of scopes to match the caller on, and
-//! whether a partial match falls back (`Failover`) or is refused (`Strict`).
+//! whether a partial match falls back (`Failover`) or is refused (`Strict`). The same value says
+//! whether not-ready endpoints take traffic (`publishNotReadyAddresses`) and whether the service
+//! picks no endpoint at all (`Passthrough`: a ServiceEntry with `resolution: NONE`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -62,14 +64,17 @@ impl Locality {
     }
 }
 
-/// How a service picks among its endpoints by their distance from the caller.
+/// How a service picks among its endpoints: by their distance from the caller, among the
+/// healthy ones or all, or not at all.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancing {
     /// Scopes in order; an endpoint's rank is how many leading ones it shares with the caller.
     pub routing_preference: Box<[Scope]>,
-    /// What a partial match means.
+    /// What a partial match means, or that no endpoint is picked.
     pub mode: Mode,
+    /// Which endpoints may be picked.
+    pub health_policy: HealthPolicy,
 }
 
 /// Something a caller and an endpoint can share.
@@ -85,10 +90,23 @@ pub enum Scope {
 /// What happens to endpoints that do not share every scope with the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Mode {
+    /// Any endpoint, near or far (no routing preference).
+    Standard,
     /// Only the best-ranked endpoints are used, however far they are.
     Failover,
     /// Only endpoints sharing every scope are used; with none, the connection is refused.
     Strict,
+    /// No endpoint is picked: the connection goes to the address the caller dialled.
+    Passthrough,
+}
+
+/// Which of a service's endpoints may take traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum HealthPolicy {
+    /// The ready ones.
+    OnlyHealthy,
+    /// Every one that has not ended (`publishNotReadyAddresses`).
+    AllowAll,
 }
 
 /// A service's traffic distribution, as Istio reads it, or `None` for any endpoint.
@@ -124,8 +142,13 @@ impl Distribution {
 
 impl LoadBalancing {
     /// What istiod sends for a service: `internalTrafficPolicy: Local` keeps traffic on the
-    /// caller's node (and wins); a traffic distribution prefers the nearest endpoints.
-    pub(crate) fn for_service(local: bool, distribution: Option<Distribution>) -> Option<Self> {
+    /// caller's node (and wins); a traffic distribution prefers the nearest endpoints;
+    /// `publishNotReadyAddresses` lets every endpoint take traffic. `None`: the defaults.
+    pub(crate) fn for_service(
+        local: bool,
+        distribution: Option<Distribution>,
+        publish_not_ready: bool,
+    ) -> Option<Self> {
         use Scope::*;
         let (routing_preference, mode): (&[Scope], _) = match (local, distribution) {
             (true, _) => (&[Node], Mode::Strict),
@@ -133,19 +156,45 @@ impl LoadBalancing {
             (false, Some(Distribution::SameNode)) => {
                 (&[Network, Region, Zone, Subzone, Node], Mode::Failover)
             }
+            (false, None) if publish_not_ready => (&[], Mode::Standard),
             (false, None) => return None,
         };
         Some(Self {
             routing_preference: routing_preference.into(),
             mode,
+            health_policy: if publish_not_ready {
+                HealthPolicy::AllowAll
+            } else {
+                HealthPolicy::OnlyHealthy
+            },
         })
+    }
+
+    /// What istiod sends for a ServiceEntry with `resolution: NONE`: connections go where the
+    /// caller sent them (every endpoint allowed, which says no endpoint is judged).
+    pub(crate) fn passthrough() -> Self {
+        Self {
+            routing_preference: Box::default(),
+            mode: Mode::Passthrough,
+            health_policy: HealthPolicy::AllowAll,
+        }
+    }
+
+    /// Whether the service picks no endpoint.
+    pub fn is_passthrough(&self) -> bool {
+        self.mode == Mode::Passthrough
+    }
+
+    /// Whether the caller's locality matters at all.
+    pub fn prefers_near(&self) -> bool {
+        !self.routing_preference.is_empty()
     }
 
     /// How near `endpoint` is to `source`: the number of leading scopes they share; `None` when
     /// the mode is strict and they do not share them all.
     pub fn rank(&self, source: &Workload, endpoint: &Workload) -> Option<usize> {
         let rank = Scope::shared(&self.routing_preference, source, endpoint);
-        (self.mode == Mode::Failover || rank == self.routing_preference.len()).then_some(rank)
+        (self.mode != Mode::Strict || rank == self.routing_preference.len()).then_some(rank)
     }
 }
 
@@ -220,8 +269,15 @@ mod tests {
     #[test]
     fn load_balancing_as_istiod_sends_it() {
         use Scope::*;
-        let lb = |local, d| LoadBalancing::for_service(local, d);
+        let lb = |local, d| LoadBalancing::for_service(local, d, false);
         assert_eq!(lb(false, None), None);
+        let not_ready = LoadBalancing::for_service(false, None, true).expect("lb");
+        assert_eq!(
+            (&*not_ready.routing_preference, not_ready.mode),
+            (&[][..], Mode::Standard)
+        );
+        assert_eq!(not_ready.health_policy, HealthPolicy::AllowAll);
+        assert!(!not_ready.prefers_near());
         let zone = lb(false, Some(Distribution::SameZone)).expect("lb");
         assert_eq!(
             (&*zone.routing_preference, zone.mode),
@@ -238,7 +294,14 @@ mod tests {
                 (&*local.routing_preference, local.mode),
                 (&[Node][..], Mode::Strict)
             );
+            assert_eq!(local.health_policy, HealthPolicy::OnlyHealthy);
         }
+        let local = LoadBalancing::for_service(true, None, true).expect("lb");
+        assert_eq!(
+            (local.mode, local.health_policy),
+            (Mode::Strict, HealthPolicy::AllowAll)
+        );
+        assert!(LoadBalancing::passthrough().is_passthrough());
     }
 
     #[test]

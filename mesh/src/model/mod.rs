@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 pub use labels::Labels;
-pub use locality::{LoadBalancing, Locality};
+pub use locality::{HealthPolicy, LoadBalancing, Locality};
 pub use plugin::{EnvEntry, FailStrategy, Plugin, PluginPhase, Ports, PullPolicy};
 pub use service::{
     AppProtocol, Endpoint, Service, ServiceKind, ServicePort, Subset, SubsetEndpoints, Target,

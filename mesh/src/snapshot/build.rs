@@ -394,7 +394,7 @@ impl<'o> Builder<'o> {
                 Some(Ok(Some(d))) => Some(d),
                 Some(Err(_)) => None,
             };
-            let load_balancing = LoadBalancing::for_service(false, distribution);
+            let load_balancing = LoadBalancing::for_service(false, distribution, false);
             let namespace = self.interner.get(gw.metadata.namespace());
             let name = self.interner.get(&gw.metadata.name);
             let id = WaypointId(self.waypoints.len() as u32);
@@ -918,15 +918,22 @@ impl<'o> Builder<'o> {
         }
         let services: Vec<Service> = services.into_iter().map(|(s, _)| s).collect();
         let mut memberships: Vec<Vec<ServiceId>> = vec![Vec::new(); self.workloads.len()];
+        let mut shared_vips: HashMap<IpAddr, Vec<ServiceId>> = HashMap::new();
         for (i, s) in services.iter().enumerate() {
             let id = ServiceId(i as u32);
             for &vip in &s.vips {
-                if let Some(&other) = self.index.service_by_vip.get(&vip) {
-                    let other: &Service = &services[other.index()];
+                if let Some(&first) = self.index.service_by_vip.get(&vip) {
                     self.warnings.push(format!(
-                        "{} has VIP {vip}, already used by {}; lookups by VIP find the latter",
-                        s.hostname, other.hostname
+                        "{} has VIP {vip}, already used by {}; callers in namespace {} find the \
+                         former by VIP, callers elsewhere the latter",
+                        s.hostname,
+                        services[first.index()].hostname,
+                        s.namespace
                     ));
+                    shared_vips
+                        .entry(vip)
+                        .or_insert_with(|| vec![first])
+                        .push(id);
                 } else {
                     self.index.service_by_vip.insert(vip, id);
                 }
@@ -956,6 +963,9 @@ impl<'o> Builder<'o> {
         for (w, m) in self.workloads.iter_mut().zip(memberships) {
             w.services = m.into_boxed_slice();
         }
+        self.index.shared_vips = (shared_vips.into_iter())
+            .map(|(vip, ids)| (vip, ids.into_boxed_slice()))
+            .collect();
         self.services = services;
     }
 
@@ -1047,7 +1057,7 @@ impl<'o> Builder<'o> {
             endpoints: endpoints.into_boxed_slice(),
             subsets: Box::default(),
             waypoint: None,
-            load_balancing: LoadBalancing::for_service(local, distribution),
+            load_balancing: LoadBalancing::for_service(local, distribution, publish_not_ready),
             subject_alt_names: Box::default(),
             policies: Box::default(),
             plugins: Box::default(),
@@ -1183,8 +1193,13 @@ impl<'o> Builder<'o> {
             meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             &mut self.interner,
         );
-        let load_balancing =
-            LoadBalancing::for_service(false, self.distribution("ServiceEntry", meta, None));
+        // With `resolution: NONE` (the default) istiod has ztunnel pick no endpoint, so no
+        // traffic distribution applies either.
+        let load_balancing = if passes_through(&se.spec) {
+            Some(LoadBalancing::passthrough())
+        } else {
+            LoadBalancing::for_service(false, self.distribution("ServiceEntry", meta, None), false)
+        };
         let sans: Box<[Arc<str>]> = se
             .spec
             .subject_alt_names
@@ -1530,6 +1545,12 @@ pub(super) fn by_name<S, T>(
 /// (`resolution: DNS`, or `DNS_ROUND_ROBIN`, which differ only in Envoy's connection pooling).
 fn resolved_by_dns(se: &ServiceEntrySpec) -> bool {
     matches!(se.resolution.as_deref(), Some("DNS" | "DNS_ROUND_ROBIN"))
+}
+
+/// Whether connections to `se`'s addresses go where they were sent, not to an endpoint
+/// (`resolution: NONE`, the default).
+fn passes_through(se: &ServiceEntrySpec) -> bool {
+    matches!(se.resolution.as_deref(), None | Some("NONE"))
 }
 
 /// What one of a ServiceEntry's `spec.addresses` gives its services.

@@ -240,6 +240,7 @@ impl Snapshot {
             out["loadBalancer"] = json!({
                 "mode": lb.mode,
                 "routingPreferences": lb.routing_preference,
+                "healthPolicy": lb.health_policy,
             });
         }
         out

@@ -125,6 +125,8 @@ pub(crate) struct Index {
     pub(crate) workload_by_uid: HashMap<Arc<str>, WorkloadId>,
     pub(crate) workloads_by_node: HashMap<Arc<str>, Box<[WorkloadId]>>,
     pub(crate) service_by_vip: HashMap<IpAddr, ServiceId>,
+    /// VIPs more than one service declares, with every one of them (the first as above).
+    pub(crate) shared_vips: HashMap<IpAddr, Box<[ServiceId]>>,
     pub(crate) service_by_host: HashMap<Arc<str>, ServiceId>,
     pub(crate) service_by_name: HashMap<Arc<str>, HashMap<Arc<str>, ServiceId>>,
     pub(crate) waypoint_by_name: HashMap<Arc<str>, HashMap<Arc<str>, WaypointId>>,
@@ -215,6 +217,24 @@ impl Snapshot {
             .service_by_vip
             .get(&ip)
             .map(|&id| (id, self.service(id)))
+    }
+
+    /// The service whose VIP is `ip`, as a caller in `namespace` sees it: where services of
+    /// several namespaces declare the VIP, the caller's own namespace's, as upstream ztunnel
+    /// prefers it; else the first.
+    pub fn service_by_vip_from(
+        &self,
+        ip: IpAddr,
+        namespace: &str,
+    ) -> Option<(ServiceId, &Service)> {
+        if let Some(shared) = self.index.shared_vips.get(&ip)
+            && let Some(&id) = shared
+                .iter()
+                .find(|&&id| &*self.service(id).namespace == namespace)
+        {
+            return Some((id, self.service(id)));
+        }
+        self.service_by_vip(ip)
     }
 
     /// The service whose VIP is `ip` and which has port `port`, with that port's index (for

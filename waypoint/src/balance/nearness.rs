@@ -35,7 +35,8 @@ impl Nearness {
         me: &Workload,
     ) -> Option<Self> {
         let workload = |e: &Endpoint| snapshot.workload(e.workload);
-        let preference = match (&service.load_balancing, rule) {
+        let near = (service.load_balancing.as_ref()).filter(|lb| lb.prefers_near());
+        let preference = match (near, rule) {
             // Keeping traffic on the node is a filter istiod applies whatever the rule says
             // (with `distribute`, istiod then weighs the node's endpoints; here they are alike).
             (Some(lb), _) if lb.mode == Mode::Strict => Preference::Service(lb),

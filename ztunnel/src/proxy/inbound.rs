@@ -76,17 +76,7 @@ impl Handler for Inbound {
             _ if app_tunnel.is_some() => target
                 .and_then(|t| snapshot.service_by_vip_port(t.ip(), t.port()))
                 .map(|(_, service, _)| service),
-            _ => target.and_then(|t| {
-                workload
-                    .services
-                    .iter()
-                    .map(|&s| snapshot.service(s))
-                    .find(|s| {
-                        s.ports
-                            .iter()
-                            .any(|p| endpoint_port(p, workload) == Some(t.port()))
-                    })
-            }),
+            _ => target.and_then(|t| service_on_port(&snapshot, workload, t.port())),
         };
         let cluster = &snapshot.options().cluster_id;
         let baggage = request.headers().baggage.as_ref();
@@ -303,6 +293,18 @@ fn vip_target<'s>(
         .or(service.vips.first())
         .ok_or_else(|| format!("{host} has no VIP"))?;
     Ok((service, SocketAddr::new(*vip, port)))
+}
+
+/// The first of `workload`'s services with a port that lands on `port` of it: the service
+/// telemetry names when the caller's own choice is unknown, as upstream guesses it.
+pub(super) fn service_on_port<'s>(
+    snapshot: &'s mesh::Snapshot,
+    workload: &Workload,
+    port: u16,
+) -> Option<&'s mesh::model::Service> {
+    (workload.services.iter())
+        .map(|&s| snapshot.service(s))
+        .find(|s| (s.ports.iter()).any(|p| endpoint_port(p, workload) == Some(port)))
 }
 
 fn endpoint_port(port: &mesh::model::ServicePort, workload: &Workload) -> Option<u16> {

@@ -1,9 +1,9 @@
 //! The proxy: listeners for each local workload and what happens to each connection.
 //!
 //! Every local workload gets its own set of listeners on its own address (inbound HBONE 15008,
-//! SOCKS5 15080, the DNS proxy on 15053, and with capture the transparent 15001 and 15006), its
-//! own certificate and its
-//! own HBONE pool. How those sockets are made is the [`SocketFactory`]'s business; nothing here
+//! SOCKS5 15080 unless a captured pod's application holds that port, the DNS proxy on 15053,
+//! and with capture the transparent 15001 and 15006), its own certificate and its own HBONE
+//! pool. How those sockets are made is the [`SocketFactory`]'s business; nothing here
 //! knows whether it runs on loopback or inside a pod's network namespace.
 
 mod admission;
@@ -102,7 +102,16 @@ impl WorkloadProxy {
                 })
         };
         let inbound = bind(ports::INBOUND)?;
-        let socks = bind(ports::SOCKS5)?;
+        // Captured, a pod needs no SOCKS5 port (upstream opens one only when asked to); an
+        // application of its own on 15080 keeps the port, and the pod is served without it.
+        let socks = match bind(ports::SOCKS5) {
+            Ok(listener) => Some(listener),
+            Err(e) if ctx.sockets.captures() => {
+                tracing::warn!(workload = %uid, error = %e, "SOCKS5 not served for this pod");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let captured = if ctx.sockets.captures() {
             Some((bind(ports::OUTBOUND)?, bind(ports::INBOUND_PLAINTEXT)?))
         } else {
@@ -137,12 +146,14 @@ impl WorkloadProxy {
             ctx.hbone.clone(),
         )?;
         tasks.push(tokio::spawn(server.serve(inbound, watch.clone())));
-        tasks.push(tokio::spawn(outbound::serve_socks5(
-            ctx.clone(),
-            local.clone(),
-            socks,
-            watch.clone(),
-        )));
+        if let Some(socks) = socks {
+            tasks.push(tokio::spawn(outbound::serve_socks5(
+                ctx.clone(),
+                local.clone(),
+                socks,
+                watch.clone(),
+            )));
+        }
         if let Some((upstream, sockets)) = dns {
             let served = crate::dns::Served::new(ctx.clone(), uid.clone(), upstream);
             for (udp, tcp) in sockets {

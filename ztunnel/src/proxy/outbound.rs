@@ -181,7 +181,7 @@ async fn proxy(
                         };
                         let _ = socks5::reply(&mut client, code, None).await;
                     }
-                    guard.failed(if denied { "DENY" } else { "CONNECT" }, e);
+                    guard.failed(tunnel_flag(&e), e);
                 }
             }
         }
@@ -199,6 +199,21 @@ async fn proxy(
                 Err(why) => refuse(&mut guard, &mut client, socks, "DF", why).await,
             }
         }
+    }
+}
+
+/// Istio's response flag for a tunnel that could not be opened: refused by the destination's
+/// policy, a destination that is not who the mesh says it is, another mTLS failure, or no
+/// connection at all.
+fn tunnel_flag(e: &hbone::Error) -> &'static str {
+    if e.status() == Some(http::StatusCode::UNAUTHORIZED) {
+        "DENY"
+    } else if e.is_identity_mismatch() {
+        "IDENTITY_ERROR"
+    } else if e.is_tls() {
+        "TLS_FAILURE"
+    } else {
+        "CONNECT"
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::admission;
 use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
-use super::{Ctx, accept_loop, ports};
+use super::{Ctx, accept_loop, inbound, ports};
 use crate::metrics::{Reporter, TcpLabels};
 
 pub(super) async fn serve(ctx: Arc<Ctx>, uid: Arc<str>, listener: TcpListener, drain: DrainWatch) {
@@ -40,10 +40,13 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
     };
     let source = snapshot.workload_by_ip(&workload.network, peer.ip());
     let cluster = &snapshot.options().cluster_id;
+    // The caller dialled this pod's address (capture gives no VIP), so the service is guessed
+    // from the port, as upstream guesses it.
+    let service = inbound::service_on_port(&snapshot, workload, target.port());
     let labels = TcpLabels::new(
         Reporter::destination,
         Peer::new(source, cluster),
-        None,
+        service,
         Peer::new(Some(workload), cluster),
         false,
     );
@@ -51,6 +54,7 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
         src_addr: Some(peer),
         src_workload: source.map(|w| LoggedWorkload::new(w, cluster)),
         dst_addr: Some(target),
+        dst_service: service.map(|s| s.hostname.to_string()),
         dst_workload: Some(LoggedWorkload::new(workload, cluster)),
         trace: Some(TraceParent::random()),
         ..Ends::default()

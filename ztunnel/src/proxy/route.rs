@@ -4,18 +4,21 @@
 //! Keeping it pure (no I/O, randomness injected) means every rule below is a table test, and the
 //! proxy code that acts on the decision has no policy in it. The rules follow Istio's ztunnel:
 //!
-//! 1. A connection to one of ztunnel's own ports on the source's own address is refused (it
-//!    would loop).
+//! 1. A connection to one of ztunnel's own ports on the source's own address, or on loopback,
+//!    is refused (it would loop).
 //! 2. A service (by VIP, or by hostname through SOCKS5) with a waypoint goes to the waypoint,
 //!    carrying the original `VIP:port`, unless the caller is that waypoint. An instance in the
-//!    caller's zone is preferred, as the Service Istio generates for a waypoint asks.
-//! 3. Otherwise a service picks a ready endpoint, weighted by capacity, and the port the
+//!    caller's zone is preferred, as the Service Istio generates for a waypoint asks. Where
+//!    services of several namespaces share a VIP, the caller's namespace's is the one dialled.
+//! 3. A service that picks no endpoint (a ServiceEntry with `resolution: NONE`) is passed
+//!    through to the address dialled, as plain TCP.
+//! 4. Otherwise a service picks a ready endpoint, weighted by capacity, and the port the
 //!    endpoint serves the service port on; a service that prefers near endpoints
 //!    (`trafficDistribution`, `internalTrafficPolicy: Local`) picks among the nearest only.
-//! 4. A workload address with a workload waypoint goes to the waypoint, unless the caller is it.
-//! 5. A captured workload is reached with HBONE on its port 15008, `:authority` = `ip:port`;
+//! 5. A workload address with a workload waypoint goes to the waypoint, unless the caller is it.
+//! 6. A captured workload is reached with HBONE on its port 15008, `:authority` = `ip:port`;
 //!    an uncaptured one with plain TCP; an address the mesh does not know is passed through.
-//! 6. An endpoint that is a DNS name (a `resolution: DNS` ServiceEntry's) is reached with plain
+//! 7. An endpoint that is a DNS name (a `resolution: DNS` ServiceEntry's) is reached with plain
 //!    TCP at what the name resolves to, which the proxy looks up when it acts on the decision.
 
 use std::net::{IpAddr, SocketAddr};
@@ -131,8 +134,9 @@ pub enum Refusal {
         /// Why.
         reason: String,
     },
-    /// A hostname-only service (no VIP) behind a waypoint has no address to carry.
-    #[error("service {0} has no VIP to send to its waypoint")]
+    /// A hostname-only service (no VIP), behind a waypoint or passed through, has no address
+    /// to carry or to dial.
+    #[error("service {0} has no VIP to send to")]
     NoVip(String),
 }
 
@@ -145,12 +149,16 @@ pub fn route(
 ) -> Route {
     let (service, port) = match dst {
         Destination::Addr(addr) => {
-            if super::ports::ALL.contains(&addr.port())
-                && (source.has_ip(addr.ip()) || addr.ip().is_unspecified())
-            {
+            // Loopback is the caller's own host, unless the address is a workload's (in the
+            // local mesh every workload has a loopback address of its own).
+            let ip = addr.ip();
+            let own = source.has_ip(ip)
+                || ip.is_unspecified()
+                || (ip.is_loopback() && snapshot.workload_by_ip(&source.network, ip).is_none());
+            if super::ports::ALL.contains(&addr.port()) && own {
                 return Route::Refuse(Refusal::SelfCall(addr.port()));
             }
-            match snapshot.service_by_vip(addr.ip()) {
+            match snapshot.service_by_vip_from(addr.ip(), &source.namespace) {
                 Some((id, service)) => ((id, service, Some(addr.ip())), addr.port()),
                 None => return to_address(snapshot, source, addr, rng),
             }
@@ -186,6 +194,16 @@ fn to_service(
         };
         let authority = SocketAddr::new(vip, port);
         return via_waypoint(snapshot, source, wp_id, authority, Some(id), rng);
+    }
+    if (service.load_balancing.as_ref()).is_some_and(LoadBalancing::is_passthrough) {
+        let Some(vip) = vip else {
+            return Route::Refuse(Refusal::NoVip(service.hostname.to_string()));
+        };
+        return Route::Passthrough {
+            addr: SocketAddr::new(vip, port),
+            workload: None,
+            service: Some(id),
+        };
     }
     let Some((index, _)) = service.port(port) else {
         return Route::Refuse(Refusal::UnknownPort {

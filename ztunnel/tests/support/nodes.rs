@@ -79,6 +79,19 @@ impl Nodes {
         Ztunnel::start(ctx, node).await.expect("the ztunnel starts")
     }
 
+    /// Rewrites the mesh and waits until the ztunnels use it.
+    pub(crate) async fn reconfigure(&self, yaml: &str) {
+        let before = self.store.load().version();
+        self.dir.write("mesh.yaml", yaml);
+        for _ in 0..400 {
+            if self.store.load().version() > before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the new mesh was never loaded");
+    }
+
     /// The ztunnels' metrics, as scraped.
     pub(crate) fn metrics_text(&self) -> String {
         let mut text = String::new();

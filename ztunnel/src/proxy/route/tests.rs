@@ -132,6 +132,50 @@ spec:
   addresses: [240.0.2.1, "2001:db8::2:1"]
   ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
   resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partner, namespace: bookinfo}
+spec:
+  hosts: [partner.example.com]
+  addresses: [192.0.2.44]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  workloadSelector: {labels: {app: ratings}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: audited, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [audited.example.com]
+  addresses: [192.0.2.45]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shared, namespace: bookinfo}
+spec:
+  hosts: [shared.bookinfo.example.com]
+  addresses: [192.0.2.50]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shared, namespace: legacy}
+spec:
+  hosts: [shared.legacy.example.com]
+  addresses: [192.0.2.50]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: legacy}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: nameonly, namespace: bookinfo}
+spec:
+  hosts: [nameonly.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
 "#;
 
 fn snapshot() -> Snapshot {
@@ -283,6 +327,75 @@ fn decisions() {
             t(
                 "refuse",
                 "connection to ztunnel's own port 15001 would loop",
+                "",
+                "",
+            ),
+        ),
+        (
+            "self call to ztunnel's HBONE port on loopback",
+            "10.0.0.1",
+            Destination::Addr(addr("127.0.0.1:15008")),
+            t(
+                "refuse",
+                "connection to ztunnel's own port 15008 would loop",
+                "",
+                "",
+            ),
+        ),
+        (
+            "self call to ztunnel's SOCKS5 port on IPv6 loopback",
+            "10.0.0.1",
+            Destination::Addr(addr("[::1]:15080")),
+            t(
+                "refuse",
+                "connection to ztunnel's own port 15080 would loop",
+                "",
+                "",
+            ),
+        ),
+        (
+            "an application's own port on loopback is its own business",
+            "10.0.0.1",
+            Destination::Addr(addr("127.0.0.1:8080")),
+            t("passthrough", "127.0.0.1:8080", "", ""),
+        ),
+        (
+            "a ServiceEntry resolved NONE (by default): to the address dialled, though it selects pods",
+            "10.0.0.1",
+            Destination::Addr(addr("192.0.2.44:443")),
+            t("passthrough", "192.0.2.44:443", "", ""),
+        ),
+        (
+            "the same by hostname through SOCKS5: to its address",
+            "10.0.0.1",
+            Destination::Host("partner.example.com", 443),
+            t("passthrough", "192.0.2.44:443", "", ""),
+        ),
+        (
+            "resolved NONE behind a waypoint: the waypoint still comes first",
+            "10.0.0.1",
+            Destination::Addr(addr("192.0.2.45:443")),
+            t("waypoint", "10.0.0.100:15008", "192.0.2.45:443", "waypoint"),
+        ),
+        (
+            "a VIP two namespaces declare: the caller's namespace's service (passed through)",
+            "10.0.0.1",
+            Destination::Addr(addr("192.0.2.50:80")),
+            t("passthrough", "192.0.2.50:80", "", ""),
+        ),
+        (
+            "the same VIP from the other namespace: its own service (an uncaptured endpoint)",
+            "10.0.9.1",
+            Destination::Addr(addr("192.0.2.50:80")),
+            t("passthrough", "10.0.9.1:80", "", ""),
+        ),
+        (
+            "resolved NONE with no address: nothing to pass through to",
+            "10.0.0.1",
+            Destination::Host("nameonly.example.com", 443),
+            t(
+                "refuse",
+                "service nameonly.example.com has no VIP to send to",
                 "",
                 "",
             ),
