@@ -7,9 +7,6 @@ use http::StatusCode;
 
 use crate::cert::CertError;
 
-/// What [`Error::Timeout`] names for a TLS handshake that did not finish in time.
-pub(crate) const HANDSHAKE: &str = "HBONE TLS handshake";
-
 /// Why an HBONE connection or stream failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -34,18 +31,43 @@ pub enum Error {
         /// The TLS error.
         source: io::Error,
     },
+    /// The HTTP/2 handshake on a new connection failed.
+    #[error("HTTP/2 handshake: {0}")]
+    H2Handshake(h2::Error),
     /// An HTTP/2 protocol or connection error.
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
     /// A step did not finish in time.
     #[error("{0} timed out")]
-    Timeout(&'static str),
+    Timeout(Step),
     /// No certificate to present.
     #[error(transparent)]
     Cert(#[from] CertError),
     /// TLS configuration could not be built.
     #[error("TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
+}
+
+/// A step of opening a tunnel, which may time out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Step {
+    /// The TCP connection to the next hop.
+    Connect,
+    /// The mTLS handshake.
+    Handshake,
+    /// The server's answer to the CONNECT.
+    Response,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Connect => "TCP connect to the HBONE next hop",
+            Step::Handshake => "HBONE TLS handshake",
+            Step::Response => "waiting for the HBONE CONNECT response",
+        })
+    }
 }
 
 impl Error {
@@ -65,7 +87,12 @@ impl Error {
     /// Whether the mTLS handshake failed: the peer's certificate was refused (or ours), or
     /// the handshake did not finish in time.
     pub fn is_tls(&self) -> bool {
-        matches!(self, Error::Tls { .. } | Error::Timeout(HANDSHAKE))
+        matches!(self, Error::Tls { .. } | Error::Timeout(Step::Handshake))
+    }
+
+    /// Whether the HTTP/2 handshake on a new connection failed.
+    pub fn is_h2_handshake(&self) -> bool {
+        matches!(self, Error::H2Handshake(_))
     }
 
     /// Whether the peer presented a valid certificate for an identity other than the expected

@@ -33,7 +33,7 @@ pub use cert::{CertError, CertSummary, WorkloadCert, identities_of, summarize};
 pub use config::Config;
 pub use copy::{ChunkIo, Copied, CopyError, copy_bidirectional};
 pub use dial::{Dial, DirectDial, SourceDial, canonical, connect_from, source_for};
-pub use error::Error;
+pub use error::{Error, Step};
 pub use headers::ConnectHeaders;
 pub use identity::{Identity, IdentityError};
 pub use manager::{CertHandle, CertManager, CertificateProvider};

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use crate::authority::Authority;
 use crate::config::{Config, keepalive};
 use crate::dial::{Dial, DirectDial};
-use crate::error::Error;
+use crate::error::{Error, Step};
 use crate::headers::ConnectHeaders;
 use crate::identity::Identity;
 use crate::manager::CertManager;
@@ -180,7 +180,7 @@ impl Pool {
         let (response, stream) = send.send_request(request, false)?;
         let response = tokio::time::timeout(self.inner.config.connect_timeout, response)
             .await
-            .map_err(|_| Error::Timeout("waiting for the HBONE CONNECT response"))??;
+            .map_err(|_| Error::Timeout(Step::Response))??;
         if response.status() != StatusCode::OK {
             return Err(Error::Status(response.status()));
         }
@@ -246,15 +246,16 @@ impl Inner {
         let connector = TlsConnector::from(tls::client_config(cert, key.dst.clone())?);
         let tcp = tokio::time::timeout(timeout, self.dialer.dial(addr))
             .await
-            .map_err(|_| Error::Timeout("TCP connect to the HBONE next hop"))?
+            .map_err(|_| Error::Timeout(Step::Connect))?
             .map_err(|source| Error::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(timeout, connector.connect(tls::server_name(addr), tcp))
             .await
-            .map_err(|_| Error::Timeout(crate::error::HANDSHAKE))
+            .map_err(|_| Error::Timeout(Step::Handshake))
             .and_then(|r| r.map_err(|source| Error::Tls { addr, source }))
             .inspect_err(|_| self.stats.handshake_failed())?;
-        let (send, conn) = self.config.client_builder().handshake(tls).await?;
+        let (send, conn) =
+            (self.config.client_builder().handshake(tls).await).map_err(Error::H2Handshake)?;
         let state = Arc::new(ConnState {
             active: AtomicUsize::new(0),
             closed: AtomicBool::new(false),

@@ -119,6 +119,7 @@ impl LocalMesh {
                 // nothing to the host's resolvers.
                 resolvers: Arc::new(Forwarder::new(Vec::new(), Duration::from_secs(1))),
                 dns_proxy: true,
+                socks5: true,
             });
             ztunnels.push(Ztunnel::start(ctx, node).await?);
         }

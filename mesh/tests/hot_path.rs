@@ -82,6 +82,12 @@ fn lookups_and_evaluation_do_not_allocate() {
     let (found, n) = allocations(|| s.service_by_vip(vip).map(|(id, _)| id));
     assert_eq!(n, 0, "service_by_vip");
     let id = found.expect("service");
+    let (found, n) = allocations(|| s.service_by_vip_from(vip, "legacy").map(|(id, _)| id));
+    assert_eq!(n, 0, "service_by_vip_from");
+    assert_eq!(
+        found.map(|id| s.service(id).name.clone()),
+        Some("reviews".into())
+    );
     let (found, n) = allocations(|| s.service_by_vip_port(vip, 9080).map(|(_, _, i)| i));
     assert_eq!((found, n), (Some(0), 0), "service_by_vip_port");
     assert!(s.service_by_vip_port(vip, 1).is_none());

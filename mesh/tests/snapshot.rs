@@ -330,6 +330,63 @@ status: {podIP: 10.0.2.5, phase: Pending}
 }
 
 #[test]
+fn a_shared_vip_is_each_namespaces_own() {
+    let entry = |name: &str, namespace: &str, hosts: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: {name}, namespace: {namespace}}}\n\
+             spec: {{hosts: [{hosts}], addresses: [192.0.2.7], ports: [{{number: 443, name: tls}}]}}\n"
+        )
+    };
+    let s = snapshot(
+        &[
+            entry("api", "a", "api.example.com, api2.example.com"),
+            entry("api", "b", "api.example.com"),
+        ]
+        .concat(),
+    );
+    let vip = ip("192.0.2.7");
+    let found = |namespace: &str| {
+        let (_, service) = s.service_by_vip_from(vip, namespace).expect("service");
+        format!("{}/{}", service.namespace, service.hostname)
+    };
+    assert_eq!(found("a"), "a/api.example.com");
+    assert_eq!(found("b"), "b/api.example.com");
+    assert_eq!(
+        found("c"),
+        "a/api.example.com",
+        "the first, for a namespace without one"
+    );
+    let all: Vec<_> = (s.services_by_vip(vip))
+        .map(|(_, service)| format!("{}/{}", service.namespace, service.hostname))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            "a/api.example.com",
+            "a/api2.example.com",
+            "b/api.example.com"
+        ]
+    );
+    let w = s.warnings().join("\n");
+    assert!(
+        w.contains(
+            "a/api2.example.com has VIP 192.0.2.7, already used by a/api.example.com; lookups \
+             by VIP find a/api.example.com"
+        ),
+        "{w}"
+    );
+    assert!(
+        w.contains(
+            "b/api.example.com has VIP 192.0.2.7, already used by a/api.example.com; callers \
+             in namespace b find it by VIP, callers in namespaces without a service of that VIP \
+             find a/api.example.com"
+        ),
+        "{w}"
+    );
+}
+
+#[test]
 fn waypoint_binding_follows_labels_and_waypoint_for() {
     let s = snapshot(BOOKINFO);
     let (_, wp) = s

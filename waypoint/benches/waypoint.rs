@@ -675,6 +675,7 @@ async fn start_ztunnels(config: &Path, ca: MeshCa) -> Vec<Ztunnel> {
                 std::time::Duration::from_secs(1),
             )),
             dns_proxy: false,
+            socks5: true,
         });
         out.push(Ztunnel::start(ctx, &node).await.expect("ztunnel"));
     }

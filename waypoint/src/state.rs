@@ -138,16 +138,19 @@ impl View {
     pub(crate) fn resolve(&self, dst: SocketAddr) -> Result<Target, NotServed> {
         let waypoint = self.waypoint.ok_or(NotServed::NoWaypoint)?;
         let snapshot = &self.snapshot;
-        if let Some((id, service, port_index)) = snapshot.service_by_vip_port(dst.ip(), dst.port())
-        {
-            return if service.waypoint == Some(waypoint) {
-                Ok(Target::Service {
+        // Where services of several namespaces declare the VIP, the one this waypoint serves
+        // (the caller's ztunnel chose by its own namespace, and sent it here for that).
+        let mut at_vip = (snapshot.services_by_vip(dst.ip()))
+            .filter_map(|(id, service)| Some((id, service, service.port(dst.port())?.0)))
+            .peekable();
+        if at_vip.peek().is_some() {
+            return match at_vip.find(|(_, service, _)| service.waypoint == Some(waypoint)) {
+                Some((id, _, port_index)) => Ok(Target::Service {
                     id,
                     port: dst.port(),
                     port_index,
-                })
-            } else {
-                Err(NotServed::OtherWaypoint)
+                }),
+                None => Err(NotServed::OtherWaypoint),
             };
         }
         let network = &*snapshot.options().network;

@@ -47,6 +47,23 @@ async fn requests_to_a_bound_service_go_through_the_waypoint() {
     mesh.shutdown().await;
 }
 
+/// A service of another namespace, ahead of `app` in every list, that declares the echo
+/// service's VIP too: the client's ztunnel takes its own namespace's, and so must the waypoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_another_namespace_shares_is_served_as_the_callers() {
+    let extra = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: aaa}
+spec: {clusterIP: 10.78.0.1, selector: {app: nothing}, ports: [{name: http, port: 80}]}
+"#;
+    let mesh = Mesh::start(78, extra).await;
+    let r = mesh.request("GET", "/", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("path=/"), "{}", r.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_cannot_bypass_the_waypoint() {
     let mesh = Mesh::start(42, "").await;

@@ -107,6 +107,10 @@ enum Command {
         /// either (`ztunnel cni --no-dns`).
         #[arg(long)]
         no_dns: bool,
+        /// Whether each workload gets a SOCKS5 port (15080). Upstream opens it only when asked
+        /// (`UNSTABLE_ENABLE_SOCKS5=true`); `false` leaves that port to the pods' applications.
+        #[arg(long, env = "UNSTABLE_ENABLE_SOCKS5", default_value_t = true, action = clap::ArgAction::Set)]
+        socks5: bool,
     },
     /// Plays the node agent (istio-cni's side of ZDS) for local use: installs the in-pod
     /// capture rules in each pod's network namespace and announces the pods to ztunnel.
@@ -170,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             inpod_uds,
             dns_upstreams,
             no_dns,
+            socks5,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -239,6 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 hbone: hbone::Config::default(),
                 resolvers,
                 dns_proxy: !no_dns,
+                socks5,
             });
             let ztunnel = Arc::new(
                 Ztunnel::start(ctx, &node)
@@ -451,5 +457,35 @@ mod tests {
         let zero = Cli::try_parse_from(run.iter().copied().chain(["--worker-threads", "0"]));
         let error = zero.expect_err("zero workers").to_string();
         assert!(error.contains("--worker-threads"), "{error}");
+    }
+
+    #[test]
+    fn socks5_is_served_unless_turned_off_as_upstream_names_it() {
+        let command = <Cli as clap::CommandFactory>::command();
+        let run = command.find_subcommand("run").expect("run");
+        let arg = (run.get_arguments())
+            .find(|a| a.get_id() == "socks5")
+            .expect("the option");
+        assert_eq!(arg.get_default_values(), ["true"]);
+        assert_eq!(
+            arg.get_env(),
+            Some(std::ffi::OsStr::new("UNSTABLE_ENABLE_SOCKS5"))
+        );
+        let run = [
+            "ztunnel",
+            "run",
+            "--config",
+            "c",
+            "--node",
+            "n",
+            "--ca-cert",
+            "a",
+            "--ca-key",
+            "k",
+            "--socks5",
+            "false",
+        ];
+        let parsed = Cli::try_parse_from(run).expect("parsed");
+        assert!(matches!(parsed.command, Command::Run { socks5: false, .. }));
     }
 }

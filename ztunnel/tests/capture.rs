@@ -73,8 +73,13 @@ type Peers = Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>;
 /// An echo server inside `netns` on port 8080 (IPv4 and IPv6) that prefixes its answer with
 /// `name`; it notes each connection's peer address.
 fn echo_server(netns: &NetNs, name: &'static str) -> Peers {
+    echo_on(netns, name, 8080)
+}
+
+/// [`echo_server`] on `port`.
+fn echo_on(netns: &NetNs, name: &'static str, port: u16) -> Peers {
     let listener = netns
-        .run_in(|| std::net::TcpListener::bind("[::]:8080"))
+        .run_in(|| std::net::TcpListener::bind(("::", port)))
         .expect("enter netns")
         .expect("bind echo");
     let peers = Peers::default();
@@ -927,11 +932,8 @@ async fn ipv6_is_captured_as_ipv4_is() {
     let outsider = Arc::new(fabric.pod(9));
     let peers = echo_server(&echo, "echo");
     // The server pod's application holds port 15080 itself: the pod is served all the same,
-    // without a SOCKS5 port.
-    let _own_15080 = echo
-        .run_in(|| std::net::TcpListener::bind("127.0.0.1:15080"))
-        .expect("enter netns")
-        .expect("bind 15080");
+    // without a SOCKS5 port, and its callers reach that application there.
+    let _own_15080 = echo_on(&echo, "own", 15080);
 
     let dir = std::env::temp_dir().join(format!("ztunnel-ipv6-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -959,6 +961,7 @@ async fn ipv6_is_captured_as_ipv4_is() {
         ["fd19:7::1", "fd19:7::1", "198.19.7.1"],
         "the client, as itself"
     );
+
     // The pod's IPv6 DNS is answered by the DNS proxy too, over UDP and TCP: a resolver that
     // does not exist answers the service's IPv6 VIP.
     for tcp in [false, true] {
@@ -998,6 +1001,13 @@ async fn ipv6_is_captured_as_ipv4_is() {
         "{text}"
     );
     assert_eq!(server("source_workload=\"outsider\""), 1.0, "{text}");
+
+    let answer = exchange(client.clone(), "[fd19:7::3]:15080", "socks?").await;
+    assert_eq!(
+        answer.expect("the application's own 15080"),
+        "own:socks?",
+        "port 15080 is the application's"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -923,17 +923,30 @@ impl<'o> Builder<'o> {
             let id = ServiceId(i as u32);
             for &vip in &s.vips {
                 if let Some(&first) = self.index.service_by_vip.get(&vip) {
+                    let sharers = shared_vips.entry(vip).or_insert_with(|| vec![first]);
+                    // A caller finds its namespace's first service of the VIP, and a caller in a
+                    // namespace without one the VIP's first service.
+                    let name = |id: &ServiceId| {
+                        let s = &services[id.index()];
+                        format!("{}/{}", s.namespace, s.hostname)
+                    };
+                    let found = match (sharers.iter())
+                        .find(|o| services[o.index()].namespace == s.namespace)
+                    {
+                        Some(ahead) => format!("lookups by VIP find {}", name(ahead)),
+                        None => format!(
+                            "callers in namespace {} find it by VIP, callers in namespaces \
+                             without a service of that VIP find {}",
+                            s.namespace,
+                            name(&first)
+                        ),
+                    };
                     self.warnings.push(format!(
-                        "{} has VIP {vip}, already used by {}; callers in namespace {} find the \
-                         former by VIP, callers elsewhere the latter",
-                        s.hostname,
-                        services[first.index()].hostname,
-                        s.namespace
+                        "{} has VIP {vip}, already used by {}; {found}",
+                        name(&id),
+                        name(&first)
                     ));
-                    shared_vips
-                        .entry(vip)
-                        .or_insert_with(|| vec![first])
-                        .push(id);
+                    sharers.push(id);
                 } else {
                     self.index.service_by_vip.insert(vip, id);
                 }

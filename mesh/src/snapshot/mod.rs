@@ -227,14 +227,20 @@ impl Snapshot {
         ip: IpAddr,
         namespace: &str,
     ) -> Option<(ServiceId, &Service)> {
-        if let Some(shared) = self.index.shared_vips.get(&ip)
-            && let Some(&id) = shared
-                .iter()
-                .find(|&&id| &*self.service(id).namespace == namespace)
-        {
-            return Some((id, self.service(id)));
+        let mut all = self.services_by_vip(ip);
+        let first = all.next()?;
+        if &*first.1.namespace == namespace {
+            return Some(first);
         }
-        self.service_by_vip(ip)
+        Some((all.find(|(_, s)| &*s.namespace == namespace)).unwrap_or(first))
+    }
+
+    /// Every service whose VIP is `ip`: the one [`Snapshot::service_by_vip`] finds first, then
+    /// those of other namespaces (or hosts) that declare it too.
+    pub fn services_by_vip(&self, ip: IpAddr) -> impl Iterator<Item = (ServiceId, &Service)> {
+        let first = self.index.service_by_vip.get(&ip).copied();
+        let shared = (self.index.shared_vips.get(&ip)).map_or(&[][..], |ids| &ids[1..]);
+        (first.into_iter().chain(shared.iter().copied())).map(|id| (id, self.service(id)))
     }
 
     /// The service whose VIP is `ip` and which has port `port`, with that port's index (for

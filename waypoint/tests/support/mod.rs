@@ -197,6 +197,7 @@ impl Mesh {
                     std::time::Duration::from_secs(1),
                 )),
                 dns_proxy: false,
+                socks5: true,
             });
             ztunnels.push(Ztunnel::start(ctx, node).await.expect("ztunnel"));
         }

@@ -15,7 +15,7 @@ use mesh::telemetry::Peer;
 
 use super::admission::{self, Refused};
 use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
-use super::{Ctx, app_tunnel, ports};
+use super::{Ctx, app_tunnel};
 use crate::metrics::{Reporter, TcpLabels};
 
 /// The inbound handler of one workload.
@@ -23,11 +23,17 @@ use crate::metrics::{Reporter, TcpLabels};
 pub(super) struct Inbound {
     ctx: Arc<Ctx>,
     uid: Arc<str>,
+    /// ztunnel's ports on this workload, which no tunnel may target.
+    own_ports: &'static [u16],
 }
 
 impl Inbound {
-    pub(super) fn new(ctx: Arc<Ctx>, uid: Arc<str>) -> Self {
-        Self { ctx, uid }
+    pub(super) fn new(ctx: Arc<Ctx>, uid: Arc<str>, own_ports: &'static [u16]) -> Self {
+        Self {
+            ctx,
+            uid,
+            own_ports,
+        }
     }
 }
 
@@ -126,7 +132,7 @@ impl Handler for Inbound {
         };
         // As upstream: the tunnel may not reach ztunnel's own listeners on this workload (a
         // loop, or for SOCKS5 a way to open connections as this workload).
-        if ports::ALL.contains(&target.port()) {
+        if self.own_ports.contains(&target.port()) {
             guard.failed(
                 "NR",
                 format!(

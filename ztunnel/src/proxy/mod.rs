@@ -44,7 +44,12 @@ pub mod ports {
     /// All of them: a connection to one of them on a workload's address is ztunnel's own, and
     /// sending one there on the workload's behalf would loop (or, for SOCKS5, let the caller
     /// speak as the workload).
-    pub const ALL: [u16; 5] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND, SOCKS5, DNS];
+    pub const ALL: [u16; 5] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND, DNS, SOCKS5];
+
+    /// Those of a workload, whose SOCKS5 port may be its application's instead.
+    pub fn of_workload(socks5: bool) -> &'static [u16] {
+        if socks5 { &ALL } else { &ALL[..4] }
+    }
 }
 
 /// What every connection handler needs.
@@ -68,6 +73,8 @@ pub struct Ctx {
     pub resolvers: Arc<crate::dns::Forwarder>,
     /// Whether each workload gets a DNS proxy (its DNS listeners).
     pub dns_proxy: bool,
+    /// Whether each workload gets a SOCKS5 port.
+    pub socks5: bool,
 }
 
 /// The listeners of one local workload; dropping it stops them (use [`WorkloadProxy::drain`]
@@ -104,14 +111,18 @@ impl WorkloadProxy {
         let inbound = bind(ports::INBOUND)?;
         // Captured, a pod needs no SOCKS5 port (upstream opens one only when asked to); an
         // application of its own on 15080 keeps the port, and the pod is served without it.
-        let socks = match bind(ports::SOCKS5) {
-            Ok(listener) => Some(listener),
-            Err(e) if ctx.sockets.captures() => {
-                tracing::warn!(workload = %uid, error = %e, "SOCKS5 not served for this pod");
+        let socks = match ctx.socks5.then(|| bind(ports::SOCKS5)) {
+            None => None,
+            Some(Ok(listener)) => Some(listener),
+            Some(Err(crate::Error::Bind { source, .. }))
+                if ctx.sockets.captures() && source.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                tracing::warn!(workload = %uid, error = %source, "port 15080 is taken in the pod; SOCKS5 not served for it");
                 None
             }
-            Err(e) => return Err(e),
+            Some(Err(e)) => return Err(e),
         };
+        let own_ports = ports::of_workload(socks.is_some());
         let captured = if ctx.sockets.captures() {
             Some((bind(ports::OUTBOUND)?, bind(ports::INBOUND_PLAINTEXT)?))
         } else {
@@ -142,7 +153,7 @@ impl WorkloadProxy {
         let mut tasks = Vec::new();
         let server = Server::new(
             cert,
-            inbound::Inbound::new(ctx.clone(), uid.clone()),
+            inbound::Inbound::new(ctx.clone(), uid.clone(), own_ports),
             ctx.hbone.clone(),
         )?;
         tasks.push(tokio::spawn(server.serve(inbound, watch.clone())));
@@ -179,6 +190,7 @@ impl WorkloadProxy {
             tasks.push(tokio::spawn(plaintext::serve(
                 ctx.clone(),
                 uid.clone(),
+                own_ports,
                 plaintext,
                 watch,
             )));

@@ -172,16 +172,16 @@ async fn proxy(
                     carry(&mut guard, &mut client, &mut tunnel).await;
                 }
                 Err(e) => {
-                    let denied = e.status() == Some(http::StatusCode::UNAUTHORIZED);
+                    let flag = tunnel_flag(&e);
                     if socks {
-                        let code = if denied {
+                        let code = if flag == "DENY" {
                             Reply::NotAllowed
                         } else {
                             Reply::ConnectionRefused
                         };
                         let _ = socks5::reply(&mut client, code, None).await;
                     }
-                    guard.failed(tunnel_flag(&e), e);
+                    guard.failed(flag, e);
                 }
             }
         }
@@ -203,8 +203,8 @@ async fn proxy(
 }
 
 /// Istio's response flag for a tunnel that could not be opened: refused by the destination's
-/// policy, a destination that is not who the mesh says it is, another mTLS failure, or no
-/// connection at all.
+/// policy, a destination that is not who the mesh says it is, another mTLS failure, an HTTP/2
+/// handshake that failed, or no connection at all.
 fn tunnel_flag(e: &hbone::Error) -> &'static str {
     if e.status() == Some(http::StatusCode::UNAUTHORIZED) {
         "DENY"
@@ -212,6 +212,8 @@ fn tunnel_flag(e: &hbone::Error) -> &'static str {
         "IDENTITY_ERROR"
     } else if e.is_tls() {
         "TLS_FAILURE"
+    } else if e.is_h2_handshake() {
+        "H2_HANDSHAKE_FAILURE"
     } else {
         "CONNECT"
     }

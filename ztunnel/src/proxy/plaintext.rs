@@ -15,16 +15,23 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::admission;
 use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
-use super::{Ctx, accept_loop, inbound, ports};
+use super::{Ctx, accept_loop, inbound};
 use crate::metrics::{Reporter, TcpLabels};
 
-pub(super) async fn serve(ctx: Arc<Ctx>, uid: Arc<str>, listener: TcpListener, drain: DrainWatch) {
+/// Serves `uid`'s captured plaintext on `listener`; `own_ports` are ztunnel's on it.
+pub(super) async fn serve(
+    ctx: Arc<Ctx>,
+    uid: Arc<str>,
+    own_ports: &'static [u16],
+    listener: TcpListener,
+    drain: DrainWatch,
+) {
     accept_loop(listener, drain, move |stream, peer, drain| {
         let (ctx, uid) = (ctx.clone(), uid.clone());
         async move {
             // TPROXY keeps the original destination as the socket's local address.
             match stream.local_addr().map(hbone::canonical) {
-                Ok(target) => handle(&ctx, &uid, stream, peer, target).await,
+                Ok(target) => handle(&ctx, &uid, own_ports, stream, peer, target).await,
                 Err(e) => tracing::warn!(src.addr = %peer, error = %e, "plaintext connection without a local address"),
             }
             drop(drain);
@@ -33,7 +40,14 @@ pub(super) async fn serve(ctx: Arc<Ctx>, uid: Arc<str>, listener: TcpListener, d
     .await;
 }
 
-async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, target: SocketAddr) {
+async fn handle(
+    ctx: &Ctx,
+    uid: &str,
+    own_ports: &[u16],
+    mut client: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+) {
     let snapshot = ctx.store.load();
     let Some(workload) = snapshot.workload_by_uid(uid) else {
         return;
@@ -61,7 +75,7 @@ async fn handle(ctx: &Ctx, uid: &str, mut client: TcpStream, peer: SocketAddr, t
     };
     let mut guard = ConnectionGuard::open(ctx.metrics.clone(), labels, Direction::Inbound, ends);
     // A connection straight to one of ztunnel's own ports in the pod would come back to it.
-    if ports::ALL.contains(&target.port()) {
+    if own_ports.contains(&target.port()) {
         guard.failed(
             "NR",
             format!("plaintext refused: port {} is ztunnel's own", target.port()),

@@ -106,7 +106,7 @@ pub enum Route {
 /// Why an outbound connection is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// The caller dialled ztunnel's own port on its own address.
+    /// The caller dialled ztunnel's own port on its own address, or on loopback.
     #[error("connection to ztunnel's own port {0} would loop")]
     SelfCall(u16),
     /// No service or workload has that hostname.
@@ -151,7 +151,7 @@ pub fn route(
         Destination::Addr(addr) => {
             // Loopback is the caller's own host, unless the address is a workload's (in the
             // local mesh every workload has a loopback address of its own).
-            let ip = addr.ip();
+            let ip = addr.ip().to_canonical();
             let own = source.has_ip(ip)
                 || ip.is_unspecified()
                 || (ip.is_loopback() && snapshot.workload_by_ip(&source.network, ip).is_none());
@@ -199,10 +199,11 @@ fn to_service(
         let Some(vip) = vip else {
             return Route::Refuse(Refusal::NoVip(service.hostname.to_string()));
         };
+        // Named by no service, as upstream's passthrough is: no endpoint of it is involved.
         return Route::Passthrough {
             addr: SocketAddr::new(vip, port),
             workload: None,
-            service: Some(id),
+            service: None,
         };
     }
     let Some((index, _)) = service.port(port) else {

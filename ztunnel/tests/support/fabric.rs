@@ -190,6 +190,7 @@ pub async fn start_node(
             std::time::Duration::from_secs(2),
         )),
         dns_proxy: true,
+        socks5: true,
     });
     let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
     let uds = dir.join(format!("{node}.sock"));

@@ -32,6 +32,8 @@ pub(crate) struct Nodes {
     pub(crate) dns: Option<Arc<Forwarder>>,
     /// Whether, with resolvers, each workload gets a DNS proxy (`ztunnel run --no-dns`: not).
     pub(crate) dns_proxy: bool,
+    /// Whether each workload gets a SOCKS5 port (`ztunnel run --socks5 false`: not).
+    pub(crate) socks5: bool,
     registry: Registry,
     _watch: WatchHandle,
 }
@@ -58,6 +60,7 @@ impl Nodes {
             live: Arc::new(LiveConnections::default()),
             dns: None,
             dns_proxy: true,
+            socks5: true,
             registry,
             _watch: watch,
         }
@@ -75,6 +78,7 @@ impl Nodes {
             resolvers: (self.dns.clone())
                 .unwrap_or_else(|| Arc::new(Forwarder::new(Vec::new(), Duration::from_secs(1)))),
             dns_proxy: self.dns.is_some() && self.dns_proxy,
+            socks5: self.socks5,
         });
         Ztunnel::start(ctx, node).await.expect("the ztunnel starts")
     }

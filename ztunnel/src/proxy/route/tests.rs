@@ -101,6 +101,11 @@ status: {podIP: 10.0.0.5}
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: local, namespace: bookinfo}
+status: {podIP: 127.10.0.1}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: legacy, namespace: legacy, labels: {app: legacy}}
 status: {podIP: 10.0.9.1}
 ---
@@ -352,6 +357,23 @@ fn decisions() {
                 "",
                 "",
             ),
+        ),
+        (
+            "self call to ztunnel's HBONE port on IPv4-mapped loopback",
+            "10.0.0.1",
+            Destination::Addr(addr("[::ffff:127.0.0.1]:15008")),
+            t(
+                "refuse",
+                "connection to ztunnel's own port 15008 would loop",
+                "",
+                "",
+            ),
+        ),
+        (
+            "a workload's own loopback address (the local mesh's) is not the caller's ztunnel",
+            "10.0.0.1",
+            Destination::Addr(addr("127.10.0.1:15008")),
+            t("direct", "127.10.0.1:15008", "127.10.0.1:15008", "default"),
         ),
         (
             "an application's own port on loopback is its own business",
