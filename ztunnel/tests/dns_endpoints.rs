@@ -116,7 +116,11 @@ async fn a_service_entry_resolved_by_dns_reaches_what_its_name_resolves_to() {
     let log = logs::log();
     let resolver = Resolver::start(
         RESOLVER,
-        &[("backend.example.test", BACKEND)],
+        &[
+            ("backend.example.test", BACKEND),
+            ("outside.example.test", BACKEND),
+            ("alias.example.test", "240.0.95.1"),
+        ],
         Duration::ZERO,
     )
     .await;
@@ -189,6 +193,18 @@ async fn a_service_entry_resolved_by_dns_reaches_what_its_name_resolves_to() {
             .unwrap_or_else(|| panic!("no count for {host}:\n{text}"));
         assert!(line.ends_with(&format!(" {count}")), "{line}");
     }
+
+    // Names the mesh does not know, through SOCKS5, are looked up as upstream's SOCKS5 does: an
+    // address outside the mesh is reached in plain TCP; the address of a mesh service is routed
+    // as that service (nothing listens on the VIP); a name no resolver knows is unreachable.
+    let (code, s) = socks::connect(CLIENT, Dst::Name("outside.example.test", 7080)).await;
+    assert_eq!(code, 0, "outside.example.test");
+    assert_eq!(echo_through(s, b"four").await, b"four");
+    let (code, s) = socks::connect(CLIENT, Dst::Name("alias.example.test", 80)).await;
+    assert_eq!(code, 0, "alias.example.test");
+    assert_eq!(echo_through(s, b"five").await, b"five");
+    let (code, _) = socks::connect(CLIENT, Dst::Name("nowhere.example.test", 80)).await;
+    assert_eq!(code, 4, "host unreachable");
 }
 
 /// Egress as ambient does it: a ServiceEntry with no address gets one of its own, which the DNS

@@ -85,7 +85,17 @@ async fn proxy(
         return;
     };
     let original_dst = dst.to_string();
-    let decision = route(&snapshot, source, dst, &mut rand::rng());
+    let cluster = &snapshot.options().cluster_id;
+    let first = route(&snapshot, source, dst, &mut rand::rng());
+    let decision = match first {
+        Route::Lookup { host, port } => {
+            match resolve(ctx, source, cluster, &host, port, false).await {
+                Ok(addr) => route(&snapshot, source, Destination::Addr(addr), &mut rand::rng()),
+                Err(why) => Route::Refuse(why),
+            }
+        }
+        decided => decided,
+    };
     // Listed for `/config_dump` once ztunnel knows where it sends the connection.
     // Called once, on the one path the connection takes: the destination's text moves in.
     let list = move |actual_dst, hbone| {
@@ -98,7 +108,6 @@ async fn proxy(
         })
     };
     let (workload, service, dst_addr, hbone_addr, identity) = describe(&snapshot, &decision);
-    let cluster = &snapshot.options().cluster_id;
     let mtls = matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. });
     let labels = TcpLabels::new(
         Reporter::source,
@@ -127,7 +136,8 @@ async fn proxy(
     let source_ip = source.ip_like(peer.ip());
 
     match decision {
-        Route::Refuse(why) => refuse(&mut guard, &mut client, socks, "NR", why).await,
+        Route::Refuse(why) => refuse(&mut guard, &mut client, socks, why).await,
+        Route::Lookup { .. } => unreachable!("an address is never looked up"),
         Route::Direct {
             next_hop,
             authority,
@@ -196,7 +206,7 @@ async fn proxy(
                     let _listed = list(addr, false);
                     plain(ctx, source, addr, &mut guard, &mut client, socks).await;
                 }
-                Err(why) => refuse(&mut guard, &mut client, socks, "DF", why).await,
+                Err(why) => refuse(&mut guard, &mut client, socks, why).await,
             }
         }
     }
@@ -220,17 +230,15 @@ fn tunnel_flag(e: &hbone::Error) -> &'static str {
 }
 
 /// Refuses the connection (with a SOCKS5 reply that says why, for `socks`), with Envoy's
-/// response `flag` (`NR`: no route; `DF`: DNS resolution failed).
-async fn refuse(
-    guard: &mut ConnectionGuard,
-    client: &mut TcpStream,
-    socks: bool,
-    flag: &str,
-    why: Refusal,
-) {
+/// response flag: `DF` when a name did not resolve, else `NR` (no route).
+async fn refuse(guard: &mut ConnectionGuard, client: &mut TcpStream, socks: bool, why: Refusal) {
     if socks {
         let _ = socks5::reply(client, refusal_reply(&why), None).await;
     }
+    let flag = match why {
+        Refusal::Unresolved { .. } => "DF",
+        _ => "NR",
+    };
     guard.failed(flag, why);
 }
 
@@ -370,16 +378,14 @@ fn describe(snapshot: &Snapshot, decision: &Route) -> Described {
         Route::Resolve {
             workload, service, ..
         } => (Some(*workload), Some(*service), None, None, None),
-        Route::Refuse(_) => (None, None, None, None, None),
+        Route::Refuse(_) | Route::Lookup { .. } => (None, None, None, None, None),
     }
 }
 
 fn refusal_reply(why: &Refusal) -> Reply {
     match why {
         Refusal::SelfCall(_) => Reply::NotAllowed,
-        Refusal::UnknownHost(_) | Refusal::NoVip(_) | Refusal::Unresolved { .. } => {
-            Reply::HostUnreachable
-        }
+        Refusal::NoVip(_) | Refusal::Unresolved { .. } => Reply::HostUnreachable,
         Refusal::UnknownPort { .. } => Reply::ConnectionRefused,
         Refusal::NoHealthyUpstream(_) | Refusal::NoWaypointInstance(_) => Reply::HostUnreachable,
     }

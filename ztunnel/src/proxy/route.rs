@@ -20,6 +20,9 @@
 //!    an uncaptured one with plain TCP; an address the mesh does not know is passed through.
 //! 7. An endpoint that is a DNS name (a `resolution: DNS` ServiceEntry's) is reached with plain
 //!    TCP at what the name resolves to, which the proxy looks up when it acts on the decision.
+//! 8. A name the mesh does not know (through SOCKS5), or the name of a passed-through service
+//!    with no address, is looked up by the proxy, and the address it finds routed as any other,
+//!    as upstream's SOCKS5 does: a mesh address found so still takes its waypoint and mTLS.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -86,6 +89,14 @@ pub enum Route {
         /// The service, when the caller addressed one.
         service: Option<ServiceId>,
     },
+    /// A name to look up and route the address of (looking up is I/O, so it is the caller's);
+    /// never the decision for an address.
+    Lookup {
+        /// The name.
+        host: std::sync::Arc<str>,
+        /// The port on it.
+        port: u16,
+    },
     /// Plain TCP to what a DNS name resolves to (resolving is I/O, so it is the caller's).
     Resolve {
         /// The name.
@@ -109,9 +120,6 @@ pub enum Refusal {
     /// The caller dialled ztunnel's own port on its own address, or on loopback.
     #[error("connection to ztunnel's own port {0} would loop")]
     SelfCall(u16),
-    /// No service or workload has that hostname.
-    #[error("no service named {0:?}")]
-    UnknownHost(String),
     /// The service has no such port.
     #[error("service {service} has no port {port}")]
     UnknownPort {
@@ -134,9 +142,8 @@ pub enum Refusal {
         /// Why.
         reason: String,
     },
-    /// A hostname-only service (no VIP), behind a waypoint or passed through, has no address
-    /// to carry or to dial.
-    #[error("service {0} has no VIP to send to")]
+    /// A hostname-only service (no VIP) behind a waypoint has no address to carry.
+    #[error("service {0} has no VIP to send to its waypoint")]
     NoVip(String),
 }
 
@@ -165,7 +172,12 @@ pub fn route(
         }
         Destination::Host(host, port) => match snapshot.resolve_host(host, &source.namespace) {
             Some((id, service)) => ((id, service, None), port),
-            None => return Route::Refuse(Refusal::UnknownHost(host.to_owned())),
+            None => {
+                return Route::Lookup {
+                    host: host.into(),
+                    port,
+                };
+            }
         },
     };
     to_service(snapshot, source, service, port, rng)
@@ -197,7 +209,10 @@ fn to_service(
     }
     if (service.load_balancing.as_ref()).is_some_and(LoadBalancing::is_passthrough) {
         let Some(vip) = vip else {
-            return Route::Refuse(Refusal::NoVip(service.hostname.to_string()));
+            return Route::Lookup {
+                host: service.hostname.clone(),
+                port,
+            };
         };
         // Named by no service, as upstream's passthrough is: no endpoint of it is involved.
         return Route::Passthrough {

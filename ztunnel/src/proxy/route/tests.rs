@@ -235,6 +235,12 @@ fn decide(s: &Snapshot, from: &str, dst: Destination<'_>) -> (String, String, St
             if v6 { "v6" } else { "v4" }.into(),
             String::new(),
         ),
+        Route::Lookup { host, port } => (
+            "lookup".into(),
+            format!("{host}:{port}"),
+            String::new(),
+            String::new(),
+        ),
         Route::Refuse(why) => (
             "refuse".into(),
             why.to_string(),
@@ -412,21 +418,16 @@ fn decisions() {
             t("passthrough", "10.0.9.1:80", "", ""),
         ),
         (
-            "resolved NONE with no address: nothing to pass through to",
+            "resolved NONE with no address, by name: the name is looked up",
             "10.0.0.1",
             Destination::Host("nameonly.example.com", 443),
-            t(
-                "refuse",
-                "service nameonly.example.com has no VIP to send to",
-                "",
-                "",
-            ),
+            t("lookup", "nameonly.example.com:443", "", ""),
         ),
         (
             "unknown hostname",
             "10.0.0.1",
             Destination::Host("nope.example", 80),
-            t("refuse", "no service named \"nope.example\"", "", ""),
+            t("lookup", "nope.example:80", "", ""),
         ),
         (
             "unknown service port",
