@@ -203,16 +203,11 @@ async fn serve(pod: &Pod, sockets: &InPod, ztunnel: &Ztunnel) {
 }
 
 /// Reconciles and reports whether `workload` is now served. A pod the configuration does not
-/// know yet is accepted: it is served as soon as the configuration names it.
+/// name yet is served too, as the agent named it, its connections waiting for the
+/// configuration; one it names on another node, or outside the mesh, is not.
 async fn served(ztunnel: &Ztunnel, workload: &Arc<str>) -> Result<(), String> {
     let result = ztunnel.reconcile().await;
-    let known = ztunnel
-        .ctx()
-        .store
-        .snapshot()
-        .workload_by_uid(workload)
-        .is_some();
-    if !known || ztunnel.workloads().await.contains(workload) {
+    if ztunnel.workloads().await.contains(workload) {
         return Ok(());
     }
     Err(match result {

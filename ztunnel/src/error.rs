@@ -15,9 +15,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
-    /// The workload has no IP yet.
-    #[error("workload {0} has no address yet")]
-    NoAddress(String),
+    /// The node agent announced a pod whose namespace or service account makes no identity.
+    #[error("the announced pod has no valid identity: {0}")]
+    Identity(#[from] hbone::IdentityError),
     /// A certificate could not be issued.
     #[error(transparent)]
     Cert(#[from] hbone::CertError),

@@ -11,7 +11,11 @@ use std::time::Duration;
 use mesh::model::Protocol;
 use tokio::task::JoinHandle;
 
+use hbone::Identity;
+
+use crate::inpod::zds::proto::WorkloadInfo;
 use crate::proxy::{Ctx, WorkloadProxy};
+use crate::socket::Owner;
 
 /// A running ztunnel.
 #[derive(Debug)]
@@ -153,24 +157,34 @@ impl Proxies {
 
 impl WorkloadState {
     /// Upstream's `workloadState`, by workload uid: each workload served (`Up`), with its
-    /// live `connections`, and each pod the node agent announced that is not served yet
-    /// (`Pending`: the configuration does not name it yet, or its proxy failed to start), with
-    /// `info` naming it (`name`, `namespace`, `serviceAccount`) as the configuration does, or
-    /// else as the agent did.
+    /// live `connections`, and each pod the node agent announced that is not served
+    /// (`Pending`: its proxy failed to start), with `info` naming it (`name`, `namespace`,
+    /// `serviceAccount`) as the configuration does, or else as the agent did.
     pub fn dump(&self) -> serde_json::Map<String, serde_json::Value> {
         let snapshot = self.ctx.store.load();
         let mut connections = self.ctx.live.dump();
         let up = self.up.read().unwrap_or_else(PoisonError::into_inner);
-        let mut state = serde_json::Map::new();
-        for uid in up.iter() {
-            let Some(w) = snapshot.workload_by_uid(uid) else {
-                continue;
-            };
-            let info = serde_json::json!({
+        let announced: HashMap<Arc<str>, WorkloadInfo> =
+            self.ctx.sockets.announced().into_iter().collect();
+        let info = |uid: &str| match snapshot.workload_by_uid(uid) {
+            Some(w) => Some(serde_json::json!({
                 "name": &*w.name,
                 "namespace": &*w.namespace,
                 "serviceAccount": w.identity.service_account(),
-            });
+            })),
+            None => announced.get(uid).map(|info| {
+                serde_json::json!({
+                    "name": info.name,
+                    "namespace": info.namespace,
+                    "serviceAccount": info.service_account,
+                })
+            }),
+        };
+        let mut state = serde_json::Map::new();
+        for uid in up.iter() {
+            let Some(info) = info(uid) else {
+                continue;
+            };
             let connections = connections
                 .remove(uid)
                 .unwrap_or_else(|| serde_json::json!({ "inbound": [], "outbound": [] }));
@@ -178,50 +192,82 @@ impl WorkloadState {
                 serde_json::json!({ "state": "Up", "info": info, "connections": connections });
             state.insert(uid.to_string(), entry);
         }
-        for (uid, info) in self.ctx.sockets.announced() {
-            if up.contains(&uid) {
+        for uid in announced.keys() {
+            if up.contains(uid) {
                 continue;
             }
-            let info = serde_json::json!({
-                "name": info.name,
-                "namespace": info.namespace,
-                "serviceAccount": info.service_account,
-            });
-            let entry = serde_json::json!({ "state": "Pending", "info": info });
-            state.insert(uid.to_string(), entry);
+            if let Some(info) = info(uid) {
+                let entry = serde_json::json!({ "state": "Pending", "info": info });
+                state.insert(uid.to_string(), entry);
+            }
         }
         state
     }
 }
 
-/// Starts and stops workload proxies to match the current snapshot.
+/// Starts and stops workload proxies to match the current snapshot and the pods announced.
 async fn reconcile(
     ctx: &Arc<Ctx>,
     node: &str,
     proxies: &tokio::sync::Mutex<Proxies>,
 ) -> Result<(), crate::Error> {
     let snapshot = ctx.store.load();
-    let wanted: HashMap<Arc<str>, &mesh::model::Workload> = snapshot
+    let mut wanted: HashMap<Arc<str>, Owner> = snapshot
         .workloads_on_node(node)
-        .filter(|w| w.protocol == Protocol::Hbone && !w.ips.is_empty() && ctx.sockets.serves(w))
-        .map(|w| (w.uid.clone(), w))
+        .filter(|w| w.protocol == Protocol::Hbone && ctx.sockets.serves(&w.uid))
+        // Captured, the listeners take every address of the pod's namespace: a pod whose
+        // address the configuration does not have yet is served all the same.
+        .filter(|w| !w.ips.is_empty() || ctx.sockets.captures())
+        .map(|w| (w.uid.clone(), Owner::from(w)))
         .collect();
+    let mut first_error = None;
+    // A pod the node agent announced is served at once, as upstream serves it, even before
+    // the configuration names it: with the identity the agent gave, its connections waiting
+    // for the configuration (see `proxy::named`).
+    let announced = ctx.sockets.announced();
+    for (uid, info) in &announced {
+        if snapshot.workload_by_uid(uid).is_some() {
+            continue;
+        }
+        match announced_identity(&snapshot.options().trust_domain, info) {
+            Ok(identity) => {
+                let ips = Box::default();
+                wanted.insert(
+                    uid.clone(),
+                    Owner {
+                        uid: uid.clone(),
+                        identity,
+                        ips,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(workload = %uid, error = %e, "cannot serve the pod the node agent announced");
+                first_error.get_or_insert(crate::Error::from(e));
+            }
+        }
+    }
     let mut proxies = proxies.lock().await;
-    let gone: Vec<Arc<str>> = (proxies.running.keys())
-        .filter(|uid| !wanted.contains_key(*uid))
-        .cloned()
+    // Those no longer wanted, and those whose identity changed (a pod served as announced,
+    // which the configuration names with another service account), stop.
+    let gone: Vec<Arc<str>> = (proxies.running.iter())
+        .filter(|(uid, proxy)| {
+            wanted
+                .get(*uid)
+                .is_none_or(|owner| owner.identity != proxy.owner().identity)
+        })
+        .map(|(uid, _)| uid.clone())
         .collect();
     for uid in gone {
         if let Some(proxy) = proxies.stopped(&uid, &ctx.metrics) {
             tokio::spawn(proxy.drain());
         }
     }
-    let mut first_error = None;
-    for (uid, workload) in wanted {
+    for (uid, owner) in wanted {
         if proxies.running.contains_key(&uid) {
             continue;
         }
-        match WorkloadProxy::start(ctx.clone(), workload).await {
+        match WorkloadProxy::start(ctx.clone(), owner).await {
             Ok(proxy) => proxies.started(proxy, &ctx.metrics),
             Err(e) => {
                 tracing::error!(workload = %uid, error = %e, "cannot serve workload");
@@ -229,7 +275,6 @@ async fn reconcile(
             }
         }
     }
-    let announced = ctx.sockets.announced();
     let pending = (announced.iter())
         .filter(|(uid, _)| !proxies.running.contains_key(uid))
         .count();
@@ -238,6 +283,19 @@ async fn reconcile(
         .inc_by(pending as i64 - proxies.pending as i64);
     proxies.pending = pending;
     first_error.map_or(Ok(()), Err)
+}
+
+/// The identity of a pod as the node agent announced it; a pod that names no service account
+/// runs as its namespace's `default`, as Kubernetes runs it.
+fn announced_identity(
+    trust_domain: &str,
+    info: &WorkloadInfo,
+) -> Result<Identity, hbone::IdentityError> {
+    let service_account = match info.service_account.as_str() {
+        "" => "default",
+        named => named,
+    };
+    Identity::new(trust_domain, &info.namespace, service_account)
 }
 
 async fn follow(ctx: Arc<Ctx>, node: Arc<str>, proxies: Arc<tokio::sync::Mutex<Proxies>>) {

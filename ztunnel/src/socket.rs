@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use hbone::Identity;
 use mesh::model::Workload;
 
 use crate::inpod::NetNs;
@@ -36,15 +37,38 @@ pub fn configure(stream: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(stream).set_tcp_keepalive(&KEEPALIVE)
 }
 
+/// Whom a proxy's sockets are made for: a workload as the configuration names it or, captured, a
+/// pod the node agent announced before the configuration names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Its uid, by which in-pod sockets find the pod's network namespace.
+    pub uid: Arc<str>,
+    /// The identity its certificate names.
+    pub identity: Identity,
+    /// Its addresses, where loopback sockets are bound; none for a pod the configuration does
+    /// not name yet, whose listeners take every address of its namespace.
+    pub ips: Box<[IpAddr]>,
+}
+
+impl From<&Workload> for Owner {
+    fn from(workload: &Workload) -> Self {
+        Owner {
+            uid: workload.uid.clone(),
+            identity: workload.identity.clone(),
+            ips: workload.ips.clone(),
+        }
+    }
+}
+
 /// Makes the sockets of one mode.
 pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
-    /// A listener for `workload` on `port` (on its own address, or on every address of its
+    /// A listener for `owner` on `port` (on its own address, or on every address of its
     /// network namespace).
-    fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener>;
-    /// The DNS proxy's sockets for `workload` on `port`, UDP and TCP, on each address its
+    fn listen(&self, owner: &Owner, port: u16) -> io::Result<TcpListener>;
+    /// The DNS proxy's sockets for `owner` on `port`, UDP and TCP, on each address its
     /// queries come to: its own address, or in its network namespace the loopback of each
     /// family, where captured DNS is redirected.
-    fn dns(&self, workload: &Workload, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>>;
+    fn dns(&self, owner: &Owner, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>>;
     /// An unconnected UDP socket on an ephemeral port for `workload`'s datagrams to `dst` (its
     /// DNS queries the proxy forwards), made where its own would leave from.
     fn udp_to(&self, workload: &Workload, dst: SocketAddr) -> io::Result<UdpSocket>;
@@ -59,15 +83,16 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     fn connect_app(&self, workload: &Workload, _client: IpAddr, dst: SocketAddr) -> Connecting {
         self.connect(workload, dst)
     }
-    /// The dialer of `workload`'s HBONE pool.
-    fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial>;
+    /// The dialer of `owner`'s HBONE pool.
+    fn dialer(&self, owner: &Owner) -> Arc<dyn hbone::Dial>;
     /// Where a sandwiched waypoint, reached on `local` (the address its tunnel came to), takes
     /// its tunnels on `port` (see `proxy::app_tunnel`).
     fn app_tunnel_addr(&self, local: IpAddr, port: u16) -> SocketAddr;
     /// Whether traffic is captured, so the transparent listeners (15001, 15006) receive any.
     fn captures(&self) -> bool;
-    /// Whether sockets can be made for `workload` yet (in-pod: its namespace has arrived).
-    fn serves(&self, workload: &Workload) -> bool;
+    /// Whether sockets can be made for the workload `uid` yet (in-pod: its namespace has
+    /// arrived).
+    fn serves(&self, uid: &str) -> bool;
     /// The workloads whose sockets it was given, served or not, as the node agent named them
     /// (in-pod: the pods it announced); those not served are the proxies pending. None by
     /// default: the other modes serve every workload of the node the configuration names.
@@ -81,8 +106,8 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
 pub struct Loopback;
 
 impl SocketFactory for Loopback {
-    fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener> {
-        let ip = workload.ips.first().copied().ok_or_else(|| {
+    fn listen(&self, owner: &Owner, port: u16) -> io::Result<TcpListener> {
+        let ip = owner.ips.first().copied().ok_or_else(|| {
             io::Error::new(io::ErrorKind::AddrNotAvailable, "workload has no address")
         })?;
         let addr = SocketAddr::new(ip, port);
@@ -92,15 +117,15 @@ impl SocketFactory for Loopback {
         socket.listen(1024)
     }
 
-    fn dns(&self, workload: &Workload, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
-        let ip = workload.ips.first().copied().ok_or_else(|| {
+    fn dns(&self, owner: &Owner, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
+        let ip = owner.ips.first().copied().ok_or_else(|| {
             io::Error::new(io::ErrorKind::AddrNotAvailable, "workload has no address")
         })?;
         let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, port))?;
         socket.set_nonblocking(true)?;
         Ok(vec![(
             UdpSocket::from_std(socket)?,
-            self.listen(workload, port)?,
+            self.listen(owner, port)?,
         )])
     }
 
@@ -129,8 +154,8 @@ impl SocketFactory for Loopback {
         self.connect(workload, dst)
     }
 
-    fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
-        Arc::new(FromAddress(workload.ips.first().copied()))
+    fn dialer(&self, owner: &Owner) -> Arc<dyn hbone::Dial> {
+        Arc::new(FromAddress(owner.ips.first().copied()))
     }
 
     /// The workload's own address: on this host nothing but the address tells workloads apart.
@@ -142,7 +167,7 @@ impl SocketFactory for Loopback {
         false
     }
 
-    fn serves(&self, _: &Workload) -> bool {
+    fn serves(&self, _: &str) -> bool {
         true
     }
 }
@@ -209,8 +234,8 @@ impl InPod {
 }
 
 impl SocketFactory for InPod {
-    fn listen(&self, workload: &Workload, port: u16) -> io::Result<TcpListener> {
-        let netns = self.netns(&workload.uid)?;
+    fn listen(&self, owner: &Owner, port: u16) -> io::Result<TcpListener> {
+        let netns = self.netns(&owner.uid)?;
         // TPROXY delivers to any address: the listeners it feeds need IP_TRANSPARENT; REDIRECT
         // (15001) and explicit SOCKS5 do not.
         let transparent = matches!(
@@ -230,7 +255,7 @@ impl SocketFactory for InPod {
                 let dual = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
                 match crate::inpod::bind_listener(&netns, dual, transparent) {
                     Err(e) if e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
-                        tracing::debug!(workload = %workload.uid, port, "no IPv6: listening on IPv4 only");
+                        tracing::debug!(workload = %owner.uid, port, "no IPv6: listening on IPv4 only");
                         let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
                         crate::inpod::bind_listener(&netns, v4, transparent)?
                     }
@@ -245,8 +270,8 @@ impl SocketFactory for InPod {
     /// On the pod's loopbacks only: UDP is not captured inbound, so a wildcard address would
     /// answer other pods too. IPv6's as well as IPv4's, where the capture rules send the pod's
     /// IPv6 queries; not in a pod without IPv6.
-    fn dns(&self, workload: &Workload, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
-        let netns = self.netns(&workload.uid)?;
+    fn dns(&self, owner: &Owner, port: u16) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
+        let netns = self.netns(&owner.uid)?;
         let pair = |ip: IpAddr| -> io::Result<(UdpSocket, TcpListener)> {
             let addr = SocketAddr::new(ip, port);
             let udp = UdpSocket::from_std(crate::inpod::bind_udp(&netns, addr)?)?;
@@ -263,10 +288,10 @@ impl SocketFactory for InPod {
                 if e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT)
                     || e.kind() == io::ErrorKind::AddrNotAvailable =>
             {
-                tracing::debug!(workload = %workload.uid, error = %e, "no IPv6 DNS proxy: the pod has no IPv6")
+                tracing::debug!(workload = %owner.uid, error = %e, "no IPv6 DNS proxy: the pod has no IPv6")
             }
             Err(e) => {
-                tracing::warn!(workload = %workload.uid, error = %e, "no IPv6 DNS proxy: the pod's IPv6 DNS queries go unanswered")
+                tracing::warn!(workload = %owner.uid, error = %e, "no IPv6 DNS proxy: the pod's IPv6 DNS queries go unanswered")
             }
         }
         Ok(sockets)
@@ -304,8 +329,8 @@ impl SocketFactory for InPod {
         })
     }
 
-    fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
-        Arc::new(InPodDial(self.netns(&workload.uid).ok()))
+    fn dialer(&self, owner: &Owner) -> Arc<dyn hbone::Dial> {
+        Arc::new(InPodDial(self.netns(&owner.uid).ok()))
     }
 
     /// The pod's loopback, as upstream does: only something inside the pod's namespace (its
@@ -323,8 +348,8 @@ impl SocketFactory for InPod {
         true
     }
 
-    fn serves(&self, workload: &Workload) -> bool {
-        self.netns(&workload.uid).is_ok()
+    fn serves(&self, uid: &str) -> bool {
+        self.netns(uid).is_ok()
     }
 
     fn announced(&self) -> Vec<(Arc<str>, WorkloadInfo)> {

@@ -2,11 +2,14 @@
 //! connection the agent replays the pods it still has, adding them again (their proxies carry on
 //! undisturbed) or keeping them, and a pod it does not replay is no longer served; a pod
 //! recreated under the same name in a new network namespace is served there, and deleting the
-//! pod it replaced, even after a replay that named both, leaves it served there.
+//! pod it replaced, even after a replay that named both, leaves it served there. A pod the
+//! configuration does not name yet is served at once, its connections waiting for the
+//! configuration, and refused if it does not name the pod in time.
 //!
 //! Needs root (CI runs as root); without it the test fails and says so.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -186,20 +189,49 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     assert!(listening_in(&b2), "from its own namespace");
     eventually(|| !listening_in(&b), "not from the old one").await;
 
-    // A pod the configuration does not name yet is accepted and pending until it does.
+    // A pod the configuration does not name yet is served at once, as upstream serves it,
+    // under the identity the agent gave it.
+    let app = c
+        .run_in(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 7777)))
+        .expect("enter the namespace")
+        .expect("bind the application");
+    std::thread::spawn(move || {
+        for mut s in app.incoming().flatten() {
+            let mut buf = [0u8; 5];
+            if s.read_exact(&mut buf).is_ok() {
+                let _ = s.write_all(&buf);
+            }
+        }
+    });
     agent.add("uid-d", info("d"), &c).await.expect("pod d");
-    assert_eq!((proxies().0, proxies().1), (2, 1), "active, pending");
+    assert!(listening_in(&c), "pod d served before it is named");
+    assert_eq!((proxies().0, proxies().1), (3, 0), "active, pending");
+    let d_listener = listener_inode(&c);
     // `/config_dump` shows it as upstream's does, named as the agent named it, beside those up.
     let state = ztunnel.workload_state().await;
     let dump = state.dump();
     let d = &dump["Kubernetes//v1/Pod/app/d"];
-    assert_eq!(d["state"], "Pending", "{d}");
+    assert_eq!(d["state"], "Up", "{d}");
     assert_eq!(d["info"]["name"], "d", "{d}");
-    assert!(d.get("connections").is_none(), "{d}");
+    assert_eq!(d["connections"]["outbound"], serde_json::json!([]), "{d}");
     assert_eq!(dump[A]["state"], "Up");
     assert_eq!(dump[A]["info"]["serviceAccount"], "default", "{}", dump[A]);
     assert_eq!(dump[A]["connections"]["inbound"], serde_json::json!([]));
     assert_eq!(dump.len(), 3, "{dump:?}");
+
+    // Its connections wait for the configuration to name it; those of a pod it never names
+    // (pod e) are refused once the wait is over.
+    agent.add("uid-e", info("e"), &b).await.expect("pod e");
+    assert!(listening_in(&b), "pod e served before it is named");
+    let (d_ns, e_ns) = (ns_c.open(), ns_b.open());
+    let app_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7777);
+    let from_d = tokio::task::spawn_blocking(move || socks_from(&d_ns, app_addr));
+    let from_e = tokio::task::spawn_blocking(move || socks_from(&e_ns, app_addr));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !from_d.is_finished(),
+        "pod d's connection waits for the configuration"
+    );
     std::fs::write(
         dir.join("mesh.yaml"),
         format!(
@@ -209,10 +241,52 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     )
     .expect("write");
     mesh.store.reload(&mut config).expect("reload");
-    eventually(|| listening_in(&c), "pod d served once named").await;
-    assert_eq!((proxies().0, proxies().1), (3, 0), "active, pending");
+    let (code, mut s) = from_d.await.expect("join").expect("a SOCKS5 reply");
+    assert_eq!(
+        code, 0,
+        "pod d's connection carried once the configuration names it"
+    );
+    s.write_all(b"hello").expect("write");
+    let mut echoed = [0u8; 5];
+    s.read_exact(&mut echoed).expect("the application's answer");
+    assert_eq!(&echoed, b"hello");
+    assert_eq!(
+        listener_inode(&c),
+        d_listener,
+        "pod d's proxy carries on once named"
+    );
+    assert_eq!((proxies().0, proxies().1), (4, 0), "active, pending");
+    let started = Instant::now();
+    let refused = from_e.await.expect("join");
+    assert!(
+        refused.is_none(),
+        "pod e's connection closed without a reply"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "refused when the wait is over"
+    );
+    assert!(listening_in(&b), "pod e still served");
 
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A SOCKS5 CONNECT from inside `netns` through its pod's SOCKS5 port to `dst`: the reply
+/// code and the stream, or none when ztunnel closed the connection without replying.
+fn socks_from(netns: &NetNs, dst: SocketAddrV4) -> Option<(u8, TcpStream)> {
+    netns
+        .run_in(|| {
+            let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, 15080)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
+            let mut request = vec![5, 1, 0, 5, 1, 0, 1];
+            request.extend_from_slice(&dst.ip().octets());
+            request.extend_from_slice(&dst.port().to_be_bytes());
+            s.write_all(&request).ok()?;
+            let mut reply = [0u8; 12];
+            s.read_exact(&mut reply).ok()?;
+            Some((reply[3], s))
+        })
+        .expect("enter the namespace")
 }
 
 /// The agent's side of ztunnel's next connection, greeted.

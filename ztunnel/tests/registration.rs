@@ -14,7 +14,7 @@ use mesh::model::Workload;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use ztunnel::socket::{Connecting, Loopback, SocketFactory};
+use ztunnel::socket::{Connecting, Loopback, Owner, SocketFactory};
 
 #[path = "support/nodes.rs"]
 mod nodes;
@@ -61,16 +61,16 @@ struct HeldConnect {
 }
 
 impl SocketFactory for HeldConnect {
-    fn listen(&self, workload: &Workload, port: u16) -> std::io::Result<TcpListener> {
-        Loopback.listen(workload, port)
+    fn listen(&self, owner: &Owner, port: u16) -> std::io::Result<TcpListener> {
+        Loopback.listen(owner, port)
     }
 
     fn dns(
         &self,
-        workload: &Workload,
+        owner: &Owner,
         port: u16,
     ) -> std::io::Result<Vec<(tokio::net::UdpSocket, tokio::net::TcpListener)>> {
-        Loopback.dns(workload, port)
+        Loopback.dns(owner, port)
     }
 
     fn udp_to(
@@ -94,8 +94,8 @@ impl SocketFactory for HeldConnect {
         })
     }
 
-    fn dialer(&self, workload: &Workload) -> Arc<dyn hbone::Dial> {
-        Loopback.dialer(workload)
+    fn dialer(&self, owner: &Owner) -> Arc<dyn hbone::Dial> {
+        Loopback.dialer(owner)
     }
 
     fn app_tunnel_addr(&self, local: IpAddr, port: u16) -> SocketAddr {
@@ -106,8 +106,8 @@ impl SocketFactory for HeldConnect {
         false
     }
 
-    fn serves(&self, workload: &Workload) -> bool {
-        Loopback.serves(workload)
+    fn serves(&self, uid: &str) -> bool {
+        Loopback.serves(uid)
     }
 }
 

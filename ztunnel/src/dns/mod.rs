@@ -182,13 +182,16 @@ async fn answer(
             ));
         }
     };
-    let snapshot = ctx.store.load();
+    // A pod served before the configuration names it waits for it, as its connections do.
+    let named = crate::proxy::named(ctx, uid).await;
+    let snapshot = named.unwrap_or_else(|| ctx.store.load());
     let client = snapshot.workload_by_uid(uid);
     let labels = labels(&message, protocol, client);
     metrics.dns_requests.get_or_create(&labels).inc();
     let Some(client) = client else {
-        // Gone from the mesh while its query was read: its listeners are closing.
-        tracing::debug!(workload = %uid, %peer, "DNS query unanswered: the workload has left the mesh");
+        // Gone from the mesh while its query was read (its listeners are closing), or not
+        // named in time.
+        tracing::debug!(workload = %uid, %peer, "DNS query unanswered: the configuration does not name the workload");
         return servfail(&message);
     };
     if let Some((q, alias_of, mut ips)) = from_mesh(&snapshot, client, &message) {

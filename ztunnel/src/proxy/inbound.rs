@@ -39,7 +39,10 @@ impl Inbound {
 
 impl Handler for Inbound {
     async fn handle(&self, mut request: InboundRequest) {
-        let snapshot = self.ctx.store.load();
+        let Some(snapshot) = super::named(&self.ctx, &self.uid).await else {
+            request.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        };
         let Some(workload) = snapshot.workload_by_uid(&self.uid) else {
             request.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;

@@ -18,15 +18,15 @@ pub mod socks5;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hbone::drain::{DrainTrigger, DrainWatch};
 use hbone::{CertManager, Pool, Server};
-use mesh::Store;
-use mesh::model::Workload;
+use mesh::{Snapshot, Store};
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
-use crate::socket::SocketFactory;
+use crate::socket::{Owner, SocketFactory};
 use live::LiveConnections;
 
 /// Ports on each workload address.
@@ -81,7 +81,7 @@ pub struct Ctx {
 /// to let connections finish).
 #[derive(Debug)]
 pub struct WorkloadProxy {
-    uid: Arc<str>,
+    owner: Owner,
     drain: Option<DrainTrigger>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -94,15 +94,15 @@ pub(crate) struct Local {
 }
 
 impl WorkloadProxy {
-    /// Binds the workload's listeners and starts serving them.
-    pub async fn start(ctx: Arc<Ctx>, workload: &Workload) -> Result<Self, crate::Error> {
-        let Some(&ip) = workload.ips.first() else {
-            return Err(crate::Error::NoAddress(workload.uid.to_string()));
-        };
-        let uid = workload.uid.clone();
+    /// Binds the listeners of `owner` and starts serving them.
+    pub async fn start(ctx: Arc<Ctx>, owner: Owner) -> Result<Self, crate::Error> {
+        // Where errors say a listener failed: a pod the configuration does not name yet has
+        // no address of its own, and its listeners take every address of its namespace.
+        let ip = (owner.ips.first().copied()).unwrap_or(std::net::Ipv6Addr::UNSPECIFIED.into());
+        let uid = owner.uid.clone();
         let bind = |port: u16| -> Result<TcpListener, crate::Error> {
             ctx.sockets
-                .listen(workload, port)
+                .listen(&owner, port)
                 .map_err(|source| crate::Error::Bind {
                     addr: SocketAddr::new(ip, port),
                     source,
@@ -130,24 +130,23 @@ impl WorkloadProxy {
         };
         let dns = match ctx.dns_proxy.then_some(&ctx.resolvers) {
             Some(upstream) => {
-                let sockets = (ctx.sockets.dns(workload, ports::DNS)).map_err(|source| {
-                    crate::Error::Bind {
+                let sockets =
+                    (ctx.sockets.dns(&owner, ports::DNS)).map_err(|source| crate::Error::Bind {
                         addr: SocketAddr::new(ip, ports::DNS),
                         source,
-                    }
-                })?;
+                    })?;
                 Some((upstream.clone(), sockets))
             }
             None => None,
         };
-        let cert = ctx.certs.fetch(&workload.identity).await?;
+        let cert = ctx.certs.fetch(&owner.identity).await?;
         let (drain, watch) = hbone::drain::channel();
         let local = Arc::new(Local {
             uid: uid.clone(),
             pool: Pool::with_dialer(
                 ctx.certs.clone(),
                 ctx.hbone.clone(),
-                ctx.sockets.dialer(workload),
+                ctx.sockets.dialer(&owner),
             ),
         });
         let mut tasks = Vec::new();
@@ -195,9 +194,9 @@ impl WorkloadProxy {
                 watch,
             )));
         }
-        tracing::info!(workload = %uid, addr = %ip, identity = %workload.identity, "workload proxy started");
+        tracing::info!(workload = %uid, addrs = ?owner.ips, identity = %owner.identity, "workload proxy started");
         Ok(Self {
-            uid,
+            owner,
             drain: Some(drain),
             tasks,
         })
@@ -205,7 +204,12 @@ impl WorkloadProxy {
 
     /// The workload's uid.
     pub fn uid(&self) -> &str {
-        &self.uid
+        &self.owner.uid
+    }
+
+    /// Whom it serves, with the identity and addresses it was started with.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
     }
 
     /// Stops accepting and waits until every connection has finished.
@@ -213,7 +217,7 @@ impl WorkloadProxy {
         if let Some(trigger) = self.drain.take() {
             trigger.drain().await;
         }
-        tracing::info!(workload = %self.uid, "workload proxy drained");
+        tracing::info!(workload = %self.owner.uid, "workload proxy drained");
     }
 }
 
@@ -223,6 +227,44 @@ impl Drop for WorkloadProxy {
             task.abort();
         }
     }
+}
+
+/// How long a connection of a pod the configuration does not name yet waits for it to (upstream
+/// waits as long for the workload from xDS).
+const UNNAMED_WAIT: Duration = Duration::from_secs(5);
+
+/// The configuration, once it names the local workload `uid`. Captured, a pod is served from
+/// the moment the node agent announces it, which may come before the configuration names it
+/// (istio-cni and the control plane race); its connections then wait for the configuration, up
+/// to [`UNNAMED_WAIT`], rather than being refused while the pod starts. Without capture a workload is
+/// served only once named, so one missing has left and nothing waits.
+pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Arc<Snapshot>> {
+    let snapshot = ctx.store.load();
+    if snapshot.workload_by_uid(uid).is_some() {
+        return Some(snapshot);
+    }
+    if !ctx.sockets.captures() {
+        return None;
+    }
+    let mut changes = ctx.store.subscribe();
+    let named = async {
+        loop {
+            // Loaded after subscribing, so a change published in between is not missed.
+            let snapshot = ctx.store.load();
+            if snapshot.workload_by_uid(uid).is_some() {
+                return Some(snapshot);
+            }
+            changes.changed().await.ok()?;
+        }
+    };
+    let found = tokio::time::timeout(UNNAMED_WAIT, named)
+        .await
+        .ok()
+        .flatten();
+    if found.is_none() {
+        tracing::warn!(workload = %uid, wait = ?UNNAMED_WAIT, "the configuration did not name the workload in time");
+    }
+    found
 }
 
 /// Accepts until the drain starts, handing each connection to `handle` in its own task.

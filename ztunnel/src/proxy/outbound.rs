@@ -79,9 +79,11 @@ async fn proxy(
     dst: Destination<'_>,
     socks: bool,
 ) {
-    let snapshot = ctx.store.load();
+    let Some(snapshot) = super::named(ctx, &local.uid).await else {
+        tracing::warn!(workload = %local.uid, "outbound connection from a workload the configuration does not name");
+        return;
+    };
     let Some(source) = snapshot.workload_by_uid(&local.uid) else {
-        tracing::warn!(workload = %local.uid, "outbound connection from a workload that is gone");
         return;
     };
     let original_dst = dst.to_string();

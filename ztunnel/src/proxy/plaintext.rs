@@ -48,7 +48,9 @@ async fn handle(
     peer: SocketAddr,
     target: SocketAddr,
 ) {
-    let snapshot = ctx.store.load();
+    let Some(snapshot) = super::named(ctx, uid).await else {
+        return;
+    };
     let Some(workload) = snapshot.workload_by_uid(uid) else {
         return;
     };
