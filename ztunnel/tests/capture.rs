@@ -18,9 +18,12 @@ use ztunnel::metrics::Metrics;
 
 #[path = "support/fabric.rs"]
 mod fabric;
+#[path = "support/poll.rs"]
+mod poll;
 #[path = "support/sandwich.rs"]
 mod sandwich;
 use fabric::{Child, Fabric, Mesh, assert_root, start_node, sum};
+use poll::poll;
 use sandwich::read_proxy_header;
 
 const MESH: &str = r#"
@@ -661,20 +664,6 @@ spec: {mtls: {mode: STRICT}}
     );
     drop((node_a, node_b));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Reads `get` every 50 ms until `done` holds of it, for up to 5 s, and returns the last
-/// reading for the caller to assert on.
-async fn poll<T>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
-    let mut value = get();
-    for _ in 0..100 {
-        if done(&value) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        value = get();
-    }
-    value
 }
 
 /// A connection from the pod `client` to the echo service's VIP that has had its answer and

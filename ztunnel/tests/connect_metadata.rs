@@ -24,12 +24,15 @@ use ztunnel::socket::Loopback;
 mod logs;
 #[path = "support/nodes.rs"]
 mod nodes;
+#[path = "support/poll.rs"]
+mod poll;
 #[path = "support/scratch.rs"]
 mod scratch;
 #[path = "support/socks.rs"]
 mod socks;
 use logs::{log, trace_id};
 use nodes::Nodes;
+use poll::poll;
 
 /// `client` is a Deployment's pod as the API server writes one; `server-0` a StatefulSet's.
 const MESH: &str = r#"
@@ -152,14 +155,11 @@ fn closed_inbound(nodes: &Nodes, labels: &[&str]) -> f64 {
         .sum()
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..400 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
+async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    assert!(
+        poll(check, |held| *held).await,
+        "timed out waiting for {what}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use hbone::{CertHandle, Config, Identity, InboundRequest, Server};
 use tokio::net::TcpListener;
@@ -14,11 +13,14 @@ use ztunnel::socket::Loopback;
 
 #[path = "support/nodes.rs"]
 mod nodes;
+#[path = "support/poll.rs"]
+mod poll;
 #[path = "support/scratch.rs"]
 mod scratch;
 #[path = "support/socks.rs"]
 mod socks;
 use nodes::Nodes;
+use poll::poll;
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -81,14 +83,9 @@ async fn a_destination_with_another_identity_is_refused_and_counted() {
                 && l.contains("response_flags=\"IDENTITY_ERROR\"")
         })
     };
-    for _ in 0..200 {
-        if flagged(&nodes.metrics_text()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!(
-        "the refusal is counted as an identity error:\n{}",
-        nodes.metrics_text()
+    let text = poll(|| nodes.metrics_text(), |t| flagged(t)).await;
+    assert!(
+        flagged(&text),
+        "the refusal is counted as an identity error:\n{text}"
     );
 }

@@ -23,7 +23,10 @@ use ztunnel::metrics::Metrics;
 
 #[path = "support/fabric.rs"]
 mod fabric;
+#[path = "support/poll.rs"]
+mod poll;
 use fabric::{Mesh, Ns, assert_root, start_node};
+use poll::poll;
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -299,11 +302,7 @@ async fn reconnected(server: &ZdsServer) -> ZdsConnection {
     agent
 }
 
-/// Waits up to 5 s for `check`, which a draining proxy satisfies once its listeners close.
+/// Waits for `check`, which a draining proxy satisfies once its listeners close.
 async fn eventually(check: impl Fn() -> bool, what: &str) {
-    let until = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < until, "{what}: not within 5 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(poll(check, |held| *held).await, "{what}: not in time");
 }
