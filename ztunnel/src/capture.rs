@@ -206,12 +206,11 @@ async fn serve(pod: &Pod, sockets: &InPod, ztunnel: &Ztunnel) {
 /// name yet is served too, as the agent named it, its connections waiting for the
 /// configuration; one it names on another node, or outside the mesh, is not.
 async fn served(ztunnel: &Ztunnel, workload: &Arc<str>) -> Result<(), String> {
-    let result = ztunnel.reconcile().await;
-    if ztunnel.workloads().await.contains(workload) {
-        return Ok(());
+    match ztunnel.reconcile_serving(workload).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "{workload} is not served by this ztunnel (other node, or not captured)"
+        )),
+        Err(e) => Err(format!("cannot serve {workload}: {e}")),
     }
-    Err(match result {
-        Err(e) => format!("cannot serve {workload}: {e}"),
-        Ok(()) => format!("{workload} is not served by this ztunnel (other node, or not captured)"),
-    })
 }

@@ -7,9 +7,11 @@ use std::net::SocketAddr;
 pub enum Error {
     /// A listener could not be bound.
     #[error(
-        "cannot listen on {addr}: {source} (is another ztunnel serving this workload address?)"
+        "cannot listen on {addr} for {workload}: {source} (is another ztunnel serving this workload address?)"
     )]
     Bind {
+        /// The workload's uid.
+        workload: String,
         /// The address.
         addr: SocketAddr,
         /// Why.
@@ -17,7 +19,7 @@ pub enum Error {
     },
     /// The node agent announced a pod whose namespace or service account makes no identity.
     #[error("the announced pod has no valid identity: {0}")]
-    Identity(#[from] hbone::IdentityError),
+    AnnouncedIdentity(hbone::IdentityError),
     /// A certificate could not be issued.
     #[error(transparent)]
     Cert(#[from] hbone::CertError),

@@ -126,8 +126,8 @@ pub struct Metrics {
     /// `workload_manager_active_proxy_count`: workloads served (a proxy each).
     pub proxies_active: Gauge,
     /// `workload_manager_pending_proxy_count`: pods the node agent announced that are not
-    /// served yet: the configuration does not name them (or not as this node's captured
-    /// pods), or their proxy failed to start.
+    /// served: the configuration names them on another node or outside the mesh, or their
+    /// proxy could not start.
     pub proxies_pending: Gauge,
     /// `workload_manager_proxies_started_total`.
     pub proxies_started: Counter,

@@ -1,8 +1,9 @@
 //! One ztunnel: serves the workloads of one node and follows configuration changes.
 //!
-//! On every new snapshot it starts proxies for workloads that arrived on its node, drains
-//! those of workloads that left, and re-checks live inbound connections against the new
-//! policies.
+//! On every new snapshot, and whenever the node agent announces or removes a pod, it starts
+//! proxies for workloads that arrived on its node (captured, for every pod the agent announced,
+//! named by the configuration yet or not), drains those of workloads that left, and re-checks
+//! live inbound connections against the new policies.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -47,11 +48,11 @@ pub struct WorkloadState {
 }
 
 impl Ztunnel {
-    /// Starts serving the captured workloads of `node` and follows configuration changes.
+    /// Starts serving the workloads of `node` and follows configuration changes.
     pub async fn start(ctx: Arc<Ctx>, node: &str) -> Result<Self, crate::Error> {
         let node: Arc<str> = node.into();
         let proxies = Arc::new(tokio::sync::Mutex::new(Proxies::default()));
-        if let Err(e) = reconcile(&ctx, &node, &proxies).await {
+        if let Some((_, e)) = reconcile(&ctx, &node, &proxies).await.into_iter().next() {
             // The proxies that did start stop with it: count them out.
             proxies.lock().await.forget(&ctx.metrics);
             return Err(e);
@@ -93,7 +94,18 @@ impl Ztunnel {
     /// Starts and stops workload proxies to match the snapshot and the sockets available now
     /// (call it when the in-pod agent adds or removes a pod).
     pub async fn reconcile(&self) -> Result<(), crate::Error> {
-        reconcile(&self.ctx, &self.node, &self.proxies).await
+        let failed = reconcile(&self.ctx, &self.node, &self.proxies).await;
+        failed.into_iter().next().map_or(Ok(()), |(_, e)| Err(e))
+    }
+
+    /// Reconciles (see [`Ztunnel::reconcile`]) and says whether the workload `uid` is served
+    /// now, or why its proxy could not start.
+    pub async fn reconcile_serving(&self, uid: &str) -> Result<bool, crate::Error> {
+        let failed = reconcile(&self.ctx, &self.node, &self.proxies).await;
+        if let Some((_, e)) = failed.into_iter().find(|(failed, _)| **failed == *uid) {
+            return Err(e);
+        }
+        Ok(self.proxies.lock().await.running.contains_key(uid))
     }
 
     /// Stops accepting everywhere and lets connections finish, for up to `deadline`.
@@ -158,7 +170,8 @@ impl Proxies {
 impl WorkloadState {
     /// Upstream's `workloadState`, by workload uid: each workload served (`Up`), with its
     /// live `connections`, and each pod the node agent announced that is not served
-    /// (`Pending`: its proxy failed to start), with `info` naming it (`name`, `namespace`,
+    /// (`Pending`: the configuration names it on another node or outside the mesh, or its
+    /// proxy could not start), with `info` naming it (`name`, `namespace`,
     /// `serviceAccount`) as the configuration does, or else as the agent did.
     pub fn dump(&self) -> serde_json::Map<String, serde_json::Value> {
         let snapshot = self.ctx.store.load();
@@ -205,12 +218,13 @@ impl WorkloadState {
     }
 }
 
-/// Starts and stops workload proxies to match the current snapshot and the pods announced.
+/// Starts and stops workload proxies to match the current snapshot and the pods announced;
+/// returns the workloads whose proxy could not start, and why.
 async fn reconcile(
     ctx: &Arc<Ctx>,
     node: &str,
     proxies: &tokio::sync::Mutex<Proxies>,
-) -> Result<(), crate::Error> {
+) -> Vec<(Arc<str>, crate::Error)> {
     let snapshot = ctx.store.load();
     let mut wanted: HashMap<Arc<str>, Owner> = snapshot
         .workloads_on_node(node)
@@ -220,7 +234,7 @@ async fn reconcile(
         .filter(|w| !w.ips.is_empty() || ctx.sockets.captures())
         .map(|w| (w.uid.clone(), Owner::from(w)))
         .collect();
-    let mut first_error = None;
+    let mut failed = Vec::new();
     // A pod the node agent announced is served at once, as upstream serves it, even before
     // the configuration names it: with the identity the agent gave, its connections waiting
     // for the configuration (see `proxy::named`).
@@ -243,18 +257,21 @@ async fn reconcile(
             }
             Err(e) => {
                 tracing::error!(workload = %uid, error = %e, "cannot serve the pod the node agent announced");
-                first_error.get_or_insert(crate::Error::from(e));
+                failed.push((uid.clone(), crate::Error::AnnouncedIdentity(e)));
             }
         }
     }
     let mut proxies = proxies.lock().await;
-    // Those no longer wanted, and those whose identity changed (a pod served as announced,
-    // which the configuration names with another service account), stop.
+    // Those no longer wanted stop. Captured, so do those whose identity changed (a pod served
+    // as announced, which the configuration names with another service account), to start
+    // again with the new one: in-pod listeners share their ports (`SO_REUSEPORT`), so the new
+    // binds while the old drains. Loopback listeners cannot be bound twice: a workload there
+    // keeps its certificate until it is served again.
+    let captures = ctx.sockets.captures();
     let gone: Vec<Arc<str>> = (proxies.running.iter())
-        .filter(|(uid, proxy)| {
-            wanted
-                .get(*uid)
-                .is_none_or(|owner| owner.identity != proxy.owner().identity)
+        .filter(|(uid, proxy)| match wanted.get(*uid) {
+            None => true,
+            Some(owner) => captures && owner.identity != proxy.owner().identity,
         })
         .map(|(uid, _)| uid.clone())
         .collect();
@@ -271,7 +288,7 @@ async fn reconcile(
             Ok(proxy) => proxies.started(proxy, &ctx.metrics),
             Err(e) => {
                 tracing::error!(workload = %uid, error = %e, "cannot serve workload");
-                first_error.get_or_insert(e);
+                failed.push((uid, e));
             }
         }
     }
@@ -282,7 +299,7 @@ async fn reconcile(
         .proxies_pending
         .inc_by(pending as i64 - proxies.pending as i64);
     proxies.pending = pending;
-    first_error.map_or(Ok(()), Err)
+    failed
 }
 
 /// The identity of a pod as the node agent announced it; a pod that names no service account
@@ -309,7 +326,7 @@ async fn follow(ctx: Arc<Ctx>, node: Arc<str>, proxies: Arc<tokio::sync::Mutex<P
         if closed > 0 {
             tracing::info!(node = %node, closed, version = snapshot.version(), "closed connections the new configuration denies");
         }
-        // Errors are logged per workload; the others keep being served.
-        let _ = reconcile(&ctx, &node, &proxies).await;
+        // Failures are logged per workload; the others keep being served.
+        reconcile(&ctx, &node, &proxies).await;
     }
 }

@@ -4,7 +4,8 @@
 //! recreated under the same name in a new network namespace is served there, and deleting the
 //! pod it replaced, even after a replay that named both, leaves it served there. A pod the
 //! configuration does not name yet is served at once, its connections waiting for the
-//! configuration, and refused if it does not name the pod in time.
+//! configuration, and refused if it does not name the pod in time; served again once named
+//! with another identity, and no longer once named on another node.
 //!
 //! Needs root (CI runs as root); without it the test fails and says so.
 
@@ -228,12 +229,20 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     assert!(listening_in(&b), "pod e served before it is named");
     let (d_ns, e_ns) = (ns_c.open(), ns_b.open());
     let app_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7777);
-    let from_d = tokio::task::spawn_blocking(move || socks_from(&d_ns, app_addr));
-    let from_e = tokio::task::spawn_blocking(move || socks_from(&e_ns, app_addr));
+    let (asked, asking) = std::sync::mpsc::channel();
+    let e_asked = asked.clone();
+    let from_d = tokio::task::spawn_blocking(move || socks_from(&d_ns, app_addr, &asked));
+    let from_e = tokio::task::spawn_blocking(move || socks_from(&e_ns, app_addr, &e_asked));
+    let e_started = Instant::now();
+    for _ in 0..2 {
+        asking
+            .recv_timeout(Duration::from_secs(10))
+            .expect("both SOCKS5 requests sent");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        !from_d.is_finished(),
-        "pod d's connection waits for the configuration"
+        !from_d.is_finished() && !from_e.is_finished(),
+        "the connections wait for the configuration"
     );
     std::fs::write(
         dir.join("mesh.yaml"),
@@ -259,24 +268,57 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
         "pod d's proxy carries on once named"
     );
     assert_eq!((proxies().0, proxies().1), (4, 0), "active, pending");
-    let started = Instant::now();
     let refused = from_e.await.expect("join");
     assert!(
         refused.is_none(),
         "pod e's connection closed without a reply"
     );
+    let waited = e_started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(6),
-        "refused when the wait is over"
+        waited > Duration::from_secs(4) && waited < Duration::from_secs(10),
+        "refused when the 5 s wait is over, not before and not never: {waited:?}"
     );
     assert!(listening_in(&b), "pod e still served");
+
+    // The configuration names pod e on another node, and gives pod d another service account:
+    // pod e is no longer served here (pending, as upstream counts a pod it cannot serve), and
+    // pod d's proxy starts again under its new identity.
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        format!(
+            "{MESH}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: d, namespace: app}}\n\
+             spec: {{nodeName: node-a, serviceAccountName: reviews}}\n\
+             status: {{podIP: 198.19.8.4}}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: e, namespace: app}}\n\
+             spec: {{nodeName: node-b}}\nstatus: {{podIP: 198.19.8.5}}\n"
+        ),
+    )
+    .expect("write");
+    mesh.store.reload(&mut config).expect("reload");
+    eventually(|| !listening_in(&b), "pod e's listeners closed").await;
+    eventually(
+        || listener_inode(&c) != d_listener,
+        "pod d's proxy started again",
+    )
+    .await;
+    assert_eq!((proxies().0, proxies().1), (3, 1), "active, pending");
+    let dump = ztunnel.workload_state().await.dump();
+    let e = &dump["Kubernetes//v1/Pod/app/e"];
+    assert_eq!(e["state"], "Pending", "{e}");
+    let d = &dump["Kubernetes//v1/Pod/app/d"];
+    assert_eq!(d["info"]["serviceAccount"], "reviews", "{d}");
 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A SOCKS5 CONNECT from inside `netns` through its pod's SOCKS5 port to `dst`: the reply
-/// code and the stream, or none when ztunnel closed the connection without replying.
-fn socks_from(netns: &NetNs, dst: SocketAddrV4) -> Option<(u8, TcpStream)> {
+/// A SOCKS5 CONNECT from inside `netns` through its pod's SOCKS5 port to `dst`, said on `asked`
+/// once sent: the reply code and the stream, or none when ztunnel closed the connection
+/// without replying.
+fn socks_from(
+    netns: &NetNs,
+    dst: SocketAddrV4,
+    asked: &std::sync::mpsc::Sender<()>,
+) -> Option<(u8, TcpStream)> {
     netns
         .run_in(|| {
             let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, 15080)).ok()?;
@@ -285,6 +327,7 @@ fn socks_from(netns: &NetNs, dst: SocketAddrV4) -> Option<(u8, TcpStream)> {
             request.extend_from_slice(&dst.ip().octets());
             request.extend_from_slice(&dst.port().to_be_bytes());
             s.write_all(&request).ok()?;
+            let _ = asked.send(());
             let mut reply = [0u8; 12];
             s.read_exact(&mut reply).ok()?;
             Some((reply[3], s))

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use hbone::drain::{DrainTrigger, DrainWatch};
 use hbone::{CertManager, Pool, Server};
+use mesh::model::Protocol;
 use mesh::{Snapshot, Store};
 use tokio::net::TcpListener;
 
@@ -104,6 +105,7 @@ impl WorkloadProxy {
             ctx.sockets
                 .listen(&owner, port)
                 .map_err(|source| crate::Error::Bind {
+                    workload: uid.to_string(),
                     addr: SocketAddr::new(ip, port),
                     source,
                 })
@@ -132,6 +134,7 @@ impl WorkloadProxy {
             Some(upstream) => {
                 let sockets =
                     (ctx.sockets.dns(&owner, ports::DNS)).map_err(|source| crate::Error::Bind {
+                        workload: uid.to_string(),
                         addr: SocketAddr::new(ip, ports::DNS),
                         source,
                     })?;
@@ -229,8 +232,8 @@ impl Drop for WorkloadProxy {
     }
 }
 
-/// How long a connection of a pod the configuration does not name yet waits for it to (upstream
-/// waits as long for the workload from xDS).
+/// How long a connection of a pod the configuration does not name yet waits for the
+/// configuration to name it (upstream waits as long for the workload from xDS).
 const UNNAMED_WAIT: Duration = Duration::from_secs(5);
 
 /// The configuration, once it names the local workload `uid`. Captured, a pod is served from
@@ -251,10 +254,12 @@ pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Arc<Snapshot>> {
         loop {
             // Loaded after subscribing, so a change published in between is not missed.
             let snapshot = ctx.store.load();
-            if snapshot.workload_by_uid(uid).is_some() {
-                return Some(snapshot);
+            match snapshot.workload_by_uid(uid) {
+                // Named outside the mesh, the pod is not ztunnel's to serve: its proxy stops.
+                Some(w) if w.protocol != Protocol::Hbone => return None,
+                Some(_) => return Some(snapshot),
+                None => changes.changed().await.ok()?,
             }
-            changes.changed().await.ok()?;
         }
     };
     let found = tokio::time::timeout(UNNAMED_WAIT, named)
@@ -262,7 +267,8 @@ pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Arc<Snapshot>> {
         .ok()
         .flatten();
     if found.is_none() {
-        tracing::warn!(workload = %uid, wait = ?UNNAMED_WAIT, "the configuration did not name the workload in time");
+        // Each caller says what it refused; a pod never named would repeat this for every try.
+        tracing::debug!(workload = %uid, wait = ?UNNAMED_WAIT, "the configuration did not name the workload in time");
     }
     found
 }
