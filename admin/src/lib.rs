@@ -6,7 +6,9 @@
 //!
 //! Metrics and readiness listen on every address, where Prometheus and the kubelet reach the
 //! pod, and answer only their own paths; the configuration and the log level stay on the admin
-//! port, on localhost.
+//! port, on localhost: an IPv4 loopback admin address is served on IPv6's loopback too, on the
+//! same port, where the host has IPv6, as upstream binds its `localhost` admin address in both
+//! families (so a port-forward or a probe that resolves `localhost` to `::1` finds it).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -171,7 +173,8 @@ impl std::fmt::Debug for Admin {
 /// Addresses of the three endpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct AdminAddrs {
-    /// `/config_dump`, `/logging`, `/quitquitquit` (Istio: 127.0.0.1:15000).
+    /// `/config_dump`, `/logging`, `/quitquitquit` (Istio: 127.0.0.1:15000); served on `[::1]`
+    /// too when this is IPv4's loopback.
     pub admin: SocketAddr,
     /// `/stats/prometheus` (Istio: 15020).
     pub metrics: SocketAddr,
@@ -253,16 +256,26 @@ pub fn spawn(admin: Admin, addrs: AdminAddrs) -> std::io::Result<AdminAddrs> {
         l.set_nonblocking(true)?;
         Ok(l)
     };
-    let listeners = [
-        bind(addrs.admin)?,
-        bind(addrs.metrics)?,
-        bind(addrs.readiness)?,
+    let mut listeners = vec![
+        (bind(addrs.admin)?, Endpoint::Admin),
+        (bind(addrs.metrics)?, Endpoint::Metrics),
+        (bind(addrs.readiness)?, Endpoint::Readiness),
     ];
     let bound = AdminAddrs {
-        admin: listeners[0].local_addr()?,
-        metrics: listeners[1].local_addr()?,
-        readiness: listeners[2].local_addr()?,
+        admin: listeners[0].0.local_addr()?,
+        metrics: listeners[1].0.local_addr()?,
+        readiness: listeners[2].0.local_addr()?,
     };
+    if bound.admin.ip() == std::net::Ipv4Addr::LOCALHOST {
+        let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), bound.admin.port());
+        match bind(v6) {
+            Ok(listener) => listeners.push((listener, Endpoint::Admin)),
+            Err(e) if no_ipv6(&e) => {
+                tracing::info!(addr = %v6, error = %e, "no IPv6 loopback; admin on IPv4's only");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let admin = Arc::new(admin);
     std::thread::Builder::new()
         .name(admin.name.into())
@@ -279,8 +292,7 @@ pub fn spawn(admin: Admin, addrs: AdminAddrs) -> std::io::Result<AdminAddrs> {
             };
             runtime.block_on(async move {
                 let mut tasks = Vec::new();
-                let endpoints = [Endpoint::Admin, Endpoint::Metrics, Endpoint::Readiness];
-                for (listener, endpoint) in listeners.into_iter().zip(endpoints) {
+                for (listener, endpoint) in listeners {
                     let admin = admin.clone();
                     tasks.push(tokio::spawn(async move {
                         match TcpListener::from_std(listener) {
@@ -642,6 +654,24 @@ mod tests {
         assert_eq!(
             asked("POST", bound.admin).await,
             (("200".into(), "draining\n".into()), true)
+        );
+    }
+
+    /// An admin on IPv4's loopback answers on IPv6's too, on the same port, as upstream's
+    /// `localhost`; the endpoints open to the pod network are not doubled.
+    #[test]
+    fn the_admin_answers_on_both_loopbacks() {
+        let bound = serve_test_admin(Arc::new(|| Ok(())), Arc::default());
+        assert_eq!(bound.admin.ip(), std::net::Ipv4Addr::LOCALHOST);
+        let v6 = |port| SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port);
+        let (status, body) = request(v6(bound.admin.port()), "GET", "/config_dump");
+        assert_eq!(status, "200", "{body}");
+        assert!(body.contains("\"certificates\""), "{body}");
+        assert_eq!(request(bound.admin, "GET", "/healthz/ready").0, "200");
+        let metrics = std::net::TcpStream::connect(v6(bound.metrics.port()));
+        assert!(
+            metrics.is_err(),
+            "metrics were asked on IPv4's loopback only"
         );
     }
 

@@ -109,6 +109,7 @@ impl LocalMesh {
         let mut ztunnels = Vec::new();
         for node in nodes {
             let ctx = Arc::new(Ctx {
+                node: node.into(),
                 store: store.clone(),
                 certs: certs.clone(),
                 metrics: metrics.clone(),
@@ -121,7 +122,7 @@ impl LocalMesh {
                 dns_proxy: true,
                 socks5: true,
             });
-            ztunnels.push(Ztunnel::start(ctx, node).await?);
+            ztunnels.push(Ztunnel::start(ctx).await?);
         }
         let mut waypoints = Vec::new();
         for w in snapshot.waypoints() {

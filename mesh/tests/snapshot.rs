@@ -20,14 +20,14 @@ fn ip(s: &str) -> IpAddr {
 fn workloads_are_indexed_by_ip_uid_and_node() {
     let s = snapshot(BOOKINFO);
     let reviews = s.workload_by_ip("", ip("10.0.1.2")).expect("by ip");
-    assert_eq!(&*reviews.uid, "Kubernetes//v1/Pod/bookinfo/reviews-v1");
+    assert_eq!(&*reviews.uid, "Kubernetes//Pod/bookinfo/reviews-v1");
     assert_eq!(
         reviews.identity.to_string(),
         "spiffe://cluster.local/ns/bookinfo/sa/reviews"
     );
     assert_eq!(reviews.protocol, Protocol::Hbone);
     assert!(
-        s.workload_by_uid("Kubernetes//v1/Pod/bookinfo/reviews-v1")
+        s.workload_by_uid("Kubernetes//Pod/bookinfo/reviews-v1")
             .is_some()
     );
     assert!(s.workload_by_ip("other-network", ip("10.0.1.2")).is_none());
@@ -816,7 +816,7 @@ fn dump_is_complete_json() {
     assert_eq!(waypoint["name"], "waypoint");
     assert_eq!(
         waypoint["instances"],
-        json!(["Kubernetes//v1/Pod/bookinfo/waypoint-6f8c9-abcde"])
+        json!(["Kubernetes//Pod/bookinfo/waypoint-6f8c9-abcde"])
     );
     assert_eq!(
         waypoint["service"],
@@ -876,7 +876,7 @@ spec: {clusterIP: 10.96.0.77, publishNotReadyAddresses: true, selector: {app: re
 
     let reviews_v1 = find("workloads", "reviews-v1");
     for (field, want) in [
-        ("uid", json!("Kubernetes//v1/Pod/bookinfo/reviews-v1")),
+        ("uid", json!("Kubernetes//Pod/bookinfo/reviews-v1")),
         ("workloadIps", json!(["10.0.1.2"])),
         ("protocol", json!("HBONE")),
         ("namespace", json!("bookinfo")),
@@ -929,9 +929,9 @@ spec: {clusterIP: 10.96.0.77, publishNotReadyAddresses: true, selector: {app: re
     let endpoints = reviews["endpoints"].as_object().expect("a map by uid");
     assert_eq!(endpoints.len(), 2, "{reviews}");
     assert_eq!(
-        endpoints["Kubernetes//v1/Pod/bookinfo/reviews-v2"],
+        endpoints["Kubernetes//Pod/bookinfo/reviews-v2"],
         json!({
-            "workloadUid": "Kubernetes//v1/Pod/bookinfo/reviews-v2",
+            "workloadUid": "Kubernetes//Pod/bookinfo/reviews-v2",
             "service": "bookinfo/reviews.bookinfo.svc.cluster.local",
             "address": "/10.0.2.2",
             "port": {"9080": 8081},

@@ -664,6 +664,7 @@ async fn start_ztunnels(config: &Path, ca: MeshCa) -> Vec<Ztunnel> {
     let mut out = Vec::new();
     for node in nodes {
         let ctx = Arc::new(Ctx {
+            node: node.as_str().into(),
             store: store.clone(),
             certs: Arc::new(CertManager::new(ca.clone())),
             metrics: metrics.clone(),
@@ -677,7 +678,7 @@ async fn start_ztunnels(config: &Path, ca: MeshCa) -> Vec<Ztunnel> {
             dns_proxy: false,
             socks5: true,
         });
-        out.push(Ztunnel::start(ctx, &node).await.expect("ztunnel"));
+        out.push(Ztunnel::start(ctx).await.expect("ztunnel"));
     }
     out
 }

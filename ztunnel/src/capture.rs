@@ -97,7 +97,7 @@ impl Pods {
                     Some(info) => {
                         let cluster = ztunnel.ctx().store.snapshot().options().cluster_id.clone();
                         let workload: Arc<str> =
-                            format!("{cluster}//v1/Pod/{}/{}", info.namespace, info.name).into();
+                            format!("{cluster}//Pod/{}/{}", info.namespace, info.name).into();
                         if let Some(seen) = &mut replayed {
                             seen.insert(uid.clone());
                         }

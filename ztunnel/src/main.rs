@@ -33,7 +33,8 @@ struct Cli {
     /// Log filter (`info`, `access=info,ztunnel=debug`, ...); also `RUST_LOG`.
     #[arg(long, global = true)]
     log: Option<String>,
-    /// Admin endpoint (`/config_dump`, `/logging`, `POST /quitquitquit`).
+    /// Admin endpoint (`/config_dump`, `/logging`, `POST /quitquitquit`); IPv4's loopback is
+    /// served on `[::1]` too, at the same port.
     #[arg(long, global = true, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// Prometheus endpoint (`/stats/prometheus`). On every address by default, as upstream's,
@@ -236,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let resolvers = Arc::new(resolvers(dns_upstreams));
             let ctx = Arc::new(Ctx {
+                node: node.as_str().into(),
                 store,
                 certs,
                 metrics,
@@ -246,11 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dns_proxy: !no_dns,
                 socks5,
             });
-            let ztunnel = Arc::new(
-                Ztunnel::start(ctx, &node)
-                    .await
-                    .context("starting the ztunnel")?,
-            );
+            let ztunnel = Arc::new(Ztunnel::start(ctx).await.context("starting the ztunnel")?);
             let workloads = ztunnel.workload_state().await;
             let _ = state.set(Arc::new(move || {
                 serde_json::Map::from_iter([("workloadState".to_owned(), workloads.dump().into())])

@@ -9,20 +9,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use mesh::model::Protocol;
 use tokio::task::JoinHandle;
 
 use hbone::Identity;
 
 use crate::inpod::zds::proto::WorkloadInfo;
-use crate::proxy::{Ctx, WorkloadProxy};
+use crate::proxy::{Ctx, WorkloadProxy, served_here};
 use crate::socket::Owner;
 
 /// A running ztunnel.
 #[derive(Debug)]
 pub struct Ztunnel {
     ctx: Arc<Ctx>,
-    node: Arc<str>,
     proxies: Arc<tokio::sync::Mutex<Proxies>>,
     follower: Option<JoinHandle<()>>,
 }
@@ -48,19 +46,17 @@ pub struct WorkloadState {
 }
 
 impl Ztunnel {
-    /// Starts serving the workloads of `node` and follows configuration changes.
-    pub async fn start(ctx: Arc<Ctx>, node: &str) -> Result<Self, crate::Error> {
-        let node: Arc<str> = node.into();
+    /// Starts serving the workloads of the context's node and follows configuration changes.
+    pub async fn start(ctx: Arc<Ctx>) -> Result<Self, crate::Error> {
         let proxies = Arc::new(tokio::sync::Mutex::new(Proxies::default()));
-        if let Some((_, e)) = reconcile(&ctx, &node, &proxies).await.into_iter().next() {
+        if let Some((_, e)) = reconcile(&ctx, &proxies).await.into_iter().next() {
             // The proxies that did start stop with it: count them out.
             proxies.lock().await.forget(&ctx.metrics);
             return Err(e);
         }
-        let follower = tokio::spawn(follow(ctx.clone(), node.clone(), proxies.clone()));
+        let follower = tokio::spawn(follow(ctx.clone(), proxies.clone()));
         Ok(Self {
             ctx,
-            node,
             proxies,
             follower: Some(follower),
         })
@@ -81,7 +77,7 @@ impl Ztunnel {
 
     /// The node served.
     pub fn node(&self) -> &str {
-        &self.node
+        &self.ctx.node
     }
 
     /// The uids of the workloads being served.
@@ -94,14 +90,14 @@ impl Ztunnel {
     /// Starts and stops workload proxies to match the snapshot and the sockets available now
     /// (call it when the in-pod agent adds or removes a pod).
     pub async fn reconcile(&self) -> Result<(), crate::Error> {
-        let failed = reconcile(&self.ctx, &self.node, &self.proxies).await;
+        let failed = reconcile(&self.ctx, &self.proxies).await;
         failed.into_iter().next().map_or(Ok(()), |(_, e)| Err(e))
     }
 
     /// Reconciles (see [`Ztunnel::reconcile`]) and says whether the workload `uid` is served
     /// now, or why its proxy could not start.
     pub async fn reconcile_serving(&self, uid: &str) -> Result<bool, crate::Error> {
-        let failed = reconcile(&self.ctx, &self.node, &self.proxies).await;
+        let failed = reconcile(&self.ctx, &self.proxies).await;
         if let Some((_, e)) = failed.into_iter().find(|(failed, _)| **failed == *uid) {
             return Err(e);
         }
@@ -116,7 +112,7 @@ impl Ztunnel {
         let proxies = self.proxies.lock().await.forget(&self.ctx.metrics);
         let all = futures_util::future::join_all(proxies.into_iter().map(WorkloadProxy::drain));
         if tokio::time::timeout(deadline, all).await.is_err() {
-            tracing::warn!(node = %self.node, ?deadline, "drain deadline passed; closing the remaining connections");
+            tracing::warn!(node = %self.ctx.node, ?deadline, "drain deadline passed; closing the remaining connections");
         }
     }
 }
@@ -222,13 +218,12 @@ impl WorkloadState {
 /// returns the workloads whose proxy could not start, and why.
 async fn reconcile(
     ctx: &Arc<Ctx>,
-    node: &str,
     proxies: &tokio::sync::Mutex<Proxies>,
 ) -> Vec<(Arc<str>, crate::Error)> {
     let snapshot = ctx.store.load();
     let mut wanted: HashMap<Arc<str>, Owner> = snapshot
-        .workloads_on_node(node)
-        .filter(|w| w.protocol == Protocol::Hbone && ctx.sockets.serves(&w.uid))
+        .workloads_on_node(&ctx.node)
+        .filter(|w| served_here(ctx, w) && ctx.sockets.serves(&w.uid))
         // Captured, the listeners take every address of the pod's namespace: a pod whose
         // address the configuration does not have yet is served all the same.
         .filter(|w| !w.ips.is_empty() || ctx.sockets.captures())
@@ -315,7 +310,7 @@ fn announced_identity(
     Identity::new(trust_domain, &info.namespace, service_account)
 }
 
-async fn follow(ctx: Arc<Ctx>, node: Arc<str>, proxies: Arc<tokio::sync::Mutex<Proxies>>) {
+async fn follow(ctx: Arc<Ctx>, proxies: Arc<tokio::sync::Mutex<Proxies>>) {
     let mut changes = ctx.store.subscribe();
     while changes.changed().await.is_ok() {
         let snapshot = ctx.store.load();
@@ -324,9 +319,9 @@ async fn follow(ctx: Arc<Ctx>, node: Arc<str>, proxies: Arc<tokio::sync::Mutex<P
         ctx.metrics.config_rejected.set(stats.rejected as i64);
         let closed = ctx.live.reevaluate(&snapshot);
         if closed > 0 {
-            tracing::info!(node = %node, closed, version = snapshot.version(), "closed connections the new configuration denies");
+            tracing::info!(node = %ctx.node, closed, version = snapshot.version(), "closed connections the new configuration denies");
         }
         // Failures are logged per workload; the others keep being served.
-        reconcile(&ctx, &node, &proxies).await;
+        reconcile(&ctx, &proxies).await;
     }
 }

@@ -300,7 +300,8 @@ async fn captured_pods_talk_through_hbone() {
     tracing_subscriber::fmt()
         .with_writer(|| LogWriter)
         .with_ansi(false)
-        .with_env_filter("info")
+        // Access events at debug too, as an operator asks for `connection opened`.
+        .with_env_filter("info,access=debug")
         .init();
     let mut fabric = Fabric::new(std::process::id() % 10_000);
     let client = Arc::new(fabric.pod(1));
@@ -646,6 +647,15 @@ spec: {mtls: {mode: STRICT}}
         log.lines().any(|l| l.contains("connection complete")
             && l.contains("direction=\"inbound\"")
             && l.contains("dst.addr=198.19.7.3:15008")
+            && l.contains("dst.hbone_addr=198.19.7.3:8080")),
+        "{log}"
+    );
+    // Each is logged as it opens too, at debug level, as upstream logs it.
+    assert!(
+        log.lines().any(|l| l.contains(" DEBUG ")
+            && l.contains("connection opened")
+            && l.contains("direction=\"inbound\"")
+            && l.contains("src.identity=spiffe://cluster.local/ns/app/sa/client")
             && l.contains("dst.hbone_addr=198.19.7.3:8080")),
         "{log}"
     );

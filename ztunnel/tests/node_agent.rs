@@ -5,7 +5,8 @@
 //! pod it replaced, even after a replay that named both, leaves it served there. A pod the
 //! configuration does not name yet is served at once, its connections waiting for the
 //! configuration, and refused if it does not name the pod in time; served again once named
-//! with another identity, and no longer once named on another node.
+//! with another identity, and no longer once named on another node, its waiting connections
+//! refused then.
 //!
 //! Needs root (CI runs as root); without it the test fails and says so.
 
@@ -53,9 +54,9 @@ spec: {nodeName: node-a}
 status: {podIP: 198.19.8.3}
 "#;
 
-const A: &str = "Kubernetes//v1/Pod/app/a";
-const B: &str = "Kubernetes//v1/Pod/app/b";
-const C: &str = "Kubernetes//v1/Pod/app/c";
+const A: &str = "Kubernetes//Pod/app/a";
+const B: &str = "Kubernetes//Pod/app/b";
+const C: &str = "Kubernetes//Pod/app/c";
 
 /// Whether the workload's SOCKS5 listener answers on the loopback of `netns`.
 fn listening_in(netns: &NetNs) -> bool {
@@ -214,7 +215,7 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     // `/config_dump` shows it as upstream's does, named as the agent named it, beside those up.
     let state = ztunnel.workload_state().await;
     let dump = state.dump();
-    let d = &dump["Kubernetes//v1/Pod/app/d"];
+    let d = &dump["Kubernetes//Pod/app/d"];
     assert_eq!(d["state"], "Up", "{d}");
     assert_eq!(d["info"]["name"], "d", "{d}");
     assert_eq!(d["connections"]["outbound"], serde_json::json!([]), "{d}");
@@ -281,8 +282,18 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     assert!(listening_in(&b), "pod e still served");
 
     // The configuration names pod e on another node, and gives pod d another service account:
-    // pod e is no longer served here (pending, as upstream counts a pod it cannot serve), and
-    // pod d's proxy starts again under its new identity.
+    // pod e is no longer served here (pending, as upstream counts a pod it cannot serve), a
+    // connection of its still waiting is refused then rather than carried as that workload,
+    // and pod d's proxy starts again under its new identity.
+    let e_ns = ns_b.open();
+    let (asked, asking) = std::sync::mpsc::channel();
+    let from_e = tokio::task::spawn_blocking(move || socks_from(&e_ns, app_addr, &asked));
+    asking
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the SOCKS5 request sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!from_e.is_finished(), "pod e's connection waits again");
+    let renamed = Instant::now();
     std::fs::write(
         dir.join("mesh.yaml"),
         format!(
@@ -295,6 +306,16 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     )
     .expect("write");
     mesh.store.reload(&mut config).expect("reload");
+    let refused = from_e.await.expect("join");
+    assert!(
+        refused.is_none(),
+        "pod e's waiting connection closed without a reply"
+    );
+    assert!(
+        renamed.elapsed() < Duration::from_secs(3),
+        "refused once named elsewhere, not when the wait is over: {:?}",
+        renamed.elapsed()
+    );
     eventually(|| !listening_in(&b), "pod e's listeners closed").await;
     eventually(
         || listener_inode(&c) != d_listener,
@@ -303,9 +324,9 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     .await;
     assert_eq!((proxies().0, proxies().1), (3, 1), "active, pending");
     let dump = ztunnel.workload_state().await.dump();
-    let e = &dump["Kubernetes//v1/Pod/app/e"];
+    let e = &dump["Kubernetes//Pod/app/e"];
     assert_eq!(e["state"], "Pending", "{e}");
-    let d = &dump["Kubernetes//v1/Pod/app/d"];
+    let d = &dump["Kubernetes//Pod/app/d"];
     assert_eq!(d["info"]["serviceAccount"], "reviews", "{d}");
 
     let _ = std::fs::remove_dir_all(&dir);

@@ -16,7 +16,7 @@ use super::{Labels, Locality, PolicyId, ServiceId, WaypointId, WorkloadId};
 pub struct Workload {
     /// Its position in the snapshot.
     pub id: WorkloadId,
-    /// Stable id, in Istio's form: `<cluster>//v1/Pod/<ns>/<name>` for pods.
+    /// Stable id, in Istio's form: `<cluster>//Pod/<ns>/<name>` for pods.
     pub uid: Arc<str>,
     /// Where it came from.
     pub kind: WorkloadKind,

@@ -595,10 +595,7 @@ impl<'o> Builder<'o> {
             .filter_map(|p| Some((self.interner.get(p.name.as_deref()?), p.container_port)))
             .collect();
         let workload = model::workload::workload_name_and_type(meta);
-        let uid = format!(
-            "{}//v1/Pod/{namespace}/{}",
-            self.options.cluster_id, meta.name
-        );
+        let uid = format!("{}//Pod/{namespace}/{}", self.options.cluster_id, meta.name);
         let locality = (pod.spec.node_name.as_deref())
             .and_then(|n| self.node_localities.get(n))
             .cloned()
@@ -1368,7 +1365,7 @@ impl<'o> Builder<'o> {
             .map(|(_, p)| {
                 (
                     format!(
-                        "{}//v1/Pod/{}/{}",
+                        "{}//Pod/{}/{}",
                         self.options.cluster_id,
                         p.metadata.namespace(),
                         p.metadata.name

@@ -186,6 +186,7 @@ impl Mesh {
         let mut ztunnels = Vec::new();
         for node in nodes {
             let ctx = Arc::new(Ctx {
+                node: node.into(),
                 store: store.clone(),
                 certs: Arc::new(CertManager::new(ca.clone())),
                 metrics: zmetrics.clone(),
@@ -199,7 +200,7 @@ impl Mesh {
                 dns_proxy: false,
                 socks5: true,
             });
-            ztunnels.push(Ztunnel::start(ctx, node).await.expect("ztunnel"));
+            ztunnels.push(Ztunnel::start(ctx).await.expect("ztunnel"));
         }
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut backends = Vec::new();

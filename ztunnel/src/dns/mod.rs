@@ -184,17 +184,16 @@ async fn answer(
     };
     // A pod served before the configuration names it waits for it, as its connections do.
     let named = crate::proxy::named(ctx, uid).await;
-    let snapshot = named.unwrap_or_else(|| ctx.store.load());
-    let client = snapshot.workload_by_uid(uid);
-    let labels = labels(&message, protocol, client);
+    let labels = labels(&message, protocol, named.as_ref().map(|n| n.workload()));
     metrics.dns_requests.get_or_create(&labels).inc();
-    let Some(client) = client else {
-        // Gone from the mesh while its query was read (its listeners are closing), or not
-        // named in time.
-        tracing::debug!(workload = %uid, %peer, "DNS query unanswered: the configuration does not name the workload");
+    let Some(named) = named else {
+        // Gone from the mesh or from this node while its query was read (its listeners are
+        // closing), or not named in time.
+        tracing::debug!(workload = %uid, %peer, "DNS query unanswered: the configuration does not name the workload as this ztunnel's");
         return servfail(&message);
     };
-    if let Some((q, alias_of, mut ips)) = from_mesh(&snapshot, client, &message) {
+    let (snapshot, client) = (&*named.snapshot, named.workload());
+    if let Some((q, alias_of, mut ips)) = from_mesh(snapshot, client, &message) {
         tracing::debug!(workload = %uid, name = %q.name(), r#type = %q.query_type(), ?alias_of, ?ips, "DNS answered from the mesh");
         // Most clients take the first address: a headless service's pods take turns at being it.
         ips.shuffle(&mut rand::rng());

@@ -264,7 +264,7 @@ spec:
 "#;
 
     fn uid(pod: &str) -> String {
-        format!("Kubernetes//v1/Pod/app/{pod}")
+        format!("Kubernetes//Pod/app/{pod}")
     }
 
     fn id(sa: &str) -> Identity {

@@ -75,6 +75,52 @@ pub struct Ends {
     pub trace: Option<TraceParent>,
 }
 
+/// One `access` event with both ends' fields, as upstream logs them; a macro because an
+/// event's level and message are part of its static metadata. The fields are computed only
+/// when the level is enabled.
+macro_rules! access {
+    ($level:ident, $direction:expr, $ends:expr, $($rest:tt)*) => {{
+        let e: &Ends = $ends;
+        tracing::$level!(
+            target: "access",
+            direction = $direction.as_str(),
+            src.addr = %addr(&e.src_addr),
+            src.workload = %name(&e.src_workload),
+            src.namespace = %namespace(&e.src_workload),
+            src.identity = %show(&e.src_identity),
+            src.cluster = %cluster(&e.src_workload),
+            dst.addr = %addr(&e.dst_addr),
+            dst.hbone_addr = %show(&e.dst_hbone_addr),
+            dst.service = %show(&e.dst_service),
+            dst.workload = %name(&e.dst_workload),
+            dst.namespace = %namespace(&e.dst_workload),
+            dst.identity = %show(&e.dst_identity),
+            dst.cluster = %cluster(&e.dst_workload),
+            trace_id = e.trace.map(|t| tracing::field::display(t.trace_id())),
+            $($rest)*
+        )
+    }};
+}
+fn show(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or_default()
+}
+
+fn addr(v: &Option<SocketAddr>) -> String {
+    v.map(|a| a.to_string()).unwrap_or_default()
+}
+
+fn name(w: &Option<LoggedWorkload>) -> &str {
+    w.as_ref().map_or("", |w| &w.name)
+}
+
+fn namespace(w: &Option<LoggedWorkload>) -> &str {
+    w.as_ref().map_or("", |w| &w.namespace)
+}
+
+fn cluster(w: &Option<LoggedWorkload>) -> &str {
+    w.as_ref().map_or("", |w| &w.cluster)
+}
+
 /// Records one connection.
 #[derive(Debug)]
 pub struct ConnectionGuard {
@@ -89,7 +135,8 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
-    /// Starts recording; counts the connection as opened.
+    /// Starts recording; counts the connection as opened, and logs it at debug level as
+    /// upstream does (`connection opened`), with what is known of the two ends so far.
     pub fn open(
         metrics: Arc<Metrics>,
         labels: TcpLabels,
@@ -97,6 +144,7 @@ impl ConnectionGuard {
         ends: Ends,
     ) -> Self {
         metrics.opened.get_or_create(&labels).inc();
+        access!(debug, direction, &ends, "connection opened");
         Self {
             metrics,
             labels,
@@ -144,71 +192,21 @@ impl Drop for ConnectionGuard {
         m.sent_bytes
             .get_or_create(&self.labels)
             .inc_by(self.copied.b_to_a);
-        let e = &self.ends;
-        let show = |v: &Option<String>| v.clone().unwrap_or_default();
-        let name = |w: &Option<LoggedWorkload>| w.as_ref().map(|w| w.name.clone());
-        let namespace = |w: &Option<LoggedWorkload>| w.as_ref().map(|w| w.namespace.clone());
-        let cluster = |w: &Option<LoggedWorkload>| w.as_ref().map(|w| w.cluster.clone());
-        let addr = |v: &Option<SocketAddr>| v.map(|a| a.to_string()).unwrap_or_default();
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let failure = self.error.as_deref().unwrap_or_default();
         let flags = &self.labels.response_flags;
-        let trace_id = e.trace.map(|t| t.trace_id());
         // As upstream logs them, from the logging ztunnel's side of the application: outbound,
         // sent is what the client sent; inbound, what went back to the caller.
         let (bytes_sent, bytes_recv) = match self.direction {
             Direction::Outbound => (self.copied.a_to_b, self.copied.b_to_a),
             Direction::Inbound => (self.copied.b_to_a, self.copied.a_to_b),
         };
-        // Two call sites because a tracing event's level is part of its static metadata.
         if self.error.is_none() {
-            tracing::info!(
-                target: "access",
-                direction = self.direction.as_str(),
-                src.addr = %addr(&e.src_addr),
-                src.workload = %name(&e.src_workload).unwrap_or_default(),
-                src.namespace = %namespace(&e.src_workload).unwrap_or_default(),
-                src.identity = %show(&e.src_identity),
-                src.cluster = %cluster(&e.src_workload).unwrap_or_default(),
-                dst.addr = %addr(&e.dst_addr),
-                dst.hbone_addr = %show(&e.dst_hbone_addr),
-                dst.service = %show(&e.dst_service),
-                dst.workload = %name(&e.dst_workload).unwrap_or_default(),
-                dst.namespace = %namespace(&e.dst_workload).unwrap_or_default(),
-                dst.identity = %show(&e.dst_identity),
-                dst.cluster = %cluster(&e.dst_workload).unwrap_or_default(),
-                trace_id = trace_id.map(tracing::field::display),
-                bytes_sent,
-                bytes_recv,
-                duration = %duration,
-                response_flags = %flags,
-                error = %failure,
-                "connection complete"
-            );
+            access!(info, self.direction, &self.ends, bytes_sent, bytes_recv, duration = %duration,
+                response_flags = %flags, error = %failure, "connection complete");
         } else {
-            tracing::error!(
-                target: "access",
-                direction = self.direction.as_str(),
-                src.addr = %addr(&e.src_addr),
-                src.workload = %name(&e.src_workload).unwrap_or_default(),
-                src.namespace = %namespace(&e.src_workload).unwrap_or_default(),
-                src.identity = %show(&e.src_identity),
-                src.cluster = %cluster(&e.src_workload).unwrap_or_default(),
-                dst.addr = %addr(&e.dst_addr),
-                dst.hbone_addr = %show(&e.dst_hbone_addr),
-                dst.service = %show(&e.dst_service),
-                dst.workload = %name(&e.dst_workload).unwrap_or_default(),
-                dst.namespace = %namespace(&e.dst_workload).unwrap_or_default(),
-                dst.identity = %show(&e.dst_identity),
-                dst.cluster = %cluster(&e.dst_workload).unwrap_or_default(),
-                trace_id = trace_id.map(tracing::field::display),
-                bytes_sent,
-                bytes_recv,
-                duration = %duration,
-                response_flags = %flags,
-                error = %failure,
-                "connection complete"
-            );
+            access!(error, self.direction, &self.ends, bytes_sent, bytes_recv, duration = %duration,
+                response_flags = %flags, error = %failure, "connection complete");
         }
     }
 }

@@ -39,14 +39,11 @@ impl Inbound {
 
 impl Handler for Inbound {
     async fn handle(&self, mut request: InboundRequest) {
-        let Some(snapshot) = super::named(&self.ctx, &self.uid).await else {
+        let Some(named) = super::named(&self.ctx, &self.uid).await else {
             request.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         };
-        let Some(workload) = snapshot.workload_by_uid(&self.uid) else {
-            request.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            return;
-        };
+        let (snapshot, workload) = (&named.snapshot, named.workload());
         let peer = request.peer_addr();
         let peer_identity = request.peer_identity().clone();
         let source = snapshot.workload_by_ip(&workload.network, peer.ip());
@@ -59,8 +56,8 @@ impl Handler for Inbound {
         // sandwiched waypoint it names the service's VIP and port, which the waypoint routes.
         let by_host = match request.target() {
             Authority::Host { host, port } => Some(match app_tunnel {
-                None => host_target(&snapshot, workload, host, *port, local),
-                Some(_) => vip_target(&snapshot, host, *port, local),
+                None => host_target(snapshot, workload, host, *port, local),
+                Some(_) => vip_target(snapshot, host, *port, local),
             }),
             Authority::Addr(_) => None,
         };
@@ -85,7 +82,7 @@ impl Handler for Inbound {
             _ if app_tunnel.is_some() => target
                 .and_then(|t| snapshot.service_by_vip_port(t.ip(), t.port()))
                 .map(|(_, service, _)| service),
-            _ => target.and_then(|t| service_on_port(&snapshot, workload, t.port())),
+            _ => target.and_then(|t| service_on_port(snapshot, workload, t.port())),
         };
         let cluster = &snapshot.options().cluster_id;
         let baggage = request.headers().baggage.as_ref();
@@ -223,7 +220,7 @@ impl Handler for Inbound {
         if let Ok(value) = http::HeaderValue::from_str(&baggage) {
             (request.response_headers_mut()).insert(hbone::headers::name::BAGGAGE, value);
         }
-        drop(snapshot);
+        drop(named);
         let mut tunnel = match request.accept() {
             Ok(t) => t,
             Err(e) => {

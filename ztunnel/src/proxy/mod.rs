@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use hbone::drain::{DrainTrigger, DrainWatch};
 use hbone::{CertManager, Pool, Server};
-use mesh::model::Protocol;
+use mesh::model::{Protocol, Workload, WorkloadId};
 use mesh::{Snapshot, Store};
 use tokio::net::TcpListener;
 
@@ -56,6 +56,9 @@ pub mod ports {
 /// What every connection handler needs.
 #[derive(Debug)]
 pub struct Ctx {
+    /// The node this ztunnel serves: its workloads are those the configuration places there
+    /// and, captured, the pods the node agent announces.
+    pub node: Arc<str>,
     /// The mesh.
     pub store: Arc<Store>,
     /// Workload certificates.
@@ -236,15 +239,43 @@ impl Drop for WorkloadProxy {
 /// configuration to name it (upstream waits as long for the workload from xDS).
 const UNNAMED_WAIT: Duration = Duration::from_secs(5);
 
-/// The configuration, once it names the local workload `uid`. Captured, a pod is served from
-/// the moment the node agent announces it, which may come before the configuration names it
-/// (istio-cni and the control plane race); its connections then wait for the configuration, up
-/// to [`UNNAMED_WAIT`], rather than being refused while the pod starts. Without capture a workload is
-/// served only once named, so one missing has left and nothing waits.
-pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Arc<Snapshot>> {
-    let snapshot = ctx.store.load();
-    if snapshot.workload_by_uid(uid).is_some() {
-        return Some(snapshot);
+/// A local workload as the configuration names it, with the snapshot that names it: a
+/// connection's handler works from both, and holds the snapshot for as long as it needs the
+/// workload, as it holds the route made from it.
+pub(crate) struct Named {
+    pub(crate) snapshot: Arc<Snapshot>,
+    id: WorkloadId,
+}
+
+impl Named {
+    /// The workload.
+    pub(crate) fn workload(&self) -> &Workload {
+        self.snapshot.workload(self.id)
+    }
+}
+
+/// Whether `workload`, as the configuration names it, is this ztunnel's to serve: on its node,
+/// and in the mesh (reached over HBONE).
+pub(crate) fn served_here(ctx: &Ctx, workload: &Workload) -> bool {
+    workload.protocol == Protocol::Hbone && workload.node.as_deref() == Some(&*ctx.node)
+}
+
+/// The local workload `uid`, once the configuration names it as this ztunnel's to serve.
+/// Captured, a pod is served from the moment the node agent announces it, which may come
+/// before the configuration names it (istio-cni and the control plane race); its connections
+/// then wait for the configuration, up to [`UNNAMED_WAIT`], rather than being refused while
+/// the pod starts. Without capture a workload is served only once named, so one missing has
+/// left and nothing waits. A workload named elsewhere (another node, outside the mesh) is not
+/// ztunnel's: its proxy is stopping, and its connections are refused.
+pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Named> {
+    // What one snapshot says: `None` while it does not name the workload.
+    let named_in = |snapshot: Arc<Snapshot>| -> Option<Option<Named>> {
+        let workload = snapshot.workload_by_uid(uid)?;
+        let (id, ours) = (workload.id, served_here(ctx, workload));
+        Some(ours.then_some(Named { snapshot, id }))
+    };
+    if let Some(named) = named_in(ctx.store.load()) {
+        return named;
     }
     if !ctx.sockets.captures() {
         return None;
@@ -253,24 +284,18 @@ pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Arc<Snapshot>> {
     let named = async {
         loop {
             // Loaded after subscribing, so a change published in between is not missed.
-            let snapshot = ctx.store.load();
-            match snapshot.workload_by_uid(uid) {
-                // Named outside the mesh, the pod is not ztunnel's to serve: its proxy stops.
-                Some(w) if w.protocol != Protocol::Hbone => return None,
-                Some(_) => return Some(snapshot),
+            match named_in(ctx.store.load()) {
+                Some(named) => return named,
                 None => changes.changed().await.ok()?,
             }
         }
     };
-    let found = tokio::time::timeout(UNNAMED_WAIT, named)
-        .await
-        .ok()
-        .flatten();
-    if found.is_none() {
+    let found = tokio::time::timeout(UNNAMED_WAIT, named).await;
+    if found.is_err() {
         // Each caller says what it refused; a pod never named would repeat this for every try.
         tracing::debug!(workload = %uid, wait = ?UNNAMED_WAIT, "the configuration did not name the workload in time");
     }
-    found
+    found.ok().flatten()
 }
 
 /// Accepts until the drain starts, handing each connection to `handle` in its own task.

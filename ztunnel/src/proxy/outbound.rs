@@ -79,20 +79,18 @@ async fn proxy(
     dst: Destination<'_>,
     socks: bool,
 ) {
-    let Some(snapshot) = super::named(ctx, &local.uid).await else {
-        tracing::warn!(workload = %local.uid, "outbound connection from a workload the configuration does not name");
+    let Some(named) = super::named(ctx, &local.uid).await else {
+        tracing::warn!(workload = %local.uid, "outbound connection from a workload the configuration does not name as this ztunnel's");
         return;
     };
-    let Some(source) = snapshot.workload_by_uid(&local.uid) else {
-        return;
-    };
+    let (snapshot, source) = (&named.snapshot, named.workload());
     let original_dst = dst.to_string();
     let cluster = &snapshot.options().cluster_id;
-    let first = route(&snapshot, source, dst, &mut rand::rng());
+    let first = route(snapshot, source, dst, &mut rand::rng());
     let decision = match first {
         Route::Lookup { host, port } => {
             match resolve(ctx, source, cluster, &host, port, false).await {
-                Ok(addr) => route(&snapshot, source, Destination::Addr(addr), &mut rand::rng()),
+                Ok(addr) => route(snapshot, source, Destination::Addr(addr), &mut rand::rng()),
                 Err(why) => Route::Refuse(why),
             }
         }
@@ -109,7 +107,7 @@ async fn proxy(
             hbone,
         })
     };
-    let (workload, service, dst_addr, hbone_addr, identity) = describe(&snapshot, &decision);
+    let (workload, service, dst_addr, hbone_addr, identity) = describe(snapshot, &decision);
     let mtls = matches!(decision, Route::Direct { .. } | Route::ViaWaypoint { .. });
     let labels = TcpLabels::new(
         Reporter::source,

@@ -48,17 +48,15 @@ async fn handle(
     peer: SocketAddr,
     target: SocketAddr,
 ) {
-    let Some(snapshot) = super::named(ctx, uid).await else {
+    let Some(named) = super::named(ctx, uid).await else {
         return;
     };
-    let Some(workload) = snapshot.workload_by_uid(uid) else {
-        return;
-    };
+    let (snapshot, workload) = (&named.snapshot, named.workload());
     let source = snapshot.workload_by_ip(&workload.network, peer.ip());
     let cluster = &snapshot.options().cluster_id;
     // The caller dialled this pod's address (capture gives no VIP), so the service is guessed
     // from the port, as upstream guesses it.
-    let service = inbound::service_on_port(&snapshot, workload, target.port());
+    let service = inbound::service_on_port(snapshot, workload, target.port());
     let labels = TcpLabels::new(
         Reporter::destination,
         Peer::new(source, cluster),
@@ -110,7 +108,7 @@ async fn handle(
         guard.failed(why.response_flag(), why);
         return;
     }
-    drop(snapshot);
+    drop(named);
     guard.established();
     tokio::select! {
         copied = copy_bidirectional(&mut client, &mut app) => match copied {

@@ -177,6 +177,7 @@ pub async fn start_node(
 ) -> (Arc<Ztunnel>, ZdsServer, ZdsConnection, Arc<AtomicBool>) {
     let sockets = Arc::new(InPod::default());
     let ctx = Arc::new(Ctx {
+        node: node.into(),
         store: mesh.store.clone(),
         certs: Arc::new(CertManager::new(mesh.ca.clone())),
         metrics: mesh.metrics.clone(),
@@ -192,7 +193,7 @@ pub async fn start_node(
         dns_proxy: true,
         socks5: true,
     });
-    let ztunnel = Arc::new(Ztunnel::start(ctx, node).await.expect("ztunnel"));
+    let ztunnel = Arc::new(Ztunnel::start(ctx).await.expect("ztunnel"));
     let uds = dir.join(format!("{node}.sock"));
     let server = ZdsServer::bind(&uds).expect("zds bind");
     let synced = Arc::new(AtomicBool::new(false));

@@ -69,6 +69,7 @@ impl Nodes {
     /// Starts the ztunnel of `node`, making its sockets with `sockets`.
     pub(crate) async fn start(&self, node: &str, sockets: Arc<dyn SocketFactory>) -> Ztunnel {
         let ctx = Arc::new(Ctx {
+            node: node.into(),
             store: self.store.clone(),
             certs: self.certs.clone(),
             metrics: self.metrics.clone(),
@@ -80,7 +81,7 @@ impl Nodes {
             dns_proxy: self.dns.is_some() && self.dns_proxy,
             socks5: self.socks5,
         });
-        Ztunnel::start(ctx, node).await.expect("the ztunnel starts")
+        Ztunnel::start(ctx).await.expect("the ztunnel starts")
     }
 
     /// Rewrites the mesh and waits until the ztunnels use it.
