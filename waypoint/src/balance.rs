@@ -20,9 +20,9 @@
 //!   ring or Maglev table, without building one; `minimumRingSize` and `tableSize` are unused.
 //! - `PASSTHROUGH` (the original destination) is `LEAST_REQUEST`: traffic reaching the waypoint
 //!   is addressed to a service, so there is no original endpoint to pass through to.
-//! - A ServiceEntry resolved `NONE` is balanced over the endpoints it selects (none: 503), where
-//!   Istio's waypoint sends to the address dialled; ztunnel passes it through when it has no
-//!   waypoint.
+//! - A ServiceEntry resolved `NONE` never comes here: its traffic goes to the address the caller
+//!   dialled ([`crate::state::Pick`]), as Istio's waypoint sends it, whatever endpoints it
+//!   selects. A mirror to one is still balanced over those endpoints.
 //! - Workload weights count for `RANDOM` and for the two draws of `LEAST_REQUEST`; round robin
 //!   and consistent hashing ignore them.
 //! - Un-ejection happens lazily, when the ejection time is over, not at the next interval tick.

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::Outcome;
 use crate::metrics::{Labels, Parties};
-use crate::state::{Shared, Target, View};
+use crate::state::{Pick, Shared, Target, View};
 use crate::tunnel::Tunnel;
 
 /// The connection to the chosen endpoint.
@@ -66,12 +66,13 @@ pub(crate) async fn serve(
         return;
     }
 
-    // Choose the endpoint: a service's, by its DestinationRule; or the addressed workload.
+    // Choose the endpoint: a service's, by its DestinationRule; the addressed workload; or,
+    // for a service that picks none, the address the caller dialled (no workload).
     let default_policy = TrafficPolicy::default();
     let mut connect_timeout = default_policy.connection_pool.connect_timeout;
     let mut detection = None;
     let mut tls = false;
-    let (chosen, workload, port) = match target {
+    let (chosen, endpoint) = match target {
         Target::Service {
             id,
             port,
@@ -83,33 +84,44 @@ pub(crate) async fn serve(
             detection = policy.outlier_detection;
             connect_timeout = policy.connection_pool.connect_timeout;
             tls = policy.tls.is_some();
-            let Some(chosen) = view.balancer.choose(
-                snapshot,
-                id,
-                port_index,
-                None,
-                policy,
-                None,
-                &[],
-                Instant::now(),
-            ) else {
-                tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", "no healthy endpoint");
-                return;
-            };
-            let w = snapshot.workload(chosen.workload);
-            let port = chosen.target_port;
-            (Some(chosen), w, port)
+            match Pick::of(snapshot.service(id), tunnel.destination) {
+                Pick::Endpoint => {
+                    let Some(chosen) = view.balancer.choose(
+                        snapshot,
+                        id,
+                        port_index,
+                        None,
+                        policy,
+                        None,
+                        &[],
+                        Instant::now(),
+                    ) else {
+                        tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", "no healthy endpoint");
+                        return;
+                    };
+                    let endpoint = (chosen.workload, chosen.target_port);
+                    (Some(chosen), Some(endpoint))
+                }
+                // The service is the one the tunnel addressed, at one of its own addresses,
+                // so what it passes through goes to the address dialled (never `Nowhere`).
+                Pick::Dialled(_) | Pick::Nowhere => (None, None),
+            }
         }
-        Target::Workload { id, port } => (None, snapshot.workload(id), port),
+        Target::Workload { id, port } => (None, Some((id, port))),
     };
-    let ip = match shared.names.address_of(workload, connect_timeout).await {
-        Ok(ip) => ip,
-        Err(error) => {
-            tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = error.flag(), %error, "no address for the endpoint");
-            return;
+    let (workload, endpoint) = match endpoint {
+        Some((id, port)) => {
+            let workload = snapshot.workload(id);
+            match shared.names.address_of(workload, connect_timeout).await {
+                Ok(ip) => (Some(workload), SocketAddr::new(ip, port)),
+                Err(error) => {
+                    tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = error.flag(), %error, "no address for the endpoint");
+                    return;
+                }
+            }
         }
+        None => (None, tunnel.destination),
     };
-    let endpoint = SocketAddr::new(ip, port);
     let parties = Parties {
         snapshot,
         source,
@@ -117,30 +129,32 @@ pub(crate) async fn serve(
         source_principal: &tunnel.principal,
         source_baggage: tunnel.baggage.as_deref(),
         service,
-        destination: Some(workload),
+        destination: workload,
     };
     // In the mesh: a CONNECT to its ztunnel. Out of it (a ServiceEntry's endpoint outside the
-    // mesh): plain TCP, as Envoy reaches it, unless its DestinationRule asks for TLS, which
-    // this waypoint originates on HTTP ports only: refused rather than sent in the clear.
-    let connected = if workload.protocol == Protocol::Tcp && tls {
+    // mesh, or the address dialled): plain TCP, as Envoy reaches it, unless its
+    // DestinationRule asks for TLS, which this waypoint originates on HTTP ports only: refused
+    // rather than sent in the clear.
+    let tunnelled = workload.filter(|w| w.protocol == Protocol::Hbone);
+    let connected = if tunnelled.is_none() && tls {
         Err("the DestinationRule asks for TLS, which is originated on HTTP ports only".to_owned())
-    } else if workload.protocol == Protocol::Tcp {
-        match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint)).await {
-            Ok(Ok(s)) => Ok(Upstream::Plain(s)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no connection within {connect_timeout:?}")),
-        }
-    } else {
+    } else if let Some(workload) = tunnelled {
         let request = ConnectRequest {
             src: shared.identity.clone(),
             dst_identities: vec![workload.identity.clone()],
-            next_hop: SocketAddr::new(ip, HBONE_PORT),
+            next_hop: SocketAddr::new(endpoint.ip(), HBONE_PORT),
             authority: Authority::Addr(endpoint),
             headers: tunnel.onward(service.map(|s| s.hostname.to_string())),
         };
         (shared.pool.connect(request).await)
             .map(Upstream::Tunnel)
             .map_err(|e| e.to_string())
+    } else {
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint)).await {
+            Ok(Ok(s)) => Ok(Upstream::Plain(s)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no connection within {connect_timeout:?}")),
+        }
     };
     let upstream = match connected {
         Ok(s) => s,
@@ -153,7 +167,7 @@ pub(crate) async fn serve(
                     Instant::now(),
                 );
             }
-            tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, dst.workload = %workload.name, response_flags = "UF", %error, "upstream connect failed");
+            tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, dst.workload = workload.map(|w| &*w.name), response_flags = "UF", %error, "upstream connect failed");
             let labels = Labels::new(&parties, "tcp", 0, "UF");
             shared.metrics.tcp_opened.get_or_create(&labels).inc();
             shared.metrics.tcp_closed.get_or_create(&labels).inc();
@@ -189,7 +203,7 @@ pub(crate) async fn serve(
         trace_id = %tunnel.trace_id(),
         src.addr = %tunnel.client_ip,
         dst.addr = %tunnel.destination,
-        dst.workload = %workload.name,
+        dst.workload = workload.map(|w| &*w.name),
         upstream = %endpoint,
         // As Envoy's access log counts them: received from the caller, sent back to it.
         bytes_received = copied.a_to_b,

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hbone::Identity;
-use mesh::model::{AppProtocol, DestinationRuleId, ServiceId, WaypointId, WorkloadId};
+use mesh::model::{
+    AppProtocol, DestinationRuleId, LoadBalancing, Service, ServiceId, WaypointId, WorkloadId,
+};
 use mesh::route::DestinationPolicy;
 use mesh::{Snapshot, Store};
 
@@ -61,6 +63,33 @@ pub(crate) enum Target {
     },
     /// A workload port, addressed by pod IP (`waypoint-for: workload|all`).
     Workload { id: WorkloadId, port: u16 },
+}
+
+/// Where a service sends what reaches it, before any endpoint is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pick {
+    /// To one of its endpoints, which the balancer chooses.
+    Endpoint,
+    /// To the address the caller dialled, in plain TCP: the service picks no endpoint (a
+    /// ServiceEntry resolved `NONE`), and Envoy's original-destination cluster, which istiod
+    /// gives a waypoint for it, sends there, as ztunnel does without a waypoint.
+    Dialled(SocketAddr),
+    /// Nowhere: the service picks no endpoint, and the caller dialled another service (a route
+    /// sent the request here), so no address of this service was dialled.
+    Nowhere,
+}
+
+impl Pick {
+    /// Where `service` sends what reaches it, the caller having dialled `dialled`.
+    pub(crate) fn of(service: &Service, dialled: SocketAddr) -> Pick {
+        if !(service.load_balancing.as_ref()).is_some_and(LoadBalancing::is_passthrough) {
+            Pick::Endpoint
+        } else if service.vips.contains(&dialled.ip()) {
+            Pick::Dialled(dialled)
+        } else {
+            Pick::Nowhere
+        }
+    }
 }
 
 /// Why a destination is not served here.
@@ -255,6 +284,59 @@ impl Shared {
             self.view.store(Arc::new(view));
             self.metrics.config_version.set(version as i64);
             tracing::info!(version, "configuration applied");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service that picks no endpoint sends to the address dialled when it is one of its
+    /// own, and nowhere when the caller dialled another; every other service picks endpoints.
+    #[test]
+    fn a_service_resolved_none_passes_through_to_its_own_address() {
+        let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ranges, namespace: app}
+spec:
+  hosts: [ranges.example.com]
+  addresses: [203.0.113.7]
+  location: MESH_EXTERNAL
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  endpoints: [{address: 198.51.100.9}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fixed, namespace: app}
+spec:
+  hosts: [fixed.example.com]
+  addresses: [203.0.113.8]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  endpoints: [{address: 198.51.100.10}]
+"#;
+        let snapshot =
+            Snapshot::from_yaml("mesh.yaml", yaml, &mesh::Options::default()).expect("snapshot");
+        let service = |host: &str| snapshot.service_by_host(host).expect("service").1;
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let cases = [
+            (
+                "ranges.example.com",
+                "203.0.113.7:443",
+                Pick::Dialled(addr("203.0.113.7:443")),
+            ),
+            ("ranges.example.com", "203.0.113.8:443", Pick::Nowhere),
+            ("fixed.example.com", "203.0.113.8:443", Pick::Endpoint),
+        ];
+        for (host, dialled, want) in cases {
+            assert_eq!(
+                Pick::of(service(host), addr(dialled)),
+                want,
+                "{host} {dialled}"
+            );
         }
     }
 }

@@ -2,7 +2,9 @@
 //! the mesh is reached with plain TCP, on its HTTP and its TCP port, at the address allocated
 //! to its host (it declares none), as an egress waypoint serves it in Istio's ambient mode; an
 //! endpoint that is a DNS name is resolved by the waypoint (through the system resolver, so the
-//! test's name is `localhost`), and one that does not resolve is answered 503.
+//! test's name is `localhost`), and one that does not resolve is answered 503. An entry resolved
+//! `NONE` (the default) is passed through to the address the caller dialled, whatever
+//! endpoints it selects, as Istio's waypoint sends it (an original-destination cluster).
 
 mod support;
 
@@ -183,5 +185,63 @@ spec:
             "external/3"
         ]
     );
+    mesh.shutdown().await;
+}
+
+/// A ServiceEntry without `resolution` (`NONE`) bound to the waypoint: requests and TCP
+/// connections to its address go there, routed and authorized by the waypoint on the way,
+/// never to the endpoint the entry selects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_resolved_none_is_passed_through_to_the_address_dialled() {
+    let net = 93;
+    let entry = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ranges, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [ranges.external.test]
+  addresses: [127.{net}.9.5]
+  location: MESH_EXTERNAL
+  ports:
+  - {{number: 8080, name: http, protocol: HTTP}}
+  - {{number: 9001, name: tcp, protocol: TCP}}
+  endpoints: [{{address: 127.{net}.9.6, labels: {{istio.io/dataplane-mode: none}}}}]
+"#
+    );
+    let mesh = Mesh::start(net, &entry).await;
+    let dialled = mesh.ip("9.5");
+    for (ip, name) in [(dialled, "dialled"), (mesh.ip("9.6"), "selected")] {
+        let http = TcpListener::bind((ip, 8080)).await.expect("bind");
+        tokio::spawn(support::echo(http, name, mesh.seen.clone()));
+        let tcp = TcpListener::bind((ip, 9001)).await.expect("bind");
+        tokio::spawn(support::tcp_echo(tcp, name));
+    }
+    let vip = dialled.to_string();
+
+    // HTTP: through the waypoint (which adds its own view of the request) to the address the
+    // client dialled.
+    let r = mesh
+        .request_to(
+            &vip,
+            8080,
+            "GET",
+            "/ip",
+            &[("host", "ranges.external.test")],
+            "",
+        )
+        .await
+        .expect("request");
+    assert_eq!((r.status, r.backend()), (200, "dialled"), "{}", r.body);
+    assert_eq!(mesh.seen_by("dialled").len(), 1);
+    assert!(mesh.seen_by("selected").is_empty());
+
+    // TCP: copied byte for byte to the same address.
+    let mut s = mesh.socks(&vip, 9001).await.expect("socks");
+    s.write_all(b"ping").await.expect("write");
+    let mut got = vec![0u8; "dialled\nping".len()];
+    s.read_exact(&mut got).await.expect("read");
+    assert_eq!(got, b"dialled\nping");
+    drop(s);
     mesh.shutdown().await;
 }

@@ -48,7 +48,7 @@ use crate::metrics::{Labels, Parties};
 use crate::origin_tls::{self, TlsPeers};
 use crate::originate::{HboneConnector, KeepAlive};
 use crate::resolve::NoAddress;
-use crate::state::{Shared, Target, View};
+use crate::state::{Pick, Shared, Target, View};
 use crate::tunnel::{self, Tunnel};
 use crate::wasm::{self, Chain, Decision};
 
@@ -95,8 +95,9 @@ pub struct RequestCtx {
     endpoint: Option<Chosen>,
     /// This request's place under the service's connection-pool limits.
     admitted: Option<Admitted>,
-    /// The last endpoint tried and its address, for logs and metrics.
-    last: Option<(WorkloadId, SocketAddr)>,
+    /// The last endpoint tried (none for the address the caller dialled) and its address,
+    /// for logs and metrics.
+    last: Option<(Option<WorkloadId>, SocketAddr)>,
     tried: Vec<WorkloadId>,
     attempts: u32,
     /// Overall route timeout.
@@ -938,7 +939,10 @@ impl ProxyHttp for Waypoint {
                 }
             }
         }
-        let (workload, port, protocol, traffic) = match &upstream {
+        let tunnel = ctx.tunnel.clone().expect("set with the view");
+        // The endpoint (workload and target port), or none where the service picks none and
+        // the attempt goes to the address the caller dialled.
+        let (endpoint, protocol, traffic) = match &upstream {
             Upstream::Service {
                 id,
                 port_index,
@@ -947,52 +951,73 @@ impl ProxyHttp for Waypoint {
             } => {
                 let traffic = traffic_policy(&view, *id, *port_index, subset.as_deref())
                     .unwrap_or(&DEFAULT_TRAFFIC);
-                let chosen = view.subset(*id, subset.as_deref()).and_then(|subset| {
-                    view.balancer.choose(
-                        snapshot,
-                        *id,
-                        *port_index,
-                        subset,
-                        traffic,
-                        ctx.hash,
-                        &ctx.tried,
-                        now.into_std(),
-                    )
-                });
-                let Some(chosen) = chosen else {
-                    ctx.flag("UH");
-                    ctx.details = "no_healthy_upstream";
-                    return Err(Error::explain(
-                        ErrorType::HTTPStatus(503),
-                        "no healthy upstream",
-                    ));
-                };
-                let w = chosen.workload;
-                let port = chosen.target_port;
-                ctx.endpoint = Some(chosen);
                 let protocol = snapshot.service(*id).ports[*port_index].protocol;
-                (w, port, protocol, traffic)
+                let endpoint = match Pick::of(snapshot.service(*id), tunnel.destination) {
+                    Pick::Endpoint => {
+                        let chosen = view.subset(*id, subset.as_deref()).and_then(|subset| {
+                            view.balancer.choose(
+                                snapshot,
+                                *id,
+                                *port_index,
+                                subset,
+                                traffic,
+                                ctx.hash,
+                                &ctx.tried,
+                                now.into_std(),
+                            )
+                        });
+                        let Some(chosen) = chosen else {
+                            ctx.flag("UH");
+                            ctx.details = "no_healthy_upstream";
+                            return Err(Error::explain(
+                                ErrorType::HTTPStatus(503),
+                                "no healthy upstream",
+                            ));
+                        };
+                        let endpoint = (chosen.workload, chosen.target_port);
+                        ctx.endpoint = Some(chosen);
+                        Some(endpoint)
+                    }
+                    Pick::Dialled(_) => None,
+                    Pick::Nowhere => {
+                        ctx.flag("UH");
+                        ctx.details = "no_healthy_upstream";
+                        return Err(Error::explain(
+                            ErrorType::HTTPStatus(503),
+                            "the service passes connections through to the address dialled, \
+                             and the caller dialled another service",
+                        ));
+                    }
+                };
+                (endpoint, protocol, traffic)
             }
-            Upstream::Workload { id, port } => {
-                (*id, *port, AppProtocol::Unspecified, &*DEFAULT_TRAFFIC)
-            }
+            Upstream::Workload { id, port } => (
+                Some((*id, *port)),
+                AppProtocol::Unspecified,
+                &*DEFAULT_TRAFFIC,
+            ),
         };
-        ctx.tried.push(workload);
-        let w = snapshot.workload(workload);
-        let limit = traffic.connection_pool.connect_timeout;
-        let ip = match self.shared.names.address_of(w, limit).await {
-            Ok(ip) => ip,
-            Err(e) => {
-                ctx.flag(e.flag());
-                if let NoAddress::Unresolved { name, source } = &e {
-                    ctx.details = "dns_resolution_failure";
-                    tracing::info!(endpoint = %name, error = %source, "endpoint name did not resolve");
-                }
-                return Err(Error::explain(ErrorType::HTTPStatus(503), e.to_string()));
+        let (workload, addr) = match endpoint {
+            Some((id, port)) => {
+                ctx.tried.push(id);
+                let w = snapshot.workload(id);
+                let limit = traffic.connection_pool.connect_timeout;
+                let ip = match self.shared.names.address_of(w, limit).await {
+                    Ok(ip) => ip,
+                    Err(e) => {
+                        ctx.flag(e.flag());
+                        if let NoAddress::Unresolved { name, source } = &e {
+                            ctx.details = "dns_resolution_failure";
+                            tracing::info!(endpoint = %name, error = %source, "endpoint name did not resolve");
+                        }
+                        return Err(Error::explain(ErrorType::HTTPStatus(503), e.to_string()));
+                    }
+                };
+                (Some(w), SocketAddr::new(ip, port))
             }
+            None => (None, tunnel.destination),
         };
-        let addr = SocketAddr::new(ip, port);
-        ctx.last = Some((workload, addr));
+        ctx.last = Some((workload.map(|w| w.id), addr));
         if let Some(chain) = &ctx.wasm {
             *chain
                 .info()
@@ -1012,7 +1037,9 @@ impl ProxyHttp for Waypoint {
         ctx.attempt = None;
         ctx.upstream_answered = false;
         ctx.plain_max_requests = None;
-        if w.protocol == Protocol::Tcp {
+        // In the mesh: a CONNECT to the endpoint's ztunnel. Out of it, or no endpoint at all
+        // (the address dialled): plain TCP, as Envoy reaches it.
+        let Some(w) = workload.filter(|w| w.protocol == Protocol::Hbone) else {
             if !http2 {
                 ctx.plain_max_requests = Some(traffic.connection_pool.max_requests_per_connection);
             }
@@ -1031,8 +1058,7 @@ impl ProxyHttp for Waypoint {
                 now,
                 ctx.try_deadline,
             )));
-        }
-        let tunnel = ctx.tunnel.as_ref().expect("set with the view");
+        };
         let service = match &upstream {
             Upstream::Service { id, .. } => Some(snapshot.service(*id).hostname.to_string()),
             Upstream::Workload { .. } => None,
@@ -1042,7 +1068,7 @@ impl ProxyHttp for Waypoint {
             request: ConnectRequest {
                 src: self.shared.identity.clone(),
                 dst_identities: vec![w.identity.clone()],
-                next_hop: SocketAddr::new(ip, HBONE_PORT),
+                next_hop: SocketAddr::new(addr.ip(), HBONE_PORT),
                 authority: Authority::Addr(addr),
                 headers: tunnel.onward(service),
             },
@@ -1414,7 +1440,7 @@ impl ProxyHttp for Waypoint {
             Some(Target::Service { id, .. }) => Some(snapshot.service(id)),
             _ => None,
         };
-        let destination = ctx.last.map(|(w, _)| snapshot.workload(w));
+        let destination = ctx.last.and_then(|(w, _)| w).map(|w| snapshot.workload(w));
         let parties = Parties {
             snapshot,
             source: snapshot.workload_by_ip(network, tunnel.client_ip),
