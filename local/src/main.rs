@@ -30,7 +30,8 @@ struct Cli {
     /// Log filter (`info`, `access=info,waypoint=debug`, ...); also `RUST_LOG`.
     #[arg(long)]
     log: Option<String>,
-    /// Admin endpoint (`/config_dump`, `/logging`, `POST /quitquitquit`).
+    /// Admin endpoint (`/config_dump`, `/logging`, `POST /quitquitquit`); IPv4's loopback is
+    /// served on `[::1]` too, at the same port.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// Prometheus endpoint (`/stats/prometheus`).

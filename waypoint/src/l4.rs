@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::Outcome;
 use crate::metrics::{Labels, Parties};
-use crate::state::{Pick, Shared, Target, View};
+use crate::state::{Hop, Pick, Shared, Target, View};
 use crate::tunnel::Tunnel;
 
 /// The connection to the chosen endpoint.
@@ -72,7 +72,7 @@ pub(crate) async fn serve(
     let mut connect_timeout = default_policy.connection_pool.connect_timeout;
     let mut detection = None;
     let mut tls = false;
-    let (chosen, endpoint) = match target {
+    let (chosen, hop) = match target {
         Target::Service {
             id,
             port,
@@ -99,18 +99,22 @@ pub(crate) async fn serve(
                         tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", "no healthy endpoint");
                         return;
                     };
-                    let endpoint = (chosen.workload, chosen.target_port);
-                    (Some(chosen), Some(endpoint))
+                    let hop = Hop::Endpoint(chosen.workload, chosen.target_port);
+                    (Some(chosen), hop)
                 }
-                // The service is the one the tunnel addressed, at one of its own addresses,
-                // so what it passes through goes to the address dialled (never `Nowhere`).
-                Pick::Dialled(_) | Pick::Nowhere => (None, None),
+                Pick::Dialled(addr) => (None, Hop::Address(addr)),
+                // Not met here, where the service is the one the tunnel addressed, by one of
+                // its own addresses; answered as the HTTP path answers it.
+                Pick::Nowhere => {
+                    tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", "no original destination of the service was dialled");
+                    return;
+                }
             }
         }
-        Target::Workload { id, port } => (None, Some((id, port))),
+        Target::Workload { id, port } => (None, Hop::Endpoint(id, port)),
     };
-    let (workload, endpoint) = match endpoint {
-        Some((id, port)) => {
+    let (workload, endpoint) = match hop {
+        Hop::Endpoint(id, port) => {
             let workload = snapshot.workload(id);
             match shared.names.address_of(workload, connect_timeout).await {
                 Ok(ip) => (Some(workload), SocketAddr::new(ip, port)),
@@ -120,7 +124,7 @@ pub(crate) async fn serve(
                 }
             }
         }
-        None => (None, tunnel.destination),
+        Hop::Address(addr) => (None, addr),
     };
     let parties = Parties {
         snapshot,

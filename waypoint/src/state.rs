@@ -7,7 +7,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use hbone::Identity;
 use mesh::model::{
-    AppProtocol, DestinationRuleId, LoadBalancing, Service, ServiceId, WaypointId, WorkloadId,
+    AppProtocol, DestinationRuleId, LoadBalancing, Service, ServiceId, ServicePort, WaypointId,
+    WorkloadId,
 };
 use mesh::route::DestinationPolicy;
 use mesh::{Snapshot, Store};
@@ -80,16 +81,37 @@ pub(crate) enum Pick {
 }
 
 impl Pick {
-    /// Where `service` sends what reaches it, the caller having dialled `dialled`.
+    /// Where `service` sends what reaches it, the caller having dialled `dialled`. A pass
+    /// through keeps the address and, where the entry's port names another `targetPort`, goes
+    /// to that port instead, as istiod overrides an original-destination cluster's port.
     pub(crate) fn of(service: &Service, dialled: SocketAddr) -> Pick {
         if !(service.load_balancing.as_ref()).is_some_and(LoadBalancing::is_passthrough) {
-            Pick::Endpoint
-        } else if service.vips.contains(&dialled.ip()) {
-            Pick::Dialled(dialled)
-        } else {
-            Pick::Nowhere
+            return Pick::Endpoint;
         }
+        if !service.vips.contains(&dialled.ip()) {
+            return Pick::Nowhere;
+        }
+        let port = match service.port(dialled.port()) {
+            Some((
+                _,
+                ServicePort {
+                    target: mesh::model::Target::Number(to),
+                    ..
+                },
+            )) => *to,
+            _ => dialled.port(),
+        };
+        Pick::Dialled(SocketAddr::new(dialled.ip(), port))
     }
+}
+
+/// The next hop of an attempt or a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hop {
+    /// An endpoint (chosen, or the workload addressed) and its target port.
+    Endpoint(WorkloadId, u16),
+    /// An address, as the service passes through ([`Pick::Dialled`]).
+    Address(SocketAddr),
 }
 
 /// Why a destination is not served here.
@@ -293,7 +315,8 @@ mod tests {
     use super::*;
 
     /// A service that picks no endpoint sends to the address dialled when it is one of its
-    /// own, and nowhere when the caller dialled another; every other service picks endpoints.
+    /// own (at the port's `targetPort`, where it names one), and nowhere when the caller
+    /// dialled another; every other service picks endpoints.
     #[test]
     fn a_service_resolved_none_passes_through_to_its_own_address() {
         let yaml = r#"
@@ -304,7 +327,9 @@ spec:
   hosts: [ranges.example.com]
   addresses: [203.0.113.7]
   location: MESH_EXTERNAL
-  ports: [{number: 443, name: tls, protocol: TLS}]
+  ports:
+  - {number: 443, name: tls, protocol: TLS}
+  - {number: 8443, name: alt, protocol: TLS, targetPort: 9443}
   endpoints: [{address: 198.51.100.9}]
 ---
 apiVersion: networking.istio.io/v1
@@ -327,6 +352,11 @@ spec:
                 "ranges.example.com",
                 "203.0.113.7:443",
                 Pick::Dialled(addr("203.0.113.7:443")),
+            ),
+            (
+                "ranges.example.com",
+                "203.0.113.7:8443",
+                Pick::Dialled(addr("203.0.113.7:9443")),
             ),
             ("ranges.example.com", "203.0.113.8:443", Pick::Nowhere),
             ("fixed.example.com", "203.0.113.8:443", Pick::Endpoint),

@@ -189,8 +189,8 @@ spec:
 }
 
 /// A ServiceEntry without `resolution` (`NONE`) bound to the waypoint: requests and TCP
-/// connections to its address go there, routed and authorized by the waypoint on the way,
-/// never to the endpoint the entry selects.
+/// connections to its address go there, routed by the waypoint on the way, never to the
+/// endpoint the entry selects; a route from another service to it has nowhere to go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_resolved_none_is_passed_through_to_the_address_dialled() {
     let net = 93;
@@ -207,6 +207,25 @@ spec:
   - {{number: 8080, name: http, protocol: HTTP}}
   - {{number: 9001, name: tcp, protocol: TCP}}
   endpoints: [{{address: 127.{net}.9.6, labels: {{istio.io/dataplane-mode: none}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ranges, namespace: app}}
+spec:
+  hosts: [ranges.external.test]
+  http:
+  - headers: {{request: {{set: {{x-via: waypoint}}}}}}
+    route: [{{destination: {{host: ranges.external.test}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  hosts: [echo.app.svc.cluster.local]
+  http:
+  - match: [{{uri: {{prefix: /to-ranges}}}}]
+    route: [{{destination: {{host: ranges.external.test, port: {{number: 8080}}}}}}]
+  - route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
 "#
     );
     let mesh = Mesh::start(net, &entry).await;
@@ -233,8 +252,19 @@ spec:
         .await
         .expect("request");
     assert_eq!((r.status, r.backend()), (200, "dialled"), "{}", r.body);
+    assert!(
+        r.body.contains("x-via: waypoint"),
+        "routed by the waypoint: {}",
+        r.body
+    );
     assert_eq!(mesh.seen_by("dialled").len(), 1);
     assert!(mesh.seen_by("selected").is_empty());
+
+    // A route from another service to the entry: no address of the entry was dialled, so
+    // there is nowhere to pass the request through to.
+    let r = mesh.request("GET", "/to-ranges", &[], "").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(mesh.seen_by("dialled").len(), 1);
 
     // TCP: copied byte for byte to the same address.
     let mut s = mesh.socks(&vip, 9001).await.expect("socks");

@@ -7,7 +7,9 @@
 //!   start.
 //! * `upstream_peer`: each attempt chooses an endpoint ([`crate::balance`]), skipping those
 //!   already tried, after Envoy's jittered backoff, and connects through
-//!   [`crate::originate`] with the attempt's deadline.
+//!   [`crate::originate`] with the attempt's deadline; a service that picks no endpoint (a
+//!   ServiceEntry resolved `NONE`) goes to the address the caller dialled
+//!   ([`crate::state::Pick`]).
 //! * `upstream_request_filter` / `response_filter`: header modifiers, rewrites, CORS headers.
 //! * `upstream_response_filter`, `fail_to_connect`, `error_while_proxy`: Istio's retry policy
 //!   ([`retry`]) and outlier-detection reports.
@@ -48,7 +50,7 @@ use crate::metrics::{Labels, Parties};
 use crate::origin_tls::{self, TlsPeers};
 use crate::originate::{HboneConnector, KeepAlive};
 use crate::resolve::NoAddress;
-use crate::state::{Pick, Shared, Target, View};
+use crate::state::{Hop, Pick, Shared, Target, View};
 use crate::tunnel::{self, Tunnel};
 use crate::wasm::{self, Chain, Decision};
 
@@ -940,9 +942,8 @@ impl ProxyHttp for Waypoint {
             }
         }
         let tunnel = ctx.tunnel.clone().expect("set with the view");
-        // The endpoint (workload and target port), or none where the service picks none and
-        // the attempt goes to the address the caller dialled.
-        let (endpoint, protocol, traffic) = match &upstream {
+        // An endpoint, or the address the caller dialled where the service picks none.
+        let (hop, protocol, traffic) = match &upstream {
             Upstream::Service {
                 id,
                 port_index,
@@ -952,7 +953,7 @@ impl ProxyHttp for Waypoint {
                 let traffic = traffic_policy(&view, *id, *port_index, subset.as_deref())
                     .unwrap_or(&DEFAULT_TRAFFIC);
                 let protocol = snapshot.service(*id).ports[*port_index].protocol;
-                let endpoint = match Pick::of(snapshot.service(*id), tunnel.destination) {
+                let hop = match Pick::of(snapshot.service(*id), tunnel.destination) {
                     Pick::Endpoint => {
                         let chosen = view.subset(*id, subset.as_deref()).and_then(|subset| {
                             view.balancer.choose(
@@ -974,11 +975,11 @@ impl ProxyHttp for Waypoint {
                                 "no healthy upstream",
                             ));
                         };
-                        let endpoint = (chosen.workload, chosen.target_port);
+                        let hop = Hop::Endpoint(chosen.workload, chosen.target_port);
                         ctx.endpoint = Some(chosen);
-                        Some(endpoint)
+                        hop
                     }
-                    Pick::Dialled(_) => None,
+                    Pick::Dialled(addr) => Hop::Address(addr),
                     Pick::Nowhere => {
                         ctx.flag("UH");
                         ctx.details = "no_healthy_upstream";
@@ -989,16 +990,16 @@ impl ProxyHttp for Waypoint {
                         ));
                     }
                 };
-                (endpoint, protocol, traffic)
+                (hop, protocol, traffic)
             }
             Upstream::Workload { id, port } => (
-                Some((*id, *port)),
+                Hop::Endpoint(*id, *port),
                 AppProtocol::Unspecified,
                 &*DEFAULT_TRAFFIC,
             ),
         };
-        let (workload, addr) = match endpoint {
-            Some((id, port)) => {
+        let (workload, addr) = match hop {
+            Hop::Endpoint(id, port) => {
                 ctx.tried.push(id);
                 let w = snapshot.workload(id);
                 let limit = traffic.connection_pool.connect_timeout;
@@ -1015,7 +1016,7 @@ impl ProxyHttp for Waypoint {
                 };
                 (Some(w), SocketAddr::new(ip, port))
             }
-            None => (None, tunnel.destination),
+            Hop::Address(addr) => (None, addr),
         };
         ctx.last = Some((workload.map(|w| w.id), addr));
         if let Some(chain) = &ctx.wasm {

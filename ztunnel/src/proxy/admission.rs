@@ -81,6 +81,8 @@ pub(crate) fn admit_now(
     registration: &Registration,
 ) -> Result<(), Refused> {
     let snapshot = store.load();
+    // Gone from the configuration, the workload is refused; named on another node or outside
+    // the mesh, it is not: its proxy stops, and its connections finish as a draining proxy's.
     let workload = snapshot.workload_by_uid(uid).ok_or(Refused::Gone)?;
     admit(&snapshot, workload, conn)?;
     registration.admitted_under(snapshot.version());
