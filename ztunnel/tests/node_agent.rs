@@ -6,7 +6,7 @@
 //! configuration does not name yet is served at once, its connections waiting for the
 //! configuration, and refused if it does not name the pod in time; served again once named
 //! with another identity, and no longer once named on another node, its waiting connections
-//! refused then.
+//! refused then, as they are when the pod is removed.
 //!
 //! Needs root (CI runs as root); without it the test fails and says so.
 
@@ -328,6 +328,33 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     assert_eq!(e["state"], "Pending", "{e}");
     let d = &dump["Kubernetes//Pod/app/d"];
     assert_eq!(d["info"]["serviceAccount"], "reviews", "{d}");
+
+    // A pod removed while a connection of its waits for the configuration: the connection is
+    // refused as its proxy stops, not when the wait is over.
+    let ns_f = Ns::new(format!("zt-agent-f-{tag}"));
+    let f = ns_f.open();
+    agent.add("uid-f", info("f"), &f).await.expect("pod f");
+    assert!(listening_in(&f), "pod f served before it is named");
+    let f_ns = ns_f.open();
+    let (asked, asking) = std::sync::mpsc::channel();
+    let from_f = tokio::task::spawn_blocking(move || socks_from(&f_ns, app_addr, &asked));
+    asking
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the SOCKS5 request sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!from_f.is_finished(), "pod f's connection waits");
+    let removed = Instant::now();
+    agent.del("uid-f").await.expect("pod f removed");
+    let refused = from_f.await.expect("join");
+    assert!(
+        refused.is_none(),
+        "pod f's waiting connection closed without a reply"
+    );
+    assert!(
+        removed.elapsed() < Duration::from_secs(3),
+        "refused as the proxy stops, not when the wait is over: {:?}",
+        removed.elapsed()
+    );
 
     let _ = std::fs::remove_dir_all(&dir);
 }

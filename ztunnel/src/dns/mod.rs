@@ -25,6 +25,7 @@ use mesh::model::Workload;
 use rand::seq::SliceRandom;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 pub use forward::{Asker, ForwardError, Forwarder, LookupError};
 use resolve::{Answer, Family, resolve};
@@ -63,14 +64,22 @@ pub(crate) struct Served {
     /// The workload's UDP queries in flight, on all its sockets (one per address family in a
     /// pod).
     in_flight: Arc<Semaphore>,
+    /// Cancelled as the workload's proxy stops.
+    stopping: CancellationToken,
 }
 
 impl Served {
-    pub(crate) fn new(ctx: Arc<Ctx>, uid: Arc<str>, upstream: Arc<Forwarder>) -> Self {
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        uid: Arc<str>,
+        upstream: Arc<Forwarder>,
+        stopping: CancellationToken,
+    ) -> Self {
         Self {
             ctx,
             uid,
             upstream,
+            stopping,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         }
     }
@@ -159,7 +168,11 @@ async fn answer(
     peer: SocketAddr,
 ) -> Option<Vec<u8>> {
     let Served {
-        ctx, uid, upstream, ..
+        ctx,
+        uid,
+        upstream,
+        stopping,
+        ..
     } = served;
     let metrics = &ctx.metrics;
     let message = match Message::from_vec(query) {
@@ -183,7 +196,7 @@ async fn answer(
         }
     };
     // A pod served before the configuration names it waits for it, as its connections do.
-    let named = crate::proxy::named(ctx, uid).await;
+    let named = crate::proxy::named(ctx, uid, stopping).await;
     let labels = labels(&message, protocol, named.as_ref().map(|n| n.workload()));
     metrics.dns_requests.get_or_create(&labels).inc();
     let Some(named) = named else {

@@ -12,6 +12,7 @@ use http::StatusCode;
 use mesh::Snapshot;
 use mesh::model::Workload;
 use mesh::telemetry::Peer;
+use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Refused};
 use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
@@ -25,21 +26,29 @@ pub(super) struct Inbound {
     uid: Arc<str>,
     /// ztunnel's ports on this workload, which no tunnel may target.
     own_ports: &'static [u16],
+    /// Cancelled as the workload's proxy stops.
+    stopping: CancellationToken,
 }
 
 impl Inbound {
-    pub(super) fn new(ctx: Arc<Ctx>, uid: Arc<str>, own_ports: &'static [u16]) -> Self {
+    pub(super) fn new(
+        ctx: Arc<Ctx>,
+        uid: Arc<str>,
+        own_ports: &'static [u16],
+        stopping: CancellationToken,
+    ) -> Self {
         Self {
             ctx,
             uid,
             own_ports,
+            stopping,
         }
     }
 }
 
 impl Handler for Inbound {
     async fn handle(&self, mut request: InboundRequest) {
-        let Some(named) = super::named(&self.ctx, &self.uid).await else {
+        let Some(named) = super::named(&self.ctx, &self.uid, &self.stopping).await else {
             request.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         };

@@ -25,6 +25,7 @@ use hbone::{CertManager, Pool, Server};
 use mesh::model::{Protocol, Workload, WorkloadId};
 use mesh::{Snapshot, Store};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::socket::{Owner, SocketFactory};
@@ -87,6 +88,9 @@ pub struct Ctx {
 pub struct WorkloadProxy {
     owner: Owner,
     drain: Option<DrainTrigger>,
+    /// Cancelled as the proxy stops (drained or dropped): what its connections still wait
+    /// for ([`named`]) will not come.
+    stopping: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -95,6 +99,7 @@ pub struct WorkloadProxy {
 pub(crate) struct Local {
     pub(crate) uid: Arc<str>,
     pub(crate) pool: Pool,
+    pub(crate) stopping: CancellationToken,
 }
 
 impl WorkloadProxy {
@@ -147,8 +152,10 @@ impl WorkloadProxy {
         };
         let cert = ctx.certs.fetch(&owner.identity).await?;
         let (drain, watch) = hbone::drain::channel();
+        let stopping = CancellationToken::new();
         let local = Arc::new(Local {
             uid: uid.clone(),
+            stopping: stopping.clone(),
             pool: Pool::with_dialer(
                 ctx.certs.clone(),
                 ctx.hbone.clone(),
@@ -158,7 +165,7 @@ impl WorkloadProxy {
         let mut tasks = Vec::new();
         let server = Server::new(
             cert,
-            inbound::Inbound::new(ctx.clone(), uid.clone(), own_ports),
+            inbound::Inbound::new(ctx.clone(), uid.clone(), own_ports, stopping.clone()),
             ctx.hbone.clone(),
         )?;
         tasks.push(tokio::spawn(server.serve(inbound, watch.clone())));
@@ -171,7 +178,8 @@ impl WorkloadProxy {
             )));
         }
         if let Some((upstream, sockets)) = dns {
-            let served = crate::dns::Served::new(ctx.clone(), uid.clone(), upstream);
+            let served =
+                crate::dns::Served::new(ctx.clone(), uid.clone(), upstream, stopping.clone());
             for (udp, tcp) in sockets {
                 tasks.push(tokio::spawn(crate::dns::serve_udp(
                     served.clone(),
@@ -196,6 +204,7 @@ impl WorkloadProxy {
                 ctx.clone(),
                 uid.clone(),
                 own_ports,
+                stopping.clone(),
                 plaintext,
                 watch,
             )));
@@ -204,6 +213,7 @@ impl WorkloadProxy {
         Ok(Self {
             owner,
             drain: Some(drain),
+            stopping,
             tasks,
         })
     }
@@ -220,6 +230,7 @@ impl WorkloadProxy {
 
     /// Stops accepting and waits until every connection has finished.
     pub async fn drain(mut self) {
+        self.stopping.cancel();
         if let Some(trigger) = self.drain.take() {
             trigger.drain().await;
         }
@@ -229,6 +240,7 @@ impl WorkloadProxy {
 
 impl Drop for WorkloadProxy {
     fn drop(&mut self) {
+        self.stopping.cancel();
         for task in &self.tasks {
             task.abort();
         }
@@ -266,8 +278,9 @@ pub(crate) fn served_here(ctx: &Ctx, workload: &Workload) -> bool {
 /// then wait for the configuration, up to [`UNNAMED_WAIT`], rather than being refused while
 /// the pod starts. Without capture a workload is served only once named, so one missing has
 /// left and nothing waits. A workload named elsewhere (another node, outside the mesh) is not
-/// ztunnel's: its proxy is stopping, and its connections are refused.
-pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Named> {
+/// ztunnel's: its proxy is stopping, and its connections are refused. So are those still
+/// waiting when the proxy stops (`stopping`: the pod removed, ztunnel draining), at once.
+pub(crate) async fn named(ctx: &Ctx, uid: &str, stopping: &CancellationToken) -> Option<Named> {
     // What one snapshot says: `None` while it does not name the workload.
     let named_in = |snapshot: Arc<Snapshot>| -> Option<Option<Named>> {
         let workload = snapshot.workload_by_uid(uid)?;
@@ -290,7 +303,10 @@ pub(crate) async fn named(ctx: &Ctx, uid: &str) -> Option<Named> {
             }
         }
     };
-    let found = tokio::time::timeout(UNNAMED_WAIT, named).await;
+    let found = tokio::select! {
+        found = tokio::time::timeout(UNNAMED_WAIT, named) => found,
+        () = stopping.cancelled() => return None,
+    };
     if found.is_err() {
         // Each caller says what it refused; a pod never named would repeat this for every try.
         tracing::debug!(workload = %uid, wait = ?UNNAMED_WAIT, "the configuration did not name the workload in time");

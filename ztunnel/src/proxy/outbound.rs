@@ -79,7 +79,7 @@ async fn proxy(
     dst: Destination<'_>,
     socks: bool,
 ) {
-    let Some(named) = super::named(ctx, &local.uid).await else {
+    let Some(named) = super::named(ctx, &local.uid, &local.stopping).await else {
         tracing::warn!(workload = %local.uid, "outbound connection from a workload the configuration does not name as this ztunnel's");
         return;
     };

@@ -12,26 +12,29 @@ use hbone::drain::DrainWatch;
 use hbone::headers::TraceParent;
 use mesh::telemetry::Peer;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use super::admission;
 use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
 use super::{Ctx, accept_loop, inbound};
 use crate::metrics::{Reporter, TcpLabels};
 
-/// Serves `uid`'s captured plaintext on `listener`; `own_ports` are ztunnel's on it.
+/// Serves `uid`'s captured plaintext on `listener`; `own_ports` are ztunnel's on it, and
+/// `stopping` is cancelled as its proxy stops.
 pub(super) async fn serve(
     ctx: Arc<Ctx>,
     uid: Arc<str>,
     own_ports: &'static [u16],
+    stopping: CancellationToken,
     listener: TcpListener,
     drain: DrainWatch,
 ) {
     accept_loop(listener, drain, move |stream, peer, drain| {
-        let (ctx, uid) = (ctx.clone(), uid.clone());
+        let (ctx, uid, stopping) = (ctx.clone(), uid.clone(), stopping.clone());
         async move {
             // TPROXY keeps the original destination as the socket's local address.
             match stream.local_addr().map(hbone::canonical) {
-                Ok(target) => handle(&ctx, &uid, own_ports, stream, peer, target).await,
+                Ok(target) => handle(&ctx, &uid, own_ports, &stopping, stream, peer, target).await,
                 Err(e) => tracing::warn!(src.addr = %peer, error = %e, "plaintext connection without a local address"),
             }
             drop(drain);
@@ -44,11 +47,12 @@ async fn handle(
     ctx: &Ctx,
     uid: &str,
     own_ports: &[u16],
+    stopping: &CancellationToken,
     mut client: TcpStream,
     peer: SocketAddr,
     target: SocketAddr,
 ) {
-    let Some(named) = super::named(ctx, uid).await else {
+    let Some(named) = super::named(ctx, uid, stopping).await else {
         return;
     };
     let (snapshot, workload) = (&named.snapshot, named.workload());
