@@ -37,9 +37,17 @@ struct Cli {
     /// the kubelet probes the pod's IP.
     #[arg(long, global = true, default_value = "[::]:15021")]
     readiness: SocketAddr,
-    /// How long requests may take to finish after SIGTERM (or `POST /quitquitquit`).
-    #[arg(long, global = true, default_value = "30", value_name = "SECONDS")]
-    drain_deadline: u64,
+    /// How long requests may take to finish after SIGTERM (or `POST /quitquitquit`), as a
+    /// duration (`30s`, `1m30s`), as ztunnel's `--drain-deadline` takes it; then the rest are
+    /// closed.
+    #[arg(
+        long,
+        global = true,
+        default_value = "30s",
+        value_parser = parse_deadline,
+        value_name = "DURATION"
+    )]
+    drain_deadline: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,7 +79,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let set_log_level = admin::logging(cli.log.as_deref(), "info");
-    let deadline = Duration::from_secs(cli.drain_deadline);
+    let deadline = cli.drain_deadline;
     let addrs = AdminAddrs {
         admin: cli.admin,
         metrics: cli.metrics,
@@ -137,4 +145,40 @@ async fn main() -> anyhow::Result<()> {
     lifecycle.draining();
     server.drain(deadline).await;
     Ok(())
+}
+
+fn parse_deadline(s: &str) -> Result<Duration, String> {
+    mesh::route::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadline(args: &[&str]) -> Result<Duration, clap::Error> {
+        let run = [
+            "run",
+            "--config",
+            "c",
+            "--gateway",
+            "app/w",
+            "--ca-cert",
+            "p",
+            "--ca-key",
+            "k",
+        ];
+        let all = ["waypoint"].iter().chain(args).chain(&run);
+        Cli::try_parse_from(all).map(|cli| cli.drain_deadline)
+    }
+
+    /// The drain deadline is a duration, 30 s unless given; a bare number has no unit and is
+    /// refused rather than read as seconds or nanoseconds.
+    #[test]
+    fn the_drain_deadline_is_a_duration() {
+        assert_eq!(deadline(&[]).expect("default"), Duration::from_secs(30));
+        let given = deadline(&["--drain-deadline", "1m30s"]).expect("given");
+        assert_eq!(given, Duration::from_secs(90));
+        let bare = deadline(&["--drain-deadline", "30"]).expect_err("no unit");
+        assert!(bare.to_string().contains("no unit"), "{bare}");
+    }
 }
