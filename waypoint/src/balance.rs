@@ -21,8 +21,8 @@
 //! - `PASSTHROUGH` (the original destination) is `LEAST_REQUEST`: traffic reaching the waypoint
 //!   is addressed to a service, so there is no original endpoint to pass through to.
 //! - A ServiceEntry resolved `NONE` never comes here: its traffic goes to the address the caller
-//!   dialled ([`crate::state::Pick`]), as Istio's waypoint sends it, whatever endpoints it
-//!   selects. A mirror to one is still balanced over those endpoints.
+//!   dialled ([`crate::state::Hop::to_service`]), as Istio's waypoint sends it, whatever
+//!   endpoints it selects; a mirror to one, of another service's request, is not sent.
 //! - Workload weights count for `RANDOM` and for the two draws of `LEAST_REQUEST`; round robin
 //!   and consistent hashing ignore them.
 //! - Un-ejection happens lazily, when the ejection time is over, not at the next interval tick.

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::Outcome;
 use crate::metrics::{Labels, Parties};
-use crate::state::{Hop, Pick, Shared, Target, View};
+use crate::state::{Hop, Shared, Target, View};
 use crate::tunnel::Tunnel;
 
 /// The connection to the chosen endpoint.
@@ -84,29 +84,22 @@ pub(crate) async fn serve(
             detection = policy.outlier_detection;
             connect_timeout = policy.connection_pool.connect_timeout;
             tls = policy.tls.is_some();
-            match Pick::of(snapshot.service(id), tunnel.destination) {
-                Pick::Endpoint => {
-                    let Some(chosen) = view.balancer.choose(
-                        snapshot,
-                        id,
-                        port_index,
-                        None,
-                        policy,
-                        None,
-                        &[],
-                        Instant::now(),
-                    ) else {
-                        tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", "no healthy endpoint");
-                        return;
-                    };
-                    let hop = Hop::Endpoint(chosen.workload, chosen.target_port);
-                    (Some(chosen), hop)
-                }
-                Pick::Dialled(addr) => (None, Hop::Address(addr)),
-                // Not met here, where the service is the one the tunnel addressed, by one of
-                // its own addresses; answered as the HTTP path answers it.
-                Pick::Nowhere => {
-                    tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", "no original destination of the service was dialled");
+            let choose = || {
+                view.balancer.choose(
+                    snapshot,
+                    id,
+                    port_index,
+                    None,
+                    policy,
+                    None,
+                    &[],
+                    Instant::now(),
+                )
+            };
+            match Hop::to_service(snapshot.service(id), tunnel.destination, choose) {
+                Ok((hop, chosen)) => (chosen, hop),
+                Err(error) => {
+                    tracing::info!(target: "access", protocol = "tcp", src.identity = %tunnel.principal, trace_id = %tunnel.trace_id(), dst.addr = %tunnel.destination, response_flags = "UH", %error, "no upstream");
                     return;
                 }
             }

@@ -13,7 +13,7 @@ use mesh::model::{
 use mesh::route::DestinationPolicy;
 use mesh::{Snapshot, Store};
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Chosen};
 use crate::keepalive::{IdleTunnels, PlainServed};
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
@@ -66,30 +66,53 @@ pub(crate) enum Target {
     Workload { id: WorkloadId, port: u16 },
 }
 
-/// Where a service sends what reaches it, before any endpoint is chosen.
+/// The next hop of an attempt or a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Pick {
-    /// To one of its endpoints, which the balancer chooses.
-    Endpoint,
-    /// To the address the caller dialled, in plain TCP: the service picks no endpoint (a
+pub(crate) enum Hop {
+    /// An endpoint (chosen, or the workload addressed) and its target port.
+    Endpoint(WorkloadId, u16),
+    /// The address the caller dialled, in plain TCP: the service picks no endpoint (a
     /// ServiceEntry resolved `NONE`), and Envoy's original-destination cluster, which istiod
     /// gives a waypoint for it, sends there, as ztunnel does without a waypoint.
-    Dialled(SocketAddr),
-    /// Nowhere: the service picks no endpoint, and the caller dialled another service (a route
-    /// sent the request here), so no address of this service was dialled.
-    Nowhere,
+    Address(SocketAddr),
 }
 
-impl Pick {
-    /// Where `service` sends what reaches it, the caller having dialled `dialled`. A pass
-    /// through keeps the address and, where the entry's port names another `targetPort`, goes
-    /// to that port instead, as istiod overrides an original-destination cluster's port.
-    pub(crate) fn of(service: &Service, dialled: SocketAddr) -> Pick {
+/// Why a service has no next hop for what reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NoHop {
+    /// The balancer found no endpoint to choose.
+    #[error("no healthy upstream")]
+    Unhealthy,
+    /// The service passes connections through, and the caller dialled another service (a
+    /// route brought the request here), so no address of this service was dialled.
+    #[error(
+        "the service passes connections through to the address dialled, and the caller \
+         dialled another service"
+    )]
+    NotDialled,
+}
+
+impl Hop {
+    /// Where `service` sends what reaches it, the caller having dialled `dialled`: to the
+    /// endpoint `choose` picks (the balancer, with what the caller's route asks of it), or, for
+    /// a service that picks none, to the address dialled. A pass through keeps the address
+    /// and, where the entry's port names another `targetPort`, goes to that port instead, as
+    /// istiod overrides an original-destination cluster's port. The endpoint chosen is
+    /// returned with the hop, as it counts the request as in flight until dropped.
+    pub(crate) fn to_service(
+        service: &Service,
+        dialled: SocketAddr,
+        choose: impl FnOnce() -> Option<Chosen>,
+    ) -> Result<(Hop, Option<Chosen>), NoHop> {
         if !(service.load_balancing.as_ref()).is_some_and(LoadBalancing::is_passthrough) {
-            return Pick::Endpoint;
+            let chosen = choose().ok_or(NoHop::Unhealthy)?;
+            return Ok((
+                Hop::Endpoint(chosen.workload, chosen.target_port),
+                Some(chosen),
+            ));
         }
         if !service.vips.contains(&dialled.ip()) {
-            return Pick::Nowhere;
+            return Err(NoHop::NotDialled);
         }
         let port = match service.port(dialled.port()) {
             Some((
@@ -101,17 +124,8 @@ impl Pick {
             )) => *to,
             _ => dialled.port(),
         };
-        Pick::Dialled(SocketAddr::new(dialled.ip(), port))
+        Ok((Hop::Address(SocketAddr::new(dialled.ip(), port)), None))
     }
-}
-
-/// The next hop of an attempt or a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hop {
-    /// An endpoint (chosen, or the workload addressed) and its target port.
-    Endpoint(WorkloadId, u16),
-    /// An address, as the service passes through ([`Pick::Dialled`]).
-    Address(SocketAddr),
 }
 
 /// Why a destination is not served here.
@@ -347,26 +361,37 @@ spec:
             Snapshot::from_yaml("mesh.yaml", yaml, &mesh::Options::default()).expect("snapshot");
         let service = |host: &str| snapshot.service_by_host(host).expect("service").1;
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        let cases = [
-            (
-                "ranges.example.com",
-                "203.0.113.7:443",
-                Pick::Dialled(addr("203.0.113.7:443")),
-            ),
-            (
-                "ranges.example.com",
-                "203.0.113.7:8443",
-                Pick::Dialled(addr("203.0.113.7:9443")),
-            ),
-            ("ranges.example.com", "203.0.113.8:443", Pick::Nowhere),
-            ("fixed.example.com", "203.0.113.8:443", Pick::Endpoint),
-        ];
-        for (host, dialled, want) in cases {
-            assert_eq!(
-                Pick::of(service(host), addr(dialled)),
-                want,
-                "{host} {dialled}"
-            );
-        }
+        let pass = |host: &str, dialled: &str| {
+            Hop::to_service(service(host), addr(dialled), || {
+                unreachable!("a pass through chooses no endpoint")
+            })
+            .map(|(hop, chosen)| (hop, chosen.is_some()))
+        };
+        assert_eq!(
+            pass("ranges.example.com", "203.0.113.7:443"),
+            Ok((Hop::Address(addr("203.0.113.7:443")), false))
+        );
+        assert_eq!(
+            pass("ranges.example.com", "203.0.113.7:8443"),
+            Ok((Hop::Address(addr("203.0.113.7:9443")), false)),
+            "the port's targetPort"
+        );
+        assert_eq!(
+            pass("ranges.example.com", "203.0.113.8:443"),
+            Err(NoHop::NotDialled),
+            "another entry's address"
+        );
+        // An entry that picks its endpoints asks the balancer, and has none when it finds none.
+        let mut asked = false;
+        let balanced = Hop::to_service(
+            service("fixed.example.com"),
+            addr("203.0.113.8:443"),
+            || {
+                asked = true;
+                None
+            },
+        );
+        assert_eq!(balanced.map(|(hop, _)| hop), Err(NoHop::Unhealthy));
+        assert!(asked);
     }
 }

@@ -275,3 +275,181 @@ spec:
     drop(s);
     mesh.shutdown().await;
 }
+
+/// A mirror's service picks its upstream as a request to it would: an endpoint out of the mesh
+/// is reached in plain TCP, one known by name once resolved, a `GRPC` port with HTTP/2; an
+/// entry resolved `NONE` has nothing to pass a mirror of another service's request through to,
+/// so none is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_reach_services_as_requests_to_them_would() {
+    let net = 88;
+    let config = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: app}}
+spec:
+  hosts: [api.external.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: [{{address: 127.{net}.9.1, labels: {{istio.io/dataplane-mode: none}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: named, namespace: app}}
+spec:
+  hosts: [api.named.test]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {MIRROR_NAMED_PORT}}}]
+  endpoints: [{{address: localhost}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ranges, namespace: app}}
+spec:
+  hosts: [ranges.external.test]
+  addresses: [127.{net}.9.5]
+  location: MESH_EXTERNAL
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.{net}.9.6, labels: {{istio.io/dataplane-mode: none}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: grpc, namespace: app}}
+spec:
+  hosts: [api.grpc.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: grpc, protocol: GRPC, targetPort: 8080}}]
+  endpoints: [{{address: 127.{net}.9.7, labels: {{istio.io/dataplane-mode: none}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  hosts: [echo.app.svc.cluster.local]
+  http:
+  - match: [{{uri: {{prefix: /shadow-none}}}}]
+    mirror: {{host: ranges.external.test, port: {{number: 8080}}}}
+    route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
+  - match: [{{uri: {{prefix: /shadow-out}}}}]
+    mirror: {{host: api.external.test}}
+    route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
+  - match: [{{uri: {{prefix: /shadow-named}}}}]
+    mirror: {{host: api.named.test}}
+    route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
+  - match: [{{uri: {{prefix: /shadow-grpc}}}}]
+    mirror: {{host: api.grpc.test}}
+    route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
+"#
+    );
+    let mesh = Mesh::start(net, &config).await;
+    for (ip, port, name) in [
+        (mesh.ip("9.1"), 8080, "external"),
+        (mesh.ip("9.5"), 8080, "dialled"),
+        (mesh.ip("9.6"), 8080, "selected"),
+        (IpAddr::from([127, 0, 0, 1]), MIRROR_NAMED_PORT, "named"),
+    ] {
+        let listener = TcpListener::bind((ip, port)).await.expect("bind");
+        tokio::spawn(support::echo(listener, name, mesh.seen.clone()));
+    }
+    let grpc = TcpListener::bind((mesh.ip("9.7"), 8080))
+        .await
+        .expect("bind");
+    tokio::spawn(h2c(grpc, "grpc", mesh.seen.clone()));
+
+    // Sent first, so that had it gone anywhere it would be there by the time the others are.
+    let r = mesh.request("POST", "/shadow-none", &[], "none").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = mesh.request("GET", "/shadow-out", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = mesh.request("POST", "/shadow-named", &[], "by name").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = mesh.request("POST", "/shadow-grpc", &[], "over h2").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let arrived = |backend: &str, path: &str| {
+        mesh.seen_by(backend)
+            .iter()
+            .find(|s| s.path == path)
+            .map(|s| (s.host.clone(), s.body.clone()))
+    };
+    let (out, named, grpc) = loop {
+        match (
+            arrived("external", "/shadow-out"),
+            arrived("named", "/shadow-named"),
+            arrived("grpc", "/shadow-grpc"),
+        ) {
+            (Some(out), Some(named), Some(grpc)) => break (out, named, grpc),
+            missing => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "mirrors never arrived: {missing:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(
+        out.0, "echo.app.svc.cluster.local-shadow:80",
+        "the shadow host"
+    );
+    assert_eq!(named.1, "by name");
+    assert_eq!(
+        grpc,
+        (
+            "echo.app.svc.cluster.local-shadow:80".to_owned(),
+            "over h2".to_owned()
+        ),
+        "the :authority and the body, over HTTP/2"
+    );
+    assert!(
+        mesh.seen_by("selected").is_empty(),
+        "balanced to an endpoint"
+    );
+    assert!(mesh.seen_by("dialled").is_empty(), "to the entry's address");
+    mesh.shutdown().await;
+}
+
+/// Where the mirror test's `localhost` backend listens.
+const MIRROR_NAMED_PORT: u16 = 18088;
+
+/// A server speaking HTTP/2 in the clear with prior knowledge, as gRPC servers do and nothing
+/// else: each request recorded (`host` is its `:authority`) and answered 200.
+async fn h2c(
+    listener: TcpListener,
+    name: &'static str,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<support::Seen>>>,
+) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                return;
+            };
+            // The connection is driven by accepting; each request is read in its own task.
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let (head, mut body) = request.into_parts();
+                    let mut got = Vec::new();
+                    while let Some(Ok(chunk)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        got.extend_from_slice(&chunk);
+                    }
+                    seen.lock().unwrap().push(support::Seen {
+                        backend: name.to_owned(),
+                        method: head.method.to_string(),
+                        path: head.uri.path().to_owned(),
+                        host: (head.uri.authority()).map_or(String::new(), |a| a.to_string()),
+                        body: String::from_utf8_lossy(&got).into_owned(),
+                    });
+                    let _ = respond.send_response(http::Response::new(()), true);
+                });
+            }
+        });
+    }
+}

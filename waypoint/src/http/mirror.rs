@@ -3,21 +3,34 @@
 //!
 //! The copy streams alongside the original: body chunks are handed over as they pass
 //! `request_body_filter`. A mirror that falls behind is abandoned rather than buffering the
-//! original request or slowing it down.
+//! original request or slowing it down, and its body is failed, not ended, so the mirror's
+//! upstream never takes a truncated body for a whole one. It speaks HTTP/2 to a service port
+//! declared `HTTP2` or `GRPC` (a gRPC mirror reaches a server that speaks nothing else) and
+//! HTTP/1.1 otherwise, as the request itself goes upstream.
 
-use std::fmt::Write as _;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hbone::{Authority, ConnectRequest, HBONE_PORT};
+use hbone::{Authority, ConnectHeaders, ConnectRequest, HBONE_PORT};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh::Snapshot;
+use mesh::model::{AppProtocol, Protocol};
 use mesh::route::Backend;
 use pingora_http::RequestHeader;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::state::{Shared, View};
+use super::{DEFAULT_TRAFFIC, traffic_policy};
+use crate::state::{Hop, Shared, View};
 use crate::tunnel::Tunnel;
 
 /// Chunks queued for one mirror before it is abandoned.
@@ -48,146 +61,245 @@ impl Sender {
     }
 }
 
-/// Starts mirroring the request `tunnel` carries to `backend`; `None` if it cannot be resolved.
+/// Starts mirroring the request `tunnel` carries to `backend`; `None` if it has nowhere to go.
+/// `has_body` says whether a body follows the head (an HTTP/2 request may have one without
+/// saying how long it is).
+///
+/// The mirror's service picks its upstream as a request to it would: an endpoint chosen by its
+/// DestinationRule's load balancing, reached over HBONE when it is in the mesh and in plain TCP
+/// when not (an endpoint known by name resolved first), or, for a service that picks none (a
+/// ServiceEntry resolved `NONE`), the address the caller dialled, which is only ever one of its
+/// own when the mirror is of the service the request was sent to.
 pub(super) fn start(
     shared: Arc<Shared>,
     view: &View,
     backend: &Backend,
     request_port: u16,
     req: &RequestHeader,
+    has_body: bool,
     tunnel: &Tunnel,
 ) -> Option<Sender> {
     let snapshot = &view.snapshot;
     let (id, service) = snapshot.service_by_host(&backend.service)?;
     let port = backend.port.unwrap_or(request_port);
     let (port_index, _) = service.port(port)?;
-    let default_policy = mesh::route::TrafficPolicy::default();
     let subset = view.subset(id, backend.subset.as_deref())?;
-    let chosen = view.balancer.choose(
-        snapshot,
-        id,
-        port_index,
-        subset,
-        &default_policy,
-        None,
-        &[],
-        Instant::now(),
-    )?;
-    let workload = snapshot.workload(chosen.workload);
-    let ip = *workload.ips.first()?;
-    let target = SocketAddr::new(ip, chosen.target_port);
-    let request = ConnectRequest {
-        src: shared.identity.clone(),
-        dst_identities: vec![workload.identity.clone()],
-        next_hop: SocketAddr::new(ip, HBONE_PORT),
-        authority: Authority::Addr(target),
-        headers: tunnel.onward(Some(service.hostname.to_string())),
+    let policy =
+        traffic_policy(view, id, port_index, backend.subset.as_deref()).unwrap_or(&DEFAULT_TRAFFIC);
+    let choose = || {
+        let now = Instant::now();
+        view.balancer
+            .choose(snapshot, id, port_index, subset, policy, None, &[], now)
     };
-    let has_body = req
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .is_some_and(|v| v.as_bytes() != b"0")
-        || req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    let head = head(req, has_body);
+    let (hop, chosen) = match Hop::to_service(service, tunnel.destination, choose) {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::debug!(mirror = %service.hostname, %error, "not mirrored");
+            return None;
+        }
+    };
     let (tx, rx) = if has_body {
         let (tx, rx) = mpsc::channel(QUEUE);
         (Some(tx), Some(rx))
     } else {
         (None, None)
     };
-    let service = service.hostname.clone();
+    let http2 = matches!(
+        service.ports[port_index].protocol,
+        AppProtocol::Http2 | AppProtocol::Grpc
+    );
+    let request = match shadow(req, http2, Relayed(rx)) {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::debug!(mirror = %service.hostname, %error, "not mirrored");
+            return None;
+        }
+    };
+    let mirror = Mirror {
+        shared,
+        snapshot: snapshot.clone(),
+        service: service.hostname.clone(),
+        hop,
+        connect_timeout: policy.connection_pool.connect_timeout,
+        headers: tunnel.onward(Some(service.hostname.to_string())),
+        http2,
+    };
     tokio::spawn(async move {
+        // Counted as in flight to the endpoint until the mirror is over.
         let _chosen = chosen;
-        let result = tokio::time::timeout(DEADLINE, send(&shared, request, head, rx)).await;
-        match result {
-            Ok(Ok(status)) => {
-                tracing::debug!(mirror = %service, upstream = %target, status, "mirrored")
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(mirror = %service, upstream = %target, %error, "mirror failed")
-            }
-            Err(_) => tracing::debug!(mirror = %service, upstream = %target, "mirror timed out"),
+        let service = mirror.service.clone();
+        if tokio::time::timeout(DEADLINE, mirror.send(request))
+            .await
+            .is_err()
+        {
+            tracing::debug!(mirror = %service, "mirror timed out");
         }
     });
     Some(Sender(tx))
 }
 
-/// The request head for the mirror, as HTTP/1.1 with the shadow host.
-fn head(req: &RequestHeader, chunked: bool) -> String {
-    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    let host = req
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
-        .unwrap_or("");
-    let (name, port) = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (name, Some(port)),
-        _ => (host, None),
-    };
-    let mut out = format!("{} {path} HTTP/1.1\r\nhost: {name}-shadow", req.method);
-    if let Some(port) = port {
-        let _ = write!(out, ":{port}");
-    }
-    out.push_str("\r\n");
-    for (k, v) in &req.headers {
-        if matches!(
-            k.as_str(),
-            "host" | "connection" | "content-length" | "transfer-encoding" | "keep-alive"
-        ) {
-            continue;
-        }
-        if let Ok(v) = v.to_str() {
-            let _ = write!(out, "{k}: {v}\r\n");
-        }
-    }
-    out.push_str(if chunked {
-        "transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-    } else {
-        "content-length: 0\r\nconnection: close\r\n\r\n"
-    });
-    out
+/// One mirrored request, once its upstream is picked.
+struct Mirror {
+    shared: Arc<Shared>,
+    snapshot: Arc<Snapshot>,
+    service: Arc<str>,
+    hop: Hop,
+    connect_timeout: Duration,
+    /// The CONNECT's headers, for an endpoint in the mesh.
+    headers: ConnectHeaders,
+    http2: bool,
 }
 
-async fn send(
-    shared: &Shared,
-    request: ConnectRequest,
-    head: String,
-    body: Option<mpsc::Receiver<Bytes>>,
-) -> std::io::Result<u16> {
-    let mut stream = shared
-        .pool
-        .connect(request)
-        .await
-        .map_err(std::io::Error::other)?;
-    stream.write_all(head.as_bytes()).await?;
-    if let Some(mut body) = body {
-        let mut complete = false;
-        while let Some(chunk) = body.recv().await {
-            if chunk.is_empty() {
-                complete = true;
-                break;
+impl Mirror {
+    /// Connects to the upstream and sends the request, then logs how it went.
+    async fn send(self, request: http::Request<Relayed>) {
+        let (workload, upstream) = match self.hop {
+            Hop::Endpoint(id, port) => {
+                let workload = self.snapshot.workload(id);
+                let limit = self.connect_timeout;
+                match self.shared.names.address_of(workload, limit).await {
+                    Ok(ip) => (Some(workload), SocketAddr::new(ip, port)),
+                    Err(error) => {
+                        tracing::debug!(mirror = %self.service, %error, "mirror failed");
+                        return;
+                    }
+                }
             }
-            stream
-                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-                .await?;
-            stream.write_all(&chunk).await?;
-            stream.write_all(b"\r\n").await?;
+            Hop::Address(addr) => (None, addr),
+        };
+        let sent = match workload.filter(|w| w.protocol == Protocol::Hbone) {
+            Some(w) => {
+                let tunnel = ConnectRequest {
+                    src: self.shared.identity.clone(),
+                    dst_identities: vec![w.identity.clone()],
+                    next_hop: SocketAddr::new(upstream.ip(), HBONE_PORT),
+                    authority: Authority::Addr(upstream),
+                    headers: self.headers,
+                };
+                let connect = self.shared.pool.connect(tunnel);
+                match tokio::time::timeout(self.connect_timeout, connect).await {
+                    Ok(Ok(stream)) => exchange(stream, self.http2, request).await,
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("connect timeout".to_owned()),
+                }
+            }
+            None => {
+                let connect = TcpStream::connect(upstream);
+                match tokio::time::timeout(self.connect_timeout, connect).await {
+                    Ok(Ok(stream)) => exchange(stream, self.http2, request).await,
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("connect timeout".to_owned()),
+                }
+            }
+        };
+        match sent {
+            Ok(status) => {
+                tracing::debug!(mirror = %self.service, %upstream, status, "mirrored")
+            }
+            Err(error) => {
+                tracing::debug!(mirror = %self.service, %upstream, %error, "mirror failed")
+            }
         }
-        if !complete {
-            return Err(std::io::Error::other(
-                "the original request ended early or the mirror fell behind",
-            ));
-        }
-        stream.write_all(b"0\r\n\r\n").await?;
     }
-    stream.flush().await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let status = response
-        .get(9..12)
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+}
+
+/// The mirror of `req`: the same method, path and headers, for the shadow host (in the URI's
+/// authority for HTTP/2, which sends it as `:authority`, and in `Host` for HTTP/1.1), without
+/// the headers that describe the original connection or its framing.
+fn shadow(
+    req: &RequestHeader,
+    http2: bool,
+    body: Relayed,
+) -> Result<http::Request<Relayed>, http::Error> {
+    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let host = (req.uri.authority().map(|a| a.as_str()))
+        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
+        .unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{name}-shadow:{port}")
+        }
+        _ => format!("{host}-shadow"),
+    };
+    let mut builder = http::Request::builder().method(req.method.clone());
+    builder = if http2 {
+        builder
+            .version(http::Version::HTTP_2)
+            .uri(format!("http://{host}{path}"))
+    } else {
+        builder.uri(path).header(http::header::HOST, &host)
+    };
+    for (name, value) in &req.headers {
+        if !matches!(
+            name.as_str(),
+            "host"
+                | "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+                | "upgrade"
+        ) {
+            builder = builder.header(name, value);
+        }
+    }
+    builder.body(body)
+}
+
+/// The original request's body as the mirror's, each chunk as it passes.
+struct Relayed(Option<mpsc::Receiver<Bytes>>);
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let Some(rx) = &mut self.0 else {
+            return Poll::Ready(None);
+        };
+        match ready!(rx.poll_recv(cx)) {
+            Some(chunk) if !chunk.is_empty() => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            Some(_) => {
+                self.0 = None;
+                Poll::Ready(None)
+            }
+            // Closed without the end: the original ended early, or the mirror fell behind.
+            None => Poll::Ready(Some(Err(io::Error::other(
+                "the original request ended early or the mirror fell behind",
+            )))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// Sends `request` over `stream` and reads the response to its end, which is dropped; its
+/// status, or what failed, is what the mirror logs.
+async fn exchange<S>(stream: S, http2: bool, request: http::Request<Relayed>) -> Result<u16, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(stream);
+    let response = if http2 {
+        let (mut sender, conn) = http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, conn) = http1::handshake(io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(request).await
+    };
+    let response = response.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        frame.map_err(|e| e.to_string())?;
+    }
     Ok(status)
 }

@@ -9,7 +9,7 @@
 //!   already tried, after Envoy's jittered backoff, and connects through
 //!   [`crate::originate`] with the attempt's deadline; a service that picks no endpoint (a
 //!   ServiceEntry resolved `NONE`) goes to the address the caller dialled
-//!   ([`crate::state::Pick`]).
+//!   ([`crate::state::Hop::to_service`]).
 //! * `upstream_request_filter` / `response_filter`: header modifiers, rewrites, CORS headers.
 //! * `upstream_response_filter`, `fail_to_connect`, `error_while_proxy`: Istio's retry policy
 //!   ([`retry`]) and outlier-detection reports.
@@ -50,7 +50,7 @@ use crate::metrics::{Labels, Parties};
 use crate::origin_tls::{self, TlsPeers};
 use crate::originate::{HboneConnector, KeepAlive};
 use crate::resolve::NoAddress;
-use crate::state::{Hop, Pick, Shared, Target, View};
+use crate::state::{Hop, Shared, Target, View};
 use crate::tunnel::{self, Tunnel};
 use crate::wasm::{self, Chain, Decision};
 
@@ -738,12 +738,14 @@ impl Waypoint {
 
         for m in &rule.mirrors {
             if roll(m.percent) {
+                let has_body = !session.is_body_empty();
                 let sender = mirror::start(
                     self.shared.clone(),
                     &view,
                     &m.backend,
                     port,
                     session.req_header(),
+                    has_body,
                     &tunnel,
                 );
                 if let Some(sender) = sender {
@@ -953,43 +955,29 @@ impl ProxyHttp for Waypoint {
                 let traffic = traffic_policy(&view, *id, *port_index, subset.as_deref())
                     .unwrap_or(&DEFAULT_TRAFFIC);
                 let protocol = snapshot.service(*id).ports[*port_index].protocol;
-                let hop = match Pick::of(snapshot.service(*id), tunnel.destination) {
-                    Pick::Endpoint => {
-                        let chosen = view.subset(*id, subset.as_deref()).and_then(|subset| {
-                            view.balancer.choose(
-                                snapshot,
-                                *id,
-                                *port_index,
-                                subset,
-                                traffic,
-                                ctx.hash,
-                                &ctx.tried,
-                                now.into_std(),
-                            )
-                        });
-                        let Some(chosen) = chosen else {
+                let choose = || {
+                    let subset = view.subset(*id, subset.as_deref())?;
+                    view.balancer.choose(
+                        snapshot,
+                        *id,
+                        *port_index,
+                        subset,
+                        traffic,
+                        ctx.hash,
+                        &ctx.tried,
+                        now.into_std(),
+                    )
+                };
+                let (hop, chosen) =
+                    match Hop::to_service(snapshot.service(*id), tunnel.destination, choose) {
+                        Ok(found) => found,
+                        Err(no) => {
                             ctx.flag("UH");
                             ctx.details = "no_healthy_upstream";
-                            return Err(Error::explain(
-                                ErrorType::HTTPStatus(503),
-                                "no healthy upstream",
-                            ));
-                        };
-                        let hop = Hop::Endpoint(chosen.workload, chosen.target_port);
-                        ctx.endpoint = Some(chosen);
-                        hop
-                    }
-                    Pick::Dialled(addr) => Hop::Address(addr),
-                    Pick::Nowhere => {
-                        ctx.flag("UH");
-                        ctx.details = "no_healthy_upstream";
-                        return Err(Error::explain(
-                            ErrorType::HTTPStatus(503),
-                            "the service passes connections through to the address dialled, \
-                             and the caller dialled another service",
-                        ));
-                    }
-                };
+                            return Err(Error::explain(ErrorType::HTTPStatus(503), no.to_string()));
+                        }
+                    };
+                ctx.endpoint = chosen;
                 (hop, protocol, traffic)
             }
             Upstream::Workload { id, port } => (
