@@ -279,7 +279,8 @@ spec:
 /// A mirror's service picks its upstream as a request to it would: an endpoint out of the mesh
 /// is reached in plain TCP, one known by name once resolved, a `GRPC` port with HTTP/2; an
 /// entry resolved `NONE` has nothing to pass a mirror of another service's request through to,
-/// so none is sent.
+/// and one whose DestinationRule originates TLS is not mirrored in the clear, so neither gets
+/// one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_reach_services_as_requests_to_them_would() {
     let net = 88;
@@ -326,6 +327,23 @@ spec:
   endpoints: [{{address: 127.{net}.9.7, labels: {{istio.io/dataplane-mode: none}}}}]
 ---
 apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: tls, namespace: app}}
+spec:
+  hosts: [api.tls.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: [{{address: 127.{net}.9.8, labels: {{istio.io/dataplane-mode: none}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tls, namespace: app}}
+spec:
+  host: api.tls.test
+  trafficPolicy: {{tls: {{mode: SIMPLE}}}}
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: echo, namespace: app}}
 spec:
@@ -343,6 +361,9 @@ spec:
   - match: [{{uri: {{prefix: /shadow-grpc}}}}]
     mirror: {{host: api.grpc.test}}
     route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
+  - match: [{{uri: {{prefix: /shadow-tls}}}}]
+    mirror: {{host: api.tls.test}}
+    route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
 "#
     );
     let mesh = Mesh::start(net, &config).await;
@@ -350,6 +371,7 @@ spec:
         (mesh.ip("9.1"), 8080, "external"),
         (mesh.ip("9.5"), 8080, "dialled"),
         (mesh.ip("9.6"), 8080, "selected"),
+        (mesh.ip("9.8"), 8080, "in the clear"),
         (IpAddr::from([127, 0, 0, 1]), MIRROR_NAMED_PORT, "named"),
     ] {
         let listener = TcpListener::bind((ip, port)).await.expect("bind");
@@ -360,10 +382,13 @@ spec:
         .expect("bind");
     tokio::spawn(h2c(grpc, "grpc", mesh.seen.clone()));
 
-    // Sent first, so that had it gone anywhere it would be there by the time the others are.
+    // Sent first, so that had they gone anywhere they would be there by the time the others are.
     let r = mesh.request("POST", "/shadow-none", &[], "none").await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = mesh.request("GET", "/shadow-out", &[], "").await;
+    let r = mesh.request("POST", "/shadow-tls", &[], "secret").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A GET's body is mirrored too.
+    let r = mesh.request("GET", "/shadow-out", &[], "get body").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let r = mesh.request("POST", "/shadow-named", &[], "by name").await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -393,11 +418,9 @@ spec:
             }
         }
     };
-    assert_eq!(
-        out.0, "echo.app.svc.cluster.local-shadow:80",
-        "the shadow host"
-    );
-    assert_eq!(named.1, "by name");
+    let shadow = "echo.app.svc.cluster.local-shadow:80".to_owned();
+    assert_eq!(out, (shadow.clone(), "get body".to_owned()));
+    assert_eq!(named, (shadow.clone(), "by name".to_owned()));
     assert_eq!(
         grpc,
         (
@@ -406,11 +429,18 @@ spec:
         ),
         "the :authority and the body, over HTTP/2"
     );
-    assert!(
-        mesh.seen_by("selected").is_empty(),
-        "balanced to an endpoint"
+    // Nothing else had a mirror: not the NONE entry's endpoint or address, nor the echo
+    // service the request was sent to, nor the endpoint that expects TLS.
+    let mirrored: std::collections::BTreeSet<String> = (mesh.seen.lock().unwrap().iter())
+        .filter(|s| s.host.contains("-shadow"))
+        .map(|s| s.backend.clone())
+        .collect();
+    assert_eq!(
+        mirrored,
+        ["external", "grpc", "named"].map(str::to_owned).into(),
+        "what had a mirror"
     );
-    assert!(mesh.seen_by("dialled").is_empty(), "to the entry's address");
+    assert!(mesh.seen_by("in the clear").is_empty());
     mesh.shutdown().await;
 }
 

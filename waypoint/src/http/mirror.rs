@@ -6,11 +6,12 @@
 //! original request or slowing it down, and its body is failed, not ended, so the mirror's
 //! upstream never takes a truncated body for a whole one. It speaks HTTP/2 to a service port
 //! declared `HTTP2` or `GRPC` (a gRPC mirror reaches a server that speaks nothing else) and
-//! HTTP/1.1 otherwise, as the request itself goes upstream.
+//! HTTP/1.1 otherwise, as the request itself goes upstream. A mirror to an endpoint out of
+//! the mesh whose DestinationRule originates TLS is not sent: it would go in the clear.
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hbone::{Authority, ConnectHeaders, ConnectRequest, HBONE_PORT};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame};
+use hyper::body::{Body, Frame, Incoming};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh::Snapshot;
@@ -98,6 +99,16 @@ pub(super) fn start(
             return None;
         }
     };
+    let plain = match hop {
+        Hop::Endpoint(id, _) => snapshot.workload(id).protocol != Protocol::Hbone,
+        Hop::Address(_) => true,
+    };
+    if plain && policy.tls.is_some() {
+        // A request there originates the DestinationRule's TLS; its mirror is never sent in
+        // the clear, headers and all.
+        tracing::debug!(mirror = %service.hostname, "not mirrored: the DestinationRule originates TLS, which mirrors do not");
+        return None;
+    }
     let (tx, rx) = if has_body {
         let (tx, rx) = mpsc::channel(QUEUE);
         (Some(tx), Some(rx))
@@ -205,7 +216,9 @@ impl Mirror {
 
 /// The mirror of `req`: the same method, path and headers, for the shadow host (in the URI's
 /// authority for HTTP/2, which sends it as `:authority`, and in `Host` for HTTP/1.1), without
-/// the headers that describe the original connection or its framing.
+/// the headers that describe the original connection or its framing. A body is framed anew,
+/// chunked over HTTP/1.1: what passes the body filter (a plugin may rewrite it) is not known
+/// to match the original's length, and a declared length would let a short one pass whole.
 fn shadow(
     req: &RequestHeader,
     http2: bool,
@@ -226,13 +239,17 @@ fn shadow(
         builder
             .version(http::Version::HTTP_2)
             .uri(format!("http://{host}{path}"))
-    } else {
+    } else if body.is_end_stream() {
         builder.uri(path).header(http::header::HOST, &host)
+    } else {
+        (builder.uri(path).header(http::header::HOST, &host))
+            .header(http::header::TRANSFER_ENCODING, "chunked")
     };
     for (name, value) in &req.headers {
         if !matches!(
             name.as_str(),
             "host"
+                | "content-length"
                 | "connection"
                 | "keep-alive"
                 | "proxy-connection"
@@ -278,24 +295,42 @@ impl Body for Relayed {
 }
 
 /// Sends `request` over `stream` and reads the response to its end, which is dropped; its
-/// status, or what failed, is what the mirror logs.
+/// status, or what failed, is what the mirror logs. The connection is driven here, not in a
+/// task of its own, so it ends with the exchange, at the latest with the mirror's deadline.
 async fn exchange<S>(stream: S, http2: bool, request: http::Request<Relayed>) -> Result<u16, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(stream);
-    let response = if http2 {
+    if http2 {
         let (mut sender, conn) = http2::handshake(TokioExecutor::new(), io)
             .await
             .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        sender.send_request(request).await
+        driving(conn, answer(sender.send_request(request))).await
     } else {
         let (mut sender, conn) = http1::handshake(io).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        sender.send_request(request).await
-    };
-    let response = response.map_err(|e| e.to_string())?;
+        driving(conn, answer(sender.send_request(request))).await
+    }
+}
+
+/// Runs `exchange` while driving `conn`, the connection it goes over.
+async fn driving(
+    conn: impl Future,
+    exchange: impl Future<Output = Result<u16, String>>,
+) -> Result<u16, String> {
+    let mut exchange = pin!(exchange);
+    tokio::select! {
+        result = &mut exchange => result,
+        // The connection ended (or failed): the exchange ends with it.
+        _ = conn => exchange.await,
+    }
+}
+
+/// The response's status, once its body is read to the end and dropped.
+async fn answer(
+    response: impl Future<Output = hyper::Result<http::Response<Incoming>>>,
+) -> Result<u16, String> {
+    let response = response.await.map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let mut body = response.into_body();
     while let Some(frame) = body.frame().await {

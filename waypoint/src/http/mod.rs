@@ -738,14 +738,13 @@ impl Waypoint {
 
         for m in &rule.mirrors {
             if roll(m.percent) {
-                let has_body = !session.is_body_empty();
                 let sender = mirror::start(
                     self.shared.clone(),
                     &view,
                     &m.backend,
                     port,
                     session.req_header(),
-                    has_body,
+                    !end_of_stream,
                     &tunnel,
                 );
                 if let Some(sender) = sender {
