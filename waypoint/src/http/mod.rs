@@ -133,6 +133,9 @@ pub struct RequestCtx {
     /// close after this one.
     close_upstream: bool,
     mirrors: Vec<mirror::Sender>,
+    /// How much of the request body had been read from downstream when the body filter last
+    /// ran: a chunk that comes with no more read is a retry's replay of what was kept.
+    body_read: usize,
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
     /// An answer a plugin gave after the request started upstream, sent by `fail_to_proxy`.
@@ -856,6 +859,7 @@ impl ProxyHttp for Waypoint {
             plain_max_requests: None,
             close_upstream: false,
             mirrors: Vec::new(),
+            body_read: 0,
             wasm: None,
             wasm_answer: None,
         }
@@ -877,7 +881,7 @@ impl ProxyHttp for Waypoint {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -895,8 +899,15 @@ impl ProxyHttp for Waypoint {
             ctx.wasm_answer = Some(Deferred::Request(local));
             return Error::e_explain(ErrorType::HTTPStatus(status), "answered by a wasm plugin");
         }
-        for m in &mut ctx.mirrors {
-            m.body(body.as_ref(), end_of_stream);
+        // A retry replays what Pingora kept of the body before the rest arrives: the mirrors
+        // had it already.
+        let read = session.body_bytes_read();
+        let replayed = read == ctx.body_read && body.as_ref().is_some_and(|b| !b.is_empty());
+        ctx.body_read = read;
+        if !replayed {
+            for m in &mut ctx.mirrors {
+                m.body(body.as_ref(), end_of_stream);
+            }
         }
         Ok(())
     }
