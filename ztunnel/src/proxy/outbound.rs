@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{ConnectionGuard, Direction, Ends, LoggedWorkload};
 use super::live::Outbound;
-use super::route::{Destination, Refusal, Route, route};
+use super::route::{Destination, Lookup, Refusal, Route, route, route_addr};
 use super::socks5::{self, Reply, Target};
 use super::{Ctx, Local, accept_loop};
 use crate::dns::Asker;
@@ -86,15 +86,16 @@ async fn proxy(
     let (snapshot, source) = (&named.snapshot, named.workload());
     let original_dst = dst.to_string();
     let cluster = &snapshot.options().cluster_id;
+    // Decided before any lookup: the random source is not held across it.
     let first = route(snapshot, source, dst, &mut rand::rng());
     let decision = match first {
-        Route::Lookup { host, port } => {
+        Ok(decided) => decided,
+        Err(Lookup { host, port }) => {
             match resolve(ctx, source, cluster, &host, port, false).await {
-                Ok(addr) => route(snapshot, source, Destination::Addr(addr), &mut rand::rng()),
+                Ok(addr) => route_addr(snapshot, source, addr, &mut rand::rng()),
                 Err(why) => Route::Refuse(why),
             }
         }
-        decided => decided,
     };
     // Listed for `/config_dump` once ztunnel knows where it sends the connection.
     // Called once, on the one path the connection takes: the destination's text moves in.
@@ -137,7 +138,6 @@ async fn proxy(
 
     match decision {
         Route::Refuse(why) => refuse(&mut guard, &mut client, socks, why).await,
-        Route::Lookup { .. } => unreachable!("an address is never looked up"),
         Route::Direct {
             next_hop,
             authority,
@@ -378,7 +378,7 @@ fn describe(snapshot: &Snapshot, decision: &Route) -> Described {
         Route::Resolve {
             workload, service, ..
         } => (Some(*workload), Some(*service), None, None, None),
-        Route::Refuse(_) | Route::Lookup { .. } => (None, None, None, None, None),
+        Route::Refuse(_) => (None, None, None, None, None),
     }
 }
 

@@ -25,6 +25,7 @@
 //!    as upstream's SOCKS5 does: a mesh address found so still takes its waypoint and mTLS.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use hbone::Identity;
 use mesh::Snapshot;
@@ -89,14 +90,6 @@ pub enum Route {
         /// The service, when the caller addressed one.
         service: Option<ServiceId>,
     },
-    /// A name to look up and route the address of (looking up is I/O, so it is the caller's);
-    /// never the decision for an address.
-    Lookup {
-        /// The name.
-        host: std::sync::Arc<str>,
-        /// The port on it.
-        port: u16,
-    },
     /// Plain TCP to what a DNS name resolves to (resolving is I/O, so it is the caller's).
     Resolve {
         /// The name.
@@ -147,73 +140,108 @@ pub enum Refusal {
     NoVip(String),
 }
 
-/// Decides where a connection from `source` to `dst` goes.
+/// A name the proxy looks up before it can route (looking up is I/O, so it is the caller's):
+/// the address found is routed with [`route_addr`], as any other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The name.
+    pub host: Arc<str>,
+    /// The port on it.
+    pub port: u16,
+}
+
+/// Decides where a connection from `source` to `dst` goes, or which name must be looked up
+/// first: one the mesh does not know, or that of a service passing connections through that
+/// has no address of its own to pass them to.
 pub fn route(
     snapshot: &Snapshot,
     source: &Workload,
     dst: Destination<'_>,
     rng: &mut impl Rng,
-) -> Route {
-    let (service, port) = match dst {
-        Destination::Addr(addr) => {
-            // Loopback is the caller's own host, unless the address is a workload's (in the
-            // local mesh every workload has a loopback address of its own).
-            let ip = addr.ip().to_canonical();
-            let own = source.has_ip(ip)
-                || ip.is_unspecified()
-                || (ip.is_loopback() && snapshot.workload_by_ip(&source.network, ip).is_none());
-            if super::ports::ALL.contains(&addr.port()) && own {
-                return Route::Refuse(Refusal::SelfCall(addr.port()));
-            }
-            match snapshot.service_by_vip_from(addr.ip(), &source.namespace) {
-                Some((id, service)) => ((id, service, Some(addr.ip())), addr.port()),
-                None => return to_address(snapshot, source, addr, rng),
-            }
-        }
-        Destination::Host(host, port) => match snapshot.resolve_host(host, &source.namespace) {
-            Some((id, service)) => ((id, service, None), port),
-            None => {
-                return Route::Lookup {
-                    host: host.into(),
-                    port,
-                };
-            }
-        },
+) -> Result<Route, Lookup> {
+    let (host, port) = match dst {
+        Destination::Addr(addr) => return Ok(route_addr(snapshot, source, addr, rng)),
+        Destination::Host(host, port) => (host, port),
     };
-    to_service(snapshot, source, service, port, rng)
+    let Some((id, service)) = snapshot.resolve_host(host, &source.namespace) else {
+        return Err(Lookup {
+            host: host.into(),
+            port,
+        });
+    };
+    // The VIP the waypoint sees and the endpoint address family follow the service's first
+    // IPv4 VIP.
+    let vip = (service.vips.iter().find(|v| v.is_ipv4()))
+        .or(service.vips.first())
+        .copied();
+    if vip.is_none() && waypoint_for(service, source).is_none() && passes_through(service) {
+        return Err(Lookup {
+            host: service.hostname.clone(),
+            port,
+        });
+    }
+    Ok(to_service(snapshot, source, (id, service, vip), port, rng))
 }
 
-/// To `service`'s `port`; `dialled` is the VIP the caller used (none when it named the service).
+/// Decides where a connection from `source` to the address `addr` goes.
+pub fn route_addr(
+    snapshot: &Snapshot,
+    source: &Workload,
+    addr: SocketAddr,
+    rng: &mut impl Rng,
+) -> Route {
+    // Loopback is the caller's own host, unless the address is a workload's (in the local
+    // mesh every workload has a loopback address of its own).
+    let ip = addr.ip().to_canonical();
+    let own = source.has_ip(ip)
+        || ip.is_unspecified()
+        || (ip.is_loopback() && snapshot.workload_by_ip(&source.network, ip).is_none());
+    if super::ports::ALL.contains(&addr.port()) && own {
+        return Route::Refuse(Refusal::SelfCall(addr.port()));
+    }
+    match snapshot.service_by_vip_from(addr.ip(), &source.namespace) {
+        Some((id, service)) => to_service(
+            snapshot,
+            source,
+            (id, service, Some(addr.ip())),
+            addr.port(),
+            rng,
+        ),
+        None => to_address(snapshot, source, addr, rng),
+    }
+}
+
+/// The waypoint a connection from `source` to `service` goes through, unless `source` is it.
+fn waypoint_for(service: &Service, source: &Workload) -> Option<WaypointId> {
+    service
+        .waypoint
+        .filter(|&id| source.waypoint_instance != Some(id))
+}
+
+/// Whether `service` picks no endpoint and passes connections through to the address dialled.
+fn passes_through(service: &Service) -> bool {
+    (service.load_balancing.as_ref()).is_some_and(LoadBalancing::is_passthrough)
+}
+
+/// To `service`'s `port`; `vip` is the VIP the caller dialled, or the service's own when it
+/// named the service (none when it has none).
 fn to_service(
     snapshot: &Snapshot,
     source: &Workload,
-    (id, service, dialled): (ServiceId, &Service, Option<IpAddr>),
+    (id, service, vip): (ServiceId, &Service, Option<IpAddr>),
     port: u16,
     rng: &mut impl Rng,
 ) -> Route {
-    // The VIP the waypoint sees and the endpoint address family follow: the one dialled, else
-    // the service's first IPv4 VIP.
-    let vip = dialled.or_else(|| {
-        (service.vips.iter().find(|v| v.is_ipv4()))
-            .or(service.vips.first())
-            .copied()
-    });
-    if let Some(wp_id) = service.waypoint
-        && source.waypoint_instance != Some(wp_id)
-    {
+    if let Some(wp_id) = waypoint_for(service, source) {
         let Some(vip) = vip else {
             return Route::Refuse(Refusal::NoVip(service.hostname.to_string()));
         };
         let authority = SocketAddr::new(vip, port);
         return via_waypoint(snapshot, source, wp_id, authority, Some(id), rng);
     }
-    if (service.load_balancing.as_ref()).is_some_and(LoadBalancing::is_passthrough) {
-        let Some(vip) = vip else {
-            return Route::Lookup {
-                host: service.hostname.clone(),
-                port,
-            };
-        };
+    // Without a VIP, a service that passes connections through is named for a lookup instead
+    // ([`route`]).
+    if let (true, Some(vip)) = (passes_through(service), vip) {
         // Named by no service, as upstream's passthrough is: no endpoint of it is involved.
         return Route::Passthrough {
             addr: SocketAddr::new(vip, port),

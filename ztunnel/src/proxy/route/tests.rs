@@ -200,7 +200,18 @@ fn workload<'a>(s: &'a Snapshot, ip: &str) -> &'a Workload {
 /// expected identity).
 fn decide(s: &Snapshot, from: &str, dst: Destination<'_>) -> (String, String, String, String) {
     let mut rng = StdRng::seed_from_u64(7);
-    match route(s, workload(s, from), dst, &mut rng) {
+    let decided = match route(s, workload(s, from), dst, &mut rng) {
+        Ok(decided) => decided,
+        Err(Lookup { host, port }) => {
+            return (
+                "lookup".into(),
+                format!("{host}:{port}"),
+                String::new(),
+                String::new(),
+            );
+        }
+    };
+    match decided {
         Route::Direct {
             next_hop,
             authority,
@@ -233,12 +244,6 @@ fn decide(s: &Snapshot, from: &str, dst: Destination<'_>) -> (String, String, St
             "resolve".into(),
             format!("{host}:{port}"),
             if v6 { "v6" } else { "v4" }.into(),
-            String::new(),
-        ),
-        Route::Lookup { host, port } => (
-            "lookup".into(),
-            format!("{host}:{port}"),
-            String::new(),
             String::new(),
         ),
         Route::Refuse(why) => (
@@ -516,12 +521,7 @@ fn endpoints_are_chosen_with_named_ports_and_spread() {
     let mut rng = StdRng::seed_from_u64(1);
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..1000 {
-        match route(
-            &s,
-            client,
-            Destination::Addr(addr("10.96.0.30:9080")),
-            &mut rng,
-        ) {
+        match route_addr(&s, client, addr("10.96.0.30:9080"), &mut rng) {
             Route::Direct { authority, .. } => *seen.entry(authority.to_string()).or_insert(0) += 1,
             other => panic!("unexpected {other:?}"),
         }
@@ -679,7 +679,7 @@ fn reached(s: &Snapshot, vip: &str) -> Result<std::collections::BTreeSet<String>
     let mut rng = StdRng::seed_from_u64(3);
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..300 {
-        match route(s, client, Destination::Addr(addr(vip)), &mut rng) {
+        match route_addr(s, client, addr(vip), &mut rng) {
             Route::Direct { authority, .. } => seen.insert(authority.ip().to_string()),
             Route::ViaWaypoint { next_hop, .. } => seen.insert(next_hop.ip().to_string()),
             Route::Refuse(why) => return Err(why.to_string()),
