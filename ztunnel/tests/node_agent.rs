@@ -228,23 +228,10 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     // (pod e) are refused once the wait is over.
     agent.add("uid-e", info("e"), &b).await.expect("pod e");
     assert!(listening_in(&b), "pod e served before it is named");
-    let (d_ns, e_ns) = (ns_c.open(), ns_b.open());
     let app_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7777);
-    let (asked, asking) = std::sync::mpsc::channel();
-    let e_asked = asked.clone();
-    let from_d = tokio::task::spawn_blocking(move || socks_from(&d_ns, app_addr, &asked));
-    let from_e = tokio::task::spawn_blocking(move || socks_from(&e_ns, app_addr, &e_asked));
     let e_started = Instant::now();
-    for _ in 0..2 {
-        asking
-            .recv_timeout(Duration::from_secs(10))
-            .expect("both SOCKS5 requests sent");
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !from_d.is_finished() && !from_e.is_finished(),
-        "the connections wait for the configuration"
-    );
+    let from_e = waiting(&ns_b, app_addr, "pod e's").await;
+    let from_d = waiting(&ns_c, app_addr, "pod d's").await;
     std::fs::write(
         dir.join("mesh.yaml"),
         format!(
@@ -285,14 +272,7 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     // pod e is no longer served here (pending, as upstream counts a pod it cannot serve), a
     // connection of its still waiting is refused then rather than carried as that workload,
     // and pod d's proxy starts again under its new identity.
-    let e_ns = ns_b.open();
-    let (asked, asking) = std::sync::mpsc::channel();
-    let from_e = tokio::task::spawn_blocking(move || socks_from(&e_ns, app_addr, &asked));
-    asking
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the SOCKS5 request sent");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!from_e.is_finished(), "pod e's connection waits again");
+    let from_e = waiting(&ns_b, app_addr, "pod e's, again,").await;
     let renamed = Instant::now();
     std::fs::write(
         dir.join("mesh.yaml"),
@@ -335,14 +315,7 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     let f = ns_f.open();
     agent.add("uid-f", info("f"), &f).await.expect("pod f");
     assert!(listening_in(&f), "pod f served before it is named");
-    let f_ns = ns_f.open();
-    let (asked, asking) = std::sync::mpsc::channel();
-    let from_f = tokio::task::spawn_blocking(move || socks_from(&f_ns, app_addr, &asked));
-    asking
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the SOCKS5 request sent");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!from_f.is_finished(), "pod f's connection waits");
+    let from_f = waiting(&ns_f, app_addr, "pod f's").await;
     let removed = Instant::now();
     agent.del("uid-f").await.expect("pod f removed");
     let refused = from_f.await.expect("join");
@@ -357,6 +330,26 @@ async fn pods_follow_the_agent_across_reconnects_and_recreation() {
     );
 
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A SOCKS5 CONNECT from inside `ns` through its pod's SOCKS5 port to `dst`, shown to wait:
+/// sent, and still unanswered a moment later. The task ends with the reply code and the
+/// stream, or none when ztunnel closes the connection without replying.
+async fn waiting(
+    ns: &Ns,
+    dst: SocketAddrV4,
+    whose: &str,
+) -> tokio::task::JoinHandle<Option<(u8, TcpStream)>> {
+    let netns = ns.open();
+    let (asked, asking) = std::sync::mpsc::channel();
+    let task = tokio::task::spawn_blocking(move || socks_from(&netns, dst, &asked));
+    tokio::task::spawn_blocking(move || asking.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("join")
+        .expect("the SOCKS5 request sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!task.is_finished(), "{whose} connection waits");
+    task
 }
 
 /// A SOCKS5 CONNECT from inside `netns` through its pod's SOCKS5 port to `dst`, said on `asked`
