@@ -873,3 +873,91 @@ async fn rewrites_before_authorization_are_authorized_and_after_it_are_not() {
     assert!(r.body.contains("path=/admin"), "{}", r.body);
     mesh.shutdown().await;
 }
+
+/// A plugin that holds the request body to its end, then puts `<` before it (dropping the
+/// request's `content-length`, as a plugin that changes a body's length does), and answers with
+/// `x-body-ends: <n>`, how many times it was given the end of this request's body.
+const BODY_ONCE: &str = r#"
+(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 4096))
+  (global $ends (mut i32) (i32.const 0))
+  (data (i32.const 16) "<")
+  (data (i32.const 32) "x-body-ends")
+  (data (i32.const 64) "content-length")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32)
+    (global.set $ends (i32.const 0)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $remove (i32.const 0) (i32.const 64) (i32.const 14)))
+    (i32.const 0))
+  (func (export "proxy_on_request_body") (param i32) (param i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (global.set $ends (i32.add (global.get $ends) (i32.const 1)))
+    (drop (call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 48) (i32.add (i32.const 48) (global.get $ends)))
+    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 11) (i32.const 48) (i32.const 1)))
+    (i32.const 0)))
+"#;
+
+/// A retried request's body is what the plugins made of it, given to them once, as Envoy's
+/// filters see a body once and its router replays what they passed: the retry is sent what
+/// went to the first upstream, not the body as it was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_replays_the_body_the_plugins_made_without_running_them_again() {
+    let dir = std::env::temp_dir().join(format!("wasm-body-once-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("body_once.wasm");
+    std::fs::write(&module, wat::parse_str(BODY_ONCE).unwrap()).unwrap();
+    let config = format!(
+        r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: body-once, namespace: app}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  url: file://{}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  hosts: [echo.app.svc.cluster.local]
+  http:
+  - retries: {{attempts: 2, retryOn: "503"}}
+    route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
+"#,
+        module.display()
+    );
+    let mesh = Mesh::start(87, &config).await;
+    let fail_v1 = [("x-fail", "echo-v1"), ("x-fail-with", "503")];
+    // Until two requests tried echo-v1 first (the balancer picks either) and were retried.
+    let mut retried = 0;
+    for i in 0..40 {
+        if retried == 2 {
+            break;
+        }
+        let path = format!("/once/{i}");
+        let r = mesh.request("POST", &path, &fail_v1, "hello world").await;
+        assert_eq!((r.status, r.backend()), (200, "echo-v2"), "{}", r.body);
+        assert!(r.body.contains("body=<hello world\n"), "{}", r.body);
+        assert_eq!(r.header("x-body-ends"), Some("1"), "request {i}");
+        let tried = mesh.seen_by("echo-v1");
+        if let Some(first) = tried.iter().find(|s| s.path == path) {
+            assert_eq!(first.body, "<hello world", "the first attempt's body");
+            retried += 1;
+        }
+    }
+    assert_eq!(retried, 2, "requests retried");
+    mesh.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -18,6 +18,7 @@
 
 mod cors;
 mod mirror;
+mod replay;
 mod retry;
 
 use std::net::SocketAddr;
@@ -133,9 +134,8 @@ pub struct RequestCtx {
     /// close after this one.
     close_upstream: bool,
     mirrors: Vec<mirror::Sender>,
-    /// How much of the request body had been read from downstream when the body filter last
-    /// ran: a chunk that comes with no more read is a retry's replay of what was kept.
-    body_read: usize,
+    /// The request body as it went upstream, for a retry to replay.
+    sent: replay::Sent,
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
     /// An answer a plugin gave after the request started upstream, sent by `fail_to_proxy`.
@@ -859,7 +859,7 @@ impl ProxyHttp for Waypoint {
             plain_max_requests: None,
             close_upstream: false,
             mirrors: Vec::new(),
-            body_read: 0,
+            sent: replay::Sent::default(),
             wasm: None,
             wasm_answer: None,
         }
@@ -886,6 +886,20 @@ impl ProxyHttp for Waypoint {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A retry replays what Pingora kept of the body, as it was read: the plugins and the
+        // mirrors had it already, and the upstream is sent what the plugins passed on then.
+        if ctx.sent.is_replay(session.body_bytes_read(), body.as_ref()) {
+            if ctx.wasm.is_some() {
+                let sent = ctx.sent.replay().ok_or_else(|| {
+                    Error::explain(
+                        ErrorType::InternalError,
+                        "the body the plugins passed on is no longer kept to send again",
+                    )
+                })?;
+                *body = Some(sent);
+            }
+            return Ok(());
+        }
         if let (Some(chain), Some(chunk)) = (&ctx.wasm, body.as_ref()) {
             let received = &chain.info().request_body_bytes;
             received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -899,15 +913,12 @@ impl ProxyHttp for Waypoint {
             ctx.wasm_answer = Some(Deferred::Request(local));
             return Error::e_explain(ErrorType::HTTPStatus(status), "answered by a wasm plugin");
         }
-        // A retry replays what Pingora kept of the body before the rest arrives: the mirrors
-        // had it already.
-        let read = session.body_bytes_read();
-        let replayed = read == ctx.body_read && body.as_ref().is_some_and(|b| !b.is_empty());
-        ctx.body_read = read;
-        if !replayed {
-            for m in &mut ctx.mirrors {
-                m.body(body.as_ref(), end_of_stream);
-            }
+        for m in &mut ctx.mirrors {
+            m.body(body.as_ref(), end_of_stream);
+        }
+        if ctx.wasm.is_some() {
+            let replayable = !session.retry_buffer_truncated();
+            ctx.sent.keep(body.as_ref(), replayable);
         }
         Ok(())
     }
