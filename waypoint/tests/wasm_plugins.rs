@@ -912,7 +912,8 @@ const BODY_ONCE: &str = r#"
 
 /// A retried request's body is what the plugins made of it, given to them once, as Envoy's
 /// filters see a body once and its router replays what they passed: the retry is sent what
-/// went to the first upstream, not the body as it was read.
+/// went to the first upstream, not the body as it was read. A body a plugin refused is never
+/// retried past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_replays_the_body_the_plugins_made_without_running_them_again() {
     let dir = std::env::temp_dir().join(format!("wasm-body-once-{}", std::process::id()));
@@ -933,10 +934,16 @@ metadata: {{name: echo, namespace: app}}
 spec:
   hosts: [echo.app.svc.cluster.local]
   http:
-  - retries: {{attempts: 2, retryOn: "503"}}
+  - retries: {{attempts: 2, retryOn: 5xx}}
     route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
-"#,
-        module.display()
+---
+{}"#,
+        module.display(),
+        plugin(
+            "body",
+            "body_inspect",
+            "  pluginConfig: {deny: [DROP TABLE]}",
+        ),
     );
     let mesh = Mesh::start(87, &config).await;
     let fail_v1 = [("x-fail", "echo-v1"), ("x-fail-with", "503")];
@@ -958,6 +965,47 @@ spec:
         }
     }
     assert_eq!(retried, 2, "requests retried");
+
+    // A request without a body, retried: its end is given to the plugins once too.
+    let mut retried = 0;
+    for i in 0..40 {
+        if retried == 2 {
+            break;
+        }
+        let path = format!("/bodiless/{i}");
+        let r = mesh.request("GET", &path, &fail_v1, "").await;
+        assert_eq!((r.status, r.backend()), (200, "echo-v2"), "{}", r.body);
+        assert_eq!(r.header("x-body-ends"), Some("1"), "request {i}");
+        retried += mesh
+            .seen_by("echo-v1")
+            .iter()
+            .filter(|s| s.path == path)
+            .count();
+    }
+    assert_eq!(retried, 2, "requests retried");
+
+    // A body a plugin refuses (after its head went upstream) is answered 403, and not tried
+    // on another upstream (a retry policy for 5xx notwithstanding).
+    for i in 0..4 {
+        let r = mesh
+            .request(
+                "POST",
+                &format!("/refused/{i}"),
+                &[],
+                "x'; DROP TABLE users",
+            )
+            .await;
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert_eq!(r.body, "request body refused\n");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for i in 0..4 {
+        let path = format!("/refused/{i}");
+        let heads = (mesh.seen.lock().unwrap().iter())
+            .filter(|s| s.path == path)
+            .count();
+        assert!(heads <= 1, "{path} went to {heads} upstreams");
+    }
     mesh.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -134,7 +134,8 @@ pub struct RequestCtx {
     /// close after this one.
     close_upstream: bool,
     mirrors: Vec<mirror::Sender>,
-    /// The request body as it went upstream, for a retry to replay.
+    /// The request body as it went upstream, for a retry to replay (kept only where plugins
+    /// run: elsewhere Pingora's replay is what went).
     sent: replay::Sent,
     /// The request's Wasm plugins, if any apply.
     wasm: Option<Chain>,
@@ -887,8 +888,10 @@ impl ProxyHttp for Waypoint {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // A retry replays what Pingora kept of the body, as it was read: the plugins and the
-        // mirrors had it already, and the upstream is sent what the plugins passed on then.
-        if ctx.sent.is_replay(session.body_bytes_read(), body.as_ref()) {
+        // mirrors had it already, and the upstream is sent what the plugins passed on then
+        // (`retry::may_retry` allows a retry only while that is kept).
+        let read = session.body_bytes_read();
+        if ctx.sent.is_replay(read, body.as_ref()) {
             if ctx.wasm.is_some() {
                 let sent = ctx.sent.replay().ok_or_else(|| {
                     Error::explain(
@@ -896,10 +899,11 @@ impl ProxyHttp for Waypoint {
                         "the body the plugins passed on is no longer kept to send again",
                     )
                 })?;
-                *body = Some(sent);
+                *body = (!sent.is_empty()).then_some(sent);
             }
             return Ok(());
         }
+        ctx.sent.passing(read);
         if let (Some(chain), Some(chunk)) = (&ctx.wasm, body.as_ref()) {
             let received = &chain.info().request_body_bytes;
             received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -920,6 +924,7 @@ impl ProxyHttp for Waypoint {
             let replayable = !session.retry_buffer_truncated();
             ctx.sent.keep(body.as_ref(), replayable);
         }
+        ctx.sent.passed(end_of_stream);
         Ok(())
     }
 
@@ -1342,6 +1347,8 @@ impl ProxyHttp for Waypoint {
             && session.req_header().method.is_idempotent()
             && session.response_written().is_none()
             && !session.retry_buffer_truncated()
+            && ctx.sent.replayable()
+            && ctx.wasm_answer.is_none()
         {
             ctx.stale_retried = true;
             ctx.attempts -= 1;

@@ -3,7 +3,8 @@
 //! Pingora calls `upstream_peer` again whenever the last error is marked retryable; these
 //! functions decide that mark. An attempt may be retried only while attempts remain
 //! (`1 + attempts` in all), the overall deadline has not passed, nothing of the response
-//! has reached the client, and the body Pingora kept for replay is complete (64 KiB).
+//! has reached the client, the body Pingora kept for replay is complete (64 KiB) and so is
+//! what the plugins made of it ([`super::replay`]), and no plugin answered the request itself.
 
 use mesh::route::RetryCondition as C;
 use pingora_error::{Error, ErrorType};
@@ -21,6 +22,8 @@ fn may_retry(ctx: &mut RequestCtx, session: &Session) -> bool {
     ctx.attempts <= policy.attempts
         && session.response_written().is_none()
         && !session.retry_buffer_truncated()
+        && ctx.sent.replayable()
+        && ctx.wasm_answer.is_none()
         && ctx.deadline.is_none_or(|d| Instant::now() < d)
         && ctx.take_retry_budget()
 }

@@ -181,6 +181,14 @@ spec:
   hosts: [nameonly.example.com]
   ports: [{number: 443, name: tls, protocol: TLS}]
   resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: nameonly-waypoint, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [nameonly-waypoint.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
 "#;
 
 fn snapshot() -> Snapshot {
@@ -427,6 +435,23 @@ fn decisions() {
             "10.0.0.1",
             Destination::Host("nameonly.example.com", 443),
             t("lookup", "nameonly.example.com:443", "", ""),
+        ),
+        (
+            "the same behind a waypoint: no address to carry to it",
+            "10.0.0.1",
+            Destination::Host("nameonly-waypoint.example.com", 443),
+            t(
+                "refuse",
+                "service nameonly-waypoint.example.com has no VIP to send to its waypoint",
+                "",
+                "",
+            ),
+        ),
+        (
+            "the same from its waypoint: the name is looked up",
+            "10.0.0.100",
+            Destination::Host("nameonly-waypoint.example.com", 443),
+            t("lookup", "nameonly-waypoint.example.com:443", "", ""),
         ),
         (
             "unknown hostname",
