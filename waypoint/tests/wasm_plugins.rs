@@ -7,6 +7,7 @@ mod support;
 
 use registry::{RealRegistry, push_wasm_image};
 use support::{Mesh, example_plugin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn plugin(name: &str, module: &str, extra: &str) -> String {
     format!(
@@ -984,6 +985,36 @@ spec:
     }
     assert_eq!(retried, 2, "requests retried");
 
+    // A retry while the body is still arriving, the plugin holding all of it so far: nothing
+    // of it went, so nothing is replayed, and the rest follows through the plugin as before.
+    let mut retried = 0;
+    for i in 0..40 {
+        if retried == 2 {
+            break;
+        }
+        let path = format!("/midway/{i}");
+        let mut s = mesh.socks(&mesh.vip(), 80).await.expect("socks");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local:80\r\n\
+             x-fail: echo-v1\r\nx-fail-with: close-at-once\r\ncontent-length: 12\r\n\
+             connection: close\r\n\r\nfirst;"
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        s.write_all(b"second").await.expect("write");
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.expect("read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("body=<first;second\n"), "{response}");
+        assert!(response.contains("x-body-ends: 1\r\n"), "{response}");
+        retried += mesh
+            .seen_by("echo-v1")
+            .iter()
+            .filter(|s| s.path == path)
+            .count();
+    }
+    assert_eq!(retried, 2, "requests retried");
+
     // A body a plugin refuses (after its head went upstream) is answered 403, and not tried
     // on another upstream (a retry policy for 5xx notwithstanding).
     for i in 0..4 {
@@ -991,7 +1022,7 @@ spec:
             .request(
                 "POST",
                 &format!("/refused/{i}"),
-                &[],
+                &[("x-record-head", "1")],
                 "x'; DROP TABLE users",
             )
             .await;
@@ -1002,10 +1033,94 @@ spec:
     for i in 0..4 {
         let path = format!("/refused/{i}");
         let heads = (mesh.seen.lock().unwrap().iter())
-            .filter(|s| s.path == path)
+            .filter(|s| s.path == path && s.body == "(head)")
             .count();
         assert!(heads <= 1, "{path} went to {heads} upstreams");
     }
     mesh.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An upgraded connection (a WebSocket) through the waypoint with a plugin in its chain: what
+/// the client sends after the `101` is carried both ways for as long as the connection lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_is_carried_with_plugins_in_the_chain() {
+    let net = 86;
+    let config = format!(
+        r#"{}
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ws, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [ws.external.test]
+  addresses: [127.{net}.9.20]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: [{{address: 127.{net}.9.21, labels: {{istio.io/dataplane-mode: none}}}}]
+"#,
+        plugin(
+            "add-header",
+            "add_header",
+            "  pluginConfig: {headers: {x-wasm: added}}"
+        ),
+    );
+    let mesh = Mesh::start(net, &config).await;
+    // A server that switches protocols on any request, then echoes what it is sent.
+    let server = tokio::net::TcpListener::bind((mesh.ip("9.21"), 8080))
+        .await
+        .expect("bind");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = server.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let switched = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                if s.write_all(switched.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+
+    let mut s = mesh
+        .socks(&format!("127.{net}.9.20"), 80)
+        .await
+        .expect("socks");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: ws.external.test\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.expect("the response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("x-wasm: added"), "through the plugin: {head}");
+    for message in [&b"ping"[..], b"and again", b"and once more"] {
+        s.write_all(message).await.expect("write");
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut echoed))
+            .await
+            .expect("echoed in time")
+            .expect("echoed");
+        assert_eq!(echoed, message);
+    }
+    mesh.shutdown().await;
 }

@@ -899,7 +899,13 @@ impl ProxyHttp for Waypoint {
                         "the body the plugins passed on is no longer kept to send again",
                     )
                 })?;
-                *body = (!sent.is_empty()).then_some(sent);
+                // Nothing at the end ends the body; an empty chunk before it is skipped, where
+                // none would end it early.
+                *body = if sent.is_empty() && end_of_stream {
+                    None
+                } else {
+                    Some(sent)
+                };
             }
             return Ok(());
         }

@@ -33,10 +33,11 @@ pub(super) struct Sent {
 
 impl Sent {
     /// Whether `chunk`, given to the filter with `read` body bytes read from downstream so far,
-    /// is a retry's replay: a chunk that came with nothing more read, or any call once the end
-    /// of the body went.
+    /// is a retry's replay: a chunk that came with nothing more read, or, once the end of the
+    /// body went, any call with nothing more read (a body-less request's end again). What is
+    /// read after the end, an upgraded connection's bytes, is fresh.
     pub(super) fn is_replay(&self, read: usize, chunk: Option<&Bytes>) -> bool {
-        self.ended || (read == self.read && chunk.is_some_and(|c| !c.is_empty()))
+        read == self.read && (self.ended || chunk.is_some_and(|c| !c.is_empty()))
     }
 
     /// A fresh chunk, with `read` body bytes read so far, goes into the plugins.
@@ -116,8 +117,12 @@ mod tests {
         assert!(!sent.is_replay(5, None), "no chunk");
         assert!(!sent.is_replay(5, Some(&Bytes::new())), "an empty chunk");
         fresh(&mut sent, 11, b" world", true);
-        assert!(sent.is_replay(11, None), "anything once the body ended");
+        assert!(sent.is_replay(11, None), "the end again");
         assert!(sent.is_replay(11, Some(&hello)));
+        assert!(
+            !sent.is_replay(15, Some(&hello)),
+            "more read after the end: an upgraded connection's bytes"
+        );
     }
 
     #[test]

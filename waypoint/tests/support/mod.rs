@@ -403,6 +403,7 @@ pub async fn socks(from: IpAddr, host: &str, port: u16) -> std::io::Result<TcpSt
 /// An HTTP/1.1 backend that answers with what it saw, and misbehaves on request:
 /// `x-fail: <pods>` with `x-fail-with: <status>|close|close-at-once` fails on the listed pods
 /// (answering the status, closing once the body is read, or closing before reading it);
+/// `x-record-head: 1` records the request as `(head)` as soon as its head arrives;
 /// `x-delay-ms: <n>` (optionally only on the pods of `x-delay-on`) waits first;
 /// `x-close: 1` answers with `connection: close`. Every answer names its connection in
 /// `x-connection` (`<pod>/<n>`, counted per pod).
@@ -433,6 +434,15 @@ pub async fn echo(listener: TcpListener, pod: &'static str, seen: Arc<Mutex<Vec<
                     let delay = header("x-delay-ms").and_then(|v| v.parse::<u64>().ok());
                     let delay_here = header("x-delay-on").is_none() || listed("x-delay-on");
                     let fail = listed("x-fail").then(|| header("x-fail-with")).flatten();
+                    if header("x-record-head").is_some() {
+                        seen.lock().unwrap().push(Seen {
+                            backend: pod.to_owned(),
+                            method: req.method().to_string(),
+                            path: req.uri().to_string(),
+                            host: header("host").unwrap_or_default(),
+                            body: "(head)".to_owned(),
+                        });
+                    }
                     if fail.as_deref() == Some("close-at-once") {
                         seen.lock().unwrap().push(Seen {
                             backend: pod.to_owned(),
