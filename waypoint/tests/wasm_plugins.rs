@@ -996,21 +996,27 @@ spec:
         let mut s = mesh.socks(&mesh.vip(), 80).await.expect("socks");
         let head = format!(
             "POST {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local:80\r\n\
-             x-fail: echo-v1\r\nx-fail-with: close-at-once\r\ncontent-length: 12\r\n\
-             connection: close\r\n\r\nfirst;"
+             x-fail: echo-v1\r\nx-fail-with: close-at-once\r\nx-record-head: 1\r\n\
+             content-length: 12\r\nconnection: close\r\n\r\nfirst;"
         );
         s.write_all(head.as_bytes()).await.expect("write");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The rest follows once echo-v2 has the request: after the retry, if echo-v1 was tried.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !(mesh.seen_by("echo-v2").iter()).any(|s| s.path == path && s.body == "(head)") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "echo-v2 never had {path}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         s.write_all(b"second").await.expect("write");
         let mut response = String::new();
         s.read_to_string(&mut response).await.expect("read");
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(response.contains("body=<first;second\n"), "{response}");
         assert!(response.contains("x-body-ends: 1\r\n"), "{response}");
-        retried += mesh
-            .seen_by("echo-v1")
-            .iter()
-            .filter(|s| s.path == path)
+        retried += (mesh.seen_by("echo-v1").iter())
+            .filter(|s| s.path == path && s.body == "(closed before the body)")
             .count();
     }
     assert_eq!(retried, 2, "requests retried");
@@ -1042,7 +1048,8 @@ spec:
 }
 
 /// An upgraded connection (a WebSocket) through the waypoint with a plugin in its chain: what
-/// the client sends after the `101` is carried both ways for as long as the connection lasts.
+/// the client sends after the `101` is carried both ways for as long as the connection lasts,
+/// and its close reaches the server after those bytes and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_connection_is_carried_with_plugins_in_the_chain() {
     let net = 86;
@@ -1066,12 +1073,16 @@ spec:
         ),
     );
     let mesh = Mesh::start(net, &config).await;
-    // A server that switches protocols on any request, then echoes what it is sent.
+    // A server that switches protocols on any request, then echoes what it is sent, and says
+    // all it received once the client closes.
     let server = tokio::net::TcpListener::bind((mesh.ip("9.21"), 8080))
         .await
         .expect("bind");
+    let (closed, received) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
+        let mut closed = Some(closed);
         while let Ok((mut s, _)) = server.accept().await {
+            let closed = closed.take();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -1086,10 +1097,15 @@ spec:
                     return;
                 }
                 let mut buf = [0u8; 1024];
+                let mut all = Vec::new();
                 while let Ok(n) = s.read(&mut buf).await {
                     if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        return;
+                        break;
                     }
+                    all.extend_from_slice(&buf[..n]);
+                }
+                if let Some(closed) = closed {
+                    let _ = closed.send(all);
                 }
             });
         }
@@ -1122,5 +1138,16 @@ spec:
             .expect("echoed");
         assert_eq!(echoed, message);
     }
+    // The client closes its side: the server sees the end after what was sent, nothing more.
+    s.shutdown().await.expect("shutdown");
+    let all = tokio::time::timeout(std::time::Duration::from_secs(5), received)
+        .await
+        .expect("the close reached the server in time")
+        .expect("the server's account");
+    assert_eq!(
+        String::from_utf8_lossy(&all),
+        "pingand againand once more",
+        "nothing sent twice before the close"
+    );
     mesh.shutdown().await;
 }

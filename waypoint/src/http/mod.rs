@@ -890,8 +890,10 @@ impl ProxyHttp for Waypoint {
         // A retry replays what Pingora kept of the body, as it was read: the plugins and the
         // mirrors had it already, and the upstream is sent what the plugins passed on then
         // (`retry::may_retry` allows a retry only while that is kept).
+        // An upgraded connection's bytes, and its close, are its own: no retry follows a 101.
+        let upgraded = session.was_upgraded();
         let read = session.body_bytes_read();
-        if ctx.sent.is_replay(read, body.as_ref()) {
+        if !upgraded && ctx.sent.is_replay(read, body.as_ref()) {
             if ctx.wasm.is_some() {
                 let sent = ctx.sent.replay().ok_or_else(|| {
                     Error::explain(
@@ -926,7 +928,7 @@ impl ProxyHttp for Waypoint {
         for m in &mut ctx.mirrors {
             m.body(body.as_ref(), end_of_stream);
         }
-        if ctx.wasm.is_some() {
+        if ctx.wasm.is_some() && !upgraded {
             let replayable = !session.retry_buffer_truncated();
             ctx.sent.keep(body.as_ref(), replayable);
         }

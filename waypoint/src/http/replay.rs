@@ -3,10 +3,12 @@
 //! Pingora replays a retried request's body from what it kept as it was read from downstream,
 //! through `request_body_filter` again. Envoy's filters see a body once, and its router replays
 //! what they passed on. So here the replay is recognised (a chunk that comes with no more body
-//! read from downstream, or anything once the body has ended), the plugins and mirrors are not
-//! given it again, and where plugins run the retry is sent what they passed on the first time,
-//! kept for it. This holds as long as nothing before the filter rewrites the body: the waypoint
-//! has no downstream module that does.
+//! read from downstream, or, once the body has ended, any call with nothing more read), the
+//! plugins and mirrors are not given it again, and where plugins run the retry is sent what
+//! they passed on the first time, kept for it. This holds as long as nothing before the filter
+//! rewrites the body (the waypoint has no downstream module that does), and not for an upgraded
+//! connection, whose bytes and close come after the end and are never replayed: the filter
+//! leaves those out.
 
 use bytes::{Bytes, BytesMut};
 
