@@ -1092,6 +1092,11 @@ spec:
                     }
                     head.push(byte[0]);
                 }
+                // Not at once: Pingora 0.9.1 closes an upgraded connection whose `101` it read
+                // before it passed on the end of the request's head (its upstream half takes
+                // that end for the upgraded connection's), which a plugin in the chain makes
+                // likelier. The wait is the server's, not the waypoint's.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 let switched = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
                 if s.write_all(switched.as_bytes()).await.is_err() {
                     return;
