@@ -296,6 +296,41 @@ impl Mesh {
         request(self.ip("1.1"), host, port, method, path, headers, body).await
     }
 
+    /// A POST to `path` of `first` and then `second`, from the client pod on a connection of
+    /// its own, that echo-v1 fails as its head arrives (`x-fail-with: close-at-once`). `second`
+    /// is sent once echo-v2 has the request, after the retry if echo-v1 was tried first, so a
+    /// retry comes while the body still arrives. The response as text, and whether echo-v1 was
+    /// tried.
+    pub async fn post_retried_midway(
+        &self,
+        path: &str,
+        first: &str,
+        second: &str,
+    ) -> (String, bool) {
+        let mut s = self.socks(&self.vip(), 80).await.expect("socks");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local:80\r\n\
+             x-fail: echo-v1\r\nx-fail-with: close-at-once\r\nx-record-head: 1\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{first}",
+            first.len() + second.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(self.seen_by("echo-v2").iter()).any(|s| s.path == path && s.body == "(head)") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "echo-v2 never had {path}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        s.write_all(second.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.expect("read");
+        let tried = (self.seen_by("echo-v1").iter())
+            .any(|s| s.path == path && s.body == "(closed before the body)");
+        (response, tried)
+    }
+
     /// Requests seen by `backend` so far.
     pub fn seen_by(&self, backend: &str) -> Vec<Seen> {
         (self.seen.lock().unwrap().iter())
