@@ -231,6 +231,12 @@ pub(crate) struct Chain {
     /// The request map as the last request-phase plugins left it (and as applied to the
     /// request), kept for later phases' property reads instead of building it again.
     request: Option<Headers>,
+    /// Whether the request's, and the response's, headers ended it. As in Envoy, whose codecs
+    /// then end the stream with the headers, the plugins' body callbacks never run for a
+    /// message without a body: `on_http_request_body` is not called for a GET with
+    /// `end_of_stream` already given to `on_http_request_headers`.
+    request_ended: bool,
+    response_ended: bool,
 }
 
 #[derive(Debug)]
@@ -293,6 +299,8 @@ impl Chain {
             info: Arc::new(info),
             links,
             request: None,
+            request_ended: false,
+            response_ended: false,
         })
     }
 
@@ -309,6 +317,7 @@ impl Chain {
         req: &mut RequestHeader,
         end_of_stream: bool,
     ) -> Result<Decision> {
+        self.request_ended = end_of_stream;
         if !self.links.iter().any(|l| phases(l.loaded.spec.phase)) {
             return Ok(Decision::Continue);
         }
@@ -357,12 +366,16 @@ impl Chain {
     }
 
     /// Runs `on_request_body` on a chunk through every started plugin. A plugin that buffers
-    /// stops the chunk here; it comes back whole when the plugin continues.
+    /// stops the chunk here; it comes back whole when the plugin continues. Nothing runs for a
+    /// request whose headers ended it.
     pub(crate) async fn request_body(
         &mut self,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
     ) -> Decision {
+        if self.request_ended {
+            return Decision::Continue;
+        }
         let had_chunk = body.is_some();
         for link in &mut self.links {
             if body.as_ref().is_none_or(Bytes::is_empty) && !end_of_stream {
@@ -390,15 +403,20 @@ impl Chain {
     /// waypoint makes itself). Every plugin of the chain sees it, also one the request never
     /// reached (an answer given before it): Envoy sends local replies through the whole encoder
     /// chain, creating the stream context of a filter that has none yet. A plugin that answers
-    /// locally here replaces the response.
-    pub(crate) async fn response_headers(&mut self, resp: &mut ResponseHeader) -> Result<Decision> {
+    /// locally here replaces the response. `end_of_stream`: the response has no body.
+    pub(crate) async fn response_headers(
+        &mut self,
+        resp: &mut ResponseHeader,
+        end_of_stream: bool,
+    ) -> Result<Decision> {
+        self.response_ended = end_of_stream;
         let mut headers = response_map(resp);
         let mut decision = Decision::Continue;
         for link in self.links.iter_mut().rev() {
             let Some(stream) = link.start(&self.info) else {
                 continue;
             };
-            match stream.response_headers(&mut headers, false).await {
+            match stream.response_headers(&mut headers, end_of_stream).await {
                 Verdict::Continue => {}
                 Verdict::Local(r) => {
                     decision = Decision::Answer(r);
@@ -461,8 +479,11 @@ impl Chain {
     }
 
     /// Runs `on_response_body` on a chunk, in reverse order. Failures here can only be logged:
-    /// the response has started.
+    /// the response has started. Nothing runs for a response whose headers ended it.
     pub(crate) fn response_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
+        if self.response_ended {
+            return;
+        }
         let had_chunk = body.is_some();
         for link in self.links.iter_mut().rev() {
             if body.as_ref().is_none_or(Bytes::is_empty) && !end_of_stream {

@@ -314,7 +314,7 @@ impl Local {
         }
         let mut body = self.body;
         if let Some(chain) = chain {
-            match chain.response_headers(&mut resp).await? {
+            match chain.response_headers(&mut resp, body.is_empty()).await? {
                 Decision::Continue => {}
                 Decision::Answer(r) => {
                     let local = Self::from_plugin(&r);
@@ -349,6 +349,18 @@ impl Local {
         }
         Ok(status)
     }
+}
+
+/// Whether `resp`, answering `req`, has no body by HTTP's rules (RFC 9110, section 6.4.1): the
+/// answer to a HEAD, a 204 or a 304, or a stated length of zero. A 101's upgraded bytes follow
+/// it as its body.
+fn has_no_body(req: &RequestHeader, resp: &ResponseHeader) -> bool {
+    req.method == http::Method::HEAD
+        || matches!(resp.status.as_u16(), 204 | 304)
+        || resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0")
 }
 
 /// The authority a request names: `:authority`, else `Host`.
@@ -1244,7 +1256,7 @@ impl ProxyHttp for Waypoint {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -1270,7 +1282,8 @@ impl ProxyHttp for Waypoint {
             upstream_response.append_header(http::header::SET_COOKIE, cookie)?;
         }
         if let Some(chain) = &mut ctx.wasm {
-            let decision = chain.response_headers(upstream_response).await?;
+            let ended = has_no_body(session.req_header(), upstream_response);
+            let decision = chain.response_headers(upstream_response, ended).await?;
             if let Some(local) = Local::from_decision(decision, ctx) {
                 // A plugin replacing the upstream response (or failing on it): nothing of the
                 // upstream's is sent, so end the attempt here and let `fail_to_proxy` answer
