@@ -9,9 +9,13 @@
 //! * mesh:   client → SOCKS5 on the client's ztunnel (node-a) → HBONE (mTLS, HTTP/2) → the
 //!   server's ztunnel (node-b) → server
 //! * relays: client → haproxy in TCP mode (node-a) → haproxy in TCP mode (node-b) → server, the
-//!   same two process hops with nothing but a byte copy in them: the floor that waking and
-//!   crossing two more processes sets on this machine, which no proxy in their place goes under
+//!   same two process hops with nothing but a byte copy in them, as a production proxy does it
 //!   (skipped when haproxy is not installed)
+//! * copiers: the same two hops through the least a relay can be, this binary started again as a
+//!   process that gives each direction of a connection a thread doing blocking reads and writes
+//!   of up to 256 KiB (`copier`): no event loop, no parsing, no encryption. What it costs is the
+//!   floor that waking and crossing two more processes sets on this machine, which no proxy
+//!   that reads the bytes goes under
 //!
 //! Figures: single-stream throughput; 1 KiB request/response latency (p50, p99) at a fixed rate
 //! on one connection, measured from each request's scheduled time; new connections per second
@@ -22,7 +26,10 @@
 //! diagnostic, the ztunnels and the relays are measured again with their threads scheduled
 //! `SCHED_BATCH` (through `chrt`), which takes the wake-up preemptions out of each hop (see
 //! `Process::batch`).
-//! For the relays: throughput, latency and CPU per request, and what the ztunnels add over them.
+//! For the relays and the copiers: throughput, latency and CPU per request, and what the ztunnels
+//! add over them. Direct, the ztunnels, the relays and the copiers are measured in turns (each
+//! transfer, and each second of exchanges, in alternation), so what else the host does falls on
+//! them alike, and the client sleeps to each request's due time with a timer slack of 1 ns.
 //! Run with `cargo bench -p ztunnel`; `ZTUNNEL_BENCH_QUICK=1` shortens every phase (a smoke run).
 
 use std::ffi::OsStr;
@@ -47,6 +54,10 @@ const DEFAULT_WORKERS: u16 = 2;
 /// The relays' ports: node-a's haproxy listens on `RELAY + port` and forwards to node-b's on
 /// `RELAY + 100 + port`, which forwards to the server's `port`.
 const RELAY: u16 = 1000;
+/// The copiers' ports, laid out as the relays'.
+const COPIER: u16 = 2000;
+/// When set, this binary is a copier: `listen>next` pairs, comma-separated.
+const COPIER_ROUTES: &str = "ZTUNNEL_BENCH_COPIER";
 
 struct Scale {
     bulk: u64,
@@ -68,6 +79,12 @@ struct Topology {
 }
 
 fn main() {
+    if let Ok(routes) = std::env::var(COPIER_ROUTES) {
+        return copier(&routes);
+    }
+    // A sleeping client thread wakes up to its timer slack (50 µs by default) after the due
+    // time, which each latency sample would count: the client's lateness, not the path's.
+    nix::sys::prctl::set_timerslack(1).expect("timer slack");
     let quick = std::env::var_os("ZTUNNEL_BENCH_QUICK").is_some();
     let scale = if quick {
         Scale {
@@ -129,21 +146,36 @@ fn measure(top: &Topology, scale: &Scale) {
         )
     };
     let (mut a, mut b) = ztunnels(DEFAULT_WORKERS);
-    let relays = Process::relays(&dir, top);
+    let relays = Process::relays(&dir, top, Relay::Haproxy);
+    let copiers = Process::relays(&dir, top, Relay::Copier);
     std::thread::sleep(Duration::from_millis(300));
     let idle = (a.rss(), b.rss());
 
-    let sink = SocketAddr::new(top.server, SINK);
-    let echo = SocketAddr::new(top.server, ECHO);
+    let direct_to = |port| direct(top, SocketAddr::new(top.server, port));
     let mesh_to = |port| via_mesh(top, SocketAddr::new(top.server, port));
-    let direct_bulk = throughput(|| direct(top, sink), scale.bulk);
-    let direct_lat = latency(direct(top, echo), scale.rate, scale.seconds);
-    let mesh = through((&a, &b), mesh_to, scale);
-    let relayed =
-        (relays.as_ref()).map(|(ra, rb)| through((ra, rb), |p| via_relays(top, p), scale));
+    let haproxy_to = |port| via_relays(top, Relay::Haproxy, port);
+    let copier_to = |port| via_relays(top, Relay::Copier, port);
+    let mut paths = vec![Way::direct(&direct_to), Way::through((&a, &b), &mesh_to)];
+    paths.extend(
+        relays
+            .as_ref()
+            .map(|(ra, rb)| Way::through((ra, rb), &haproxy_to)),
+    );
+    paths.extend(
+        copiers
+            .as_ref()
+            .map(|(ca, cb)| Way::through((ca, cb), &copier_to)),
+    );
+    let mut figures = compare(&paths, scale).into_iter();
+    let (direct, mesh) = (
+        figures.next().expect("direct"),
+        figures.next().expect("mesh"),
+    );
+    let relayed = relays.as_ref().and_then(|_| figures.next());
+    let copied = copiers.as_ref().and_then(|_| figures.next());
 
-    let direct_cps = connects(|| direct(top, echo), scale.connects);
-    let mesh_cps = connects(|| via_mesh(top, echo), scale.connects);
+    let direct_cps = connects(|| direct_to(ECHO), scale.connects);
+    let mesh_cps = connects(|| mesh_to(ECHO), scale.connects);
 
     // A diagnostic of what the wake-ups cost: the same processes with every thread scheduled
     // SCHED_BATCH (see `batch`).
@@ -152,10 +184,18 @@ fn measure(top: &Topology, scale: &Scale) {
         all.extend(relays.iter().flat_map(|(ra, rb)| [ra, rb]));
         let batched = all.iter().all(|p| p.batch(&chrt));
         let measured = batched.then(|| {
-            let mesh = through((&a, &b), mesh_to, scale);
-            let relayed =
-                (relays.as_ref()).map(|(ra, rb)| through((ra, rb), |p| via_relays(top, p), scale));
-            (mesh, relayed)
+            let mut paths = vec![Way::direct(&direct_to), Way::through((&a, &b), &mesh_to)];
+            paths.extend(
+                relays
+                    .as_ref()
+                    .map(|(ra, rb)| Way::through((ra, rb), &haproxy_to)),
+            );
+            let mut figures = compare(&paths, scale).into_iter();
+            let (direct, mesh) = (
+                figures.next().expect("direct"),
+                figures.next().expect("mesh"),
+            );
+            (direct, mesh, figures.next())
         });
         for p in &all {
             p.unbatch(&chrt);
@@ -166,7 +206,7 @@ fn measure(top: &Topology, scale: &Scale) {
     let before = (a.rss(), b.rss());
     let mut held = Vec::with_capacity(scale.open);
     for _ in 0..scale.open {
-        let mut s = via_mesh(top, echo);
+        let mut s = mesh_to(ECHO);
         exchange(&mut s, &[1u8; 16]);
         held.push(s);
     }
@@ -180,7 +220,7 @@ fn measure(top: &Topology, scale: &Scale) {
 
     // The same ztunnels with one worker each, in their places.
     let (mut a, mut b) = ztunnels(1);
-    let one = through((&a, &b), mesh_to, scale);
+    let one = compare(&[Way::through((&a, &b), &mesh_to)], scale).remove(0);
     a.stop();
     b.stop();
 
@@ -188,11 +228,11 @@ fn measure(top: &Topology, scale: &Scale) {
     println!("{}:", top.name);
     println!(
         "{:>44}: {:9.2} Gbit/s direct, {:.2} Gbit/s through two ztunnels",
-        "single-stream throughput", direct_bulk, mesh.bulk
+        "single-stream throughput", direct.bulk, mesh.bulk
     );
     println!(
         "{:>44}: direct p50 {:.1} µs p99 {:.1} µs; mesh p50 {:.1} µs p99 {:.1} µs",
-        "1 KiB request/response latency", direct_lat.0, direct_lat.1, mesh.p50, mesh.p99
+        "1 KiB request/response latency", direct.p50, direct.p99, mesh.p50, mesh.p99
     );
     println!(
         "{:>44}: {:9.0} /s direct, {:.0} /s through two ztunnels",
@@ -204,7 +244,7 @@ fn measure(top: &Topology, scale: &Scale) {
         println!(
             "{:>44}: {:9.1} µs by the relays, {:.1} µs more by the ztunnels (mTLS, HTTP/2)",
             "added p50, split",
-            relayed.p50 - direct_lat.0,
+            relayed.p50 - direct.p50,
             mesh.p50 - relayed.p50
         );
         println!(
@@ -216,13 +256,23 @@ fn measure(top: &Topology, scale: &Scale) {
             mesh.cpu.1 - relayed.cpu.1
         );
     }
+    if let Some(copied) = copied {
+        copied.print("two copiers instead (the floor)");
+        println!(
+            "{:>44}: {:9.2} of direct; added p50 {:.1} µs by the copiers, {:.1} µs more by the ztunnels",
+            "the floor two more hops set",
+            copied.bulk / direct.bulk,
+            copied.p50 - direct.p50,
+            mesh.p50 - copied.p50
+        );
+    }
     if batch.is_none() {
         println!(
             "{:>44}",
             "(SCHED_BATCH diagnostic skipped: no chrt, or it was refused)"
         );
     }
-    if let Some((mesh, relayed)) = &batch {
+    if let Some((batch_direct, mesh, relayed)) = &batch {
         mesh.print("SCHED_BATCH (diagnostic, not for use)");
         if let Some(relayed) = relayed {
             relayed.print("the relays, SCHED_BATCH");
@@ -230,20 +280,20 @@ fn measure(top: &Topology, scale: &Scale) {
         println!(
             "{:>44}: {:9.1} µs",
             "added p50 for two hops, SCHED_BATCH",
-            mesh.p50 - direct_lat.0
+            mesh.p50 - batch_direct.p50
         );
     }
     verdict(
         "throughput ratio, mesh / direct",
-        mesh.bulk / direct_bulk,
+        mesh.bulk / direct.bulk,
         "≥ 0.30",
-        mesh.bulk / direct_bulk >= 0.3,
+        mesh.bulk / direct.bulk >= 0.3,
     );
     verdict(
         "added p50 latency for two hops (µs)",
-        mesh.p50 - direct_lat.0,
+        mesh.p50 - direct.p50,
         "≤ 60",
-        mesh.p50 - direct_lat.0 <= 60.0,
+        mesh.p50 - direct.p50 <= 60.0,
     );
     verdict(
         "CPU per request, client ztunnel (µs)",
@@ -282,7 +332,7 @@ fn measure(top: &Topology, scale: &Scale) {
         "≤ 8",
         pb <= 8192.0,
     );
-    if let Some((mut ra, mut rb)) = relays {
+    for (mut ra, mut rb) in relays.into_iter().chain(copiers) {
         ra.stop();
         rb.stop();
     }
@@ -300,21 +350,73 @@ struct Hops {
     cpu: (f64, f64),
 }
 
-/// Throughput, then latency with each process's CPU time, through `pair`; `open` connects
-/// through them to the server's port.
-fn through(pair: (&Process, &Process), open: impl Fn(u16) -> TcpStream, scale: &Scale) -> Hops {
-    let bulk = throughput(|| open(SINK), scale.bulk);
-    let before = (pair.0.cpu(), pair.1.cpu());
-    let (p50, p99) = latency(open(ECHO), scale.rate, scale.seconds);
-    let requests = (scale.rate * scale.seconds) as f64;
-    let per_request =
-        |p: &Process, before: Duration| (p.cpu() - before).as_secs_f64() * 1e6 / requests;
-    Hops {
-        bulk,
-        p50,
-        p99,
-        cpu: (per_request(pair.0, before.0), per_request(pair.1, before.1)),
+/// A way from the client to the server's ports: direct, or through a pair of processes whose
+/// CPU time is counted.
+struct Way<'a> {
+    pair: Option<(&'a Process, &'a Process)>,
+    open: &'a dyn Fn(u16) -> TcpStream,
+}
+
+impl<'a> Way<'a> {
+    fn direct(open: &'a dyn Fn(u16) -> TcpStream) -> Self {
+        Self { pair: None, open }
     }
+
+    fn through(pair: (&'a Process, &'a Process), open: &'a dyn Fn(u16) -> TcpStream) -> Self {
+        Self {
+            pair: Some(pair),
+            open,
+        }
+    }
+
+    fn cpu(&self) -> (Duration, Duration) {
+        self.pair
+            .map_or((Duration::ZERO, Duration::ZERO), |(a, b)| {
+                (a.cpu(), b.cpu())
+            })
+    }
+}
+
+/// Throughput, then latency with each pair's CPU time, of every way, in turns: the ways take
+/// their transfers and each second of their exchanges in alternation, so that what else the
+/// machine does in the meantime falls on all of them alike rather than on whichever was
+/// measured then.
+fn compare(ways: &[Way<'_>], scale: &Scale) -> Vec<Hops> {
+    let mut bulk = vec![0f64; ways.len()];
+    for _ in 0..3 {
+        for (way, best) in ways.iter().zip(&mut bulk) {
+            *best = best.max(transfer((way.open)(SINK), scale.bulk));
+        }
+    }
+    let mut conns: Vec<TcpStream> = ways.iter().map(|way| warm((way.open)(ECHO))).collect();
+    let mut samples = vec![Vec::new(); ways.len()];
+    let mut cpu = vec![(Duration::ZERO, Duration::ZERO); ways.len()];
+    for _ in 0..scale.seconds {
+        for (i, way) in ways.iter().enumerate() {
+            let before = way.cpu();
+            exchanges(&mut conns[i], scale.rate, &mut samples[i]);
+            let after = way.cpu();
+            cpu[i] = (
+                cpu[i].0 + (after.0 - before.0),
+                cpu[i].1 + (after.1 - before.1),
+            );
+        }
+    }
+    let requests = (scale.rate * scale.seconds) as f64;
+    let per_request = |d: Duration| d.as_secs_f64() * 1e6 / requests;
+    bulk.into_iter()
+        .zip(samples)
+        .zip(cpu)
+        .map(|((bulk, mut samples), cpu)| {
+            let (p50, p99) = percentiles(&mut samples);
+            Hops {
+                bulk,
+                p50,
+                p99,
+                cpu: (per_request(cpu.0), per_request(cpu.1)),
+            }
+        })
+        .collect()
 }
 
 impl Hops {
@@ -492,39 +594,37 @@ impl Process {
         Self { child }
     }
 
-    /// node-a's and node-b's relays (haproxy in TCP mode, one thread each), started in their
-    /// nodes, or none when haproxy is not installed.
-    fn relays(dir: &Path, top: &Topology) -> Option<(Self, Self)> {
-        let haproxy = procfs::which("haproxy")?;
+    /// node-a's and node-b's relays of `kind`, started in their nodes, or none when haproxy is
+    /// not installed.
+    fn relays(dir: &Path, top: &Topology, kind: Relay) -> Option<(Self, Self)> {
+        let haproxy = match kind {
+            Relay::Haproxy => Some(procfs::which("haproxy")?),
+            Relay::Copier => None,
+        };
         let node = |i: usize| top.nodes.as_ref().map(|n| &n[i]);
-        let at_a = |port: u16| SocketAddr::new(top.client, RELAY + port);
-        let at_b = |port: u16| SocketAddr::new(top.server, RELAY + 100 + port);
+        let at_a = |port: u16| SocketAddr::new(top.client, kind.base() + port);
+        let at_b = |port: u16| SocketAddr::new(top.server, kind.base() + 100 + port);
         let server = |port: u16| SocketAddr::new(top.server, port);
-        let a = Self::relay(
-            dir,
-            &haproxy,
-            node(0),
-            "a",
-            [SINK, ECHO].map(|p| (at_a(p), at_b(p))),
-        );
-        let b = Self::relay(
-            dir,
-            &haproxy,
-            node(1),
-            "b",
-            [SINK, ECHO].map(|p| (at_b(p), server(p))),
-        );
+        let start = |i: usize, name: &str, routes: [(SocketAddr, SocketAddr); 2]| {
+            let relay = match &haproxy {
+                Some(haproxy) => Self::haproxy(dir, haproxy, node(i), name, &routes),
+                None => Self::copier(node(i), &routes),
+            };
+            relay.listening(node(i), name, &routes);
+            relay
+        };
+        let a = start(0, "a", [SINK, ECHO].map(|p| (at_a(p), at_b(p))));
+        let b = start(1, "b", [SINK, ECHO].map(|p| (at_b(p), server(p))));
         Some((a, b))
     }
 
-    /// A relay that forwards each `(listen, next)` pair's connections, waited for until it
-    /// listens.
-    fn relay(
+    /// haproxy in TCP mode, one thread, forwarding each `(listen, next)` pair's connections.
+    fn haproxy(
         dir: &Path,
         haproxy: &Path,
         netns: Option<&Node>,
         name: &str,
-        routes: [(SocketAddr, SocketAddr); 2],
+        routes: &[(SocketAddr, SocketAddr)],
     ) -> Self {
         let mut conf = String::from(
             "global\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
@@ -539,6 +639,22 @@ impl Process {
             .stdout(Stdio::null())
             .spawn()
             .expect("start haproxy");
+        Self { child }
+    }
+
+    /// This binary again, as a copier (see `copier`) of each `(listen, next)` pair.
+    fn copier(netns: Option<&Node>, routes: &[(SocketAddr, SocketAddr)]) -> Self {
+        let routes: Vec<String> = routes.iter().map(|(l, n)| format!("{l}>{n}")).collect();
+        let child = command_at(netns, std::env::current_exe().expect("this binary"))
+            .env(COPIER_ROUTES, routes.join(","))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start a copier");
+        Self { child }
+    }
+
+    /// Waits until the relay `name` listens on every route.
+    fn listening(&self, netns: Option<&Node>, name: &str, routes: &[(SocketAddr, SocketAddr)]) {
         let deadline = Instant::now() + Duration::from_secs(10);
         for (listen, _) in routes {
             while at(netns, || TcpStream::connect(listen).is_err()) {
@@ -549,7 +665,6 @@ impl Process {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Self { child }
     }
 
     /// Schedules every thread `SCHED_BATCH`: a woken thread then never preempts the running
@@ -628,9 +743,70 @@ fn via_mesh(top: &Topology, addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Through node-a's relay for the server's `port`.
-fn via_relays(top: &Topology, port: u16) -> TcpStream {
-    direct(top, SocketAddr::new(top.client, RELAY + port))
+/// Through node-a's relay of `kind` for the server's `port`.
+fn via_relays(top: &Topology, kind: Relay, port: u16) -> TcpStream {
+    direct(top, SocketAddr::new(top.client, kind.base() + port))
+}
+
+/// What stands in the ztunnels' places as a baseline.
+#[derive(Clone, Copy)]
+enum Relay {
+    Haproxy,
+    Copier,
+}
+
+impl Relay {
+    /// The port node-a's relay adds the server's port to (node-b's adds 100 more).
+    fn base(self) -> u16 {
+        match self {
+            Relay::Haproxy => RELAY,
+            Relay::Copier => COPIER,
+        }
+    }
+}
+
+/// The copier's whole life: forwards the connections of each `listen>next` route in `routes`
+/// until killed, each direction of each connection on a thread of its own.
+fn copier(routes: &str) {
+    let listeners: Vec<_> = routes
+        .split(',')
+        .map(|route| {
+            let (listen, next) = route.split_once('>').expect("listen>next");
+            let listen: SocketAddr = listen.parse().expect("listen address");
+            let next: SocketAddr = next.parse().expect("next address");
+            let listener = std::net::TcpListener::bind(listen).expect("bind");
+            std::thread::spawn(move || {
+                for inbound in listener.incoming().flatten() {
+                    let Ok(outbound) = TcpStream::connect(next) else {
+                        continue;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let back = (inbound.try_clone(), outbound.try_clone());
+                    let (Ok(inbound_back), Ok(outbound_back)) = back else {
+                        continue;
+                    };
+                    std::thread::spawn(move || copy_half(inbound, outbound));
+                    std::thread::spawn(move || copy_half(outbound_back, inbound_back));
+                }
+            })
+        })
+        .collect();
+    for listener in listeners {
+        let _ = listener.join();
+    }
+}
+
+/// One direction of a copied connection: each read written whole, the end passed on as a
+/// half-close.
+fn copy_half(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
 /// A connection from the client's address (in the client's node).
@@ -646,25 +822,20 @@ fn connect_from(top: &Topology, dst: SocketAddr) -> TcpStream {
 }
 
 /// Gbit/s of one stream carrying `bytes` to the sink, until the sink acknowledges all of it.
-fn throughput(open: impl Fn() -> TcpStream, bytes: u64) -> f64 {
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let mut s = open();
-        let chunk = vec![0x5au8; 128 * 1024];
-        let started = Instant::now();
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            s.write_all(&chunk[..n]).expect("write");
-            left -= n as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        let mut ack = [0u8; 8];
-        s.read_exact(&mut ack).expect("ack");
-        assert_eq!(u64::from_be_bytes(ack), bytes);
-        best = best.max(bytes as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9);
+fn transfer(mut s: TcpStream, bytes: u64) -> f64 {
+    let chunk = vec![0x5au8; 128 * 1024];
+    let started = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..n]).expect("write");
+        left -= n as u64;
     }
-    best
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack).expect("ack");
+    assert_eq!(u64::from_be_bytes(ack), bytes);
+    bytes as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9
 }
 
 fn exchange(s: &mut TcpStream, msg: &[u8]) {
@@ -673,23 +844,32 @@ fn exchange(s: &mut TcpStream, msg: &[u8]) {
     s.read_exact(&mut back).expect("read");
 }
 
-/// p50 and p99 in µs of 1 KiB exchanges at `rate` per second, from each scheduled start.
-fn latency(mut s: TcpStream, rate: u64, seconds: u64) -> (f64, f64) {
-    let msg = [7u8; 1024];
+/// `s` after 100 exchanges, so the measured ones find its path warm.
+fn warm(mut s: TcpStream) -> TcpStream {
     for _ in 0..100 {
-        exchange(&mut s, &msg);
+        exchange(&mut s, &[7u8; 1024]);
     }
+    s
+}
+
+/// One second of 1 KiB exchanges at `rate` per second, each sample in µs from its scheduled
+/// start (so a late answer delays the next start without hiding its own lateness).
+fn exchanges(s: &mut TcpStream, rate: u64, samples: &mut Vec<f64>) {
+    let msg = [7u8; 1024];
     let interval = Duration::from_nanos(1_000_000_000 / rate);
     let start = Instant::now();
-    let mut samples = Vec::with_capacity((rate * seconds) as usize);
-    for i in 0..rate * seconds {
+    for i in 0..rate {
         let due = start + interval * i as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        exchange(&mut s, &msg);
+        exchange(s, &msg);
         samples.push(due.elapsed().as_secs_f64() * 1e6);
     }
+}
+
+/// p50 and p99 of `samples`.
+fn percentiles(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
     (at(0.5), at(0.99))
