@@ -438,6 +438,12 @@ impl Chain {
         Ok(decision)
     }
 
+    /// The response sent is not the one `response_headers` was given (a plugin replaced it, or
+    /// failed): whether the plugins' body callbacks see its body follows the one sent.
+    pub(crate) fn response_replaced(&mut self, end_of_stream: bool) {
+        self.response_ended = end_of_stream;
+    }
+
     /// Runs `on_response_trailers` in reverse order. The status is sent by now: a plugin that
     /// answers or fails here is logged, and the trailers go on as the plugins left them.
     pub(crate) async fn response_trailers(&mut self, trailers: &mut http::HeaderMap) {

@@ -246,11 +246,15 @@ spec:
     - type: RequestRedirect
       requestRedirect: {hostname: example.com, statusCode: 301}
 "#;
-    mesh.set_routes(&format!("{}{redirect}", scan(""))).await;
+    mesh.set_routes(&format!("{}{redirect}---{DENY_ADMIN}", scan("")))
+        .await;
     let r = mesh.request("GET", "/moved", &[], "").await;
     assert_eq!((r.status, r.body.as_str()), (301, ""));
     let r = mesh.request("GET", "/page", &[], "").await;
     assert_eq!((r.status, r.body.as_str()), (404, ""));
+    // Nor does the answer to a HEAD, though the waypoint's own has a text it does not send.
+    let r = mesh.request("HEAD", "/admin", &[], "").await;
+    assert_eq!((r.status, r.body.as_str()), (403, ""));
     assert_eq!(mesh.seen_by("shadow-1").len(), 1, "scanned no empty body");
 
     // The scanner refuses (the echo pod answers 451 when asked to): the body is withheld.
@@ -1055,14 +1059,46 @@ spec:
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An upgraded connection (a WebSocket) through the waypoint with a plugin in its chain: what
+/// A plugin that puts `<` before every chunk of a request's body it is given.
+const TAG_CHUNKS: &str = r#"
+(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 4096))
+  (data (i32.const 16) "<")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_body") (param i32) (param $size i32) (param i32) (result i32)
+    (if (local.get $size)
+      (then (drop (call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 1)))))
+    (i32.const 0)))
+"#;
+
+/// An upgraded connection (a WebSocket) through the waypoint with plugins in its chain: what
 /// the client sends after the `101` is carried both ways for as long as the connection lasts,
-/// and its close reaches the server after those bytes and nothing else.
+/// given to the plugins' request body callback as Envoy gives an upgrade's bytes, and its close
+/// reaches the server after those bytes and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_connection_is_carried_with_plugins_in_the_chain() {
     let net = 86;
+    let dir = std::env::temp_dir().join(format!("wasm-upgraded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("tag_chunks.wasm");
+    std::fs::write(&module, wat::parse_str(TAG_CHUNKS).unwrap()).unwrap();
     let config = format!(
         r#"{}
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: tag-chunks, namespace: app}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  url: file://{}
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: ws, namespace: app, labels: {{istio.io/use-waypoint: waypoint}}}}
@@ -1079,6 +1115,7 @@ spec:
             "add_header",
             "  pluginConfig: {headers: {x-wasm: added}}"
         ),
+        module.display(),
     );
     let mesh = Mesh::start(net, &config).await;
     // A server that switches protocols on any request, then echoes what it is sent, and says
@@ -1142,14 +1179,15 @@ spec:
     let head = String::from_utf8_lossy(&head);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.contains("x-wasm: added"), "through the plugin: {head}");
+    // Each message is one chunk, which the tagging plugin marks on its way to the server.
     for message in [&b"ping"[..], b"and again", b"and once more"] {
         s.write_all(message).await.expect("write");
-        let mut echoed = vec![0u8; message.len()];
+        let mut echoed = vec![0u8; message.len() + 1];
         tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut echoed))
             .await
             .expect("echoed in time")
             .expect("echoed");
-        assert_eq!(echoed, message);
+        assert_eq!(echoed, [b"<", message].concat());
     }
     // The client closes its side: the server sees the end after what was sent, nothing more.
     s.shutdown().await.expect("shutdown");
@@ -1159,8 +1197,9 @@ spec:
         .expect("the server's account");
     assert_eq!(
         String::from_utf8_lossy(&all),
-        "pingand againand once more",
+        "<ping<and again<and once more",
         "nothing sent twice before the close"
     );
     mesh.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

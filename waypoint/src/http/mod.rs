@@ -314,7 +314,9 @@ impl Local {
         }
         let mut body = self.body;
         if let Some(chain) = chain {
-            match chain.response_headers(&mut resp, body.is_empty()).await? {
+            let head = session.req_header().method == http::Method::HEAD;
+            let ended = |body: &Bytes| head || body.is_empty();
+            match chain.response_headers(&mut resp, ended(&body)).await? {
                 Decision::Continue => {}
                 Decision::Answer(r) => {
                     let local = Self::from_plugin(&r);
@@ -329,13 +331,15 @@ impl Local {
                         resp.append_header(name, value)?;
                     }
                     body = local.body;
+                    chain.response_replaced(ended(&body));
                 }
                 Decision::Failed => {
                     resp = ResponseHeader::build(503, Some(1))?;
                     body = Bytes::from_static(b"wasm plugin failed\n");
+                    chain.response_replaced(ended(&body));
                 }
             }
-            // The body passes the plugins' response body callbacks too, whole.
+            // The body passes the plugins' response body callbacks too, whole, if there is one.
             let mut whole = Some(body);
             chain.response_body(&mut whole, true);
             body = whole.unwrap_or_default();
@@ -554,7 +558,10 @@ impl Waypoint {
         };
         let protocol = protocol_name(session.req_header().version);
         ctx.wasm = Chain::new(&view, service_id, port, &tunnel, protocol);
-        let end_of_stream = session.is_body_empty();
+        // An upgrade's head says its body is empty, yet the upgraded bytes follow it as its body
+        // (a mirror takes the head alone).
+        let body_empty = session.is_body_empty();
+        let end_of_stream = body_empty && !session.is_upgrade_req();
         if let Some(chain) = &mut ctx.wasm {
             let decision = chain
                 .request_headers(wasm::before_authz, session.req_header_mut(), end_of_stream)
@@ -760,7 +767,7 @@ impl Waypoint {
                     &m.backend,
                     port,
                     session.req_header(),
-                    !end_of_stream,
+                    !body_empty,
                     &tunnel,
                 );
                 if let Some(sender) = sender {
