@@ -13,16 +13,18 @@
 //!   (skipped when haproxy is not installed)
 //! * copiers: the same two hops through the least a relay can be, this binary started again as a
 //!   process that gives each direction of a connection a thread doing blocking reads and writes
-//!   of up to 256 KiB (`copier`): no event loop, no parsing, no encryption. What it costs is the
-//!   floor that waking and crossing two more processes sets on this machine, which no proxy
-//!   that reads the bytes goes under
+//!   of up to 256 KiB (`copier`): no event loop, no parsing, no encryption. What it costs is
+//!   about the least that two more process hops cost on this machine: no proxy in their place
+//!   answers sooner, and one that must read the bytes (to encrypt them) cannot move them with
+//!   much less work
 //!
 //! Figures: single-stream throughput; 1 KiB request/response latency (p50, p99) at a fixed rate
 //! on one connection, measured from each request's scheduled time; new connections per second
 //! (connect, one 1 KiB exchange, close); CPU time of each ztunnel process per request (from its
 //! CPU-time clock, during the latency phase); RSS of each ztunnel idle and per 1,000 open connections.
 //! The ztunnels run with their default two workers, then again with one worker each
-//! (`--worker-threads 1`, a current-thread runtime) for throughput, latency and CPU. As a
+//! (`--worker-threads 1`, a current-thread runtime) for throughput, latency and CPU, on their
+//! own once the others are measured (they take the same addresses). As a
 //! diagnostic, the ztunnels and the relays are measured again with their threads scheduled
 //! `SCHED_BATCH` (through `chrt`), which takes the wake-up preemptions out of each hop (see
 //! `Process::batch`).
@@ -82,9 +84,6 @@ fn main() {
     if let Ok(routes) = std::env::var(COPIER_ROUTES) {
         return copier(&routes);
     }
-    // A sleeping client thread wakes up to its timer slack (50 µs by default) after the due
-    // time, which each latency sample would count: the client's lateness, not the path's.
-    nix::sys::prctl::set_timerslack(1).expect("timer slack");
     let quick = std::env::var_os("ZTUNNEL_BENCH_QUICK").is_some();
     let scale = if quick {
         Scale {
@@ -339,14 +338,15 @@ fn measure(top: &Topology, scale: &Scale) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// What one pair of processes in the path (the two ztunnels, or the two relays) costs.
+/// What one way costs: direct, or through a pair of processes in the path (the two ztunnels,
+/// the two relays, the two copiers), whose CPU time it counts.
 struct Hops {
     /// Single-stream throughput, Gbit/s.
     bulk: f64,
     /// 1 KiB request/response latency, µs.
     p50: f64,
     p99: f64,
-    /// CPU time per request of each process during the latency phase, µs.
+    /// CPU time per request of each process during the latency phase, µs (zero for direct).
     cpu: (f64, f64),
 }
 
@@ -368,13 +368,13 @@ impl<'a> Way<'a> {
             open,
         }
     }
+}
 
-    fn cpu(&self) -> (Duration, Duration) {
-        self.pair
-            .map_or((Duration::ZERO, Duration::ZERO), |(a, b)| {
-                (a.cpu(), b.cpu())
-            })
-    }
+/// The CPU time so far of each process of `pair`; none for the direct way.
+fn cpu_of(pair: Option<(&Process, &Process)>) -> (Duration, Duration) {
+    pair.map_or((Duration::ZERO, Duration::ZERO), |(a, b)| {
+        (a.cpu(), b.cpu())
+    })
 }
 
 /// Throughput, then latency with each pair's CPU time, of every way, in turns: the ways take
@@ -389,19 +389,28 @@ fn compare(ways: &[Way<'_>], scale: &Scale) -> Vec<Hops> {
         }
     }
     let mut conns: Vec<TcpStream> = ways.iter().map(|way| warm((way.open)(ECHO))).collect();
-    let mut samples = vec![Vec::new(); ways.len()];
-    let mut cpu = vec![(Duration::ZERO, Duration::ZERO); ways.len()];
-    for _ in 0..scale.seconds {
-        for (i, way) in ways.iter().enumerate() {
-            let before = way.cpu();
-            exchanges(&mut conns[i], scale.rate, &mut samples[i]);
-            let after = way.cpu();
-            cpu[i] = (
-                cpu[i].0 + (after.0 - before.0),
-                cpu[i].1 + (after.1 - before.1),
-            );
-        }
-    }
+    let pairs: Vec<_> = ways.iter().map(|way| way.pair).collect();
+    let (samples, cpu) = std::thread::scope(|scope| {
+        let client = scope.spawn(move || {
+            // This thread alone sleeps with a timer slack of 1 ns: with the default, 50 µs, it
+            // wakes up to that late after each due time, and every sample would count it as
+            // the path's. (Set here, not for the process, whose children would inherit it.)
+            nix::sys::prctl::set_timerslack(1).expect("timer slack");
+            let mut samples = vec![Vec::new(); pairs.len()];
+            let mut cpu = vec![(Duration::ZERO, Duration::ZERO); pairs.len()];
+            for _ in 0..scale.seconds {
+                for (i, pair) in pairs.iter().enumerate() {
+                    let before = cpu_of(*pair);
+                    exchanges(&mut conns[i], scale.rate, &mut samples[i]);
+                    let after = cpu_of(*pair);
+                    cpu[i].0 += after.0 - before.0;
+                    cpu[i].1 += after.1 - before.1;
+                }
+            }
+            (samples, cpu)
+        });
+        client.join().expect("the latency phase")
+    });
     let requests = (scale.rate * scale.seconds) as f64;
     let per_request = |d: Duration| d.as_secs_f64() * 1e6 / requests;
     bulk.into_iter()
@@ -768,6 +777,9 @@ impl Relay {
 /// The copier's whole life: forwards the connections of each `listen>next` route in `routes`
 /// until killed, each direction of each connection on a thread of its own.
 fn copier(routes: &str) {
+    // Killed with the benchmark, also one that panicked: a copier left over would serve the
+    // next run's connections in place of its own (whose bind then fails).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).expect("parent-death signal");
     let listeners: Vec<_> = routes
         .split(',')
         .map(|route| {
