@@ -25,6 +25,25 @@ spec:
     )
 }
 
+/// A test plugin compiled from WAT: `fields`, its imports and callbacks (the fields of an ABI
+/// 0.2.1 module after `(module`), with what every module has: its memory, from which the host
+/// gets room by a bump allocator that never frees (each test's requests are few).
+fn compile(fields: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+{fields}
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p)))"#
+    );
+    wat::parse_str(text).expect("a valid module")
+}
+
 const DENY_ADMIN: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -284,24 +303,15 @@ async fn plugin_metrics_are_exported_with_the_waypoints() {
 }
 
 /// A plugin that traps (`unreachable`) on requests carrying `x-trap`, loops forever on requests
-/// carrying `x-loop`, and adds `x-alive: 1` to every request it lets through. Written in WAT:
-/// the shape of a minimal ABI 0.2.1 module.
+/// carrying `x-loop`, and adds `x-alive: 1` to every request it lets through. Its module's
+/// fields in WAT (see `compile`).
 const TRAPPER: &str = r#"
-(module
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (global $next (mut i32) (i32.const 4096))
   (data (i32.const 16) "x-trap")
   (data (i32.const 32) "x-alive")
   (data (i32.const 48) "1")
   (data (i32.const 80) "x-loop")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
   (func (export "proxy_on_context_create") (param i32 i32))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (if (i32.eqz (call $get (i32.const 0) (i32.const 16) (i32.const 6) (i32.const 64) (i32.const 68)))
@@ -309,7 +319,7 @@ const TRAPPER: &str = r#"
     (if (i32.eqz (call $get (i32.const 0) (i32.const 80) (i32.const 6) (i32.const 64) (i32.const 68)))
       (then (loop $forever (br $forever))))
     (drop (call $add (i32.const 0) (i32.const 32) (i32.const 7) (i32.const 48) (i32.const 1)))
-    (i32.const 0)))
+    (i32.const 0))
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,7 +403,7 @@ async fn a_trapping_plugin_fails_only_its_request_per_fail_strategy() {
     let dir = std::env::temp_dir().join(format!("wasm-trapper-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let module = dir.join("trapper.wasm");
-    std::fs::write(&module, wat::parse_str(TRAPPER).unwrap()).unwrap();
+    std::fs::write(&module, compile(TRAPPER)).unwrap();
     let config = |strategy: &str| {
         format!(
             "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: trapper, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n  failStrategy: {strategy}\n",
@@ -561,26 +571,17 @@ async fn priority_orders_plugins_within_a_phase_and_targets_select_them() {
 /// `x-seen-grpc-status` trailer. Requests in these tests are sequential, so one flag per
 /// instance is enough to carry `x-replace` from the request to its response.
 const RESPONDER: &str = r#"
-(module
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_send_local_response"
     (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
-  (memory (export "memory") 2)
-  (global $next (mut i32) (i32.const 4096))
   (global $replace (mut i32) (i32.const 0))
   (data (i32.const 16) "x-replace")
   (data (i32.const 32) "x-close")
   (data (i32.const 48) "replaced by plugin\n")
   (data (i32.const 80) "grpc-status")
   (data (i32.const 96) "x-seen-grpc-status")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
   (func (export "proxy_on_context_create") (param i32 i32))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (if (i32.eqz (call $get (i32.const 0) (i32.const 32) (i32.const 7) (i32.const 200) (i32.const 204)))
@@ -601,12 +602,12 @@ const RESPONDER: &str = r#"
       (then
         (drop (call $add (i32.const 3) (i32.const 96) (i32.const 18)
           (i32.load (i32.const 200)) (i32.load (i32.const 204))))))
-    (i32.const 0)))
+    (i32.const 0))
 "#;
 
 fn responder(dir: &std::path::Path) -> String {
     let module = dir.join("responder.wasm");
-    std::fs::write(&module, wat::parse_str(RESPONDER).unwrap()).unwrap();
+    std::fs::write(&module, compile(RESPONDER)).unwrap();
     format!(
         "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: responder, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n---\n",
         module.display()
@@ -751,13 +752,10 @@ status: {{podIP: 127.{net}.2.3}}
 /// (`request.protocol`, `route_name`, `cluster_name`, `upstream.address`) as response headers,
 /// and sets `:status` to the value of the request's `x-rewrite-status`, if any.
 const OBSERVER: &str = r#"
-(module
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (global $next (mut i32) (i32.const 4096))
   (data (i32.const 16) ":status")
   (data (i32.const 32) "x-observed-status")
   (data (i32.const 64) "request\00protocol")
@@ -769,12 +767,6 @@ const OBSERVER: &str = r#"
   (data (i32.const 176) "upstream\00address")
   (data (i32.const 200) "x-upstream")
   (data (i32.const 224) "x-rewrite-status")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
   (func (export "proxy_on_context_create") (param i32 i32))
   (func $copy (param $p i32) (param $pl i32) (param $h i32) (param $hl i32)
     (if (i32.eqz (call $prop (local.get $p) (local.get $pl) (i32.const 8) (i32.const 12)))
@@ -791,7 +783,7 @@ const OBSERVER: &str = r#"
     (if (i32.eqz (call $get (i32.const 0) (i32.const 224) (i32.const 16) (i32.const 8) (i32.const 12)))
       (then (drop (call $replace (i32.const 2) (i32.const 16) (i32.const 7)
         (i32.load (i32.const 8)) (i32.load (i32.const 12))))))
-    (i32.const 0)))
+    (i32.const 0))
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -799,7 +791,7 @@ async fn every_answer_passes_the_response_callbacks_and_plugins_read_the_request
     let dir = std::env::temp_dir().join(format!("wasm-observer-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let module = dir.join("observer.wasm");
-    std::fs::write(&module, wat::parse_str(OBSERVER).unwrap()).unwrap();
+    std::fs::write(&module, compile(OBSERVER)).unwrap();
     let observer = format!(
         "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: observer, namespace: app}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  url: file://{}\n  priority: 100\n---\n",
         module.display()
@@ -910,22 +902,13 @@ async fn rewrites_before_authorization_are_authorized_and_after_it_are_not() {
 /// request's `content-length`, as a plugin that changes a body's length does), and answers with
 /// `x-body-ends: <n>`, how many times it was given the end of this request's body.
 const BODY_ONCE: &str = r#"
-(module
   (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (global $next (mut i32) (i32.const 4096))
   (global $ends (mut i32) (i32.const 0))
   (data (i32.const 16) "<")
   (data (i32.const 32) "x-body-ends")
   (data (i32.const 64) "content-length")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
   (func (export "proxy_on_context_create") (param i32 i32)
     (global.set $ends (i32.const 0)))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
@@ -939,7 +922,7 @@ const BODY_ONCE: &str = r#"
   (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
     (i32.store8 (i32.const 48) (i32.add (i32.const 48) (global.get $ends)))
     (drop (call $add (i32.const 2) (i32.const 32) (i32.const 11) (i32.const 48) (i32.const 1)))
-    (i32.const 0)))
+    (i32.const 0))
 "#;
 
 /// A retried request's body is what the plugins made of it, given to them once, as Envoy's
@@ -951,7 +934,7 @@ async fn a_retry_replays_the_body_the_plugins_made_without_running_them_again() 
     let dir = std::env::temp_dir().join(format!("wasm-body-once-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let module = dir.join("body_once.wasm");
-    std::fs::write(&module, wat::parse_str(BODY_ONCE).unwrap()).unwrap();
+    std::fs::write(&module, compile(BODY_ONCE)).unwrap();
     let config = format!(
         r#"apiVersion: extensions.istio.io/v1alpha1
 kind: WasmPlugin
@@ -1061,22 +1044,13 @@ spec:
 
 /// A plugin that puts `<` before every chunk of a request's body it is given.
 const TAG_CHUNKS: &str = r#"
-(module
   (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (global $next (mut i32) (i32.const 4096))
   (data (i32.const 16) "<")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
   (func (export "proxy_on_context_create") (param i32 i32))
   (func (export "proxy_on_request_body") (param i32) (param $size i32) (param i32) (result i32)
     (if (local.get $size)
       (then (drop (call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 1)))))
-    (i32.const 0)))
+    (i32.const 0))
 "#;
 
 /// An upgraded connection (a WebSocket) through the waypoint with plugins in its chain: what
@@ -1089,7 +1063,7 @@ async fn an_upgraded_connection_is_carried_with_plugins_in_the_chain() {
     let dir = std::env::temp_dir().join(format!("wasm-upgraded-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let module = dir.join("tag_chunks.wasm");
-    std::fs::write(&module, wat::parse_str(TAG_CHUNKS).unwrap()).unwrap();
+    std::fs::write(&module, compile(TAG_CHUNKS)).unwrap();
     let config = format!(
         r#"{}
 apiVersion: extensions.istio.io/v1alpha1

@@ -154,24 +154,24 @@ fn measure(top: &Topology, scale: &Scale) {
     let mesh_to = |port| via_mesh(top, SocketAddr::new(top.server, port));
     let haproxy_to = |port| via_relays(top, Relay::Haproxy, port);
     let copier_to = |port| via_relays(top, Relay::Copier, port);
-    let mut paths = vec![Way::direct(&direct_to), Way::through((&a, &b), &mesh_to)];
-    paths.extend(
-        relays
-            .as_ref()
-            .map(|(ra, rb)| Way::through((ra, rb), &haproxy_to)),
-    );
-    paths.extend(
-        copiers
-            .as_ref()
-            .map(|(ca, cb)| Way::through((ca, cb), &copier_to)),
-    );
-    let mut figures = compare(&paths, scale).into_iter();
-    let (direct, mesh) = (
-        figures.next().expect("direct"),
-        figures.next().expect("mesh"),
-    );
-    let relayed = relays.as_ref().and_then(|_| figures.next());
-    let copied = copiers.as_ref().and_then(|_| figures.next());
+    // Direct, the ztunnels, the relays if there are, and `copiers` if given, compared in turns:
+    // the figures of each, in that order.
+    let compared = |copiers: Option<&(Process, Process)>| {
+        let mut ways = vec![Way::direct(&direct_to), Way::through((&a, &b), &mesh_to)];
+        ways.extend((relays.as_ref()).map(|(ra, rb)| Way::through((ra, rb), &haproxy_to)));
+        ways.extend(copiers.map(|(ca, cb)| Way::through((ca, cb), &copier_to)));
+        let mut figures = compare(&ways, scale).into_iter();
+        let (direct, mesh) = (figures.next(), figures.next());
+        let relayed = relays.as_ref().and_then(|_| figures.next());
+        let copied = copiers.and_then(|_| figures.next());
+        (
+            direct.expect("direct"),
+            mesh.expect("mesh"),
+            relayed,
+            copied,
+        )
+    };
+    let (direct, mesh, relayed, copied) = compared(copiers.as_ref());
 
     let direct_cps = connects(|| direct_to(ECHO), scale.connects);
     let mesh_cps = connects(|| mesh_to(ECHO), scale.connects);
@@ -183,18 +183,8 @@ fn measure(top: &Topology, scale: &Scale) {
         all.extend(relays.iter().flat_map(|(ra, rb)| [ra, rb]));
         let batched = all.iter().all(|p| p.batch(&chrt));
         let measured = batched.then(|| {
-            let mut paths = vec![Way::direct(&direct_to), Way::through((&a, &b), &mesh_to)];
-            paths.extend(
-                relays
-                    .as_ref()
-                    .map(|(ra, rb)| Way::through((ra, rb), &haproxy_to)),
-            );
-            let mut figures = compare(&paths, scale).into_iter();
-            let (direct, mesh) = (
-                figures.next().expect("direct"),
-                figures.next().expect("mesh"),
-            );
-            (direct, mesh, figures.next())
+            let (direct, mesh, relayed, _) = compared(None);
+            (direct, mesh, relayed)
         });
         for p in &all {
             p.unbatch(&chrt);
