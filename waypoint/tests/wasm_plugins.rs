@@ -1042,21 +1042,34 @@ spec:
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A plugin that puts `<` before every chunk of a request's body it is given.
+/// A plugin that puts `<` before every chunk of a request's body it is given, and `.` after the
+/// body's end, and answers with `x-body-ends: <n>`, how many ends it was given by then.
 const TAG_CHUNKS: &str = r#"
   (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
-  (data (i32.const 16) "<")
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_request_body") (param i32) (param $size i32) (param i32) (result i32)
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (global $ends (mut i32) (i32.const 0))
+  (data (i32.const 16) "<.")
+  (data (i32.const 32) "x-body-ends")
+  (func (export "proxy_on_context_create") (param i32 i32)
+    (global.set $ends (i32.const 0)))
+  (func (export "proxy_on_request_body") (param i32) (param $size i32) (param $eos i32) (result i32)
     (if (local.get $size)
       (then (drop (call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 1)))))
+    (if (local.get $eos)
+      (then
+        (global.set $ends (i32.add (global.get $ends) (i32.const 1)))
+        (drop (call $set (i32.const 0) (i32.const 2147483647) (i32.const 0) (i32.const 17) (i32.const 1)))))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 48) (i32.add (i32.const 48) (global.get $ends)))
+    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 11) (i32.const 48) (i32.const 1)))
     (i32.const 0))
 "#;
 
 /// An upgraded connection (a WebSocket) through the waypoint with plugins in its chain: what
 /// the client sends after the `101` is carried both ways for as long as the connection lasts,
-/// given to the plugins' request body callback as Envoy gives an upgrade's bytes, and its close
-/// reaches the server after those bytes and nothing else.
+/// given to the plugins' request body callback as Envoy gives an upgrade's bytes, with one end,
+/// the client's close, which reaches the server after those bytes and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_connection_is_carried_with_plugins_in_the_chain() {
     let net = 86;
@@ -1153,6 +1166,8 @@ spec:
     let head = String::from_utf8_lossy(&head);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.contains("x-wasm: added"), "through the plugin: {head}");
+    // The request's empty body before the `101` is not an end: the upgraded bytes follow.
+    assert!(head.contains("x-body-ends: 0"), "{head}");
     // Each message is one chunk, which the tagging plugin marks on its way to the server.
     for message in [&b"ping"[..], b"and again", b"and once more"] {
         s.write_all(message).await.expect("write");
@@ -1171,8 +1186,8 @@ spec:
         .expect("the server's account");
     assert_eq!(
         String::from_utf8_lossy(&all),
-        "<ping<and again<and once more",
-        "nothing sent twice before the close"
+        "<ping<and again<and once more.",
+        "nothing sent twice, and the end once, at the close"
     );
     mesh.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

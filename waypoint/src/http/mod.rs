@@ -355,6 +355,14 @@ impl Local {
     }
 }
 
+/// Whether the request asks to become a protocol whose bytes follow its head as its body (a
+/// WebSocket). Not `h2c`: Envoy drops that offer, and the request ends with its head.
+fn upgrades(session: &Session) -> bool {
+    session.is_upgrade_req()
+        && !(session.req_header().headers.get(http::header::UPGRADE))
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+}
+
 /// Whether `resp`, answering `req`, has no body by HTTP's rules (RFC 9110, section 6.4.1): the
 /// answer to a HEAD, a 204 or a 304, or a stated length of zero. A 101's upgraded bytes follow
 /// it as its body.
@@ -561,7 +569,7 @@ impl Waypoint {
         // An upgrade's head says its body is empty, yet the upgraded bytes follow it as its body
         // (a mirror takes the head alone).
         let body_empty = session.is_body_empty();
-        let end_of_stream = body_empty && !session.is_upgrade_req();
+        let end_of_stream = body_empty && !upgrades(session);
         if let Some(chain) = &mut ctx.wasm {
             let decision = chain
                 .request_headers(wasm::before_authz, session.req_header_mut(), end_of_stream)
@@ -931,11 +939,18 @@ impl ProxyHttp for Waypoint {
             return Ok(());
         }
         ctx.sent.passing(read);
+        // Pingora ends an upgrade's body, empty until the 101, before the 101 comes; the
+        // upgraded bytes that follow are the body the plugins are given, and their end its end.
+        let before_upgrade = !upgraded
+            && upgrades(session)
+            && end_of_stream
+            && body.as_ref().is_none_or(Bytes::is_empty);
         if let (Some(chain), Some(chunk)) = (&ctx.wasm, body.as_ref()) {
             let received = &chain.info().request_body_bytes;
             received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
         if let Some(chain) = &mut ctx.wasm
+            && !before_upgrade
             && let Some(local) =
                 Local::from_decision(chain.request_body(body, end_of_stream).await, ctx)
         {
