@@ -898,19 +898,30 @@ async fn rewrites_before_authorization_are_authorized_and_after_it_are_not() {
     mesh.shutdown().await;
 }
 
+/// What a plugin that counts the ends of a request's body it is given (in `$ends`) adds to its
+/// module: the count, reset for each request, and `x-body-ends: <n>` on the response. The
+/// module imports `proxy_add_header_map_value` as `$add` and leaves memory 32..59 to this.
+const COUNTS_ENDS: &str = r#"
+  (global $ends (mut i32) (i32.const 0))
+  (data (i32.const 32) "x-body-ends")
+  (func (export "proxy_on_context_create") (param i32 i32)
+    (global.set $ends (i32.const 0)))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 48) (i32.add (i32.const 48) (global.get $ends)))
+    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 11) (i32.const 48) (i32.const 1)))
+    (i32.const 0))
+"#;
+
 /// A plugin that holds the request body to its end, then puts `<` before it (dropping the
 /// request's `content-length`, as a plugin that changes a body's length does), and answers with
-/// `x-body-ends: <n>`, how many times it was given the end of this request's body.
+/// `x-body-ends: <n>`, how many times it was given the end of this request's body
+/// (`COUNTS_ENDS`).
 const BODY_ONCE: &str = r#"
   (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (global $ends (mut i32) (i32.const 0))
   (data (i32.const 16) "<")
-  (data (i32.const 32) "x-body-ends")
   (data (i32.const 64) "content-length")
-  (func (export "proxy_on_context_create") (param i32 i32)
-    (global.set $ends (i32.const 0)))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (drop (call $remove (i32.const 0) (i32.const 64) (i32.const 14)))
     (i32.const 0))
@@ -918,10 +929,6 @@ const BODY_ONCE: &str = r#"
     (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
     (global.set $ends (i32.add (global.get $ends) (i32.const 1)))
     (drop (call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 1)))
-    (i32.const 0))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
-    (i32.store8 (i32.const 48) (i32.add (i32.const 48) (global.get $ends)))
-    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 11) (i32.const 48) (i32.const 1)))
     (i32.const 0))
 "#;
 
@@ -934,7 +941,7 @@ async fn a_retry_replays_the_body_the_plugins_made_without_running_them_again() 
     let dir = std::env::temp_dir().join(format!("wasm-body-once-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let module = dir.join("body_once.wasm");
-    std::fs::write(&module, compile(BODY_ONCE)).unwrap();
+    std::fs::write(&module, compile(&[BODY_ONCE, COUNTS_ENDS].concat())).unwrap();
     let config = format!(
         r#"apiVersion: extensions.istio.io/v1alpha1
 kind: WasmPlugin
@@ -1043,15 +1050,12 @@ spec:
 }
 
 /// A plugin that puts `<` before every chunk of a request's body it is given, and `.` after the
-/// body's end, and answers with `x-body-ends: <n>`, how many ends it was given by then.
+/// body's end, and answers with `x-body-ends: <n>`, how many ends it was given by then
+/// (`COUNTS_ENDS`).
 const TAG_CHUNKS: &str = r#"
   (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (global $ends (mut i32) (i32.const 0))
   (data (i32.const 16) "<.")
-  (data (i32.const 32) "x-body-ends")
-  (func (export "proxy_on_context_create") (param i32 i32)
-    (global.set $ends (i32.const 0)))
   (func (export "proxy_on_request_body") (param i32) (param $size i32) (param $eos i32) (result i32)
     (if (local.get $size)
       (then (drop (call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 1)))))
@@ -1059,10 +1063,6 @@ const TAG_CHUNKS: &str = r#"
       (then
         (global.set $ends (i32.add (global.get $ends) (i32.const 1)))
         (drop (call $set (i32.const 0) (i32.const 2147483647) (i32.const 0) (i32.const 17) (i32.const 1)))))
-    (i32.const 0))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
-    (i32.store8 (i32.const 48) (i32.add (i32.const 48) (global.get $ends)))
-    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 11) (i32.const 48) (i32.const 1)))
     (i32.const 0))
 "#;
 
@@ -1076,7 +1076,7 @@ async fn an_upgraded_connection_is_carried_with_plugins_in_the_chain() {
     let dir = std::env::temp_dir().join(format!("wasm-upgraded-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let module = dir.join("tag_chunks.wasm");
-    std::fs::write(&module, compile(TAG_CHUNKS)).unwrap();
+    std::fs::write(&module, compile(&[TAG_CHUNKS, COUNTS_ENDS].concat())).unwrap();
     let config = format!(
         r#"{}
 apiVersion: extensions.istio.io/v1alpha1
